@@ -1,0 +1,118 @@
+"""What an attention call looks like: shapes, pattern ("GQA-5:1") and phase (decode or prefill)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Query lengths up to this count as decode (one token, or a few speculative ones).
+MAX_DECODE_QUERY_LEN = 16
+
+
+def _require_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a clear error unless q `[B, Hq, Lq, D]`, k and v `[B, Hkv, Lkv, D]` fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [B, H, L, D], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch (dim 0) and head_dim (dim 3)"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"q heads {q.shape[1]} are not a multiple of k/v heads {k.shape[1]} (Hq % Hkv must be 0)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Shape of one attention call.
+
+    Args:
+        num_heads: query heads Hq.
+        num_kv_heads: key/value heads Hkv; Hq must be a multiple of it.
+        head_dim: D, one of SUPPORTED_HEAD_DIMS.
+        seq_len: query length Lq (new tokens).
+        batch_size: B.
+        kv_len: key/value length Lkv; defaults to seq_len (fresh prefill).
+        dtype: float16, bfloat16 or float32.
+        causal: bottom-right aligned causal masking.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    seq_len: int
+    batch_size: int = 1
+    kv_len: int | None = None
+    dtype: torch.dtype = torch.bfloat16
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "num_kv_heads", "head_dim", "seq_len", "batch_size"):
+            _require_positive(name, getattr(self, name))
+        if self.kv_len is None:
+            object.__setattr__(self, "kv_len", self.seq_len)
+        _require_positive("kv_len", self.kv_len)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}: "
+                f"num_kv_heads must divide num_heads (e.g. 1, {self.num_heads})"
+            )
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim={self.head_dim} is not supported {SUPPORTED_HEAD_DIMS}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype={self.dtype} is not supported {SUPPORTED_DTYPES}")
+
+    @property
+    def gqa_ratio(self) -> int:
+        """Query heads per key/value head (1 for MHA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def attention_pattern(self) -> str:
+        """'MHA', 'MQA' or 'GQA-{ratio}:1'."""
+        if self.num_kv_heads == self.num_heads:
+            return "MHA"
+        if self.num_kv_heads == 1:
+            return "MQA"
+        return f"GQA-{self.gqa_ratio}:1"
+
+    @property
+    def phase(self) -> str:
+        """'decode' for up to MAX_DECODE_QUERY_LEN new tokens, else 'prefill'."""
+        return "decode" if self.seq_len <= MAX_DECODE_QUERY_LEN else "prefill"
+
+    @classmethod
+    def from_tensors(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True
+    ) -> AttentionConfig:
+        """Build a config from q `[B, Hq, Lq, D]`, k and v `[B, Hkv, Lkv, D]`."""
+        check_qkv(q, k, v)
+        batch, num_heads, seq_len, head_dim = q.shape
+        return cls(
+            num_heads=num_heads,
+            num_kv_heads=k.shape[1],
+            head_dim=head_dim,
+            seq_len=seq_len,
+            batch_size=batch,
+            kv_len=k.shape[2],
+            dtype=q.dtype,
+            causal=causal,
+        )

@@ -1,0 +1,114 @@
+"""What this machine can run: versions, the GPU, whether Triton kernels can launch, which backends exist."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def triton_interpret() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels run on the CPU through the interpreter (slow)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether attnforge's Triton kernels can run on `device` (default: CUDA if present), and why."""
+    if package_version("triton") is None:
+        return False, "triton is not installed"
+    device = torch.device(device) if device is not None else None
+    if triton_interpret():
+        return True, "TRITON_INTERPRET=1: Triton interpreter on CPU tensors (correctness only, slow)"
+    if device is not None and device.type != "cuda":
+        return False, f"tensors on {device.type}: Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU: Triton kernels need one (or TRITON_INTERPRET=1)"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return False, f"GPU compute capability {major}.{minor} is below 8.0 (Ampere), which the kernels need"
+    return True, f"CUDA GPU {torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the source tree, when it is a git checkout."""
+    root = root or Path(__file__).resolve().parents[2]
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def device_info() -> dict:
+    """Name, SM count, memory and driver of the current CUDA device (empty dict without one)."""
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    info = {
+        "gpu": props.name,
+        "sm_count": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+    }
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        info["driver"] = done.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        info["driver"] = None
+    return info
+
+
+def sdpa_backends() -> dict[str, bool]:
+    """torch SDPA backends that can run here (flash and cuDNN need a CUDA GPU)."""
+    cuda = torch.cuda.is_available()
+    backends = torch.backends.cuda
+    return {
+        "math": True,
+        "flash": cuda and backends.is_flash_attention_available() and backends.flash_sdp_enabled(),
+        "efficient": cuda and backends.mem_efficient_sdp_enabled(),
+        "cudnn": cuda and backends.cudnn_sdp_enabled() and torch.backends.cudnn.is_available(),
+    }
+
+
+def environment_report() -> dict:
+    """Everything a result file or `attnforge info` records about where it ran."""
+    triton_ok, triton_reason = triton_status()
+    return {
+        "attnforge": package_version("attnforge"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "platform": platform.platform(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        **device_info(),
+        "triton_kernels": triton_ok,
+        "triton_reason": triton_reason,
+        "sdpa_backends": sdpa_backends(),
+        "git_commit": git_commit(),
+    }

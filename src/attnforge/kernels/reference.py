@@ -1,0 +1,115 @@
+"""torch's own attention paths, with attnforge's semantics, as baselines and fallbacks.
+
+All take q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` and follow DESIGN.md: causal is bottom-right aligned,
+`kv_lens` [B] marks the valid keys, rows with no visible key are 0. The float64 oracle lives in verify.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def visibility_mask(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    kv_lens: torch.Tensor | None,
+    q_lens: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor | None:
+    """Bool `[B, 1, Lq, Lkv]` (True = attend) for bottom-right causal / valid lengths; None if all visible."""
+    if not causal and kv_lens is None and q_lens is None:
+        return None
+    key_pos = torch.arange(kv_len, device=device)
+    query_pos = torch.arange(q_len, device=device)
+    ends = torch.full((batch,), kv_len, device=device) if kv_lens is None else kv_lens.to(device, torch.int64)
+    qlens = torch.full((batch,), q_len, device=device) if q_lens is None else q_lens.to(device, torch.int64)
+    mask = (key_pos[None, None, :] < ends[:, None, None]).expand(batch, q_len, kv_len)
+    if causal:
+        last = ends[:, None] - qlens[:, None] + query_pos[None, :]
+        mask = mask & (key_pos[None, None, :] <= last[:, :, None])
+    mask = mask & (query_pos[None, :, None] < qlens[:, None, None])
+    return mask[:, None]
+
+
+def _merge_masks(visible: torch.Tensor | None, attn_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    if attn_mask is None:
+        return visible
+    if visible is None:
+        return attn_mask
+    if attn_mask.dtype == torch.bool:
+        return visible & attn_mask
+    return attn_mask.to(dtype).masked_fill(~visible, float("-inf"))
+
+
+def _zero_dead_rows(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """torch returns NaN for rows that see no key; attnforge's convention is 0."""
+    if mask is None:
+        return out
+    live = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else torch.isfinite(mask).any(-1, True)
+    return out.masked_fill(~live, 0.0)
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    kv_lens: torch.Tensor | None = None,
+    q_lens: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    repeat_kv: bool = False,
+) -> torch.Tensor:
+    """torch SDPA with `enable_gqa=True` (or, with `repeat_kv=True`, K/V repeated as transformers does).
+
+    Causal and valid lengths become an explicit bool mask (torch's is_causal is top-left aligned), except for
+    the square causal case, which uses torch's own is_causal. Masked keys still enter the matmul, so NaN in
+    padding beyond kv_lens poisons the output: use `sdpa_per_sequence` for poisoned caches.
+    Returns `[B, Hq, Lq, D]`.
+    """
+    batch, num_heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    square_causal = causal and q_len == kv_len and kv_lens is None and q_lens is None and attn_mask is None
+    visible = (
+        None
+        if square_causal
+        else visibility_mask(
+            batch, q_len, kv_len, causal=causal, kv_lens=kv_lens, q_lens=q_lens, device=q.device
+        )
+    )
+    mask = _merge_masks(visible, attn_mask, q.dtype)
+    if repeat_kv:
+        group = num_heads // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=square_causal, scale=scale, enable_gqa=not repeat_kv
+    )
+    return _zero_dead_rows(out, mask)
+
+
+def sdpa_per_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    kv_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torch SDPA (enable_gqa) once per sequence on k/v sliced to `kv_lens[b]`: never reads the padding.
+
+    Returns `[B, Hq, Lq, D]`.
+    """
+    if kv_lens is None:
+        return sdpa(q, k, v, scale=scale, causal=causal)
+    out = torch.empty_like(q)
+    for b, end in enumerate(kv_lens.tolist()):
+        out[b : b + 1] = sdpa(
+            q[b : b + 1], k[b : b + 1, :, :end], v[b : b + 1, :, :end], scale=scale, causal=causal
+        )
+    return out
