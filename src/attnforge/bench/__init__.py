@@ -1,0 +1,1 @@
+"""Benchmarks: timing protocol, kernel sweep, end-to-end scenarios, reports."""

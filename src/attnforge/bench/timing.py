@@ -1,0 +1,127 @@
+"""The timing protocol (DESIGN.md): CUDA events, warm-up, median, cold L2, interleaved providers, ceilings.
+
+Everything here needs a CUDA GPU; the statistics (`summarize`) do not.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def summarize(samples_us: list[float]) -> dict:
+    """Median, spread and a distribution-free 95% interval of the median, in microseconds."""
+    if not samples_us:
+        raise ValueError("summarize needs at least one sample, got none")
+    ordered = sorted(samples_us)
+    n = len(ordered)
+    # Order-statistic interval for the median: ranks n/2 -+ 1.96 sqrt(n)/2.
+    half = 1.96 * math.sqrt(n) / 2
+    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return {
+        "median_us": statistics.median(ordered),
+        "mean_us": statistics.fmean(ordered),
+        "min_us": ordered[0],
+        "p10_us": ordered[int(0.1 * (n - 1))],
+        "p90_us": ordered[int(0.9 * (n - 1))],
+        "ci95_us": [ordered[low], ordered[high]],
+        "n": n,
+    }
+
+
+class L2Flusher:
+    """Writes a 256 MiB buffer so the next kernel starts with a cold L2 (50 MB on an H100)."""
+
+    def __init__(self, device: str = "cuda") -> None:
+        self.buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.zero_()
+
+
+def time_interleaved(
+    providers: dict[str, Callable[[], object]], *, reps: int = 100, warmup: int = 10, cold_l2: bool = True
+) -> dict[str, list[float]]:
+    """Time each provider `reps` times, rotating A B C A B C so drift hits all alike; samples in us.
+
+    Each sample is one call between CUDA events, after an L2 flush when `cold_l2`.
+    """
+    flush = L2Flusher() if cold_l2 else None
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    names = list(providers)
+    events = {name: [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(reps)] for name in names}
+    for rep in range(reps):
+        for offset in range(len(names)):
+            name = names[(rep + offset) % len(names)]
+            if flush is not None:
+                flush()
+            start, end = events[name][rep]
+            start.record()
+            providers[name]()
+            end.record()
+    torch.cuda.synchronize()
+    return {name: [s.elapsed_time(e) * 1e3 for s, e in events[name]] for name in names}
+
+
+def time_graph_per_call(
+    make_layer_call: Callable[[int], Callable[[], object]], *, layers: int = 28, reps: int = 50
+) -> list[float]:
+    """Per-call time (us) inside a captured CUDA graph that runs one call per layer, `layers` calls.
+
+    `make_layer_call(i)` returns the call for layer i over that layer's own buffers, so L2 does not hold the
+    cache across calls (what a graph-captured decode loop sees).
+    """
+    calls = [make_layer_call(i) for i in range(layers)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up compiles and autotunes outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / layers)
+    return samples
+
+
+def measure_read_bandwidth(gib: float = 4.0, reps: int = 20) -> float:
+    """HBM read bandwidth in bytes/s: median time of summing a `gib` GiB bf16 tensor."""
+    x = torch.randn(int(gib * 2**30) // 2, device="cuda", dtype=torch.bfloat16)
+    samples = time_interleaved(
+        {"sum": lambda: x.sum(dtype=torch.float32)}, reps=reps, warmup=3, cold_l2=False
+    )
+    return x.numel() * 2 / (statistics.median(samples["sum"]) * 1e-6)
+
+
+def measure_matmul_flops(n: int = 8192, reps: int = 20) -> float:
+    """bf16 tensor-core rate in FLOP/s: median time of an n^3 matmul on random data."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    samples = time_interleaved({"mm": lambda: a @ b}, reps=reps, warmup=3, cold_l2=False)
+    return 2 * n**3 / (statistics.median(samples["mm"]) * 1e-6)
+
+
+def ceilings() -> dict:
+    """The two ceilings measured in this run: read GB/s and bf16 TFLOP/s."""
+    return {"read_gbps": measure_read_bandwidth() / 1e9, "bf16_tflops": measure_matmul_flops() / 1e12}
