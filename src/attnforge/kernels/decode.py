@@ -126,8 +126,8 @@ def _merge_splits(PartO, PartM, PartL, slot, BLOCK_M: tl.constexpr, D_BLOCK: tl.
     for s0 in tl.static_range(0, NUM_SPLITS, S_CHUNK):
         s = s0 + tl.arange(0, S_CHUNK)
         s_in = s < NUM_SPLITS
-        m_s = tl.load(PartM + (base + s[:, None]) * BLOCK_M + r[None, :], mask=s_in[:, None], other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
+        m_offsets = (base + s[:, None]) * BLOCK_M + r[None, :]
+        m_s = tl.load(PartM + m_offsets, mask=s_in[:, None], other=float("-inf"), cache_modifier=".cg")
         weight = tl.exp2(m_s - m_safe[None, :])  # [S_CHUNK, BLOCK_M]
         o_offsets = ((base + s[:, None, None]) * BLOCK_M + r[None, :, None]) * D_BLOCK + d[None, None, :]
         o_s = tl.load(PartO + o_offsets, mask=s_in[:, None, None], other=0.0, cache_modifier=".cg")
@@ -135,7 +135,7 @@ def _merge_splits(PartO, PartM, PartL, slot, BLOCK_M: tl.constexpr, D_BLOCK: tl.
     return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Host side: validation, launch parameters, workspace, launch.
 
 
@@ -146,8 +146,8 @@ def _check_inputs(q, k, v, kv_lens, out) -> None:
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[3]} is not supported {SUPPORTED_HEAD_DIMS}")
     if not 1 <= q.shape[2] <= MAX_DECODE_QUERY_LEN:
-        raise ValueError(f"q_len={q.shape[2]} is not supported by decode_attention (1..{MAX_DECODE_QUERY_LEN}); "
-                         "use prefill_attention for longer queries")  # fmt: skip
+        raise ValueError(f"q_len={q.shape[2]} is not supported by decode_attention "
+                         f"(1..{MAX_DECODE_QUERY_LEN}); use prefill_attention for longer queries")  # fmt: skip
     if q.shape[2] > k.shape[2]:
         raise ValueError(
             f"q_len={q.shape[2]} exceeds kv_len={k.shape[2]}: the new tokens must be in the cache"
@@ -199,8 +199,8 @@ def _launch_params(q, k, device) -> dict:
 class _Workspace:
     """Per-device scratch for split partials and arrival counters, grown as needed and never freed.
 
-    Never freeing keeps the pointers recorded in a captured CUDA graph valid; the counters return to zero after
-    every launch. One decode call at a time per device (a single stream), as in a decode loop.
+    Never freeing keeps the pointers recorded in a captured CUDA graph valid; the counters return to zero
+    after every launch. One decode call at a time per device (a single stream), as in a decode loop.
     """
 
     def __init__(self) -> None:
@@ -256,7 +256,7 @@ def _decode_into(q, k, v, out, scale: float, kv_lens) -> None:
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # torch.library ops (opaque to torch.compile; capturable in CUDA graphs) and the public function.
 
 

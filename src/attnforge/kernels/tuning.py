@@ -54,6 +54,6 @@ def launch_params(kernel: str, gpu: str, bucket: str) -> dict | None:
 
 
 def measured_speedup(kernel: str, gpu: str, bucket: str) -> float | None:
-    """Measured speed-up of the kernel over torch's best correct path in that bucket, or None if unmeasured."""
+    """Measured speed-up over torch's best correct path in that bucket, or None if unmeasured."""
     entry = _entry(kernel, gpu, bucket)
     return None if entry is None else entry.get("speedup")
