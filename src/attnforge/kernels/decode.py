@@ -146,8 +146,9 @@ def _check_inputs(q, k, v, kv_lens, out) -> None:
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[3]} is not supported {SUPPORTED_HEAD_DIMS}")
     if not 1 <= q.shape[2] <= MAX_DECODE_QUERY_LEN:
-        raise ValueError(f"q_len={q.shape[2]} is not supported by decode_attention "
-                         f"(1..{MAX_DECODE_QUERY_LEN}); use prefill_attention for longer queries")  # fmt: skip
+        accepted = f"1..{MAX_DECODE_QUERY_LEN}"
+        raise ValueError(f"q_len={q.shape[2]} is not supported by decode_attention ({accepted}); "
+                         "use prefill_attention for longer queries")  # fmt: skip
     if q.shape[2] > k.shape[2]:
         raise ValueError(
             f"q_len={q.shape[2]} exceeds kv_len={k.shape[2]}: the new tokens must be in the cache"
