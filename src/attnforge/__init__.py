@@ -1,6 +1,45 @@
-"""attnforge: verified attention-kernel acceleration for LLM inference."""
+"""attnforge: verified attention-kernel acceleration for LLM inference.
 
-from attnforge.config import AttentionConfig
+`import attnforge` stays light: the optimizer loads on first use of its names, and transformers only when an
+integration name (patch_transformers, optimized, ...) is first used.
+"""
 
-__all__ = ["AttentionConfig"]
+from __future__ import annotations
+
+import importlib
+
+from attnforge.config import AttentionConfig, OptimizerSettings
+
 __version__ = "0.1.0"
+
+# Public name -> module that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "AttentionOptimizer": "attnforge.optimizer",
+    "configure_optimizer": "attnforge.optimizer",
+    "get_optimizer": "attnforge.optimizer",
+    "scaled_dot_product_attention": "attnforge.optimizer",
+    "patch_transformers": "attnforge.integrations.transformers",
+    "unpatch_transformers": "attnforge.integrations.transformers",
+    "optimized": "attnforge.integrations.transformers",
+    "patch_model": "attnforge.integrations.transformers",
+    "unpatch_model": "attnforge.integrations.transformers",
+    "get_integration_status": "attnforge.integrations.transformers",
+    "family_support": "attnforge.integrations.transformers",
+    "build_model": "attnforge.models",
+    "load_model": "attnforge.models",
+}
+
+__all__ = ["AttentionConfig", "OptimizerSettings", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -116,3 +116,63 @@ class AttentionConfig:
             dtype=q.dtype,
             causal=causal,
         )
+
+
+KERNEL_KINDS = ("decode", "prefill")
+
+
+def _require_optional_positive(name: str, value: int | None) -> None:
+    if value is not None:
+        _require_positive(name, value)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """When the optimizer may use attnforge's kernels instead of torch SDPA.
+
+    The default decision comes from the tuning table (kernels/tuning.py): a kernel runs where it was measured
+    at least `min_speedup` times faster than torch SDPA on this GPU. The other thresholds only narrow that
+    down; None means "no limit beyond the table".
+
+    Args:
+        enable_debug: log each new dispatch decision once (logging, logger "attnforge.optimizer").
+        min_seq_len: use kernels only when the key/value length is at least this.
+        max_seq_len: use kernels only when the key/value length is at most this.
+        gqa_ratio_min: use kernels only when Hq / Hkv is at least this (1 admits MHA).
+        min_heads: use kernels only with at least this many query heads.
+        kernels: which attnforge kernels may run, a subset of ("decode", "prefill").
+        min_speedup: the measured speed-up over torch SDPA a kernel needs to be chosen (> 0).
+    """
+
+    enable_debug: bool = False
+    min_seq_len: int | None = None
+    max_seq_len: int | None = None
+    gqa_ratio_min: int = 1
+    min_heads: int = 1
+    kernels: tuple[str, ...] = KERNEL_KINDS
+    min_speedup: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable_debug, bool):
+            raise ValueError(f"enable_debug={self.enable_debug!r} must be True or False")
+        _require_optional_positive("min_seq_len", self.min_seq_len)
+        _require_optional_positive("max_seq_len", self.max_seq_len)
+        _require_positive("gqa_ratio_min", self.gqa_ratio_min)
+        _require_positive("min_heads", self.min_heads)
+        if (
+            self.min_seq_len is not None
+            and self.max_seq_len is not None
+            and self.min_seq_len > self.max_seq_len
+        ):
+            raise ValueError(
+                f"min_seq_len={self.min_seq_len} exceeds max_seq_len={self.max_seq_len}: "
+                "the accepted range is min_seq_len <= max_seq_len"
+            )
+        kernels = (self.kernels,) if isinstance(self.kernels, str) else tuple(self.kernels)
+        unknown = [kind for kind in kernels if kind not in KERNEL_KINDS]
+        if unknown:
+            raise ValueError(f"kernels={kernels!r} names unknown kernels {unknown}; accepted: {KERNEL_KINDS}")
+        object.__setattr__(self, "kernels", kernels)
+        speedup_ok = isinstance(self.min_speedup, (int, float)) and not isinstance(self.min_speedup, bool)
+        if not speedup_ok or not 0 < self.min_speedup < float("inf"):
+            raise ValueError(f"min_speedup={self.min_speedup!r} must be a finite number > 0 (e.g. 1.0, 1.1)")

@@ -1,0 +1,369 @@
+"""Hugging Face transformers integration: attention implementation "attnforge".
+
+`patch_transformers()` registers an attention function and its mask function with transformers'
+`AttentionInterface` / `AttentionMaskInterface` and makes models of supported families loaded afterwards use
+it; `patch_model(model)` switches a loaded model (`set_attn_implementation`). Every call goes through the
+process-wide optimizer (optimizer.py), which picks attnforge's kernels or torch SDPA and counts what it did.
+
+The mask function does not build the `[B, 1, Lq, Lkv]` mask when the pattern is plain causal: it returns the
+per-sequence valid range as a small int32 tensor, so a static cache is read only up to its valid length
+(`kv_lens`) and decode needs no mask at all:
+  - `[B, 1, 1, 1]`: keys `[0, end)` are valid (`end` = tokens in the cache after this step);
+  - `[B, 1, 1, 2]`: keys `[start_b, end)` are valid (left-padded batch).
+Any other pattern (sliding window, custom overlays, right padding, masks built inside a compiled graph) gets
+transformers' own boolean mask, which the optimizer passes on as `attn_mask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+
+from attnforge.environment import package_version
+from attnforge.kernels import reference
+from attnforge.optimizer import configure_optimizer, get_optimizer
+
+IMPLEMENTATION = "attnforge"
+logger = logging.getLogger("attnforge.integrations.transformers")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which model families attnforge serves (keyed by config.model_type)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Whether a model family runs on attnforge, and what that means for its layers."""
+
+    supported: bool
+    note: str
+
+
+_SLIDING = "layers with a sliding window (when the config sets one) fall back to torch SDPA"
+FAMILIES: dict[str, Family] = {
+    "llama": Family(True, "GQA with RoPE: every layer on attnforge"),
+    "mistral": Family(True, f"GQA: every layer on attnforge; {_SLIDING}"),
+    "qwen2": Family(True, f"GQA with q/k/v bias: every layer on attnforge; {_SLIDING}"),
+    "qwen3": Family(True, f"GQA with q/k norm: every layer on attnforge; {_SLIDING}"),
+    "gemma": Family(True, "MQA/GQA, head_dim 256: every layer on attnforge"),
+    "gemma2": Family(
+        False,
+        "attention logit softcapping (tanh) is in every layer and neither attnforge's kernels nor torch SDPA "
+        "implement it: the model keeps its own attention",
+    ),
+    "gemma3": Family(
+        True, "full-attention layers on attnforge; sliding-window layers fall back to torch SDPA"
+    ),
+    "gemma3_text": Family(
+        True, "full-attention layers on attnforge; sliding-window layers fall back to torch SDPA"
+    ),
+    "phi3": Family(True, f"MHA/GQA with fused qkv: every layer on attnforge; {_SLIDING}"),
+    "deepseek_v3": Family(
+        False,
+        "multi-head latent attention (MLA): the value head_dim differs from the query/key head_dim, which "
+        "attnforge's kernels do not support: the model keeps its own attention",
+    ),
+}
+
+
+def family_support(model_or_config) -> tuple[bool, str]:
+    """(supported, note) for a model, a config or a `model_type` string."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        return False, f"model_type={model_type!r} is not in attnforge's family table {sorted(FAMILIES)}"
+    return family.supported, family.note
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mask function (AttentionMaskInterface)
+
+
+def attnforge_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    **kwargs,
+) -> torch.Tensor | None:
+    """transformers' mask hook: int32 valid ranges for plain causal attention, else transformers' bool mask.
+
+    Returns `[B, 1, 1, 1]` ends, `[B, 1, 1, 2]` (start, end) pairs for left padding, or a bool
+    `[B, 1, Lq, Lkv]` mask (True = attend) / None as transformers' `sdpa_mask` gives.
+    """
+    general = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                   kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                   device=device, **kwargs)  # fmt: skip
+    if mask_function is not causal_mask_function:
+        return sdpa_mask(**{**general, "allow_is_causal_skip": False})
+    # Keys in the cache after this step; StaticCache gives q_offset as a tensor (kept on device: no sync).
+    end = torch.as_tensor(q_offset, device=device).to(torch.int32) + (q_length - kv_offset)
+    ends = end.reshape(1, 1, 1, 1).expand(batch_size, 1, 1, 1).contiguous()
+    if attention_mask is None:
+        return ends
+    if torch.compiler.is_compiling():
+        return sdpa_mask(**{**general, "allow_is_causal_skip": False})
+    starts = _left_padding_starts(attention_mask, kv_length, kv_offset, int(end.item()))
+    if starts is None:
+        return sdpa_mask(**{**general, "allow_is_causal_skip": False})
+    if not bool(starts.any()):
+        return ends
+    return torch.cat([starts.to(device, torch.int32).reshape(batch_size, 1, 1, 1), ends], dim=-1)
+
+
+def _left_padding_starts(
+    attention_mask: torch.Tensor, kv_length: int, kv_offset: int, end: int
+) -> torch.Tensor | None:
+    """First valid key per sequence if the 2D padding mask is left padding only (else None)."""
+    padding = prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)[
+        :, kv_offset : kv_offset + end
+    ]
+    starts = padding.int().argmax(dim=-1)
+    left_padded = torch.arange(padding.shape[-1], device=padding.device)[None, :] >= starts[:, None]
+    return starts if bool((padding == left_padded).all()) else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The attention function (AttentionInterface)
+
+
+def attnforge_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention hook.
+
+    q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` (the whole cache) -> (`[B, Lq, Hq, Dv]`, None).
+    """
+    for name in ("s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"attn_implementation='attnforge' does not support {name}; use attn_implementation='sdpa'"
+            )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal, kv_lens, attn_mask = _read_mask(attention_mask, causal, key.shape[2])
+    if softcap is not None or (dropout and module.training):
+        out = _torch_math_attention(query, key, value, scaling, causal, kv_lens, attn_mask, softcap, dropout)
+    else:
+        out = get_optimizer().attention(
+            query, key, value, scale=scaling, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask
+        )
+    return out.transpose(1, 2), None
+
+
+def _read_mask(
+    attention_mask: torch.Tensor | None, causal: bool, kv_len: int
+) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+    """(causal, kv_lens, attn_mask) from what `attnforge_mask` (or a caller) produced."""
+    if attention_mask is None or attention_mask.dtype != torch.int32:
+        # transformers' own mask holds the causal pattern already
+        return (causal and attention_mask is None), None, attention_mask
+    batch = attention_mask.shape[0]
+    ranges = attention_mask.reshape(batch, -1)
+    kv_lens = ranges[:, -1]
+    if ranges.shape[1] == 1:
+        return causal, kv_lens, None
+    key_pos = torch.arange(kv_len, device=ranges.device)
+    keys_valid = key_pos[None, :] >= ranges[:, :1]
+    return causal, kv_lens, keys_valid[:, None, None, :]
+
+
+def _torch_math_attention(q, k, v, scale, causal, kv_lens, attn_mask, softcap, dropout) -> torch.Tensor:
+    """Plain torch attention for what no fast path covers (tanh softcapping, training dropout)."""
+    batch, num_heads, q_len, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = head_dim**-0.5 if scale is None else scale
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    visible = reference.visibility_mask(
+        batch, q_len, k.shape[2], causal=causal, kv_lens=kv_lens, device=q.device
+    )
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    if attn_mask is not None:
+        logits = (
+            logits.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else logits + attn_mask
+        )
+    weights = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Patching
+
+
+class _PatchState:
+    """What was there before attnforge touched transformers, so unpatching restores exactly that."""
+
+    def __init__(self) -> None:
+        self.saved_registrations: dict | None = None
+        self.saved_default = None
+        self.default_patched = False
+        self.models: weakref.WeakSet = weakref.WeakSet()
+
+
+_STATE = _PatchState()
+_MISSING = object()
+
+
+def _register() -> None:
+    """Add "attnforge" to both interfaces, remembering what they held before (once)."""
+    if _STATE.saved_registrations is None:
+        _STATE.saved_registrations = {
+            AttentionInterface: AttentionInterface._global_mapping.get(IMPLEMENTATION, _MISSING),
+            AttentionMaskInterface: AttentionMaskInterface._global_mapping.get(IMPLEMENTATION, _MISSING),
+        }
+    AttentionInterface.register(IMPLEMENTATION, attnforge_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, attnforge_mask)
+
+
+def _unregister_if_unused() -> None:
+    if _STATE.default_patched or len(_STATE.models) or _STATE.saved_registrations is None:
+        return
+    for interface, previous in _STATE.saved_registrations.items():
+        if previous is _MISSING:
+            interface._global_mapping.pop(IMPLEMENTATION, None)
+        else:
+            interface._global_mapping[IMPLEMENTATION] = previous
+    _STATE.saved_registrations = None
+
+
+def _default_to_attnforge(original):
+    """Wrap `get_correct_attn_implementation` so supported models with no explicit choice get attnforge."""
+
+    def get_correct_attn_implementation(self, requested_attention=None, is_init_check=False):
+        if requested_attention is None and family_support(self.config)[0]:
+            requested_attention = IMPLEMENTATION
+        return original(self, requested_attention, is_init_check)
+
+    get_correct_attn_implementation.__attnforge_original__ = original
+    return get_correct_attn_implementation
+
+
+def patch_transformers(enable_debug: bool = False) -> int:
+    """Register attnforge with transformers and make models of supported families loaded afterwards use it.
+
+    Models loaded with an explicit `attn_implementation=` keep it. Calling it twice is harmless.
+
+    Returns:
+        the number of model families (config.model_type values) that will use attnforge.
+    """
+    if enable_debug:
+        configure_optimizer(enable_debug=True)
+    _register()
+    if not _STATE.default_patched:
+        _STATE.saved_default = PreTrainedModel.__dict__["get_correct_attn_implementation"]
+        PreTrainedModel.get_correct_attn_implementation = _default_to_attnforge(_STATE.saved_default)
+        _STATE.default_patched = True
+    return sum(family.supported for family in FAMILIES.values())
+
+
+def unpatch_transformers() -> None:
+    """Undo `patch_transformers`: the default attention and the interfaces are as they were before.
+
+    The registrations stay while a model switched with `patch_model` still uses them.
+    """
+    if _STATE.default_patched:
+        PreTrainedModel.get_correct_attn_implementation = _STATE.saved_default
+        _STATE.saved_default = None
+        _STATE.default_patched = False
+    _unregister_if_unused()
+
+
+def is_patched() -> bool:
+    """True while `patch_transformers` is in effect."""
+    return _STATE.default_patched
+
+
+def patch_model(model: PreTrainedModel, *, enable_debug: bool = False) -> bool:
+    """Switch a loaded model to attnforge attention (`set_attn_implementation`) if its family is supported.
+
+    Returns:
+        True if the model now uses attnforge; False (with a logged reason) if its family is not supported.
+    """
+    supported, note = family_support(model)
+    if not supported:
+        logger.warning("attnforge: not patching %s: %s", type(model).__name__, note)
+        return False
+    if enable_debug:
+        configure_optimizer(enable_debug=True)
+    _register()
+    current = model.config._attn_implementation
+    if current != IMPLEMENTATION:
+        model._attnforge_previous_attn_implementation = current
+        model.set_attn_implementation(IMPLEMENTATION)
+    _STATE.models.add(model)
+    return True
+
+
+def unpatch_model(model: PreTrainedModel) -> None:
+    """Give a model patched with `patch_model` back the attention implementation it had before."""
+    previous = getattr(model, "_attnforge_previous_attn_implementation", None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+        del model._attnforge_previous_attn_implementation
+    _STATE.models.discard(model)
+    _unregister_if_unused()
+
+
+@contextlib.contextmanager
+def optimized(model: PreTrainedModel | None = None, *, enable_debug: bool = False) -> Iterator[None]:
+    """`with optimized():` patch transformers for the block; `with optimized(model):` patch that model."""
+    if model is not None:
+        patched = patch_model(model, enable_debug=enable_debug)
+        try:
+            yield
+        finally:
+            if patched:
+                unpatch_model(model)
+        return
+    already = is_patched()
+    patch_transformers(enable_debug=enable_debug)
+    try:
+        yield
+    finally:
+        if not already:
+            unpatch_transformers()
+
+
+def get_integration_status() -> dict:
+    """is_patched, the family table, the optimizer's statistics and the transformers version."""
+    return {
+        "is_patched": is_patched(),
+        "registered": IMPLEMENTATION in AttentionInterface._global_mapping,
+        "patched_models": len(_STATE.models),
+        "families": {name: {"supported": f.supported, "note": f.note} for name, f in FAMILIES.items()},
+        "optimizer_stats": get_optimizer().get_stats(),
+        "transformers": package_version("transformers"),
+    }

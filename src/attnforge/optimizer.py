@@ -1,0 +1,504 @@
+"""Dispatch each attention call to the fastest verified implementation, and fall back to torch SDPA otherwise.
+
+`AttentionOptimizer.should_optimize(cfg)` says whether an attnforge kernel would run for a call of that shape,
+with a sentence saying why; `AttentionOptimizer.attention(q, k, v, ...)` runs the chosen implementation and
+counts what it did. The default decision comes from the tuning table (kernels/tuning.py): a kernel runs only
+where it was measured faster than torch SDPA on this GPU. Under TRITON_INTERPRET=1 (CPU) the kernels run for
+correctness whenever they support the call, since speed is not the question there.
+
+This module never imports transformers (DESIGN.md: integrations import the optimizer, not the reverse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from attnforge.config import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    AttentionConfig,
+    OptimizerSettings,
+)
+from attnforge.environment import triton_interpret, triton_status
+from attnforge.kernels import reference
+
+logger = logging.getLogger("attnforge.optimizer")
+
+# Kernel kind -> (module, function); imported on first use so a missing or broken kernel only means fallback.
+KERNEL_ENTRY_POINTS = {
+    "decode": ("attnforge.kernels.decode", "decode_attention"),
+    "prefill": ("attnforge.kernels.prefill", "prefill_attention"),
+}
+# Decisions are cached per call shape; the cache is cleared past this size (kv_len grows every decode step).
+_DECISION_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the optimizer does with one kind of call.
+
+    kernel: "decode" or "prefill" when an attnforge kernel runs, else None (torch SDPA).
+    reason: a sentence for people; category: a short stable label, the key of the fallback statistics.
+    """
+
+    kernel: str | None
+    reason: str
+    category: str
+
+    @property
+    def optimized(self) -> bool:
+        return self.kernel is not None
+
+
+@dataclass(frozen=True)
+class CallFeatures:
+    """What a call needs beyond its shape: these decide which kernel can serve it."""
+
+    causal: bool = True
+    has_mask: bool = False
+    has_q_lens: bool = False
+
+
+@dataclass
+class OptimizerStats:
+    """Counts of attention calls, by outcome. Calls inside a compiled torch graph are not counted."""
+
+    calls: int = 0
+    optimized: int = 0
+    by_kernel: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def optimization_rate(self) -> float:
+        """Fraction of calls that ran an attnforge kernel (0.0 before any call)."""
+        return self.optimized / self.calls if self.calls else 0.0
+
+    def record(self, decision: Decision) -> None:
+        self.calls += 1
+        if decision.optimized:
+            self.optimized += 1
+            self.by_kernel[decision.kernel] = self.by_kernel.get(decision.kernel, 0) + 1
+        else:
+            self.fallbacks[decision.category] = self.fallbacks.get(decision.category, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {
+            "calls": self.calls,
+            "optimized": self.optimized,
+            "fallbacks": sum(self.fallbacks.values()),
+            "by_kernel": dict(self.by_kernel),
+            "fallback_reasons": dict(self.fallbacks),
+            "optimization_rate": self.optimization_rate,
+        }
+
+
+def _load_kernel(kind: str) -> tuple[Callable | None, str]:
+    """The kernel function of `kind`, or None and why not."""
+    module_name, function_name = KERNEL_ENTRY_POINTS[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name:
+            return None, f"kernel not available: {module_name} is not part of this installation"
+        return None, f"kernel not available: importing {module_name} failed ({error})"
+    except Exception as error:  # noqa: BLE001 - a kernel module that fails to import must not break attention
+        return None, f"kernel not available: importing {module_name} raised {type(error).__name__}: {error}"
+    function = getattr(module, function_name, None)
+    if function is None:
+        return None, f"kernel not available: {module_name} has no {function_name}"
+    return function, ""
+
+
+def _shape_bucket(kind: str, cfg: AttentionConfig) -> str | None:
+    """The tuning-table bucket of this call, from the kernel module's `<kind>_bucket` function."""
+    module_name, _ = KERNEL_ENTRY_POINTS[kind]
+    bucket_of = getattr(importlib.import_module(module_name), f"{kind}_bucket", None)
+    if bucket_of is None:
+        return None
+    sizes = {
+        "batch": cfg.batch_size, "kv_len": cfg.kv_len, "group": cfg.gqa_ratio, "q_len": cfg.seq_len,
+        "head_dim": cfg.head_dim, "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
+        "causal": cfg.causal, "dtype": cfg.dtype,
+    }  # fmt: skip
+    wanted = inspect.signature(bucket_of).parameters
+    return bucket_of(**{name: sizes[name] for name in wanted if name in sizes})
+
+
+def _measured_speedup(kind: str, cfg: AttentionConfig, device: torch.device) -> float | None:
+    """Speed-up over torch SDPA measured for this call's bucket on this GPU (tuning table), or None."""
+    try:
+        tuning = importlib.import_module("attnforge.kernels.tuning")
+        bucket = _shape_bucket(kind, cfg)
+    except ImportError:
+        return None
+    if bucket is None:
+        return None
+    return tuning.measured_speedup(kind, tuning.gpu_key(device), bucket)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _kernel_kind(cfg: AttentionConfig, features: CallFeatures) -> str:
+    """The decode kernel serves short causal queries without masks; everything else is prefill's."""
+    single_query = cfg.seq_len == 1
+    if cfg.phase == "decode" and (features.causal or single_query) and not features.has_mask:
+        return "decode" if not features.has_q_lens else "prefill"
+    return "prefill"
+
+
+def _shape_label(cfg: AttentionConfig, kind: str) -> str:
+    return f"{cfg.attention_pattern} {kind} (B={cfg.batch_size}, Lq={cfg.seq_len}, kv_len {cfg.kv_len})"
+
+
+class AttentionOptimizer:
+    """Chooses, per call, between attnforge's Triton kernels and torch SDPA, and keeps statistics.
+
+    Args:
+        settings: thresholds; default `OptimizerSettings()`.
+        **overrides: fields of OptimizerSettings to change (e.g. `min_seq_len=1024`).
+    """
+
+    def __init__(self, settings: OptimizerSettings | None = None, **overrides) -> None:
+        base = settings or OptimizerSettings()
+        self._settings = dataclasses.replace(base, **overrides) if overrides else base
+        self._stats = OptimizerStats()
+        self._kernels: dict[str, tuple[Callable | None, str]] = {}
+        self._triton: dict[str, tuple[bool, str]] = {}
+        self._device_names: dict[torch.device, str] = {}
+        self._decisions: dict[tuple, Decision] = {}
+        self._failed: dict[tuple, str] = {}
+        self._logged: set[tuple] = set()
+
+    # ------------------------------------------------------------------------------------------------------
+    # Settings and statistics
+
+    @property
+    def settings(self) -> OptimizerSettings:
+        return self._settings
+
+    def configure(self, **changes) -> OptimizerSettings:
+        """Change settings (fields of OptimizerSettings); forgets cached decisions, keeps statistics."""
+        self._settings = dataclasses.replace(self._settings, **changes)
+        self._decisions.clear()
+        self._logged.clear()
+        return self._settings
+
+    @property
+    def stats(self) -> OptimizerStats:
+        return self._stats
+
+    def get_stats(self) -> dict:
+        """calls, optimized, fallbacks, by_kernel, fallback_reasons, optimization_rate."""
+        return self._stats.as_dict()
+
+    def reset_stats(self) -> None:
+        self._stats = OptimizerStats()
+
+    def reset(self) -> None:
+        """Forget statistics, cached decisions and remembered kernel failures."""
+        self.reset_stats()
+        self._decisions.clear()
+        self._failed.clear()
+        self._logged.clear()
+        self._kernels.clear()
+
+    # ------------------------------------------------------------------------------------------------------
+    # Decisions
+
+    def should_optimize(
+        self,
+        cfg: AttentionConfig,
+        *,
+        device: torch.device | str | None = None,
+        features: CallFeatures | None = None,
+    ) -> tuple[bool, str]:
+        """Whether an attnforge kernel would run a call shaped like `cfg` on `device`, and why.
+
+        Args:
+            cfg: the call's shape (heads, head_dim, query and key/value lengths, dtype, causal).
+            device: where the tensors live; default the CUDA GPU if present, else the CPU.
+            features: masks and padded queries the call carries (default: none, causal per cfg).
+
+        Returns:
+            (True, "GQA-4:1 decode ...: attnforge decode kernel measured 1.9x faster ...") or (False, why).
+        """
+        device = torch.device(device) if device is not None else self._default_device()
+        decision = self.decide(cfg, device, features or CallFeatures(causal=cfg.causal))
+        return decision.optimized, decision.reason
+
+    def decide(self, cfg: AttentionConfig, device: torch.device, features: CallFeatures) -> Decision:
+        """The cached Decision for this call shape, features and device."""
+        key = (cfg, device.type, device.index, features)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= _DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            decision = self._decide(cfg, device, features)
+            self._decisions[key] = decision
+        return decision
+
+    def _decide(self, cfg: AttentionConfig, device: torch.device, features: CallFeatures) -> Decision:
+        kind = _kernel_kind(cfg, features)
+        label = _shape_label(cfg, kind)
+        blocked = self._blocked_by_environment(kind, device, cfg, features) or self._blocked_by_settings(
+            kind, cfg
+        )
+        if blocked is not None:
+            category, why = blocked
+            return Decision(None, f"{label}: {why}: falling back to torch SDPA", category)
+        return self._decide_by_measurement(kind, cfg, device, label)
+
+    def _blocked_by_environment(
+        self, kind: str, device: torch.device, cfg: AttentionConfig, features: CallFeatures
+    ) -> tuple[str, str] | None:
+        ok, why = self._triton_ok(device)
+        if not ok:
+            return "triton unavailable", why
+        _, missing = self._kernel(kind)
+        if missing:
+            return "kernel not available", missing
+        failure = self._failed.get((kind, cfg.dtype, features))
+        if failure is not None:
+            return "kernel raised", failure
+        return None
+
+    def _blocked_by_settings(self, kind: str, cfg: AttentionConfig) -> tuple[str, str] | None:
+        s = self._settings
+        if kind not in s.kernels:
+            return "kernel disabled", f"the {kind} kernel is disabled (kernels={s.kernels})"
+        if cfg.num_heads < s.min_heads:
+            return "below min_heads", f"{cfg.num_heads} query heads < min_heads={s.min_heads}"
+        if cfg.gqa_ratio < s.gqa_ratio_min:
+            return "below gqa_ratio_min", f"GQA ratio {cfg.gqa_ratio} < gqa_ratio_min={s.gqa_ratio_min}"
+        if s.min_seq_len is not None and cfg.kv_len < s.min_seq_len:
+            return "below min_seq_len", f"kv_len {cfg.kv_len} < min_seq_len={s.min_seq_len}"
+        if s.max_seq_len is not None and cfg.kv_len > s.max_seq_len:
+            return "above max_seq_len", f"kv_len {cfg.kv_len} > max_seq_len={s.max_seq_len}"
+        return None
+
+    def _decide_by_measurement(
+        self, kind: str, cfg: AttentionConfig, device: torch.device, label: str
+    ) -> Decision:
+        if triton_interpret() and device.type != "cuda":
+            why = f"TRITON_INTERPRET=1: running the attnforge {kind} kernel on {device.type} for correctness"
+            return Decision(kind, f"{label}: {why} (no speed claim)", "interpreter")
+        name = self._device_name(device)
+        speedup = _measured_speedup(kind, cfg, device)
+        if speedup is None:
+            why = (
+                f"no measurement of the attnforge {kind} kernel for this shape on {name} in the tuning table"
+            )
+            return Decision(None, f"{label}: {why}: falling back to torch SDPA", "not measured")
+        if speedup < self._settings.min_speedup:
+            why = f"attnforge {kind} kernel measured {speedup:.2f}x torch SDPA on {name}"
+            rule = f"below min_speedup={self._settings.min_speedup:g}"
+            return Decision(None, f"{label}: {why}, {rule}: falling back to torch SDPA", "slower than SDPA")
+        why = f"attnforge {kind} kernel measured {speedup:.2f}x faster than torch SDPA on {name}"
+        return Decision(kind, f"{label}: {why}", "measured faster")
+
+    def _triton_ok(self, device: torch.device) -> tuple[bool, str]:
+        key = device.type
+        if key not in self._triton:
+            self._triton[key] = triton_status(device)
+        return self._triton[key]
+
+    def _kernel(self, kind: str) -> tuple[Callable | None, str]:
+        if kind not in self._kernels:
+            self._kernels[kind] = _load_kernel(kind)
+        return self._kernels[kind]
+
+    def _device_name(self, device: torch.device) -> str:
+        if device not in self._device_names:
+            self._device_names[device] = _device_name(device)
+        return self._device_names[device]
+
+    @staticmethod
+    def _default_device() -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ------------------------------------------------------------------------------------------------------
+    # Running
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        causal: bool = True,
+        kv_lens: torch.Tensor | None = None,
+        q_lens: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention with attnforge's semantics (DESIGN.md), by the chosen implementation.
+
+        Args:
+            q: `[B, Hq, Lq, D]`; k, v: `[B, Hkv, Lkv, D]` (Hq % Hkv == 0; any strides).
+            scale: softmax scale, default 1/sqrt(D).
+            causal: bottom-right aligned (query i sees keys `<= kv_lens[b] - Lq + i`).
+            kv_lens: int `[B]`: keys at or beyond `kv_lens[b]` are ignored (static cache, padded batch).
+            q_lens: int `[B]`: query rows at or beyond `q_lens[b]` are padding and come out as 0.
+            attn_mask: bool (True = attend) or additive float mask broadcastable to `[B, Hq, Lq, Lkv]`,
+                applied on top of `causal` and the lengths.
+
+        Returns:
+            `[B, Hq, Lq, Dv]` in q's dtype.
+        """
+        unsupported = _unsupported_call(q, k, v)
+        features = CallFeatures(causal=causal, has_mask=attn_mask is not None, has_q_lens=q_lens is not None)
+        if unsupported is not None:
+            decision = Decision(None, f"{unsupported}: falling back to torch SDPA", unsupported.split(":")[0])
+        else:
+            cfg = AttentionConfig.from_tensors(q, k, v, causal=causal)
+            decision = self.decide(cfg, q.device, features)
+        self._note(decision)
+        if decision.optimized:
+            out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features)
+            if out is not None:
+                return out
+        return reference.sdpa(
+            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
+        )
+
+    def _run_kernel(self, decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features):
+        """The kernel's output, or None after recording its failure (then the caller falls back)."""
+        kind = decision.kernel
+        function, _ = self._kernel(kind)
+        if kv_lens is not None:
+            kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
+        try:
+            if kind == "decode":
+                return function(q, k, v, scale=scale, kv_lens=kv_lens)
+            if q_lens is not None:
+                q_lens = q_lens.to(device=q.device, dtype=torch.int32)
+            return function(
+                q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
+            )
+        except Exception as error:  # noqa: BLE001 - any kernel failure means: fall back, remember, say why
+            why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
+            self._failed[(kind, q.dtype, features)] = why
+            self._decisions.clear()
+            logger.warning("%s; using torch SDPA for such calls from now on", why)
+            if not _compiling():
+                self._stats.optimized -= 1
+                self._stats.by_kernel[kind] -= 1
+                self._stats.fallbacks["kernel raised"] = self._stats.fallbacks.get("kernel raised", 0) + 1
+            return None
+
+    def _note(self, decision: Decision) -> None:
+        """Count the call and, with enable_debug, log a decision the first time it is taken."""
+        if _compiling():
+            return
+        self._stats.record(decision)
+        if self._settings.enable_debug:
+            key = (decision.kernel, decision.category, decision.reason.split(":")[0].split(" (")[0])
+            if key not in self._logged:
+                self._logged.add(key)
+                logger.info("attnforge dispatch: %s", decision.reason)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _unsupported_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why attnforge's kernels cannot take this call at all (None: they might)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "not a 4-D call: tensors must be [B, H, L, D]"
+    if k.shape[-1] != v.shape[-1]:
+        return f"value head_dim differs: key head_dim {k.shape[-1]} != value head_dim {v.shape[-1]} (MLA)"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim unsupported: head_dim={q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype unsupported: dtype={q.dtype} is not one of {SUPPORTED_DTYPES}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The process-wide optimizer and the torch drop-in
+
+_default_optimizer = AttentionOptimizer()
+
+
+def get_optimizer() -> AttentionOptimizer:
+    """The process-wide optimizer that `scaled_dot_product_attention` and the integrations use."""
+    return _default_optimizer
+
+
+def configure_optimizer(**settings) -> AttentionOptimizer:
+    """Change the process-wide optimizer's settings (fields of OptimizerSettings) and return it.
+
+    Example: `configure_optimizer(enable_debug=True, min_seq_len=1024, kernels=("decode",))`.
+    Invalid values raise ValueError naming the value and the accepted range.
+    """
+    _default_optimizer.configure(**settings)
+    if _default_optimizer.settings.enable_debug:
+        _make_debug_visible()
+    return _default_optimizer
+
+
+def _make_debug_visible() -> None:
+    """Show attnforge's decision log at INFO unless the application configured logging itself."""
+    package_logger = logging.getLogger("attnforge")
+    if package_logger.level == logging.NOTSET or package_logger.level > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+    if not package_logger.handlers and not logging.getLogger().handlers:
+        package_logger.addHandler(logging.StreamHandler())
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention`, dispatched through the optimizer.
+
+    Same arguments and semantics as torch's function, including its *top-left* `is_causal`: query i sees keys
+    `<= i` whatever the key length. attnforge's own kernels are *bottom-right* aligned (query i sees keys
+    `<= Lkv - Lq + i`, what a decode step against a cache needs); the two agree only when Lq == Lkv, so a
+    top-left causal call with Lq != Lkv is passed on as an explicit mask. Calls attnforge cannot serve
+    (dropout, not 4-D, Hq != Hkv without enable_gqa) go to torch unchanged. One difference: a query row that
+    sees no key at all comes out as 0, where torch gives NaN.
+
+    Args:
+        query: `[B, Hq, Lq, D]`; key, value: `[B, Hkv, Lkv, D]`.
+        attn_mask: bool (True = attend) or additive float mask broadcastable to `[B, Hq, Lq, Lkv]`.
+
+    Returns:
+        `[B, Hq, Lq, D]`.
+    """
+    torch_only = (
+        dropout_p > 0.0
+        or query.dim() != 4
+        or key.dim() != 4
+        or (query.shape[1] != key.shape[1] and not enable_gqa)
+        or (is_causal and attn_mask is not None)  # torch itself rejects this combination
+    )
+    if torch_only:
+        _default_optimizer._note(Decision(None, "call attnforge cannot serve: passed to torch", "torch only"))
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
+    causal = is_causal and query.shape[2] == key.shape[2]
+    if is_causal and not causal:
+        attn_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    return _default_optimizer.attention(query, key, value, scale=scale, causal=causal, attn_mask=attn_mask)
