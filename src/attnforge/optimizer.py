@@ -47,11 +47,13 @@ class Decision:
 
     kernel: "decode" or "prefill" when an attnforge kernel runs, else None (torch SDPA).
     reason: a sentence for people; category: a short stable label, the key of the fallback statistics.
+    group: the kind of call ("GQA-4:1 decode"), to report each distinct decision once.
     """
 
     kernel: str | None
     reason: str
     category: str
+    group: str = ""  # the kind of call, e.g. "GQA-4:1 decode": decisions are logged once per group
 
     @property
     def optimized(self) -> bool:
@@ -179,7 +181,7 @@ class AttentionOptimizer:
         self._device_names: dict[torch.device, str] = {}
         self._decisions: dict[tuple, Decision] = {}
         self._failed: dict[tuple, str] = {}
-        self._logged: set[tuple] = set()
+        self._seen: dict[tuple, list] = {}
 
     # ------------------------------------------------------------------------------------------------------
     # Settings and statistics
@@ -192,7 +194,7 @@ class AttentionOptimizer:
         """Change settings (fields of OptimizerSettings); forgets cached decisions, keeps statistics."""
         self._settings = dataclasses.replace(self._settings, **changes)
         self._decisions.clear()
-        self._logged.clear()
+        self._seen.clear()
         return self._settings
 
     @property
@@ -204,14 +206,22 @@ class AttentionOptimizer:
         return self._stats.as_dict()
 
     def reset_stats(self) -> None:
+        """Zero the counters and forget which decisions were seen (so they are logged again)."""
         self._stats = OptimizerStats()
+        self._seen.clear()
+
+    def decisions(self) -> list[dict]:
+        """Each distinct decision taken since the last reset: group, kernel, reason (first seen), calls."""
+        return [
+            {"group": d.group, "kernel": d.kernel or "torch SDPA", "reason": d.reason, "calls": calls}
+            for d, calls in self._seen.values()
+        ]
 
     def reset(self) -> None:
         """Forget statistics, cached decisions and remembered kernel failures."""
         self.reset_stats()
         self._decisions.clear()
         self._failed.clear()
-        self._logged.clear()
         self._kernels.clear()
 
     # ------------------------------------------------------------------------------------------------------
@@ -252,13 +262,14 @@ class AttentionOptimizer:
     def _decide(self, cfg: AttentionConfig, device: torch.device, features: CallFeatures) -> Decision:
         kind = _kernel_kind(cfg, features)
         label = _shape_label(cfg, kind)
+        group = f"{cfg.attention_pattern} {kind} d{cfg.head_dim} {str(cfg.dtype)[6:]}"
         blocked = self._blocked_by_environment(kind, device, cfg, features) or self._blocked_by_settings(
             kind, cfg
         )
         if blocked is not None:
             category, why = blocked
-            return Decision(None, f"{label}: {why}: falling back to torch SDPA", category)
-        return self._decide_by_measurement(kind, cfg, device, label)
+            return Decision(None, f"{label}: {why}: falling back to torch SDPA", category, group)
+        return dataclasses.replace(self._decide_by_measurement(kind, cfg, device, label), group=group)
 
     def _blocked_by_environment(
         self, kind: str, device: torch.device, cfg: AttentionConfig, features: CallFeatures
@@ -360,7 +371,8 @@ class AttentionOptimizer:
         unsupported = _unsupported_call(q, k, v)
         features = CallFeatures(causal=causal, has_mask=attn_mask is not None, has_q_lens=q_lens is not None)
         if unsupported is not None:
-            decision = Decision(None, f"{unsupported}: falling back to torch SDPA", unsupported.split(":")[0])
+            category = unsupported.split(":")[0]
+            decision = Decision(None, f"{unsupported}: falling back to torch SDPA", category, category)
         else:
             cfg = AttentionConfig.from_tensors(q, k, v, causal=causal)
             decision = self.decide(cfg, q.device, features)
@@ -395,6 +407,8 @@ class AttentionOptimizer:
             if not _compiling():
                 self._stats.optimized -= 1
                 self._stats.by_kernel[kind] -= 1
+                if not self._stats.by_kernel[kind]:
+                    del self._stats.by_kernel[kind]
                 self._stats.fallbacks["kernel raised"] = self._stats.fallbacks.get("kernel raised", 0) + 1
             return None
 
@@ -403,11 +417,14 @@ class AttentionOptimizer:
         if _compiling():
             return
         self._stats.record(decision)
+        key = (decision.group, decision.kernel, decision.category)
+        seen = self._seen.get(key)
+        if seen is not None:
+            seen[1] += 1
+            return
+        self._seen[key] = [decision, 1]
         if self._settings.enable_debug:
-            key = (decision.kernel, decision.category, decision.reason.split(":")[0].split(" (")[0])
-            if key not in self._logged:
-                self._logged.add(key)
-                logger.info("attnforge dispatch: %s", decision.reason)
+            logger.info("attnforge dispatch: %s", decision.reason)
 
 
 def _compiling() -> bool:
@@ -493,7 +510,7 @@ def scaled_dot_product_attention(
         or (is_causal and attn_mask is not None)  # torch itself rejects this combination
     )
     if torch_only:
-        _default_optimizer._note(Decision(None, "call attnforge cannot serve: passed to torch", "torch only"))
+        _default_optimizer._note(Decision(None, "passed to torch unchanged", "torch only", "torch only"))
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,

@@ -1,0 +1,281 @@
+"""attnforge inside transformers: every family in the table, tiny random configs, fp32 on CPU.
+
+On CPU tests/conftest.py sets TRITON_INTERPRET=1, so the Triton kernels really run (through the interpreter)
+and the optimizer's statistics show which ones did: a test that only exercised the torch fallback would prove
+nothing about the kernels.
+"""
+
+import gc
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+import attnforge as af  # noqa: E402
+from attnforge.integrations import transformers as integration  # noqa: E402
+from attnforge.optimizer import get_optimizer  # noqa: E402
+
+VOCAB = 96
+PROMPT = 20  # > 16: the prompt goes to the prefill kernel, each new token to the decode kernel
+NEW_TOKENS = 5
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=64,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            bos_token_id=1, eos_token_id=VOCAB - 1, pad_token_id=0)  # fmt: skip
+# model_type -> config overrides for a tiny model of that family with attnforge's fast path.
+FAMILY_CONFIGS = {
+    "qwen3": {},
+    "qwen2": {},
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "gemma": {"num_key_value_heads": 1},  # MQA
+    "phi3": {"num_key_value_heads": 4},  # MHA
+    "gemma3_text": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+}
+LOGITS_RTOL = 1e-5
+
+
+def tiny_model(model_type: str, attn_implementation: str = "eager", **overrides):
+    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_CONFIGS.get(model_type, {}), **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def available_kernels() -> set[str]:
+    return {kind for kind in ("decode", "prefill") if importlib.util.find_spec(f"attnforge.kernels.{kind}")}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def greedy(model, ids, mask=None, **options):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **options)
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    """Each test starts unpatched with fresh optimizer statistics, and leaves transformers as it found it."""
+    get_optimizer().reset()
+    yield
+    gc.collect()  # models patched by the test are gone, so unpatching can drop the registrations
+    integration.unpatch_transformers()
+    get_optimizer().reset()
+
+
+@pytest.fixture
+def prompts():
+    generator = torch.Generator().manual_seed(1)
+    # no pad/bos/eos ids, or generate() would infer padding
+    ids = torch.randint(3, VOCAB - 1, (2, PROMPT), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: the first sequence is 3 tokens shorter
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Equality with eager, per family
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
+def test_family_matches_eager_with_kernels_on(model_type, prompts):
+    ids, mask = prompts
+    model = tiny_model(model_type)
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    expected = {
+        "dynamic": greedy(model, ids),
+        "static": greedy(model, ids, cache_implementation="static"),
+        "left-padded": greedy(model, ids, mask),
+        "left-padded static": greedy(model, ids, mask, cache_implementation="static"),
+    }
+
+    assert af.patch_model(model)
+    assert model.config._attn_implementation == "attnforge"
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert relative_error(logits, ref_logits) <= LOGITS_RTOL
+    got = {
+        "dynamic": greedy(model, ids),
+        "static": greedy(model, ids, cache_implementation="static"),
+        "left-padded": greedy(model, ids, mask),
+        "left-padded static": greedy(model, ids, mask, cache_implementation="static"),
+    }
+    for case, tokens in expected.items():
+        assert torch.equal(got[case], tokens), f"{model_type}, {case} cache: tokens differ from eager"
+
+    stats = af.get_integration_status()["optimizer_stats"]
+    assert stats["calls"] > 0
+    assert "decode" in available_kernels(), "the decode kernel module is missing"
+    for kind in available_kernels():
+        assert stats["by_kernel"].get(kind, 0) > 0, f"the {kind} kernel never ran: {stats}"
+    af.unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_sliding_window_layers_fall_back_and_stay_correct(prompts):
+    ids, _ = prompts
+    model = tiny_model("mistral", sliding_window=4)  # the window binds
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    expected = greedy(model, ids)
+    af.patch_model(model)
+    with torch.no_grad():
+        assert relative_error(model(ids).logits, ref_logits) <= LOGITS_RTOL
+    assert torch.equal(greedy(model, ids), expected)
+    stats = get_optimizer().get_stats()
+    assert stats["by_kernel"].get("decode", 0) == 0, "a decode kernel cannot apply a sliding window"
+
+
+def test_gemma3_mixes_kernels_and_fallback(prompts):
+    ids, _ = prompts
+    model = tiny_model("gemma3_text")
+    af.patch_model(model)
+    greedy(model, ids[:, :9])  # a 9-token prompt: the decode kernel takes up to 16 new tokens
+    stats = get_optimizer().get_stats()
+    # the full-attention layer runs the decode kernel for the prompt and each step; the sliding-window layer
+    # needs a mask, which the decode kernel does not take
+    assert stats["by_kernel"].get("decode", 0) == NEW_TOKENS
+    assert stats["optimized"] < stats["calls"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Families with an explicit fallback
+
+
+def tiny_deepseek_v3():
+    config = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=VOCAB - 1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("model_type, reason", [("gemma2", "softcapping"), ("deepseek_v3", "MLA")])
+def test_unsupported_families_are_not_patched(model_type, reason):
+    model = tiny_deepseek_v3() if model_type == "deepseek_v3" else tiny_model("gemma2")
+    supported, note = af.family_support(model)
+    assert not supported and reason in note
+    assert af.patch_model(model) is False
+    assert model.config._attn_implementation == "eager"
+    af.patch_transformers()
+    fresh = (
+        tiny_deepseek_v3() if model_type == "deepseek_v3" else tiny_model("gemma2", attn_implementation=None)
+    )
+    assert fresh.config._attn_implementation != "attnforge"
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "deepseek_v3"])
+def test_forcing_attnforge_on_unsupported_families_is_still_correct(model_type, prompts):
+    """Softcapping runs in torch math; MLA's unequal head dims go to torch SDPA: both match eager."""
+    ids, _ = prompts
+    model = tiny_deepseek_v3() if model_type == "deepseek_v3" else tiny_model("gemma2")
+    with torch.no_grad():
+        ref = model(ids).logits
+    integration.patch_transformers()
+    model.set_attn_implementation("attnforge")
+    with torch.no_grad():
+        assert relative_error(model(ids).logits, ref) <= LOGITS_RTOL
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Patching and unpatching
+
+
+def test_patch_transformers_makes_new_models_default_to_attnforge_and_unpatch_restores():
+    before_attention = dict(AttentionInterface._global_mapping)
+    before_masks = dict(AttentionMaskInterface._global_mapping)
+    families = af.patch_transformers()
+    assert families == sum(f.supported for f in integration.FAMILIES.values()) >= 7
+    assert af.get_integration_status()["is_patched"]
+    assert tiny_model("qwen3", attn_implementation=None).config._attn_implementation == "attnforge"
+    assert tiny_model("qwen3", attn_implementation="eager").config._attn_implementation == "eager"
+    af.unpatch_transformers()
+    assert not af.get_integration_status()["is_patched"]
+    assert AttentionInterface._global_mapping == before_attention
+    assert AttentionMaskInterface._global_mapping == before_masks
+    assert tiny_model("qwen3", attn_implementation=None).config._attn_implementation == "sdpa"
+
+
+def test_optimized_context_manager(prompts):
+    ids, _ = prompts
+    with af.optimized():
+        assert af.get_integration_status()["is_patched"]
+        model = tiny_model("llama", attn_implementation=None)
+        assert model.config._attn_implementation == "attnforge"
+    assert not af.get_integration_status()["is_patched"]
+    other = tiny_model("llama")
+    with af.optimized(other):
+        assert other.config._attn_implementation == "attnforge"
+        greedy(other, ids)
+    assert other.config._attn_implementation == "eager"
+    assert get_optimizer().get_stats()["calls"] > 0
+
+
+def test_unpatch_keeps_registration_while_a_patched_model_lives():
+    gc.collect()
+    model = tiny_model("qwen3")
+    af.patch_transformers()
+    af.patch_model(model)
+    af.unpatch_transformers()
+    assert "attnforge" in AttentionInterface._global_mapping
+    af.unpatch_model(model)
+    assert "attnforge" not in AttentionInterface._global_mapping
+
+
+def test_status_lists_every_family_with_a_reason():
+    status = af.get_integration_status()
+    assert set(status["families"]) >= {"qwen3", "qwen2", "llama", "mistral", "gemma", "gemma2", "gemma3",
+                                       "gemma3_text", "phi3", "deepseek_v3"}  # fmt: skip
+    assert all(entry["note"] for entry in status["families"].values())
+    assert {"calls", "optimized", "fallbacks", "optimization_rate"} <= set(status["optimizer_stats"])
+
+
+def test_unknown_family_is_not_patched():
+    supported, note = af.family_support("bert")
+    assert not supported and "model_type='bert' is not in attnforge's family table" in note
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mask function: what it hands the attention function
+
+
+def test_mask_function_returns_valid_ranges_for_causal_and_left_padding():
+    ends = integration.attnforge_mask(batch_size=2, q_length=1, kv_length=32, q_offset=torch.tensor(9))
+    assert ends.dtype == torch.int32 and ends.flatten().tolist() == [10, 10]
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ranges = integration.attnforge_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=padding)
+    assert ranges.reshape(2, 2).tolist() == [[2, 5], [0, 5]]
+
+
+def test_mask_function_falls_back_to_a_full_mask_for_right_padding():
+    padding = torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool)
+    mask = integration.attnforge_mask(batch_size=1, q_length=5, kv_length=5, attention_mask=padding)
+    assert mask.dtype == torch.bool and mask.shape == (1, 1, 5, 5)
+    assert not mask[0, 0, 4, 3] and mask[0, 0, 2, 1] and not mask[0, 0, 1, 2]
+
+
+def test_attention_rejects_features_it_cannot_serve():
+    q = torch.randn(1, 4, 3, 64)
+    kv = torch.randn(1, 2, 3, 64)
+    module = torch.nn.Module()
+    with pytest.raises(NotImplementedError, match="does not support s_aux"):
+        integration.attnforge_attention(module, q, kv, kv, None, s_aux=torch.zeros(4))
+
+
+def test_torch_compile_matches_eager(prompts):
+    """The compiled forward (static cache decode step, mask prepared outside) matches eager."""
+    ids, _ = prompts
+    model = tiny_model("qwen3")
+    expected = greedy(model, ids, cache_implementation="static")
+    af.patch_model(model)
+    model.forward = torch.compile(model.forward, backend="eager")
+    assert torch.equal(greedy(model, ids, cache_implementation="static"), expected)
