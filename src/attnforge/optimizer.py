@@ -173,8 +173,7 @@ class AttentionOptimizer:
     """
 
     def __init__(self, settings: OptimizerSettings | None = None, **overrides) -> None:
-        base = settings or OptimizerSettings()
-        self._settings = dataclasses.replace(base, **overrides) if overrides else base
+        self._settings = settings or OptimizerSettings()
         self._stats = OptimizerStats()
         self._kernels: dict[str, tuple[Callable | None, str]] = {}
         self._triton: dict[str, tuple[bool, str]] = {}
@@ -182,6 +181,8 @@ class AttentionOptimizer:
         self._decisions: dict[tuple, Decision] = {}
         self._failed: dict[tuple, str] = {}
         self._seen: dict[tuple, list] = {}
+        if overrides:
+            self.configure(**overrides)
 
     # ------------------------------------------------------------------------------------------------------
     # Settings and statistics
@@ -192,6 +193,10 @@ class AttentionOptimizer:
 
     def configure(self, **changes) -> OptimizerSettings:
         """Change settings (fields of OptimizerSettings); forgets cached decisions, keeps statistics."""
+        accepted = [f.name for f in dataclasses.fields(OptimizerSettings)]
+        for name in changes:
+            if name not in accepted:
+                raise ValueError(f"unknown setting {name!r}; accepted: {accepted}")
         self._settings = dataclasses.replace(self._settings, **changes)
         self._decisions.clear()
         self._seen.clear()

@@ -1,0 +1,279 @@
+"""The optimizer: settings, decisions and their reasons, fallback, statistics, the torch drop-in.
+
+On CPU tests/conftest.py sets TRITON_INTERPRET=1, so where a decision says "kernel", the Triton kernel runs.
+"""
+
+import importlib.util
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnforge as af
+from attnforge import optimizer as optimizer_module
+from attnforge import verify
+from attnforge.config import AttentionConfig, OptimizerSettings
+from attnforge.optimizer import AttentionOptimizer, CallFeatures
+
+HAS_DECODE = importlib.util.find_spec("attnforge.kernels.decode") is not None
+
+
+def decode_cfg(**overrides) -> AttentionConfig:
+    fields = dict(num_heads=8, num_kv_heads=2, head_dim=64, seq_len=1, kv_len=300, dtype=torch.float32)
+    return AttentionConfig(**{**fields, **overrides})
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Pretend to be a GPU without the interpreter, with a tuning table answering `speedup.value`."""
+
+    class Speedup:
+        value: float | None = 1.9
+
+    monkeypatch.setattr(optimizer_module, "triton_interpret", lambda: False)
+    monkeypatch.setattr(optimizer_module, "triton_status", lambda device: (True, "test GPU"))
+    monkeypatch.setattr(optimizer_module, "_measured_speedup", lambda kind, cfg, device: Speedup.value)
+    monkeypatch.setattr(optimizer_module, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    return Speedup
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"min_seq_len": 0}, r"min_seq_len=0 must be a positive integer"),
+        ({"max_seq_len": -5}, r"max_seq_len=-5 must be a positive integer"),
+        ({"min_seq_len": 4096, "max_seq_len": 1024}, r"min_seq_len=4096 exceeds max_seq_len=1024"),
+        ({"gqa_ratio_min": 0}, r"gqa_ratio_min=0 must be a positive integer"),
+        ({"min_heads": 2.5}, r"min_heads=2.5 must be a positive integer"),
+        ({"kernels": ("decode", "flash")}, r"unknown kernels \['flash'\]; accepted: \('decode', 'prefill'\)"),
+        ({"min_speedup": 0}, r"min_speedup=0 must be a finite number > 0"),
+        ({"min_speedup": math.inf}, r"min_speedup=inf must be a finite number > 0"),
+        ({"enable_debug": "yes"}, r"enable_debug='yes' must be True or False"),
+    ],
+)
+def test_invalid_settings_name_the_value_and_the_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerSettings(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        AttentionOptimizer(**kwargs)
+
+
+def test_configure_optimizer_rejects_unknown_settings_and_keeps_the_old_ones():
+    before = af.get_optimizer().settings
+    with pytest.raises(ValueError, match=r"unknown setting 'min_len'; accepted: .*min_seq_len"):
+        af.configure_optimizer(min_len=10)
+    with pytest.raises(ValueError, match=r"min_seq_len=-1"):
+        af.configure_optimizer(min_seq_len=-1)
+    assert af.get_optimizer().settings == before
+
+
+def test_configure_optimizer_changes_the_process_wide_optimizer():
+    try:
+        optimizer = af.configure_optimizer(min_seq_len=512, kernels="decode")
+        assert optimizer is af.get_optimizer()
+        assert optimizer.settings.min_seq_len == 512 and optimizer.settings.kernels == ("decode",)
+    finally:
+        af.configure_optimizer(**vars(OptimizerSettings()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decisions and reasons
+
+
+def test_measured_speedup_decides_and_says_so(measured):
+    optimizer = AttentionOptimizer()
+    ok, reason = optimizer.should_optimize(decode_cfg(), device="cuda")
+    assert ok
+    assert "GQA-4:1 decode" in reason and "measured 1.90x faster than torch SDPA on NVIDIA H100" in reason
+
+
+def test_slower_or_unmeasured_kernels_fall_back(measured):
+    measured.value = 0.8
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cuda")
+    assert not ok and "measured 0.80x torch SDPA" in reason and "below min_speedup=1" in reason
+    measured.value = None
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cuda")
+    assert not ok and "no measurement" in reason and "falling back to torch SDPA" in reason
+
+
+def test_min_speedup_is_the_bar(measured):
+    measured.value = 1.2
+    assert AttentionOptimizer(min_speedup=1.1).should_optimize(decode_cfg(), device="cuda")[0]
+    assert not AttentionOptimizer(min_speedup=1.5).should_optimize(decode_cfg(), device="cuda")[0]
+
+
+@pytest.mark.parametrize(
+    "settings, cfg, words",
+    [
+        ({"min_seq_len": 1024}, {}, "kv_len 300 < min_seq_len=1024"),
+        ({"max_seq_len": 256}, {}, "kv_len 300 > max_seq_len=256"),
+        ({"gqa_ratio_min": 2}, {"num_kv_heads": 8}, "GQA ratio 1 < gqa_ratio_min=2"),
+        ({"min_heads": 16}, {}, "8 query heads < min_heads=16"),
+        ({"kernels": ("prefill",)}, {}, "the decode kernel is disabled (kernels=('prefill',))"),
+        ({"kernels": ("decode",)}, {"seq_len": 300}, "the prefill kernel is disabled"),
+    ],
+)
+def test_each_threshold_blocks_with_its_reason(measured, settings, cfg, words):
+    assert AttentionOptimizer().should_optimize(decode_cfg(**cfg), device="cuda")[0]
+    ok, reason = AttentionOptimizer(**settings).should_optimize(decode_cfg(**cfg), device="cuda")
+    assert not ok and words in reason
+
+
+def test_no_triton_means_fallback_with_that_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cpu")
+    assert not ok and "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)" in reason
+
+
+def test_missing_kernel_module_means_kernel_not_available(monkeypatch):
+    monkeypatch.setitem(optimizer_module.KERNEL_ENTRY_POINTS, "decode", ("attnforge.kernels.nope", "f"))
+    optimizer = AttentionOptimizer()
+    ok, reason = optimizer.should_optimize(decode_cfg(), device="cpu")
+    assert not ok and "kernel not available" in reason
+    q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 30, 64), torch.randn(1, 2, 30, 64)
+    torch.testing.assert_close(optimizer.attention(q, k, v), verify.reference_attention(q, k, v).float())
+    assert optimizer.get_stats()["fallback_reasons"] == {"kernel not available": 1}
+
+
+def test_masks_and_padded_queries_go_to_the_prefill_kernel():
+    optimizer = AttentionOptimizer()
+    masked = CallFeatures(causal=True, has_mask=True)
+    assert "prefill" in optimizer.should_optimize(decode_cfg(), device="cpu", features=masked)[1]
+    assert "decode" in optimizer.should_optimize(decode_cfg(), device="cpu")[1]
+    not_causal = CallFeatures(causal=False)
+    assert "prefill" in optimizer.should_optimize(decode_cfg(seq_len=4), device="cpu", features=not_causal)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running: correctness, statistics, fallback
+
+
+@pytest.mark.skipif(not HAS_DECODE, reason="decode kernel module not present yet")
+@pytest.mark.parametrize("shape", [verify.Shape(2, 8, 2, 1, 65, 64), verify.Shape(1, 6, 1, 7, 63, 64)])
+def test_decode_calls_run_the_kernel_and_pass_the_protocol(shape):
+    optimizer = AttentionOptimizer()
+    cases = verify.protocol_cases(shape, causal=True)
+    for case in cases:
+        report = verify.check(optimizer.attention, case)
+        assert report.passed, str(report)
+    stats = optimizer.get_stats()
+    assert stats["by_kernel"] == {"decode": len(cases)} and stats["optimization_rate"] == 1.0
+
+
+@pytest.mark.parametrize("kinds", [("random", "needle", "large", "strided")])
+def test_prefill_shapes_are_correct_whichever_path_runs(kinds):
+    optimizer = AttentionOptimizer()
+    for case in verify.protocol_cases(verify.Shape(2, 4, 2, 65, 65, 64), causal=True, kinds=kinds):
+        report = verify.check(optimizer.attention, case)
+        assert report.passed, str(report)
+    assert optimizer.get_stats()["calls"] == len(kinds)
+
+
+def test_unsupported_calls_fall_back_with_a_reason():
+    optimizer = AttentionOptimizer()
+    q, k, v = torch.randn(1, 4, 3, 72), torch.randn(1, 2, 9, 72), torch.randn(1, 2, 9, 72)
+    out = optimizer.attention(q, k, v)
+    torch.testing.assert_close(out, verify.reference_attention(q, k, v, causal=True).float())
+    v_small = torch.randn(1, 2, 9, 32)  # MLA-like: value head_dim differs
+    q64, k64 = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 9, 64)
+    assert optimizer.attention(q64, k64, v_small).shape == (1, 4, 3, 32)
+    reasons = optimizer.get_stats()["fallback_reasons"]
+    assert reasons == {"head_dim unsupported": 1, "value head_dim differs": 1}
+
+
+def test_a_kernel_that_raises_is_not_retried(monkeypatch):
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("planted failure")
+
+    optimizer = AttentionOptimizer()
+    monkeypatch.setattr(optimizer, "_kernel", lambda kind: (broken, ""))
+    q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    expected = verify.reference_attention(q, k, v).float()
+    for _ in range(3):
+        torch.testing.assert_close(optimizer.attention(q, k, v), expected)
+    assert len(calls) == 1
+    stats = optimizer.get_stats()
+    assert stats["optimized"] == 0 and stats["fallback_reasons"] == {"kernel raised": 3}
+    ok, reason = optimizer.should_optimize(AttentionConfig.from_tensors(q, k, v), device="cpu")
+    assert not ok and "raised RuntimeError: planted failure" in reason
+
+
+def test_debug_logs_each_new_decision_once(caplog, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    optimizer = AttentionOptimizer(enable_debug=True)
+    q, kv = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)
+    with caplog.at_level(logging.INFO, logger="attnforge"):
+        for _ in range(3):
+            optimizer.attention(q, kv, kv)
+        optimizer.attention(torch.randn(1, 4, 32, 64), torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64))
+    messages = [r.getMessage() for r in caplog.records if r.name == "attnforge.optimizer"]
+    assert len(messages) == 2 and "decode" in messages[0] and "prefill" in messages[1]
+    assert [d["calls"] for d in optimizer.decisions()] == [3, 1]
+    quiet = AttentionOptimizer()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="attnforge"):
+        quiet.attention(q, kv, kv)
+    assert not caplog.records
+
+
+def test_stats_start_at_zero_and_reset():
+    optimizer = AttentionOptimizer()
+    assert optimizer.get_stats()["optimization_rate"] == 0.0
+    optimizer.attention(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64))
+    assert optimizer.get_stats()["calls"] == 1
+    optimizer.reset_stats()
+    assert optimizer.get_stats()["calls"] == 0 and optimizer.decisions() == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The torch drop-in
+
+
+@pytest.mark.parametrize(
+    "q_len, kv_len, is_causal, use_mask",
+    [
+        (1, 50, False, False),
+        (17, 17, True, False),
+        (5, 40, True, False),
+        (40, 5, True, False),
+        (9, 30, False, True),
+    ],
+)
+def test_scaled_dot_product_attention_has_torch_semantics(q_len, kv_len, is_causal, use_mask):
+    """Including torch's top-left is_causal when Lq != Lkv (attnforge's kernels are bottom-right)."""
+    q, k, v = torch.randn(2, 8, q_len, 64), torch.randn(2, 2, kv_len, 64), torch.randn(2, 2, kv_len, 64)
+    mask = torch.rand(2, 1, q_len, kv_len) > 0.3 if use_mask else None
+    if mask is not None:
+        mask[..., 0] = True  # every row sees a key: torch gives NaN for rows that see none
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    got = af.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scaled_dot_product_attention_passes_other_calls_to_torch():
+    q, k = torch.randn(3, 5, 64), torch.randn(3, 7, 64)  # 3-D
+    torch.testing.assert_close(
+        af.scaled_dot_product_attention(q, k, k), F.scaled_dot_product_attention(q, k, k)
+    )
+    q4, k4 = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 3, 64)
+    with pytest.raises(RuntimeError):  # GQA shapes without enable_gqa: torch's own error
+        af.scaled_dot_product_attention(q4, k4, k4)
+
+
+def test_import_attnforge_does_not_import_transformers():
+    code = (
+        "import sys, attnforge as af; af.AttentionOptimizer; af.scaled_dot_product_attention; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
