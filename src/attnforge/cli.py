@@ -83,27 +83,118 @@ def _planted_bugs_table(shape: verify.Shape, device: str, dtype) -> Table:
     return table
 
 
+def _runs_table(runs) -> Table:
+    table = Table(title="generation, with and without attnforge (greedy, batch 1)")
+    for column in ("run", "time (s)", "tok/s", "peak memory (GiB)", "speedup", "optimization rate"):
+        table.add_column(column)
+    base = runs[0]
+    for run in runs:
+        memory = "-" if run.peak_memory_gib is None else f"{run.peak_memory_gib:.2f}"
+        rate = "-" if run.optimization_rate is None else f"{run.optimization_rate:.0%}"
+        speedup = f"{base.seconds / run.seconds:.2f}x"
+        table.add_row(run.name, f"{run.seconds:.2f}", f"{run.tokens_per_second:.1f}", memory, speedup, rate)
+    return table
+
+
+def _decisions_table(decisions: list[dict]) -> Table:
+    table = Table(title="dispatch decisions (each distinct one, first occurrence)")
+    for column in ("calls", "ran", "why"):
+        table.add_column(column)
+    for decision in decisions:
+        table.add_row(str(decision["calls"]), decision["kernel"], decision["reason"])
+    return table
+
+
+def _model_demo(model_name: str, on_gpu: bool, prompt_len: int, new_tokens: int, cache: str) -> bool:
+    """Build the model, then time (GPU) or check (CPU) attnforge against transformers. True if all good."""
+    from attnforge import demo as model_demo
+    from attnforge.integrations.transformers import family_support
+    from attnforge.optimizer import get_optimizer
+
+    model = model_demo.build_for_demo(model_name, on_gpu)
+    console.print(f"[bold]model:[/bold] {model_demo.describe_model(model_name, model, on_gpu)}")
+    supported, note = family_support(model)
+    console.print(f"[bold]family {model.config.model_type}:[/bold] {note}")
+    if not supported:
+        return True
+    if on_gpu:
+        ids = model_demo.random_prompt(model.config.vocab_size, prompt_len, device="cuda")
+        runs = model_demo.speed_comparison(model, ids, new_tokens, cache)
+        console.print(_runs_table(runs))
+        console.print(_decisions_table(get_optimizer().decisions()))
+        same = model_demo.same_tokens(runs[0], runs[-1])
+        console.print(
+            f"same tokens as transformers: {'yes' if same else 'no (bf16 rounding can flip near-ties)'}"
+        )
+        return True
+    ids = model_demo.random_prompt(model.config.vocab_size, prompt_len, batch=2)
+    report = model_demo.correctness_check(model, ids, new_tokens)
+    console.print(_decisions_table(report.decisions))
+    verdict = "[green]PASS" if report.passed else "[red]FAIL"
+    tokens = ", ".join(
+        f"{name}: {'identical' if ok else 'DIFFERENT'}" for name, ok in report.tokens_equal.items()
+    )
+    stats = report.stats
+    console.print(
+        f"{verdict}[/] attnforge vs eager, fp32, prompt {prompt_len} x 2 sequences, {new_tokens} new tokens: "
+        f"logits max relative error {report.logits_rel_error:.1e} (<= 1e-4); greedy tokens {tokens}; "
+        f"{stats['optimized']}/{stats['calls']} attention calls ran attnforge kernels {stats['by_kernel']}"
+    )
+    return report.passed
+
+
 @app.command()
-def demo() -> None:
-    """Environment, then the correctness protocol on attnforge's kernels and on planted wrong kernels."""
+def demo(
+    model: str = typer.Option(
+        "qwen3-0.6b", "--model", help="bundled architecture (random weights) or a hub id / local path"
+    ),
+    prompt_len: int = typer.Option(
+        None, "--prompt-len", help="prompt tokens (default: 128 on GPU, 24 on CPU)"
+    ),
+    new_tokens: int = typer.Option(
+        None, "--new-tokens", help="tokens to generate (default: 64 on GPU, 6 on CPU)"
+    ),
+    cache: str = typer.Option("dynamic", "--cache", help="KV cache for the GPU timing: dynamic or static"),
+    protocol: bool = typer.Option(
+        True, "--protocol/--no-protocol", help="run the kernel correctness protocol"
+    ),
+) -> None:
+    """Environment, the correctness protocol, then a model generating with and without attnforge.
+
+    On a GPU the generation is timed side by side; without one, the Triton kernels run in the interpreter
+    on a reduced copy of the model and are checked against eager attention instead.
+    """
+    import os
+
     import torch
 
-    from attnforge.kernels import reference
-
+    if cache not in ("dynamic", "static"):
+        raise typer.BadParameter(f"--cache {cache!r} is not one of: dynamic, static")
     report = environment_report()
     console.print(_info_table(report))
     on_gpu = report["device"] == "cuda"
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
     if not on_gpu:
-        console.print("[yellow]No GPU here: showing correctness only; speed needs a CUDA GPU.")
-    candidates = {"torch sdpa per sequence": reference.sdpa_per_sequence, **available_kernels()}
-    shapes = _demo_shapes(on_gpu)
-    table, failures = _verification_table(candidates, shapes, device, dtype)
-    console.print(table)
-    caught = _planted_bugs_table(shapes[-1], device, dtype)
-    console.print(caught)
+        console.print(
+            "[yellow]No GPU here: showing the dispatch decisions and correctness only; speed needs a CUDA "
+            "GPU. The Triton kernels run through the interpreter (TRITON_INTERPRET=1)."
+        )
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    failures = 0
+    if protocol:
+        from attnforge.kernels import reference
+
+        candidates = {"torch sdpa per sequence": reference.sdpa_per_sequence, **available_kernels()}
+        shapes = _demo_shapes(on_gpu)
+        table, failures = _verification_table(candidates, shapes, device, dtype)
+        console.print(table)
+        console.print(_planted_bugs_table(shapes[-1], device, dtype))
+    prompt_len = prompt_len or (128 if on_gpu else 24)
+    new_tokens = new_tokens or (64 if on_gpu else 6)
+    model_ok = _model_demo(model, on_gpu, prompt_len, new_tokens, cache)
     if failures:
         console.print(f"[red]{failures} correctness failures")
+    if failures or not model_ok:
         raise typer.Exit(1)
 
 

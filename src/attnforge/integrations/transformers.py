@@ -51,7 +51,8 @@ class Family:
     note: str
 
 
-_SLIDING = "layers with a sliding window (when the config sets one) fall back to torch SDPA"
+_SLIDING = "sliding-window layers (when the config sets a window) carry a mask: prefill kernel or torch SDPA"
+_GEMMA3 = "full-attention layers on attnforge; sliding-window layers carry a mask: prefill kernel or SDPA"
 FAMILIES: dict[str, Family] = {
     "llama": Family(True, "GQA with RoPE: every layer on attnforge"),
     "mistral": Family(True, f"GQA: every layer on attnforge; {_SLIDING}"),
@@ -63,12 +64,8 @@ FAMILIES: dict[str, Family] = {
         "attention logit softcapping (tanh) is in every layer and neither attnforge's kernels nor torch SDPA "
         "implement it: the model keeps its own attention",
     ),
-    "gemma3": Family(
-        True, "full-attention layers on attnforge; sliding-window layers fall back to torch SDPA"
-    ),
-    "gemma3_text": Family(
-        True, "full-attention layers on attnforge; sliding-window layers fall back to torch SDPA"
-    ),
+    "gemma3": Family(True, _GEMMA3),
+    "gemma3_text": Family(True, _GEMMA3),
     "phi3": Family(True, f"MHA/GQA with fused qkv: every layer on attnforge; {_SLIDING}"),
     "deepseek_v3": Family(
         False,
