@@ -1,0 +1,376 @@
+"""Prefill attention: many query tokens against keys/values (fresh prompt or chunked prefill against a cache).
+
+FlashAttention-2 style: one program per (batch, query head, block of BLOCK_M query rows) walks the visible key
+blocks with an online softmax in base 2. GQA is native: a program reads its KV head directly, and the query
+heads of one KV head sit next to each other in the grid so their K/V tiles are shared through L2. Causal is
+bottom-right aligned; per program the key range splits into full blocks every row sees (no masking) and the
+blocks on the diagonal or at the valid-length edge (masked), and blocks above the diagonal are never loaded.
+The heaviest query blocks (the last ones under a causal mask) are launched first to shorten the tail.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from attnforge.config import SUPPORTED_HEAD_DIMS, check_qkv
+from attnforge.environment import triton_interpret
+from attnforge.kernels import tuning
+
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+
+@triton.jit
+def _attn_stage(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, d_ok, last_visible, lo, hi, end,
+    stride_kn, stride_vn, stride_mn, scale_log2,
+    BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    PAD_D: tl.constexpr, FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    """Key blocks [lo, hi) of one program, the pointers at key lo. DIAGONAL: mask keys past `end` and, with
+    CAUSAL, past each row's last visible key. Off-diagonal blocks without an attn_mask take the lean path
+    (every logit finite)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        n = n0 + offs_n
+        if DIAGONAL:
+            k = tl.load(k_ptrs, mask=(n < end)[:, None] & d_ok[None, :], other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if FP32_DOT:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        if DIAGONAL or MASK_KIND != 0:
+            qk = qk * scale_log2
+            if MASK_KIND == 1:
+                keep = tl.load(mask_ptrs, mask=(n < end)[None, :], other=0)
+                qk = tl.where(keep != 0, qk, float("-inf"))
+            elif MASK_KIND == 2:
+                bias = tl.load(mask_ptrs, mask=(n < end)[None, :], other=0.0).to(tl.float32)
+                # Clamp finite values so finfo.min stays finite after the log2 scaling (-inf stays -inf).
+                bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -1.0e37))
+                qk += bias * 1.4426950408889634  # LOG2E
+            if DIAGONAL:
+                visible = (n < end)[None, :]
+                if CAUSAL:
+                    visible = visible & (n[None, :] <= last_visible[:, None])
+                qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays 0
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DIAGONAL:
+            v = tl.load(v_ptrs, mask=(n < end)[:, None] & d_ok[None, :], other=0.0)
+        elif PAD_D:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if FP32_DOT:
+            acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            mask_ptrs += BLOCK_N * stride_mn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, Out, KvLens, QLens, Mask,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    scale_log2, q_len, kv_len, num_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)  # (batch, query head); the heads of one KV head are neighbours
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # last (heaviest under causal) blocks first
+    b = (bh // num_heads).to(tl.int64)
+    head = (bh % num_heads).to(tl.int64)
+    kv_head = head // GROUP
+
+    end = kv_len
+    if HAS_KV_LENS:
+        end = tl.minimum(tl.maximum(tl.load(KvLens + b).to(tl.int32), 0), kv_len)
+    qlen = q_len
+    if HAS_Q_LENS:
+        qlen = tl.minimum(tl.maximum(tl.load(QLens + b).to(tl.int32), 0), q_len)
+
+    m0 = m_block * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D_BLOCK)
+    d_ok = d < HEAD_DIM
+    rows64 = rows.to(tl.int64)
+    q_ptrs = Q + b * stride_qb + head * stride_qh + rows64[:, None] * stride_qm + d[None, :] * stride_qd
+    if D_BLOCK == HEAD_DIM:
+        q = tl.load(q_ptrs, mask=(rows < q_len)[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=(rows < q_len)[:, None] & d_ok[None, :], other=0.0)
+
+    # Key ranges: [0, full_hi) is visible to every row of the block; [full_hi, diag_hi) needs masks.
+    shift = end - qlen  # query i sees keys <= shift + i
+    last_visible = shift + rows
+    block_live = m0 < qlen
+    if CAUSAL:
+        first_row_last = tl.maximum(shift + m0 + 1, 0)
+        full_hi = tl.minimum(first_row_last // BLOCK_N * BLOCK_N, end // BLOCK_N * BLOCK_N)
+        diag_hi = tl.minimum(end, tl.maximum(shift + tl.minimum(m0 + BLOCK_M, qlen), 0))
+    else:
+        full_hi = end // BLOCK_N * BLOCK_N
+        diag_hi = end
+    full_hi = tl.where(block_live, full_hi, 0)
+    diag_hi = tl.where(block_live, tl.maximum(diag_hi, full_hi), 0)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + b * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + d[None, :] * stride_vd
+    mask_ptrs = Mask
+    if MASK_KIND != 0:
+        mask_rows = tl.minimum(rows, q_len - 1).to(tl.int64)  # rows past q_len are never stored
+        mask_ptrs = (Mask + b * stride_mb + head * stride_mh + mask_rows[:, None] * stride_mm
+                     + tl.arange(0, BLOCK_N)[None, :] * stride_mn)  # fmt: skip
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
+    pad_d: tl.constexpr = D_BLOCK != HEAD_DIM
+    acc, l_i, m_i = _attn_stage(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, d_ok, last_visible, 0, full_hi, end,
+        stride_kn, stride_vn, stride_mn, scale_log2,
+        BLOCK_N, False, CAUSAL, MASK_KIND, pad_d, FP32_DOT,
+    )  # fmt: skip
+    start = full_hi.to(tl.int64)
+    if MASK_KIND != 0:
+        mask_ptrs += start * stride_mn
+    acc, l_i, m_i = _attn_stage(
+        acc, l_i, m_i, q, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn, mask_ptrs, d_ok,
+        last_visible, full_hi, diag_hi, end,
+        stride_kn, stride_vn, stride_mn, scale_log2,
+        BLOCK_N, True, CAUSAL, MASK_KIND, pad_d, FP32_DOT,
+    )  # fmt: skip
+
+    # Rows with no visible key (l == 0) and padded rows (>= q_lens[b]) are written as 0.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = tl.where((rows < qlen)[:, None], out, 0.0)
+    o_ptrs = Out + b * stride_ob + head * stride_oh + rows64[:, None] * stride_om + d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < q_len)[:, None] & d_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Host side: validation, launch parameters, launch.
+
+
+def _check_lengths(name: str, lens, batch: int, device) -> None:
+    if lens is None:
+        return
+    if not isinstance(lens, torch.Tensor) or lens.shape != (batch,):
+        got = tuple(lens.shape) if isinstance(lens, torch.Tensor) else type(lens).__name__
+        raise ValueError(f"{name} must be an integer tensor of shape [B]=({batch},), got {got}")
+    if lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} dtype {lens.dtype} is not supported; accepted: int32, int64")
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device} but q is on {device}")
+
+
+def _check_mask(attn_mask, q, kv_len: int) -> None:
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"attn_mask dtype {attn_mask.dtype} is not supported; accepted: bool or float")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    batch, num_heads, q_len = q.shape[:3]
+    target = (batch, num_heads, q_len, kv_len)
+    fits = attn_mask.dim() <= 4 and all(
+        size in (1, want) for size, want in zip(reversed(attn_mask.shape), reversed(target), strict=False)
+    )
+    if not fits:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lkv]={target}"
+        )
+
+
+def _check_inputs(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, out) -> float:
+    """Raise a clear error for unsupported input; return the softmax scale to use."""
+    check_qkv(q, k, v)
+    if q.dtype not in DTYPES:
+        raise TypeError(f"dtype {q.dtype} is not supported; accepted: float16, bfloat16, float32")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim={q.shape[3]} is not supported {SUPPORTED_HEAD_DIMS}")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"q_len={q.shape[2]} exceeds kv_len={k.shape[2]}: the new tokens must be in the key/value tensors"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal={causal!r} must be True or False")
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not (number and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale!r} must be a finite number > 0 (default 1/sqrt(head_dim))")
+    _check_lengths("kv_lens", kv_lens, q.shape[0], q.device)
+    _check_lengths("q_lens", q_lens, q.shape[0], q.device)
+    _check_mask(attn_mask, q, k.shape[2])
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got "
+                         f"{tuple(out.shape)}, {out.dtype} on {out.device}")  # fmt: skip
+    return float(scale)
+
+
+def _size_label(n: int) -> str:
+    """Smallest power of two >= n, as '512' or '4k'."""
+    p = triton.next_power_of_2(max(n, 1))
+    return f"{p // 1024}k" if p >= 1024 else str(p)
+
+
+def prefill_bucket(batch: int, num_heads: int, q_len: int, kv_len: int, head_dim: int, dtype) -> str:
+    """Shape bucket of the tuning table: head_dim, query rows in the grid (B*Hq*Lq), key length.
+
+    e.g. 'd128-rows512k-kv2k'; fp32 inputs get their own buckets ('fp32-d128-...').
+    """
+    prefix = "fp32-" if dtype == torch.float32 else ""
+    return f"{prefix}d{head_dim}-rows{_size_label(batch * num_heads * q_len)}-kv{_size_label(kv_len)}"
+
+
+def heuristic_params(batch: int, num_heads: int, q_len: int, head_dim: int, dtype, device) -> dict:
+    """Launch parameters when the tuning table has no entry: 128x64 tiles, 8 warps; smaller where the grid
+    would not fill the GPU or the tiles would not fit in shared memory (fp32, head_dim 256)."""
+    d_block = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if d_block >= 256:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    if batch * num_heads * triton.cdiv(q_len, 128) < tuning.sm_count(device):
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+
+def launch_params(q, k) -> dict:
+    """Tuned parameters for this shape on this GPU, or the heuristic."""
+    batch, num_heads, q_len, head_dim = q.shape
+    bucket = prefill_bucket(batch, num_heads, q_len, k.shape[2], head_dim, q.dtype)
+    params = tuning.launch_params("prefill", tuning.gpu_key(q.device), bucket)
+    return params or heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    """fp32 inputs multiply in full fp32 (not tf32). The CPU interpreter (triton 3.9) also needs it for bf16,
+    whose tl.dot there reads raw bits as integers; on a GPU bf16/fp16 always use the tensor cores."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
+
+
+def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, attn_mask, params=None) -> None:
+    batch, num_heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if out.numel() == 0:
+        return
+    p = params or launch_params(q, k)
+    mask_kind, mask, mask_strides = MASK_NONE, q, (0, 0, 0, 0)  # q: any pointer, unread without a mask
+    if attn_mask is not None:
+        mask = attn_mask.expand(batch, num_heads, q_len, kv_len)
+        mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
+        mask = mask.view(torch.uint8) if mask_kind == MASK_BOOL else mask
+        mask_strides = mask.stride()
+    kv_lens = kv_lens.contiguous() if kv_lens is not None else None
+    q_lens = q_lens.contiguous() if q_lens is not None else None
+    grid = (batch * num_heads, triton.cdiv(q_len, p["BLOCK_M"]))
+    _prefill_kernel[grid](
+        q, k, v, out, kv_lens if kv_lens is not None else q, q_lens if q_lens is not None else q, mask,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        scale * LOG2E, q_len, kv_len, num_heads,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_BLOCK=triton.next_power_of_2(head_dim),
+        BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], CAUSAL=causal,
+        HAS_KV_LENS=kv_lens is not None, HAS_Q_LENS=q_lens is not None, MASK_KIND=mask_kind,
+        FP32_DOT=_fp32_dot(q.dtype), num_warps=p["num_warps"], num_stages=p["num_stages"],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile; capturable in CUDA graphs) and the public function.
+
+
+@torch.library.custom_op("attnforge::prefill_attention", mutates_args=())
+def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None,
+                attn_mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _prefill_into(q, k, v, out, scale, causal, kv_lens, q_lens, attn_mask)
+    return out
+
+
+@_prefill_op.register_fake
+def _(q, k, v, scale, causal, kv_lens, q_lens, attn_mask):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("attnforge::prefill_attention_out", mutates_args=("out",))
+def _prefill_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                    kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None,
+                    attn_mask: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
+    _prefill_into(q, k, v, out, scale, causal, kv_lens, q_lens, attn_mask)
+
+
+@_prefill_out_op.register_fake
+def _(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, out):
+    return None
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    kv_lens: torch.Tensor | None = None,
+    q_lens: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of a prompt (or a chunk of one) against keys/values, GQA/MQA/MHA native.
+
+    Args:
+        q: `[B, Hq, Lq, D]`, any strides.
+        k, v: `[B, Hkv, Lkv, D]`, any strides (e.g. a slice of a preallocated cache); Hq % Hkv == 0 and
+            Lq <= Lkv.
+        scale: softmax scale (> 0), default 1/sqrt(D).
+        causal: bottom-right aligned: query i sees keys `<= Lkv - Lq + i`; with `kv_lens`/`q_lens`,
+            keys `<= kv_lens[b] - q_lens[b] + i` (the new tokens are the last valid positions).
+        kv_lens: int32/int64 `[B]` valid keys per sequence; keys at or beyond it are never read.
+        q_lens: int32/int64 `[B]` valid queries per sequence; rows at or beyond it are written as 0.
+        attn_mask: bool (True = attend) or additive float mask broadcastable to `[B, Hq|1, Lq, Lkv]`,
+            combined with `causal`, `kv_lens` and `q_lens`.
+        out: optional `[B, Hq, Lq, D]` buffer written in place (no allocation, for CUDA-graph capture).
+
+    Returns:
+        `[B, Hq, Lq, D]` in q's dtype (`out` when given); rows that see no key are 0, never NaN.
+        D in 64, 80, 96, 128, 256; fp16/bf16 (fp32 on a slower, exact path).
+    """
+    scale = _check_inputs(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, out)
+    if out is None:
+        return _prefill_op(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
+    _prefill_out_op(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, out)
+    return out
