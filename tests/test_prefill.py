@@ -59,6 +59,23 @@ def test_block_boundaries_with_other_tiles(block, monkeypatch):
             _assert_passes(case)
 
 
+def test_tma_load_path(monkeypatch):
+    """The TMA descriptor path (chosen on Hopper GPUs by the tuning table) computes the same function; the
+    interpreter runs it when the guard is lifted. Padding past kv_lens is read there and must be zeroed."""
+    monkeypatch.setattr(prefill_mod, "tma_supported", lambda k, v: True)
+    params = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "tma": True}
+    monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k: params)
+    for shape in (Shape(2, 4, 2, 65, 65, 64), Shape(1, 2, 1, 7, 70, 80)):
+        kinds = ("random", "needle", "poisoned")
+        for case in verify.protocol_cases(shape, dtype=torch.float16, causal=True, kinds=kinds):
+            _assert_passes(case)
+
+
+def test_tma_guard_rejects_unaligned_and_cpu_tensors():
+    k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    assert not prefill_mod.tma_supported(k, k)
+
+
 def test_padded_queries_and_keys_bottom_right():
     """q_lens/kv_lens: query i sees keys <= kv_lens[b] - q_lens[b] + i; rows past q_lens[b] are 0."""
     shape = Shape(3, 4, 2, 20, 50, 64)

@@ -20,31 +20,50 @@ from attnforge.config import SUPPORTED_HEAD_DIMS, check_qkv
 from attnforge.environment import triton_interpret
 from attnforge.kernels import tuning
 
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 
 @triton.jit
+def _load_kv(src, b, h, n0, n, end, d_ok, BLOCK_N: tl.constexpr, D_BLOCK: tl.constexpr,
+             MASKED: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """One [BLOCK_N, D_BLOCK] tile of K or V at key n0: through a TMA descriptor (`src` a 4-d descriptor of
+    [B, Hkv, Lkv, D]) or pointers (`src` the tile's pointers). MASKED: keys at or past `end` become 0; a
+    pointer load never reads them, a TMA load zeroes them after the read."""
+    if USE_TMA:
+        tile = src.load([b, h, n0, 0]).reshape(BLOCK_N, D_BLOCK)
+        if MASKED:
+            tile = tl.where((n < end)[:, None], tile, tl.zeros_like(tile))
+    elif MASKED:
+        tile = tl.load(src, mask=(n < end)[:, None] & d_ok[None, :], other=0.0)
+    elif PAD_D:
+        tile = tl.load(src, mask=d_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(src)
+    return tile
+
+
+@triton.jit
 def _attn_stage(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, d_ok, last_visible, lo, hi, end,
+    acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b, kv_head, d_ok, last_visible, lo, hi, end,
     stride_kn, stride_vn, stride_mn, scale_log2,
-    BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    PAD_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, D_BLOCK: tl.constexpr, DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, FP32_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Key blocks [lo, hi) of one program, the pointers at key lo. DIAGONAL: mask keys past `end` and, with
-    CAUSAL, past each row's last visible key. Off-diagonal blocks without an attn_mask take the lean path
-    (every logit finite)."""
+    """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors). DIAGONAL:
+    mask keys past `end` and, with CAUSAL, past each row's last visible key. Off-diagonal blocks without an
+    attn_mask take the lean path (every logit finite)."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         n = n0 + offs_n
-        if DIAGONAL:
-            k = tl.load(k_ptrs, mask=(n < end)[:, None] & d_ok[None, :], other=0.0)
-        elif PAD_D:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -74,19 +93,15 @@ def _attn_stage(
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if DIAGONAL:
-            v = tl.load(v_ptrs, mask=(n < end)[:, None] & d_ok[None, :], other=0.0)
-        elif PAD_D:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not USE_TMA:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
         if MASK_KIND != 0:
             mask_ptrs += BLOCK_N * stride_mn
     return acc, l_i, m_i
@@ -103,7 +118,8 @@ def _prefill_kernel(
     scale_log2, q_len, kv_len, num_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, MASK_KIND: tl.constexpr, USE_TMA: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)  # (batch, query head); the heads of one KV head are neighbours
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # last (heaviest under causal) blocks first
@@ -144,8 +160,13 @@ def _prefill_kernel(
     diag_hi = tl.where(block_live, tl.maximum(diag_hi, full_hi), 0)
 
     offs_n = tl.arange(0, BLOCK_N)
-    k_ptrs = K + b * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + d[None, :] * stride_vd
+    if USE_TMA:  # K and V are descriptors
+        k_src, v_src, k_diag, v_diag = K, V, K, V
+    else:
+        k_src = K + b * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + d[None, :] * stride_kd
+        v_src = V + b * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + d[None, :] * stride_vd
+        k_diag = k_src + full_hi.to(tl.int64) * stride_kn
+        v_diag = v_src + full_hi.to(tl.int64) * stride_vn
     mask_ptrs = Mask
     if MASK_KIND != 0:
         mask_rows = tl.minimum(rows, q_len - 1).to(tl.int64)  # rows past q_len are never stored
@@ -156,19 +177,18 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
     pad_d: tl.constexpr = D_BLOCK != HEAD_DIM
+    b32, kvh32 = b.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
     acc, l_i, m_i = _attn_stage(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, d_ok, last_visible, 0, full_hi, end,
+        acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, full_hi, end,
         stride_kn, stride_vn, stride_mn, scale_log2,
-        BLOCK_N, False, CAUSAL, MASK_KIND, pad_d, FP32_DOT,
+        BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT,
     )  # fmt: skip
-    start = full_hi.to(tl.int64)
     if MASK_KIND != 0:
-        mask_ptrs += start * stride_mn
+        mask_ptrs += full_hi.to(tl.int64) * stride_mn
     acc, l_i, m_i = _attn_stage(
-        acc, l_i, m_i, q, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn, mask_ptrs, d_ok,
-        last_visible, full_hi, diag_hi, end,
+        acc, l_i, m_i, q, k_diag, v_diag, mask_ptrs, b32, kvh32, d_ok, last_visible, full_hi, diag_hi, end,
         stride_kn, stride_vn, stride_mn, scale_log2,
-        BLOCK_N, True, CAUSAL, MASK_KIND, pad_d, FP32_DOT,
+        BLOCK_N, D_BLOCK, True, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT,
     )  # fmt: skip
 
     # Rows with no visible key (l == 0) and padded rows (>= q_lens[b]) are written as 0.
@@ -282,12 +302,33 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
 
 
+def tma_supported(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """K/V can be read through TMA descriptors: a Hopper GPU (not the interpreter), fp16/bf16, the last dim
+    contiguous, the other strides and the base 16-byte aligned."""
+    if triton_interpret() or TensorDescriptor is None or not k.is_cuda or k.dtype == torch.float32:
+        return False
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    return all(
+        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0
+                                                            for s in t.stride()[:3])
+        for t in (k, v)
+    )  # fmt: skip
+
+
 def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, attn_mask, params=None) -> None:
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     if out.numel() == 0:
         return
     p = params or launch_params(q, k)
+    k_strides, v_strides = k.stride(), v.stride()
+    d_block = triton.next_power_of_2(head_dim)
+    use_tma = bool(p.get("tma")) and tma_supported(k, v)
+    if use_tma:
+        block = [1, 1, p["BLOCK_N"], d_block]
+        k = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
+        v = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
     mask_kind, mask, mask_strides = MASK_NONE, q, (0, 0, 0, 0)  # q: any pointer, unread without a mask
     if attn_mask is not None:
         mask = attn_mask.expand(batch, num_heads, q_len, kv_len)
@@ -299,12 +340,12 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
     grid = (batch * num_heads, triton.cdiv(q_len, p["BLOCK_M"]))
     _prefill_kernel[grid](
         q, k, v, out, kv_lens if kv_lens is not None else q, q_lens if q_lens is not None else q, mask,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        *q.stride(), *k_strides, *v_strides, *out.stride(), *mask_strides,
         scale * LOG2E, q_len, kv_len, num_heads,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_BLOCK=triton.next_power_of_2(head_dim),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_BLOCK=d_block,
         BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], CAUSAL=causal,
         HAS_KV_LENS=kv_lens is not None, HAS_Q_LENS=q_lens is not None, MASK_KIND=mask_kind,
-        FP32_DOT=_fp32_dot(q.dtype), num_warps=p["num_warps"], num_stages=p["num_stages"],
+        USE_TMA=use_tma, FP32_DOT=_fp32_dot(q.dtype), num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip
 
 
