@@ -272,10 +272,13 @@ def test_attention_rejects_features_it_cannot_serve():
 
 
 def test_torch_compile_matches_eager(prompts):
-    """The compiled forward (static cache decode step, mask prepared outside) matches eager."""
+    """The compiled forward (fullgraph: no graph break in attnforge's path) matches eager."""
     ids, _ = prompts
     model = tiny_model("qwen3")
     expected = greedy(model, ids, cache_implementation="static")
     af.patch_model(model)
-    model.forward = torch.compile(model.forward, backend="eager")
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
     assert torch.equal(greedy(model, ids, cache_implementation="static"), expected)
+    # the whole forward compiled as one graph (fullgraph=True): the decisions were taken while tracing
+    decisions = get_optimizer().decisions()
+    assert any(d["kernel"] == "decode" and d["compiled"] for d in decisions), decisions

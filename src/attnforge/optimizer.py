@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -181,6 +182,7 @@ class AttentionOptimizer:
         self._decisions: dict[tuple, Decision] = {}
         self._failed: dict[tuple, str] = {}
         self._seen: dict[tuple, list] = {}
+        _OPTIMIZERS[id(self)] = self
         if overrides:
             self.configure(**overrides)
 
@@ -216,11 +218,13 @@ class AttentionOptimizer:
         self._seen.clear()
 
     def decisions(self) -> list[dict]:
-        """Each distinct decision taken since the last reset: group, kernel, reason (first seen), calls."""
+        """Each distinct decision since the last reset: group, kernel, reason (first seen), calls counted
+        in eager mode, and compiled: how many torch.compile traces baked it into a graph."""
         return [
-            {"group": d.group, "kernel": d.kernel or "torch SDPA", "reason": d.reason, "calls": calls}
-            for d, calls in self._seen.values()
-        ]
+            {"group": d.group, "kernel": d.kernel or "torch SDPA", "reason": d.reason, "calls": calls,
+             "compiled": traced}
+            for d, calls, traced in self._seen.values()
+        ]  # fmt: skip
 
     def reset(self) -> None:
         """Forget statistics, cached decisions and remembered kernel failures."""
@@ -331,8 +335,8 @@ class AttentionOptimizer:
         return self._triton[key]
 
     def _kernel(self, kind: str) -> tuple[Callable | None, str]:
-        if kind not in self._kernels:
-            self._kernels[kind] = _load_kernel(kind)
+        if not self._kernels:  # all at once, so that a compiled graph never meets an import
+            self._kernels.update({name: _load_kernel(name) for name in KERNEL_ENTRY_POINTS})
         return self._kernels[kind]
 
     def _device_name(self, device: torch.device) -> str:
@@ -373,22 +377,45 @@ class AttentionOptimizer:
         Returns:
             `[B, Hq, Lq, Dv]` in q's dtype.
         """
-        unsupported = _unsupported_call(q, k, v)
-        features = CallFeatures(causal=causal, has_mask=attn_mask is not None, has_q_lens=q_lens is not None)
-        if unsupported is not None:
-            category = unsupported.split(":")[0]
-            decision = Decision(None, f"{unsupported}: falling back to torch SDPA", category, category)
-        else:
-            cfg = AttentionConfig.from_tensors(q, k, v, causal=causal)
-            decision = self.decide(cfg, q.device, features)
+        flags = (causal, attn_mask is not None, q_lens is not None)
+        key = (
+            id(self),
+            tuple(q.shape),
+            tuple(k.shape),
+            tuple(v.shape),
+            q.dtype,
+            q.device.type,
+            q.device.index,
+        )
+        decision = Decision(*_decision_for(key + flags))
         self._note(decision)
         if decision.optimized:
-            out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features)
+            out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, flags)
             if out is not None:
                 return out
         return reference.sdpa(
             q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
         )
+
+    def _decision_for_call(self, key: tuple) -> Decision:
+        """The cached Decision for a call described by `_decision_for`'s key (without the optimizer id)."""
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= _DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            decision = self._decide_call(*key)
+            self._decisions[key] = decision
+        return decision
+
+    def _decide_call(self, q_shape, k_shape, v_shape, dtype, device_type, device_index, *flags) -> Decision:
+        unsupported = _unsupported_call(q_shape, k_shape, v_shape, dtype)
+        if unsupported is not None:
+            category = unsupported.split(":")[0]
+            return Decision(None, f"{unsupported}: falling back to torch SDPA", category, category)
+        batch, num_heads, q_len, head_dim = q_shape
+        cfg = AttentionConfig(num_heads=num_heads, num_kv_heads=k_shape[1], head_dim=head_dim, seq_len=q_len,
+                              batch_size=batch, kv_len=k_shape[2], dtype=dtype, causal=flags[0])  # fmt: skip
+        return self.decide(cfg, torch.device(device_type, device_index), CallFeatures(*flags))
 
     def _run_kernel(self, decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features):
         """The kernel's output, or None after recording its failure (then the caller falls back)."""
@@ -406,7 +433,7 @@ class AttentionOptimizer:
             )
         except Exception as error:  # noqa: BLE001 - any kernel failure means: fall back, remember, say why
             why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
-            self._failed[(kind, q.dtype, features)] = why
+            self._failed[(kind, q.dtype, CallFeatures(*features))] = why
             self._decisions.clear()
             logger.warning("%s; using torch SDPA for such calls from now on", why)
             if not _compiling():
@@ -417,36 +444,63 @@ class AttentionOptimizer:
                 self._stats.fallbacks["kernel raised"] = self._stats.fallbacks.get("kernel raised", 0) + 1
             return None
 
+    def _note_traced(self, decision: Decision) -> None:
+        """A decision baked into a compiled graph: its calls are not counted, the decision is listed."""
+        self._remember(decision)[2] += 1
+
     def _note(self, decision: Decision) -> None:
-        """Count the call and, with enable_debug, log a decision the first time it is taken."""
+        """Count an eager call and remember its decision (calls inside compiled graphs are not counted)."""
         if _compiling():
             return
         self._stats.record(decision)
+        self._remember(decision)[1] += 1
+
+    def _remember(self, decision: Decision) -> list:
+        """The [decision, calls, traces] entry of this decision; with enable_debug, a new one is logged."""
         key = (decision.group, decision.kernel, decision.category)
-        seen = self._seen.get(key)
-        if seen is not None:
-            seen[1] += 1
-            return
-        self._seen[key] = [decision, 1]
-        if self._settings.enable_debug:
-            logger.info("attnforge dispatch: %s", decision.reason)
+        entry = self._seen.get(key)
+        if entry is None:
+            entry = self._seen[key] = [decision, 0, 0]
+            if self._settings.enable_debug:
+                logger.info("attnforge dispatch: %s", decision.reason)
+        return entry
 
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _unsupported_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why attnforge's kernels cannot take this call at all (None: they might)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+def _unsupported_call(q_shape, k_shape, v_shape, dtype) -> str | None:
+    """Why attnforge's kernels cannot take a call of these shapes at all (None: they might)."""
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
         return "not a 4-D call: tensors must be [B, H, L, D]"
-    if k.shape[-1] != v.shape[-1]:
-        return f"value head_dim differs: key head_dim {k.shape[-1]} != value head_dim {v.shape[-1]} (MLA)"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim unsupported: head_dim={q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype unsupported: dtype={q.dtype} is not one of {SUPPORTED_DTYPES}"
+    if k_shape[-1] != v_shape[-1]:
+        return f"value head_dim differs: key head_dim {k_shape[-1]} != value head_dim {v_shape[-1]} (MLA)"
+    if q_shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim unsupported: head_dim={q_shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype unsupported: dtype={dtype} is not one of {SUPPORTED_DTYPES}"
+    if q_shape[0] != k_shape[0] or tuple(k_shape) != tuple(v_shape) or q_shape[-1] != k_shape[-1]:
+        return f"shapes do not fit: q {tuple(q_shape)}, k {tuple(k_shape)}, v {tuple(v_shape)}"
     return None
+
+
+# Optimizers by id, so that `_decision_for` can take plain values only.
+_OPTIMIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+@torch.compiler.assume_constant_result
+def _decision_for(key: tuple) -> tuple:
+    """(kernel, reason, category, group) for a call; key: optimizer id, shapes, dtype, device, flags.
+
+    Plain values in and out, so torch.compile runs it once while tracing and bakes the answer into the graph
+    (no graph break; a compiled graph keeps the decision it was traced with).
+    """
+    optimizer = _OPTIMIZERS[key[0]]
+    decision = optimizer._decision_for_call(key[1:])
+    if _compiling():  # running for real while tracing: remember what the graph will do
+        optimizer._note_traced(decision)
+    return (decision.kernel, decision.reason, decision.category, decision.group)
 
 
 # ----------------------------------------------------------------------------------------------------------
