@@ -7,10 +7,12 @@ from rich.console import Console
 from rich.table import Table
 
 from attnforge import verify
+from attnforge.bench.cli import bench_app
 from attnforge.environment import environment_report
 from attnforge.kernels import available_kernels
 
 app = typer.Typer(help="attnforge: verified attention kernels for LLM inference.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 

@@ -5,13 +5,15 @@ Everything here needs a CUDA GPU; the statistics (`summarize`) do not.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable
 
 import torch
 
+from attnforge.bench.stats import median_interval
+
 L2_FLUSH_BYTES = 256 * 2**20
+SLEEP_CYCLES = 200_000  # ~100 us at 1.98 GHz: longer than any provider's host-side launch path
 
 
 def summarize(samples_us: list[float]) -> dict:
@@ -20,16 +22,13 @@ def summarize(samples_us: list[float]) -> dict:
         raise ValueError("summarize needs at least one sample, got none")
     ordered = sorted(samples_us)
     n = len(ordered)
-    # Order-statistic interval for the median: ranks n/2 -+ 1.96 sqrt(n)/2.
-    half = 1.96 * math.sqrt(n) / 2
-    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
     return {
         "median_us": statistics.median(ordered),
         "mean_us": statistics.fmean(ordered),
         "min_us": ordered[0],
         "p10_us": ordered[int(0.1 * (n - 1))],
         "p90_us": ordered[int(0.9 * (n - 1))],
-        "ci95_us": [ordered[low], ordered[high]],
+        "ci95_us": list(median_interval(ordered)),
         "n": n,
     }
 
@@ -49,7 +48,9 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Time each provider `reps` times, rotating A B C A B C so drift hits all alike; samples in us.
 
-    Each sample is one call between CUDA events, after an L2 flush when `cold_l2`.
+    Each sample is one call between CUDA events, after an L2 flush when `cold_l2`. A short GPU sleep before
+    each start event keeps the GPU queue ahead of the host, so samples are GPU time, not launch overhead
+    (`host_overhead_us` measures that separately).
     """
     flush = L2Flusher() if cold_l2 else None
     for fn in providers.values():
@@ -63,12 +64,28 @@ def time_interleaved(
             name = names[(rep + offset) % len(names)]
             if flush is not None:
                 flush()
+            torch.cuda._sleep(SLEEP_CYCLES)
             start, end = events[name][rep]
             start.record()
             providers[name]()
             end.record()
     torch.cuda.synchronize()
     return {name: [s.elapsed_time(e) * 1e3 for s, e in events[name]] for name in names}
+
+
+def host_overhead_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Host time per call (us) with the GPU kept busy: what an eager loop pays before the GPU sees work."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # ~25 ms of GPU work ahead, so the host never waits for the GPU
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def time_graph_per_call(

@@ -1,0 +1,191 @@
+"""`attnforge bench kernels | e2e | report`: the benchmark commands (mounted by attnforge/cli.py)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from attnforge.bench import report
+
+bench_app = typer.Typer(help="Benchmarks: kernel sweep, end-to-end scenarios, reports.", no_args_is_help=True)
+console = Console()
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def _gpu_dir() -> Path:
+    from attnforge.kernels.tuning import gpu_key
+
+    return RESULTS_DIR / gpu_key()
+
+
+def _use_interpreter_without_gpu() -> None:
+    """Without a GPU, Triton kernels can only run under the interpreter (set before any kernel import)."""
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+        console.print("[yellow]No CUDA GPU: Triton kernels run under TRITON_INTERPRET=1 (correctness only).")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[row]}"),
+        console=console,
+    )
+
+
+def _save(doc: dict, out: Path, stem: str) -> None:
+    paths, messages = report.save(doc, out, stem)
+    for message in messages:
+        console.print(f"[yellow]{escape(message)}")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@bench_app.command()
+def kernels(
+    subset: Annotated[bool, typer.Option("--subset", help="A few rows instead of the full grid.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Result directory (default: benchmarks/results/<gpu>).")
+    ] = None,
+    providers: Annotated[
+        str | None, typer.Option(help="Comma-separated provider names (default: all).")
+    ] = None,
+    reps: Annotated[int, typer.Option(min=3, help="Timed samples per provider and row.")] = 50,
+    time_budget: Annotated[
+        float | None, typer.Option(help="Stop starting new rows after this many seconds.")
+    ] = None,
+    stem: Annotated[str | None, typer.Option(help="File name stem (default: kernels-YYYYMMDD).")] = None,
+) -> None:
+    """Kernel sweep: correctness of every provider on every row, then timings (GPU) with floors."""
+    from attnforge.bench import kernels as sweep
+    from attnforge.bench.providers import default_providers, select
+
+    _use_interpreter_without_gpu()
+    on_gpu = torch.cuda.is_available()
+    grid = sweep.build_grid("subset" if subset else "full") if on_gpu else sweep.build_grid("cpu")
+    if not on_gpu:
+        console.print(f"[yellow]{sweep.NO_GPU_NOTE}.")
+    try:
+        chosen = select(default_providers(), providers.split(",") if providers else None)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--providers") from None
+    with _progress() as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        task = progress.add_task("kernel sweep", total=len(grid), row="")
+        if on_gpu:
+            progress.update(task, row="measuring ceilings")
+
+        def advance(done: int, label: str) -> None:
+            progress.update(task, completed=done, row=label)
+
+        doc = sweep.run_sweep(grid, providers=chosen, reps=reps, time_budget_s=time_budget, progress=advance)
+        progress.update(task, completed=len(grid), row="done")
+    _print_kernel_summary(doc)
+    _save(doc, out or _gpu_dir(), stem or report.default_stem("kernels"))
+    if doc["summary"]["incorrect"]:
+        console.print(f"[red]{len(doc['summary']['incorrect'])} incorrect provider/row cells (never timed).")
+
+
+def _print_kernel_summary(doc: dict) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title="kernel sweep" + (" (correctness only: timings need a CUDA GPU)" if doc["note"] else "")
+    )
+    for column in ("row", "kernel", "status", "median us", "% floor", "vs best torch"):
+        table.add_column(column)
+    for row in doc["rows"]:
+        cell = row["providers"].get(row["kernel"], {"status": "-"})
+        speedup = row.get("speedups", {}).get(row["kernel"], {}).get("best-torch")
+        style = {"correct": "green", "incorrect": "red", "error": "red"}.get(cell["status"], "yellow")
+        table.add_row(
+            row["label"],
+            row["kernel"],
+            f"[{style}]{cell['status']}",
+            report._num(cell.get("median_us")),
+            report._num(cell.get("pct_of_floor"), 0),
+            f"{speedup:.2f}x" if speedup else "",
+        )
+    console.print(table)
+    counts = ", ".join(f"{k}: {v}" for k, v in doc["summary"]["cells"].items())
+    console.print(f"provider cells: {counts}")
+
+
+@bench_app.command()
+def e2e(
+    model: Annotated[
+        str, typer.Option(help="Bundled architecture name, hub id or local path.")
+    ] = "qwen3-0.6b",
+    mode: Annotated[str, typer.Option(help="quick (5 scenarios), full (20) or compare (A/B).")] = "quick",
+    runs: Annotated[
+        int | None, typer.Option(min=1, help="Measured runs per scenario (default 3; full: 5).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up runs per scenario (not measured).")] = 1,
+    all_scenarios: Annotated[
+        bool, typer.Option("--all-scenarios", help="compare: all 20 scenarios instead of the quick 5.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for the result files.")] = None,
+    stem: Annotated[str | None, typer.Option(help="File name stem (default: e2e-<model>-YYYYMMDD).")] = None,
+) -> None:
+    """End-to-end generation scenarios: TTFT, prefill/decode tok/s, total time, peak memory."""
+    from attnforge.bench import e2e as scenarios
+
+    if mode not in scenarios.MODES:
+        raise typer.BadParameter(f"mode={mode!r} is not one of {scenarios.MODES}", param_hint="--mode")
+    _use_interpreter_without_gpu()
+    with _progress() as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        task = progress.add_task(f"e2e {model} {mode}", total=None, row="")
+
+        def advance(label: str, total: int) -> None:
+            progress.update(task, total=total, advance=1, row=label)
+
+        try:
+            doc = scenarios.run(
+                model, mode=mode, runs=runs, warmup=warmup, all_scenarios=all_scenarios, progress=advance
+            )
+        except ValueError as error:
+            console.print(f"[red]{error}")
+            raise typer.Exit(1) from None
+    if doc.get("note"):
+        console.print(f"[yellow]{doc['note']}")
+    console.print(report.e2e_markdown(doc))
+    _save(doc, out or _gpu_dir(), stem or report.default_stem("e2e", doc["model"]))
+    if doc.get("failure"):
+        console.print(f"[red]{doc['failure']}")
+        raise typer.Exit(1)
+
+
+@bench_app.command("report")
+def report_command(
+    results: Annotated[Path, typer.Option(help="Directory of committed result files.")] = RESULTS_DIR,
+    out: Annotated[Path, typer.Option(help="Markdown file to (re)write.")] = Path("docs/performance.md"),
+    readme: Annotated[Path, typer.Option(help="README whose performance markers are refreshed.")] = Path(
+        "README.md"
+    ),
+) -> None:
+    """Regenerate the docs/README performance tables from committed result files."""
+    try:
+        section = report.performance_markdown(results)
+    except ValueError as error:
+        console.print(f"[red]{error}")
+        raise typer.Exit(1) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(section)
+    console.print(f"wrote {out}")
+    if report.update_readme(readme, section):
+        console.print(f"updated the performance section of {readme}")
+    else:
+        console.print(
+            f"{readme}: no '{report.README_START}' ... '{report.README_END}' markers; left unchanged"
+        )

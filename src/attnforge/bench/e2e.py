@@ -1,0 +1,468 @@
+"""End-to-end generation scenarios: 20 real prompts, TTFT, prefill and decode tok/s, total time, peak memory.
+
+Each scenario is a prompt text, a prompt length in tokens and an exact number of new tokens (EOS is ignored:
+min_new_tokens = max_new_tokens). No tokenizer is downloaded: token ids are a deterministic hash of the
+prompt's words, repeated to the scenario's length; speed does not depend on which ids they are (nor on the
+random weights). Modes: `quick` (5 scenarios) and `full` (20) measure the attnforge-patched model;
+`compare` runs plain transformers (sdpa) and attnforge interleaved A B A B in one process and fails unless the
+optimizer's statistics show attnforge kernels running on the attnforge side.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from attnforge.bench import report, stats
+
+MODES = ("quick", "full", "compare")
+TOKENIZATION = (
+    "no tokenizer (offline): token ids are blake2b hashes of the prompt's words and punctuation, "
+    "repeated cyclically to the scenario's prompt length"
+)
+NO_GPU_NOTE = (
+    "no CUDA GPU: agreement check only (tiny prompt, few tokens, baseline vs attnforge greedy tokens and "
+    "kernel statistics); timings need a CUDA GPU"
+)
+CPU_PROMPT_TOKENS, CPU_NEW_TOKENS = 24, 4
+
+_CODE = """Write a Python module that implements a thread-safe LRU cache with a time-to-live per entry.
+It must expose get(key), put(key, value, ttl_seconds) and a stats() method that reports hits, misses and
+evictions. Use only the standard library, include type hints and docstrings, and add pytest tests that
+cover expiry, eviction order under concurrent access, and the behaviour when the capacity is one. Explain
+briefly why you chose an OrderedDict over a heap, and what the complexity of each operation is."""
+_REASONING = """A train leaves Lyon at 08:10 and travels to Paris at an average of 240 km/h; a second train
+leaves Paris at 08:40 towards Lyon at 200 km/h on a parallel track. The distance is 465 km. Think step by
+step: at what time do the trains pass each other, and how far from Paris? Then check your answer by computing
+the distance each train has covered at that moment, and explain what changes if the first train stops for
+ten minutes in Dijon, which lies 315 km from Paris."""
+_CREATIVE = """Write a short story set in a lighthouse on a cold northern island, where the keeper receives
+a letter that was posted forty years ago. The story should have three scenes: the arrival of the supply boat,
+the evening the keeper finally opens the letter, and a storm that night. Use concrete sensory detail, keep
+the dialogue sparse, and end on an image rather than an explanation."""
+_DOCS = """## Configuring the ingestion service
+
+The ingestion service reads events from the message queue, validates them against the schema registry,
+and writes them to the columnar store in batches. Each worker holds one partition lease at a time; leases are
+renewed every ten seconds and expire after thirty. Batches are flushed when they reach 64 MiB or when five
+seconds have passed since the first event, whichever comes first. Failed writes are retried with exponential
+backoff starting at 200 ms and capped at 30 s; after eight attempts the batch is moved to the dead-letter
+topic together with the error and the schema version. Operators can pause a partition with the admin API,
+which drains in-flight batches before releasing the lease. Metrics are exported on port 9102: events per
+second, batch latency percentiles, lease renewals and dead-letter counts. The configuration file is YAML;
+every key can be overridden by an environment variable of the same name in upper case with dots replaced
+by underscores."""
+_CONVERSATION = """User: I'm planning a week of hiking in the Dolomites in late September. Is that too late
+in the season?
+Assistant: Late September is often a very good time: the summer crowds are gone and the weather is usually
+stable, but some huts close around the 20th, so check opening dates before you book.
+User: Which routes would you suggest for someone fit but without via ferrata experience?
+Assistant: The Alta Via 1 is the classic choice; it is mostly walking on good paths with a few exposed
+sections. The Puez-Odle plateau and the Tre Cime circuit are also good day hikes.
+User: How should I handle luggage if I do the Alta Via 1 hut to hut?"""
+_ARTICLE = """Attention lets each token of a sequence weigh every earlier token when it computes its next
+representation. During generation the keys and values of earlier tokens are kept in a cache, so each new
+token needs one pass over that cache per layer: the cost of a decode step grows with the context, and at long
+contexts reading the cache dominates the time. Grouped-query attention shares each key and value head
+between several query heads, which shrinks the cache and the bytes read per step. A kernel that serves all
+query heads of a group from one read of the cache, and splits long caches across many processors, can approach
+the memory bandwidth of the device. Prefill is different: the whole prompt is processed at once, the work
+grows with the square of its length, and the tensor cores set the limit instead of memory."""
+_LIST = """Produce a numbered list of practical tips for keeping a sourdough starter healthy, one tip per
+line, each starting with a verb. Keep going with new tips, covering feeding ratios, flour types, temperature,
+storage in the fridge, reviving a neglected starter, and signs of contamination."""
+_TURN = """User: Summarize what we discussed so far and add one new question about the next step of the plan.
+Assistant: So far we covered the goals of the migration, the order of the services, the rollback procedure
+and the monitoring we need before switching traffic. The next open question is who signs off each stage."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One generation: `prompt` repeated/cut to `prompt_tokens` tokens, then exactly `new_tokens` new ones."""
+
+    name: str
+    category: str
+    prompt: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+SCENARIOS = [
+    Scenario("context-short", "context length", _CONVERSATION, 128, 100),
+    Scenario("context-medium", "context length", _ARTICLE, 1024, 100),
+    Scenario("context-long", "context length", _DOCS, 4096, 100),
+    Scenario("context-very-long", "context length", _DOCS + "\n\n" + _ARTICLE, 16384, 100),
+    Scenario("generate-10", "generation length", _REASONING, 256, 10),
+    Scenario("generate-100", "generation length", _CREATIVE, 256, 100),
+    Scenario("generate-1000", "generation length", _CREATIVE, 256, 1000),
+    Scenario("generate-2000", "generation length", _CREATIVE, 256, 2000),
+    Scenario("generate-5000", "generation length", _CREATIVE, 256, 5000),
+    Scenario("code", "use case", _CODE, 384, 300),
+    Scenario("reasoning", "use case", _REASONING, 256, 400),
+    Scenario("creative-writing", "use case", _CREATIVE, 192, 500),
+    Scenario("technical-docs", "use case", _DOCS, 2048, 300),
+    Scenario("conversation", "use case", _CONVERSATION, 640, 150),
+    Scenario("progressive-context-2k", "memory pressure", _CONVERSATION + "\n" + _TURN, 2048, 100),
+    Scenario("progressive-context-4k", "memory pressure", _CONVERSATION + "\n" + _TURN, 4096, 100),
+    Scenario("progressive-context-8k", "memory pressure", _CONVERSATION + "\n" + _TURN, 8192, 100),
+    Scenario("repetitive-short-prompt", "memory pressure", _LIST, 64, 1000),
+    Scenario("repetitive-long-prompt", "memory pressure", _LIST + "\n" + _ARTICLE, 2048, 2000),
+    Scenario("long-context-long-generation", "memory pressure", _DOCS, 8192, 1000),
+]
+QUICK = ("context-short", "context-medium", "context-long", "generate-10", "conversation")
+
+
+def scenarios_for(mode: str, *, all_scenarios: bool = False) -> list[Scenario]:
+    """The scenarios a mode runs: quick 5, full 20; compare the quick 5 unless `all_scenarios`."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not known; accepted: {MODES}")
+    if mode == "full" or all_scenarios:
+        return list(SCENARIOS)
+    return [s for s in SCENARIOS if s.name in QUICK]
+
+
+def prompt_token_ids(text: str, length: int, vocab_size: int) -> list[int]:
+    """`length` token ids from `text`: each word/punctuation mark hashed into [100, vocab_size - 100)."""
+    if length <= 0:
+        raise ValueError(f"length={length} must be a positive number of tokens")
+    if vocab_size <= 300:
+        raise ValueError(f"vocab_size={vocab_size} is too small (needs > 300)")
+    words = re.findall(r"\w+|[^\w\s]", text)
+    if not words:
+        raise ValueError("the prompt text has no words")
+    span = vocab_size - 200
+    ids = [
+        100 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") % span
+        for w in words
+    ]
+    return [ids[i % len(ids)] for i in range(length)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One generation, timed
+
+
+class _TokenClock:
+    """A generate() streamer that timestamps the prompt and every new token (after a device sync)."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.sync()
+        self.times.append(time.perf_counter())
+        if len(self.times) > 1:  # the first put is the prompt
+            self.tokens.extend(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.sync()
+        self.end_time = time.perf_counter()
+
+
+def generate_once(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy generation of exactly `new_tokens` tokens; times and peak memory of this one run."""
+    cuda = input_ids.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = _TokenClock(sync)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=0,
+        )
+    first_token = clock.times[1] - start
+    decode_s = clock.times[-1] - clock.times[1]
+    result = {
+        "ttft_ms": first_token * 1e3,
+        "prefill_tok_s": input_ids.shape[1] / first_token,
+        "decode_tok_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
+        "total_s": clock.end_time - start,
+        "new_tokens": len(clock.tokens),
+        "tokens": clock.tokens,
+    }
+    if cuda:
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+METRICS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "total_s", "peak_mem_gib")
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    """Median and 95% interval per metric over measured runs (metrics a run lacks are left out)."""
+    summary = {}
+    for metric in METRICS:
+        values = [run[metric] for run in runs if run.get(metric) is not None]
+        if values:
+            summary[metric] = stats.summarize_samples(values).as_dict()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sides: plain transformers and attnforge on one model
+
+
+class _Sides:
+    """Switches one model between plain transformers (sdpa) and attnforge, and reads the optimizer's stats."""
+
+    def __init__(self, model) -> None:
+        from attnforge.integrations import transformers as integration
+        from attnforge.optimizer import get_optimizer
+
+        self.model, self.integration, self.optimizer = model, integration, get_optimizer()
+
+    def use(self, side: str) -> None:
+        if side == "attnforge":
+            if not self.integration.patch_model(self.model):
+                raise ValueError(
+                    f"attnforge does not support this model: {self.integration.family_support(self.model)[1]}"
+                )
+        else:
+            self.integration.unpatch_model(self.model)
+        self.optimizer.reset_stats()
+
+    def stats(self) -> dict:
+        return self.optimizer.get_stats()
+
+
+def _merge_stats(total: dict, stats_now: dict) -> dict:
+    merged = dict(total)
+    for key in ("calls", "optimized", "fallbacks"):
+        merged[key] = merged.get(key, 0) + stats_now.get(key, 0)
+    for key in ("by_kernel", "fallback_reasons"):
+        merged[key] = dict(merged.get(key, {}))
+        for name, count in stats_now.get(key, {}).items():
+            merged[key][name] = merged[key].get(name, 0) + count
+    merged["optimization_rate"] = merged["optimized"] / merged["calls"] if merged.get("calls") else 0.0
+    return merged
+
+
+def run_scenario(
+    model,
+    sides: _Sides,
+    scenario: Scenario,
+    order: list[str],
+    *,
+    runs: int,
+    warmup: int,
+    vocab_size: int,
+    device,
+    prompt_tokens: int | None = None,
+    new_tokens: int | None = None,
+) -> dict:
+    """Warm-up then measured runs of one scenario, the sides in `order` interleaved (A B A B ...)."""
+    length = prompt_tokens or scenario.prompt_tokens
+    new = new_tokens or scenario.new_tokens
+    ids = torch.tensor([prompt_token_ids(scenario.prompt, length, vocab_size)], device=device)
+    measured: dict[str, list[dict]] = {side: [] for side in order}
+    side_stats: dict[str, dict] = {side: {} for side in order}
+    for index in range(warmup + runs):
+        for side in order if index % 2 == 0 else order[::-1]:
+            sides.use(side)
+            run = generate_once(model, ids, new)
+            side_stats[side] = _merge_stats(side_stats[side], sides.stats())
+            if index >= warmup:
+                measured[side].append(run)
+    result = {
+        "name": scenario.name,
+        "category": scenario.category,
+        "prompt_tokens": length,
+        "new_tokens": new,
+        "sides": {},
+    }
+    for side in order:
+        tokens = [run.pop("tokens") for run in measured[side]]
+        result["sides"][side] = {
+            "n": len(measured[side]),
+            "runs": measured[side],
+            "summary": summarize_runs(measured[side]),
+            "optimizer_stats": side_stats[side],
+            "first_tokens": tokens[0][:16] if tokens else [],
+        }
+    if len(order) == 2:
+        result["improvement"] = improvement(result["sides"]["baseline"], result["sides"]["attnforge"])
+    return result
+
+
+def improvement(baseline: dict, optimized: dict) -> dict:
+    """attnforge / baseline per metric, oriented so > 1 means attnforge is better (time ratios inverted)."""
+    out = {}
+    for metric, lower_is_better in (
+        ("ttft_ms", True),
+        ("prefill_tok_s", False),
+        ("decode_tok_s", False),
+        ("total_s", True),
+    ):
+        a, b = baseline["summary"].get(metric), optimized["summary"].get(metric)
+        if a and b and a["median"] > 0 and b["median"] > 0:
+            out[metric] = a["median"] / b["median"] if lower_is_better else b["median"] / a["median"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The suite
+
+
+def run(
+    model_name: str = "qwen3-0.6b",
+    *,
+    mode: str = "quick",
+    runs: int | None = None,
+    warmup: int = 1,
+    all_scenarios: bool = False,
+    device: torch.device | str | None = None,
+    progress: Callable[[str, int], None] | None = None,
+    **config_overrides,
+) -> dict:
+    """Run the scenarios of `mode` and return the result document.
+
+    Without a CUDA device only the agreement check runs (see NO_GPU_NOTE). `config_overrides` change the
+    architecture (tests build tiny models). When the attnforge side ran no attnforge kernel, `doc["failure"]`
+    says so: such a comparison would pit torch against torch.
+    """
+    from attnforge import models
+
+    chosen = scenarios_for(mode, all_scenarios=all_scenarios)
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    model = models.load_model(
+        model_name, dtype=dtype, device=device, attn_implementation="sdpa", **config_overrides
+    )
+    config = model.config
+    sides = _Sides(model)
+    order = ["baseline", "attnforge"] if (mode == "compare" or not on_gpu) else ["attnforge"]
+    if not on_gpu:
+        chosen = chosen[:1]  # one short scenario shows agreement; more would only repeat it, slowly
+    runs = runs or (3 if mode != "full" else 5)
+    max_positions = getattr(config, "max_position_embeddings", None) or 10**9
+    doc = {
+        "what": "e2e",
+        "model": model_name,
+        "mode": mode if on_gpu else f"{mode} (agreement check)",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": report.run_environment(),
+        "tokenization": TOKENIZATION,
+        "dtype": str(dtype)[6:],
+        "architecture": {
+            k: getattr(config, k, None)
+            for k in (
+                "model_type",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+            )
+        },
+        "method": _method(on_gpu, runs, warmup, order),
+        "note": None if on_gpu else NO_GPU_NOTE,
+        "scenarios": [],
+        "skipped": [],
+    }
+    for scenario in chosen:
+        if progress is not None:
+            progress(scenario.name, len(chosen))
+        if on_gpu and scenario.prompt_tokens + scenario.new_tokens > max_positions:
+            doc["skipped"].append(
+                {
+                    "name": scenario.name,
+                    "reason": f"{scenario.prompt_tokens} + "
+                    f"{scenario.new_tokens} tokens exceed max_position_embeddings={max_positions}",
+                }
+            )
+            continue
+        if on_gpu:
+            result = run_scenario(
+                model,
+                sides,
+                scenario,
+                order,
+                runs=runs,
+                warmup=warmup,
+                vocab_size=config.vocab_size,
+                device=device,
+            )
+            torch.cuda.empty_cache()
+        else:
+            result = run_scenario(
+                model,
+                sides,
+                scenario,
+                order,
+                runs=1,
+                warmup=0,
+                vocab_size=config.vocab_size,
+                device=device,
+                prompt_tokens=CPU_PROMPT_TOKENS,
+                new_tokens=CPU_NEW_TOKENS,
+            )
+            for side in result["sides"].values():
+                side.pop("runs"), side.pop("summary")
+            result.pop("improvement", None)
+        doc["scenarios"].append(result)
+    sides.use("baseline")
+    _finish(doc, on_gpu)
+    return doc
+
+
+def _finish(doc: dict, on_gpu: bool) -> None:
+    """Overall improvements, the attnforge side's statistics, and the kernels-ran assertion."""
+    stats_total: dict = {}
+    for result in doc["scenarios"]:
+        if "attnforge" in result["sides"]:
+            stats_total = _merge_stats(stats_total, result["sides"]["attnforge"]["optimizer_stats"])
+    doc["optimizer_stats"] = stats_total
+    ratios: dict[str, list[float]] = {}
+    for result in doc["scenarios"]:
+        for metric, value in result.get("improvement", {}).items():
+            ratios.setdefault(metric, []).append(value)
+    doc["overall"] = {metric: stats.geometric_mean(values) for metric, values in ratios.items()}
+    if not on_gpu:
+        doc["tokens_match"] = all(
+            r["sides"]["baseline"]["first_tokens"] == r["sides"]["attnforge"]["first_tokens"]
+            for r in doc["scenarios"]
+        )
+    if doc["scenarios"] and not stats_total.get("optimized"):
+        doc["failure"] = (
+            "attnforge kernels did not run on the attnforge side (optimizer stats: "
+            f"{stats_total}); the comparison would be torch against torch and is not valid"
+        )
+
+
+def _method(on_gpu: bool, runs: int, warmup: int, order: list[str]) -> str:
+    if not on_gpu:
+        return (
+            f"{CPU_PROMPT_TOKENS}-token prompt, {CPU_NEW_TOKENS} greedy tokens, baseline (sdpa) and "
+            "attnforge "
+            "on one float32 model; tokens and optimizer statistics compared, nothing timed"
+        )
+    sides = " and ".join(order)
+    return (
+        "model.generate greedy, EOS ignored (min_new_tokens = max_new_tokens), batch 1, bf16, dynamic cache; "
+        f"{warmup} warm-up and {runs} measured runs per scenario of {sides}"
+        + (", interleaved A B / B A in one process" if len(order) == 2 else "")
+        + "; TTFT = time to the first new token (device synced), decode tok/s = (new - 1) / time after it; "
+        "median and 95% interval of the median; peak memory = torch.cuda.max_memory_allocated per run"
+    )
