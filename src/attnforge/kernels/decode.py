@@ -8,6 +8,7 @@ output, then resets the counter. With one split the program writes the output di
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -175,25 +176,28 @@ def decode_bucket(batch: int, kv_len: int, group: int, q_len: int, head_dim: int
     return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k"
 
 
-def _heuristic_params(batch: int, kv_len: int, num_kv_heads: int, m_blocks: int, device) -> dict:
-    """Split the cache so the grid covers the GPU about twice; 64-key tiles."""
+def _heuristic_params(batch: int, kv_len: int, num_kv_heads: int, m_blocks: int, sms: int) -> dict:
+    """Split the cache so the grid fills whole waves of the GPU (a partial last wave doubles the time)."""
     block_n = 64
     slots = batch * num_kv_heads * m_blocks
     tiles = triton.cdiv(kv_len, block_n)
-    splits = max(1, min(tiles, triton.cdiv(2 * tuning.sm_count(device), slots), 128))
-    return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": 2}
+    if slots >= sms or tiles <= 1:
+        return {"BLOCK_N": block_n, "num_splits": 1, "num_warps": 4, "num_stages": 3}
+    # Two programs per SM; each split keeps at least 4 tiles so the loads pipeline.
+    splits = max(1, min(2 * sms // slots, tiles // 4, 128))
+    return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": 3}
 
 
-def _launch_params(q, k, device) -> dict:
-    batch, num_heads, q_len, head_dim = q.shape
-    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+@functools.lru_cache(maxsize=1024)
+def _launch_params(shape: tuple, num_kv_heads: int, kv_len: int, device: torch.device) -> dict:
+    """Launch parameters for q of `shape`: from the tuning table, else the heuristic (cached per shape)."""
+    batch, num_heads, q_len, head_dim = shape
     rows = num_heads // num_kv_heads * q_len
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
     bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim)
     params = tuning.launch_params("decode", tuning.gpu_key(device), bucket)
-    params = params or _heuristic_params(batch, kv_len, num_kv_heads, m_blocks, device)
-    params["num_splits"] = max(1, min(params["num_splits"], triton.cdiv(kv_len, params["BLOCK_N"])))
+    params = params or _heuristic_params(batch, kv_len, num_kv_heads, m_blocks, tuning.sm_count(device))
     return {**params, "BLOCK_M": block_m, "m_blocks": m_blocks}
 
 
@@ -230,10 +234,15 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
 
 
-def _decode_into(q, k, v, out, scale: float, kv_lens) -> None:
+def launch_decode(q, k, v, out, *, scale: float, kv_lens=None, params: dict | None = None) -> None:
+    """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table
+    (keys BLOCK_N, num_splits, num_warps, num_stages): for tuning sweeps; users call decode_attention."""
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    p = _launch_params(q, k, q.device)
+    p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, q.device)
+    if params is not None:
+        p = {**p, **params}
+    p["num_splits"] = max(1, min(p["num_splits"], triton.cdiv(kv_len, p["BLOCK_N"])))
     splits, block_m, block_n, m_blocks = p["num_splits"], p["BLOCK_M"], p["BLOCK_N"], p["m_blocks"]
     d_block = triton.next_power_of_2(head_dim)
     slots = batch * num_kv_heads * m_blocks
@@ -265,7 +274,7 @@ def _decode_into(q, k, v, out, scale: float, kv_lens) -> None:
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                kv_lens: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _decode_into(q, k, v, out, scale, kv_lens)
+    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens)
     return out
 
 
@@ -277,7 +286,7 @@ def _(q, k, v, scale, kv_lens):
 @torch.library.custom_op("attnforge::decode_attention_out", mutates_args=("out",))
 def _decode_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    kv_lens: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
-    _decode_into(q, k, v, out, scale, kv_lens)
+    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens)
 
 
 @_decode_out_op.register_fake
@@ -309,6 +318,10 @@ def decode_attention(
     """
     _check_inputs(q, k, v, kv_lens, out)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    if not torch.compiler.is_compiling():  # eager: skip the dispatcher's overhead (~10 us a call)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+        launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens)
+        return out
     if out is None:
         return _decode_op(q, k, v, scale, kv_lens)
     _decode_out_op(q, k, v, scale, kv_lens, out)

@@ -83,8 +83,8 @@ def sdpa(
         )
     )
     mask = _merge_masks(visible, attn_mask, q.dtype)
-    if repeat_kv:
-        group = num_heads // k.shape[1]
+    group = num_heads // k.shape[1]
+    if repeat_kv and group > 1:  # as transformers' repeat_kv: a copy of K and V per query head
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=square_causal, scale=scale, enable_gqa=not repeat_kv
