@@ -136,6 +136,9 @@ def e2e(
     ] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for the result files.")] = None,
     stem: Annotated[str | None, typer.Option(help="File name stem (default: e2e-<model>-YYYYMMDD).")] = None,
+    time_budget: Annotated[
+        float | None, typer.Option(help="Stop starting new scenarios after this many seconds.")
+    ] = None,
 ) -> None:
     """End-to-end generation scenarios: TTFT, prefill/decode tok/s, total time, peak memory."""
     from attnforge.bench import e2e as scenarios
@@ -152,7 +155,13 @@ def e2e(
 
         try:
             doc = scenarios.run(
-                model, mode=mode, runs=runs, warmup=warmup, all_scenarios=all_scenarios, progress=advance
+                model,
+                mode=mode,
+                runs=runs,
+                warmup=warmup,
+                all_scenarios=all_scenarios,
+                time_budget_s=time_budget,
+                progress=advance,
             )
         except ValueError as error:
             console.print(f"[red]{error}")

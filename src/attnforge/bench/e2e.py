@@ -328,6 +328,7 @@ def run(
     all_scenarios: bool = False,
     device: torch.device | str | None = None,
     progress: Callable[[str, int], None] | None = None,
+    time_budget_s: float | None = None,
     **config_overrides,
 ) -> dict:
     """Run the scenarios of `mode` and return the result document.
@@ -381,7 +382,13 @@ def run(
         "scenarios": [],
         "skipped": [],
     }
+    started = time.monotonic()
     for scenario in chosen:
+        if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+            doc["skipped"].append(
+                {"name": scenario.name, "reason": f"time budget of {time_budget_s:g} s spent"}
+            )
+            continue
         if progress is not None:
             progress(scenario.name, len(chosen))
         if on_gpu and scenario.prompt_tokens + scenario.new_tokens > max_positions:

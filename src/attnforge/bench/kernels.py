@@ -49,19 +49,22 @@ GQA_SHAPES = [(32, 32), (32, 16), (32, 8), (40, 8), (64, 8), (32, 1)]  # ratios 
 
 
 def full_grid() -> list[BenchConfig]:
-    """Decode (KV 512..128k) and prefill (32..16k) on GPU sizes, bf16, GQA 32:8 d128 unless varied."""
+    """Decode (KV 512..128k) and prefill (32..16k) on GPU sizes, bf16, GQA 32:8 d128 unless varied.
+
+    The main series come first, so a run cut short by a time budget still has them.
+    """
     rows = [_decode(1, 32, 8, n) for n in (512, 1024, 4096, 16384, 65536, 131072)]
-    rows += [_decode(1, h, kv, n) for n in (4096, 16384) for h, kv in GQA_SHAPES if (h, kv) != (32, 8)]
-    rows += [_decode(1, 32, 8, 4096, head_dim=d) for d in (64, 80)]
-    rows += [_decode(8, 32, 8, n) for n in (1024, 4096, 16384, 65536)]
-    rows += [_decode(8, 32, 8, 4096, ragged=True), _decode(8, 32, 8, 16384, ragged=True)]
-    rows += [_decode(1, 32, 8, 4096, q_len=4), _decode(1, 32, 8, 4096, dtype="float16")]
     rows += [_prefill(1, 32, 8, n) for n in (32, 128, 512, 2048, 8192, 16384)]
-    rows += [_prefill(1, 32, 8, 2048, mask=m) for m in ("none", "bool", "additive")]
+    rows += [_decode(8, 32, 8, n) for n in (1024, 4096, 16384, 65536)]
+    rows += [_decode(1, h, kv, n) for n in (4096, 16384) for h, kv in GQA_SHAPES if (h, kv) != (32, 8)]
     rows += [_prefill(1, h, kv, 2048) for h, kv in GQA_SHAPES if (h, kv) != (32, 8)]
-    rows += [_prefill(1, 32, 8, 2048, head_dim=d) for d in (64, 80)]
+    rows += [_prefill(1, 32, 8, 2048, mask=m) for m in ("none", "bool", "additive")]
+    rows += [_decode(8, 32, 8, 4096, ragged=True), _decode(8, 32, 8, 16384, ragged=True)]
     rows += [_prefill(4, 32, 8, 1024), _prefill(4, 32, 8, 1024, ragged=True)]
-    rows += [_prefill(1, 32, 8, 4096, q_len=512), _prefill(1, 32, 8, 2048, dtype="float16")]
+    rows += [_decode(1, 32, 8, 4096, q_len=4), _prefill(1, 32, 8, 4096, q_len=512)]
+    rows += [_decode(1, 32, 8, 4096, head_dim=d) for d in (64, 80)]
+    rows += [_prefill(1, 32, 8, 2048, head_dim=d) for d in (64, 80)]
+    rows += [_decode(1, 32, 8, 4096, dtype="float16"), _prefill(1, 32, 8, 2048, dtype="float16")]
     return rows
 
 
