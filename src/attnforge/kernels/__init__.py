@@ -7,9 +7,18 @@ from collections.abc import Callable
 from attnforge.environment import triton_status
 
 
+def _decode_as_attention(q, k, v, *, causal=True, **kwargs):
+    """decode_attention under the protocol's calling convention (decode is always causal)."""
+    from attnforge.kernels.decode import decode_attention
+
+    if not causal:
+        raise ValueError("decode_attention is causal among the new tokens; causal=False is not supported")
+    return decode_attention(q, k, v, **kwargs)
+
+
 def available_kernels() -> dict[str, Callable]:
     """attnforge kernels that can run on this machine, by name (empty without a GPU or TRITON_INTERPRET=1)."""
     ok, _ = triton_status()
     if not ok:
         return {}
-    return {}
+    return {"attnforge decode": _decode_as_attention}

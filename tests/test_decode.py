@@ -1,0 +1,140 @@
+"""decode_attention against the float64 oracle (CPU: Triton interpreter, small sizes)."""
+
+import math
+
+import pytest
+import torch
+
+from attnforge import verify
+from attnforge.kernels import decode
+from attnforge.kernels.decode import decode_attention
+from attnforge.verify import Shape
+
+
+def _decode(q, k, v, *, causal, **kwargs):
+    assert causal, "decode attention is always causal among the new tokens"
+    return decode_attention(q, k, v, **kwargs)
+
+
+def _assert_all_pass(shape, dtype, kinds=verify.CASE_KINDS):
+    for case in verify.protocol_cases(shape, dtype=dtype, causal=True, kinds=kinds):
+        report = verify.check(_decode, case)
+        assert report.passed, str(report)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        Shape(2, 8, 2, 1, 65, 64),  # GQA 4:1, odd length
+        Shape(1, 6, 1, 7, 63, 64),  # MQA, 7 new tokens
+        Shape(3, 4, 4, 1, 1000, 64),  # MHA, longer cache, odd batch
+        Shape(1, 5, 1, 16, 129, 64),  # 16 new tokens (the most decode takes), GQA 5:1
+        Shape(2, 2, 2, 1, 1, 64),  # a one-key cache
+    ],
+    ids=str,
+)
+def test_protocol_fp32(shape):
+    _assert_all_pass(shape, torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_head_dim_and_half_dtype(head_dim, dtype):
+    _assert_all_pass(Shape(1, 4, 2, 2, 37, head_dim), dtype, kinds=("random", "needle", "poisoned"))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_split_paths_agree_with_the_oracle(num_splits):
+    """One split writes directly; several merge through the workspace, including empty splits."""
+    case = verify.needle_case(Shape(2, 8, 2, 3, 300, 64), causal=True)
+    out = torch.full_like(case.q, math.nan)
+    params = {"BLOCK_N": 32, "num_splits": num_splits, "num_warps": 4, "num_stages": 2}
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=None, params=params)
+    errors = verify.relative_l2_per_slice(out, case.reference())
+    assert errors.max() <= verify.tolerance_for(torch.float32)
+
+
+def test_poisoned_cache_with_many_splits_and_short_lengths():
+    """Short valid lengths leave whole splits empty; NaN/Inf beyond them must not matter."""
+    case = verify.random_case(Shape(4, 4, 1, 1, 500, 64), causal=True, kv_lens=[1, 17, 250, 500])
+    for b, end in enumerate(case.kv_lens.tolist()):
+        case.k[b, :, end:] = math.nan
+        case.v[b, :, end:] = math.inf
+    out = torch.empty_like(case.q)
+    params = {"BLOCK_N": 32, "num_splits": 16, "num_warps": 4, "num_stages": 2}
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
+    assert torch.isfinite(out).all()
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= 1e-4
+
+
+def test_counters_reset_so_repeated_calls_agree():
+    case = verify.random_case(Shape(1, 4, 2, 1, 200, 64), causal=True)
+    first = decode_attention(case.q, case.k, case.v)
+    for _ in range(3):
+        torch.testing.assert_close(decode_attention(case.q, case.k, case.v), first, rtol=0, atol=0)
+
+
+def test_out_buffer_is_written_in_place_and_returned():
+    case = verify.random_case(Shape(2, 4, 2, 1, 40, 64), causal=True)
+    out = torch.full_like(case.q, math.nan)
+    assert decode_attention(case.q, case.k, case.v, out=out) is out
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= 1e-4
+
+
+def test_int64_kv_lens_and_custom_scale():
+    case = verify.poisoned_case(Shape(2, 4, 2, 1, 50, 64), causal=True)
+    case.kv_lens = case.kv_lens.long()
+    case.scale = 0.3
+    assert verify.check(_decode, case).passed
+
+
+def test_custom_op_is_registered_with_a_fake_impl():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 9, 64)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fq, fk = torch.empty(1, 4, 1, 64), torch.empty(1, 2, 9, 64)
+        assert torch.ops.attnforge.decode_attention(fq, fk, fk, 0.125, None).shape == (1, 4, 1, 64)
+    torch.library.opcheck(torch.ops.attnforge.decode_attention.default, (q, k, k.clone(), 0.125, None))
+
+
+def test_bucket_names():
+    assert decode.decode_bucket(1, 4096, 4, 1, 128) == "d128-m4-b1-kv4k"
+    assert decode.decode_bucket(300, 300_000, 1, 1, 64) == "d64-m1-bmax-kvmaxk"
+
+
+def _qkv(q_shape=(1, 8, 1, 64), kv_shape=(1, 2, 16, 64), dtype=torch.float32):
+    return torch.randn(q_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: (torch.randn(8, 1, 64), *_qkv()[1:]), ValueError, r"q must have 4 dims"),
+        (lambda: _qkv((2, 8, 1, 64)), ValueError, r"must agree in batch"),
+        (lambda: _qkv((1, 8, 1, 128)), ValueError, r"head_dim"),
+        (lambda: _qkv((1, 6, 1, 64), (1, 4, 16, 64)), ValueError, r"q heads 6 are not a multiple of k/v heads 4"),
+        (lambda: _qkv((1, 4, 1, 72), (1, 2, 16, 72)), ValueError, r"head_dim=72 is not supported \(64, 80, 96"),
+        (lambda: _qkv((1, 4, 17, 64), (1, 2, 32, 64)), ValueError, r"q_len=17 is not supported .*1\.\.16"),
+        (lambda: _qkv((1, 4, 8, 64), (1, 2, 4, 64)), ValueError, r"q_len=8 exceeds kv_len=4"),
+        (lambda: _qkv(dtype=torch.float64), TypeError, r"dtype torch.float64 is not supported"),
+        (lambda: (_qkv()[0].half(), *_qkv()[1:]), TypeError, r"dtypes differ"),
+    ],
+)
+def test_bad_inputs_name_the_value(make, error, message):
+    q, k, v = make()
+    with pytest.raises(error, match=message):
+        decode_attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"kv_lens": torch.tensor([3, 4], dtype=torch.int32)}, ValueError, r"kv_lens must .* shape \[B\]=\(1,\)"),
+        ({"kv_lens": torch.tensor([3.0])}, TypeError, r"kv_lens dtype torch.float32 is not supported"),
+        ({"kv_lens": [3]}, ValueError, r"kv_lens must be an integer tensor .* got list"),
+        ({"out": torch.empty(1, 8, 2, 64)}, ValueError, r"out must match q: shape \(1, 8, 1, 64\)"),
+    ],
+)
+def test_bad_options_name_the_value(kwargs, error, message):
+    q, k, v = _qkv()
+    with pytest.raises(error, match=message):
+        decode_attention(q, k, v, **kwargs)
