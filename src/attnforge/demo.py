@@ -16,8 +16,9 @@ from attnforge.integrations.transformers import patch_model, unpatch_model
 from attnforge.models import is_bundled, load_config, load_model
 from attnforge.optimizer import get_optimizer
 
-# What a CPU run keeps of the architecture: every attention shape (heads, head_dim), fewer layers and words.
-CPU_OVERRIDES = {"num_hidden_layers": 2, "vocab_size": 4096}
+# What a CPU run keeps of the architecture: every attention shape (heads, head_dim); fewer layers, words and
+# MLP units, which attention does not see.
+CPU_OVERRIDES = {"num_hidden_layers": 2, "vocab_size": 4096, "intermediate_size": 1024}
 
 
 @dataclass
@@ -56,9 +57,10 @@ def generate(model, ids: torch.Tensor, new_tokens: int, cache: str = "dynamic", 
 
 
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, cache: str, name: str) -> GenerationRun:
-    """Warm up, then time one generation (CUDA-synchronized, peak memory measured on a GPU)."""
+    """Warm up with the same run (so torch.compile of a static cache happens there), then time one generation
+    (CUDA-synchronized, peak memory measured on a GPU)."""
     on_gpu = ids.device.type == "cuda"
-    generate(model, ids, min(4, new_tokens), cache)
+    generate(model, ids, new_tokens, cache)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -138,7 +140,10 @@ def build_for_demo(model_name: str, on_gpu: bool):
         return load_model(model_name, dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa")
     from transformers import AutoModelForCausalLM
 
-    config = load_config(model_name, **CPU_OVERRIDES)
+    config = load_config(model_name)
+    for key, value in CPU_OVERRIDES.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
@@ -150,7 +155,7 @@ def describe_model(model_name: str, model, on_gpu: bool) -> str:
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     weights = "random weights" if is_bundled(model_name) or not on_gpu else "trained weights"
-    reduced = "" if on_gpu else f", reduced for CPU to {c.num_hidden_layers} layers and vocab {c.vocab_size}"
+    reduced = "" if on_gpu else f", reduced for CPU to {c.num_hidden_layers} layers, vocab {c.vocab_size}"
     return (
         f"{model_name} ({c.model_type}: {heads} query / {kv_heads} key-value heads, head_dim {head_dim}, "
         f"{weights}{reduced}; speed does not depend on weight values)"

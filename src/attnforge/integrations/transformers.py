@@ -115,13 +115,14 @@ def attnforge_mask(
     ends = end.reshape(1, 1, 1, 1).expand(batch_size, 1, 1, 1).contiguous()
     if attention_mask is None:
         return ends
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # no data-dependent checks inside a graph: transformers' full mask
         return sdpa_mask(**{**general, "allow_is_causal_skip": False})
+    covers = isinstance(q_offset, torch.Tensor) or attention_mask.shape[-1] >= q_offset + q_length
+    if covers and bool(attention_mask.all()):  # the common case: one host sync, as transformers' sdpa does
+        return ends
     starts = _left_padding_starts(attention_mask, kv_length, kv_offset, int(end.item()))
     if starts is None:
         return sdpa_mask(**{**general, "allow_is_causal_skip": False})
-    if not bool(starts.any()):
-        return ends
     return torch.cat([starts.to(device, torch.int32).reshape(batch_size, 1, 1, 1), ends], dim=-1)
 
 
