@@ -249,8 +249,11 @@ def test_unknown_family_is_not_patched():
 
 
 def test_mask_function_returns_valid_ranges_for_causal_and_left_padding():
+    # StaticCache: a 32-slot buffer holding 10 tokens after this step
     ends = integration.attnforge_mask(batch_size=2, q_length=1, kv_length=32, q_offset=torch.tensor(9))
     assert ends.dtype == torch.int32 and ends.flatten().tolist() == [10, 10]
+    # DynamicCache: attention gets exactly the valid keys, so plain causal needs no mask at all
+    assert integration.attnforge_mask(batch_size=2, q_length=1, kv_length=10, q_offset=9) is None
     padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     ranges = integration.attnforge_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=padding)
     assert ranges.reshape(2, 2).tolist() == [[2, 5], [0, 5]]

@@ -136,7 +136,8 @@ class OptimizerSettings:
 
     Args:
         enable_debug: log each new dispatch decision once (logging, logger "attnforge.optimizer").
-        min_seq_len: use kernels only when the key/value length is at least this.
+        min_seq_len: use kernels only when the key/value length is at least this (with a static cache: the
+            length of the cache buffer, as valid lengths live on the GPU).
         max_seq_len: use kernels only when the key/value length is at most this.
         gqa_ratio_min: use kernels only when Hq / Hkv is at least this (1 admits MHA).
         min_heads: use kernels only with at least this many query heads.

@@ -140,11 +140,12 @@ def _measured_speedup(kind: str, cfg: AttentionConfig, device: torch.device) -> 
     try:
         tuning = importlib.import_module("attnforge.kernels.tuning")
         bucket = _shape_bucket(kind, cfg)
-    except ImportError:
+        speedup = None if bucket is None else tuning.measured_speedup(kind, tuning.gpu_key(device), bucket)
+    except Exception as error:  # noqa: BLE001 - an unreadable table means "not measured", never a crash
+        logger.warning("attnforge: tuning table lookup failed (%s: %s): treating as not measured",
+                       type(error).__name__, error)  # fmt: skip
         return None
-    if bucket is None:
-        return None
-    return tuning.measured_speedup(kind, tuning.gpu_key(device), bucket)
+    return speedup
 
 
 def _device_name(device: torch.device) -> str:
@@ -289,7 +290,7 @@ class AttentionOptimizer:
         _, missing = self._kernel(kind)
         if missing:
             return "kernel not available", missing
-        failure = self._failed.get((kind, cfg.dtype, features))
+        failure = self._failed.get((kind, cfg.dtype, features.has_mask, features.has_q_lens))
         if failure is not None:
             return "kernel raised", failure
         return None
@@ -377,6 +378,8 @@ class AttentionOptimizer:
         Returns:
             `[B, Hq, Lq, Dv]` in q's dtype.
         """
+        if q.shape[2] == 1 and q_lens is None:
+            causal = False  # one query at the end sees every valid key: no mask, torch's fastest path too
         flags = (causal, attn_mask is not None, q_lens is not None)
         key = (
             id(self),
@@ -433,7 +436,8 @@ class AttentionOptimizer:
             )
         except Exception as error:  # noqa: BLE001 - any kernel failure means: fall back, remember, say why
             why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
-            self._failed[(kind, q.dtype, CallFeatures(*features))] = why
+            _, has_mask, has_q_lens = features
+            self._failed[(kind, q.dtype, has_mask, has_q_lens)] = why
             self._decisions.clear()
             logger.warning("%s; using torch SDPA for such calls from now on", why)
             if not _compiling():

@@ -102,8 +102,8 @@ def attnforge_mask(
 ) -> torch.Tensor | None:
     """transformers' mask hook: int32 valid ranges for plain causal attention, else transformers' bool mask.
 
-    Returns `[B, 1, 1, 1]` ends, `[B, 1, 1, 2]` (start, end) pairs for left padding, or a bool
-    `[B, 1, Lq, Lkv]` mask (True = attend) / None as transformers' `sdpa_mask` gives.
+    Returns None (every key valid, plain causal), `[B, 1, 1, 1]` ends, `[B, 1, 1, 2]` (start, end) pairs
+    for left padding, or a bool `[B, 1, Lq, Lkv]` mask (True = attend) / None as transformers' `sdpa_mask`.
     """
     general = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                    kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
@@ -113,13 +113,17 @@ def attnforge_mask(
     # Keys in the cache after this step; StaticCache gives q_offset as a tensor (kept on device: no sync).
     end = torch.as_tensor(q_offset, device=device).to(torch.int32) + (q_length - kv_offset)
     ends = end.reshape(1, 1, 1, 1).expand(batch_size, 1, 1, 1).contiguous()
+    # A DynamicCache hands attention exactly the valid keys: then no lengths at all (None = plain causal),
+    # which also keeps torch SDPA, where it is the faster choice, on its mask-free flash path.
+    exact = not isinstance(q_offset, torch.Tensor) and q_offset + q_length - kv_offset == kv_length
+    unpadded = None if exact else ends
     if attention_mask is None:
-        return ends
+        return unpadded
     if torch.compiler.is_compiling():  # no data-dependent checks inside a graph: transformers' full mask
         return sdpa_mask(**{**general, "allow_is_causal_skip": False})
     covers = isinstance(q_offset, torch.Tensor) or attention_mask.shape[-1] >= q_offset + q_length
     if covers and bool(attention_mask.all()):  # the common case: one host sync, as transformers' sdpa does
-        return ends
+        return unpadded
     starts = _left_padding_starts(attention_mask, kv_length, kv_offset, int(end.item()))
     if starts is None:
         return sdpa_mask(**{**general, "allow_is_causal_skip": False})
