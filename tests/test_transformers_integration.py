@@ -285,3 +285,12 @@ def test_torch_compile_matches_eager(prompts):
     # the whole forward compiled as one graph (fullgraph=True): the decisions were taken while tracing
     decisions = get_optimizer().decisions()
     assert any(d["kernel"] == "decode" and d["compiled"] for d in decisions), decisions
+
+
+def test_load_and_patch_model_builds_a_bundled_architecture_patched():
+    model = af.load_and_patch_model(
+        "qwen3-0.6b", dtype=torch.float32, device="cpu", num_hidden_layers=1, vocab_size=VOCAB,
+        intermediate_size=64,
+    )  # fmt: skip
+    assert model.config._attn_implementation == "attnforge"
+    assert model.config.num_attention_heads == 16 and model.config.head_dim == 128

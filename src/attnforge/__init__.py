@@ -25,6 +25,8 @@ _LAZY = {
     "unpatch_model": "attnforge.integrations.transformers",
     "get_integration_status": "attnforge.integrations.transformers",
     "family_support": "attnforge.integrations.transformers",
+    "load_and_patch_model": "attnforge.integrations.transformers",
+    "benchmark_optimization": "attnforge.bench.optimization",
     "build_model": "attnforge.models",
     "load_model": "attnforge.models",
 }

@@ -339,6 +339,17 @@ def unpatch_model(model: PreTrainedModel) -> None:
     _unregister_if_unused()
 
 
+def load_and_patch_model(model: str, *, enable_debug: bool = False, **load_options) -> PreTrainedModel:
+    """`models.load_model(model, **load_options)` (bundled name: random weights; hub id or path: trained),
+    then `patch_model` on it. Returns the model (unpatched, with a logged reason, if its family is not
+    supported)."""
+    from attnforge.models import load_model
+
+    loaded = load_model(model, **load_options)
+    patch_model(loaded, enable_debug=enable_debug)
+    return loaded
+
+
 @contextlib.contextmanager
 def optimized(model: PreTrainedModel | None = None, *, enable_debug: bool = False) -> Iterator[None]:
     """`with optimized():` patch transformers for the block; `with optimized(model):` patch that model."""
