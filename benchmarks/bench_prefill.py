@@ -499,61 +499,82 @@ def run_grid(configs: list[Config], reps: int, save=lambda rows: None, deadline=
 # Launch-parameter sweep
 
 
+SWEEP_SETS = [  # BLOCK_M, BLOCK_N, num_warps, num_stages, TMA loads
+    (128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2, False),
+    (128, 128, 8, 2, True), (128, 64, 4, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 3, True),
+    (64, 128, 4, 2, False),
+]  # fmt: skip
+# Configurations the sweep times; every other configuration takes the winner of the nearest one.
+SWEEP_CONFIGS = (
+    "causal B=32 L=512 32:8 d128", "causal B=8 L=2048 32:8 d128", "causal B=2 L=8192 32:8 d128",
+    "causal B=4 L=4096 32:32 d64", "chunked B=1 new=512 cached=16384 32:8 d128",
+    "chunked B=1 new=2048 cached=16384 32:8 d128",
+)  # fmt: skip
+
+
 def sweep_space(head_dim: int) -> list[dict]:
-    """Tile shapes, warps and pipeline depths that fit in shared memory, each with pointer and TMA loads."""
+    """The sweep's launch-parameter sets that fit in shared memory for this head_dim."""
     d_block = 1 << (head_dim - 1).bit_length()
-    shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
-              (128, 128, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 4, 3)]  # fmt: skip
-    space = []
-    for (bm, bn, warps, stages), tma in itertools.product(shapes, (False, True)):
-        if 2 * (bm * d_block + stages * 2 * bn * d_block) <= 220 * 1024:
-            space.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "tma": tma})
-    return space
+    return [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "tma": tma}
+        for bm, bn, warps, stages, tma in SWEEP_SETS
+        if 2 * (bm * d_block + stages * 2 * bn * d_block) <= 220 * 1024
+    ]
+
+
+def _nearest(cfg: Config, measured: list[Config]) -> Config | None:
+    kind = "causal" if cfg.kind == "padded" else cfg.kind
+    same = [m for m in measured if m.head_dim == cfg.head_dim and m.kind == kind] or [
+        m for m in measured if m.head_dim == cfg.head_dim
+    ]
+    return min(same, key=lambda m: abs(math.log2(m.q_len / cfg.q_len)), default=None)
 
 
 def run_sweep(configs: list[Config], reps: int) -> tuple[dict, list[dict]]:
-    """Time every launch-parameter set on every configuration; the winner per tuning bucket is the set with
-    the least total time over that bucket's configurations."""
-    by_bucket: dict[str, list[Config]] = {}
+    """Time every launch-parameter set on the SWEEP_CONFIGS; each configuration's bucket gets the winner of
+    the nearest swept configuration (same head_dim and kind, closest query length)."""
+    measured = [c for c in configs if c.name in SWEEP_CONFIGS]
+    best_for, rows = {}, []
+    for cfg in measured:
+        t0 = time.time()
+        space = sweep_space(cfg.head_dim)
+        case = make_inputs(cfg, seed=5)
+        opts = _opts(case)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        calls = {}
+        for i, params in enumerate(space):
+            out = torch.empty_like(case.q)
+
+            def call(params=params, out=out, case=case, scale=scale, opts=opts):
+                lens = (opts.get("kv_lens"), opts.get("q_lens"))
+                prefill_mod._prefill_into(
+                    case.q, case.k, case.v, out, scale, True, *lens, None, params=params
+                )
+                return out
+
+            try:
+                call()
+                torch.cuda.synchronize()
+            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory
+                rows.append({"config": cfg.name, "params": params,
+                             "error": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
+                continue
+            calls[i] = call
+        samples = timing.time_interleaved({str(i): c for i, c in calls.items()}, reps=reps, warmup=2)
+        medians = {i: statistics.median(samples[str(i)]) for i in calls}
+        for i, median in medians.items():
+            rows.append({"config": cfg.name, "params": space[i], "median_us": median,
+                         "tflops": cfg.flops() / (median * 1e-6) / 1e12})  # fmt: skip
+        best = min(medians, key=medians.get)
+        best_for[cfg.name] = space[best]
+        ranked = sorted(medians, key=medians.get)[:3]
+        top = ", ".join(f"{space[i]} {cfg.flops() / medians[i] / 1e6:.0f}" for i in ranked)
+        log(f"sweep {cfg.name}: top TFLOP/s {top} ({time.time() - t0:.0f}s)")
+    winners = {}
     for cfg in configs:
-        by_bucket.setdefault(_bucket(cfg), []).append(cfg)
-    winners, rows = {}, []
-    for bucket, members in by_bucket.items():
-        totals: dict[int, float] = {}
-        space = sweep_space(members[0].head_dim)
-        for cfg in members:
-            case = make_inputs(cfg, seed=5)
-            opts = _opts(case)
-            scale = 1.0 / math.sqrt(cfg.head_dim)
-            calls = {}
-            for i, params in enumerate(space):
-                out = torch.empty_like(case.q)
-
-                def call(params=params, out=out, case=case, scale=scale, opts=opts):
-                    lens = (opts.get("kv_lens"), opts.get("q_lens"))
-                    prefill_mod._prefill_into(
-                        case.q, case.k, case.v, out, scale, True, *lens, None, params=params
-                    )
-                    return out
-
-                try:
-                    call()
-                    torch.cuda.synchronize()
-                except Exception as error:  # noqa: BLE001 - e.g. out of shared memory
-                    rows.append({"bucket": bucket, "config": cfg.name, "params": params,
-                                 "error": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
-                    totals[i] = math.inf
-                    continue
-                calls[i] = call
-            samples = timing.time_interleaved({str(i): c for i, c in calls.items()}, reps=reps, warmup=2)
-            for i in calls:
-                median = statistics.median(samples[str(i)])
-                totals[i] = totals.get(i, 0.0) + median
-                rows.append({"bucket": bucket, "config": cfg.name, "params": space[i], "median_us": median,
-                             "tflops": cfg.flops() / (median * 1e-6) / 1e12})  # fmt: skip
-        best = min(totals, key=totals.get)
-        winners[bucket] = space[best]
-        log(f"sweep {bucket}: best {space[best]} ({len(space)} sets, {len(members)} configs)")
+        nearest = _nearest(cfg, measured)
+        if nearest is not None:
+            winners.setdefault(_bucket(cfg), best_for[nearest.name])
     return winners, rows
 
 
