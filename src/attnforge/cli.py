@@ -103,8 +103,7 @@ def _decisions_table(decisions: list[dict]) -> Table:
     for column in ("calls", "ran", "why"):
         table.add_column(column)
     for decision in decisions:
-        calls = str(decision["calls"]) + (" + compiled" if decision["compiled"] else "")
-        table.add_row(calls, decision["kernel"], decision["reason"])
+        table.add_row(str(decision["calls"]), decision["kernel"], decision["reason"])
     return table
 
 

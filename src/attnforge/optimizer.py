@@ -72,7 +72,7 @@ class CallFeatures:
 
 @dataclass
 class OptimizerStats:
-    """Counts of attention calls, by outcome. Calls inside a compiled torch graph are not counted."""
+    """Counts of attention calls, by outcome (calls replayed from a captured CUDA graph are not seen)."""
 
     calls: int = 0
     optimized: int = 0
@@ -219,13 +219,11 @@ class AttentionOptimizer:
         self._seen.clear()
 
     def decisions(self) -> list[dict]:
-        """Each distinct decision since the last reset: group, kernel, reason (first seen), calls counted
-        in eager mode, and compiled: how many torch.compile traces baked it into a graph."""
+        """Each distinct decision since the last reset: group, kernel, reason (first seen), calls."""
         return [
-            {"group": d.group, "kernel": d.kernel or "torch SDPA", "reason": d.reason, "calls": calls,
-             "compiled": traced}
-            for d, calls, traced in self._seen.values()
-        ]  # fmt: skip
+            {"group": d.group, "kernel": d.kernel or "torch SDPA", "reason": d.reason, "calls": calls}
+            for d, calls in self._seen.values()
+        ]
 
     def reset(self) -> None:
         """Forget statistics, cached decisions and remembered kernel failures."""
@@ -336,7 +334,7 @@ class AttentionOptimizer:
         return self._triton[key]
 
     def _kernel(self, kind: str) -> tuple[Callable | None, str]:
-        if not self._kernels:  # all at once, so that a compiled graph never meets an import
+        if not self._kernels:
             self._kernels.update({name: _load_kernel(name) for name in KERNEL_ENTRY_POINTS})
         return self._kernels[kind]
 
@@ -380,17 +378,19 @@ class AttentionOptimizer:
         """
         if q.shape[2] == 1 and q_lens is None:
             causal = False  # one query at the end sees every valid key: no mask, torch's fastest path too
+        if _compiling():
+            # Opaque to torch.compile: the choice is made when the graph runs, from the real sizes (dynamic
+            # shapes included), and counted there; no graph break.
+            return torch.ops.attnforge.optimized_attention(
+                q, k, v, scale, causal, kv_lens, q_lens, attn_mask, id(self)
+            )
+        return self._attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
+
+    def _attention_now(self, q, k, v, scale, causal, kv_lens, q_lens, attn_mask) -> torch.Tensor:
+        """Decide from the tensors' sizes, count, run the kernel or torch SDPA."""
         flags = (causal, attn_mask is not None, q_lens is not None)
-        key = (
-            id(self),
-            tuple(q.shape),
-            tuple(k.shape),
-            tuple(v.shape),
-            q.dtype,
-            q.device.type,
-            q.device.index,
-        )
-        decision = Decision(*_decision_for(key + flags))
+        key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type, q.device.index)
+        decision = self._decision_for_call(key + flags)
         self._note(decision)
         if decision.optimized:
             out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, flags)
@@ -401,7 +401,7 @@ class AttentionOptimizer:
         )
 
     def _decision_for_call(self, key: tuple) -> Decision:
-        """The cached Decision for a call described by `_decision_for`'s key (without the optimizer id)."""
+        """The cached Decision for a call: shapes, dtype, device, then (causal, has_mask, has_q_lens)."""
         decision = self._decisions.get(key)
         if decision is None:
             if len(self._decisions) >= _DECISION_CACHE_SIZE:
@@ -440,31 +440,24 @@ class AttentionOptimizer:
             self._failed[(kind, q.dtype, has_mask, has_q_lens)] = why
             self._decisions.clear()
             logger.warning("%s; using torch SDPA for such calls from now on", why)
-            if not _compiling():
-                self._stats.optimized -= 1
-                self._stats.by_kernel[kind] -= 1
-                if not self._stats.by_kernel[kind]:
-                    del self._stats.by_kernel[kind]
-                self._stats.fallbacks["kernel raised"] = self._stats.fallbacks.get("kernel raised", 0) + 1
+            self._stats.optimized -= 1
+            self._stats.by_kernel[kind] -= 1
+            if not self._stats.by_kernel[kind]:
+                del self._stats.by_kernel[kind]
+            self._stats.fallbacks["kernel raised"] = self._stats.fallbacks.get("kernel raised", 0) + 1
             return None
 
-    def _note_traced(self, decision: Decision) -> None:
-        """A decision baked into a compiled graph: its calls are not counted, the decision is listed."""
-        self._remember(decision)[2] += 1
-
     def _note(self, decision: Decision) -> None:
-        """Count an eager call and remember its decision (calls inside compiled graphs are not counted)."""
-        if _compiling():
-            return
+        """Count a call and remember its decision."""
         self._stats.record(decision)
         self._remember(decision)[1] += 1
 
     def _remember(self, decision: Decision) -> list:
-        """The [decision, calls, traces] entry of this decision; with enable_debug, a new one is logged."""
+        """The [decision, calls] entry of this decision; with enable_debug, a new one is logged."""
         key = (decision.group, decision.kernel, decision.category)
         entry = self._seen.get(key)
         if entry is None:
-            entry = self._seen[key] = [decision, 0, 0]
+            entry = self._seen[key] = [decision, 0]
             if self._settings.enable_debug:
                 logger.info("attnforge dispatch: %s", decision.reason)
         return entry
@@ -489,22 +482,23 @@ def _unsupported_call(q_shape, k_shape, v_shape, dtype) -> str | None:
     return None
 
 
-# Optimizers by id, so that `_decision_for` can take plain values only.
+# Optimizers by id: the custom op below takes plain values only.
 _OPTIMIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-@torch.compiler.assume_constant_result
-def _decision_for(key: tuple) -> tuple:
-    """(kernel, reason, category, group) for a call; key: optimizer id, shapes, dtype, device, flags.
+@torch.library.custom_op("attnforge::optimized_attention", mutates_args=())
+def _optimized_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
+    kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None, attn_mask: torch.Tensor | None, optimizer: int,
+) -> torch.Tensor:  # fmt: skip
+    """`AttentionOptimizer.attention` as one op inside compiled graphs: `[B, Hq, Lq, Dv]`, contiguous."""
+    out = _OPTIMIZERS[optimizer]._attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
+    return out.contiguous()
 
-    Plain values in and out, so torch.compile runs it once while tracing and bakes the answer into the graph
-    (no graph break; a compiled graph keeps the decision it was traced with).
-    """
-    optimizer = _OPTIMIZERS[key[0]]
-    decision = optimizer._decision_for_call(key[1:])
-    if _compiling():  # running for real while tracing: remember what the graph will do
-        optimizer._note_traced(decision)
-    return (decision.kernel, decision.reason, decision.category, decision.group)
+
+@_optimized_attention_op.register_fake
+def _(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, optimizer):
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------------
