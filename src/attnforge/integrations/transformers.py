@@ -5,11 +5,11 @@
 it; `patch_model(model)` switches a loaded model (`set_attn_implementation`). Every call goes through the
 process-wide optimizer (optimizer.py), which picks attnforge's kernels or torch SDPA and counts what it did.
 
-The mask function does not build the `[B, 1, Lq, Lkv]` mask when the pattern is plain causal: it returns the
-per-sequence valid range as a small int32 tensor, so a static cache is read only up to its valid length
-(`kv_lens`) and decode needs no mask at all:
-  - `[B, 1, 1, 1]`: keys `[0, end)` are valid (`end` = tokens in the cache after this step);
-  - `[B, 1, 1, 2]`: keys `[start_b, end)` are valid (left-padded batch).
+The mask function does not build the `[B, 1, Lq, Lkv]` mask when the pattern is plain causal: it returns
+  - None when attention gets exactly the valid keys (DynamicCache, no padding): plain bottom-right causal;
+  - `[B, 1, 1, 1]` int32: keys `[0, end)` are valid (`end` = tokens in the cache after this step), so a
+    static cache is read only up to its valid length (`kv_lens`) and decode needs no mask at all;
+  - `[B, 1, 1, 2]` int32: keys `[start_b, end)` are valid (left-padded batch).
 Any other pattern (sliding window, custom overlays, right padding, masks built inside a compiled graph) gets
 transformers' own boolean mask, which the optimizer passes on as `attn_mask`.
 """
@@ -52,13 +52,13 @@ class Family:
 
 
 _SLIDING = "sliding-window layers (when the config sets a window) carry a mask: prefill kernel or torch SDPA"
-_GEMMA3 = "full-attention layers on attnforge; sliding-window layers carry a mask: prefill kernel or SDPA"
+_GEMMA3 = "full-attention layers dispatched by attnforge; sliding-window layers carry a mask: prefill/SDPA"
 FAMILIES: dict[str, Family] = {
-    "llama": Family(True, "GQA with RoPE: every layer on attnforge"),
-    "mistral": Family(True, f"GQA: every layer on attnforge; {_SLIDING}"),
-    "qwen2": Family(True, f"GQA with q/k/v bias: every layer on attnforge; {_SLIDING}"),
-    "qwen3": Family(True, f"GQA with q/k norm: every layer on attnforge; {_SLIDING}"),
-    "gemma": Family(True, "MQA/GQA, head_dim 256: every layer on attnforge"),
+    "llama": Family(True, "GQA with RoPE: every layer dispatched by attnforge"),
+    "mistral": Family(True, f"GQA: every layer dispatched by attnforge; {_SLIDING}"),
+    "qwen2": Family(True, f"GQA with q/k/v bias: every layer dispatched by attnforge; {_SLIDING}"),
+    "qwen3": Family(True, f"GQA with q/k norm: every layer dispatched by attnforge; {_SLIDING}"),
+    "gemma": Family(True, "MQA/GQA, head_dim 256: every layer dispatched by attnforge"),
     "gemma2": Family(
         False,
         "attention logit softcapping (tanh) is in every layer and neither attnforge's kernels nor torch SDPA "
@@ -66,7 +66,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma3": Family(True, _GEMMA3),
     "gemma3_text": Family(True, _GEMMA3),
-    "phi3": Family(True, f"MHA/GQA with fused qkv: every layer on attnforge; {_SLIDING}"),
+    "phi3": Family(True, f"MHA/GQA with fused qkv: every layer dispatched by attnforge; {_SLIDING}"),
     "deepseek_v3": Family(
         False,
         "multi-head latent attention (MLA): the value head_dim differs from the query/key head_dim, which "
