@@ -531,10 +531,10 @@ def _nearest(cfg: Config, measured: list[Config]) -> Config | None:
     return min(same, key=lambda m: abs(math.log2(m.q_len / cfg.q_len)), default=None)
 
 
-def run_sweep(configs: list[Config], reps: int) -> tuple[dict, list[dict]]:
+def run_sweep(configs: list[Config], reps: int, names=SWEEP_CONFIGS) -> tuple[dict, list[dict]]:
     """Time every launch-parameter set on the SWEEP_CONFIGS; each configuration's bucket gets the winner of
     the nearest swept configuration (same head_dim and kind, closest query length)."""
-    measured = [c for c in configs if c.name in SWEEP_CONFIGS]
+    measured = [c for c in configs if c.name in names]
     best_for, rows = {}, []
     for cfg in measured:
         t0 = time.time()
@@ -662,6 +662,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-reps", type=int, default=10)
     parser.add_argument("--only", default="", help="run only configurations whose name contains this")
     parser.add_argument("--skip-protocol", action="store_true")
+    parser.add_argument("--sweep-configs", default=",".join(SWEEP_CONFIGS), help="comma-separated names")
     parser.add_argument("--budget-s", type=float, default=math.inf, help="start no grid config after this")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -691,7 +692,7 @@ def main(argv=None) -> int:
 
     if args.mode in ("tune", "all"):
         t0 = time.time()
-        winners, sweep_rows = run_sweep(configs, args.tune_reps)
+        winners, sweep_rows = run_sweep(configs, args.tune_reps, args.sweep_configs.split(","))
         result["sweep"] = sweep_rows
         result["tuning"] = install_winners(winners)
         log(f"sweep done ({time.time() - t0:.0f}s)")
