@@ -288,3 +288,18 @@ def test_torch_compile_matches_eager(prompts):
     # inside the compiled graphs the optimizer still chose, ran and counted the kernels
     stats = get_optimizer().get_stats()
     assert stats["by_kernel"].get("decode", 0) >= 2 * (NEW_TOKENS - 1), stats
+
+
+def test_generate_own_compile_with_a_static_cache(prompts):
+    """transformers compiles the decode step itself for a static cache (on GPUs by default; forced here)."""
+    from transformers import CompileConfig
+
+    ids, _ = prompts
+    model = tiny_model("llama")
+    expected = greedy(model, ids, cache_implementation="static")
+    af.patch_model(model)
+    config = CompileConfig(backend="aot_eager")
+    config._compile_all_devices = True  # CPU: transformers compiles only on accelerators unless told
+    for _ in range(2):
+        assert torch.equal(greedy(model, ids, cache_implementation="static", compile_config=config), expected)
+    assert get_optimizer().get_stats()["by_kernel"].get("decode", 0) >= 2 * (NEW_TOKENS - 1)
