@@ -303,3 +303,23 @@ def test_torch_fallback_honours_every_option_on_cpu():
     out = optimizer_module.torch_fallback(q, k, v, causal=True, kv_lens=kv_lens, q_lens=q_lens)
     expected = verify.reference_attention(q, k, v, causal=True, kv_lens=kv_lens, q_lens=q_lens)
     assert verify.relative_l2_per_slice(out, expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind, cfg", [("decode", {}), ("prefill", {"seq_len": 300})])
+def test_the_tuning_table_is_read_through_the_kernels_bucket(monkeypatch, kind, cfg):
+    """The real lookup: the kernel module names the bucket, tuning.json holds the measured speed-up."""
+    if importlib.util.find_spec(f"attnforge.kernels.{kind}") is None:
+        pytest.skip(f"{kind} kernel module not present yet")
+    from attnforge.kernels import tuning
+
+    shape = decode_cfg(**cfg)
+    bucket = optimizer_module._shape_bucket(kind, shape)
+    table = {"cpu": {kind: {bucket: {"params": {}, "speedup": 1.7, "source": "test"}}}}
+    monkeypatch.setattr(tuning, "load_table", lambda: table)
+    monkeypatch.setattr(optimizer_module, "triton_interpret", lambda: False)
+    monkeypatch.setattr(optimizer_module, "triton_status", lambda device: (True, "test"))
+    ok, reason = AttentionOptimizer().should_optimize(shape, device="cpu")
+    assert ok and f"attnforge {kind} kernel measured 1.70x faster" in reason
+    other = decode_cfg(**cfg, kv_len=100_000)  # another bucket: not measured
+    ok, reason = AttentionOptimizer().should_optimize(other, device="cpu")
+    assert not ok and "no measurement" in reason
