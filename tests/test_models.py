@@ -44,3 +44,15 @@ def test_loader_errors_name_the_value():
         models.load_config("qwen9")
     with pytest.raises(ValueError, match=r"num_layers=2: Qwen3Config has no field 'num_layers'"):
         models.load_config("qwen3-0.6b", num_layers=2)
+
+
+def test_a_local_checkpoint_loads_with_its_weights(tmp_path):
+    options = dict(
+        dtype=torch.float32, device="cpu", num_hidden_layers=1, vocab_size=64, intermediate_size=32
+    )
+    built = models.build_model("qwen3-0.6b", **options)
+    built.save_pretrained(tmp_path)
+    loaded = models.load_model(str(tmp_path), dtype=torch.float32, device="cpu")
+    assert loaded.config.layer_types == ["full_attention"]
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(loaded.state_dict()[weight], built.state_dict()[weight])

@@ -141,9 +141,8 @@ def build_for_demo(model_name: str, on_gpu: bool):
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_name)
-    for key, value in CPU_OVERRIDES.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
+    overrides = {key: value for key, value in CPU_OVERRIDES.items() if hasattr(config, key)}
+    config = load_config(model_name, **overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     return model.eval()

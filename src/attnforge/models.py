@@ -46,7 +46,16 @@ def load_config(model: str, **overrides):
         if not hasattr(config, key):
             raise ValueError(f"{key}={value!r}: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
+    _fit_layer_types(config)
     return config
+
+
+def _fit_layer_types(config) -> None:
+    """Keep `layer_types` (one entry per layer) as long as `num_hidden_layers` after an override."""
+    layer_types = getattr(config, "layer_types", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layer_types and layers and len(layer_types) != layers:
+        config.layer_types = [layer_types[i % len(layer_types)] for i in range(layers)]
 
 
 def build_model(
@@ -92,7 +101,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # No device_map: that needs the accelerate package; load, then move.
     loaded = AutoModelForCausalLM.from_pretrained(
-        model, dtype=dtype, attn_implementation=attn_implementation, device_map=device, **overrides
+        model, dtype=dtype, attn_implementation=attn_implementation, **overrides
     )
-    return loaded.eval()
+    return loaded.to(device).eval()
