@@ -435,14 +435,13 @@ def main() -> int:
                 c for c in configs if c["B"] == 1 and c["Hq"] == 32 and c["Hkv"] == 8 and c["D"] == 128
             ]
             configs += [c for c in grid_configs() if c["group"] != "grid"]
-        results = []
+        results = record["results"] = []
         for i, config in enumerate(configs):
             results.append(measure(config, bandwidth, reps=args.reps))
-            log(
-                f"[{i + 1}/{len(configs)}] {time.time() - started:.0f}s",
-                summary_table(results[-1:]).splitlines()[-1],
-            )
-        record["results"] = results
+            row = summary_table(results[-1:]).splitlines()[-1]
+            log(f"[{i + 1}/{len(configs)}] {time.time() - started:.0f}s {row}")
+            # Written after every row: a run cut short by its time limit keeps what it measured.
+            (args.out / f"decode-{args.mode}.json").write_text(json.dumps(record))
         (args.out / "decode.md").write_text(summary_table(results) + "\n")
         log(summary_table(results))
     (args.out / f"decode-{args.mode}.json").write_text(json.dumps(record, indent=1))

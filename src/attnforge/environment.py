@@ -42,7 +42,9 @@ def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    """The commit of the source tree, when it is a git checkout."""
+    """The commit of the source tree: ATTNFORGE_GIT_COMMIT if set (copies without .git), else git's HEAD."""
+    if os.environ.get("ATTNFORGE_GIT_COMMIT"):
+        return os.environ["ATTNFORGE_GIT_COMMIT"]
     root = root or Path(__file__).resolve().parents[2]
     try:
         done = subprocess.run(
