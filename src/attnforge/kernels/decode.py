@@ -167,13 +167,17 @@ def _check_inputs(q, k, v, kv_lens, out) -> None:
                          f"{tuple(out.shape)}, {out.dtype} on {out.device}")  # fmt: skip
 
 
-def decode_bucket(batch: int, kv_len: int, group: int, q_len: int, head_dim: int) -> str:
-    """Shape bucket of the tuning table, e.g. 'd128-m4-b1-kv4k'."""
+def decode_bucket(
+    batch: int, kv_len: int, group: int, q_len: int, head_dim: int, has_kv_lens: bool = False
+) -> str:
+    """Shape bucket of the tuning table, e.g. 'd128-m4-b1-kv4k', or 'd128-m4-b1-kv32k-lens' with kv_lens
+    (a static or ragged cache, where torch must mask the whole buffer)."""
     rows = group * q_len
     m = 1 if rows == 1 else min(64, triton.next_power_of_2(rows))
     b = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 10**9) if batch <= x)
     kv = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 10**9) if kv_len <= x * 1024)
-    return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k"
+    lens = "-lens" if has_kv_lens else ""
+    return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k{lens}"
 
 
 def _heuristic_params(batch: int, kv_len: int, num_kv_heads: int, m_blocks: int, sms: int) -> dict:
@@ -189,13 +193,15 @@ def _heuristic_params(batch: int, kv_len: int, num_kv_heads: int, m_blocks: int,
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_params(shape: tuple, num_kv_heads: int, kv_len: int, device: torch.device) -> dict:
+def _launch_params(
+    shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, device: torch.device
+) -> dict:
     """Launch parameters for q of `shape`: from the tuning table, else the heuristic (cached per shape)."""
     batch, num_heads, q_len, head_dim = shape
     rows = num_heads // num_kv_heads * q_len
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
-    bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim)
+    bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)
     params = tuning.launch_params("decode", tuning.gpu_key(device), bucket)
     params = params or _heuristic_params(batch, kv_len, num_kv_heads, m_blocks, tuning.sm_count(device))
     return {**params, "BLOCK_M": block_m, "m_blocks": m_blocks}
@@ -239,7 +245,7 @@ def launch_decode(q, k, v, out, *, scale: float, kv_lens=None, params: dict | No
     (keys BLOCK_N, num_splits, num_warps, num_stages): for tuning sweeps; users call decode_attention."""
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, q.device)
+    p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, kv_lens is not None, q.device)
     if params is not None:
         p = {**p, **params}
     p["num_splits"] = max(1, min(p["num_splits"], triton.cdiv(kv_len, p["BLOCK_N"])))

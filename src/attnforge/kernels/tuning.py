@@ -48,9 +48,12 @@ def _entry(kernel: str, gpu: str, bucket: str) -> dict | None:
 
 
 def launch_params(kernel: str, gpu: str, bucket: str) -> dict | None:
-    """Tuned launch parameters for `kernel` on `gpu` in shape `bucket`, or None (use the heuristic)."""
+    """Tuned launch parameters for `kernel` on `gpu` in shape `bucket`, or None (use the heuristic).
+
+    An entry may record a speed-up measured with the heuristic's parameters ("params": null).
+    """
     entry = _entry(kernel, gpu, bucket)
-    return None if entry is None else dict(entry["params"])
+    return None if entry is None or entry.get("params") is None else dict(entry["params"])
 
 
 def measured_speedup(kernel: str, gpu: str, bucket: str) -> float | None:
