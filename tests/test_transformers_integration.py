@@ -117,7 +117,7 @@ def test_family_matches_eager_with_kernels_on(model_type, prompts):
     assert model.config._attn_implementation == "eager"
 
 
-def test_sliding_window_layers_fall_back_and_stay_correct(prompts):
+def test_sliding_window_layers_carry_a_mask_and_stay_correct(prompts):
     ids, _ = prompts
     model = tiny_model("mistral", sliding_window=4)  # the window binds
     with torch.no_grad():
