@@ -102,7 +102,11 @@ def test_bucket_names():
 
 
 def _qkv(q_shape=(1, 8, 1, 64), kv_shape=(1, 2, 16, 64), dtype=torch.float32):
-    return torch.randn(q_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype)
+    return (
+        torch.randn(q_shape, dtype=dtype),
+        torch.randn(kv_shape, dtype=dtype),
+        torch.randn(kv_shape, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize(
@@ -111,8 +115,16 @@ def _qkv(q_shape=(1, 8, 1, 64), kv_shape=(1, 2, 16, 64), dtype=torch.float32):
         (lambda: (torch.randn(8, 1, 64), *_qkv()[1:]), ValueError, r"q must have 4 dims"),
         (lambda: _qkv((2, 8, 1, 64)), ValueError, r"must agree in batch"),
         (lambda: _qkv((1, 8, 1, 128)), ValueError, r"head_dim"),
-        (lambda: _qkv((1, 6, 1, 64), (1, 4, 16, 64)), ValueError, r"q heads 6 are not a multiple of k/v heads 4"),
-        (lambda: _qkv((1, 4, 1, 72), (1, 2, 16, 72)), ValueError, r"head_dim=72 is not supported \(64, 80, 96"),
+        (
+            lambda: _qkv((1, 6, 1, 64), (1, 4, 16, 64)),
+            ValueError,
+            r"q heads 6 are not a multiple of k/v heads 4",
+        ),
+        (
+            lambda: _qkv((1, 4, 1, 72), (1, 2, 16, 72)),
+            ValueError,
+            r"head_dim=72 is not supported \(64, 80, 96",
+        ),
         (lambda: _qkv((1, 4, 17, 64), (1, 2, 32, 64)), ValueError, r"q_len=17 is not supported .*1\.\.16"),
         (lambda: _qkv((1, 4, 8, 64), (1, 2, 4, 64)), ValueError, r"q_len=8 exceeds kv_len=4"),
         (lambda: _qkv(dtype=torch.float64), TypeError, r"dtype torch.float64 is not supported"),
@@ -128,7 +140,11 @@ def test_bad_inputs_name_the_value(make, error, message):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"kv_lens": torch.tensor([3, 4], dtype=torch.int32)}, ValueError, r"kv_lens must .* shape \[B\]=\(1,\)"),
+        (
+            {"kv_lens": torch.tensor([3, 4], dtype=torch.int32)},
+            ValueError,
+            r"kv_lens must .* shape \[B\]=\(1,\)",
+        ),
         ({"kv_lens": torch.tensor([3.0])}, TypeError, r"kv_lens dtype torch.float32 is not supported"),
         ({"kv_lens": [3]}, ValueError, r"kv_lens must be an integer tensor .* got list"),
         ({"out": torch.empty(1, 8, 2, 64)}, ValueError, r"out must match q: shape \(1, 8, 1, 64\)"),
