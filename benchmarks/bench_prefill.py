@@ -376,7 +376,7 @@ def protocol_correctness() -> list[dict]:
             record(verify.check(prefill_attention, case))
     # The TMA load path (picked per bucket by the sweep) on every bf16 shape, whatever the table says now.
     default_params = prefill_mod.launch_params
-    prefill_mod.launch_params = lambda q, k: {**default_params(q, k), "tma": True}
+    prefill_mod.launch_params = lambda q, k, **kw: {**default_params(q, k, **kw), "tma": True}
     try:
         for b, hq, hkv, lq, lkv, d in PROTOCOL_SHAPES:
             shape = verify.Shape(b, hq, hkv, lq, lkv, d)
@@ -457,11 +457,17 @@ def time_config(cfg: Config, status: dict, reps: int) -> dict:
 
 
 def _bucket(cfg: Config) -> str:
-    return prefill_mod.prefill_bucket(cfg.batch, cfg.num_heads, cfg.q_len, cfg.kv_len, cfg.head_dim, DTYPE)
+    padded = cfg.kind == "padded"
+    shape = (cfg.batch, cfg.num_heads, cfg.q_len, cfg.kv_len, cfg.head_dim, DTYPE)
+    return prefill_mod.prefill_bucket(*shape, has_kv_lens=padded, has_q_lens=padded)
 
 
 def _launch_params(cfg: Config) -> dict:
-    tuned = tuning.launch_params("prefill", tuning.gpu_key(DEVICE), _bucket(cfg))
+    """What prefill_attention picks for this configuration (its lookup, without allocating the inputs)."""
+    gpu, bucket = tuning.gpu_key(DEVICE), _bucket(cfg)
+    tuned = tuning.launch_params("prefill", gpu, bucket) or tuning.launch_params(
+        "prefill", gpu, bucket.removesuffix("-lens")
+    )
     return tuned or prefill_mod.heuristic_params(
         cfg.batch, cfg.num_heads, cfg.q_len, cfg.head_dim, DTYPE, DEVICE
     )

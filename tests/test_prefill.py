@@ -52,7 +52,7 @@ def test_non_causal_and_poisoned_padding(dtype):
 def test_block_boundaries_with_other_tiles(block, monkeypatch):
     """Diagonal and full blocks split differently for other tile shapes (as the tuning table may pick)."""
     params = {"BLOCK_M": block[0], "BLOCK_N": block[1], "num_warps": 4, "num_stages": 2}
-    monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k: params)
+    monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
     for shape in (Shape(1, 2, 1, 65, 65, 64), Shape(2, 2, 2, 31, 97, 64)):
         kinds = ("needle", "poisoned")
         for case in verify.protocol_cases(shape, dtype=torch.float16, causal=True, kinds=kinds):
@@ -64,7 +64,7 @@ def test_tma_load_path(monkeypatch):
     interpreter runs it when the guard is lifted. Padding past kv_lens is read there and must be zeroed."""
     monkeypatch.setattr(prefill_mod, "tma_supported", lambda k, v: True)
     params = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "tma": True}
-    monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k: params)
+    monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
     for shape in (Shape(2, 4, 2, 65, 65, 64), Shape(1, 2, 1, 7, 70, 80)):
         kinds = ("random", "needle", "poisoned")
         for case in verify.protocol_cases(shape, dtype=torch.float16, causal=True, kinds=kinds):
@@ -154,7 +154,11 @@ def test_fake_impl_traces_shapes():
 def test_bucket_and_heuristic():
     bucket = prefill_mod.prefill_bucket(8, 32, 2048, 2048, 128, torch.bfloat16)
     assert bucket == "d128-rows512k-kv2k"
-    assert prefill_mod.prefill_bucket(1, 32, 512, 4608, 128, torch.float32) == "fp32-d128-rows16k-kv8k"
+    assert prefill_mod.prefill_bucket(1, 32, 512, 4608, 128, torch.float32) == "fp32-d128-rows16k-kv8k-chunk"
+    padded = prefill_mod.prefill_bucket(
+        8, 32, 2048, 2048, 128, torch.bfloat16, has_q_lens=True, has_mask=True
+    )
+    assert padded == "d128-rows512k-kv2k-lens-mask"
     params = prefill_mod.heuristic_params(8, 32, 2048, 128, torch.bfloat16, "cpu")
     assert set(params) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
 

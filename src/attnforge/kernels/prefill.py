@@ -266,13 +266,28 @@ def _size_label(n: int) -> str:
     return f"{p // 1024}k" if p >= 1024 else str(p)
 
 
-def prefill_bucket(batch: int, num_heads: int, q_len: int, kv_len: int, head_dim: int, dtype) -> str:
-    """Shape bucket of the tuning table: head_dim, query rows in the grid (B*Hq*Lq), key length.
+def prefill_bucket(
+    batch: int,
+    num_heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    dtype,
+    has_kv_lens: bool = False,
+    has_q_lens: bool = False,
+    has_mask: bool = False,
+) -> str:
+    """Shape bucket of the tuning table: head_dim, query rows in the grid (B*Hq*Lq), key length, and how torch
+    would have to run it (its speed, and so the measured speed-up, differs).
 
-    e.g. 'd128-rows512k-kv2k'; fp32 inputs get their own buckets ('fp32-d128-...').
+    e.g. 'd128-rows512k-kv2k'; suffixes '-chunk' (Lq < Lkv, against a cache), '-lens' (kv_lens/q_lens: a
+    padded batch), '-mask' (attn_mask); fp32 inputs get their own buckets ('fp32-d128-...').
     """
     prefix = "fp32-" if dtype == torch.float32 else ""
-    return f"{prefix}d{head_dim}-rows{_size_label(batch * num_heads * q_len)}-kv{_size_label(kv_len)}"
+    suffix = "-chunk" if q_len < kv_len else ""
+    suffix += "-lens" if has_kv_lens or has_q_lens else ""
+    suffix += "-mask" if has_mask else ""
+    return f"{prefix}d{head_dim}-rows{_size_label(batch * num_heads * q_len)}-kv{_size_label(kv_len)}{suffix}"
 
 
 def heuristic_params(batch: int, num_heads: int, q_len: int, head_dim: int, dtype, device) -> dict:
@@ -288,11 +303,15 @@ def heuristic_params(batch: int, num_heads: int, q_len: int, head_dim: int, dtyp
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
-def launch_params(q, k) -> dict:
-    """Tuned parameters for this shape on this GPU, or the heuristic."""
+def launch_params(q, k, *, has_lengths: bool = False, has_mask: bool = False) -> dict:
+    """Tuned parameters for this shape on this GPU; a padded or masked call without an entry of its own takes
+    the unpadded shape's; else the heuristic."""
     batch, num_heads, q_len, head_dim = q.shape
-    bucket = prefill_bucket(batch, num_heads, q_len, k.shape[2], head_dim, q.dtype)
-    params = tuning.launch_params("prefill", tuning.gpu_key(q.device), bucket)
+    shape = (batch, num_heads, q_len, k.shape[2], head_dim, q.dtype)
+    gpu = tuning.gpu_key(q.device)
+    params = tuning.launch_params("prefill", gpu, prefill_bucket(*shape, has_lengths, False, has_mask))
+    if params is None and (has_lengths or has_mask):
+        params = tuning.launch_params("prefill", gpu, prefill_bucket(*shape))
     return params or heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
 
 
@@ -321,7 +340,8 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     if out.numel() == 0:
         return
-    p = params or launch_params(q, k)
+    has_lengths = kv_lens is not None or q_lens is not None
+    p = params or launch_params(q, k, has_lengths=has_lengths, has_mask=attn_mask is not None)
     k_strides, v_strides = k.stride(), v.stride()
     d_block = triton.next_power_of_2(head_dim)
     use_tma = bool(p.get("tma")) and tma_supported(k, v)
