@@ -508,3 +508,26 @@ def test_benchmark_optimization_on_cpu_checks_and_says_timings_need_a_gpu(tmp_pa
 def test_benchmark_optimization_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         benchmark_optimization(save_results=False, **kwargs)
+
+
+def test_sdpa_backend_refusing_gqa_gets_kv_expanded_once_and_says_so(monkeypatch):
+    from attnforge.bench import providers as providers_module
+
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def refuses_gqa(q, k, v, **kwargs):
+        if kwargs.get("enable_gqa") and q.shape[1] != k.shape[1]:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(providers_module.F, "scaled_dot_product_attention", refuses_gqa)
+    provider = default_providers()["sdpa-math"]
+    case = kernels.row_cases(BenchConfig(1, 4, 2, 1, 33, 64, dtype="float32"), torch.device("cpu"))[0]
+    call = provider.make_call(case.q, case.k, case.v, causal=True)
+    assert "refused enable_gqa" in call.note
+    assert verify.check(provider.checkable(), case).passed
+
+
+def test_e2e_rejects_unknown_kernel_policy():
+    with pytest.raises(ValueError, match=r"kernels='some' is not known; accepted: \('measured', 'all'\)"):
+        e2e.run("qwen3-0.6b", kernels="some", **TINY_MODEL)

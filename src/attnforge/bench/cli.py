@@ -139,6 +139,12 @@ def e2e(
     time_budget: Annotated[
         float | None, typer.Option(help="Stop starting new scenarios after this many seconds.")
     ] = None,
+    kernels: Annotated[
+        str,
+        typer.Option(
+            help="measured: the optimizer's choice (tuning table); all: attnforge kernels wherever supported."
+        ),
+    ] = "measured",
 ) -> None:
     """End-to-end generation scenarios: TTFT, prefill/decode tok/s, total time, peak memory."""
     from attnforge.bench import e2e as scenarios
@@ -161,6 +167,7 @@ def e2e(
                 warmup=warmup,
                 all_scenarios=all_scenarios,
                 time_budget_s=time_budget,
+                kernels=kernels,
                 progress=advance,
             )
         except ValueError as error:

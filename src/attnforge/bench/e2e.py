@@ -31,6 +31,9 @@ NO_GPU_NOTE = (
     "kernel statistics); timings need a CUDA GPU"
 )
 CPU_PROMPT_TOKENS, CPU_NEW_TOKENS = 24, 4
+# "measured": the optimizer's own choice (kernels where the tuning table measured them faster);
+# "all": attnforge's kernels wherever they support the call (require_measurement=False).
+KERNEL_POLICIES = ("measured", "all")
 
 _CODE = """Write a Python module that implements a thread-safe LRU cache with a time-to-live per entry.
 It must expose get(key), put(key, value, ttl_seconds) and a stats() method that reports hits, misses and
@@ -329,6 +332,7 @@ def run(
     device: torch.device | str | None = None,
     progress: Callable[[str, int], None] | None = None,
     time_budget_s: float | None = None,
+    kernels: str = "measured",
     **config_overrides,
 ) -> dict:
     """Run the scenarios of `mode` and return the result document.
@@ -340,6 +344,8 @@ def run(
     from attnforge import models
 
     chosen = scenarios_for(mode, all_scenarios=all_scenarios)
+    if kernels not in KERNEL_POLICIES:
+        raise ValueError(f"kernels={kernels!r} is not known; accepted: {KERNEL_POLICIES}")
     device = (
         torch.device(device)
         if device is not None
@@ -352,6 +358,8 @@ def run(
     )
     config = model.config
     sides = _Sides(model)
+    previous_require = sides.optimizer.settings.require_measurement
+    sides.optimizer.configure(require_measurement=kernels == "measured")
     order = ["baseline", "attnforge"] if (mode == "compare" or not on_gpu) else ["attnforge"]
     if not on_gpu:
         chosen = chosen[:1]  # one short scenario shows agreement; more would only repeat it, slowly
@@ -378,6 +386,7 @@ def run(
             )
         },
         "method": _method(on_gpu, runs, warmup, order),
+        "kernel_policy": kernels,
         "note": None if on_gpu else NO_GPU_NOTE,
         "scenarios": [],
         "skipped": [],
@@ -430,6 +439,7 @@ def run(
             result.pop("improvement", None)
         doc["scenarios"].append(result)
     sides.use("baseline")
+    sides.optimizer.configure(require_measurement=previous_require)
     _finish(doc, on_gpu)
     return doc
 

@@ -354,6 +354,8 @@ def e2e_markdown(doc: dict) -> str:
         *environment_lines(doc),
         f"- {SPEED_NOTE}",
         f"- Tokens: {doc.get('tokenization')}",
+        f"- attnforge side: kernels={doc.get('kernel_policy', 'measured')} (measured: the optimizer's choice "
+        "from the tuning table; all: attnforge kernels wherever they support the call)",
         "",
         "Median [95% interval of the median] over the measured runs.",
         "",
