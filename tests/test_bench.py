@@ -458,6 +458,7 @@ def test_e2e_on_cpu_checks_agreement_and_that_kernels_ran():
     assert sides["attnforge"]["optimizer_stats"]["optimized"] > 0
     assert doc["tokens_match"] and "failure" not in doc
     assert "runs" not in sides["attnforge"]  # nothing timed on the CPU
+    assert "Greedy tokens of plain transformers and attnforge: identical" in report.e2e_markdown(doc)
 
 
 def test_compare_fails_when_attnforge_kernels_did_not_run():

@@ -357,10 +357,20 @@ def e2e_markdown(doc: dict) -> str:
         f"- attnforge side: kernels={doc.get('kernel_policy', 'measured')} (measured: the optimizer's choice "
         "from the tuning table; all: attnforge kernels wherever they support the call)",
         "",
-        "Median [95% interval of the median] over the measured runs.",
-        "",
-        markdown_table(header, table),
     ]
+    if "tokens_match" in doc:  # no GPU: the agreement check, nothing timed
+        verdict = "identical" if doc["tokens_match"] else "DIFFERENT"
+        parts += [f"Greedy tokens of plain transformers and attnforge: {verdict}."]
+    else:
+        parts += [
+            "Median [95% interval of the median] over the measured runs.",
+            "",
+            markdown_table(header, table),
+        ]
+    if doc.get("skipped"):
+        parts += ["", "Skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in doc["skipped"])]
+    if doc.get("failure"):
+        parts += ["", f"**FAILED: {doc['failure']}**"]
     improvements = [
         [
             r["name"],
