@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterable
 
@@ -178,10 +179,17 @@ def _row_mask(cfg: BenchConfig, device, generator: torch.Generator) -> torch.Ten
 
 
 def row_cases(
-    cfg: BenchConfig, device: torch.device, *, seed: int = 0, kinds=CHECK_KINDS
+    cfg: BenchConfig, device: torch.device, *, seed: int | None = None, kinds=CHECK_KINDS
 ) -> list[verify.Case]:
-    """The protocol cases of a row, at its exact shape, mask and valid lengths (the first is also timed)."""
-    generator = torch.Generator().manual_seed(seed)
+    """The protocol cases of a row, at its exact shape, mask and valid lengths (the first is also timed).
+
+    seed: None draws fresh inputs (the protocol's default); an integer reproduces a row's inputs.
+    """
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
     shape = verify.Shape(cfg.batch, cfg.num_heads, cfg.num_kv_heads, cfg.q_len, cfg.kv_len, cfg.head_dim)
     kv_lens = None
     if cfg.ragged:
@@ -300,9 +308,13 @@ def run_row(
     ceilings: dict | None,
     reps: int = 50,
     warmup: int = 5,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> dict:
-    """Check every provider on a row, time the correct ones (GPU only), and compute floors and speed-ups."""
+    """Check every provider on a row, time the correct ones (GPU only), and compute floors and speed-ups.
+
+    seed: inputs' seed (None: fresh draws; the seed used is recorded in the row).
+    """
+    seed = secrets.randbits(63) if seed is None else seed
     cases = row_cases(cfg, device, seed=seed)
     kv_lens = None if cases[0].kv_lens is None else cases[0].kv_lens.tolist()
     work = row_work(cfg, kv_lens)
@@ -315,6 +327,7 @@ def run_row(
         "config": cfg.as_dict(),
         "label": cfg.label,
         "kv_lens": kv_lens,
+        "seed": seed,
         "work": work,
         "floor_us": floor,
         "bound": bound,
