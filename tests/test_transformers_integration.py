@@ -36,12 +36,14 @@ FAMILY_CONFIGS = {
     "gemma3_text": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
 }
 LOGITS_RTOL = 1e-5
+# Kernels run on a GPU, or on the CPU through the interpreter (conftest.py sets TRITON_INTERPRET=1).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny_model(model_type: str, attn_implementation: str = "eager", **overrides):
     config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_CONFIGS.get(model_type, {}), **overrides})
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).to(DEVICE).eval()
 
 
 def available_kernels() -> set[str]:
@@ -59,11 +61,16 @@ def greedy(model, ids, mask=None, **options):
 
 @pytest.fixture(autouse=True)
 def clean_state():
-    """Each test starts unpatched with fresh optimizer statistics, and leaves transformers as it found it."""
+    """Each test starts unpatched with fresh optimizer statistics, and leaves transformers as it found it.
+
+    On a GPU the tuning table may not cover these tiny shapes: require_measurement=False lets kernels run.
+    """
     get_optimizer().reset()
+    af.configure_optimizer(require_measurement=False)
     yield
     gc.collect()  # models patched by the test are gone, so unpatching can drop the registrations
     integration.unpatch_transformers()
+    af.configure_optimizer(require_measurement=True)
     get_optimizer().reset()
 
 
@@ -74,7 +81,7 @@ def prompts():
     ids = torch.randint(3, VOCAB - 1, (2, PROMPT), generator=generator)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding: the first sequence is 3 tokens shorter
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,7 +163,7 @@ def tiny_deepseek_v3():
         bos_token_id=1, eos_token_id=VOCAB - 1, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(DEVICE).eval()
 
 
 @pytest.mark.parametrize("model_type, reason", [("gemma2", "softcapping"), ("deepseek_v3", "MLA")])

@@ -143,6 +143,8 @@ class OptimizerSettings:
         min_heads: use kernels only with at least this many query heads.
         kernels: which attnforge kernels may run, a subset of ("decode", "prefill").
         min_speedup: the measured speed-up over torch SDPA a kernel needs to be chosen (> 0).
+        require_measurement: with False, a kernel the tuning table has no measurement for runs anyway
+            (a new GPU, tests on a GPU); measured kernels still need `min_speedup`.
     """
 
     enable_debug: bool = False
@@ -152,10 +154,12 @@ class OptimizerSettings:
     min_heads: int = 1
     kernels: tuple[str, ...] = KERNEL_KINDS
     min_speedup: float = 1.0
+    require_measurement: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enable_debug, bool):
-            raise ValueError(f"enable_debug={self.enable_debug!r} must be True or False")
+        for name in ("enable_debug", "require_measurement"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         _require_optional_positive("min_seq_len", self.min_seq_len)
         _require_optional_positive("max_seq_len", self.max_seq_len)
         _require_positive("gqa_ratio_min", self.gqa_ratio_min)

@@ -320,6 +320,8 @@ class AttentionOptimizer:
             why = (
                 f"no measurement of the attnforge {kind} kernel for this shape on {name} in the tuning table"
             )
+            if not self._settings.require_measurement:
+                return Decision(kind, f"{label}: {why}; running it (require_measurement=False)", "unmeasured")
             return Decision(None, f"{label}: {why}: falling back to torch SDPA", "not measured")
         if speedup < self._settings.min_speedup:
             why = f"attnforge {kind} kernel measured {speedup:.2f}x torch SDPA on {name}"
