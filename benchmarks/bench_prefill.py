@@ -599,7 +599,7 @@ def install_winners(winners: dict, rows: list[dict] | None = None) -> dict:
             if speedups:
                 entry["speedup"] = round(min(speedups), 3)
         entries[bucket] = entry
-    tuning.TABLE_PATH.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    tuning.TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     tuning.load_table.cache_clear()
     return {gpu: {"prefill": entries}}
 
