@@ -39,7 +39,9 @@ def measured(monkeypatch):
 
     monkeypatch.setattr(optimizer_module, "triton_interpret", lambda: False)
     monkeypatch.setattr(optimizer_module, "triton_status", lambda device: (True, "test GPU"))
-    monkeypatch.setattr(optimizer_module, "_measured_speedup", lambda kind, cfg, device: Speedup.value)
+    monkeypatch.setattr(
+        optimizer_module, "_measured_speedup", lambda kind, cfg, device, features: Speedup.value
+    )
     monkeypatch.setattr(optimizer_module, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
     return Speedup
 
@@ -336,3 +338,23 @@ def test_the_tuning_table_is_read_through_the_kernels_bucket(monkeypatch, kind, 
     other = decode_cfg(**cfg, kv_len=100_000)  # another bucket: not measured
     ok, reason = AttentionOptimizer().should_optimize(other, device="cpu")
     assert not ok and "no measurement" in reason
+
+
+def test_valid_lengths_pick_their_own_bucket(monkeypatch):
+    """A static cache (kv_lens) is another race for torch than a plain cache: its own measured speed-up."""
+    if not HAS_DECODE:
+        pytest.skip("decode kernel module not present yet")
+    from attnforge.kernels import tuning
+
+    shape = decode_cfg()
+    with_lens = CallFeatures(causal=True, has_kv_lens=True)
+    plain, lens = (optimizer_module._shape_bucket("decode", shape, f) for f in (CallFeatures(), with_lens))
+    assert plain != lens
+    table = {"cpu": {"decode": {plain: {"speedup": 0.8}, lens: {"speedup": 3.0}}}}
+    monkeypatch.setattr(tuning, "load_table", lambda: table)
+    monkeypatch.setattr(optimizer_module, "triton_interpret", lambda: False)
+    monkeypatch.setattr(optimizer_module, "triton_status", lambda device: (True, "test"))
+    optimizer = AttentionOptimizer()
+    assert not optimizer.should_optimize(shape, device="cpu")[0]
+    ok, reason = optimizer.should_optimize(shape, device="cpu", features=with_lens)
+    assert ok and "3.00x faster" in reason

@@ -69,6 +69,7 @@ class CallFeatures:
     causal: bool = True
     has_mask: bool = False
     has_q_lens: bool = False
+    has_kv_lens: bool = False
 
 
 @dataclass
@@ -121,8 +122,10 @@ def _load_kernel(kind: str) -> tuple[Callable | None, str]:
     return function, ""
 
 
-def _shape_bucket(kind: str, cfg: AttentionConfig) -> str | None:
-    """The tuning-table bucket of this call, from the kernel module's `<kind>_bucket` function."""
+def _shape_bucket(kind: str, cfg: AttentionConfig, features: CallFeatures | None = None) -> str | None:
+    """The tuning-table bucket of this call, from the kernel module's `<kind>_bucket` function (whose
+    parameters, by name, pick what it needs: sizes, dtype, and the lengths and masks the call carries)."""
+    features = features or CallFeatures(causal=cfg.causal)
     module_name, _ = KERNEL_ENTRY_POINTS[kind]
     bucket_of = getattr(importlib.import_module(module_name), f"{kind}_bucket", None)
     if bucket_of is None:
@@ -130,17 +133,20 @@ def _shape_bucket(kind: str, cfg: AttentionConfig) -> str | None:
     sizes = {
         "batch": cfg.batch_size, "kv_len": cfg.kv_len, "group": cfg.gqa_ratio, "q_len": cfg.seq_len,
         "head_dim": cfg.head_dim, "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
-        "causal": cfg.causal, "dtype": cfg.dtype,
+        "causal": cfg.causal, "dtype": cfg.dtype, "has_mask": features.has_mask,
+        "has_q_lens": features.has_q_lens, "has_kv_lens": features.has_kv_lens,
     }  # fmt: skip
     wanted = inspect.signature(bucket_of).parameters
     return bucket_of(**{name: sizes[name] for name in wanted if name in sizes})
 
 
-def _measured_speedup(kind: str, cfg: AttentionConfig, device: torch.device) -> float | None:
+def _measured_speedup(
+    kind: str, cfg: AttentionConfig, device: torch.device, features: CallFeatures
+) -> float | None:
     """Speed-up over torch SDPA measured for this call's bucket on this GPU (tuning table), or None."""
     try:
         tuning = importlib.import_module("attnforge.kernels.tuning")
-        bucket = _shape_bucket(kind, cfg)
+        bucket = _shape_bucket(kind, cfg, features)
         speedup = None if bucket is None else tuning.measured_speedup(kind, tuning.gpu_key(device), bucket)
     except Exception as error:  # noqa: BLE001 - an unreadable table means "not measured", never a crash
         logger.warning("attnforge: tuning table lookup failed (%s: %s): treating as not measured",
@@ -278,7 +284,8 @@ class AttentionOptimizer:
         if blocked is not None:
             category, why = blocked
             return Decision(None, f"{label}: {why}: falling back to torch SDPA", category, group)
-        return dataclasses.replace(self._decide_by_measurement(kind, cfg, device, label), group=group)
+        decision = self._decide_by_measurement(kind, cfg, device, features, label)
+        return dataclasses.replace(decision, group=group)
 
     def _blocked_by_environment(
         self, kind: str, device: torch.device, cfg: AttentionConfig, features: CallFeatures
@@ -309,13 +316,13 @@ class AttentionOptimizer:
         return None
 
     def _decide_by_measurement(
-        self, kind: str, cfg: AttentionConfig, device: torch.device, label: str
+        self, kind: str, cfg: AttentionConfig, device: torch.device, features: CallFeatures, label: str
     ) -> Decision:
         if triton_interpret() and device.type != "cuda":
             why = f"TRITON_INTERPRET=1: running the attnforge {kind} kernel on {device.type} for correctness"
             return Decision(kind, f"{label}: {why} (no speed claim)", "interpreter")
         name = self._device_name(device)
-        speedup = _measured_speedup(kind, cfg, device)
+        speedup = _measured_speedup(kind, cfg, device, features)
         if speedup is None:
             why = (
                 f"no measurement of the attnforge {kind} kernel for this shape on {name} in the tuning table"
@@ -391,7 +398,7 @@ class AttentionOptimizer:
 
     def _attention_now(self, q, k, v, scale, causal, kv_lens, q_lens, attn_mask) -> torch.Tensor:
         """Decide from the tensors' sizes, count, run the kernel or torch SDPA."""
-        flags = (causal, attn_mask is not None, q_lens is not None)
+        flags = (causal, attn_mask is not None, q_lens is not None, kv_lens is not None)
         key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type, q.device.index)
         decision = self._decision_for_call(key + flags)
         self._note(decision)
@@ -437,7 +444,7 @@ class AttentionOptimizer:
             )
         except Exception as error:  # noqa: BLE001 - any kernel failure means: fall back, remember, say why
             why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
-            _, has_mask, has_q_lens = features
+            _, has_mask, has_q_lens, _ = features
             self._failed[(kind, q.dtype, has_mask, has_q_lens)] = why
             self._decisions.clear()
             logger.warning("%s; using torch SDPA for such calls from now on", why)
