@@ -12,6 +12,8 @@ from attnforge.kernels.prefill import prefill_attention
 from attnforge.verify import Shape, check
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# CPU through the interpreter (CI); the same tests on a GPU where there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _assert_passes(case, fn=prefill_attention):
@@ -29,21 +31,27 @@ def _assert_passes(case, fn=prefill_attention):
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_protocol_cases_causal(shape, dtype):
-    for case in verify.protocol_cases(shape, dtype=dtype, causal=True):
+    for case in verify.protocol_cases(shape, device=DEVICE, dtype=dtype, causal=True):
         _assert_passes(case)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_every_head_dim(head_dim):
     for causal in (True, False):
-        case = verify.random_case(Shape(1, 2, 1, 33, 70, head_dim), dtype=torch.bfloat16, causal=causal)
+        case = verify.random_case(
+            Shape(1, 2, 1, 33, 70, head_dim), device=DEVICE, dtype=torch.bfloat16, causal=causal
+        )
         _assert_passes(case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_non_causal_and_poisoned_padding(dtype):
     for case in verify.protocol_cases(
-        Shape(2, 4, 1, 9, 130, 64), dtype=dtype, causal=False, kinds=("random", "needle", "poisoned")
+        Shape(2, 4, 1, 9, 130, 64),
+        device=DEVICE,
+        dtype=dtype,
+        causal=False,
+        kinds=("random", "needle", "poisoned"),
     ):
         _assert_passes(case)
 
@@ -55,7 +63,9 @@ def test_block_boundaries_with_other_tiles(block, monkeypatch):
     monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
     for shape in (Shape(1, 2, 1, 65, 65, 64), Shape(2, 2, 2, 31, 97, 64)):
         kinds = ("needle", "poisoned")
-        for case in verify.protocol_cases(shape, dtype=torch.float16, causal=True, kinds=kinds):
+        for case in verify.protocol_cases(
+            shape, device=DEVICE, dtype=torch.float16, causal=True, kinds=kinds
+        ):
             _assert_passes(case)
 
 
@@ -67,7 +77,9 @@ def test_tma_load_path(monkeypatch):
     monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
     for shape in (Shape(2, 4, 2, 65, 65, 64), Shape(1, 2, 1, 7, 70, 80)):
         kinds = ("random", "needle", "poisoned")
-        for case in verify.protocol_cases(shape, dtype=torch.float16, causal=True, kinds=kinds):
+        for case in verify.protocol_cases(
+            shape, device=DEVICE, dtype=torch.float16, causal=True, kinds=kinds
+        ):
             _assert_passes(case)
 
 
@@ -79,9 +91,9 @@ def test_tma_guard_rejects_unaligned_and_cpu_tensors():
 def test_padded_queries_and_keys_bottom_right():
     """q_lens/kv_lens: query i sees keys <= kv_lens[b] - q_lens[b] + i; rows past q_lens[b] are 0."""
     shape = Shape(3, 4, 2, 20, 50, 64)
-    case = verify.random_case(shape, causal=True, dtype=torch.float16)
-    case.kv_lens = torch.tensor([50, 31, 20], dtype=torch.int32)
-    case.q_lens = torch.tensor([20, 5, 0], dtype=torch.int64)
+    case = verify.random_case(shape, causal=True, device=DEVICE, dtype=torch.float16)
+    case.kv_lens = torch.tensor([50, 31, 20], dtype=torch.int32, device=DEVICE)
+    case.q_lens = torch.tensor([20, 5, 0], dtype=torch.int64, device=DEVICE)
     for bi, end in enumerate(case.kv_lens.tolist()):
         case.k[bi, :, end:] = math.nan
         case.v[bi, :, end:] = math.inf
@@ -92,10 +104,10 @@ def test_padded_queries_and_keys_bottom_right():
 
 def test_q_lens_alone_and_kv_shorter_than_queries_gives_zero_rows():
     """kv_lens[b] < q_lens[b]: the first queries see no key at all and come out 0, never NaN."""
-    case = verify.random_case(Shape(2, 2, 1, 16, 16, 64), dtype=torch.float32, causal=True)
-    case.q_lens = torch.tensor([16, 9])
+    case = verify.random_case(Shape(2, 2, 1, 16, 16, 64), device=DEVICE, dtype=torch.float32, causal=True)
+    case.q_lens = torch.tensor([16, 9], device=DEVICE)
     _assert_passes(case)
-    case.kv_lens = torch.tensor([5, 16])
+    case.kv_lens = torch.tensor([5, 16], device=DEVICE)
     _assert_passes(case)
 
 
@@ -103,15 +115,17 @@ def test_q_lens_alone_and_kv_shorter_than_queries_gives_zero_rows():
 @pytest.mark.parametrize("heads", [1, 4])
 def test_attn_mask_broadcast_and_fully_masked_rows(mask_kind, heads):
     shape = Shape(2, 4, 2, 21, 70, 64)
-    case = verify.random_case(shape, dtype=torch.bfloat16, causal=True)
-    keep = torch.rand(2, heads, 21, 70) > 0.4
+    case = verify.random_case(shape, device=DEVICE, dtype=torch.bfloat16, causal=True)
+    keep = torch.rand(2, heads, 21, 70, device=DEVICE) > 0.4
     keep[:, :, :3] = False  # fully masked rows: 0, never NaN
     if mask_kind == "bool":
         case.attn_mask = keep
     elif mask_kind == "additive":
-        case.attn_mask = torch.randn(2, heads, 21, 70).masked_fill(~keep, -math.inf)
+        case.attn_mask = torch.randn(2, heads, 21, 70, device=DEVICE).masked_fill(~keep, -math.inf)
     else:  # transformers' padding masks: finfo.min, not -inf (rows of finfo.min average uniformly)
-        case.attn_mask = torch.zeros(2, heads, 21, 70).masked_fill(~keep, torch.finfo(torch.float32).min)
+        case.attn_mask = torch.zeros(2, heads, 21, 70, device=DEVICE).masked_fill(
+            ~keep, torch.finfo(torch.float32).min
+        )
     _assert_passes(case)
     out = prefill_attention(case.q, case.k, case.v, attn_mask=case.attn_mask)
     assert torch.isfinite(out).all()
@@ -120,15 +134,15 @@ def test_attn_mask_broadcast_and_fully_masked_rows(mask_kind, heads):
 
 
 def test_attn_mask_2d_with_padding_non_causal():
-    case = verify.poisoned_case(Shape(2, 2, 1, 8, 40, 64), dtype=torch.float16, causal=False)
-    case.attn_mask = torch.rand(8, 40) > 0.5
+    case = verify.poisoned_case(Shape(2, 2, 1, 8, 40, 64), device=DEVICE, dtype=torch.float16, causal=False)
+    case.attn_mask = torch.rand(8, 40, device=DEVICE) > 0.5
     case.attn_mask[:, 0] = True
     _assert_passes(case)
 
 
 def test_out_buffer_is_written_in_place():
-    case = verify.strided_case(Shape(1, 4, 2, 17, 40, 64), dtype=torch.float16, causal=True)
-    out = torch.full(case.q.shape, math.nan, dtype=case.q.dtype)
+    case = verify.strided_case(Shape(1, 4, 2, 17, 40, 64), device=DEVICE, dtype=torch.float16, causal=True)
+    out = torch.full(case.q.shape, math.nan, dtype=case.q.dtype, device=DEVICE)
     result = prefill_attention(case.q, case.k, case.v, out=out, scale=0.2)
     assert result.data_ptr() == out.data_ptr()
     expected = verify.reference_attention(case.q, case.k, case.v, causal=True, scale=0.2)
