@@ -228,43 +228,47 @@ def per_sequence_provider(q, k, v, opts):
 
 
 def varlen_provider(q, k, v, opts):
-    """torch.nn.attention.varlen (flash varlen) on packed [T, H, D] inputs; packing is untimed."""
+    """torch.nn.attention.varlen (flash varlen) on packed [T, H, D] inputs; packing is untimed. Its keywords
+    differ across torch versions: the causal and GQA forms are tried in turn (K/V heads repeated, untimed,
+    where it takes no enable_gqa)."""
     from torch.nn.attention import varlen
 
-    batch, _, q_len, _ = q.shape
-    kv_len = k.shape[2]
-    q_lens = opts.get("q_lens")
-    kv_lens = opts.get("kv_lens")
+    batch, num_heads, q_len, _ = q.shape
+    group = num_heads // k.shape[1]
+    q_lens, kv_lens = opts.get("q_lens"), opts.get("kv_lens")
     ql = q_lens.tolist() if q_lens is not None else [q_len] * batch
-    kl = kv_lens.tolist() if kv_lens is not None else [kv_len] * batch
-    qp = torch.cat([q[b, :, : ql[b]].transpose(0, 1) for b in range(batch)]).contiguous()
-    kp = torch.cat([k[b, :, : kl[b]].transpose(0, 1) for b in range(batch)]).contiguous()
-    vp = torch.cat([v[b, :, : kl[b]].transpose(0, 1) for b in range(batch)]).contiguous()
+    kl = kv_lens.tolist() if kv_lens is not None else [k.shape[2]] * batch
+
+    def pack(t, lens):
+        return torch.cat([t[b, :, : lens[b]].transpose(0, 1) for b in range(batch)]).contiguous()
+
+    qp, kp, vp = pack(q, ql), pack(k, kl), pack(v, kl)
     cu_q = torch.tensor([0, *itertools.accumulate(ql)], dtype=torch.int32, device=q.device)
     cu_k = torch.tensor([0, *itertools.accumulate(kl)], dtype=torch.int32, device=q.device)
-    attempts = [{"window_size": (-1, 0), "enable_gqa": True}, {"is_causal": True, "enable_gqa": True},
-                {"is_causal": True}]  # fmt: skip
-    kwargs = None
-    for attempt in attempts:
+    scale = {} if opts.get("scale") is None else {"scale": opts["scale"]}
+    forms = [
+        ({"is_causal": True, "enable_gqa": True}, False),
+        ({"window_size": (-1, 0), "enable_gqa": True}, False),
+        ({"is_causal": True}, True),
+    ]
+    for kwargs, repeat in forms:
+        keys, values = (
+            (kp.repeat_interleave(group, 1), vp.repeat_interleave(group, 1)) if repeat else (kp, vp)
+        )
         try:
-            varlen.varlen_attn(qp, kp, vp, cu_q, cu_k, max(ql), max(kl), scale=opts.get("scale"), **attempt)
-            kwargs = attempt
-            break
+            varlen.varlen_attn(qp, keys, values, cu_q, cu_k, max(ql), max(kl), **kwargs, **scale)
         except TypeError:
             continue
-    if kwargs is None:
+        break
+    else:
         raise NotImplementedError("varlen_attn takes none of the causal keyword forms tried")
     out = torch.zeros_like(q)
-    packed = [None]
 
     def call():
-        packed[0] = varlen.varlen_attn(qp, kp, vp, cu_q, cu_k, max(ql), max(kl), scale=opts.get("scale"),
-                                       **kwargs)  # fmt: skip
-        return packed[0]
+        return varlen.varlen_attn(qp, keys, values, cu_q, cu_k, max(ql), max(kl), **kwargs, **scale)
 
     def unpacked():
-        result = call()
-        start = 0
+        result, start = call(), 0
         for b in range(batch):
             out[b, :, : ql[b]] = result[start : start + ql[b]].transpose(0, 1)
             start += ql[b]
@@ -618,7 +622,9 @@ def markdown(env: dict, ceilings: dict, rows: list[dict]) -> str:
         "",
         "bf16, cold L2, median of interleaved runs. TFLOP/s count 4*D per visible (query, key) pair (causal "
         "halved). Speed-up: the fastest torch path that gave the right answer over attnforge. "
-        "Random inputs; speed does not depend on their values.",
+        "Random inputs; speed does not depend on their values. Where the speed-up is below 1, torch is "
+        "faster: kernels/tuning.json records the measured speed-up per bucket and the optimizer routes those "
+        "calls to torch SDPA.",
         "",
         "| config | attnforge TFLOP/s | % of matmul | fastest torch (TFLOP/s) | speed-up | others (TFLOP/s) "
         "| not timed |",
