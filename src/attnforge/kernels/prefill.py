@@ -6,6 +6,9 @@ heads of one KV head sit next to each other in the grid so their K/V tiles are s
 bottom-right aligned; per program the key range splits into full blocks every row sees (no masking) and the
 blocks on the diagonal or at the valid-length edge (masked), and blocks above the diagonal are never loaded.
 The heaviest query blocks (the last ones under a causal mask) are launched first to shorten the tail.
+On Hopper, K/V tiles can come through TMA descriptors instead of pointer loads (a tuning-table choice, used
+only when the strides allow it). Tile sizes, warps, pipeline depth and TMA come from kernels/tuning.json
+per shape bucket (benchmarks/bench_prefill.py measures them), else from a heuristic.
 """
 
 from __future__ import annotations
