@@ -10,10 +10,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU demo 
 
 
 def test_demo_checks_a_model_and_shows_the_decisions():
-    result = CliRunner().invoke(app, ["demo", "--no-protocol", "--prompt-len", "20", "--new-tokens", "3"])
+    result = CliRunner().invoke(app, ["demo", "--prompt-len", "20", "--new-tokens", "3"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "No GPU here" in output
+    assert "correctness protocol" in output and "correctness failures" not in output
     assert "dispatch decisions" in output and "decode" in output
     assert "PASS attnforge vs eager" in output and "DIFFERENT" not in output
 
