@@ -532,3 +532,22 @@ def test_sdpa_backend_refusing_gqa_gets_kv_expanded_once_and_says_so(monkeypatch
 def test_e2e_rejects_unknown_kernel_policy():
     with pytest.raises(ValueError, match=r"kernels='some' is not known; accepted: \('measured', 'all'\)"):
         e2e.run("qwen3-0.6b", kernels="some", **TINY_MODEL)
+
+
+@pytest.mark.parametrize("ragged, mask", [(True, "causal"), (False, "bool"), (False, "causal")])
+def test_optimizer_decision_describes_the_rows_lengths_and_mask(monkeypatch, ragged, mask):
+    """The optimizer column looks up the bucket of the call the row makes (kv_lens, masks)."""
+    from attnforge import optimizer
+    from attnforge.bench.providers import optimizer_decision
+
+    seen = {}
+
+    def fake_should_optimize(self, cfg, *, device=None, features=None):
+        seen["features"] = features
+        return False, "recorded"
+
+    monkeypatch.setattr(optimizer.AttentionOptimizer, "should_optimize", fake_should_optimize)
+    cfg = BenchConfig(2, 8, 2, 1, 64, 64, mask=mask, ragged=ragged)
+    assert optimizer_decision(cfg, torch.device("cpu")) == "recorded"
+    assert seen["features"].has_kv_lens is ragged
+    assert seen["features"].has_mask is (mask == "bool")

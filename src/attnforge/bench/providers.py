@@ -398,7 +398,8 @@ def optimizer_decision(cfg: BenchConfig, device: torch.device) -> str:
     features_class, _ = _import("attnforge.optimizer", "CallFeatures")
     features = None
     if features_class is not None:
-        features = features_class(causal=cfg.causal, has_mask=cfg.mask in ("bool", "additive"))
+        has_mask = cfg.mask in ("bool", "additive")
+        features = features_class(causal=cfg.causal, has_mask=has_mask, has_kv_lens=cfg.ragged)
     _, reason = optimizer_class().should_optimize(cfg.attention_config(), device=device, features=features)
     return reason
 
