@@ -16,9 +16,15 @@ def _decode_as_attention(q, k, v, *, causal=True, **kwargs):
     return decode_attention(q, k, v, **kwargs)
 
 
+def _prefill_as_attention(q, k, v, **kwargs):
+    from attnforge.kernels.prefill import prefill_attention
+
+    return prefill_attention(q, k, v, **kwargs)
+
+
 def available_kernels() -> dict[str, Callable]:
     """attnforge kernels that can run on this machine, by name (empty without a GPU or TRITON_INTERPRET=1)."""
     ok, _ = triton_status()
     if not ok:
         return {}
-    return {"attnforge decode": _decode_as_attention}
+    return {"attnforge decode": _decode_as_attention, "attnforge prefill": _prefill_as_attention}
