@@ -404,6 +404,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--params-from", type=Path, help="a sweep JSON: use its best launch parameters")
+    parser.add_argument("--batches", type=int, nargs="+", help="grid rows of these batch sizes only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -435,6 +436,8 @@ def main() -> int:
                 c for c in configs if c["B"] == 1 and c["Hq"] == 32 and c["Hkv"] == 8 and c["D"] == 128
             ]
             configs += [c for c in grid_configs() if c["group"] != "grid"]
+        if args.batches:
+            configs = [c for c in configs if c["B"] in args.batches]
         results = record["results"] = []
         for i, config in enumerate(configs):
             results.append(measure(config, bandwidth, reps=args.reps))
