@@ -84,6 +84,16 @@ def test_correct_implementation_passes_every_case(shape, dtype):
         assert report.passed, str(report)
 
 
+@pytest.mark.parametrize("q_len", [1, 7, None])
+def test_odd_shapes_cover_the_protocol_lengths(q_len):
+    shapes = verify.odd_shapes(4, 2, 16, q_len=q_len, max_len=1000)
+    assert [s.kv_len for s in shapes] == [1, 7, 63, 65, 1000]
+    assert all(s.q_len == (s.kv_len if q_len is None else min(q_len, s.kv_len)) for s in shapes)
+    for shape in shapes[:4]:
+        case = verify.poisoned_case(shape, causal=True)
+        assert check(reference.sdpa_per_sequence, case).passed
+
+
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s.kv_len > 1], ids=str)
 def test_planted_wrong_kernels_fail_for_the_right_reason(shape):
     """Each planted bug is rejected, by the cases that probe what it gets wrong."""

@@ -268,6 +268,19 @@ def poisoned_case(shape: Shape, *, causal=False, generator=None, **options) -> C
     return case
 
 
+def odd_shapes(num_heads: int, num_kv_heads: int, head_dim: int, *, batch: int = 1, q_len: int | None = None,
+               max_len: int = ODD_LENGTHS[-1]) -> list[Shape]:  # fmt: skip
+    """Shapes at the protocol's odd lengths (ODD_LENGTHS) up to `max_len`: Lkv = L and Lq = min(q_len, L),
+    or Lq = L (fresh prefill) when q_len is None."""
+    return [
+        Shape(
+            batch, num_heads, num_kv_heads, length if q_len is None else min(q_len, length), length, head_dim
+        )
+        for length in ODD_LENGTHS
+        if length <= max_len
+    ]
+
+
 def protocol_cases(shape: Shape, *, dtype=torch.float32, device="cpu", causal=False, kinds=CASE_KINDS,
                    generator=None) -> list[Case]:  # fmt: skip
     """The protocol's inputs for one shape: every kind in `kinds` (see CASE_KINDS), fresh draws."""
