@@ -65,18 +65,12 @@ CORRECTNESS_SHAPES = [
 
 
 def correctness() -> list[dict]:
+    """The protocol on the GPU: every shape in bf16 and fp16, the first two in fp32 too."""
+    runs = [(shape, dtype) for shape in CORRECTNESS_SHAPES for dtype in (torch.bfloat16, torch.float16)]
+    runs += [(shape, torch.float32) for shape in CORRECTNESS_SHAPES[:2]]
     rows = []
-    for (b, hq, hkv, lq, lkv, d), dtype in itertools.product(
-        CORRECTNESS_SHAPES, (torch.bfloat16, torch.float16)
-    ):
-        shape = verify.Shape(b, hq, hkv, lq, lkv, d)
-        for case in verify.protocol_cases(shape, dtype=dtype, device="cuda", causal=True):
-            report = verify.check(_decode_fn, case)
-            rows.append({"case": report.case, "passed": report.passed, "max_rel_l2": report.max_rel_l2,
-                         "reason": report.reason})  # fmt: skip
-    for b, hq, hkv, lq, lkv, d in CORRECTNESS_SHAPES[:2]:
-        shape = verify.Shape(b, hq, hkv, lq, lkv, d)
-        for case in verify.protocol_cases(shape, dtype=torch.float32, device="cuda", causal=True):
+    for sizes, dtype in runs:
+        for case in verify.protocol_cases(verify.Shape(*sizes), dtype=dtype, device="cuda", causal=True):
             report = verify.check(_decode_fn, case)
             rows.append({"case": report.case, "passed": report.passed, "max_rel_l2": report.max_rel_l2,
                          "reason": report.reason})  # fmt: skip
@@ -280,6 +274,19 @@ def grid_configs() -> list[dict]:
     return configs[:20] + specials + configs[20:]
 
 
+def select_configs(mode: str, batches: list[int] | None = None) -> list[dict]:
+    """The grid ("grid"), or its batch-1 GQA 32:8 d128 rows plus the special cases ("quick"); then only the
+    rows whose batch size is in `batches`, when given."""
+    configs = grid_configs()
+    if mode == "quick":
+        configs = [
+            c
+            for c in configs
+            if c["group"] != "grid" or (c["B"], c["Hq"], c["Hkv"], c["D"]) == (1, 32, 8, 128)
+        ]
+    return [c for c in configs if not batches or c["B"] in batches]
+
+
 SWEEP_SHAPES = [(1, 32, 8, 1, n, 128) for n in (1024, 4096, 16384, 65536)] + [(8, 32, 8, 1, 4096, 128)]
 
 
@@ -430,14 +437,7 @@ def main() -> int:
     if args.mode == "sweep":
         record["sweep"] = run_sweep(bandwidth, reps=max(20, args.reps // 3))
     else:
-        configs = grid_configs()
-        if args.mode == "quick":
-            configs = [
-                c for c in configs if c["B"] == 1 and c["Hq"] == 32 and c["Hkv"] == 8 and c["D"] == 128
-            ]
-            configs += [c for c in grid_configs() if c["group"] != "grid"]
-        if args.batches:
-            configs = [c for c in configs if c["B"] in args.batches]
+        configs = select_configs(args.mode, args.batches)
         results = record["results"] = []
         for i, config in enumerate(configs):
             results.append(measure(config, bandwidth, reps=args.reps))

@@ -204,7 +204,12 @@ def _launch_params(
     bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)
     params = tuning.launch_params("decode", tuning.gpu_key(device), bucket)
     params = params or _heuristic_params(batch, kv_len, num_kv_heads, m_blocks, tuning.sm_count(device))
-    return {**params, "BLOCK_M": block_m, "m_blocks": m_blocks}
+    return _with_valid_splits({**params, "BLOCK_M": block_m, "m_blocks": m_blocks}, kv_len)
+
+
+def _with_valid_splits(params: dict, kv_len: int) -> dict:
+    """No more splits than key tiles (a table entry may come from a longer cache in the same bucket)."""
+    return {**params, "num_splits": max(1, min(params["num_splits"], triton.cdiv(kv_len, params["BLOCK_N"])))}
 
 
 class _Workspace:
@@ -247,8 +252,7 @@ def launch_decode(q, k, v, out, *, scale: float, kv_lens=None, params: dict | No
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, kv_lens is not None, q.device)
     if params is not None:
-        p = {**p, **params}
-    p["num_splits"] = max(1, min(p["num_splits"], triton.cdiv(kv_len, p["BLOCK_N"])))
+        p = _with_valid_splits({**p, **params}, kv_len)
     splits, block_m, block_n, m_blocks = p["num_splits"], p["BLOCK_M"], p["BLOCK_N"], p["m_blocks"]
     d_block = triton.next_power_of_2(head_dim)
     slots = batch * num_kv_heads * m_blocks
