@@ -1,15 +1,21 @@
 """Decode attention: a few new query tokens against a long KV cache, GQA-packed, split-KV, one launch.
 
 One program serves all Hq/Hkv query heads (times the Lq new tokens) of one KV head over one slice ("split") of
-the cache, so keys and values are read once. Each split writes a partial (max, sum, unnormalized output) to a
-workspace and bumps a per-head counter; the program that arrives last merges the partials and writes the
-output, then resets the counter. With one split the program writes the output directly.
+the valid keys, so keys and values are read once. The valid keys are shared evenly between the splits in
+whole tiles, so a static cache (few valid keys in a long buffer) costs what a contiguous cache of its valid
+length costs. Each split writes a partial (max, sum, unnormalized output) for its real rows only, then bumps a
+per-slot arrival counter; the program that arrives last merges the partials, writes the output and resets the
+counter. With one split the program writes the output directly.
+
+Valid lengths are clamped to [0, Lkv] on the device: no value of `kv_lens` can make the kernel read outside
+the cache, and there is no host sync.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 import triton
@@ -21,59 +27,69 @@ from attnforge.kernels import tuning
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Upper bound of the split count (the merge's unrolled chunks are sized for it).
+MAX_SPLITS = 128
 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, KvLens, PartO, PartM, PartL, Counters,
+    Q, K, V, Out, KvLens, PartO, PartML, Counters,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    scale_log2, kv_len, num_kv_heads,
+    scale_log2, kv_len, num_kv_heads, num_splits,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, S_CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, FP32_DOT: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     slot = tl.program_id(1)  # (batch, kv head, block of query rows)
     bh = slot // NUM_M_BLOCKS
+    m_block = slot % NUM_M_BLOCKS
     b = (bh // num_kv_heads).to(tl.int64)
-    h = bh % num_kv_heads
+    h = (bh % num_kv_heads).to(tl.int64)
 
-    rows = (slot % NUM_M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = head_in_group * Q_LEN + token
+    # Row = head_in_group * Q_LEN + token: the G heads times the Lq new tokens share one read of K and V.
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP * Q_LEN
     head = h * GROUP + rows // Q_LEN
     token = rows % Q_LEN
     d = tl.arange(0, D_BLOCK)
     d_ok = d < HEAD_DIM
-
     q_ptrs = (
         Q + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qm + d[None, :] * stride_qd
     )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    end = tl.load(KvLens + b).to(tl.int32) if HAS_KV_LENS else kv_len
-    chunk = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    stop = tl.minimum(start + chunk, end)
-    last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens
+    end = kv_len
+    if HAS_KV_LENS:  # clamped on the device: never outside the buffer, whatever kv_lens holds
+        end = tl.minimum(tl.maximum(tl.load(KvLens + b).to(tl.int32), 0), kv_len)
+    tiles_per_split = tl.cdiv(tl.cdiv(end, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    stop = tl.minimum(start + tiles_per_split * BLOCK_N, end)
+    last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
 
-    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh + d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h.to(tl.int64) * stride_vh + d[None, :] * stride_vd
+    n_off = tl.arange(0, BLOCK_N)
+    # K is read as [D, BLOCK_N] (transposed pointers) so the dot needs no transpose; V as [BLOCK_N, D].
+    n_first = start.to(tl.int64) + n_off
+    kt_ptrs = K + b * stride_kb + h * stride_kh + d[:, None] * stride_kd + n_first[None, :] * stride_kn
+    v_ptrs = V + b * stride_vb + h * stride_vh + n_first[:, None] * stride_vn + d[None, :] * stride_vd
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
     for n0 in range(start, stop, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (n < end)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None].to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n[:, None].to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        n = n0 + n_off
+        n_ok = n < end
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        kt_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
         if FP32_DOT:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
-            qk = tl.dot(q, tl.trans(k))
+            qk = tl.dot(q, kt)
         qk = tl.where(n[None, :] <= last_visible[:, None], qk * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -86,51 +102,61 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    o_ptrs = (
-        Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om + d[None, :] * stride_od
-    )
-    o_mask = row_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+        o_ptrs = (
+            Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om
+            + d[None, :] * stride_od
+        )  # fmt: skip
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
+        # Partials of the real rows only: [slot, split, PART_ROWS, D_BLOCK], [slot, split, (m, l), PART_ROWS].
         r = tl.arange(0, BLOCK_M)
-        part = slot.to(tl.int64) * NUM_SPLITS + split
-        tl.store(PartM + part * BLOCK_M + r, m_i)
-        tl.store(PartL + part * BLOCK_M + r, l_i)
-        tl.store(PartO + (part * BLOCK_M + r[:, None]) * D_BLOCK + d[None, :], acc)
+        keep = r < PART_ROWS
+        part = slot.to(tl.int64) * num_splits + split
+        tl.store(PartML + part * 2 * PART_ROWS + r, m_i, mask=keep)
+        tl.store(PartML + part * 2 * PART_ROWS + PART_ROWS + r, l_i, mask=keep)
+        tl.store(PartO + (part * PART_ROWS + r[:, None]) * D_BLOCK + d[None, :], acc, mask=keep[:, None])
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
-        if arrived == NUM_SPLITS - 1:
-            out = _merge_splits(PartO, PartM, PartL, slot, BLOCK_M, D_BLOCK, NUM_SPLITS, SPLITS_P2, S_CHUNK)
+        if arrived == num_splits - 1:
+            out = _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)
+            rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
+            head = h * GROUP + rows // Q_LEN
+            token = rows % Q_LEN
+            o_ptrs = (
+                Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om
+                + d[None, :] * stride_od
+            )  # fmt: skip
+            o_mask = (rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
             tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
             tl.store(Counters + slot, 0)  # ready for the next launch (and the next graph replay)
 
 
 @triton.jit
-def _merge_splits(PartO, PartM, PartL, slot, BLOCK_M: tl.constexpr, D_BLOCK: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
-    """Combine the NUM_SPLITS partials of one slot: `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`."""
-    base = slot.to(tl.int64) * NUM_SPLITS
-    r = tl.arange(0, BLOCK_M)
+def _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr,
+                    D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
+    """Combine the partials of one slot: `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`, `[PART_ROWS, D]`."""
+    base = slot.to(tl.int64) * num_splits
+    r = tl.arange(0, PART_ROWS)
     s_all = tl.arange(0, SPLITS_P2)
-    ml_offsets = (base + s_all[:, None]) * BLOCK_M + r[None, :]
-    s_ok = (s_all < NUM_SPLITS)[:, None]
-    m_all = tl.load(PartM + ml_offsets, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-    l_all = tl.load(PartL + ml_offsets, mask=s_ok, other=0.0, cache_modifier=".cg")
+    ml_all = (base + s_all[:, None]) * 2 * PART_ROWS + r[None, :]
+    s_ok = (s_all < num_splits)[:, None]
+    m_all = tl.load(PartML + ml_all, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    l_all = tl.load(PartML + ml_all + PART_ROWS, mask=s_ok, other=0.0, cache_modifier=".cg")
     m = tl.max(m_all, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_total = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
 
     d = tl.arange(0, D_BLOCK)
-    acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
-    for s0 in tl.static_range(0, NUM_SPLITS, S_CHUNK):
+    acc = tl.zeros([PART_ROWS, D_BLOCK], tl.float32)
+    for s0 in tl.static_range(0, SPLITS_P2, S_CHUNK):  # independent chunks: their loads overlap
         s = s0 + tl.arange(0, S_CHUNK)
-        s_in = s < NUM_SPLITS
-        m_offsets = (base + s[:, None]) * BLOCK_M + r[None, :]
-        m_s = tl.load(PartM + m_offsets, mask=s_in[:, None], other=float("-inf"), cache_modifier=".cg")
-        weight = tl.exp2(m_s - m_safe[None, :])  # [S_CHUNK, BLOCK_M]
-        o_offsets = ((base + s[:, None, None]) * BLOCK_M + r[None, :, None]) * D_BLOCK + d[None, None, :]
+        s_in = s < num_splits
+        m_s = tl.load(PartML + (base + s[:, None]) * 2 * PART_ROWS + r[None, :], mask=s_in[:, None],
+                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+        weight = tl.exp2(m_s - m_safe[None, :])  # [S_CHUNK, PART_ROWS]
+        o_offsets = ((base + s[:, None, None]) * PART_ROWS + r[None, :, None]) * D_BLOCK + d[None, None, :]
         o_s = tl.load(PartO + o_offsets, mask=s_in[:, None, None], other=0.0, cache_modifier=".cg")
         acc += tl.sum(weight[:, :, None] * o_s, 0)
     return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
@@ -180,63 +206,125 @@ def decode_bucket(
     return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k{lens}"
 
 
-def _heuristic_params(batch: int, kv_len: int, num_kv_heads: int, m_blocks: int, sms: int) -> dict:
-    """Split the cache so the grid fills whole waves of the GPU (a partial last wave doubles the time)."""
-    block_n = 64
-    slots = batch * num_kv_heads * m_blocks
+def heuristic_splits(units: int, tiles: int, sms: int) -> int:
+    """Split count for `units` (batch x kv heads x row blocks) programs over `tiles` key tiles: as many splits
+    as fit in one wave of the GPU (one program per SM), at most one per tile and MAX_SPLITS."""
+    return max(1, min(sms // max(units, 1), tiles, MAX_SPLITS))
+
+
+def heuristic_params(
+    batch: int, kv_len: int, num_kv_heads: int, m_blocks: int, head_dim: int, elem_bytes: int, sms: int
+) -> dict:
+    """Launch parameters without a tuning entry: 128-key tiles (64 where a tile pair would not fit
+    shared memory twice), splits by wave efficiency."""
+    block_n = 128 if head_dim * elem_bytes <= 256 else 64
     tiles = triton.cdiv(kv_len, block_n)
-    if slots >= sms or tiles <= 1:
-        return {"BLOCK_N": block_n, "num_splits": 1, "num_warps": 4, "num_stages": 3}
-    # Two programs per SM; each split keeps at least 4 tiles so the loads pipeline.
-    splits = max(1, min(2 * sms // slots, tiles // 4, 128))
+    splits = heuristic_splits(batch * num_kv_heads * m_blocks, tiles, sms)
     return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": 3}
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=4096)
 def _launch_params(
-    shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, device: torch.device
+    shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, dtype: torch.dtype, device: torch.device
 ) -> dict:
-    """Launch parameters for q of `shape`: from the tuning table, else the heuristic (cached per shape)."""
+    """Launch parameters for q of `shape`: from the tuning store, else the heuristic (cached per shape)."""
     batch, num_heads, q_len, head_dim = shape
     rows = num_heads // num_kv_heads * q_len
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
     bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)
-    params = tuning.launch_params("decode", tuning.gpu_key(device), bucket)
-    params = params or _heuristic_params(batch, kv_len, num_kv_heads, m_blocks, tuning.sm_count(device))
-    return _with_valid_splits({**params, "BLOCK_M": block_m, "m_blocks": m_blocks}, kv_len)
+    params = tuning.launch_params("decode", device, bucket)
+    if params is None:
+        elem_bytes = torch.empty((), dtype=dtype).element_size()
+        params = heuristic_params(
+            batch, kv_len, num_kv_heads, m_blocks, head_dim, elem_bytes, tuning.sm_count(device)
+        )
+    return _complete_params({**params, "BLOCK_M": block_m, "m_blocks": m_blocks, "rows": rows}, kv_len)
 
 
-def _with_valid_splits(params: dict, kv_len: int) -> dict:
-    """No more splits than key tiles (a table entry may come from a longer cache in the same bucket)."""
-    return {**params, "num_splits": max(1, min(params["num_splits"], triton.cdiv(kv_len, params["BLOCK_N"])))}
+tuning.on_reload(_launch_params.cache_clear)
 
 
-class _Workspace:
-    """Per-device scratch for split partials and arrival counters, grown as needed and never freed.
+def _complete_params(params: dict, kv_len: int) -> dict:
+    """Add what the launch derives: splits within [1, tiles] (a table entry may come from a longer cache in
+    the same bucket), the partial rows and the merge's chunk size."""
+    splits = max(1, min(int(params["num_splits"]), triton.cdiv(kv_len, params["BLOCK_N"]), MAX_SPLITS))
+    part_rows = min(params["BLOCK_M"], triton.next_power_of_2(params["rows"]))
+    return {**params, "num_splits": splits, "part_rows": part_rows}
 
-    Never freeing keeps the pointers recorded in a captured CUDA graph valid; the counters return to zero
-    after every launch. One decode call at a time per device (a single stream), as in a decode loop.
+
+class DecodeWorkspace:
+    """Scratch for split-KV decode calls: partials (float32) and arrival counters (int32, zero between calls).
+
+    One workspace serves one stream of calls at a time: calls that may run concurrently (two streams, two
+    CUDA graphs replayed side by side) need their own. Pass one to `decode_attention(..., workspace=)` to own
+    it (e.g. one per captured graph); without one, each stream gets its own (see `default_workspace`).
+    Buffers only grow; grown-out buffers stay alive, so pointers recorded in a captured graph stay valid.
     """
 
-    def __init__(self) -> None:
-        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, device: torch.device | str, partial_floats: int = 0, counters: int = 0) -> None:
+        self.device = torch.device(device)
+        self.partials = torch.empty(max(partial_floats, 1), dtype=torch.float32, device=self.device)
+        self.counters = torch.zeros(max(counters, 1), dtype=torch.int32, device=self.device)
         self._retired: list[torch.Tensor] = []
 
-    def get(self, device: torch.device, floats: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        buffers = self._by_device.get(device)
-        if buffers is None or buffers[0].numel() < floats or buffers[1].numel() < slots:
-            if buffers is not None:
-                self._retired.extend(buffers)
-            size = max(floats, 0 if buffers is None else buffers[0].numel())
-            count = max(slots, 0 if buffers is None else buffers[1].numel())
-            buffers = (torch.empty(size, dtype=torch.float32, device=device),
-                       torch.zeros(count, dtype=torch.int32, device=device))  # fmt: skip
-            self._by_device[device] = buffers
-        return buffers
+    def buffers(self, partial_floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partials, counters) of at least these sizes; grows (outside graph capture only)."""
+        if self.partials.numel() < partial_floats or self.counters.numel() < counters:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"decode workspace too small during CUDA-graph capture: needs {partial_floats} partial "
+                    f"floats and {counters} counters, has {self.partials.numel()} and "
+                    f"{self.counters.numel()}; size it before capture (DecodeWorkspace.for_call)"
+                )
+            self._retired += [self.partials, self.counters]
+            self.partials = torch.empty(
+                max(partial_floats, self.partials.numel()), dtype=torch.float32, device=self.device
+            )
+            self.counters = torch.zeros(
+                max(counters, self.counters.numel()), dtype=torch.int32, device=self.device
+            )
+        return self.partials, self.counters
+
+    @classmethod
+    def for_call(cls, q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None = None):
+        """A workspace large enough for `decode_attention(q, k, v, kv_lens=...)` with these shapes."""
+        return cls(q.device, *workspace_size(q, k, kv_lens))
 
 
-_WORKSPACE = _Workspace()
+def workspace_size(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None = None) -> tuple[int, int]:
+    """(partial floats, counters) a call with q `[B, Hq, Lq, D]` and k `[B, Hkv, Lkv, D]` needs."""
+    p = _launch_params(tuple(q.shape), k.shape[1], k.shape[2], kv_lens is not None, q.dtype, q.device)
+    return _workspace_size(q, k, p)
+
+
+def _workspace_size(q, k, p: dict) -> tuple[int, int]:
+    slots = q.shape[0] * k.shape[1] * p["m_blocks"]
+    if p["num_splits"] == 1:
+        return 1, slots
+    d_block = triton.next_power_of_2(q.shape[3])
+    return slots * p["num_splits"] * p["part_rows"] * (d_block + 2), slots
+
+
+_DEFAULT_WORKSPACES: dict[tuple, DecodeWorkspace] = {}
+_CAPTURED_WORKSPACES: list[DecodeWorkspace] = []
+_WORKSPACE_LOCK = threading.Lock()
+
+
+def default_workspace(device: torch.device, partial_floats: int, counters: int) -> DecodeWorkspace:
+    """The workspace a call without `workspace=` uses: one per (device, stream) in eager mode, and a new one
+    per call during CUDA-graph capture (kept alive with the process, so no two captured calls share one)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        workspace = DecodeWorkspace(device, partial_floats, counters)  # zeroed in the graph's memory pool
+        _CAPTURED_WORKSPACES.append(workspace)
+        return workspace
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    with _WORKSPACE_LOCK:
+        workspace = _DEFAULT_WORKSPACES.get(key)
+        if workspace is None:
+            workspace = _DEFAULT_WORKSPACES[key] = DecodeWorkspace(device, partial_floats, counters)
+    return workspace
 
 
 def _fp32_dot(dtype: torch.dtype) -> bool:
@@ -245,32 +333,32 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
 
 
-def launch_decode(q, k, v, out, *, scale: float, kv_lens=None, params: dict | None = None) -> None:
+def launch_decode(
+    q, k, v, out, *, scale: float, kv_lens=None, params: dict | None = None, workspace=None
+) -> None:
     """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table
     (keys BLOCK_N, num_splits, num_warps, num_stages): for tuning sweeps; users call decode_attention."""
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, kv_lens is not None, q.device)
+    p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, kv_lens is not None, q.dtype, q.device)
     if params is not None:
-        p = _with_valid_splits({**p, **params}, kv_len)
-    splits, block_m, block_n, m_blocks = p["num_splits"], p["BLOCK_M"], p["BLOCK_N"], p["m_blocks"]
+        p = _complete_params({**p, **params}, kv_len)
+    floats, slots = _workspace_size(q, k, p)
+    workspace = workspace or default_workspace(q.device, floats, slots)
+    partials, counters = workspace.buffers(floats, slots)
+    splits, part_rows = p["num_splits"], p["part_rows"]
     d_block = triton.next_power_of_2(head_dim)
-    slots = batch * num_kv_heads * m_blocks
-    part_rows = slots * splits * block_m if splits > 1 else 1
-    workspace, counters = _WORKSPACE.get(q.device, part_rows * (d_block + 2), slots)
-    part_o = workspace[: part_rows * d_block]
-    part_m = workspace[part_rows * d_block : part_rows * (d_block + 1)]
-    part_l = workspace[part_rows * (d_block + 1) : part_rows * (d_block + 2)]
+    part_o_floats = slots * splits * part_rows * d_block
     splits_p2 = triton.next_power_of_2(splits)
-    s_chunk = max(1, min(splits_p2, 8192 // (block_m * d_block)))
+    s_chunk = max(1, min(splits_p2, 4096 // (part_rows * d_block)))
     lens = kv_lens if kv_lens is not None else counters  # any pointer; unread without HAS_KV_LENS
     _decode_kernel[(splits, slots)](
-        q, k, v, out, lens, part_o, part_m, part_l, counters,
+        q, k, v, out, lens, partials, partials[part_o_floats:] if splits > 1 else partials, counters,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        scale * LOG2E, kv_len, num_kv_heads,
+        scale * LOG2E, kv_len, num_kv_heads, splits,
         GROUP=num_heads // num_kv_heads, Q_LEN=q_len, HEAD_DIM=head_dim, D_BLOCK=d_block,
-        BLOCK_M=block_m, NUM_M_BLOCKS=m_blocks, BLOCK_N=block_n,
-        NUM_SPLITS=splits, SPLITS_P2=splits_p2, S_CHUNK=s_chunk,
+        BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], BLOCK_N=p["BLOCK_N"],
+        SPLIT=splits > 1, SPLITS_P2=splits_p2, PART_ROWS=part_rows, S_CHUNK=s_chunk,
         HAS_KV_LENS=kv_lens is not None, FP32_DOT=_fp32_dot(q.dtype),
         num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip
@@ -312,6 +400,7 @@ def decode_attention(
     scale: float | None = None,
     kv_lens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    workspace: DecodeWorkspace | None = None,
 ) -> torch.Tensor:
     """Attention of a few new tokens against a KV cache (GQA/MQA/MHA native, split-KV, one launch).
 
@@ -320,8 +409,11 @@ def decode_attention(
         k, v: `[B, Hkv, Lkv, D]`, any strides (e.g. a slice of a preallocated cache); Hq % Hkv == 0.
         scale: softmax scale, default 1/sqrt(D).
         kv_lens: int32/int64 `[B]` valid length per sequence (the new tokens are its last Lq positions);
-            keys at or beyond it are never read. Default: all Lkv valid.
+            keys at or beyond it are never read. Values are clamped to [0, Lkv] on the GPU (no host sync):
+            a length above Lkv reads the whole cache, a negative one reads nothing (output 0).
         out: optional `[B, Hq, Lq, D]` buffer written in place (no allocation, for CUDA-graph capture).
+        workspace: optional DecodeWorkspace owned by the caller (one per concurrently running stream or
+            graph); default: one per stream, and a fresh one per call while a CUDA graph is captured.
 
     Returns:
         `[B, Hq, Lq, D]` in q's dtype (`out` when given). D in 64, 80, 96, 128, 256; fp16/bf16/fp32.
@@ -330,7 +422,7 @@ def decode_attention(
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     if not torch.compiler.is_compiling():  # eager: skip the dispatcher's overhead (~10 us a call)
         out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-        launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens)
+        launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, workspace=workspace)
         return out
     if out is None:
         return _decode_op(q, k, v, scale, kv_lens)
