@@ -311,10 +311,9 @@ def launch_params(q, k, *, has_lengths: bool = False, has_mask: bool = False) ->
     the unpadded shape's; else the heuristic."""
     batch, num_heads, q_len, head_dim = q.shape
     shape = (batch, num_heads, q_len, k.shape[2], head_dim, q.dtype)
-    gpu = tuning.gpu_key(q.device)
-    params = tuning.launch_params("prefill", gpu, prefill_bucket(*shape, has_lengths, False, has_mask))
+    params = tuning.launch_params("prefill", q.device, prefill_bucket(*shape, has_lengths, False, has_mask))
     if params is None and (has_lengths or has_mask):
-        params = tuning.launch_params("prefill", gpu, prefill_bucket(*shape))
+        params = tuning.launch_params("prefill", q.device, prefill_bucket(*shape))
     return params or heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
 
 
