@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import attnforge as af
-from attnforge import optimizer as optimizer_module
 from attnforge import verify
 from attnforge.config import AttentionConfig, OptimizerSettings
-from attnforge.optimizer import AttentionOptimizer, CallFeatures
+from attnforge.optimizer import AttentionOptimizer, CallFeatures, policy, runtime
 
 HAS_DECODE = importlib.util.find_spec("attnforge.kernels.decode") is not None
 # Kernels run on a GPU, or on the CPU through the interpreter (conftest.py); on a GPU the tests that need a
@@ -36,13 +35,18 @@ def measured(monkeypatch):
 
     class Speedup:
         value: float | None = 1.9
+        origin = "this GPU"
 
-    monkeypatch.setattr(optimizer_module, "triton_interpret", lambda: False)
-    monkeypatch.setattr(optimizer_module, "triton_status", lambda device: (True, "test GPU"))
-    monkeypatch.setattr(
-        optimizer_module, "_measured_speedup", lambda kind, cfg, device, features: Speedup.value
-    )
-    monkeypatch.setattr(optimizer_module, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    def measure(kind, bucket, architecture):
+        if Speedup.value is None or (Speedup.origin != "this GPU" and not architecture):
+            return None
+        return policy.Measurement(Speedup.value, Speedup.origin, "test-sweep.json")
+
+    def machine_for(device, kernels, failed):
+        missing = {kind: why for kind, (fn, why) in kernels.items() if fn is None}
+        return policy.Machine((True, "test GPU"), "NVIDIA H100 80GB HBM3", False, missing, failed, measure)
+
+    monkeypatch.setattr(runtime, "machine_for", machine_for)
     return Speedup
 
 
@@ -98,7 +102,18 @@ def test_measured_speedup_decides_and_says_so(measured):
     optimizer = AttentionOptimizer()
     ok, reason = optimizer.should_optimize(decode_cfg(), device="cuda")
     assert ok
-    assert "GQA-4:1 decode" in reason and "measured 1.90x faster than torch SDPA on NVIDIA H100" in reason
+    assert "GQA-4:1 decode (d64-m4-b1-kv1k)" in reason
+    assert (
+        "measured 1.90x faster than torch SDPA (NVIDIA H100 80GB HBM3, this GPU: test-sweep.json)" in reason
+    )
+
+
+def test_a_gpu_without_entries_uses_its_architectures_unless_told_not_to(measured):
+    measured.origin = "architecture sm90 (measured on h100)"
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cuda")
+    assert ok and "architecture sm90 (measured on h100)" in reason
+    ok, reason = AttentionOptimizer(architecture_entries=False).should_optimize(decode_cfg(), device="cuda")
+    assert not ok and "no measurement" in reason
 
 
 def test_slower_or_unmeasured_kernels_fall_back(measured):
@@ -148,7 +163,7 @@ def test_no_triton_means_fallback_with_that_reason(monkeypatch):
 
 
 def test_missing_kernel_module_means_kernel_not_available(monkeypatch):
-    monkeypatch.setitem(optimizer_module.KERNEL_ENTRY_POINTS, "decode", ("attnforge.kernels.nope", "f"))
+    monkeypatch.setitem(policy.KERNEL_ENTRY_POINTS, "decode", ("attnforge.kernels.nope", "f"))
     optimizer = AttentionOptimizer()
     ok, reason = optimizer.should_optimize(decode_cfg(), device=DEVICE)
     assert not ok and "kernel not available" in reason
@@ -212,7 +227,7 @@ def test_a_kernel_that_raises_is_not_retried(monkeypatch):
         raise RuntimeError("planted failure")
 
     optimizer = AttentionOptimizer(require_measurement=False)
-    monkeypatch.setattr(optimizer, "_kernel", lambda kind: (broken, ""))
+    monkeypatch.setattr(runtime, "load_kernel", lambda kind: (broken, ""))
     q, k, v = (torch.randn(shape, device=DEVICE) for shape in ((1, 8, 1, 64), (1, 2, 40, 64), (1, 2, 40, 64)))
     expected = verify.reference_attention(q, k, v)
     for _ in range(3):
@@ -307,7 +322,7 @@ def test_packed_single_query_route_matches_the_oracle(mask_kind):
     if mask_kind is not None:
         keep = torch.rand(3, 1, 1, 40) > 0.2
         mask = keep if mask_kind == "bool" else torch.zeros(3, 1, 1, 40).masked_fill(~keep, -math.inf)
-    out = optimizer_module._packed_single_query(q, k, v, None, kv_lens, mask)
+    out = runtime.packed_single_query(q, k, v, None, kv_lens, mask)
     expected = verify.reference_attention(q, k, v, kv_lens=kv_lens, attn_mask=mask)
     assert verify.relative_l2_per_slice(out, expected).max() <= 1e-5
 
@@ -315,46 +330,60 @@ def test_packed_single_query_route_matches_the_oracle(mask_kind):
 def test_torch_fallback_honours_every_option_on_cpu():
     q, k, v = torch.randn(2, 8, 5, 64), torch.randn(2, 2, 30, 64), torch.randn(2, 2, 30, 64)
     kv_lens, q_lens = torch.tensor([30, 12]), torch.tensor([5, 3])
-    out = optimizer_module.torch_fallback(q, k, v, causal=True, kv_lens=kv_lens, q_lens=q_lens)
+    out = runtime.torch_fallback(q, k, v, causal=True, kv_lens=kv_lens, q_lens=q_lens)
     expected = verify.reference_attention(q, k, v, causal=True, kv_lens=kv_lens, q_lens=q_lens)
     assert verify.relative_l2_per_slice(out, expected).max() <= 1e-5
 
 
-@pytest.mark.parametrize("kind, cfg", [("decode", {}), ("prefill", {"seq_len": 300})])
-def test_the_tuning_table_is_read_through_the_kernels_bucket(monkeypatch, kind, cfg):
-    """The real lookup: the kernel module names the bucket, tuning.json holds the measured speed-up."""
-    if importlib.util.find_spec(f"attnforge.kernels.{kind}") is None:
-        pytest.skip(f"{kind} kernel module not present yet")
+@pytest.fixture
+def user_table(monkeypatch, tmp_path):
+    """An empty user tuning table in a temporary cache directory, on a machine that pretends to have Triton
+    (not the interpreter) on the CPU, so decisions come from the table."""
     from attnforge.kernels import tuning
 
+    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "triton_interpret", lambda: False)
+    monkeypatch.setattr(runtime, "triton_status", lambda device: (True, "test"))
+    tuning.reload()
+    yield lambda kind, entries: tuning.write_entries("cpu", "cpu", kind, entries)
+    monkeypatch.delenv("ATTNFORGE_CACHE_DIR")
+    tuning.reload()
+
+
+@pytest.mark.parametrize("kind, cfg", [("decode", {}), ("prefill", {"seq_len": 300})])
+def test_the_tuning_store_is_read_through_the_kernels_bucket(user_table, kind, cfg):
+    """The real lookup: the kernel module names the bucket, the user's table holds the measured speed-up."""
     shape = decode_cfg(**cfg)
-    bucket = optimizer_module._shape_bucket(kind, shape)
-    table = {"cpu": {kind: {bucket: {"params": {}, "speedup": 1.7, "source": "test"}}}}
-    monkeypatch.setattr(tuning, "load_table", lambda: table)
-    monkeypatch.setattr(optimizer_module, "triton_interpret", lambda: False)
-    monkeypatch.setattr(optimizer_module, "triton_status", lambda device: (True, "test"))
+    bucket = policy.bucket(kind, shape, CallFeatures())
+    user_table(kind, {bucket: {"params": None, "speedup": 1.7, "source": "test"}})
     ok, reason = AttentionOptimizer().should_optimize(shape, device="cpu")
-    assert ok and f"attnforge {kind} kernel measured 1.70x faster" in reason
+    assert ok and f"attnforge {kind} kernel measured 1.70x faster" in reason and "this GPU: test" in reason
     other = decode_cfg(**cfg, kv_len=100_000)  # another bucket: not measured
     ok, reason = AttentionOptimizer().should_optimize(other, device="cpu")
     assert not ok and "no measurement" in reason
 
 
-def test_valid_lengths_pick_their_own_bucket(monkeypatch):
+def test_valid_lengths_pick_their_own_bucket(user_table):
     """A static cache (kv_lens) is another race for torch than a plain cache: its own measured speed-up."""
-    if not HAS_DECODE:
-        pytest.skip("decode kernel module not present yet")
-    from attnforge.kernels import tuning
-
     shape = decode_cfg()
     with_lens = CallFeatures(causal=True, has_kv_lens=True)
-    plain, lens = (optimizer_module._shape_bucket("decode", shape, f) for f in (CallFeatures(), with_lens))
+    plain, lens = (policy.bucket("decode", shape, f) for f in (CallFeatures(), with_lens))
     assert plain != lens
-    table = {"cpu": {"decode": {plain: {"speedup": 0.8}, lens: {"speedup": 3.0}}}}
-    monkeypatch.setattr(tuning, "load_table", lambda: table)
-    monkeypatch.setattr(optimizer_module, "triton_interpret", lambda: False)
-    monkeypatch.setattr(optimizer_module, "triton_status", lambda device: (True, "test"))
+    user_table("decode", {plain: {"speedup": 0.8}, lens: {"speedup": 3.0}})
     optimizer = AttentionOptimizer()
     assert not optimizer.should_optimize(shape, device="cpu")[0]
     ok, reason = optimizer.should_optimize(shape, device="cpu", features=with_lens)
     assert ok and "3.00x faster" in reason
+
+
+def test_decisions_are_cached_per_bucket_as_the_cache_grows(monkeypatch):
+    """A DynamicCache grows every step: calls in one bucket reuse one decision (no new policy run)."""
+    optimizer = AttentionOptimizer()
+    runs = []
+    decide = policy.decide
+    monkeypatch.setattr(policy, "decide", lambda *a: runs.append(1) or decide(*a))
+    q = torch.randn(1, 4, 1, 64)
+    for kv_len in range(1025, 1100):
+        kv = torch.randn(1, 2, kv_len, 64)
+        optimizer.attention(q, kv, kv)
+    assert len(runs) == 1 and optimizer.get_stats()["calls"] == 75

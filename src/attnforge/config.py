@@ -145,6 +145,8 @@ class OptimizerSettings:
         min_speedup: the measured speed-up over torch SDPA a kernel needs to be chosen (> 0).
         require_measurement: with False, a kernel the tuning table has no measurement for runs anyway
             (a new GPU, tests on a GPU); measured kernels still need `min_speedup`.
+        architecture_entries: a GPU without tuning entries of its own uses those measured on another GPU of
+            its architecture (an H200 those of an H100: both sm90); False uses this GPU's entries only.
     """
 
     enable_debug: bool = False
@@ -155,9 +157,10 @@ class OptimizerSettings:
     kernels: tuple[str, ...] = KERNEL_KINDS
     min_speedup: float = 1.0
     require_measurement: bool = True
+    architecture_entries: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("enable_debug", "require_measurement"):
+        for name in ("enable_debug", "require_measurement", "architecture_entries"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         _require_optional_positive("min_seq_len", self.min_seq_len)

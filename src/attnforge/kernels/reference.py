@@ -10,6 +10,45 @@ import torch
 import torch.nn.functional as F
 
 
+def fused_sdpa_unsafe(t: torch.Tensor) -> str | None:
+    """Why torch's fused SDPA kernels (flash, efficient, cuDNN) cannot safely take `t` as it is, or None.
+
+    They read 16-byte vectors: the data pointer and every stride of a dimension longer than 1 must be a
+    multiple of 16 bytes, and the last dimension contiguous. torch's efficient backend checks this, but its
+    flash backend (torch 2.11) does not and faults on such views (docs/notes/torch-flash-alignment.md).
+    """
+    if t.device.type != "cuda":
+        return None
+    if t.data_ptr() % 16:
+        return "data pointer not 16-byte aligned"
+    if t.stride(-1) != 1:
+        return "last dimension not contiguous"
+    size = t.element_size()
+    if t.is_contiguous() and t.shape[-1] * size % 16 == 0:
+        return None
+    for dim in range(t.dim() - 1):
+        if t.shape[dim] > 1 and t.stride(dim) * size % 16:
+            return f"stride of dimension {dim} not a multiple of 16 bytes"
+    return None
+
+
+def fused_sdpa_safe(q, k, v, on_copy=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) as torch's fused SDPA can take them: each unsafe view replaced by a contiguous copy, and
+    `on_copy(reason)` called for it ("k: data pointer not 16-byte aligned"). Nothing is checked while
+    torch.compile traces (no data pointers there)."""
+    if torch.compiler.is_compiling():
+        return q, k, v
+    out = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        why = fused_sdpa_unsafe(t)
+        if why is not None:
+            t = t.clone(memory_format=torch.contiguous_format)
+            if on_copy is not None:
+                on_copy(f"{name}: {why}")
+        out.append(t)
+    return out[0], out[1], out[2]
+
+
 def visibility_mask(
     batch: int,
     q_len: int,
@@ -83,6 +122,7 @@ def sdpa(
         )
     )
     mask = _merge_masks(visible, attn_mask, q.dtype)
+    q, k, v = fused_sdpa_safe(q, k, v)
     group = num_heads // k.shape[1]
     if repeat_kv and group > 1:  # as transformers' repeat_kv: a copy of K and V per query head
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

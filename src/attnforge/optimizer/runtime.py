@@ -1,10 +1,9 @@
-"""Dispatch each attention call to the fastest verified implementation, and fall back to torch SDPA otherwise.
+"""Carry out the policy's decisions: run attnforge's kernel or torch SDPA per call, and count what happened.
 
-`AttentionOptimizer.should_optimize(cfg)` says whether an attnforge kernel would run for a call of that shape,
-with a sentence saying why; `AttentionOptimizer.attention(q, k, v, ...)` runs the chosen implementation and
-counts what it did. The default decision comes from the tuning table (kernels/tuning.py): a kernel runs only
-where it was measured faster than torch SDPA on this GPU. Under TRITON_INTERPRET=1 (CPU) the kernels run for
-correctness whenever they support the call, since speed is not the question there.
+`AttentionOptimizer.attention(q, k, v, ...)` looks up the decision for the call's shape bucket (cached, so a
+growing cache costs a dictionary lookup per call, not a new decision), runs the kernel or torch SDPA, and
+records the outcome. A kernel that raises is remembered and never retried; the call falls back at once.
+Inside `torch.compile` the choice is made when the graph runs, through one custom op (no graph break).
 
 This module never imports transformers (DESIGN.md: integrations import the optimizer, not the reverse).
 """
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import logging
 import math
 import weakref
@@ -23,76 +21,47 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnforge.config import (
-    SUPPORTED_DTYPES,
-    SUPPORTED_HEAD_DIMS,
-    AttentionConfig,
-    OptimizerSettings,
-)
+from attnforge.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, AttentionConfig, OptimizerSettings
 from attnforge.environment import triton_interpret, triton_status
 from attnforge.kernels import reference
+from attnforge.optimizer import policy
+from attnforge.optimizer.policy import CallFeatures, Decision, Machine, Measurement
 
 logger = logging.getLogger("attnforge.optimizer")
-
-# Kernel kind -> (module, function); imported on first use so a missing or broken kernel only means fallback.
-KERNEL_ENTRY_POINTS = {
-    "decode": ("attnforge.kernels.decode", "decode_attention"),
-    "prefill": ("attnforge.kernels.prefill", "prefill_attention"),
-}
-# Decisions are cached per call shape; the cache is cleared past this size (kv_len grows every decode step).
+# Cached decisions are dropped past this many keys (each key covers a whole bucket of shapes).
 _DECISION_CACHE_SIZE = 4096
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the optimizer does with one kind of call.
-
-    kernel: "decode" or "prefill" when an attnforge kernel runs, else None (torch SDPA).
-    reason: a sentence for people; category: a short stable label, the key of the fallback statistics.
-    group: the kind of call ("GQA-4:1 decode"), to report each distinct decision once.
-    """
-
-    kernel: str | None
-    reason: str
-    category: str
-    group: str = ""  # the kind of call, e.g. "GQA-4:1 decode": decisions are logged once per group
-
-    @property
-    def optimized(self) -> bool:
-        return self.kernel is not None
-
-
-@dataclass(frozen=True)
-class CallFeatures:
-    """What a call needs beyond its shape: these decide which kernel can serve it."""
-
-    causal: bool = True
-    has_mask: bool = False
-    has_q_lens: bool = False
-    has_kv_lens: bool = False
 
 
 @dataclass
 class OptimizerStats:
-    """Counts of attention calls, by outcome (calls replayed from a captured CUDA graph are not seen)."""
+    """Counts of attention calls, by outcome (calls replayed from a captured CUDA graph are not seen).
+
+    input_copies: calls whose inputs torch's fused SDPA could not take as they were (unaligned views), by
+    reason; those inputs were copied first.
+    """
 
     calls: int = 0
     optimized: int = 0
     by_kernel: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, int] = field(default_factory=dict)
+    input_copies: dict[str, int] = field(default_factory=dict)
 
     @property
     def optimization_rate(self) -> float:
         """Fraction of calls that ran an attnforge kernel (0.0 before any call)."""
         return self.optimized / self.calls if self.calls else 0.0
 
-    def record(self, decision: Decision) -> None:
+    def record(self, kernel: str | None, category: str) -> None:
+        """Count one call: it ran `kernel`, or torch SDPA for the reason `category`."""
         self.calls += 1
-        if decision.optimized:
+        if kernel is not None:
             self.optimized += 1
-            self.by_kernel[decision.kernel] = self.by_kernel.get(decision.kernel, 0) + 1
+            self.by_kernel[kernel] = self.by_kernel.get(kernel, 0) + 1
         else:
-            self.fallbacks[decision.category] = self.fallbacks.get(decision.category, 0) + 1
+            self.fallbacks[category] = self.fallbacks.get(category, 0) + 1
+
+    def record_copy(self, reason: str) -> None:
+        self.input_copies[reason] = self.input_copies.get(reason, 0) + 1
 
     def as_dict(self) -> dict:
         return {
@@ -101,13 +70,14 @@ class OptimizerStats:
             "fallbacks": sum(self.fallbacks.values()),
             "by_kernel": dict(self.by_kernel),
             "fallback_reasons": dict(self.fallbacks),
+            "input_copies": dict(self.input_copies),
             "optimization_rate": self.optimization_rate,
         }
 
 
-def _load_kernel(kind: str) -> tuple[Callable | None, str]:
+def load_kernel(kind: str) -> tuple[Callable | None, str]:
     """The kernel function of `kind`, or None and why not."""
-    module_name, function_name = KERNEL_ENTRY_POINTS[kind]
+    module_name, function_name = policy.KERNEL_ENTRY_POINTS[kind]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -122,55 +92,42 @@ def _load_kernel(kind: str) -> tuple[Callable | None, str]:
     return function, ""
 
 
-def _shape_bucket(kind: str, cfg: AttentionConfig, features: CallFeatures | None = None) -> str | None:
-    """The tuning-table bucket of this call, from the kernel module's `<kind>_bucket` function (whose
-    parameters, by name, pick what it needs: sizes, dtype, and the lengths and masks the call carries)."""
-    features = features or CallFeatures(causal=cfg.causal)
-    module_name, _ = KERNEL_ENTRY_POINTS[kind]
-    bucket_of = getattr(importlib.import_module(module_name), f"{kind}_bucket", None)
-    if bucket_of is None:
-        return None
-    sizes = {
-        "batch": cfg.batch_size, "kv_len": cfg.kv_len, "group": cfg.gqa_ratio, "q_len": cfg.seq_len,
-        "head_dim": cfg.head_dim, "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
-        "causal": cfg.causal, "dtype": cfg.dtype, "has_mask": features.has_mask,
-        "has_q_lens": features.has_q_lens, "has_kv_lens": features.has_kv_lens,
-    }  # fmt: skip
-    wanted = inspect.signature(bucket_of).parameters
-    return bucket_of(**{name: sizes[name] for name in wanted if name in sizes})
+def measure(device: torch.device) -> Callable[[str, str, bool], Measurement | None]:
+    """The tuning store's answer for `device`: (kind, bucket, architecture) -> Measurement or None."""
+
+    def lookup(kind: str, bucket: str, architecture: bool) -> Measurement | None:
+        try:
+            from attnforge.kernels import tuning
+
+            entry = tuning.lookup(kind, device, bucket, architecture=architecture)
+        except Exception as error:  # noqa: BLE001 - an unreadable table means "not measured", never a crash
+            logger.warning("attnforge: tuning store lookup failed (%s: %s): treating as not measured",
+                           type(error).__name__, error)  # fmt: skip
+            return None
+        if entry is None:
+            return None
+        return Measurement(entry.speedup, entry.origin, entry.source)
+
+    return lookup
 
 
-def _measured_speedup(
-    kind: str, cfg: AttentionConfig, device: torch.device, features: CallFeatures
-) -> float | None:
-    """Speed-up over torch SDPA measured for this call's bucket on this GPU (tuning table), or None."""
-    try:
-        tuning = importlib.import_module("attnforge.kernels.tuning")
-        bucket = _shape_bucket(kind, cfg, features)
-        speedup = None if bucket is None else tuning.measured_speedup(kind, tuning.gpu_key(device), bucket)
-    except Exception as error:  # noqa: BLE001 - an unreadable table means "not measured", never a crash
-        logger.warning("attnforge: tuning table lookup failed (%s: %s): treating as not measured",
-                       type(error).__name__, error)  # fmt: skip
-        return None
-    return speedup
-
-
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
     return device.type
 
 
-def _kernel_kind(cfg: AttentionConfig, features: CallFeatures) -> str:
-    """The decode kernel serves short causal queries without masks; everything else is prefill's."""
-    single_query = cfg.seq_len == 1
-    if cfg.phase == "decode" and (features.causal or single_query) and not features.has_mask:
-        return "decode" if not features.has_q_lens else "prefill"
-    return "prefill"
-
-
-def _shape_label(cfg: AttentionConfig, kind: str) -> str:
-    return f"{cfg.attention_pattern} {kind} (B={cfg.batch_size}, Lq={cfg.seq_len}, kv_len {cfg.kv_len})"
+def machine_for(device: torch.device, kernels: dict, failed: dict) -> Machine:
+    """What `device` offers the policy: Triton, the kernel modules, the tuning store, earlier failures."""
+    missing = {kind: why for kind, (function, why) in kernels.items() if function is None}
+    return Machine(
+        triton=triton_status(device),
+        device_name=device_name(device),
+        interpreter=triton_interpret() and device.type != "cuda",
+        missing=missing,
+        failed=failed,
+        measure=measure(device),
+    )
 
 
 class AttentionOptimizer:
@@ -185,8 +142,7 @@ class AttentionOptimizer:
         self._settings = settings or OptimizerSettings()
         self._stats = OptimizerStats()
         self._kernels: dict[str, tuple[Callable | None, str]] = {}
-        self._triton: dict[str, tuple[bool, str]] = {}
-        self._device_names: dict[torch.device, str] = {}
+        self._machines: dict[torch.device, Machine] = {}
         self._decisions: dict[tuple, Decision] = {}
         self._failed: dict[tuple, str] = {}
         self._seen: dict[tuple, list] = {}
@@ -208,7 +164,7 @@ class AttentionOptimizer:
             if name not in accepted:
                 raise ValueError(f"unknown setting {name!r}; accepted: {accepted}")
         self._settings = dataclasses.replace(self._settings, **changes)
-        self._decisions.clear()
+        self.forget_decisions()
         self._seen.clear()
         return self._settings
 
@@ -217,7 +173,7 @@ class AttentionOptimizer:
         return self._stats
 
     def get_stats(self) -> dict:
-        """calls, optimized, fallbacks, by_kernel, fallback_reasons, optimization_rate."""
+        """calls, optimized, fallbacks, by_kernel, fallback_reasons, input_copies, optimization_rate."""
         return self._stats.as_dict()
 
     def reset_stats(self) -> None:
@@ -232,10 +188,15 @@ class AttentionOptimizer:
             for d, calls in self._seen.values()
         ]
 
+    def forget_decisions(self) -> None:
+        """Drop cached decisions (after the tuning store or the machine changed); keeps statistics."""
+        self._decisions.clear()
+        self._machines.clear()
+
     def reset(self) -> None:
         """Forget statistics, cached decisions and remembered kernel failures."""
         self.reset_stats()
-        self._decisions.clear()
+        self.forget_decisions()
         self._failed.clear()
         self._kernels.clear()
 
@@ -257,105 +218,49 @@ class AttentionOptimizer:
             features: masks and padded queries the call carries (default: none, causal per cfg).
 
         Returns:
-            (True, "GQA-4:1 decode ...: attnforge decode kernel measured 1.9x faster ...") or (False, why).
+            (True, "GQA-4:1 decode (d128-m4-b1-kv4k): attnforge decode kernel measured 1.25x faster ...")
+            or (False, why).
         """
-        device = torch.device(device) if device is not None else self._default_device()
+        device = torch.device(device) if device is not None else _default_device()
         decision = self.decide(cfg, device, features or CallFeatures(causal=cfg.causal))
         return decision.optimized, decision.reason
 
     def decide(self, cfg: AttentionConfig, device: torch.device, features: CallFeatures) -> Decision:
-        """The cached Decision for this call shape, features and device."""
-        key = (cfg, device.type, device.index, features)
+        """The Decision for a call shaped like `cfg` (uncached: the hot path uses `decision_for`)."""
+        return policy.decide(cfg, features, self._settings, self._machine(device))
+
+    def decision_for(self, q_shape, k_shape, v_shape, dtype, device, features: CallFeatures) -> Decision:
+        """The cached Decision for a call with these shapes (one entry per shape bucket)."""
+        key = policy.decision_key(q_shape, k_shape, v_shape, dtype, device, features, self._settings)
         decision = self._decisions.get(key)
         if decision is None:
             if len(self._decisions) >= _DECISION_CACHE_SIZE:
                 self._decisions.clear()
-            decision = self._decide(cfg, device, features)
+            decision = self._decide_call(q_shape, k_shape, v_shape, dtype, device, features)
             self._decisions[key] = decision
         return decision
 
-    def _decide(self, cfg: AttentionConfig, device: torch.device, features: CallFeatures) -> Decision:
-        kind = _kernel_kind(cfg, features)
-        label = _shape_label(cfg, kind)
-        group = f"{cfg.attention_pattern} {kind} d{cfg.head_dim} {str(cfg.dtype)[6:]}"
-        blocked = self._blocked_by_environment(kind, device, cfg, features) or self._blocked_by_settings(
-            kind, cfg
+    def _decide_call(self, q_shape, k_shape, v_shape, dtype, device, features) -> Decision:
+        unsupported = policy.unsupported_call(
+            q_shape, k_shape, v_shape, dtype, SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES
         )
-        if blocked is not None:
-            category, why = blocked
-            return Decision(None, f"{label}: {why}: falling back to torch SDPA", category, group)
-        decision = self._decide_by_measurement(kind, cfg, device, features, label)
-        return dataclasses.replace(decision, group=group)
+        if unsupported is not None:
+            category = unsupported.split(":")[0]
+            return Decision(None, f"{unsupported}: falling back to torch SDPA", category, category)
+        batch, num_heads, q_len, head_dim = q_shape
+        cfg = AttentionConfig(
+            num_heads=num_heads, num_kv_heads=k_shape[1], head_dim=head_dim, seq_len=q_len,
+            batch_size=batch, kv_len=k_shape[2], dtype=dtype, causal=features.causal,
+        )  # fmt: skip
+        return self.decide(cfg, device, features)
 
-    def _blocked_by_environment(
-        self, kind: str, device: torch.device, cfg: AttentionConfig, features: CallFeatures
-    ) -> tuple[str, str] | None:
-        ok, why = self._triton_ok(device)
-        if not ok:
-            return "triton unavailable", why
-        _, missing = self._kernel(kind)
-        if missing:
-            return "kernel not available", missing
-        failure = self._failed.get((kind, cfg.dtype, features.has_mask, features.has_q_lens))
-        if failure is not None:
-            return "kernel raised", failure
-        return None
-
-    def _blocked_by_settings(self, kind: str, cfg: AttentionConfig) -> tuple[str, str] | None:
-        s = self._settings
-        if kind not in s.kernels:
-            return "kernel disabled", f"the {kind} kernel is disabled (kernels={s.kernels})"
-        if cfg.num_heads < s.min_heads:
-            return "below min_heads", f"{cfg.num_heads} query heads < min_heads={s.min_heads}"
-        if cfg.gqa_ratio < s.gqa_ratio_min:
-            return "below gqa_ratio_min", f"GQA ratio {cfg.gqa_ratio} < gqa_ratio_min={s.gqa_ratio_min}"
-        if s.min_seq_len is not None and cfg.kv_len < s.min_seq_len:
-            return "below min_seq_len", f"kv_len {cfg.kv_len} < min_seq_len={s.min_seq_len}"
-        if s.max_seq_len is not None and cfg.kv_len > s.max_seq_len:
-            return "above max_seq_len", f"kv_len {cfg.kv_len} > max_seq_len={s.max_seq_len}"
-        return None
-
-    def _decide_by_measurement(
-        self, kind: str, cfg: AttentionConfig, device: torch.device, features: CallFeatures, label: str
-    ) -> Decision:
-        if triton_interpret() and device.type != "cuda":
-            why = f"TRITON_INTERPRET=1: running the attnforge {kind} kernel on {device.type} for correctness"
-            return Decision(kind, f"{label}: {why} (no speed claim)", "interpreter")
-        name = self._device_name(device)
-        speedup = _measured_speedup(kind, cfg, device, features)
-        if speedup is None:
-            why = (
-                f"no measurement of the attnforge {kind} kernel for this shape on {name} in the tuning table"
-            )
-            if not self._settings.require_measurement:
-                return Decision(kind, f"{label}: {why}; running it (require_measurement=False)", "unmeasured")
-            return Decision(None, f"{label}: {why}: falling back to torch SDPA", "not measured")
-        if speedup < self._settings.min_speedup:
-            why = f"attnforge {kind} kernel measured {speedup:.2f}x torch SDPA on {name}"
-            rule = f"below min_speedup={self._settings.min_speedup:g}"
-            return Decision(None, f"{label}: {why}, {rule}: falling back to torch SDPA", "slower than SDPA")
-        why = f"attnforge {kind} kernel measured {speedup:.2f}x faster than torch SDPA on {name}"
-        return Decision(kind, f"{label}: {why}", "measured faster")
-
-    def _triton_ok(self, device: torch.device) -> tuple[bool, str]:
-        key = device.type
-        if key not in self._triton:
-            self._triton[key] = triton_status(device)
-        return self._triton[key]
-
-    def _kernel(self, kind: str) -> tuple[Callable | None, str]:
-        if not self._kernels:
-            self._kernels.update({name: _load_kernel(name) for name in KERNEL_ENTRY_POINTS})
-        return self._kernels[kind]
-
-    def _device_name(self, device: torch.device) -> str:
-        if device not in self._device_names:
-            self._device_names[device] = _device_name(device)
-        return self._device_names[device]
-
-    @staticmethod
-    def _default_device() -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def _machine(self, device: torch.device) -> Machine:
+        machine = self._machines.get(device)
+        if machine is None:
+            if not self._kernels:
+                self._kernels.update({kind: load_kernel(kind) for kind in policy.KERNEL_ENTRY_POINTS})
+            machine = self._machines[device] = machine_for(device, self._kernels, self._failed)
+        return machine
 
     # ------------------------------------------------------------------------------------------------------
     # Running
@@ -388,50 +293,43 @@ class AttentionOptimizer:
         """
         if q.shape[2] == 1 and q_lens is None:
             causal = False  # one query at the end sees every valid key: no mask, torch's fastest path too
-        if _compiling():
+        if torch.compiler.is_compiling():
             # Opaque to torch.compile: the choice is made when the graph runs, from the real sizes (dynamic
             # shapes included), and counted there; no graph break.
             return torch.ops.attnforge.optimized_attention(
                 q, k, v, scale, causal, kv_lens, q_lens, attn_mask, id(self)
             )
-        return self._attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
+        return self.attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
 
-    def _attention_now(self, q, k, v, scale, causal, kv_lens, q_lens, attn_mask) -> torch.Tensor:
-        """Decide from the tensors' sizes, count, run the kernel or torch SDPA."""
-        flags = (causal, attn_mask is not None, q_lens is not None, kv_lens is not None)
-        key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type, q.device.index)
-        decision = self._decision_for_call(key + flags)
-        self._note(decision)
+    def attention_now(self, q, k, v, scale, causal, kv_lens, q_lens, attn_mask) -> torch.Tensor:
+        """Decide from the tensors' sizes, run the kernel or torch SDPA, count the outcome."""
+        out = self.run_kernel_if_chosen(
+            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
+        )
+        if out is not None:
+            return out
+        return torch_fallback(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, stats=self._stats)
+
+    def run_kernel_if_chosen(
+        self, q, k, v, *, scale=None, causal=True, kv_lens=None, q_lens=None, attn_mask=None
+    ) -> torch.Tensor | None:
+        """The kernel's output if the decision for this call is a kernel and it ran; else None, and the caller
+        runs torch. Either way the call is counted once, under what actually ran."""
+        features = CallFeatures(causal, attn_mask is not None, q_lens is not None, kv_lens is not None)
+        decision = self.decision_for(q.shape, k.shape, v.shape, q.dtype, q.device, features)
         if decision.optimized:
-            out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, flags)
+            out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features)
             if out is not None:
+                self.note(decision)
                 return out
-        return torch_fallback(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
-
-    def _decision_for_call(self, key: tuple) -> Decision:
-        """The cached Decision for a call: shapes, dtype, device, then (causal, has_mask, has_q_lens)."""
-        decision = self._decisions.get(key)
-        if decision is None:
-            if len(self._decisions) >= _DECISION_CACHE_SIZE:
-                self._decisions.clear()
-            decision = self._decide_call(*key)
-            self._decisions[key] = decision
-        return decision
-
-    def _decide_call(self, q_shape, k_shape, v_shape, dtype, device_type, device_index, *flags) -> Decision:
-        unsupported = _unsupported_call(q_shape, k_shape, v_shape, dtype)
-        if unsupported is not None:
-            category = unsupported.split(":")[0]
-            return Decision(None, f"{unsupported}: falling back to torch SDPA", category, category)
-        batch, num_heads, q_len, head_dim = q_shape
-        cfg = AttentionConfig(num_heads=num_heads, num_kv_heads=k_shape[1], head_dim=head_dim, seq_len=q_len,
-                              batch_size=batch, kv_len=k_shape[2], dtype=dtype, causal=flags[0])  # fmt: skip
-        return self.decide(cfg, torch.device(device_type, device_index), CallFeatures(*flags))
+            decision = self.decision_for(q.shape, k.shape, v.shape, q.dtype, q.device, features)
+        self.note(decision)
+        return None
 
     def _run_kernel(self, decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features):
-        """The kernel's output, or None after recording its failure (then the caller falls back)."""
+        """The kernel's output, or None after remembering its failure (then the caller falls back)."""
         kind = decision.kernel
-        function, _ = self._kernel(kind)
+        function, _ = self._kernels[kind]
         if kv_lens is not None:
             kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
         try:
@@ -444,42 +342,38 @@ class AttentionOptimizer:
             )
         except Exception as error:  # noqa: BLE001 - any kernel failure means: fall back, remember, say why
             why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
-            _, has_mask, has_q_lens, _ = features
-            self._failed[(kind, q.dtype, has_mask, has_q_lens)] = why
+            self._failed[(kind, q.dtype, features.has_mask, features.has_q_lens)] = why
             self._decisions.clear()
             logger.warning("%s; using torch SDPA for such calls from now on", why)
-            self._stats.optimized -= 1
-            self._stats.by_kernel[kind] -= 1
-            if not self._stats.by_kernel[kind]:
-                del self._stats.by_kernel[kind]
-            self._stats.fallbacks["kernel raised"] = self._stats.fallbacks.get("kernel raised", 0) + 1
             return None
 
-    def _note(self, decision: Decision) -> None:
-        """Count a call and remember its decision."""
-        self._stats.record(decision)
-        self._remember(decision)[1] += 1
-
-    def _remember(self, decision: Decision) -> list:
-        """The [decision, calls] entry of this decision; with enable_debug, a new one is logged."""
+    def note(self, decision: Decision) -> None:
+        """Count one call carried out as `decision` says (and log a decision seen for the first time)."""
+        self._stats.record(decision.kernel, decision.category)
         key = (decision.group, decision.kernel, decision.category)
         entry = self._seen.get(key)
         if entry is None:
             entry = self._seen[key] = [decision, 0]
             if self._settings.enable_debug:
                 logger.info("attnforge dispatch: %s", decision.reason)
-        return entry
+        entry[1] += 1
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def torch_fallback(
-    q, k, v, scale=None, causal=True, kv_lens=None, q_lens=None, attn_mask=None
+    q, k, v, scale=None, causal=True, kv_lens=None, q_lens=None, attn_mask=None, *, stats=None
 ) -> torch.Tensor:
     """torch SDPA with attnforge's semantics, on the path torch runs fastest for the call.
 
     On CUDA, SDPA's `enable_gqa` with a mask runs the math backend (it materializes every logit), so masked
     GQA calls go as transformers sends them: one query token with its heads packed per key/value head (no
-    copy of the cache), longer queries with K/V repeated. Returns `[B, Hq, Lq, Dv]`.
+    copy of the cache), longer queries with K/V repeated. Inputs torch's fused kernels cannot take as they are
+    (unaligned views) are copied first, counted in `stats.input_copies`. Returns `[B, Hq, Lq, Dv]`.
     """
+    q, k, v = reference.fused_sdpa_safe(q, k, v, on_copy=None if stats is None else stats.record_copy)
     options = dict(scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask)
     masked = attn_mask is not None or kv_lens is not None or q_lens is not None
     masked = masked or (causal and q.shape[2] != k.shape[2])
@@ -487,11 +381,11 @@ def torch_fallback(
         return reference.sdpa(q, k, v, **options)
     shared_mask = attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[1] == 1)
     if q.shape[2] == 1 and q_lens is None and shared_mask:
-        return _packed_single_query(q, k, v, scale, kv_lens, attn_mask)
+        return packed_single_query(q, k, v, scale, kv_lens, attn_mask)
     return reference.sdpa(q, k, v, repeat_kv=True, **options)
 
 
-def _packed_single_query(q, k, v, scale, kv_lens, attn_mask) -> torch.Tensor:
+def packed_single_query(q, k, v, scale, kv_lens, attn_mask) -> torch.Tensor:
     """One query per head: the G query heads of a key/value head become G query rows of one MHA call."""
     batch, num_heads, _, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -515,25 +409,6 @@ def _packed_single_query(q, k, v, scale, kv_lens, attn_mask) -> torch.Tensor:
     return out.reshape(batch, num_heads, 1, v.shape[-1])
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _unsupported_call(q_shape, k_shape, v_shape, dtype) -> str | None:
-    """Why attnforge's kernels cannot take a call of these shapes at all (None: they might)."""
-    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
-        return "not a 4-D call: tensors must be [B, H, L, D]"
-    if k_shape[-1] != v_shape[-1]:
-        return f"value head_dim differs: key head_dim {k_shape[-1]} != value head_dim {v_shape[-1]} (MLA)"
-    if q_shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim unsupported: head_dim={q_shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"dtype unsupported: dtype={dtype} is not one of {SUPPORTED_DTYPES}"
-    if q_shape[0] != k_shape[0] or tuple(k_shape) != tuple(v_shape) or q_shape[-1] != k_shape[-1]:
-        return f"shapes do not fit: q {tuple(q_shape)}, k {tuple(k_shape)}, v {tuple(v_shape)}"
-    return None
-
-
 # Optimizers by id: the custom op below takes plain values only.
 _OPTIMIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -544,7 +419,7 @@ def _optimized_attention_op(
     kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None, attn_mask: torch.Tensor | None, optimizer: int,
 ) -> torch.Tensor:  # fmt: skip
     """`AttentionOptimizer.attention` as one op inside compiled graphs: `[B, Hq, Lq, Dv]`, contiguous."""
-    out = _OPTIMIZERS[optimizer]._attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
+    out = _OPTIMIZERS[optimizer].attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
     return out.contiguous()
 
 
@@ -585,6 +460,9 @@ def _make_debug_visible() -> None:
         package_logger.addHandler(logging.StreamHandler())
 
 
+_TORCH_ONLY = Decision(None, "passed to torch unchanged", "torch only", "torch only")
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -619,7 +497,7 @@ def scaled_dot_product_attention(
         or (is_causal and attn_mask is not None)  # torch itself rejects this combination
     )
     if torch_only:
-        _default_optimizer._note(Decision(None, "passed to torch unchanged", "torch only", "torch only"))
+        _default_optimizer.note(_TORCH_ONLY)
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
