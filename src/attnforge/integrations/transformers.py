@@ -5,13 +5,15 @@
 it; `patch_model(model)` switches a loaded model (`set_attn_implementation`). Every call goes through the
 process-wide optimizer (optimizer.py), which picks attnforge's kernels or torch SDPA and counts what it did.
 
-The mask function does not build the `[B, 1, Lq, Lkv]` mask when the pattern is plain causal: it returns
+Calls the optimizer sends to torch run exactly what transformers' own "sdpa" runs: the mask hook returns
+transformers' `sdpa_mask` and the attention function calls transformers' `sdpa_attention_forward`. Where the
+optimizer chose a kernel and the pattern is plain causal, the mask hook instead returns
   - None when attention gets exactly the valid keys (DynamicCache, no padding): plain bottom-right causal;
   - `[B, 1, 1, 1]` int32: keys `[0, end)` are valid (`end` = tokens in the cache after this step), so a
     static cache is read only up to its valid length (`kv_lens`) and decode needs no mask at all;
   - `[B, 1, 1, 2]` int32: keys `[start_b, end)` are valid (left-padded batch).
-Any other pattern (sliding window, custom overlays, right padding, masks built inside a compiled graph) gets
-transformers' own boolean mask, which the optimizer passes on as `attn_mask`.
+Other patterns (sliding window, custom overlays, right padding, padding masks inside a compiled graph) get
+transformers' own mask and so its own attention.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
     causal_mask_function,
@@ -33,7 +36,7 @@ from transformers.masking_utils import (
 
 from attnforge.environment import package_version
 from attnforge.kernels import reference
-from attnforge.optimizer import configure_optimizer, get_optimizer
+from attnforge.optimizer import CallFeatures, configure_optimizer, get_optimizer
 
 IMPLEMENTATION = "attnforge"
 logger = logging.getLogger("attnforge.integrations.transformers")
@@ -100,34 +103,73 @@ def attnforge_mask(
     device: torch.device | str = "cpu",
     **kwargs,
 ) -> torch.Tensor | None:
-    """transformers' mask hook: int32 valid ranges for plain causal attention, else transformers' bool mask.
+    """transformers' mask hook: valid ranges where attnforge's kernels will run, else transformers' own mask.
 
-    Returns None (every key valid, plain causal), `[B, 1, 1, 1]` ends, `[B, 1, 1, 2]` (start, end) pairs
-    for left padding, or a bool `[B, 1, Lq, Lkv]` mask (True = attend) / None as transformers' `sdpa_mask`.
+    When the optimizer sends this forward's attention calls to a kernel and the pattern is plain causal over
+    valid ranges (a static cache, left padding), returns int32 `[B, 1, 1, 1]` ends (keys `[0, end)` valid) or
+    `[B, 1, 1, 2]` (start, end) pairs, so the kernel reads only valid keys. Otherwise returns exactly what
+    transformers' `sdpa_mask` returns for the same arguments (None or a bool `[B, 1, Lq, Lkv]` mask), so
+    calls that go to torch run as they would without attnforge.
     """
-    general = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                   kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                   device=device, **kwargs)  # fmt: skip
-    if mask_function is not causal_mask_function:
-        return sdpa_mask(**{**general, "allow_is_causal_skip": False})
+    arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     device=device, **kwargs)  # fmt: skip
+    if mask_function is not causal_mask_function or (
+        attention_mask is not None and torch.compiler.is_compiling()
+    ):
+        return sdpa_mask(**arguments)  # other patterns, or padding we cannot read while tracing
+    exact = not isinstance(q_offset, torch.Tensor) and q_offset + q_length - kv_offset == kv_length
+    if exact and (attention_mask is None or _all_valid(attention_mask, q_offset, q_length)):
+        return None  # a DynamicCache without padding: exactly the valid keys, plain causal (as sdpa_mask)
+    shape = _call_shape(kwargs.get("config"), batch_size, q_length, kv_length)
+    if not _forward_uses_kernel(shape, str(kwargs.get("dtype")), str(torch.device(device))):
+        return sdpa_mask(**arguments)
     # Keys in the cache after this step; StaticCache gives q_offset as a tensor (kept on device: no sync).
     end = torch.as_tensor(q_offset, device=device).to(torch.int32) + (q_length - kv_offset)
     ends = end.reshape(1, 1, 1, 1).expand(batch_size, 1, 1, 1).contiguous()
-    # A DynamicCache hands attention exactly the valid keys: then no lengths at all (None = plain causal),
-    # which also keeps torch SDPA, where it is the faster choice, on its mask-free flash path.
-    exact = not isinstance(q_offset, torch.Tensor) and q_offset + q_length - kv_offset == kv_length
-    unpadded = None if exact else ends
-    if attention_mask is None:
-        return unpadded
-    if torch.compiler.is_compiling():  # no data-dependent checks inside a graph: transformers' full mask
-        return sdpa_mask(**{**general, "allow_is_causal_skip": False})
-    covers = isinstance(q_offset, torch.Tensor) or attention_mask.shape[-1] >= q_offset + q_length
-    if covers and bool(attention_mask.all()):  # the common case: one host sync, as transformers' sdpa does
-        return unpadded
+    if attention_mask is None or _all_valid(attention_mask, q_offset, q_length):
+        return ends
     starts = _left_padding_starts(attention_mask, kv_length, kv_offset, int(end.item()))
     if starts is None:
-        return sdpa_mask(**{**general, "allow_is_causal_skip": False})
+        return sdpa_mask(**arguments)
     return torch.cat([starts.to(device, torch.int32).reshape(batch_size, 1, 1, 1), ends], dim=-1)
+
+
+def _all_valid(attention_mask: torch.Tensor, q_offset, q_length: int) -> bool:
+    """The 2D padding mask marks every token valid (one host sync, as transformers' sdpa_mask does)."""
+    covers = isinstance(q_offset, torch.Tensor) or attention_mask.shape[-1] >= q_offset + q_length
+    return covers and bool(attention_mask.all())
+
+
+def _call_shape(config, batch: int, q_length: int, kv_length: int) -> tuple | None:
+    """(B, Hq, Hkv, D, Lq, Lkv) of this forward's attention calls, from the model's config (or None)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+    return (batch, heads, kv_heads, head_dim, q_length, kv_length)
+
+
+@torch.compiler.assume_constant_result
+def _forward_uses_kernel(shape: tuple | None, dtype: str, device: str) -> bool:
+    """Whether the optimizer sends calls of this shape, with valid lengths, to an attnforge kernel.
+
+    Plain values only: under torch.compile the answer is computed once, while tracing, and kept as a constant.
+    """
+    if shape is None:
+        return False
+    batch, heads, kv_heads, head_dim, q_length, kv_length = shape
+    torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(torch_dtype, torch.dtype):
+        return False
+    features = CallFeatures(causal=q_length > 1, has_kv_lens=True)
+    decision = get_optimizer().decision_for(
+        (batch, heads, q_length, head_dim), (batch, kv_heads, kv_length, head_dim),
+        (batch, kv_heads, kv_length, head_dim), torch_dtype, torch.device(device), features,
+    )  # fmt: skip
+    return decision.optimized
 
 
 def _left_padding_starts(
@@ -155,45 +197,62 @@ def attnforge_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    sliding_window: int | None = None,
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention hook.
 
-    q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` (the whole cache) -> (`[B, Lq, Hq, Dv]`, None).
+    q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` (the whole cache) -> (`[B, Lq, Hq, Dv]`, None). Valid ranges
+    from `attnforge_mask` go to attnforge's kernels; any other call runs the kernel the optimizer chose for
+    it, else transformers' own `sdpa_attention_forward`, unchanged.
     """
-    for name in ("s_aux", "position_bias"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(
-                f"attn_implementation='attnforge' does not support {name}; use attn_implementation='sdpa'"
-            )
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(
+            "attn_implementation='attnforge' does not support s_aux (attention sinks); use 'eager'"
+        )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal, kv_lens, attn_mask = _read_mask(attention_mask, causal, key.shape[2])
-    if softcap is not None or (dropout and module.training):
-        out = _torch_math_attention(query, key, value, scaling, causal, kv_lens, attn_mask, softcap, dropout)
-    else:
+    if attention_mask is not None and attention_mask.dtype == torch.int32:
+        kv_lens, attn_mask = _read_ranges(attention_mask, key.shape[2])
         out = get_optimizer().attention(
             query, key, value, scale=scaling, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask
         )
-    return out.transpose(1, 2), None
+        return out.transpose(1, 2), None
+    if softcap is not None or (dropout and module.training):
+        out = _torch_math_attention(
+            query, key, value, scaling, causal, None, attention_mask, softcap, dropout
+        )
+        return out.transpose(1, 2), None
+    if kwargs.get("position_bias") is None:
+        out = _kernel_or_none(query, key, value, scaling, causal, attention_mask)
+        if out is not None:
+            return out.transpose(1, 2), None
+    return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
 
 
-def _read_mask(
-    attention_mask: torch.Tensor | None, causal: bool, kv_len: int
-) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
-    """(causal, kv_lens, attn_mask) from what `attnforge_mask` (or a caller) produced."""
-    if attention_mask is None or attention_mask.dtype != torch.int32:
-        # transformers' own mask holds the causal pattern already
-        return (causal and attention_mask is None), None, attention_mask
-    batch = attention_mask.shape[0]
-    ranges = attention_mask.reshape(batch, -1)
-    kv_lens = ranges[:, -1]
-    if ranges.shape[1] == 1:
-        return causal, kv_lens, None
-    key_pos = torch.arange(kv_len, device=ranges.device)
-    keys_valid = key_pos[None, :] >= ranges[:, :1]
-    return causal, kv_lens, keys_valid[:, None, None, :]
+def _kernel_or_none(query, key, value, scale, causal, mask) -> torch.Tensor | None:
+    """attnforge's kernel where the optimizer chooses it for this call (counted either way), else None.
+
+    `mask` is transformers' own (None: plain causal over exactly the valid keys; else it holds the pattern).
+    Inside torch.compile, calls without a mask are decided when the graph runs (one custom op); calls with
+    one are traced as transformers' sdpa attention.
+    """
+    optimizer = get_optimizer()
+    causal = causal and mask is None and query.shape[2] > 1
+    if not torch.compiler.is_compiling():
+        return optimizer.run_kernel_if_chosen(query, key, value, scale=scale, causal=causal, attn_mask=mask)
+    if mask is None:
+        return optimizer.attention(query, key, value, scale=scale, causal=causal)
+    return None
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    """transformers' own sdpa attention, with inputs torch's fused kernels cannot take copied first."""
+    optimizer = get_optimizer()
+    query, key, value = reference.fused_sdpa_safe(query, key, value, on_copy=optimizer.stats.record_copy)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+        **kwargs,
+    )  # fmt: skip
 
 
 def _torch_math_attention(q, k, v, scale, causal, kv_lens, attn_mask, softcap, dropout) -> torch.Tensor:
@@ -219,6 +278,18 @@ def _torch_math_attention(q, k, v, scale, causal, kv_lens, attn_mask, softcap, d
     weights = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
     return torch.matmul(weights, v)
+
+
+def _read_ranges(ranges: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(kv_lens, attn_mask) from the int32 ranges `attnforge_mask` produced."""
+    batch = ranges.shape[0]
+    ranges = ranges.reshape(batch, -1)
+    kv_lens = ranges[:, -1]
+    if ranges.shape[1] == 1:
+        return kv_lens, None
+    key_pos = torch.arange(kv_len, device=ranges.device)
+    keys_valid = key_pos[None, :] >= ranges[:, :1]
+    return kv_lens, keys_valid[:, None, None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------
