@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from attnforge import verify
+from attnforge.bench import report
 from attnforge.bench.cli import bench_app
 from attnforge.config import MAX_DECODE_QUERY_LEN
 from attnforge.environment import environment_report
@@ -205,6 +212,84 @@ def demo(
         console.print(f"[red]{failures} correctness failures")
     if failures or not model_ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def tune(
+    model: Annotated[
+        str | None, typer.Option(metavar="NAME", help="bundled architecture or local path")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(metavar="NAME", help="a preset grid: decode-grid")] = None,
+    kernels: Annotated[
+        str, typer.Option(metavar="KINDS", help="with --model: decode,prefill")
+    ] = "decode,prefill",
+    batch: Annotated[int, typer.Option(min=1, metavar="B", help="batch size of the model's calls")] = 1,
+    quick: Annotated[bool, typer.Option("--quick/--full", help="fewer candidates per bucket")] = True,
+    table: Annotated[
+        Path | None, typer.Option(metavar="PATH", help="table to write (default: yours)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="also write the measurements (JSON)")
+    ] = None,
+    graph_layers: Annotated[
+        int, typer.Option(min=0, metavar="N", help="also time decode winners in a CUDA graph of N layers")
+    ] = 0,
+    from_results: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="store the entries of a saved tuning result (no GPU)")
+    ] = None,
+) -> None:
+    """Measure attnforge's kernels against torch for the buckets a model (or a preset grid) hits on this GPU,
+    correctness first, and store the winning launch parameters and speed-ups in your tuning table."""
+    from attnforge.bench import tune as tuner
+
+    if from_results is not None:
+        doc = json.loads(from_results.read_text())
+        console.print(f"wrote the entries of {from_results} to {tuner.store(doc, from_results.name, table)}")
+        return
+    targets = _tune_targets(tuner, model, preset, kernels, batch)
+    if not torch.cuda.is_available():
+        console.print("[yellow]No CUDA GPU: correctness only (Triton interpreter); nothing is stored.")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    with console.status("tuning") as status:
+        doc = tuner.run(
+            targets, quick=quick, progress=lambda i, label: status.update(f"{i + 1}/{len(targets)} {label}")
+        )
+    console.print(_tune_table(doc))
+    if out is not None:
+        paths = tuner.save(doc, out, report.default_stem("tuning", model or preset))
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+    if torch.cuda.is_available():
+        source = f"attnforge tune {model or preset} ({doc['created'][:10]})"
+        console.print(f"stored the entries in {tuner.store(doc, source, table)}")
+
+
+def _tune_targets(tuner, model, preset, kernels, batch) -> list:
+    if (model is None) == (preset is None):
+        raise typer.BadParameter("give exactly one of --model NAME or --preset NAME")
+    if preset is not None:
+        if preset not in tuner.PRESETS:
+            raise typer.BadParameter(f"--preset {preset!r} is not one of {sorted(tuner.PRESETS)}")
+        return tuner.PRESETS[preset]()
+    kinds = tuple(k.strip() for k in kernels.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in ("decode", "prefill")]
+    if unknown or not kinds:
+        raise typer.BadParameter(f"--kernels {kernels!r}: accepted kinds are decode, prefill")
+    return tuner.model_targets(model, batch=batch, kinds=kinds)
+
+
+def _tune_table(doc: dict) -> Table:
+    table = Table(title="attnforge tune: fastest correct configuration per bucket")
+    for column in ("bucket", "best", "us", "torch us", "speed-up", "heuristic"):
+        table.add_column(column)
+    for row in doc["rows"]:
+        if row.get("speedup") is None:
+            wrong = [n for n, c in row["candidates"].items() if c["status"] != "correct"]
+            table.add_row(row["bucket"], "-", "", "", "", f"not timed; failed: {', '.join(wrong) or 'none'}")
+            continue
+        heuristic = row.get("heuristic_speedup")
+        table.add_row(row["bucket"], row["best"], f"{row['best_us']:.1f}", f"{row['torch_us']:.1f}",
+                      f"{row['speedup']:.2f}x", f"{heuristic:.2f}x" if heuristic else "-")  # fmt: skip
+    return table
 
 
 if __name__ == "__main__":

@@ -142,9 +142,21 @@ def e2e(
     kernels: Annotated[
         str,
         typer.Option(
-            help="measured: the optimizer's choice (tuning table); all: attnforge kernels wherever supported."
+            metavar="POLICY",
+            help="measured: the optimizer's choice (tuning store); all: attnforge kernels where supported; "
+            "none: every call to torch (the fallback's own cost).",
         ),
     ] = "measured",
+    cache: Annotated[
+        str, typer.Option(metavar="KIND", help="dynamic, or static (transformers compiles the decode step).")
+    ] = "dynamic",
+    prompt_tokens: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Override every scenario's prompt length.")
+    ] = None,
+    scenarios: Annotated[
+        str | None,
+        typer.Option(metavar="NAMES", help="Comma-separated scenario names (default: the mode's)."),
+    ] = None,
 ) -> None:
     """End-to-end generation scenarios: TTFT, prefill/decode tok/s, total time, peak memory."""
     from attnforge.bench import e2e as scenarios
@@ -168,6 +180,9 @@ def e2e(
                 all_scenarios=all_scenarios,
                 time_budget_s=time_budget,
                 kernels=kernels,
+                cache=cache,
+                names=scenarios.split(",") if scenarios else None,
+                prompt_tokens=prompt_tokens,
                 progress=advance,
             )
         except ValueError as error:

@@ -31,9 +31,12 @@ NO_GPU_NOTE = (
     "kernel statistics); timings need a CUDA GPU"
 )
 CPU_PROMPT_TOKENS, CPU_NEW_TOKENS = 24, 4
-# "measured": the optimizer's own choice (kernels where the tuning table measured them faster);
-# "all": attnforge's kernels wherever they support the call (require_measurement=False).
-KERNEL_POLICIES = ("measured", "all")
+# "measured": the optimizer's own choice (kernels where the tuning store measured them faster);
+# "all": attnforge's kernels wherever they support the call (require_measurement=False);
+# "none": every call routed to torch (what a user gets where no kernel wins: the fallback's cost alone).
+KERNEL_POLICIES = ("measured", "all", "none")
+# "dynamic": transformers' default DynamicCache; "static": its StaticCache, which generate() compiles.
+CACHES = ("dynamic", "static")
 
 _CODE = """Write a Python module that implements a thread-safe LRU cache with a time-to-live per entry.
 It must expose get(key), put(key, value, ttl_seconds) and a stats() method that reports hits, misses and
@@ -130,6 +133,15 @@ def scenarios_for(mode: str, *, all_scenarios: bool = False) -> list[Scenario]:
     return [s for s in SCENARIOS if s.name in QUICK]
 
 
+def scenarios_named(names: list[str]) -> list[Scenario]:
+    """The scenarios of these names, in the order given; an unknown name raises ValueError listing them."""
+    by_name = {s.name: s for s in SCENARIOS}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise ValueError(f"unknown scenarios {unknown}; known: {sorted(by_name)}")
+    return [by_name[name] for name in names]
+
+
 def prompt_token_ids(text: str, length: int, vocab_size: int) -> list[int]:
     """`length` token ids from `text`: each word/punctuation mark hashed into [100, vocab_size - 100)."""
     if length <= 0:
@@ -170,8 +182,12 @@ class _TokenClock:
         self.end_time = time.perf_counter()
 
 
-def generate_once(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy generation of exactly `new_tokens` tokens; times and peak memory of this one run."""
+def generate_once(model, input_ids: torch.Tensor, new_tokens: int, cache: str = "dynamic") -> dict:
+    """Greedy generation of exactly `new_tokens` tokens; times and peak memory of this one run.
+
+    cache: "dynamic" or "static" (transformers' StaticCache; on a GPU generate() compiles the decode step).
+    """
+    options = {"cache_implementation": "static"} if cache == "static" else {}
     cuda = input_ids.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     clock = _TokenClock(sync)
@@ -188,6 +204,7 @@ def generate_once(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
             do_sample=False,
             streamer=clock,
             pad_token_id=0,
+            **options,
         )
     first_token = clock.times[1] - start
     decode_s = clock.times[-1] - clock.times[1]
@@ -268,20 +285,25 @@ def run_scenario(
     device,
     prompt_tokens: int | None = None,
     new_tokens: int | None = None,
+    cache: str = "dynamic",
 ) -> dict:
-    """Warm-up then measured runs of one scenario, the sides in `order` interleaved (A B A B ...)."""
+    """Warm-up then measured runs of one scenario, the sides in `order` interleaved (A B, B A, ...).
+
+    With a static cache the sides run one after the other instead (all of A, then all of B): switching the
+    attention implementation recompiles transformers' compiled decode step, so interleaving would time
+    compilations.
+    """
     length = prompt_tokens or scenario.prompt_tokens
     new = new_tokens or scenario.new_tokens
     ids = torch.tensor([prompt_token_ids(scenario.prompt, length, vocab_size)], device=device)
     measured: dict[str, list[dict]] = {side: [] for side in order}
     side_stats: dict[str, dict] = {side: {} for side in order}
-    for index in range(warmup + runs):
-        for side in order if index % 2 == 0 else order[::-1]:
-            sides.use(side)
-            run = generate_once(model, ids, new)
-            side_stats[side] = _merge_stats(side_stats[side], sides.stats())
-            if index >= warmup:
-                measured[side].append(run)
+    for index, side in _schedule(order, warmup + runs, interleaved=cache == "dynamic"):
+        sides.use(side)
+        run = generate_once(model, ids, new, cache)
+        side_stats[side] = _merge_stats(side_stats[side], sides.stats())
+        if index >= warmup:
+            measured[side].append(run)
     result = {
         "name": scenario.name,
         "category": scenario.category,
@@ -301,6 +323,13 @@ def run_scenario(
     if len(order) == 2:
         result["improvement"] = improvement(result["sides"]["baseline"], result["sides"]["attnforge"])
     return result
+
+
+def _schedule(order: list[str], count: int, *, interleaved: bool) -> list[tuple[int, str]]:
+    """(run index, side) pairs: A B, B A, A B ... when interleaved, else A A A ... B B B."""
+    if not interleaved:
+        return [(index, side) for side in order for index in range(count)]
+    return [(index, side) for index in range(count) for side in (order if index % 2 == 0 else order[::-1])]
 
 
 def improvement(baseline: dict, optimized: dict) -> dict:
@@ -333,6 +362,9 @@ def run(
     progress: Callable[[str, int], None] | None = None,
     time_budget_s: float | None = None,
     kernels: str = "measured",
+    cache: str = "dynamic",
+    names: list[str] | None = None,
+    prompt_tokens: int | None = None,
     **config_overrides,
 ) -> dict:
     """Run the scenarios of `mode` and return the result document.
@@ -343,9 +375,11 @@ def run(
     """
     from attnforge import models
 
-    chosen = scenarios_for(mode, all_scenarios=all_scenarios)
+    chosen = scenarios_for(mode, all_scenarios=all_scenarios) if not names else scenarios_named(names)
     if kernels not in KERNEL_POLICIES:
         raise ValueError(f"kernels={kernels!r} is not known; accepted: {KERNEL_POLICIES}")
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r} is not known; accepted: {CACHES}")
     device = (
         torch.device(device)
         if device is not None
@@ -358,8 +392,10 @@ def run(
     )
     config = model.config
     sides = _Sides(model)
-    previous_require = sides.optimizer.settings.require_measurement
-    sides.optimizer.configure(require_measurement=kernels == "measured")
+    previous = sides.optimizer.settings
+    sides.optimizer.configure(
+        require_measurement=kernels != "all", kernels=() if kernels == "none" else previous.kernels
+    )
     order = ["baseline", "attnforge"] if (mode == "compare" or not on_gpu) else ["attnforge"]
     if not on_gpu:
         chosen = chosen[:1]  # one short scenario shows agreement; more would only repeat it, slowly
@@ -385,8 +421,9 @@ def run(
                 "vocab_size",
             )
         },
-        "method": _method(on_gpu, runs, warmup, order),
+        "method": _method(on_gpu, runs, warmup, order, cache),
         "kernel_policy": kernels,
+        "cache": cache,
         "note": None if on_gpu else NO_GPU_NOTE,
         "scenarios": [],
         "skipped": [],
@@ -419,6 +456,8 @@ def run(
                 warmup=warmup,
                 vocab_size=config.vocab_size,
                 device=device,
+                cache=cache,
+                prompt_tokens=prompt_tokens,
             )
             torch.cuda.empty_cache()
         else:
@@ -439,7 +478,7 @@ def run(
             result.pop("improvement", None)
         doc["scenarios"].append(result)
     sides.use("baseline")
-    sides.optimizer.configure(require_measurement=previous_require)
+    sides.optimizer.configure(require_measurement=previous.require_measurement, kernels=previous.kernels)
     _finish(doc, on_gpu)
     return doc
 
@@ -461,14 +500,14 @@ def _finish(doc: dict, on_gpu: bool) -> None:
             r["sides"]["baseline"]["first_tokens"] == r["sides"]["attnforge"]["first_tokens"]
             for r in doc["scenarios"]
         )
-    if doc["scenarios"] and not stats_total.get("optimized"):
+    if doc["scenarios"] and not stats_total.get("optimized") and doc["kernel_policy"] != "none":
         doc["failure"] = (
             "attnforge kernels did not run on the attnforge side (optimizer stats: "
             f"{stats_total}); the comparison would be torch against torch and is not valid"
         )
 
 
-def _method(on_gpu: bool, runs: int, warmup: int, order: list[str]) -> str:
+def _method(on_gpu: bool, runs: int, warmup: int, order: list[str], cache: str = "dynamic") -> str:
     if not on_gpu:
         return (
             f"{CPU_PROMPT_TOKENS}-token prompt, {CPU_NEW_TOKENS} greedy tokens, baseline (sdpa) and "
@@ -477,9 +516,11 @@ def _method(on_gpu: bool, runs: int, warmup: int, order: list[str]) -> str:
         )
     sides = " and ".join(order)
     return (
-        "model.generate greedy, EOS ignored (min_new_tokens = max_new_tokens), batch 1, bf16, dynamic cache; "
-        f"{warmup} warm-up and {runs} measured runs per scenario of {sides}"
-        + (", interleaved A B / B A in one process" if len(order) == 2 else "")
+        "model.generate greedy, EOS ignored (min_new_tokens = max_new_tokens), batch 1, bf16, "
+        + ("dynamic cache; " if cache == "dynamic" else "static cache (generate compiles the decode step); ")
+        + f"{warmup} warm-up and {runs} measured runs per scenario of {sides}"
+        + (", interleaved A B / B A in one process" if len(order) == 2 and cache == "dynamic" else "")
+        + (", one side after the other in one process" if len(order) == 2 and cache == "static" else "")
         + "; TTFT = time to the first new token (device synced), decode tok/s = (new - 1) / time after it; "
         "median and 95% interval of the median; peak memory = torch.cuda.max_memory_allocated per run"
     )

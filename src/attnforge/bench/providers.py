@@ -328,11 +328,12 @@ def _sdpa_supports(backend: str) -> Callable[[BenchConfig, torch.device], tuple[
     return supports
 
 
-def _sdpa_call(backend: str | None) -> Callable[..., Call]:
+def sdpa_call(backend: str | None) -> Callable[..., Call]:
     """torch SDPA with enable_gqa, forced to one backend (None: torch's own choice)."""
 
     def make(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
         mask, is_causal = prepared_mask(q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask)
+        q, k, v = reference.fused_sdpa_safe(q, k, v)  # torch's flash faults on unaligned views
         backends = [SDPA_BACKENDS[backend]] if backend else list(SDPA_BACKENDS.values())
 
         def call_with(keys, values, gqa: bool) -> Call:
@@ -361,9 +362,10 @@ def _sdpa_call(backend: str | None) -> Callable[..., Call]:
     return make
 
 
-def _repeat_kv_call(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
+def repeat_kv_call(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
     """transformers' sdpa path: K/V repeated to Hq heads in every call, mask built once per forward."""
     mask, is_causal = prepared_mask(q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask)
+    q, k, v = reference.fused_sdpa_safe(q, k, v)  # torch's flash faults on unaligned views
     group = q.shape[1] // k.shape[1]
 
     def call() -> torch.Tensor:
@@ -447,7 +449,7 @@ def default_providers() -> dict[str, Provider]:
             "sdpa-auto",
             "baseline",
             "torch SDPA, enable_gqa, torch's own backend choice",
-            _sdpa_call(None),
+            sdpa_call(None),
             _always,
         ),
     ]
@@ -457,7 +459,7 @@ def default_providers() -> dict[str, Provider]:
                 f"sdpa-{backend}",
                 "baseline",
                 f"torch SDPA, enable_gqa, {backend} backend forced",
-                _sdpa_call(backend),
+                sdpa_call(backend),
                 _sdpa_supports(backend),
             )
         )
@@ -466,7 +468,7 @@ def default_providers() -> dict[str, Provider]:
             "hf-repeat_kv",
             "baseline",
             "transformers' sdpa path: repeat_kv copies, then torch SDPA",
-            _repeat_kv_call,
+            repeat_kv_call,
             _always,
         )
     )

@@ -1,0 +1,534 @@
+"""`attnforge tune`: measure attnforge's kernels against torch on this GPU, bucket by bucket; store what won.
+
+For each target (one representative call per tuning bucket: the buckets a model's decode and prefill will hit,
+or a preset grid), in this order:
+  1. correctness: every candidate launch configuration runs the protocol's needle case at the target's exact
+     shape (poisoned padding beyond the valid lengths where it has them) against the float64 oracle; one that
+     fails is reported and never timed;
+  2. timing: the correct candidates and torch's paths for the same call (SDPA with enable_gqa, masked where
+     the call needs a mask, and transformers' repeat_kv path) interleaved, each sample after an L2 flush;
+  3. the entry: the fastest candidate's parameters and its speed-up over the fastest torch path.
+Entries go to the user's tuning table (`tuning.user_table_path()`) unless another is named. Compilation
+dominates such a run, so every candidate is compiled first by a pool of worker processes (Triton's on-disk
+cache then serves the timing process).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from attnforge import verify
+from attnforge.bench import report, timing
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MODEL_CONTEXTS = (1024, 4096, 16384)
+MODEL_PROMPTS = (128, 512, 2048)
+GRAPH_MAX_BYTES = 12 * 2**30
+
+
+@dataclass(frozen=True)
+class Target:
+    """One call to tune: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]`; `valid` = kv_lens (a static cache or a
+    ragged batch: keys beyond them hold NaN/Inf), else every key is valid."""
+
+    kind: str
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    valid: tuple[int, ...] | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def label(self) -> str:
+        lens = "" if self.valid is None else f" valid={_lens_text(self.valid)}"
+        return (f"{self.kind} B={self.batch} {self.num_heads}:{self.num_kv_heads} Lq={self.q_len} "
+                f"Lkv={self.kv_len} d{self.head_dim} {self.dtype}{lens}")  # fmt: skip
+
+    @property
+    def bucket(self) -> str:
+        if self.kind == "decode":
+            from attnforge.kernels.decode import decode_bucket
+
+            group = self.num_heads // self.num_kv_heads
+            lens = self.valid is not None
+            return decode_bucket(self.batch, self.kv_len, group, self.q_len, self.head_dim, lens)
+        from attnforge.kernels.prefill import prefill_bucket
+
+        return prefill_bucket(self.batch, self.num_heads, self.q_len, self.kv_len, self.head_dim,
+                              self.torch_dtype, self.valid is not None)  # fmt: skip
+
+
+def _lens_text(lens: tuple[int, ...]) -> str:
+    return str(lens[0]) if len(set(lens)) == 1 else f"{min(lens)}..{max(lens)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets
+
+
+def model_targets(model: str, *, batch: int = 1, contexts=MODEL_CONTEXTS, prompts=MODEL_PROMPTS,
+                  kinds=("decode", "prefill"), dtype: str = "bfloat16") -> list[Target]:  # fmt: skip
+    """The buckets a model's generation hits: decode against a DynamicCache (every key valid) and against a
+    static cache (half of a buffer valid) at each context length, and prefill of each prompt length."""
+    from attnforge.models import load_config
+
+    config = load_config(model)
+    config = getattr(config, "get_text_config", lambda: config)()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = (batch, heads, kv_heads)
+    targets = []
+    if "decode" in kinds:
+        for n in contexts:
+            targets.append(Target("decode", *shape, 1, n, head_dim, dtype))
+            targets.append(Target("decode", *shape, 1, n, head_dim, dtype, valid=(n // 2,) * batch))
+    if "prefill" in kinds:
+        targets += [Target("prefill", *shape, n, n, head_dim, dtype) for n in prompts]
+    return targets
+
+
+def decode_grid() -> list[Target]:
+    """Issue 10's grid: B1 GQA 16:8 / 32:8 / 40:8 d128 at 1k-64k; MQA, MHA; d64, d80, d256; B8, B32; Lq 2-16;
+    a static cache (4k valid in a 32k buffer) and a ragged batch (B8, 1k..16k valid in 16k)."""
+    rows = [Target("decode", 1, h, 8, 1, n, 128) for h in (16, 32, 40) for n in (1024, 4096, 16384, 65536)]
+    rows += [Target("decode", 1, h, kv, 1, n, 128) for h, kv in ((32, 1), (32, 32)) for n in (4096, 16384)]
+    rows += [Target("decode", 1, 32, 8, 1, 4096, d) for d in (64, 80, 256)]
+    rows += [Target("decode", 1, 32, 32, 1, 4096, 64), Target("decode", 1, 32, 1, 1, 4096, 64)]
+    rows += [Target("decode", b, 32, 8, 1, n, 128) for b in (8, 32) for n in (4096, 16384)]
+    rows += [Target("decode", 1, 32, 8, q, 4096, 128) for q in (2, 4, 8, 16)]
+    rows.append(Target("decode", 1, 32, 8, 1, 32768, 128, valid=(4096,)))
+    rows.append(Target("decode", 8, 32, 8, 1, 16384, 128, valid=tuple(1024 + 2048 * i for i in range(8))))
+    return rows
+
+
+PRESETS: dict[str, Callable[[], list[Target]]] = {"decode-grid": decode_grid}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Candidates
+
+
+def decode_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
+    """Launch configurations to try: the heuristic's, then tile sizes x split counts around it, then
+    pipelining depth and warps for the heuristic's tile (fewer with `quick`)."""
+    from attnforge.kernels import decode, tuning
+
+    rows = target.num_heads // target.num_kv_heads * target.q_len
+    m_blocks = math.ceil(rows / max(16, min(64, 1 << (rows - 1).bit_length())))
+    units = target.batch * target.num_kv_heads * m_blocks
+    element = torch.empty((), dtype=target.torch_dtype).element_size()
+    sms = tuning.sm_count(device)
+    base = decode.heuristic_params(target.batch, target.kv_len, target.num_kv_heads, m_blocks,
+                                   target.head_dim, element, sms)  # fmt: skip
+    block_ns = (64, 128) if target.head_dim * element <= 256 else (32, 64)
+    candidates = [base]
+    for block_n in block_ns:
+        tiles = math.ceil(target.kv_len / block_n)
+        best = decode.heuristic_splits(units, tiles, sms)
+        options = {best, max(1, best // 2), min(tiles, 2 * best, decode.MAX_SPLITS)}
+        if not quick:
+            limit = min(tiles, decode.MAX_SPLITS)
+            options |= {s for s in (8, 16, 32, 64) if s <= limit and s * units <= 4 * sms}
+        candidates += [dict(base, BLOCK_N=block_n, num_splits=s) for s in sorted(options)]
+    stages = (2, 4) if quick else (2, 4, 5)
+    candidates += [dict(base, num_stages=s) for s in stages]
+    if not quick:
+        candidates += [dict(base, num_warps=8), dict(base, num_warps=2)]
+    return _unique(candidates)
+
+
+def prefill_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
+    """The heuristic's configuration and the usual tile / warp / stage alternatives (TMA on Hopper)."""
+    from attnforge.kernels import prefill
+
+    base = prefill.heuristic_params(target.batch, target.num_heads, target.q_len, target.head_dim,
+                                    target.torch_dtype, device)  # fmt: skip
+    grid = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)]
+    if not quick:
+        grid += [(128, 64, 8, 4), (64, 128, 4, 2), (128, 32, 4, 4)]
+    candidates = [base] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in grid]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        candidates += [dict(c, tma=True) for c in candidates[:3]]
+    return _unique(candidates)
+
+
+def _unique(candidates: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for c in candidates:
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def candidates_for(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
+    maker = decode_candidates if target.kind == "decode" else prefill_candidates
+    return maker(target, device, quick)
+
+
+def params_name(params: dict) -> str:
+    """'n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' (prefill)."""
+    parts = [f"m{params['BLOCK_M']}"] if "BLOCK_M" in params else []
+    parts.append(f"n{params['BLOCK_N']}")
+    if "num_splits" in params:
+        parts.append(f"s{params['num_splits']}")
+    parts += [f"w{params.get('num_warps', '?')}", f"st{params.get('num_stages', '?')}"]
+    return "-".join(parts) + ("-tma" if params.get("tma") else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs, calls, correctness
+
+
+def make_case(target: Target, device, seed: int) -> verify.Case:
+    """The target's needle case (the needle at the last visible key); keys beyond `valid` are NaN/Inf."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = verify.Shape(target.batch, target.num_heads, target.num_kv_heads, target.q_len, target.kv_len,
+                         target.head_dim)  # fmt: skip
+    lens = None if target.valid is None else list(target.valid)
+    case = verify.needle_case(shape, position="last", dtype=target.torch_dtype, device=device, causal=True,
+                              kv_lens=lens, generator=generator)  # fmt: skip
+    if case.kv_lens is not None:
+        for b, end in enumerate(case.kv_lens.tolist()):
+            case.k[b, :, end:] = math.nan
+            case.v[b, :, end:] = math.inf
+    return case
+
+
+def _without_poison(case: verify.Case) -> verify.Case:
+    """The case with zeros beyond the valid lengths, as a real static cache holds (torch's masked paths read
+    those keys, so NaN there would poison them); the same case when every key is valid."""
+    if case.kv_lens is None:
+        return case
+    k, v = case.k.clone(), case.v.clone()
+    for b, end in enumerate(case.kv_lens.tolist()):
+        k[b, :, end:] = 0
+        v[b, :, end:] = 0
+    return verify.Case(case.name, case.q, k, v, case.scale, case.causal, case.kv_lens)
+
+
+def kernel_call(target: Target, case: verify.Case, params: dict, out: torch.Tensor) -> Callable[[], object]:
+    """A zero-argument launch of the kernel with these launch parameters, writing `out`."""
+    scale = target.head_dim**-0.5
+    if target.kind == "decode":
+        from attnforge.kernels.decode import launch_decode
+
+        return lambda: launch_decode(case.q, case.k, case.v, out, scale=scale, kv_lens=case.kv_lens,
+                                     params=params)  # fmt: skip
+    from attnforge.kernels.prefill import _prefill_into
+
+    return lambda: _prefill_into(case.q, case.k, case.v, out, scale, True, case.kv_lens, None, None, params)
+
+
+def torch_calls(case: verify.Case) -> dict[str, Callable[[], object]]:
+    """torch's paths for the same call: SDPA with enable_gqa (torch's own backend choice, masked where the
+    call needs a mask), transformers' sdpa path (K/V repeated per call) and, for one query token with valid
+    lengths, the query heads packed per key/value head (attnforge's own fallback); masks are built outside."""
+    from attnforge.bench.providers import repeat_kv_call, sdpa_call
+    from attnforge.optimizer.runtime import packed_single_query
+
+    q, k, v = case.q, case.k, case.v
+    options = dict(causal=case.causal, scale=case.scale, kv_lens=case.kv_lens)
+    calls = {
+        "sdpa-gqa": sdpa_call(None)(q, k, v, **options),
+        "hf-repeat_kv": repeat_kv_call(q, k, v, **options),
+    }
+    if case.kv_lens is not None and q.shape[2] == 1 and q.shape[1] > k.shape[1]:
+        calls["sdpa-packed"] = lambda: packed_single_query(q, k, v, case.scale, case.kv_lens, None)
+    return calls
+
+
+def check(call: Callable[[], object], out: torch.Tensor, expected: torch.Tensor, dtype) -> tuple:
+    """Run a call into a NaN-filled `out`; (passed, max per-slice relative L2 against `expected`)."""
+    out.fill_(math.nan)
+    result = call()
+    result = out if result is None else result
+    if not torch.isfinite(result).all():
+        return False, math.inf
+    error = float(verify.relative_l2_per_slice(result, expected).max())
+    return error <= verify.tolerance_for(dtype), error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compilation in parallel
+
+
+def _compile_worker(jobs: list[tuple[dict, list[dict]]]) -> int:
+    """In a worker process: launch each (target, params) once so Triton compiles it into its disk cache."""
+    device = torch.device("cuda")
+    done = 0
+    for target_fields, params_list in jobs:
+        valid = target_fields["valid"]
+        target = Target(**{**target_fields, "valid": None if valid is None else tuple(valid)})
+        case = make_case(target, device, seed=0)
+        out = torch.empty_like(case.q)
+        for params in params_list:
+            try:
+                kernel_call(target, case, params, out)()
+                done += 1
+            except Exception:  # noqa: BLE001 - the timing process reports the error for this candidate
+                pass
+        torch.cuda.synchronize()
+    return done
+
+
+def precompile(plan: list[tuple[Target, list[dict]]], workers: int) -> float:
+    """Compile every candidate of every target in `workers` processes; returns seconds spent."""
+    started = time.monotonic()
+    if workers <= 1 or not torch.cuda.is_available():
+        return 0.0
+    jobs = [(asdict(t), params) for t, params in plan]
+    chunks = [jobs[i::workers] for i in range(workers)]
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile_worker, [c for c in chunks if c]))
+    return time.monotonic() - started
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One target
+
+
+def tune_target(
+    target: Target, candidates: list[dict], device, *, reps: int = 30, seed: int = 0, graph_layers: int = 0
+) -> dict:
+    """Check every candidate, time the correct ones against torch's paths, pick the fastest; with
+    `graph_layers`, also time the winner and the fastest torch path inside a CUDA graph."""
+    case = make_case(target, device, seed)
+    expected = case.reference()
+    row = {"target": asdict(target), "label": target.label, "bucket": target.bucket, "seed": seed,
+           "candidates": {}, "torch": {}}  # fmt: skip
+    calls = {}
+    for params in candidates:
+        name, out = params_name(params), torch.empty_like(case.q)
+        cell = row["candidates"][name] = {"params": params}
+        try:
+            call = kernel_call(target, case, params, out)
+            passed, error = check(call, out, expected, case.q.dtype)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal
+            cell.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        cell.update(status="correct" if passed else "incorrect", max_rel_l2=error)
+        if passed:
+            calls[name] = call
+    baselines = {}
+    for name, call in torch_calls(_without_poison(case)).items():
+        out = torch.empty_like(case.q)
+        try:
+            passed, error = check(call, out, expected, case.q.dtype)
+        except RuntimeError as exc:
+            row["torch"][name] = {"status": "n/a", "reason": str(exc).splitlines()[0][:200]}
+            continue
+        row["torch"][name] = {"status": "correct" if passed else "incorrect", "max_rel_l2": error}
+        if passed:
+            baselines[name] = call
+    if device.type == "cuda" and calls and baselines:
+        _time(row, calls, baselines, reps)
+        if target.kind == "decode" and graph_layers:
+            _time_in_graph(row, target, case, graph_layers)
+    return row
+
+
+def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) -> None:
+    """The best candidate and the fastest torch path per call inside one captured CUDA graph of `layers`
+    calls, each on its own buffers (what a graph-captured decode loop sees: L2 does not hold the cache)."""
+    bytes_needed = layers * 3 * case.k.numel() * case.k.element_size()
+    if bytes_needed > GRAPH_MAX_BYTES:
+        row["graph"] = f"skipped: {layers} layers of buffers need {bytes_needed / 2**30:.0f} GiB"
+        return
+    buffers = [(torch.randn_like(case.q), torch.randn_like(case.k), torch.randn_like(case.v))
+               for _ in range(layers)]  # fmt: skip
+    params = row["candidates"][row["best"]]["params"]
+    makers = {
+        row["best"]: lambda i: kernel_call(target, _layer_case(case, buffers[i]), params,
+                                           torch.empty_like(case.q)),
+        row["best_torch"]: lambda i: torch_calls(_layer_case(case, buffers[i]))[row["best_torch"]],
+    }  # fmt: skip
+    for name, make in makers.items():
+        cell = row["candidates"].get(name) or row["torch"][name]
+        try:
+            samples = timing.time_graph_per_call(make, layers=layers, reps=20)
+        except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is reported, not fatal
+            cell["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            continue
+        cell["graph_median_us"] = timing.summarize(samples)["median_us"]
+    best, torch_cell = row["candidates"][row["best"]], row["torch"][row["best_torch"]]
+    if "graph_median_us" in best and "graph_median_us" in torch_cell:
+        row["graph_speedup"] = torch_cell["graph_median_us"] / best["graph_median_us"]
+    row["graph"] = f"CUDA graph of {layers} calls on distinct buffers, 20 replays, per-call median"
+
+
+def _layer_case(case: verify.Case, qkv: tuple) -> verify.Case:
+    return verify.Case(case.name, *qkv, case.scale, case.causal, case.kv_lens)
+
+
+def _time(row: dict, calls: dict, baselines: dict, reps: int) -> None:
+    samples = timing.time_interleaved({**calls, **baselines}, reps=reps, warmup=3, cold_l2=True)
+    for name, values in samples.items():
+        cell = row["candidates"].get(name) or row["torch"][name]
+        cell.update(timing.summarize(values), samples_us=values)
+    best = min(calls, key=lambda n: row["candidates"][n]["median_us"])
+    best_torch = min(baselines, key=lambda n: row["torch"][n]["median_us"])
+    first = next(iter(row["candidates"]))  # the heuristic's configuration
+    best_us, torch_us = row["candidates"][best]["median_us"], row["torch"][best_torch]["median_us"]
+    row.update(best=best, best_us=best_us, best_torch=best_torch, torch_us=torch_us,
+               speedup=torch_us / best_us, heuristic=first,
+               heuristic_speedup=torch_us / row["candidates"][first]["median_us"]
+               if "median_us" in row["candidates"][first] else None)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run and its entries
+
+
+def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: int | None = None,
+        graph_layers: int = 0, progress: Callable[[int, str], None] | None = None) -> dict:  # fmt: skip
+    """Tune every target (GPU: correctness, then timing; CPU: correctness only); the result document."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.monotonic()
+    plan = [(t, candidates_for(t, device, quick)) for t in targets]
+    workers = workers if workers is not None else min(16, max(1, (os.cpu_count() or 2) - 2))
+    compile_s = precompile(plan, workers)
+    ceilings = {"read_gbps": timing.measure_read_bandwidth() / 1e9} if device.type == "cuda" else None
+    rows = []
+    for index, (target, candidates) in enumerate(plan):
+        if progress is not None:
+            progress(index, target.label)
+        row = tune_target(target, candidates, device, reps=reps, seed=index, graph_layers=graph_layers)
+        if ceilings is not None and target.kind == "decode":
+            row["floor_us"] = read_bytes(target) / (ceilings["read_gbps"] * 1e3)
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "what": "tuning",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": report.run_environment(),
+        "method": _method(device, reps),
+        "ceilings": ceilings,
+        "rows": rows,
+        "compile_s": compile_s,
+        "elapsed_s": time.monotonic() - started,
+    }
+
+
+def read_bytes(target: Target) -> int:
+    """Bytes a kernel must move: q and the output once, and the valid keys and values once."""
+    element = torch.empty((), dtype=target.torch_dtype).element_size()
+    valid = sum(target.valid) if target.valid is not None else target.batch * target.kv_len
+    q = target.batch * target.num_heads * target.q_len * target.head_dim
+    return element * (2 * q + 2 * target.num_kv_heads * valid * target.head_dim)
+
+
+def _method(device: torch.device, reps: int) -> str:
+    if device.type != "cuda":
+        return "correctness only (no CUDA GPU): each candidate on the target's needle case vs the oracle"
+    return (
+        "each candidate launch configuration checked on the target's needle case (NaN/Inf beyond the valid "
+        "lengths) against the float64 oracle, incorrect ones never timed; then CUDA events around each call, "
+        f"{reps} samples per candidate and per torch path, all interleaved, 256 MiB L2 flush before every "
+        "sample; medians. Speed-up = fastest correct torch path / fastest correct candidate."
+    )
+
+
+def entries(doc: dict, source: str) -> dict[str, dict[str, dict]]:
+    """Tuning-store entries {kind: {bucket: {params, speedup, source}}} from a tuning result document.
+
+    A bucket measured by several targets keeps the most conservative speed-up (and that row's parameters).
+    """
+    out: dict[str, dict[str, dict]] = {}
+    for row in doc["rows"]:
+        if row.get("speedup") is None:
+            continue
+        kind = row["target"]["kind"]
+        entry = {"params": row["candidates"][row["best"]]["params"], "speedup": round(row["speedup"], 3),
+                 "source": source}  # fmt: skip
+        current = out.setdefault(kind, {}).get(row["bucket"])
+        if current is None or entry["speedup"] < current["speedup"]:
+            out[kind][row["bucket"]] = entry
+    return out
+
+
+def store(doc: dict, source: str, table=None) -> str:
+    """Write the document's entries into a tuning table (default: the user's); returns its path."""
+    from attnforge.kernels import tuning
+
+    env = doc["environment"]
+    gpu = tuning.gpu_key() if env.get("device") == "cuda" and torch.cuda.is_available() else None
+    gpu = gpu or tuning.gpu_key_from_name(env.get("gpu", ""))
+    arch = "sm" + str(env.get("compute_capability", "")).replace(".", "")
+    path = None
+    for kind, by_bucket in entries(doc, source).items():
+        path = tuning.write_entries(gpu, arch, kind, by_bucket, table)
+    return str(path or table or tuning.user_table_path())
+
+
+def markdown(doc: dict) -> str:
+    """The tuning document as a Markdown report: environment, method, one row per target."""
+    env = doc["environment"]
+    lines = [
+        f"# attnforge tune on {env.get('gpu', env.get('device'))} — {doc['created'][:10]}",
+        "",
+        f"Device {env.get('gpu', '-')}, driver {env.get('driver', '-')}, torch {env.get('torch')}, "
+        f"triton {env.get('triton')}, transformers {env.get('transformers')}; "
+        f"commit {env.get('git_commit')}.",
+        f"Ceilings measured in this run: {doc.get('ceilings')}. Compilation {doc.get('compile_s', 0):.0f} s, "
+        f"whole run {doc.get('elapsed_s', 0):.0f} s.",
+        "",
+        f"Method: {doc['method']}",
+        "",
+        "| target | bucket | best | us | % floor | torch paths us | vs best torch | graph ours / torch us "
+        "| graph speed-up | heuristic vs best torch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_markdown_row(row) for row in doc["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_row(row: dict) -> str:
+    if row.get("speedup") is None:
+        failed = [f"{n}: {c.get('reason', c['status'])}" for n, c in row["candidates"].items()
+                  if c["status"] != "correct"]  # fmt: skip
+        return f"| {row['label']} | {row['bucket']} | not timed | | | | | | | {'; '.join(failed)[:200]} |"
+    best, floor = row["candidates"][row["best"]], row.get("floor_us")
+    torch_us = ", ".join(f"{n} {c['median_us']:.1f}" for n, c in row["torch"].items() if "median_us" in c)
+    percent = f"{100 * floor / row['best_us']:.0f}%" if floor else "-"
+    graph = "-"
+    if "graph_median_us" in best and "graph_median_us" in row["torch"].get(row["best_torch"], {}):
+        graph = f"{best['graph_median_us']:.1f} / {row['torch'][row['best_torch']]['graph_median_us']:.1f}"
+    graph_speedup = f"{row['graph_speedup']:.2f}x" if row.get("graph_speedup") else "-"
+    heuristic = f"{row['heuristic_speedup']:.2f}x" if row.get("heuristic_speedup") else "-"
+    return (f"| {row['label']} | {row['bucket']} | {row['best']} | {row['best_us']:.1f} | {percent} | "
+            f"{torch_us} | {row['speedup']:.2f}x | {graph} | {graph_speedup} | {heuristic} |")  # fmt: skip
+
+
+def save(doc: dict, out_dir, stem: str) -> list:
+    """Write `<stem>.json` (every sample) and `<stem>.md` under out_dir; returns the paths."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{stem}.md"
+    md.write_text(markdown(doc))
+    return [report.write_json(doc, out / f"{stem}.json"), md]
+
+
+__all__ = ["PRESETS", "Target", "candidates_for", "decode_grid", "entries", "model_targets", "run", "store"]

@@ -1,0 +1,132 @@
+"""`attnforge tune` and the tuning store: targets, candidates, correctness before timing, entries, lookup by
+GPU then by architecture. On the CPU nothing is timed; the kernels run under the Triton interpreter."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from attnforge.bench import tune
+from attnforge.cli import app
+from attnforge.kernels import decode, tuning
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path):
+    """An empty user table in a temporary cache directory; the packaged table stays as it is."""
+    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path))
+    tuning.reload()
+    yield tmp_path / "tuning.json"
+    monkeypatch.delenv("ATTNFORGE_CACHE_DIR")
+    tuning.reload()
+
+
+def test_model_targets_are_the_buckets_its_generation_hits():
+    targets = tune.model_targets("qwen3-0.6b", contexts=(1024, 4096), prompts=(128,))
+    assert [t.bucket for t in targets] == [
+        "d128-m2-b1-kv1k", "d128-m2-b1-kv1k-lens", "d128-m2-b1-kv4k", "d128-m2-b1-kv4k-lens",
+        "d128-rows2k-kv128",
+    ]  # fmt: skip
+    assert targets[1].valid == (512,) and targets[0].valid is None
+    assert [t.kind for t in tune.model_targets("llama3-8b", kinds=("prefill",))] == ["prefill"] * 3
+
+
+def test_the_decode_grid_covers_the_issue():
+    grid = tune.decode_grid()
+    labels = {t.label for t in grid}
+    assert "decode B=1 32:8 Lq=1 Lkv=65536 d128 bfloat16" in labels
+    assert "decode B=1 32:8 Lq=1 Lkv=32768 d128 bfloat16 valid=4096" in labels
+    assert {t.head_dim for t in grid} == {64, 80, 128, 256} and {t.q_len for t in grid} == {1, 2, 4, 8, 16}
+    assert {t.batch for t in grid} == {1, 8, 32}
+
+
+@pytest.mark.parametrize("units, tiles, expected", [(8, 8, 8), (8, 128, 16), (256, 32, 1), (32, 64, 4)])
+def test_heuristic_splits_fill_waves_without_exceeding_the_tiles(units, tiles, expected):
+    assert decode.heuristic_splits(units, tiles, 132) == expected
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_candidates_start_with_the_heuristic_and_are_unique(quick):
+    target = tune.Target("decode", 1, 32, 8, 1, 4096, 128)
+    candidates = tune.candidates_for(target, CPU, quick)
+    names = [tune.params_name(c) for c in candidates]
+    assert names[0] == "n128-s16-w4-st3" and len(set(names)) == len(names)
+    assert (len(names) > 8) != quick or len(names) <= 8
+
+
+def test_tune_target_checks_every_candidate_against_the_oracle():
+    target = tune.Target("decode", 2, 8, 2, 1, 300, 64, "float32", valid=(100, 300))
+    broken = {"BLOCK_N": 48, "num_splits": 2, "num_warps": 4, "num_stages": 2}  # tiles must be powers of 2
+    candidates = tune.candidates_for(target, CPU, quick=True)[:3] + [broken]
+    row = tune.tune_target(target, candidates, CPU)
+    statuses = [c["status"] for c in row["candidates"].values()]
+    assert statuses == ["correct"] * 3 + ["error"]
+    assert {c["status"] for c in row["torch"].values()} == {"correct"}  # run on zeroed padding
+    assert "speedup" not in row  # nothing is timed without a GPU
+
+
+def _doc(rows):
+    env = {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    return {"what": "tuning", "environment": env, "rows": rows}
+
+
+def _row(bucket, speedup, params, kind="decode"):
+    return {"target": {"kind": kind}, "bucket": bucket, "speedup": speedup, "best": "b",
+            "candidates": {"b": {"params": params}}}  # fmt: skip
+
+
+def test_entries_keep_the_most_conservative_speedup_of_a_bucket():
+    doc = _doc([_row("d128-m4-b1-kv4k", 1.3, {"x": 1}), _row("d128-m4-b1-kv4k", 1.1, {"x": 2}),
+                {"target": {"kind": "decode"}, "bucket": "untimed"}])  # fmt: skip
+    assert tune.entries(doc, "src") == {
+        "decode": {"d128-m4-b1-kv4k": {"params": {"x": 2}, "speedup": 1.1, "source": "src"}}
+    }
+
+
+def test_store_and_lookup_by_gpu_then_by_architecture(store, monkeypatch):
+    tune.store(_doc([_row("d128-m4-b1-kv4k", 1.25, {"BLOCK_N": 64})]), "sweep.json")
+    table = json.loads(store.read_text())
+    assert table["h100"]["arch"] == "sm90" and table["h100"]["decode"]["d128-m4-b1-kv4k"]["speedup"] == 1.25
+    monkeypatch.setattr(tuning, "_device_keys", lambda device: ("h200", "sm90"))
+    entry = tuning.lookup("decode", "cuda", "d128-m4-b1-kv4k")
+    assert entry.speedup == 1.25 and entry.origin == "architecture sm90 (measured on h100)" and entry.user
+    assert tuning.lookup("decode", "cuda", "d128-m4-b1-kv4k", architecture=False) is None
+    monkeypatch.setattr(tuning, "_device_keys", lambda device: ("h100", "sm90"))
+    assert tuning.lookup("decode", "cuda", "d128-m4-b1-kv4k").origin == "this GPU"
+    assert tuning.launch_params("decode", "cuda", "d128-m4-b1-kv4k") == {"BLOCK_N": 64}
+
+
+def test_the_users_entries_win_over_the_packaged_ones(store, monkeypatch):
+    packaged = tuning.load_table()
+    gpu, section = next((g, s) for g, s in packaged.items() if s.get("decode"))
+    bucket = next(iter(section["decode"]))
+    monkeypatch.setattr(tuning, "_device_keys", lambda device: (gpu, section["arch"]))
+    assert not tuning.lookup("decode", "cuda", bucket).user
+    tuning.write_entries(gpu, section["arch"], "decode", {bucket: {"params": None, "speedup": 9.0}})
+    assert tuning.lookup("decode", "cuda", bucket).speedup == 9.0
+
+
+def test_tune_from_results_stores_a_saved_run(store, tmp_path):
+    saved = tmp_path / "tuning-h100.json"
+    saved.write_text(json.dumps(_doc([_row("d64-m2-b1-kv1k", 1.5, None)])))
+    table = tmp_path / "t.json"
+    result = CliRunner().invoke(app, ["tune", "--from-results", str(saved), "--table", str(table)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(table.read_text())["h100"]["decode"]["d64-m2-b1-kv1k"]["speedup"] == 1.5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give exactly one of --model NAME or --preset NAME"),
+        (["--model", "qwen3-0.6b", "--preset", "decode-grid"], "give exactly one"),
+        (["--preset", "everything"], "--preset 'everything' is not one of"),
+        (["--model", "qwen3-0.6b", "--kernels", "flash"], "accepted kinds are decode, prefill"),
+    ],
+)
+def test_tune_refuses_bad_arguments_with_a_reason(args, message):
+    result = CliRunner().invoke(app, ["tune", *args])
+    assert result.exit_code != 0 and message in result.output
