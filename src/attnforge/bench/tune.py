@@ -400,8 +400,12 @@ def _time(row: dict, calls: dict, baselines: dict, reps: int) -> None:
 
 
 def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: int | None = None,
-        graph_layers: int = 0, progress: Callable[[int, str], None] | None = None) -> dict:  # fmt: skip
-    """Tune every target (GPU: correctness, then timing; CPU: correctness only); the result document."""
+        graph_layers: int = 0, progress: Callable[[int, str], None] | None = None,
+        checkpoint: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """Tune every target (GPU: correctness, then timing; CPU: correctness only); the result document.
+
+    `checkpoint(doc)` is called after every row with the document so far (a run cut short keeps its rows).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.monotonic()
     plan = [(t, candidates_for(t, device, quick)) for t in targets]
@@ -409,16 +413,7 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
     compile_s = precompile(plan, workers)
     ceilings = {"read_gbps": timing.measure_read_bandwidth() / 1e9} if device.type == "cuda" else None
     rows = []
-    for index, (target, candidates) in enumerate(plan):
-        if progress is not None:
-            progress(index, target.label)
-        row = tune_target(target, candidates, device, reps=reps, seed=index, graph_layers=graph_layers)
-        if ceilings is not None and target.kind == "decode":
-            row["floor_us"] = read_bytes(target) / (ceilings["read_gbps"] * 1e3)
-        rows.append(row)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {
+    doc = {
         "what": "tuning",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": report.run_environment(),
@@ -426,8 +421,22 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
         "ceilings": ceilings,
         "rows": rows,
         "compile_s": compile_s,
-        "elapsed_s": time.monotonic() - started,
+        "not_run": [t.label for t in targets],
     }
+    for index, (target, candidates) in enumerate(plan):
+        if progress is not None:
+            progress(index, target.label)
+        row = tune_target(target, candidates, device, reps=reps, seed=index, graph_layers=graph_layers)
+        if ceilings is not None and target.kind == "decode":
+            row["floor_us"] = read_bytes(target) / (ceilings["read_gbps"] * 1e3)
+        rows.append(row)
+        doc["not_run"].remove(target.label)
+        doc["elapsed_s"] = time.monotonic() - started
+        if checkpoint is not None:
+            checkpoint(doc)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return doc
 
 
 def read_bytes(target: Target) -> int:
