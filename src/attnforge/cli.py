@@ -250,14 +250,22 @@ def tune(
     if not torch.cuda.is_available():
         console.print("[yellow]No CUDA GPU: correctness only (Triton interpreter); nothing is stored.")
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    stem = report.default_stem("tuning", model or preset)
     with console.status("tuning") as status:
+
+        def progress(index: int, label: str) -> None:
+            status.update(f"{index + 1}/{len(targets)} {label}")
+
+        def checkpoint(doc: dict) -> None:
+            if out is not None:
+                tuner.save(doc, out, stem)
+
         doc = tuner.run(
-            targets, quick=quick, progress=lambda i, label: status.update(f"{i + 1}/{len(targets)} {label}")
+            targets, quick=quick, graph_layers=graph_layers, progress=progress, checkpoint=checkpoint
         )
     console.print(_tune_table(doc))
     if out is not None:
-        paths = tuner.save(doc, out, report.default_stem("tuning", model or preset))
-        console.print("wrote " + ", ".join(str(p) for p in paths))
+        console.print("wrote " + ", ".join(str(p) for p in tuner.save(doc, out, stem)))
     if torch.cuda.is_available():
         source = f"attnforge tune {model or preset} ({doc['created'][:10]})"
         console.print(f"stored the entries in {tuner.store(doc, source, table)}")
