@@ -63,9 +63,10 @@ def _decode_kernel(
     )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    end = kv_len
-    if HAS_KV_LENS:  # clamped on the device: never outside the buffer, whatever kv_lens holds
-        end = tl.minimum(tl.maximum(tl.load(KvLens + b).to(tl.int32), 0), kv_len)
+    if HAS_KV_LENS:  # noqa: SIM108 - clamped on the device in its own dtype: never outside the buffer
+        end = tl.minimum(tl.maximum(tl.load(KvLens + b), 0), kv_len).to(tl.int32)
+    else:
+        end = kv_len
     tiles_per_split = tl.cdiv(tl.cdiv(end, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     stop = tl.minimum(start + tiles_per_split * BLOCK_N, end)
@@ -121,14 +122,14 @@ def _decode_kernel(
         arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
             out = _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)
-            rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
-            head = h * GROUP + rows // Q_LEN
-            token = rows % Q_LEN
+            part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
+            part_head = h * GROUP + part_rows // Q_LEN
+            part_token = part_rows % Q_LEN
             o_ptrs = (
-                Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om
+                Out + b * stride_ob + part_head[:, None] * stride_oh + part_token[:, None] * stride_om
                 + d[None, :] * stride_od
             )  # fmt: skip
-            o_mask = (rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
+            o_mask = (part_rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
             tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
             tl.store(Counters + slot, 0)  # ready for the next launch (and the next graph replay)
 
