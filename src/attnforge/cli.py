@@ -234,6 +234,9 @@ def tune(
     graph_layers: Annotated[
         int, typer.Option(min=0, metavar="N", help="also time decode winners in a CUDA graph of N layers")
     ] = 0,
+    time_budget: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="start no target after this many seconds")
+    ] = None,
     from_results: Annotated[
         Path | None, typer.Option(metavar="FILE", help="store the entries of a saved tuning result (no GPU)")
     ] = None,
@@ -251,18 +254,17 @@ def tune(
         console.print("[yellow]No CUDA GPU: correctness only (Triton interpreter); nothing is stored.")
         os.environ.setdefault("TRITON_INTERPRET", "1")
     stem = report.default_stem("tuning", model or preset)
-    with console.status("tuning") as status:
 
-        def progress(index: int, label: str) -> None:
-            status.update(f"{index + 1}/{len(targets)} {label}")
+    def progress(index: int, label: str) -> None:
+        console.print(f"{index + 1}/{len(targets)} {label}")
 
-        def checkpoint(doc: dict) -> None:
-            if out is not None:
-                tuner.save(doc, out, stem)
+    def checkpoint(doc: dict) -> None:
+        if out is not None:
+            tuner.save(doc, out, stem)
 
-        doc = tuner.run(
-            targets, quick=quick, graph_layers=graph_layers, progress=progress, checkpoint=checkpoint
-        )
+    console.print(f"compiling the candidates of {len(targets)} targets (worker processes) ...")
+    options = dict(quick=quick, graph_layers=graph_layers, time_budget_s=time_budget)
+    doc = tuner.run(targets, progress=progress, checkpoint=checkpoint, **options)
     console.print(_tune_table(doc))
     if out is not None:
         console.print("wrote " + ", ".join(str(p) for p in tuner.save(doc, out, stem)))

@@ -183,9 +183,14 @@ class Shape:
 
 
 def _randn(shape, dtype, device, generator) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(
-        device=device, dtype=dtype
-    )
+    """Standard-normal draws made on `device` (large GPU inputs are not drawn on the CPU), seeded from the
+    CPU `generator` when one is given so a seeded case is reproducible."""
+    device = torch.device(device)
+    local = None
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        local = torch.Generator(device).manual_seed(seed)
+    return torch.randn(shape, generator=local, dtype=torch.float32, device=device).to(dtype)
 
 
 def _draw_qkv(shape: Shape, dtype, device, generator, strided: bool) -> tuple[torch.Tensor, ...]:

@@ -126,28 +126,33 @@ PRESETS: dict[str, Callable[[], list[Target]]] = {"decode-grid": decode_grid}
 
 def decode_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
     """Launch configurations to try: the heuristic's, then tile sizes x split counts around it, then
-    pipelining depth and warps for the heuristic's tile (fewer with `quick`)."""
+    pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile (fewer: `quick`)."""
     from attnforge.kernels import decode, tuning
 
     rows = target.num_heads // target.num_kv_heads * target.q_len
     m_blocks = math.ceil(rows / max(16, min(64, 1 << (rows - 1).bit_length())))
     units = target.batch * target.num_kv_heads * m_blocks
     element = torch.empty((), dtype=target.torch_dtype).element_size()
+    row_bytes = (1 << (target.head_dim - 1).bit_length()) * element
     sms = tuning.sm_count(device)
     base = decode.heuristic_params(target.batch, target.kv_len, target.num_kv_heads, m_blocks,
                                    target.head_dim, element, sms)  # fmt: skip
-    block_ns = (64, 128) if target.head_dim * element <= 256 else (32, 64)
+
+    def stages(block_n: int, budget: int = decode.SHARED_MEMORY_BUDGET) -> int:
+        return max(1, min(4, budget // (2 * block_n * row_bytes)))
+
     candidates = [base]
-    for block_n in block_ns:
+    for block_n in (base["BLOCK_N"] // 2, base["BLOCK_N"]):
         tiles = math.ceil(target.kv_len / block_n)
         best = decode.heuristic_splits(units, tiles, sms)
         options = {best, max(1, best // 2), min(tiles, 2 * best, decode.MAX_SPLITS)}
         if not quick:
             limit = min(tiles, decode.MAX_SPLITS)
             options |= {s for s in (8, 16, 32, 64) if s <= limit and s * units <= 4 * sms}
-        candidates += [dict(base, BLOCK_N=block_n, num_splits=s) for s in sorted(options)]
-    stages = (2, 4) if quick else (2, 4, 5)
-    candidates += [dict(base, num_stages=s) for s in stages]
+        candidates += [dict(base, BLOCK_N=block_n, num_splits=s, num_stages=stages(block_n))
+                       for s in sorted(options)]  # fmt: skip
+    hopper_budget = 220 * 1024
+    candidates += [dict(base, num_stages=s) for s in range(2, stages(base["BLOCK_N"], hopper_budget) + 1)]
     if not quick:
         candidates += [dict(base, num_warps=8), dict(base, num_warps=2)]
     return _unique(candidates)
@@ -271,13 +276,14 @@ def check(call: Callable[[], object], out: torch.Tensor, expected: torch.Tensor,
 
 
 def _compile_worker(jobs: list[tuple[dict, list[dict]]]) -> int:
-    """In a worker process: launch each (target, params) once so Triton compiles it into its disk cache."""
+    """In a worker process: launch each (target, params) once on zero inputs of the target's shapes, so Triton
+    compiles it into its disk cache (values do not matter to compilation; shapes and strides do)."""
     device = torch.device("cuda")
     done = 0
     for target_fields, params_list in jobs:
         valid = target_fields["valid"]
         target = Target(**{**target_fields, "valid": None if valid is None else tuple(valid)})
-        case = make_case(target, device, seed=0)
+        case = _zero_case(target, device)
         out = torch.empty_like(case.q)
         for params in params_list:
             try:
@@ -289,13 +295,22 @@ def _compile_worker(jobs: list[tuple[dict, list[dict]]]) -> int:
     return done
 
 
+def _zero_case(target: Target, device) -> verify.Case:
+    dtype = target.torch_dtype
+    q = torch.zeros(target.batch, target.num_heads, target.q_len, target.head_dim, dtype=dtype, device=device)
+    kv = (target.batch, target.num_kv_heads, target.kv_len, target.head_dim)
+    k, v = torch.zeros(kv, dtype=dtype, device=device), torch.zeros(kv, dtype=dtype, device=device)
+    lens = None if target.valid is None else torch.tensor(target.valid, dtype=torch.int32, device=device)
+    return verify.Case("zeros", q, k, v, causal=True, kv_lens=lens)
+
+
 def precompile(plan: list[tuple[Target, list[dict]]], workers: int) -> float:
     """Compile every candidate of every target in `workers` processes; returns seconds spent."""
     started = time.monotonic()
     if workers <= 1 or not torch.cuda.is_available():
         return 0.0
-    jobs = [(asdict(t), params) for t, params in plan]
-    chunks = [jobs[i::workers] for i in range(workers)]
+    jobs = sorted(((asdict(t), params) for t, params in plan), key=lambda job: -len(job[1]))
+    chunks = [jobs[i::workers] for i in range(workers)]  # whole targets per worker: one allocation each
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -401,10 +416,12 @@ def _time(row: dict, calls: dict, baselines: dict, reps: int) -> None:
 
 def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: int | None = None,
         graph_layers: int = 0, progress: Callable[[int, str], None] | None = None,
-        checkpoint: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+        checkpoint: Callable[[dict], None] | None = None,
+        time_budget_s: float | None = None) -> dict:  # fmt: skip
     """Tune every target (GPU: correctness, then timing; CPU: correctness only); the result document.
 
-    `checkpoint(doc)` is called after every row with the document so far (a run cut short keeps its rows).
+    `checkpoint(doc)` is called after every row with the document so far (a run cut short keeps its rows);
+    no target is started after `time_budget_s` seconds (they are listed in `not_run`).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.monotonic()
@@ -424,6 +441,8 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
         "not_run": [t.label for t in targets],
     }
     for index, (target, candidates) in enumerate(plan):
+        if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+            break  # the rest stay in doc["not_run"]
         if progress is not None:
             progress(index, target.label)
         row = tune_target(target, candidates, device, reps=reps, seed=index, graph_layers=graph_layers)

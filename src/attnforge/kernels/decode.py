@@ -29,6 +29,8 @@ LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Upper bound of the split count (the merge's unrolled chunks are sized for it).
 MAX_SPLITS = 128
+# Shared memory the pipelined K/V tiles may take (Hopper has 227 KB per block; Ampere 163 KB).
+SHARED_MEMORY_BUDGET = 160 * 1024
 
 
 @triton.jit
@@ -216,12 +218,14 @@ def heuristic_splits(units: int, tiles: int, sms: int) -> int:
 def heuristic_params(
     batch: int, kv_len: int, num_kv_heads: int, m_blocks: int, head_dim: int, elem_bytes: int, sms: int
 ) -> dict:
-    """Launch parameters without a tuning entry: 128-key tiles (64 where a tile pair would not fit
-    shared memory twice), splits by wave efficiency."""
-    block_n = 128 if head_dim * elem_bytes <= 256 else 64
+    """Launch parameters without a tuning entry: 128-key tiles (fewer where a K+V tile would pass 64 KB),
+    splits that fill one wave, and as many pipeline stages (up to 3) as fit in 160 KB of shared memory."""
+    row_bytes = triton.next_power_of_2(head_dim) * elem_bytes
+    block_n = max(16, min(128, 32768 // row_bytes))
+    stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
     tiles = triton.cdiv(kv_len, block_n)
     splits = heuristic_splits(batch * num_kv_heads * m_blocks, tiles, sms)
-    return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": stages}
 
 
 @functools.lru_cache(maxsize=4096)
