@@ -117,7 +117,12 @@ def decode_grid() -> list[Target]:
     return rows
 
 
-PRESETS: dict[str, Callable[[], list[Target]]] = {"decode-grid": decode_grid}
+def decode_lens_grid() -> list[Target]:
+    """The rows of the decode grid that read a cache through valid lengths or take several new tokens."""
+    return [t for t in decode_grid() if t.valid is not None or t.q_len > 1]
+
+
+PRESETS: dict[str, Callable[[], list[Target]]] = {"decode-grid": decode_grid, "decode-lens": decode_lens_grid}
 
 
 # ----------------------------------------------------------------------------------------------------------
