@@ -76,10 +76,13 @@ def arch_key(device: torch.device | str | None = None) -> str:
 
 
 def _as_device(device) -> torch.device | None:
-    device = torch.device(device) if device is not None else None
-    if (device is not None and device.type != "cuda") or not torch.cuda.is_available():
+    """The CUDA device meant (None: the current one), with its index; None for a CPU or without CUDA."""
+    if not torch.cuda.is_available():
         return None
-    return device if device is None or device.index is not None else torch.device("cuda", 0)
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 @cache
