@@ -153,7 +153,7 @@ def e2e(
     prompt_tokens: Annotated[
         int | None, typer.Option(min=1, metavar="N", help="Override every scenario's prompt length.")
     ] = None,
-    scenarios: Annotated[
+    scenario_names: Annotated[
         str | None,
         typer.Option(metavar="NAMES", help="Comma-separated scenario names (default: the mode's)."),
     ] = None,
@@ -181,7 +181,7 @@ def e2e(
                 time_budget_s=time_budget,
                 kernels=kernels,
                 cache=cache,
-                names=scenarios.split(",") if scenarios else None,
+                names=scenario_names.split(",") if scenario_names else None,
                 prompt_tokens=prompt_tokens,
                 progress=advance,
             )
