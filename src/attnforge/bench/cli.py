@@ -155,7 +155,9 @@ def e2e(
     ] = None,
     scenario_names: Annotated[
         str | None,
-        typer.Option(metavar="NAMES", help="Comma-separated scenario names (default: the mode's)."),
+        typer.Option(
+            "--scenarios", metavar="NAMES", help="Comma-separated scenario names (default: by mode)."
+        ),
     ] = None,
 ) -> None:
     """End-to-end generation scenarios: TTFT, prefill/decode tok/s, total time, peak memory."""
