@@ -199,6 +199,26 @@ def e2e(
         raise typer.Exit(1)
 
 
+@bench_app.command()
+def overhead(
+    out: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Also write the result (JSON) here.")
+    ] = None,
+) -> None:
+    """Host cost per attention call that attnforge routes to torch (CPU micro-benchmark)."""
+    from attnforge.bench.overhead import fallback_overhead
+
+    doc = fallback_overhead()
+    console.print(
+        f"transformers' sdpa path {doc['transformers_sdpa_us']:.1f} us per call; through attnforge's hook "
+        f"{doc['attnforge_hook_us']:.1f} us: attnforge adds {doc['overhead_us']:.1f} us ({doc['cpu']})"
+    )
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        path = report.write_json(doc, Path(out) / f"{report.default_stem('overhead')}.json")
+        console.print(f"wrote {path}")
+
+
 @bench_app.command("report")
 def report_command(
     results: Annotated[Path, typer.Option(help="Directory of committed result files.")] = RESULTS_DIR,

@@ -34,9 +34,11 @@ def fused_sdpa_unsafe(t: torch.Tensor) -> str | None:
 
 def fused_sdpa_safe(q, k, v, on_copy=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) as torch's fused SDPA can take them: each unsafe view replaced by a contiguous copy, and
-    `on_copy(reason)` called for it ("k: data pointer not 16-byte aligned"). Nothing is checked while
-    torch.compile traces (no data pointers there)."""
-    if torch.compiler.is_compiling():
+    `on_copy(reason)` called for it ("k: data pointer not 16-byte aligned"). CPU tensors are returned as they
+    are, and nothing is checked while torch.compile traces (no data pointers there)."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return q, k, v
+    if not (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16 and _strides_aligned(q, k, v):
         return q, k, v
     out = []
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -47,6 +49,18 @@ def fused_sdpa_safe(q, k, v, on_copy=None) -> tuple[torch.Tensor, torch.Tensor, 
                 on_copy(f"{name}: {why}")
         out.append(t)
     return out[0], out[1], out[2]
+
+
+def _strides_aligned(*tensors: torch.Tensor) -> bool:
+    """Every stride of a dimension longer than 1 a multiple of 16 bytes, and the last dimension contiguous."""
+    for t in tensors:
+        size = t.element_size()
+        strides = t.stride()
+        if strides[-1] != 1 or any(
+            s * size % 16 for s, n in zip(strides[:-1], t.shape[:-1], strict=True) if n > 1
+        ):
+            return False
+    return True
 
 
 def visibility_mask(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import logging
 import math
 import weakref
@@ -30,6 +31,10 @@ from attnforge.optimizer.policy import CallFeatures, Decision, Machine, Measurem
 logger = logging.getLogger("attnforge.optimizer")
 # Cached decisions are dropped past this many keys (each key covers a whole bucket of shapes).
 _DECISION_CACHE_SIZE = 4096
+# Exact call shapes remembered in front of the bucket cache (a decode step's layers share one).
+_RECENT_SHAPES = 64
+# Every CallFeatures value, by (causal, has_mask, has_q_lens, has_kv_lens): no construction per call.
+_FEATURES = {flags: CallFeatures(*flags) for flags in itertools.product((False, True), repeat=4)}
 
 
 @dataclass
@@ -144,6 +149,7 @@ class AttentionOptimizer:
         self._kernels: dict[str, tuple[Callable | None, str]] = {}
         self._machines: dict[torch.device, Machine] = {}
         self._decisions: dict[tuple, Decision] = {}
+        self._recent: dict[tuple, Decision] = {}
         self._failed: dict[tuple, str] = {}
         self._seen: dict[tuple, list] = {}
         _OPTIMIZERS[id(self)] = self
@@ -191,6 +197,7 @@ class AttentionOptimizer:
     def forget_decisions(self) -> None:
         """Drop cached decisions (after the tuning store or the machine changed); keeps statistics."""
         self._decisions.clear()
+        self._recent.clear()
         self._machines.clear()
 
     def reset(self) -> None:
@@ -230,7 +237,12 @@ class AttentionOptimizer:
         return policy.decide(cfg, features, self._settings, self._machine(device))
 
     def decision_for(self, q_shape, k_shape, v_shape, dtype, device, features: CallFeatures) -> Decision:
-        """The cached Decision for a call with these shapes (one entry per shape bucket)."""
+        """The cached Decision for a call with these shapes: the exact shapes seen last (every layer of a
+        decode step), else their shape bucket (a growing cache), else a new decision."""
+        exact = (q_shape, k_shape, v_shape, dtype, device, features)
+        decision = self._recent.get(exact)
+        if decision is not None:
+            return decision
         key = policy.decision_key(q_shape, k_shape, v_shape, dtype, device, features, self._settings)
         decision = self._decisions.get(key)
         if decision is None:
@@ -238,6 +250,9 @@ class AttentionOptimizer:
                 self._decisions.clear()
             decision = self._decide_call(q_shape, k_shape, v_shape, dtype, device, features)
             self._decisions[key] = decision
+        if len(self._recent) >= _RECENT_SHAPES:
+            self._recent.clear()
+        self._recent[exact] = decision
         return decision
 
     def _decide_call(self, q_shape, k_shape, v_shape, dtype, device, features) -> Decision:
@@ -315,7 +330,7 @@ class AttentionOptimizer:
     ) -> torch.Tensor | None:
         """The kernel's output if the decision for this call is a kernel and it ran; else None, and the caller
         runs torch. Either way the call is counted once, under what actually ran."""
-        features = CallFeatures(causal, attn_mask is not None, q_lens is not None, kv_lens is not None)
+        features = _FEATURES[(causal, attn_mask is not None, q_lens is not None, kv_lens is not None)]
         decision = self.decision_for(q.shape, k.shape, v.shape, q.dtype, q.device, features)
         if decision.optimized:
             out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features)
@@ -344,6 +359,7 @@ class AttentionOptimizer:
             why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
             self._failed[(kind, q.dtype, features.has_mask, features.has_q_lens)] = why
             self._decisions.clear()
+            self._recent.clear()
             logger.warning("%s; using torch SDPA for such calls from now on", why)
             return None
 
