@@ -500,7 +500,7 @@ def _finish(doc: dict, on_gpu: bool) -> None:
             r["sides"]["baseline"]["first_tokens"] == r["sides"]["attnforge"]["first_tokens"]
             for r in doc["scenarios"]
         )
-    if doc["scenarios"] and not stats_total.get("optimized") and doc["kernel_policy"] != "none":
+    if doc["scenarios"] and not stats_total.get("optimized") and doc.get("kernel_policy") != "none":
         doc["failure"] = (
             "attnforge kernels did not run on the attnforge side (optimizer stats: "
             f"{stats_total}); the comparison would be torch against torch and is not valid"

@@ -41,40 +41,64 @@ _FEATURES = {flags: CallFeatures(*flags) for flags in itertools.product((False, 
 class OptimizerStats:
     """Counts of attention calls, by outcome (calls replayed from a captured CUDA graph are not seen).
 
+    Counted per decision (one dictionary update per call); the totals are derived when asked for.
     input_copies: calls whose inputs torch's fused SDPA could not take as they were (unaligned views), by
     reason; those inputs were copied first.
     """
 
-    calls: int = 0
-    optimized: int = 0
-    by_kernel: dict[str, int] = field(default_factory=dict)
-    fallbacks: dict[str, int] = field(default_factory=dict)
+    by_decision: dict[int, list] = field(default_factory=dict)  # id(decision) -> [decision, calls]
     input_copies: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def optimization_rate(self) -> float:
-        """Fraction of calls that ran an attnforge kernel (0.0 before any call)."""
-        return self.optimized / self.calls if self.calls else 0.0
-
-    def record(self, kernel: str | None, category: str) -> None:
-        """Count one call: it ran `kernel`, or torch SDPA for the reason `category`."""
-        self.calls += 1
-        if kernel is not None:
-            self.optimized += 1
-            self.by_kernel[kernel] = self.by_kernel.get(kernel, 0) + 1
-        else:
-            self.fallbacks[category] = self.fallbacks.get(category, 0) + 1
+    def record(self, decision: Decision) -> bool:
+        """Count one call carried out as `decision` says; True the first time this decision is counted."""
+        entry = self.by_decision.get(id(decision))
+        if entry is None:
+            self.by_decision[id(decision)] = [decision, 1]  # the entry keeps the decision (and its id) alive
+            return True
+        entry[1] += 1
+        return False
 
     def record_copy(self, reason: str) -> None:
         self.input_copies[reason] = self.input_copies.get(reason, 0) + 1
 
+    @property
+    def calls(self) -> int:
+        return sum(calls for _, calls in self.by_decision.values())
+
+    @property
+    def optimized(self) -> int:
+        return sum(calls for decision, calls in self.by_decision.values() if decision.optimized)
+
+    @property
+    def by_kernel(self) -> dict[str, int]:
+        return self._totals(lambda d: d.kernel if d.optimized else None)
+
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        return self._totals(lambda d: None if d.optimized else d.category)
+
+    @property
+    def optimization_rate(self) -> float:
+        """Fraction of calls that ran an attnforge kernel (0.0 before any call)."""
+        calls = self.calls
+        return self.optimized / calls if calls else 0.0
+
+    def _totals(self, label_of) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for decision, calls in self.by_decision.values():
+            label = label_of(decision)
+            if label is not None:
+                totals[label] = totals.get(label, 0) + calls
+        return totals
+
     def as_dict(self) -> dict:
+        fallbacks = self.fallbacks
         return {
             "calls": self.calls,
             "optimized": self.optimized,
-            "fallbacks": sum(self.fallbacks.values()),
-            "by_kernel": dict(self.by_kernel),
-            "fallback_reasons": dict(self.fallbacks),
+            "fallbacks": sum(fallbacks.values()),
+            "by_kernel": self.by_kernel,
+            "fallback_reasons": fallbacks,
             "input_copies": dict(self.input_copies),
             "optimization_rate": self.optimization_rate,
         }
@@ -151,7 +175,7 @@ class AttentionOptimizer:
         self._decisions: dict[tuple, Decision] = {}
         self._recent: dict[tuple, Decision] = {}
         self._failed: dict[tuple, str] = {}
-        self._seen: dict[tuple, list] = {}
+        self._logged: set[tuple] = set()
         _OPTIMIZERS[id(self)] = self
         if overrides:
             self.configure(**overrides)
@@ -171,7 +195,7 @@ class AttentionOptimizer:
                 raise ValueError(f"unknown setting {name!r}; accepted: {accepted}")
         self._settings = dataclasses.replace(self._settings, **changes)
         self.forget_decisions()
-        self._seen.clear()
+        self._logged.clear()
         return self._settings
 
     @property
@@ -185,13 +209,17 @@ class AttentionOptimizer:
     def reset_stats(self) -> None:
         """Zero the counters and forget which decisions were seen (so they are logged again)."""
         self._stats = OptimizerStats()
-        self._seen.clear()
+        self._logged.clear()
 
     def decisions(self) -> list[dict]:
         """Each distinct decision since the last reset: group, kernel, reason (first seen), calls."""
+        kinds: dict[tuple, list] = {}
+        for decision, calls in self._stats.by_decision.values():
+            key = (decision.group, decision.kernel, decision.category)
+            kinds.setdefault(key, [decision, 0])[1] += calls
         return [
             {"group": d.group, "kernel": d.kernel or "torch SDPA", "reason": d.reason, "calls": calls}
-            for d, calls in self._seen.values()
+            for d, calls in kinds.values()
         ]
 
     def forget_decisions(self) -> None:
@@ -364,15 +392,12 @@ class AttentionOptimizer:
             return None
 
     def note(self, decision: Decision) -> None:
-        """Count one call carried out as `decision` says (and log a decision seen for the first time)."""
-        self._stats.record(decision.kernel, decision.category)
-        key = (decision.group, decision.kernel, decision.category)
-        entry = self._seen.get(key)
-        if entry is None:
-            entry = self._seen[key] = [decision, 0]
-            if self._settings.enable_debug:
+        """Count one call carried out as `decision` says (and log a kind of decision the first time)."""
+        if self._stats.record(decision) and self._settings.enable_debug:
+            key = (decision.group, decision.kernel, decision.category)
+            if key not in self._logged:
+                self._logged.add(key)
                 logger.info("attnforge dispatch: %s", decision.reason)
-        entry[1] += 1
 
 
 def _default_device() -> torch.device:
