@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnforge import verify
-from attnforge.bench.cli import bench_app
+from attnforge.bench.cli import bench_app, require_model
 from attnforge.config import MAX_DECODE_QUERY_LEN
 from attnforge.environment import environment_report
 from attnforge.kernels import available_kernels
@@ -179,6 +179,7 @@ def demo(
 
     if cache not in ("dynamic", "static"):
         raise typer.BadParameter(f"--cache {cache!r} is not one of: dynamic, static")
+    require_model(model)
     report = environment_report()
     console.print(_info_table(report))
     on_gpu = report["device"] == "cuda"
