@@ -251,6 +251,23 @@ def test_unknown_family_is_not_patched():
     assert not supported and "model_type='bert' is not in attnforge's family table" in note
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: af.patch_model(None), r"patch_model expects a transformers PreTrainedModel, got NoneType$"),
+        (lambda: af.patch_model("qwen3-0.6b"),
+         r"patch_model expects a transformers PreTrainedModel, got str \('qwen3-0.6b': load_and_patch_model"),
+        (lambda: af.unpatch_model(None),
+         r"unpatch_model expects a transformers PreTrainedModel, got NoneType$"),
+        (lambda: af.optimized("qwen3-0.6b").__enter__(),
+         r"optimized expects a transformers PreTrainedModel or None, got str"),
+    ],
+)  # fmt: skip
+def test_patching_something_that_is_not_a_model_names_what_is_expected(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The mask function: what it hands the attention function
 

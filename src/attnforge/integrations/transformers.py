@@ -308,12 +308,23 @@ def is_patched() -> bool:
     return _STATE.default_patched
 
 
+def _require_model(caller: str, model, accepted: str = "a transformers PreTrainedModel") -> None:
+    if not isinstance(model, PreTrainedModel):
+        hint = f" ({model!r}: load_and_patch_model loads a model by name)" if isinstance(model, str) else ""
+        raise TypeError(f"{caller} expects {accepted}, got {type(model).__name__}{hint}")
+
+
 def patch_model(model: PreTrainedModel, *, enable_debug: bool = False) -> bool:
     """Switch a loaded model to attnforge attention (`set_attn_implementation`) if its family is supported.
 
     Returns:
         True if the model now uses attnforge; False (with a logged reason) if its family is not supported.
+
+    Raises:
+        TypeError: `model` is not a transformers PreTrainedModel (e.g. None, or a name: see
+            `load_and_patch_model`).
     """
+    _require_model("patch_model", model)
     supported, note = family_support(model)
     if not supported:
         logger.warning("attnforge: not patching %s: %s", type(model).__name__, note)
@@ -330,7 +341,12 @@ def patch_model(model: PreTrainedModel, *, enable_debug: bool = False) -> bool:
 
 
 def unpatch_model(model: PreTrainedModel) -> None:
-    """Give a model patched with `patch_model` back the attention implementation it had before."""
+    """Give a model patched with `patch_model` back the attention implementation it had before.
+
+    Raises:
+        TypeError: `model` is not a transformers PreTrainedModel.
+    """
+    _require_model("unpatch_model", model)
     previous = getattr(model, "_attnforge_previous_attn_implementation", None)
     if previous is not None:
         model.set_attn_implementation(previous)
@@ -352,8 +368,13 @@ def load_and_patch_model(model: str, *, enable_debug: bool = False, **load_optio
 
 @contextlib.contextmanager
 def optimized(model: PreTrainedModel | None = None, *, enable_debug: bool = False) -> Iterator[None]:
-    """`with optimized():` patch transformers for the block; `with optimized(model):` patch that model."""
+    """`with optimized():` patch transformers for the block; `with optimized(model):` patch that model.
+
+    Raises:
+        TypeError: `model` is neither None nor a transformers PreTrainedModel.
+    """
     if model is not None:
+        _require_model("optimized", model, "a transformers PreTrainedModel or None")
         patched = patch_model(model, enable_debug=enable_debug)
         try:
             yield
