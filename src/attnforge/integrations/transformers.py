@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import (
     AttentionMaskInterface,
     causal_mask_function,
@@ -231,8 +231,11 @@ class _PatchState:
     def __init__(self) -> None:
         self.saved_registrations: dict | None = None
         self.saved_default = None
+        self.saved_config_property: property | None = None
         self.default_patched = False
         self.models: weakref.WeakSet = weakref.WeakSet()
+        # id(config) -> (weak reference, value): attn_implementation requests seen while patched
+        self.requests: dict[int, tuple[weakref.ref, object]] = {}
 
 
 _STATE = _PatchState()
@@ -261,13 +264,57 @@ def _unregister_if_unused() -> None:
     _STATE.saved_registrations = None
 
 
+def _recording_requests(original: property) -> property:
+    """`PretrainedConfig._attn_implementation` that also remembers each value set through it.
+
+    transformers writes the implementation it resolves for a model straight into
+    `config._attn_implementation_internal`, and a user's request (`attn_implementation=` of from_pretrained /
+    from_config / a config, or an assignment) through this setter: only the latter is an explicit choice.
+    """
+
+    def fset(config, value) -> None:
+        key = id(config)
+        _STATE.requests[key] = (weakref.ref(config, lambda _, key=key: _STATE.requests.pop(key, None)), value)
+        original.fset(config, value)
+
+    return property(original.fget, fset, original.fdel, original.__doc__)
+
+
+def _filled_in(config, implementation) -> bool:
+    """True unless `implementation` was asked for on this config since patch_transformers(): None, or a value
+    transformers stored there for an earlier model (only told apart where requests are recorded)."""
+    if implementation is None:
+        return True
+    if _STATE.saved_config_property is None:  # a transformers without the property: nothing was recorded
+        return False
+    ref, value = _STATE.requests.get(id(config), (None, None))
+    requested = ref is not None and ref() is config and (value == implementation or isinstance(value, dict))
+    return not requested
+
+
 def _default_to_attnforge(original):
-    """Wrap `get_correct_attn_implementation` so supported models with no explicit choice get attnforge."""
+    """Wrap `get_correct_attn_implementation` so supported models built with no explicit choice get attnforge.
+
+    A config that already served a model carries the implementation transformers resolved then (e.g.
+    "sdpa"): unless it was requested since patching, it is replaced by attnforge, with a warning saying so.
+    """
 
     def get_correct_attn_implementation(self, requested_attention=None, is_init_check=False):
-        if requested_attention is None and family_support(self.config)[0]:
-            requested_attention = IMPLEMENTATION
-        return original(self, requested_attention, is_init_check)
+        replace = (
+            (is_init_check or requested_attention is None)  # set_attn_implementation(x) is always explicit
+            and requested_attention != IMPLEMENTATION
+            and family_support(self.config)[0]
+            and _filled_in(self.config, requested_attention)
+        )
+        if replace and requested_attention is not None:
+            logger.warning(
+                "attnforge: %s uses attn_implementation=%r instead of the %r its config carries: "
+                "transformers stores the implementation it picked for an earlier model on the config, which "
+                "cannot be told apart from a choice made before patch_transformers(); pass "
+                "attn_implementation=%r when loading to keep it",
+                type(self).__name__, IMPLEMENTATION, requested_attention, requested_attention,
+            )  # fmt: skip
+        return original(self, IMPLEMENTATION if replace else requested_attention, is_init_check)
 
     get_correct_attn_implementation.__attnforge_original__ = original
     return get_correct_attn_implementation
@@ -276,7 +323,9 @@ def _default_to_attnforge(original):
 def patch_transformers(enable_debug: bool = False) -> int:
     """Register attnforge with transformers and make models of supported families loaded afterwards use it.
 
-    Models loaded with an explicit `attn_implementation=` keep it. Calling it twice is harmless.
+    Models loaded with an explicit `attn_implementation=` keep it; a config reused from a model built before
+    patching gets attnforge (with a logged warning), as transformers stores its own pick there. Calling it
+    twice is harmless.
 
     Returns:
         the number of model families (config.model_type values) that will use attnforge.
@@ -287,6 +336,10 @@ def patch_transformers(enable_debug: bool = False) -> int:
     if not _STATE.default_patched:
         _STATE.saved_default = PreTrainedModel.__dict__["get_correct_attn_implementation"]
         PreTrainedModel.get_correct_attn_implementation = _default_to_attnforge(_STATE.saved_default)
+        config_property = PretrainedConfig.__dict__.get("_attn_implementation")
+        if isinstance(config_property, property):
+            _STATE.saved_config_property = config_property
+            PretrainedConfig._attn_implementation = _recording_requests(config_property)
         _STATE.default_patched = True
     return sum(family.supported for family in FAMILIES.values())
 
@@ -298,7 +351,10 @@ def unpatch_transformers() -> None:
     """
     if _STATE.default_patched:
         PreTrainedModel.get_correct_attn_implementation = _STATE.saved_default
-        _STATE.saved_default = None
+        if _STATE.saved_config_property is not None:
+            PretrainedConfig._attn_implementation = _STATE.saved_config_property
+        _STATE.saved_default = _STATE.saved_config_property = None
+        _STATE.requests.clear()
         _STATE.default_patched = False
     _unregister_if_unused()
 
