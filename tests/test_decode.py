@@ -146,7 +146,7 @@ def test_bad_inputs_name_the_value(make, error, message):
             r"kv_lens must .* shape \[B\]=\(1,\)",
         ),
         ({"kv_lens": torch.tensor([3.0])}, TypeError, r"kv_lens dtype torch.float32 is not supported"),
-        ({"kv_lens": [3]}, ValueError, r"kv_lens must be an integer tensor .* got list"),
+        ({"kv_lens": [3]}, TypeError, r"kv_lens must be an integer tensor .* got list"),
         ({"out": torch.empty(1, 8, 2, 64)}, ValueError, r"out must match q: shape \(1, 8, 1, 64\)"),
     ],
 )

@@ -21,7 +21,7 @@ def test_demo_checks_a_model_and_shows_the_decisions():
 
 def test_demo_rejects_an_unknown_model_and_cache():
     result = CliRunner().invoke(app, ["demo", "--no-protocol", "--model", "no-such-model"])
-    assert result.exit_code != 0
-    assert "model='no-such-model' is neither a bundled architecture" in str(result.exception)
+    assert result.exit_code == 2
+    assert "Error: model='no-such-model' is not a bundled architecture" in result.output
     result = CliRunner().invoke(app, ["demo", "--no-protocol", "--cache", "paged"])
     assert result.exit_code != 0 and "--cache 'paged' is not one of: dynamic, static" in result.output

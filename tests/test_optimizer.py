@@ -269,6 +269,9 @@ def test_stats_start_at_zero_and_reset():
 # ----------------------------------------------------------------------------------------------------------
 # The torch drop-in
 
+# AttentionConfig refuses seq_len > kv_len (issue 9): optimizer.py must send such calls to torch before it
+# builds one (_unsupported_call). Delete this mark with that change (strict: it fails once fixed).
+
 
 @pytest.mark.parametrize(
     "q_len, kv_len, is_causal, use_mask",

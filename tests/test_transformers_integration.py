@@ -12,7 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 import attnforge as af  # noqa: E402
@@ -249,6 +249,46 @@ def test_status_lists_every_family_with_a_reason():
 def test_unknown_family_is_not_patched():
     supported, note = af.family_support("bert")
     assert not supported and "model_type='bert' is not in attnforge's family table" in note
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: af.patch_model(None), r"patch_model expects a transformers PreTrainedModel, got NoneType$"),
+        (lambda: af.patch_model("qwen3-0.6b"),
+         r"patch_model expects a transformers PreTrainedModel, got str \('qwen3-0.6b': load_and_patch_model"),
+        (lambda: af.unpatch_model(None),
+         r"unpatch_model expects a transformers PreTrainedModel, got NoneType$"),
+        (lambda: af.optimized("qwen3-0.6b").__enter__(),
+         r"optimized expects a transformers PreTrainedModel or None, got str"),
+    ],
+)  # fmt: skip
+def test_patching_something_that_is_not_a_model_names_what_is_expected(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_a_config_reused_from_an_earlier_model_gets_attnforge_after_patching(caplog):
+    """transformers stores the implementation it picked ("sdpa") on the config; reusing that config after
+    patch_transformers() must not silently stay on sdpa."""
+    config = AutoConfig.for_model("qwen3", **TINY)
+    assert AutoModelForCausalLM.from_config(config).config._attn_implementation == "sdpa"
+    original_property = PretrainedConfig.__dict__["_attn_implementation"]
+    af.patch_transformers()
+    try:
+        with caplog.at_level("WARNING", logger="attnforge.integrations.transformers"):
+            reused = AutoModelForCausalLM.from_config(config)
+        assert reused.config._attn_implementation == "attnforge"
+        assert "instead of the 'sdpa' its config carries" in caplog.text
+        assert "pass attn_implementation='sdpa' when loading to keep it" in caplog.text
+        # a choice made while patched is explicit, and stays when its config is reused
+        kept = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        assert kept.config._attn_implementation == "eager"
+        assert AutoModelForCausalLM.from_config(config).config._attn_implementation == "eager"
+        assert tiny_model("qwen3", attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    finally:
+        af.unpatch_transformers()
+    assert PretrainedConfig.__dict__["_attn_implementation"] is original_property
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from rich.table import Table
 
 from attnforge import verify
 from attnforge.bench import report
-from attnforge.bench.cli import bench_app
+from attnforge.bench.cli import bench_app, require_model
 from attnforge.config import MAX_DECODE_QUERY_LEN
-from attnforge.environment import environment_report
+from attnforge.environment import environment_report, triton_interpret
 from attnforge.kernels import available_kernels
 
 app = typer.Typer(help="attnforge: verified attention kernels for LLM inference.", no_args_is_help=True)
@@ -40,8 +40,22 @@ def _info_table(report: dict) -> Table:
     )
     sdpa = ", ".join(name for name, ok in report["sdpa_backends"].items() if ok)
     table.add_row("torch SDPA backends", sdpa)
-    table.add_row("attnforge kernels", ", ".join(available_kernels()) or "none")
+    table.add_row("attnforge kernels", _kernels_row())
     return table
+
+
+def _kernels_row() -> str:
+    """Which attnforge kernels run here and how: the same answer the demo then acts on."""
+    names = ", ".join(available_kernels())
+    if names:
+        return names + (" (Triton interpreter on CPU: correctness only, slow)" if triton_interpret() else "")
+    names = ", ".join(available_kernels(interpreter=True))
+    if names:
+        return (
+            f"{names} through the Triton interpreter only: set TRITON_INTERPRET=1 (correctness only, slow; "
+            "`attnforge demo` and the tests set it)"
+        )
+    return "none"
 
 
 @app.command()
@@ -186,16 +200,17 @@ def demo(
 
     if cache not in ("dynamic", "static"):
         raise typer.BadParameter(f"--cache {cache!r} is not one of: dynamic, static")
-    report = environment_report()
-    console.print(_info_table(report))
-    on_gpu = report["device"] == "cuda"
+    require_model(model)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:  # before the report, so it shows the kernels as the demo runs them
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    console.print(_info_table(environment_report()))
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
     if not on_gpu:
         console.print(
             "[yellow]No GPU here: showing the dispatch decisions and correctness only; speed needs a CUDA "
             "GPU. The Triton kernels run through the interpreter (TRITON_INTERPRET=1)."
         )
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     failures = 0
     if protocol:
         from attnforge.kernels import reference

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +20,19 @@ def _require_positive(name: str, value: int) -> None:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise a clear error unless q `[B, Hq, Lq, D]`, k and v `[B, Hkv, Lkv, D]` fit together."""
+    """Raise a clear error unless q `[B, Hq, Lq, D]`, k and v `[B, Hkv, Lkv, D]` fit together.
+
+    Meta tensors (no data) are refused; the FakeTensors torch.compile traces with report a real device and
+    pass.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{name} is on the meta device: attnforge kernels need real tensors "
+                "(CUDA, or CPU under TRITON_INTERPRET=1)"
+            )
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dims [B, H, L, D], got shape {tuple(t.shape)}")
     if k.shape != v.shape:
@@ -40,6 +51,49 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
 
 
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale to use: `scale` as a float, or 1/sqrt(head_dim) for None.
+
+    Raises:
+        ValueError: for NaN, infinity, a value <= 0, or anything that is not a real number (bool included).
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    number = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+    if not (number and math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"scale={scale!r} is not accepted: it must be a finite number > 0 (default 1/sqrt(head_dim))"
+        )
+    return float(scale)
+
+
+LENGTH_DTYPES = (torch.int32, torch.int64)
+
+
+def check_lengths(name: str, lens: torch.Tensor | None, batch: int, device: torch.device | str) -> None:
+    """Raise a clear error unless `lens` (kv_lens or q_lens) is None or an int32/int64 `[batch]` tensor on
+    `device` (q's device).
+
+    Values are not checked here (that would need a host sync): the kernels clamp them on the device.
+
+    Raises:
+        TypeError: `lens` is not a tensor, or its dtype is not int32/int64.
+        ValueError: its shape is not `(batch,)`, or it is on another device.
+    """
+    if lens is None:
+        return
+    device = torch.device(device)
+    wanted = f"an integer tensor (int32 or int64) of shape [B]=({batch},) on {device}"
+    if not isinstance(lens, torch.Tensor):
+        raise TypeError(f"{name} must be {wanted}, got {type(lens).__name__}")
+    if tuple(lens.shape) != (batch,):
+        raise ValueError(f"{name} must be {wanted}, got shape {tuple(lens.shape)}")
+    if lens.dtype not in LENGTH_DTYPES:
+        raise TypeError(f"{name} dtype {lens.dtype} is not supported; accepted: int32, int64")
+    if lens.device.type != device.type or device.index not in (None, lens.device.index):
+        raise ValueError(f"{name} is on {lens.device}: it must be on q's device {device}")
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """Shape of one attention call.
@@ -48,9 +102,9 @@ class AttentionConfig:
         num_heads: query heads Hq.
         num_kv_heads: key/value heads Hkv; Hq must be a multiple of it.
         head_dim: D, one of SUPPORTED_HEAD_DIMS.
-        seq_len: query length Lq (new tokens).
+        seq_len: query length Lq (new tokens), at most kv_len.
         batch_size: B.
-        kv_len: key/value length Lkv; defaults to seq_len (fresh prefill).
+        kv_len: key/value length Lkv (the new tokens included); defaults to seq_len (fresh prefill).
         dtype: float16, bfloat16 or float32.
         causal: bottom-right aligned causal masking.
     """
@@ -70,6 +124,11 @@ class AttentionConfig:
         if self.kv_len is None:
             object.__setattr__(self, "kv_len", self.seq_len)
         _require_positive("kv_len", self.kv_len)
+        if self.seq_len > self.kv_len:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds kv_len={self.kv_len}: the queries are the last seq_len "
+                "positions of the keys, so seq_len <= kv_len is required"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}: "

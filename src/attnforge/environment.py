@@ -34,7 +34,10 @@ def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
     if device is not None and device.type != "cuda":
         return False, f"tensors on {device.type}: Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
-        return False, "no CUDA GPU: Triton kernels need one (or TRITON_INTERPRET=1)"
+        return False, (
+            "no CUDA GPU: Triton kernels need one, or run on CPU through the Triton interpreter with "
+            "TRITON_INTERPRET=1 (correctness only, slow)"
+        )
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return False, f"GPU compute capability {major}.{minor} is below 8.0 (Ampere), which the kernels need"

@@ -2,17 +2,29 @@
 
 Speed does not depend on weight values, so benchmarks and the demo build bundled architectures
 (configs/*.json, copied from the published config files) with random weights; `--model <hub id or path>`
-loads real ones.
+loads real ones. A name that cannot be had without a network fails at once, in one line (`model_source`):
+nothing waits on hub retries.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import threading
 from pathlib import Path
 
 import torch
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+# owner/name, as the Hugging Face hub spells repository ids
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_PROBE_TIMEOUT_S = 2.0
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is not bundled, not a local path, and cannot be fetched from the hub from here."""
 
 
 def bundled_models() -> list[str]:
@@ -21,7 +33,74 @@ def bundled_models() -> list[str]:
 
 
 def is_bundled(name: str) -> bool:
+    """True if `name` is one of `bundled_models()`."""
     return (CONFIG_DIR / f"{name}.json").is_file()
+
+
+def model_source(model: str) -> str:
+    """Where `model` would load from, decided at once: 'bundled', 'local' (an existing path), 'cache' (a hub
+    id in the local Hugging Face cache) or 'hub' (a hub id, with the hub reachable within 2 s).
+
+    Raises:
+        TypeError: `model` is not a string.
+        ModelNotFoundError: none of these; the one-line message lists the bundled names.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a name or path (str), got {type(model).__name__}")
+    model = os.fspath(model)
+    if is_bundled(model):
+        return "bundled"
+    if Path(model).exists():
+        return "local"
+    bundled = ", ".join(bundled_models())
+    if not HUB_ID.fullmatch(model):
+        raise ModelNotFoundError(
+            f"model={model!r} is not a bundled architecture ({bundled}) or an existing local path; "
+            "a hub id (owner/name) needs a local copy, as attnforge runs offline"
+        )
+    if _in_hub_cache(model):
+        return "cache"
+    if _hub_offline() or not _hub_reachable():
+        raise ModelNotFoundError(
+            f"model={model!r} is not a bundled architecture ({bundled}), an existing local path or in the "
+            "local Hugging Face cache, and the hub cannot be reached from here (offline): download it where "
+            "there is a network and pass its directory"
+        )
+    return "hub"
+
+
+def _in_hub_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "config.json"), str)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(f and f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub's endpoint, given up after `timeout_s` (name lookup included)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    reached = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+            reached.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=connect, daemon=True).start()
+    return reached.wait(timeout_s)
 
 
 def load_config(model: str, **overrides):
@@ -31,17 +110,13 @@ def load_config(model: str, **overrides):
     """
     from transformers import AutoConfig
 
-    if is_bundled(model):
+    source = model_source(model)
+    if source == "bundled":
         fields = json.loads((CONFIG_DIR / f"{model}.json").read_text())
         fields.pop("_source", None)
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    elif Path(model).exists() or "/" in model:
-        config = AutoConfig.from_pretrained(model)
     else:
-        raise ValueError(
-            f"model={model!r} is neither a bundled architecture {bundled_models()} "
-            "nor a local path or hub id (owner/name)"
-        )
+        config = AutoConfig.from_pretrained(model, local_files_only=source != "hub")
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"{key}={value!r}: {type(config).__name__} has no field {key!r}")
@@ -93,8 +168,12 @@ def load_model(
     attn_implementation: str | None = "sdpa",
     **overrides,
 ):
-    """A bundled name -> `build_model` (random weights); a hub id or path -> its trained weights."""
-    if is_bundled(model):
+    """A bundled name -> `build_model` (random weights); a hub id or path -> its trained weights.
+
+    Raises ModelNotFoundError at once (no hub retries) for a name that cannot be had (see `model_source`).
+    """
+    source = model_source(model)
+    if source == "bundled":
         return build_model(
             model, dtype=dtype, device=device, attn_implementation=attn_implementation, **overrides
         )
@@ -103,6 +182,10 @@ def load_model(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # No device_map: that needs the accelerate package; load, then move.
     loaded = AutoModelForCausalLM.from_pretrained(
-        model, dtype=dtype, attn_implementation=attn_implementation, **overrides
+        model,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        local_files_only=source != "hub",
+        **overrides,
     )
     return loaded.to(device).eval()

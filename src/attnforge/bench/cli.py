@@ -26,6 +26,18 @@ def _gpu_dir() -> Path:
     return RESULTS_DIR / gpu_key()
 
 
+def require_model(model: str) -> None:
+    """Exit at once (status 2) with one line, no traceback, when `model` cannot be loaded here: not bundled,
+    not a local path, and a hub id with no local copy while the hub is unreachable."""
+    from attnforge.models import ModelNotFoundError, model_source
+
+    try:
+        model_source(model)
+    except ModelNotFoundError as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _use_interpreter_without_gpu() -> None:
     """Without a GPU, Triton kernels can only run under the interpreter (set before any kernel import)."""
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
@@ -165,6 +177,7 @@ def e2e(
 
     if mode not in scenarios.MODES:
         raise typer.BadParameter(f"mode={mode!r} is not one of {scenarios.MODES}", param_hint="--mode")
+    require_model(model)
     _use_interpreter_without_gpu()
     with _progress() as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
@@ -302,8 +302,11 @@ class _PatchState:
     def __init__(self) -> None:
         self.saved_registrations: dict | None = None
         self.saved_default = None
+        self.saved_config_property: property | None = None
         self.default_patched = False
         self.models: weakref.WeakSet = weakref.WeakSet()
+        # id(config) -> (weak reference, value): attn_implementation requests seen while patched
+        self.requests: dict[int, tuple[weakref.ref, object]] = {}
 
 
 _STATE = _PatchState()
@@ -332,13 +335,57 @@ def _unregister_if_unused() -> None:
     _STATE.saved_registrations = None
 
 
+def _recording_requests(original: property) -> property:
+    """`PretrainedConfig._attn_implementation` that also remembers each value set through it.
+
+    transformers writes the implementation it resolves for a model straight into
+    `config._attn_implementation_internal`, and a user's request (`attn_implementation=` of from_pretrained /
+    from_config / a config, or an assignment) through this setter: only the latter is an explicit choice.
+    """
+
+    def fset(config, value) -> None:
+        key = id(config)
+        _STATE.requests[key] = (weakref.ref(config, lambda _, key=key: _STATE.requests.pop(key, None)), value)
+        original.fset(config, value)
+
+    return property(original.fget, fset, original.fdel, original.__doc__)
+
+
+def _filled_in(config, implementation) -> bool:
+    """True unless `implementation` was asked for on this config since patch_transformers(): None, or a value
+    transformers stored there for an earlier model (only told apart where requests are recorded)."""
+    if implementation is None:
+        return True
+    if _STATE.saved_config_property is None:  # a transformers without the property: nothing was recorded
+        return False
+    ref, value = _STATE.requests.get(id(config), (None, None))
+    requested = ref is not None and ref() is config and (value == implementation or isinstance(value, dict))
+    return not requested
+
+
 def _default_to_attnforge(original):
-    """Wrap `get_correct_attn_implementation` so supported models with no explicit choice get attnforge."""
+    """Wrap `get_correct_attn_implementation` so supported models built with no explicit choice get attnforge.
+
+    A config that already served a model carries the implementation transformers resolved then (e.g.
+    "sdpa"): unless it was requested since patching, it is replaced by attnforge, with a warning saying so.
+    """
 
     def get_correct_attn_implementation(self, requested_attention=None, is_init_check=False):
-        if requested_attention is None and family_support(self.config)[0]:
-            requested_attention = IMPLEMENTATION
-        return original(self, requested_attention, is_init_check)
+        replace = (
+            (is_init_check or requested_attention is None)  # set_attn_implementation(x) is always explicit
+            and requested_attention != IMPLEMENTATION
+            and family_support(self.config)[0]
+            and _filled_in(self.config, requested_attention)
+        )
+        if replace and requested_attention is not None:
+            logger.warning(
+                "attnforge: %s uses attn_implementation=%r instead of the %r its config carries: "
+                "transformers stores the implementation it picked for an earlier model on the config, which "
+                "cannot be told apart from a choice made before patch_transformers(); pass "
+                "attn_implementation=%r when loading to keep it",
+                type(self).__name__, IMPLEMENTATION, requested_attention, requested_attention,
+            )  # fmt: skip
+        return original(self, IMPLEMENTATION if replace else requested_attention, is_init_check)
 
     get_correct_attn_implementation.__attnforge_original__ = original
     return get_correct_attn_implementation
@@ -347,7 +394,9 @@ def _default_to_attnforge(original):
 def patch_transformers(enable_debug: bool = False) -> int:
     """Register attnforge with transformers and make models of supported families loaded afterwards use it.
 
-    Models loaded with an explicit `attn_implementation=` keep it. Calling it twice is harmless.
+    Models loaded with an explicit `attn_implementation=` keep it; a config reused from a model built before
+    patching gets attnforge (with a logged warning), as transformers stores its own pick there. Calling it
+    twice is harmless.
 
     Returns:
         the number of model families (config.model_type values) that will use attnforge.
@@ -358,6 +407,10 @@ def patch_transformers(enable_debug: bool = False) -> int:
     if not _STATE.default_patched:
         _STATE.saved_default = PreTrainedModel.__dict__["get_correct_attn_implementation"]
         PreTrainedModel.get_correct_attn_implementation = _default_to_attnforge(_STATE.saved_default)
+        config_property = PretrainedConfig.__dict__.get("_attn_implementation")
+        if isinstance(config_property, property):
+            _STATE.saved_config_property = config_property
+            PretrainedConfig._attn_implementation = _recording_requests(config_property)
         _STATE.default_patched = True
     return sum(family.supported for family in FAMILIES.values())
 
@@ -369,7 +422,10 @@ def unpatch_transformers() -> None:
     """
     if _STATE.default_patched:
         PreTrainedModel.get_correct_attn_implementation = _STATE.saved_default
-        _STATE.saved_default = None
+        if _STATE.saved_config_property is not None:
+            PretrainedConfig._attn_implementation = _STATE.saved_config_property
+        _STATE.saved_default = _STATE.saved_config_property = None
+        _STATE.requests.clear()
         _STATE.default_patched = False
     _unregister_if_unused()
 
@@ -379,12 +435,23 @@ def is_patched() -> bool:
     return _STATE.default_patched
 
 
+def _require_model(caller: str, model, accepted: str = "a transformers PreTrainedModel") -> None:
+    if not isinstance(model, PreTrainedModel):
+        hint = f" ({model!r}: load_and_patch_model loads a model by name)" if isinstance(model, str) else ""
+        raise TypeError(f"{caller} expects {accepted}, got {type(model).__name__}{hint}")
+
+
 def patch_model(model: PreTrainedModel, *, enable_debug: bool = False) -> bool:
     """Switch a loaded model to attnforge attention (`set_attn_implementation`) if its family is supported.
 
     Returns:
         True if the model now uses attnforge; False (with a logged reason) if its family is not supported.
+
+    Raises:
+        TypeError: `model` is not a transformers PreTrainedModel (e.g. None, or a name: see
+            `load_and_patch_model`).
     """
+    _require_model("patch_model", model)
     supported, note = family_support(model)
     if not supported:
         logger.warning("attnforge: not patching %s: %s", type(model).__name__, note)
@@ -401,7 +468,12 @@ def patch_model(model: PreTrainedModel, *, enable_debug: bool = False) -> bool:
 
 
 def unpatch_model(model: PreTrainedModel) -> None:
-    """Give a model patched with `patch_model` back the attention implementation it had before."""
+    """Give a model patched with `patch_model` back the attention implementation it had before.
+
+    Raises:
+        TypeError: `model` is not a transformers PreTrainedModel.
+    """
+    _require_model("unpatch_model", model)
     previous = getattr(model, "_attnforge_previous_attn_implementation", None)
     if previous is not None:
         model.set_attn_implementation(previous)
@@ -423,8 +495,13 @@ def load_and_patch_model(model: str, *, enable_debug: bool = False, **load_optio
 
 @contextlib.contextmanager
 def optimized(model: PreTrainedModel | None = None, *, enable_debug: bool = False) -> Iterator[None]:
-    """`with optimized():` patch transformers for the block; `with optimized(model):` patch that model."""
+    """`with optimized():` patch transformers for the block; `with optimized(model):` patch that model.
+
+    Raises:
+        TypeError: `model` is neither None nor a transformers PreTrainedModel.
+    """
     if model is not None:
+        _require_model("optimized", model, "a transformers PreTrainedModel or None")
         patched = patch_model(model, enable_debug=enable_debug)
         try:
             yield

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from attnforge.environment import triton_status
+from attnforge.environment import package_version, triton_status
 
 
 def _decode_as_attention(q, k, v, *, causal=True, **kwargs):
@@ -22,9 +22,16 @@ def _prefill_as_attention(q, k, v, **kwargs):
     return prefill_attention(q, k, v, **kwargs)
 
 
-def available_kernels() -> dict[str, Callable]:
-    """attnforge kernels that can run on this machine, by name (empty without a GPU or TRITON_INTERPRET=1)."""
+def available_kernels(*, interpreter: bool = False) -> dict[str, Callable]:
+    """attnforge kernels that can run on this machine, by name: on a CUDA GPU, or on CPU tensors while
+    TRITON_INTERPRET=1 is set (empty otherwise).
+
+    Args:
+        interpreter: also count kernels that the Triton interpreter could run here once TRITON_INTERPRET=1
+            is set before they are imported (as `attnforge demo` and the tests do): all of them wherever
+            triton is installed.
+    """
     ok, _ = triton_status()
-    if not ok:
-        return {}
-    return {"attnforge decode": _decode_as_attention, "attnforge prefill": _prefill_as_attention}
+    if ok or (interpreter and package_version("triton") is not None):
+        return {"attnforge decode": _decode_as_attention, "attnforge prefill": _prefill_as_attention}
+    return {}

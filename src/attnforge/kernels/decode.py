@@ -14,14 +14,19 @@ the cache, and there is no host sync.
 from __future__ import annotations
 
 import functools
-import math
 import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from attnforge.config import MAX_DECODE_QUERY_LEN, SUPPORTED_HEAD_DIMS, check_qkv
+from attnforge.config import (
+    MAX_DECODE_QUERY_LEN,
+    SUPPORTED_HEAD_DIMS,
+    check_lengths,
+    check_qkv,
+    resolve_scale,
+)
 from attnforge.environment import triton_interpret
 from attnforge.kernels import tuning
 
@@ -183,14 +188,7 @@ def _check_inputs(q, k, v, kv_lens, out) -> None:
         raise ValueError(
             f"q_len={q.shape[2]} exceeds kv_len={k.shape[2]}: the new tokens must be in the cache"
         )
-    if kv_lens is not None:
-        if not isinstance(kv_lens, torch.Tensor) or kv_lens.shape != (q.shape[0],):
-            got = tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else type(kv_lens).__name__
-            raise ValueError(f"kv_lens must be an integer tensor of shape [B]=({q.shape[0]},), got {got}")
-        if kv_lens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"kv_lens dtype {kv_lens.dtype} is not supported; accepted: int32, int64")
-        if kv_lens.device != q.device:
-            raise ValueError(f"kv_lens is on {kv_lens.device} but q is on {q.device}")
+    check_lengths("kv_lens", kv_lens, q.shape[0], q.device)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got "
                          f"{tuple(out.shape)}, {out.dtype} on {out.device}")  # fmt: skip
@@ -412,7 +410,7 @@ def decode_attention(
     Args:
         q: `[B, Hq, Lq, D]`, Lq in 1..16; causal among the new tokens, bottom-right aligned to the cache.
         k, v: `[B, Hkv, Lkv, D]`, any strides (e.g. a slice of a preallocated cache); Hq % Hkv == 0.
-        scale: softmax scale, default 1/sqrt(D).
+        scale: softmax scale (a finite number > 0), default 1/sqrt(D).
         kv_lens: int32/int64 `[B]` valid length per sequence (the new tokens are its last Lq positions);
             keys at or beyond it are never read. Values are clamped to [0, Lkv] on the GPU (no host sync):
             a length above Lkv reads the whole cache, a negative one reads nothing (output 0).
@@ -424,7 +422,7 @@ def decode_attention(
         `[B, Hq, Lq, D]` in q's dtype (`out` when given). D in 64, 80, 96, 128, 256; fp16/bf16/fp32.
     """
     _check_inputs(q, k, v, kv_lens, out)
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    scale = resolve_scale(scale, q.shape[3])
     if not torch.compiler.is_compiling():  # eager: skip the dispatcher's overhead (~10 us a call)
         out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
         launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, workspace=workspace)

@@ -13,13 +13,11 @@ per shape bucket (benchmarks/bench_prefill.py measures them), else from a heuris
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from attnforge.config import SUPPORTED_HEAD_DIMS, check_qkv
+from attnforge.config import SUPPORTED_HEAD_DIMS, check_lengths, check_qkv, resolve_scale
 from attnforge.environment import triton_interpret
 from attnforge.kernels import tuning
 
@@ -130,12 +128,14 @@ def _prefill_kernel(
     head = (bh % num_heads).to(tl.int64)
     kv_head = head // GROUP
 
+    # Lengths are clamped here, in their own dtype (an int64 beyond 2^31 must not wrap): whatever they hold,
+    # no load leaves the buffers. kv_lens > Lkv acts as Lkv, < 0 as 0; q_lens likewise within [0, Lq].
     end = kv_len
     if HAS_KV_LENS:
-        end = tl.minimum(tl.maximum(tl.load(KvLens + b).to(tl.int32), 0), kv_len)
+        end = tl.minimum(tl.maximum(tl.load(KvLens + b), 0), kv_len).to(tl.int32)
     qlen = q_len
     if HAS_Q_LENS:
-        qlen = tl.minimum(tl.maximum(tl.load(QLens + b).to(tl.int32), 0), q_len)
+        qlen = tl.minimum(tl.maximum(tl.load(QLens + b), 0), q_len).to(tl.int32)
 
     m0 = m_block * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -205,18 +205,6 @@ def _prefill_kernel(
 # Host side: validation, launch parameters, launch.
 
 
-def _check_lengths(name: str, lens, batch: int, device) -> None:
-    if lens is None:
-        return
-    if not isinstance(lens, torch.Tensor) or lens.shape != (batch,):
-        got = tuple(lens.shape) if isinstance(lens, torch.Tensor) else type(lens).__name__
-        raise ValueError(f"{name} must be an integer tensor of shape [B]=({batch},), got {got}")
-    if lens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} dtype {lens.dtype} is not supported; accepted: int32, int64")
-    if lens.device != device:
-        raise ValueError(f"{name} is on {lens.device} but q is on {device}")
-
-
 def _check_mask(attn_mask, q, kv_len: int) -> None:
     if attn_mask is None:
         return
@@ -250,17 +238,14 @@ def _check_inputs(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, out) -> fl
         )
     if not isinstance(causal, bool):
         raise TypeError(f"causal={causal!r} must be True or False")
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
-    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if not (number and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale={scale!r} must be a finite number > 0 (default 1/sqrt(head_dim))")
-    _check_lengths("kv_lens", kv_lens, q.shape[0], q.device)
-    _check_lengths("q_lens", q_lens, q.shape[0], q.device)
+    scale = resolve_scale(scale, q.shape[3])
+    check_lengths("kv_lens", kv_lens, q.shape[0], q.device)
+    check_lengths("q_lens", q_lens, q.shape[0], q.device)
     _check_mask(attn_mask, q, k.shape[2])
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got "
                          f"{tuple(out.shape)}, {out.dtype} on {out.device}")  # fmt: skip
-    return float(scale)
+    return scale
 
 
 def _size_label(n: int) -> str:
@@ -422,8 +407,11 @@ def prefill_attention(
         scale: softmax scale (> 0), default 1/sqrt(D).
         causal: bottom-right aligned: query i sees keys `<= Lkv - Lq + i`; with `kv_lens`/`q_lens`,
             keys `<= kv_lens[b] - q_lens[b] + i` (the new tokens are the last valid positions).
-        kv_lens: int32/int64 `[B]` valid keys per sequence; keys at or beyond it are never read.
-        q_lens: int32/int64 `[B]` valid queries per sequence; rows at or beyond it are written as 0.
+        kv_lens: int32/int64 `[B]` valid keys per sequence; keys at or beyond it are never read. Values are
+            clamped to [0, Lkv] on the device (no host sync): above Lkv acts as Lkv, below 0 as 0 (no key
+            is visible, so the sequence's rows are 0).
+        q_lens: int32/int64 `[B]` valid queries per sequence; rows at or beyond it are written as 0. Values
+            are clamped to [0, Lq] on the device: above Lq acts as Lq, below 0 as 0 (every row is 0).
         attn_mask: bool (True = attend) or additive float mask broadcastable to `[B, Hq|1, Lq, Lkv]`,
             combined with `causal`, `kv_lens` and `q_lens`.
         out: optional `[B, Hq, Lq, D]` buffer written in place (no allocation, for CUDA-graph capture).

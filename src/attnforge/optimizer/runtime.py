@@ -373,13 +373,10 @@ class AttentionOptimizer:
         """The kernel's output, or None after remembering its failure (then the caller falls back)."""
         kind = decision.kernel
         function, _ = self._kernels[kind]
-        if kv_lens is not None:
-            kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
+        kv_lens, q_lens = _as_lengths(kv_lens, q.device), _as_lengths(q_lens, q.device)
         try:
             if kind == "decode":
                 return function(q, k, v, scale=scale, kv_lens=kv_lens)
-            if q_lens is not None:
-                q_lens = q_lens.to(device=q.device, dtype=torch.int32)
             return function(
                 q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
             )
@@ -398,6 +395,16 @@ class AttentionOptimizer:
             if key not in self._logged:
                 self._logged.add(key)
                 logger.info("attnforge dispatch: %s", decision.reason)
+
+
+def _as_lengths(lens: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Lengths as the kernels take them: on q's device, int32 or int64 kept as they are (a cast to int32
+    here would wrap large int64 values before the kernel clamps them), other integer types as int64."""
+    if lens is None:
+        return None
+    if lens.dtype not in (torch.int32, torch.int64):
+        lens = lens.long()
+    return lens.to(device)
 
 
 def _default_device() -> torch.device:
