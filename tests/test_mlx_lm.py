@@ -92,6 +92,8 @@ def test_af_mlx_without_mlx_raises_importerror_with_the_install_command(monkeypa
         if name == "mlx" or name.startswith(("mlx.", "mlx_lm", "attnforge.integrations.mlx")):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "mlx", None)  # "import mlx" now raises ImportError
+    for module in ("mlx_lm", "mlx_attention", "mlx_models"):  # `from package import name` reads these first
+        monkeypatch.delattr(sys.modules["attnforge.integrations"], module, raising=False)
     monkeypatch.delattr(af, "mlx", raising=False)
     with pytest.raises(ImportError, match=r'pip install "attnforge\[mlx\]"'):
         af.mlx.patch_mlx_lm()
