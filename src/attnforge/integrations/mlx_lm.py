@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from attnforge.config import SUPPORTED_HEAD_DIMS, AttentionConfig
+from attnforge.config import SUPPORTED_HEAD_DIMS, AttentionConfig, OptimizerSettings
 from attnforge.environment import package_version
 from attnforge.integrations import MLX_INSTALL_HINT
 from attnforge.integrations import mlx_attention as impl
@@ -97,7 +97,9 @@ class _State:
     settings: MLXSettings = field(default_factory=MLXSettings)
     stats: OptimizerStats = field(default_factory=OptimizerStats)
     quantized_calls: int = 0
-    decisions: dict[tuple, Decision] = field(default_factory=dict)
+    decisions: dict[tuple, Decision] = field(default_factory=dict)  # by AttentionConfig and features
+    call_decisions: dict[tuple, Decision] = field(default_factory=dict)  # by the raw sizes of a call
+    shared_settings: OptimizerSettings | None = None  # the thresholds call_decisions were made with
     seen: dict[tuple, list] = field(default_factory=dict)
     metal: dict[tuple, tuple[bool, str]] = field(default_factory=dict)  # verification per call kind
 
@@ -120,6 +122,7 @@ def configure_mlx(**changes) -> MLXSettings:
             raise ValueError(f"unknown MLX setting {name!r}; accepted: {accepted}")
     _STATE.settings = dataclasses.replace(_STATE.settings, **changes)
     _STATE.decisions.clear()
+    _STATE.call_decisions.clear()
     _STATE.seen.clear()
     return _STATE.settings
 
@@ -146,6 +149,7 @@ def reset() -> None:
     """Forget statistics, cached decisions and the Metal kernel's verification results."""
     reset_stats()
     _STATE.decisions.clear()
+    _STATE.call_decisions.clear()
     _STATE.metal.clear()
 
 
@@ -288,19 +292,35 @@ def _device_name() -> str:
 
 
 def _call_decision(queries: mx.array, keys, mask, quantized: bool, sinks: bool) -> Decision:
-    """Decision for one mlx-lm call: its shapes become an AttentionConfig, unless they cannot."""
-    batch, num_heads, q_len, head_dim = queries.shape
+    """Decision for one mlx-lm call, cached by its raw sizes (this runs once per layer per step)."""
+    shared = get_optimizer().settings
+    if shared is not _STATE.shared_settings:  # configure_optimizer(...) replaced them: decide afresh
+        _STATE.shared_settings = shared
+        _STATE.call_decisions.clear()
     kv_shape = (keys[0] if quantized else keys).shape  # quantized keys: (packed, scales, biases)
-    unsupported = _unsupported(queries.dtype, head_dim)
+    kind = "none" if mask is None else ("causal" if isinstance(mask, str) else "array")
+    key = (queries.shape, kv_shape[:3], queries.dtype, kind, quantized, sinks)
+    decision = _STATE.call_decisions.get(key)
+    if decision is None:
+        if len(_STATE.call_decisions) >= _DECISION_CACHE_SIZE:
+            _STATE.call_decisions.clear()
+        decision = _STATE.call_decisions[key] = _decide_shapes(queries.shape, kv_shape, queries.dtype, kind,
+                                                               quantized, sinks)  # fmt: skip
+    return decision
+
+
+def _decide_shapes(q_shape, kv_shape, dtype, mask: str, quantized: bool, sinks: bool) -> Decision:
+    """The shapes as an AttentionConfig and its decision, or why attnforge cannot describe the call."""
+    batch, num_heads, q_len, head_dim = q_shape
+    unsupported = _unsupported(dtype, head_dim)
     if unsupported is not None:
         category, why = unsupported
         fallback = "mlx-lm's quantized attention" if quantized else BASELINE
         return Decision(None, f"{why}: {fallback}", category, category)
     cfg = AttentionConfig(num_heads=num_heads, num_kv_heads=kv_shape[1], head_dim=head_dim, seq_len=q_len,
-                          batch_size=batch, kv_len=kv_shape[2], dtype=impl.TORCH_DTYPES[queries.dtype],
-                          causal=isinstance(mask, str))  # fmt: skip
-    kind = "none" if mask is None else ("causal" if isinstance(mask, str) else "array")
-    return decide(cfg, mask=kind, quantized=quantized, sinks=sinks)
+                          batch_size=batch, kv_len=kv_shape[2], dtype=impl.TORCH_DTYPES[dtype],
+                          causal=mask == "causal")  # fmt: skip
+    return decide(cfg, mask=mask, quantized=quantized, sinks=sinks)
 
 
 def _unsupported(dtype, head_dim: int) -> tuple[str, str] | None:
