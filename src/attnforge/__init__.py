@@ -1,7 +1,9 @@
 """attnforge: verified attention-kernel acceleration for LLM inference.
 
 `import attnforge` stays light: the optimizer loads on first use of its names, and transformers only when an
-integration name (patch_transformers, optimized, ...) is first used.
+integration name (patch_transformers, optimized, ...) is first used. `af.mlx` is the mlx-lm integration
+(attnforge.integrations.mlx_lm), imported on first access; without MLX that access raises ImportError with the
+install command.
 """
 
 from __future__ import annotations
@@ -31,17 +33,23 @@ _LAZY = {
     "load_model": "attnforge.models",
 }
 
+# Attribute -> integration module, imported on first access. Not in __all__: `from attnforge import *` must
+# not import MLX.
+_LAZY_MODULES = {"mlx": "attnforge.integrations.mlx_lm"}
+
 __all__ = ["AttentionConfig", "OptimizerSettings", *_LAZY]
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
+    if name in _LAZY_MODULES:
+        value = importlib.import_module(_LAZY_MODULES[name])
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
         raise AttributeError(f"module 'attnforge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_LAZY_MODULES))

