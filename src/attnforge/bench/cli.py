@@ -210,6 +210,7 @@ def e2e(
                 names=scenario_names.split(",") if scenario_names else None,
                 prompt_tokens=prompt_tokens,
                 progress=advance,
+                checkpoint=lambda partial: report.save(partial, out or _gpu_dir(), stem or _e2e_stem(model)),
             )
         except ValueError as error:
             console.print(f"[red]{error}")
@@ -217,7 +218,7 @@ def e2e(
     if doc.get("note"):
         console.print(f"[yellow]{doc['note']}")
     console.print(report.e2e_markdown(doc))
-    _save(doc, out or _gpu_dir(), stem or report.default_stem("e2e", doc["model"]))
+    _save(doc, out or _gpu_dir(), stem or _e2e_stem(model))
     if doc.get("failure"):
         console.print(f"[red]{doc['failure']}")
         raise typer.Exit(1)
@@ -241,6 +242,10 @@ def overhead(
         Path(out).mkdir(parents=True, exist_ok=True)
         path = report.write_json(doc, Path(out) / f"{report.default_stem('overhead')}.json")
         console.print(f"wrote {path}")
+
+
+def _e2e_stem(model: str) -> str:
+    return report.default_stem("e2e", model.replace("/", "-"))
 
 
 def _e2e_mlx(model: str, options: dict, out: Path | None, stem: str | None) -> None:

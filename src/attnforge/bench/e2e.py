@@ -365,11 +365,13 @@ def run(
     cache: str = "dynamic",
     names: list[str] | None = None,
     prompt_tokens: int | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
     **config_overrides,
 ) -> dict:
     """Run the scenarios of `mode` and return the result document.
 
-    Without a CUDA device only the agreement check runs (see NO_GPU_NOTE). `config_overrides` change the
+    `checkpoint(doc)` gets the document after every scenario. Without a CUDA device only the agreement check
+    runs (see NO_GPU_NOTE). `config_overrides` change the
     architecture (tests build tiny models). When the attnforge side ran no attnforge kernel, `doc["failure"]`
     says so: such a comparison would pit torch against torch.
     """
@@ -477,6 +479,10 @@ def run(
                 side.pop("runs"), side.pop("summary")
             result.pop("improvement", None)
         doc["scenarios"].append(result)
+        if checkpoint is not None:  # a run cut short keeps the scenarios it finished
+            partial = dict(doc)
+            _finish(partial, on_gpu)
+            checkpoint(partial)
     sides.use("baseline")
     sides.optimizer.configure(require_measurement=previous.require_measurement, kernels=previous.kernels)
     _finish(doc, on_gpu)

@@ -197,14 +197,16 @@ def _check_inputs(q, k, v, kv_lens, out) -> None:
 def decode_bucket(
     batch: int, kv_len: int, group: int, q_len: int, head_dim: int, has_kv_lens: bool = False
 ) -> str:
-    """Shape bucket of the tuning table, e.g. 'd128-m4-b1-kv4k', or 'd128-m4-b1-kv32k-lens' with kv_lens
-    (a static or ragged cache, where torch must mask the whole buffer)."""
+    """Shape bucket of the tuning store, e.g. 'd128-m4-b1-kv4k'; '-lq4' for 3-4 new tokens (torch then needs a
+    causal mask: another race), '-lens' with kv_lens (a static or ragged cache: torch masks the whole buffer).
+    """
     rows = group * q_len
     m = 1 if rows == 1 else min(64, triton.next_power_of_2(rows))
     b = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 10**9) if batch <= x)
     kv = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 10**9) if kv_len <= x * 1024)
+    lq = f"-lq{triton.next_power_of_2(q_len)}" if q_len > 1 else ""
     lens = "-lens" if has_kv_lens else ""
-    return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k{lens}"
+    return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k{lq}{lens}"
 
 
 def heuristic_splits(units: int, tiles: int, sms: int) -> int:
