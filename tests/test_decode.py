@@ -43,6 +43,23 @@ def test_every_head_dim_and_half_dtype(head_dim, dtype):
     _assert_all_pass(Shape(1, 4, 2, 2, 37, head_dim), dtype, kinds=("random", "needle", "poisoned"))
 
 
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_row_blocks_of_a_kv_head_agree_with_the_oracle(block_m):
+    """MQA with 32 query rows per KV head, served whole or in two 16-row blocks, with split-KV merges."""
+    case = verify.needle_case(Shape(1, 32, 1, 1, 200, 64), causal=True)
+    out = torch.full_like(case.q, math.nan)
+    params = {"BLOCK_M": block_m, "BLOCK_N": 32, "num_splits": 3, "num_warps": 4, "num_stages": 2}
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=None, params=params)
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
+
+
+def test_row_blocks_must_be_powers_of_two():
+    case = verify.random_case(Shape(1, 4, 1, 1, 20, 64), causal=True)
+    with pytest.raises(ValueError, match=r"BLOCK_M=24 must be a power of two >= 16"):
+        decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1,
+                             params={"BLOCK_M": 24, "BLOCK_N": 32, "num_splits": 1})  # fmt: skip
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_split_paths_agree_with_the_oracle(num_splits):
     """One split writes directly; several merge through the workspace, including empty splits."""

@@ -316,20 +316,6 @@ def test_import_attnforge_does_not_import_transformers():
 # The torch fallback's CUDA routes (device-independent pieces, checked on CPU)
 
 
-@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_packed_single_query_route_matches_the_oracle(mask_kind):
-    """One query token, GQA heads packed per KV head (what the fallback does on CUDA instead of repeat_kv)."""
-    q, k, v = torch.randn(3, 8, 1, 64), torch.randn(3, 2, 40, 64), torch.randn(3, 2, 40, 64)
-    kv_lens = torch.tensor([40, 17, 0], dtype=torch.int32)  # the last sequence sees nothing: output 0
-    mask = None
-    if mask_kind is not None:
-        keep = torch.rand(3, 1, 1, 40) > 0.2
-        mask = keep if mask_kind == "bool" else torch.zeros(3, 1, 1, 40).masked_fill(~keep, -math.inf)
-    out = runtime.packed_single_query(q, k, v, None, kv_lens, mask)
-    expected = verify.reference_attention(q, k, v, kv_lens=kv_lens, attn_mask=mask)
-    assert verify.relative_l2_per_slice(out, expected).max() <= 1e-5
-
-
 def test_torch_fallback_honours_every_option_on_cpu():
     q, k, v = torch.randn(2, 8, 5, 64), torch.randn(2, 2, 30, 64), torch.randn(2, 2, 30, 64)
     kv_lens, q_lens = torch.tensor([30, 12]), torch.tensor([5, 3])

@@ -53,7 +53,7 @@ def test_candidates_start_with_the_heuristic_and_are_unique(quick):
     target = tune.Target("decode", 1, 32, 8, 1, 4096, 128)
     candidates = tune.candidates_for(target, CPU, quick)
     names = [tune.params_name(c) for c in candidates]
-    assert names[0] == "n128-s16-w4-st2" and len(set(names)) == len(names)
+    assert names[0] == "m16-n128-s16-w4-st2" and len(set(names)) == len(names)
     assert (len(names) > 8) != quick or len(names) <= 8
 
 

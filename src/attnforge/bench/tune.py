@@ -131,31 +131,36 @@ PRESETS: dict[str, Callable[[], list[Target]]] = {"decode-grid": decode_grid, "d
 
 def decode_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
     """Launch configurations to try: the heuristic's, then tile sizes x split counts around it, then
-    pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile (fewer: `quick`)."""
+    pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile, and, where the
+    query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`)."""
     from attnforge.kernels import decode, tuning
 
     rows = target.num_heads // target.num_kv_heads * target.q_len
-    m_blocks = math.ceil(rows / max(16, min(64, 1 << (rows - 1).bit_length())))
-    units = target.batch * target.num_kv_heads * m_blocks
     element = torch.empty((), dtype=target.torch_dtype).element_size()
     row_bytes = (1 << (target.head_dim - 1).bit_length()) * element
     sms = tuning.sm_count(device)
-    base = decode.heuristic_params(target.batch, target.kv_len, target.num_kv_heads, m_blocks,
-                                   target.head_dim, element, sms)  # fmt: skip
+    base = decode.heuristic_params(target.batch, target.kv_len, target.num_kv_heads, rows, target.head_dim,
+                                   element, sms)  # fmt: skip
 
     def stages(block_n: int, budget: int = decode.SHARED_MEMORY_BUDGET) -> int:
         return max(1, min(4, budget // (2 * block_n * row_bytes)))
 
-    candidates = [base]
-    for block_n in (base["BLOCK_N"] // 2, base["BLOCK_N"]):
+    def split_options(block_n: int, block_m: int) -> list[int]:
+        units = target.batch * target.num_kv_heads * math.ceil(rows / block_m)
         tiles = math.ceil(target.kv_len / block_n)
         best = decode.heuristic_splits(units, tiles, sms)
-        options = {best, max(1, best // 2), min(tiles, 2 * best, decode.MAX_SPLITS)}
+        options = {best, max(1, best // 2), min(tiles, 2 * best, decode.MAX_SPLITS), base["num_splits"]}
         if not quick:
             limit = min(tiles, decode.MAX_SPLITS)
             options |= {s for s in (8, 16, 32, 64) if s <= limit and s * units <= 4 * sms}
-        candidates += [dict(base, BLOCK_N=block_n, num_splits=s, num_stages=stages(block_n))
-                       for s in sorted(options)]  # fmt: skip
+        return sorted(s for s in options if s <= tiles)
+
+    candidates = [base]
+    block_ms = [base["BLOCK_M"]] + ([16] if base["BLOCK_M"] > 16 else [])
+    for block_m in block_ms:
+        for block_n in (base["BLOCK_N"] // 2, base["BLOCK_N"]):
+            tile = dict(base, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages(block_n))
+            candidates += [dict(tile, num_splits=s) for s in split_options(block_n, block_m)]
     hopper_budget = 220 * 1024
     candidates += [dict(base, num_stages=s) for s in range(2, stages(base["BLOCK_N"], hopper_budget) + 1)]
     if not quick:
@@ -194,7 +199,7 @@ def candidates_for(target: Target, device: torch.device, quick: bool = False) ->
 
 
 def params_name(params: dict) -> str:
-    """'n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' (prefill)."""
+    """'m16-n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' (prefill)."""
     parts = [f"m{params['BLOCK_M']}"] if "BLOCK_M" in params else []
     parts.append(f"n{params['BLOCK_N']}")
     if "num_splits" in params:
@@ -249,10 +254,9 @@ def kernel_call(target: Target, case: verify.Case, params: dict, out: torch.Tens
 
 def torch_calls(case: verify.Case) -> dict[str, Callable[[], object]]:
     """torch's paths for the same call: SDPA with enable_gqa (torch's own backend choice, masked where the
-    call needs a mask), transformers' sdpa path (K/V repeated per call) and, for one query token with valid
-    lengths, the query heads packed per key/value head (attnforge's own fallback); masks are built outside."""
+    call needs a mask), transformers' sdpa path (K/V repeated per call) and, for a few new tokens against a
+    cache, torch's own bottom-right causal attention; masks are built outside."""
     from attnforge.bench.providers import repeat_kv_call, sdpa_call
-    from attnforge.optimizer.runtime import packed_single_query
 
     q, k, v = case.q, case.k, case.v
     options = dict(causal=case.causal, scale=case.scale, kv_lens=case.kv_lens)
@@ -260,8 +264,6 @@ def torch_calls(case: verify.Case) -> dict[str, Callable[[], object]]:
         "sdpa-gqa": sdpa_call(None)(q, k, v, **options),
         "hf-repeat_kv": repeat_kv_call(q, k, v, **options),
     }
-    if case.kv_lens is not None and q.shape[2] == 1 and q.shape[1] > k.shape[1]:
-        calls["sdpa-packed"] = lambda: packed_single_query(q, k, v, case.scale, case.kv_lens, None)
     if case.kv_lens is None and case.causal and 1 < q.shape[2] < k.shape[2]:
         calls["sdpa-lower-right"] = _lower_right_call(q, k, v, case.scale)
     return calls

@@ -36,6 +36,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128
 # Shared memory the pipelined K/V tiles may take (Hopper has 227 KB per block; Ampere 163 KB).
 SHARED_MEMORY_BUDGET = 160 * 1024
+# Partial rows (splits x real rows) the heuristic lets the last program of a slot merge.
+MERGE_ROWS = 256
 
 
 @triton.jit
@@ -216,16 +218,31 @@ def heuristic_splits(units: int, tiles: int, sms: int) -> int:
 
 
 def heuristic_params(
-    batch: int, kv_len: int, num_kv_heads: int, m_blocks: int, head_dim: int, elem_bytes: int, sms: int
+    batch: int, kv_len: int, num_kv_heads: int, rows: int, head_dim: int, elem_bytes: int, sms: int
 ) -> dict:
     """Launch parameters without a tuning entry: 128-key tiles (fewer where a K+V tile would pass 64 KB),
-    splits that fill one wave, and as many pipeline stages (up to 3) as fit in 160 KB of shared memory."""
+    as many pipeline stages (up to 3) as fit in 160 KB of shared memory, and splits that fill one wave,
+    capped so that the last program merges at most MERGE_ROWS partial rows (the merge is its tail)."""
     row_bytes = triton.next_power_of_2(head_dim) * elem_bytes
     block_n = max(16, min(128, 32768 // row_bytes))
     stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
-    tiles = triton.cdiv(kv_len, block_n)
-    splits = heuristic_splits(batch * num_kv_heads * m_blocks, tiles, sms)
-    return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": stages}
+    block_m = default_block_m(rows)
+    part_rows = min(block_m, triton.next_power_of_2(rows))
+    units = batch * num_kv_heads * triton.cdiv(rows, block_m)
+    splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)
+    splits = max(1, min(splits, MERGE_ROWS // part_rows))
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_splits": splits,
+        "num_warps": 4,
+        "num_stages": stages,
+    }
+
+
+def default_block_m(rows: int) -> int:
+    """Query rows per program: all G x Lq rows of a KV head up to 64 (one read of K/V for all of them)."""
+    return max(16, min(64, triton.next_power_of_2(rows)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -235,27 +252,35 @@ def _launch_params(
     """Launch parameters for q of `shape`: from the tuning store, else the heuristic (cached per shape)."""
     batch, num_heads, q_len, head_dim = shape
     rows = num_heads // num_kv_heads * q_len
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
-    m_blocks = triton.cdiv(rows, block_m)
     bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)
     params = tuning.launch_params("decode", device, bucket)
     if params is None:
         elem_bytes = torch.empty((), dtype=dtype).element_size()
         params = heuristic_params(
-            batch, kv_len, num_kv_heads, m_blocks, head_dim, elem_bytes, tuning.sm_count(device)
+            batch, kv_len, num_kv_heads, rows, head_dim, elem_bytes, tuning.sm_count(device)
         )
-    return _complete_params({**params, "BLOCK_M": block_m, "m_blocks": m_blocks, "rows": rows}, kv_len)
+    return complete_params(params, rows, kv_len)
 
 
 tuning.on_reload(_launch_params.cache_clear)
 
 
-def _complete_params(params: dict, kv_len: int) -> dict:
-    """Add what the launch derives: splits within [1, tiles] (a table entry may come from a longer cache in
-    the same bucket), the partial rows and the merge's chunk size."""
+def complete_params(params: dict, rows: int, kv_len: int) -> dict:
+    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages) plus what the launch
+    derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache in its bucket), the
+    partial rows per split."""
+    block_m = int(params.get("BLOCK_M") or default_block_m(rows))
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
     splits = max(1, min(int(params["num_splits"]), triton.cdiv(kv_len, params["BLOCK_N"]), MAX_SPLITS))
-    part_rows = min(params["BLOCK_M"], triton.next_power_of_2(params["rows"]))
-    return {**params, "num_splits": splits, "part_rows": part_rows}
+    part_rows = min(block_m, triton.next_power_of_2(rows))
+    derived = {
+        "BLOCK_M": block_m,
+        "m_blocks": triton.cdiv(rows, block_m),
+        "rows": rows,
+        "part_rows": part_rows,
+    }
+    return {**params, **derived, "num_splits": splits}
 
 
 class DecodeWorkspace:
@@ -347,7 +372,7 @@ def launch_decode(
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, kv_lens is not None, q.dtype, q.device)
     if params is not None:
-        p = _complete_params({**p, **params}, kv_len)
+        p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
     floats, slots = _workspace_size(q, k, p)
     workspace = workspace or default_workspace(q.device, floats, slots)
     partials, counters = workspace.buffers(floats, slots)

@@ -14,7 +14,6 @@ import dataclasses
 import importlib
 import itertools
 import logging
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -414,47 +413,17 @@ def _default_device() -> torch.device:
 def torch_fallback(
     q, k, v, scale=None, causal=True, kv_lens=None, q_lens=None, attn_mask=None, *, stats=None
 ) -> torch.Tensor:
-    """torch SDPA with attnforge's semantics, on the path torch runs fastest for the call.
+    """torch SDPA with attnforge's semantics (enable_gqa: the cache is never repeated), `[B, Hq, Lq, Dv]`.
 
-    On CUDA, SDPA's `enable_gqa` with a mask runs the math backend (it materializes every logit), so masked
-    GQA calls go as transformers sends them: one query token with its heads packed per key/value head (no
-    copy of the cache), longer queries with K/V repeated. Inputs torch's fused kernels cannot take as they are
-    (unaligned views) are copied first, counted in `stats.input_copies`. Returns `[B, Hq, Lq, Dv]`.
+    Measured with torch 2.11 on an H200 (benchmarks/results/h200/tuning-decode-lens-20261127.md): a masked
+    GQA call with enable_gqa took 59 us where repeating K/V (transformers' path) took 703 us and packing the
+    query heads per KV head 727 us. Inputs torch's fused kernels cannot take as they are (unaligned views)
+    are copied first, counted in `stats.input_copies`.
     """
     q, k, v = reference.fused_sdpa_safe(q, k, v, on_copy=None if stats is None else stats.record_copy)
-    options = dict(scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask)
-    masked = attn_mask is not None or kv_lens is not None or q_lens is not None
-    masked = masked or (causal and q.shape[2] != k.shape[2])
-    if q.device.type != "cuda" or q.shape[1] == k.shape[1] or not masked:
-        return reference.sdpa(q, k, v, **options)
-    shared_mask = attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[1] == 1)
-    if q.shape[2] == 1 and q_lens is None and shared_mask:
-        return packed_single_query(q, k, v, scale, kv_lens, attn_mask)
-    return reference.sdpa(q, k, v, repeat_kv=True, **options)
-
-
-def packed_single_query(q, k, v, scale, kv_lens, attn_mask) -> torch.Tensor:
-    """One query per head: the G query heads of a key/value head become G query rows of one MHA call."""
-    batch, num_heads, _, head_dim = q.shape
-    num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
-    mask = reference.visibility_mask(batch, 1, kv_len, causal=False, kv_lens=kv_lens, device=q.device)
-    if attn_mask is not None:
-        attn_mask = attn_mask[:, :, -1:, :]
-        if attn_mask.dtype == torch.bool:
-            mask = attn_mask if mask is None else mask & attn_mask
-        else:
-            mask = (
-                attn_mask.to(q.dtype) if mask is None else attn_mask.to(q.dtype).masked_fill(~mask, -math.inf)
-            )
-    if mask is not None:
-        mask = mask.expand(batch, 1, group, kv_len)
-    packed = q.reshape(batch, num_kv_heads, group, head_dim)
-    out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=scale)
-    if mask is not None:
-        live = mask.any(-1, keepdim=True) if mask.dtype == torch.bool else torch.isfinite(mask).any(-1, True)
-        out = out.masked_fill(~live, 0.0)
-    return out.reshape(batch, num_heads, 1, v.shape[-1])
+    return reference.sdpa(
+        q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
+    )
 
 
 # Optimizers by id: the custom op below takes plain values only.
