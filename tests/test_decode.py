@@ -60,6 +60,24 @@ def test_row_blocks_must_be_powers_of_two():
                              params={"BLOCK_M": 24, "BLOCK_N": 32, "num_splits": 1})  # fmt: skip
 
 
+@pytest.mark.parametrize("combine", decode.COMBINE_MODES)
+@pytest.mark.parametrize("kv_lens", [None, [300, 5]])
+def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens):
+    """The last program merging, or a second kernel (with programmatic dependent launch where supported)."""
+    case = verify.needle_case(Shape(2, 8, 2, 3, 300, 64), causal=True, kv_lens=kv_lens)
+    out = torch.full_like(case.q, math.nan)
+    params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "combine": combine}
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
+
+
+def test_an_unknown_merge_is_refused():
+    case = verify.random_case(Shape(1, 4, 1, 1, 64, 64), causal=True)
+    with pytest.raises(ValueError, match=r"combine='tree' is not one of \('last', 'kernel', 'kernel-pdl'\)"):
+        decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1,
+                             params={"BLOCK_N": 16, "num_splits": 2, "combine": "tree"})  # fmt: skip
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_split_paths_agree_with_the_oracle(num_splits):
     """One split writes directly; several merge through the workspace, including empty splits."""

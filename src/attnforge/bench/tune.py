@@ -163,6 +163,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
             candidates += [dict(tile, num_splits=s) for s in split_options(block_n, block_m)]
     hopper_budget = 220 * 1024
     candidates += [dict(base, num_stages=s) for s in range(2, stages(base["BLOCK_N"], hopper_budget) + 1)]
+    if base["num_splits"] > 1:  # the partials merged by a second kernel instead of the last program
+        candidates += [dict(base, combine=mode) for mode in decode.COMBINE_MODES[1:]]
     if not quick:
         candidates += [dict(base, num_warps=8), dict(base, num_warps=2)]
     return _unique(candidates)
@@ -205,6 +207,8 @@ def params_name(params: dict) -> str:
     if "num_splits" in params:
         parts.append(f"s{params['num_splits']}")
     parts += [f"w{params.get('num_warps', '?')}", f"st{params.get('num_stages', '?')}"]
+    if params.get("combine", "last") != "last":
+        parts.append(params["combine"])
     return "-".join(parts) + ("-tma" if params.get("tma") else "")
 
 

@@ -30,6 +30,11 @@ from attnforge.config import (
 from attnforge.environment import triton_interpret
 from attnforge.kernels import tuning
 
+try:  # grid dependency control (programmatic dependent launch), Hopper and later; newer Tritons only
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gdc_launch_dependents = gdc_wait = None
+
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Upper bound of the split count (the merge's unrolled chunks are sized for it).
@@ -38,6 +43,10 @@ MAX_SPLITS = 128
 SHARED_MEMORY_BUDGET = 160 * 1024
 # Partial rows (splits x real rows) the heuristic lets the last program of a slot merge.
 MERGE_ROWS = 256
+# How split partials are merged: by the program that arrives last ("last", one launch), or by a second kernel
+# with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
+# ("kernel-pdl"; without PDL support it runs as "kernel").
+COMBINE_MODES = ("last", "kernel", "kernel-pdl")
 
 
 @triton.jit
@@ -51,8 +60,12 @@ def _decode_kernel(
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, FP32_DOT: tl.constexpr, MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # One function on purpose (kernels are exempt from the 60-line rule): load, the online-softmax loop over
+    # this split's keys, then the output or the partial and, with MERGE_LAST, the last program's merge.
+    if USE_PDL:  # the combine kernel may start launching now; it waits for this grid before reading
+        gdc_launch_dependents()
     split = tl.program_id(0)
     slot = tl.program_id(1)  # (batch, kv head, block of query rows)
     bh = slot // NUM_M_BLOCKS
@@ -127,20 +140,73 @@ def _decode_kernel(
         tl.store(PartML + part * 2 * PART_ROWS + r, m_i, mask=keep)
         tl.store(PartML + part * 2 * PART_ROWS + PART_ROWS + r, l_i, mask=keep)
         tl.store(PartO + (part * PART_ROWS + r[:, None]) * D_BLOCK + d[None, :], acc, mask=keep[:, None])
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            out = _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)
-            part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
-            part_head = h * GROUP + part_rows // Q_LEN
-            part_token = part_rows % Q_LEN
-            o_ptrs = (
-                Out + b * stride_ob + part_head[:, None] * stride_oh + part_token[:, None] * stride_om
-                + d[None, :] * stride_od
-            )  # fmt: skip
-            o_mask = (part_rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
-            tl.store(Counters + slot, 0)  # ready for the next launch (and the next graph replay)
+        if MERGE_LAST:
+            _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
+                           stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
+                           PART_ROWS, S_CHUNK)  # fmt: skip
+
+
+@triton.jit
+def _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
+                   stride_om, stride_od, num_splits, GROUP: tl.constexpr, Q_LEN: tl.constexpr,
+                   D_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS_P2: tl.constexpr,
+                   PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
+    """Count this split's arrival; the program that arrives last merges the slot's partials into the output
+    and resets the counter (for the next launch and the next graph replay)."""
+    tl.debug_barrier()  # every thread's partial is written before the counter says so
+    arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        out = _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)
+        part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
+        part_head = h * GROUP + part_rows // Q_LEN
+        part_token = part_rows % Q_LEN
+        o_ptrs = (
+            Out + b * stride_ob + part_head[:, None] * stride_oh + part_token[:, None] * stride_om
+            + d[None, :] * stride_od
+        )  # fmt: skip
+        o_mask = (part_rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+        tl.store(Counters + slot, 0)
+
+
+@triton.jit
+def _combine_kernel(
+    Out, PartO, PartML, stride_ob, stride_oh, stride_om, stride_od, num_kv_heads, num_splits,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr,
+    S_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """The second launch of the two-kernel variant: one program per (slot, partial row) merges that row's
+    partials from every split (many programs: the merge is not one program's serial tail)."""
+    if USE_PDL:  # launched early (programmatic dependent launch): wait until the split kernel has finished
+        gdc_wait()
+    pid = tl.program_id(0)
+    slot, r = pid // PART_ROWS, pid % PART_ROWS
+    row = (slot % NUM_M_BLOCKS) * BLOCK_M + r
+    bh = slot // NUM_M_BLOCKS
+    b, h = (bh // num_kv_heads).to(tl.int64), (bh % num_kv_heads).to(tl.int64)
+    base = slot.to(tl.int64) * num_splits
+    s_all = tl.arange(0, SPLITS_P2)
+    s_ok = s_all < num_splits
+    m_all = tl.load(PartML + (base + s_all) * 2 * PART_ROWS + r, mask=s_ok, other=float("-inf"))
+    l_all = tl.load(PartML + (base + s_all) * 2 * PART_ROWS + PART_ROWS + r, mask=s_ok, other=0.0)
+    m = tl.max(m_all, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_total = tl.sum(l_all * tl.exp2(m_all - m_safe), 0)
+    d = tl.arange(0, D_BLOCK)
+    acc = tl.zeros([D_BLOCK], tl.float32)
+    for s0 in range(0, num_splits, S_CHUNK):
+        s = s0 + tl.arange(0, S_CHUNK)
+        s_in = s < num_splits
+        m_s = tl.load(PartML + (base + s) * 2 * PART_ROWS + r, mask=s_in, other=float("-inf"))
+        o_offsets = ((base + s[:, None]) * PART_ROWS + r) * D_BLOCK + d[None, :]
+        o_s = tl.load(PartO + o_offsets, mask=s_in[:, None], other=0.0)
+        acc += tl.sum(tl.exp2(m_s - m_safe)[:, None] * o_s, 0)
+    out = acc / tl.where(l_total == 0.0, 1.0, l_total)
+    o_ptrs = Out + b * stride_ob + (h * GROUP + row // Q_LEN) * stride_oh + (row % Q_LEN) * stride_om
+    rows = tl.full([D_BLOCK], 0, tl.int32) + row  # per column: a block mask (as the interpreter needs)
+    o_mask = (d < HEAD_DIM) & (rows < GROUP * Q_LEN)
+    tl.store(o_ptrs + d * stride_od, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -357,6 +423,19 @@ def default_workspace(device: torch.device, partial_floats: int, counters: int) 
     return workspace
 
 
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: a Hopper (sm90+) GPU, not the interpreter, and a Triton that has it."""
+    if triton_interpret() or device.type != "cuda" or gdc_wait is None:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    has_option = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return has_option and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _fp32_dot(dtype: torch.dtype) -> bool:
     """fp32 inputs multiply in full fp32 (not tf32). The CPU interpreter (triton 3.9) also needs it for bf16,
     whose tl.dot there reads raw bits as integers; on a GPU bf16/fp16 always use the tensor cores."""
@@ -382,6 +461,10 @@ def launch_decode(
     splits_p2 = triton.next_power_of_2(splits)
     s_chunk = max(1, min(splits_p2, 4096 // (part_rows * d_block)))
     lens = kv_lens if kv_lens is not None else counters  # any pointer; unread without HAS_KV_LENS
+    combine = p.get("combine", "last")
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
+    use_pdl = combine == "kernel-pdl" and splits > 1 and pdl_supported(q.device)
     _decode_kernel[(splits, slots)](
         q, k, v, out, lens, partials, partials[part_o_floats:] if splits > 1 else partials, counters,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -390,8 +473,17 @@ def launch_decode(
         BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], BLOCK_N=p["BLOCK_N"],
         SPLIT=splits > 1, SPLITS_P2=splits_p2, PART_ROWS=part_rows, S_CHUNK=s_chunk,
         HAS_KV_LENS=kv_lens is not None, FP32_DOT=_fp32_dot(q.dtype),
-        num_warps=p["num_warps"], num_stages=p["num_stages"],
+        MERGE_LAST=combine == "last", USE_PDL=use_pdl, num_warps=p["num_warps"], num_stages=p["num_stages"],
+        **({"launch_pdl": True} if use_pdl else {}),
     )  # fmt: skip
+    if splits > 1 and combine != "last":
+        _combine_kernel[(slots * part_rows,)](
+            out, partials, partials[part_o_floats:], *out.stride(), num_kv_heads, splits,
+            GROUP=num_heads // num_kv_heads, Q_LEN=q_len, HEAD_DIM=head_dim, D_BLOCK=d_block,
+            BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], SPLITS_P2=splits_p2, PART_ROWS=part_rows,
+            S_CHUNK=max(1, min(splits_p2, 4096 // d_block)), USE_PDL=use_pdl, num_warps=4, num_stages=2,
+            **({"launch_pdl": True} if use_pdl else {}),
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------
