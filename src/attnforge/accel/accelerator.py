@@ -310,8 +310,9 @@ class Accelerator:
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_seq_len:
             raise ValueError(
-                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len="
-                f"{self.max_seq_len}; pass a larger max_seq_len to accelerate() or fewer new tokens"
+                f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds "
+                f"max_seq_len={self.max_seq_len}; pass a larger max_seq_len to accelerate() or ask for fewer "
+                "new tokens"
             )
 
     def _eos_ids(self, eos_token_id) -> set[int]:
