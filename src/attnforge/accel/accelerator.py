@@ -229,8 +229,10 @@ class Accelerator:
     def _generate(self, prompts, params, max_new_tokens, stops, eos) -> Iterator[StreamEvent]:
         batch = len(prompts)
         with torch.inference_mode():
-            step = self._decode_step(batch, params.plan)  # captured before seeding: capture draws no RNG
             resident, self._resident = self._resident, None
+            if (batch, params.plan) not in self._steps:
+                resident = None  # capturing warms up on the last cache positions: forget the conversation
+            step = self._decode_step(batch, params.plan)  # captured before seeding: its warm-up draws
             meter = Meter(str(self.device), [len(p) for p in prompts], self.weight_bytes,
                           self.cache.shape.bytes_per_token())  # fmt: skip
             texts = [
