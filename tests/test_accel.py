@@ -224,6 +224,7 @@ def test_public_names_are_exported_lazily():
         ({"dtype": torch.float64}, "dtype=torch.float64 is not supported; accepted: torch.float16"),
         ({"attention": "flash"}, "attention='flash' is not one of ('auto', 'kernels', 'torch')"),
         ({"cuda_graph": "yes"}, "cuda_graph='yes' must be True, False or None"),
+        ({"compile": 1}, "compile=1 must be True, False or None (None: on with a CUDA device)"),
         ({"tune": 1}, "tune=1 must be True or False"),
     ],
 )
@@ -279,6 +280,38 @@ def test_unsupported_models_are_refused_with_the_reason(model_type, overrides, m
     with pytest.raises(UnsupportedModelError, match="^" + _escape(message)):
         accelerate(model, max_seq_len=200 if "rope_parameters" in overrides else None)
     assert before == {name: p.data_ptr() for name, p in model.named_parameters()}, "refused: left untouched"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: setattr(m.config, "final_logit_softcapping", 30.0),
+         "final_logit_softcapping is not supported by the accelerator"),
+        (lambda m: m.to(torch.float64), "dtype torch.float64 is not supported; accepted: torch.float16"),
+        (lambda m: delattr(m.model.layers[1].mlp, "act_fn"),
+         "layer 1: LlamaMLP has no act_fn / activation_fn"),
+        (lambda m: delattr(m.model.layers[0].self_attn, "v_proj"),
+         "layer 0: projections ['q_proj', 'k_proj', 'gate_proj', 'up_proj'] are not a layout the accelerator "
+         "knows"),
+        (lambda m: setattr(m.model.layers[0].self_attn.k_proj, "bias", torch.nn.Parameter(torch.zeros(128))),
+         "layer 0: q_proj, k_proj, v_proj must all have a bias or none (they are fused into one matmul)"),
+    ],
+)  # fmt: skip
+def test_model_features_the_walk_does_not_do_are_refused(change, message):
+    model = tiny_model("llama")
+    change(model)
+    with pytest.raises(UnsupportedModelError, match="^" + _escape(message)):
+        accelerate(model)
+
+
+def test_top_k_1_and_a_tiny_top_p_sample_the_greedy_tokens(qwen3):
+    _, acc = qwen3
+    tokens = prompt(9, seed=15)
+    greedy = acc.generate(tokens, max_new_tokens=5, ignore_eos=True).tokens
+    options = dict(max_new_tokens=5, ignore_eos=True, temperature=1.5, seed=0)
+    assert acc.generate(tokens, top_k=1, **options).tokens == greedy
+    assert acc.generate(tokens, top_p=1e-6, **options).tokens == greedy
+    assert acc.generate(tokens, **options).tokens != greedy  # without them, sampling at 1.5 wanders
 
 
 def test_a_base_model_without_lm_head_is_refused():

@@ -93,11 +93,12 @@ def test_profile_model_runs_a_transformers_model():
         ("qwen3", (1, 8), TypeError, "model must be a torch.nn.Module, got str"),
         (TokenModel(), (0, 8), ValueError, r"input_shape=\(0, 8\) must be positive integers"),
         (TokenModel(), (1, 2, 3), ValueError, r"input_shape=\(1, 2, 3\): a token model takes \(batch, seq\)"),
+        (TokenModel(), (1, 2), ValueError, r"num_iterations=0 must be an integer >= 1"),
     ],
 )
 def test_profile_model_rejects_bad_input(model, shape, error, message):
     with pytest.raises(error, match="^" + message):
-        af.profile_model(model, input_shape=shape, num_iterations=1)
+        af.profile_model(model, input_shape=shape, num_iterations=0 if "num_iterations" in message else 1)
 
 
 def test_device_info_describes_this_machine():

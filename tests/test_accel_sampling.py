@@ -171,3 +171,17 @@ def test_chat_wraps_a_string_prompt_in_the_template(small):
     messages = small.generate([{"role": "user", "content": "abc"}], max_new_tokens=3, ignore_eos=True)
     assert messages.tokens == as_chat.tokens
     assert small.generate("abc", max_new_tokens=3).metrics.prompt_tokens == [3]
+
+
+def test_bad_text_options_are_refused(small):
+    with pytest.raises(ValueError, match=r"^stop=\['ok', ''\] must be a non-empty string or a list of them"):
+        small.generate("abc", stop=["ok", ""])
+
+    class NoTemplate(CharTokenizer):
+        chat_template = None
+
+    plain = accelerate(small.model, NoTemplate(), attention="torch")
+    with pytest.raises(
+        ValueError, match=r"^NoTemplate has no chat template; pass plain text with chat=False"
+    ):
+        plain.generate("abc", chat=True)

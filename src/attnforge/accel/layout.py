@@ -231,6 +231,14 @@ def _check_layer(layer: nn.Module, index: int, max_seq_len: int) -> None:
         raise UnsupportedModelError(
             f"layer {index}: projections {projections} are not a layout the accelerator knows"
         )
+    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        owner = attention if group[0] == "q_proj" else mlp
+        biased = [getattr(getattr(owner, name, None), "bias", None) is not None for name in group]
+        if hasattr(owner, group[0]) and any(biased) and not all(biased):
+            raise UnsupportedModelError(
+                f"layer {index}: {', '.join(group)} must all have a bias or none (they are fused into one "
+                f"matmul); biases: {dict(zip(group, biased, strict=True))}"
+            )
 
 
 def _activation(mlp: nn.Module):
