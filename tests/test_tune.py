@@ -48,13 +48,14 @@ def test_heuristic_splits_fill_waves_without_exceeding_the_tiles(units, tiles, e
     assert decode.heuristic_splits(units, tiles, 132) == expected
 
 
-@pytest.mark.parametrize("quick", [True, False])
-def test_candidates_start_with_the_heuristic_and_are_unique(quick):
+def test_candidates_start_with_the_heuristic_and_are_unique():
     target = tune.Target("decode", 1, 32, 8, 1, 4096, 128)
-    candidates = tune.candidates_for(target, CPU, quick)
-    names = [tune.params_name(c) for c in candidates]
-    assert names[0] == "m16-n128-s16-w4-st2" and len(set(names)) == len(names)
-    assert (len(names) > 8) != quick or len(names) <= 8
+    quick, full = (tune.candidates_for(target, CPU, q) for q in (True, False))
+    for candidates in (quick, full):
+        names = [tune.params_name(c) for c in candidates]
+        assert names[0] == "m16-n128-s16-w4-st2" and len(set(names)) == len(names)
+    assert len(quick) < len(full)
+    assert {c.get("combine", "last") for c in quick} == {"last", "kernel", "kernel-pdl"}
 
 
 def test_tune_target_checks_every_candidate_against_the_oracle():
