@@ -1,11 +1,11 @@
 """The candidate's process: load the program, call it on each stage's inputs, time it; send back data only.
 
-Started by evaluator.py as `python -I -c BOOT SCRATCH` in its own process group and scratch directory, under
-a wall-clock limit (and an address-space cap without CUDA). The runner never judges: outputs, errors and timing
-samples go back as files (tensors written with torch.save and read back with weights_only=True, plus JSON), and
-the evaluator computes the oracle in its own process. Before the candidate is imported the runner binds what it
-relies on and records the functions and classes of the modules the baselines and the timing use; after every
-stage it reports any that the candidate replaced.
+Started by evaluator.py as `python -I -c BOOT SCRATCH` in its own process group and scratch directory,
+under a wall-clock limit (and an address-space cap without CUDA). The runner never judges: outputs, errors and
+timing samples go back as files (tensors written with torch.save and read back with weights_only=True, plus
+JSON), and the evaluator computes the oracle in its own process. Before the candidate is imported the runner
+binds what it relies on and records the functions and classes of the modules the baselines and the timing
+use; after every stage it reports any that the candidate replaced.
 
 Files: request.json (in); stage{N}.pt + stage{N}.json (out, the JSON written last); go{N} / select.json (in,
 from the evaluator: continue to stage N, which timed outputs to send).
@@ -27,7 +27,13 @@ import torch
 
 from attnforge.evolve import tasks
 
-_clone, _equal, _save, _perf, _replace = torch.Tensor.clone, torch.equal, torch.save, time.perf_counter, os.replace
+_clone, _equal, _save, _perf, _replace = (
+    torch.Tensor.clone,
+    torch.equal,
+    torch.save,
+    time.perf_counter,
+    os.replace,
+)
 _dumps, _sleep = json.dumps, time.sleep
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Modules whose functions and classes the candidate must leave alone (baselines, timing, the runner itself).
@@ -93,7 +99,10 @@ def _load(path: str):
         return None, f"import failed: {type(error).__name__}: {error}\n{_tail(traceback.format_exc())}"
     fn = getattr(module, tasks.ENTRY_POINT, None)
     if not callable(fn):
-        return None, f"the program defines no callable {tasks.ENTRY_POINT}(q, k, v, *, scale, causal, kv_lens)"
+        return (
+            None,
+            f"the program defines no callable {tasks.ENTRY_POINT}(q, k, v, *, scale, causal, kv_lens)",
+        )
     return fn, ""
 
 
@@ -133,9 +142,8 @@ def _run_calls(fn, calls: list[tasks.Call], device: torch.device) -> list[dict]:
     the output changed after that, and which inputs it wrote into."""
     results, cases = [], []
     for call in calls:
-        case = dataclasses.replace(call.case, q=_on_device(call.case.q, device), k=_on_device(call.case.k, device),
-                                   v=_on_device(call.case.v, device),
-                                   kv_lens=_on_device(call.case.kv_lens, device))  # fmt: skip
+        moved = {name: _on_device(getattr(call.case, name), device) for name in ("q", "k", "v", "kv_lens")}
+        case = dataclasses.replace(call.case, **moved)
         if call.reuse is not None:  # the same buffers as an earlier call, refilled with this call's values
             earlier = cases[call.reuse]
             for mine, theirs in zip((case.q, case.k, case.v), (earlier.q, earlier.k, earlier.v), strict=True):
@@ -164,7 +172,9 @@ def _one_call(fn, name: str, case) -> dict:
     result["changed_after_return"] = not _same_bits(snapshot, out)
     result["output"] = snapshot.cpu()
     names = ["q", "k", "v", "kv_lens"]
-    result["mutated"] = [n for n, a, b in zip(names, pristine, _buffers(case), strict=False) if not _same_bits(a, b)]
+    result["mutated"] = [
+        n for n, a, b in zip(names, pristine, _buffers(case), strict=False) if not _same_bits(a, b)
+    ]
     return result
 
 
@@ -206,7 +216,9 @@ def _run_timing(fn, task: tasks.Task, seed: int, mode: str, device, bandwidth, w
             except Exception as error:  # noqa: BLE001 - the verdict says where it failed
                 info["error"] = f"timing {task.time_shapes[index].label}: {type(error).__name__}: {error}"
                 break
-            info["shapes"].append({"index": index, "label": task.time_shapes[index].label, "samples": samples})
+            info["shapes"].append(
+                {"index": index, "label": task.time_shapes[index].label, "samples": samples}
+            )
         info["tampered"] = _tampered(watched)
     Path("stage3.json.tmp").write_text(_dumps(info))
     _replace("stage3.json.tmp", "stage3.json")

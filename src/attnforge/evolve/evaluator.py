@@ -16,6 +16,7 @@ fastest baseline if every check passed, else 0; on a CPU without timing a correc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -37,7 +38,10 @@ from attnforge.evolve import tasks
 from attnforge.evolve.tasks import Task, default_task
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory holding the attnforge package
-BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from attnforge.evolve._runner import main; main(sys.argv[2])"
+BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from attnforge.evolve._runner import main; main(sys.argv[2])"
+)
 # Timed outputs checked after the timing, per shape (chosen then, at random), besides the stream check.
 TIMED_CHECKS = 4
 # A decode call timed below this fraction of the memory-read floor did not do the work it claims.
@@ -121,8 +125,8 @@ class _Runner:
         self.log = open(scratch / "runner.log", "wb")  # noqa: SIM115 - closed in stop()
         cap = None if (torch.cuda.is_available() or task.memory_gib is None) else int(task.memory_gib * 2**30)
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOT, str(ROOT), str(scratch)], cwd=scratch, stdin=subprocess.DEVNULL,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-I", "-c", BOOT, str(ROOT), str(scratch)], cwd=scratch,
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=lambda: _limit_resources(cap),
         )  # fmt: skip
 
@@ -144,10 +148,8 @@ class _Runner:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.process.wait()
         self.log.close()
 
@@ -189,9 +191,7 @@ class _Evaluation:
         self.artifacts["reason"] = reason
 
     def cascade(self, runner: _Runner) -> None:
-        for stage in (1, 2):
-            if stage > self.stages:
-                return
+        for stage in range(1, min(self.stages, 2) + 1):
             if stage > 1:
                 runner.send(f"go{stage}")
             self._correctness(stage, runner)
@@ -203,7 +203,9 @@ class _Evaluation:
             return
         if self.mode == "none":
             self.metrics["combined_score"] = 1.0
-            self.artifacts["timing"] = "no timing: no CUDA device (correctness only; a correct program scores 1.0)"
+            self.artifacts["timing"] = (
+                "no timing: no CUDA device (correctness only; a correct program scores 1.0)"
+            )
             self.artifacts["reason"] = "correct; not timed"
             return
         runner.send("go3")
@@ -236,7 +238,9 @@ class _Evaluation:
         self.metrics["worst_rel_l2"] = max(self.metrics["worst_rel_l2"], worst)
         if failures:
             self.artifacts["failures"] = "\n".join(failures[:20])
-            raise _Rejected(f"stage {stage}: {len(failures)} of {len(calls)} cases failed; first: {failures[0]}")
+            raise _Rejected(
+                f"stage {stage}: {len(failures)} of {len(calls)} cases failed; first: {failures[0]}"
+            )
 
     def _judge_call(self, call: tasks.Call, result: dict) -> verify.Report:
         case = call.case
@@ -244,7 +248,9 @@ class _Evaluation:
             return verify.Report(case.describe(), False, math.inf, 0.0, reason=result["error"])
         if result.get("mutated"):
             written = ", ".join(result["mutated"])
-            return verify.Report(case.describe(), False, math.inf, 0.0, reason=f"wrote into its inputs ({written})")
+            return verify.Report(
+                case.describe(), False, math.inf, 0.0, reason=f"wrote into its inputs ({written})"
+            )
         verdict = verify.judge(_case_on(case, self.device), _to(result.get("output"), self.device))
         if verdict.passed and result.get("changed_after_return"):
             why = "the output changed after the call returned (work left running: side stream or thread)"
@@ -259,9 +265,13 @@ class _Evaluation:
             raise _Rejected(f"stage 3: the program replaced {', '.join(info['tampered'][:5])}")
         if info.get("error"):
             raise _Rejected(f"stage 3: {info['error']}")
-        chosen = [(i, r) for i in range(len(info["shapes"]))
-                  for r in random.Random(secrets.randbits(64)).sample(range(self.task.reps),
-                                                                      min(TIMED_CHECKS, self.task.reps))]
+        chosen = [
+            (i, r)
+            for i in range(len(info["shapes"]))
+            for r in random.Random(secrets.randbits(64)).sample(
+                range(self.task.reps), min(TIMED_CHECKS, self.task.reps)
+            )
+        ]
         chosen += [(i, self.task.reps) for i in range(len(info["shapes"]))]  # the stream check
         runner.send("select.json", json.dumps(chosen))
         runner.wait_for("stage3.done", 3)
@@ -277,12 +287,14 @@ class _Evaluation:
         for item in sent:
             index, rep = item["shape"], item["rep"]
             kv = tasks.timed_kv(self.task, self.seed, index)
-            case = verify.Case(f"timed rep {rep}", tasks.timed_query(self.task, self.seed, index, rep), kv.k, kv.v,
-                               causal=True, kv_lens=kv.kv_lens)  # fmt: skip
+            q = tasks.timed_query(self.task, self.seed, index, rep)
+            case = verify.Case(f"timed rep {rep}", q, kv.k, kv.v, causal=True, kv_lens=kv.kv_lens)
             what = "the stream check" if rep == self.task.reps else f"timed call {rep}"
             verdict = self._judge_call(tasks.Call(what, case), item)
             if not verdict.passed:
-                self.artifacts["failures"] = f"{what} at {self.task.time_shapes[index].label}: {verdict.reason}"
+                self.artifacts["failures"] = (
+                    f"{what} at {self.task.time_shapes[index].label}: {verdict.reason}"
+                )
                 raise _Rejected(f"stage 3: after timing, {what} at {self.task.time_shapes[index].label} "
                                 f"was wrong: {verdict.reason}")  # fmt: skip
 
@@ -303,9 +315,11 @@ class _Evaluation:
             lines.append(f"{shape['label']}: candidate {mine:.1f} us, {best} {baselines[best]:.1f} us, "
                          f"attnforge {times['attnforge']:.1f} us -> {speedup:.3f}x")  # fmt: skip
         geomean = math.exp(sum(map(math.log, speedups)) / len(speedups))
-        self.metrics.update(combined_score=round(geomean, 4), stage=3, timed=1, speedup_geomean=round(geomean, 4),
-                            speedup_vs_attnforge=round(math.exp(sum(map(math.log, versus_attnforge))
-                                                             / len(versus_attnforge)), 4))  # fmt: skip
+        versus = math.exp(sum(map(math.log, versus_attnforge)) / len(versus_attnforge))
+        self.metrics.update(
+            combined_score=round(geomean, 4), stage=3, timed=1, speedup_geomean=round(geomean, 4),
+            speedup_vs_attnforge=round(versus, 4),
+        )  # fmt: skip
         self.artifacts["speedups"] = "\n".join(lines)
         self.artifacts["timing"] = _method(self.mode, self.task.reps)
         suspicious = [s for s in speedups if s > SUSPICIOUS_SPEEDUP]
@@ -322,18 +336,20 @@ class _Evaluation:
         valid = sum(s.valid) if s.valid is not None else s.batch * s.kv_len
         floor_us = element * 2 * s.num_kv_heads * valid * s.head_dim / (bandwidth_gbps * 1e3)
         if mine_us < FLOOR_FRACTION * floor_us:
-            raise _Rejected(f"stage 3: {shape['label']} timed at {mine_us:.1f} us, below the memory-read floor "
-                            f"{floor_us:.1f} us: the timed work is not the whole call (side stream, or "
+            raise _Rejected(f"stage 3: {shape['label']} timed at {mine_us:.1f} us, below the memory-read "
+                            f"floor {floor_us:.1f} us: the timed work is not the whole call (side stream, or "
                             "returned before the work was done)")  # fmt: skip
 
 
 def _method(mode: str, reps: int) -> str:
     if mode == "cuda":
-        return (f"CUDA events on the default stream, {reps} samples per provider interleaved with attnforge's "
-                "kernel and torch's paths, 256 MiB L2 flush before each, a new query for every candidate call; "
-                "medians; speed-up = fastest torch path / candidate")  # fmt: skip
-    return (f"wall-clock of the Triton interpreter on the CPU, {reps} samples interleaved with attnforge's own "
-            "kernel (not GPU time: for testing a search loop); speed-up = attnforge / candidate")
+        return (f"CUDA events on the default stream, {reps} samples per provider interleaved with "
+                "attnforge's kernel and torch's paths, 256 MiB L2 flush before each, a new query for every "
+                "candidate call; medians; speed-up = fastest torch path / candidate")  # fmt: skip
+    return (
+        f"wall-clock of the Triton interpreter on the CPU, {reps} samples interleaved with attnforge's own "
+        "kernel (not GPU time: for testing a search loop); speed-up = attnforge / candidate"
+    )
 
 
 def _load(path: Path):

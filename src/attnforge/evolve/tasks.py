@@ -1,10 +1,11 @@
 """What a candidate kernel is judged on: the task, and the calls of each stage drawn from one seed.
 
-A `Task` names the kernel kind (decode or prefill: the candidate's entry point has that kernel's signature), the
-dtype, the shapes checked for correctness and the shapes timed. `stage_calls(task, seed, stage)` and
-`timed_query(task, seed, shape, rep)` build the inputs on the CPU from the seed alone, so the process that runs
-the candidate (the runner) and the process that judges its outputs (the evaluator) build bit-identical inputs
-without sharing any memory: the candidate never sees the oracle, and the judge never runs candidate code.
+A `Task` names the kernel kind (decode or prefill: the candidate's entry point has that kernel's
+signature), the dtype, the shapes checked for correctness and the shapes timed. `stage_calls(task, seed,
+stage)` and `timed_query(task, seed, shape, rep)` build the inputs on the CPU from the seed alone, so the
+process that runs the candidate (the runner) and the process that judges its outputs (the evaluator) build
+bit-identical inputs without sharing any memory: the candidate never sees the oracle, and the judge never
+runs candidate code.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class Task:
         check_shapes: shapes of the correctness stages (every protocol case kind at each).
         time_shapes: shapes of the timing stage (default: none; then the score is correctness only).
         timing: "auto" (CUDA events on a GPU, none without one), "cuda", "interpreter" (wall-clock of the
-            Triton interpreter against attnforge's own kernel on the CPU: only for testing a search loop), "none".
+            Triton interpreter against attnforge's own kernel on the CPU: only for testing a search loop),
+            or "none".
         reps: timed samples per provider and shape.
         timeout_s: wall-clock limit of the candidate's process (all stages together).
         memory_gib: address-space cap of the candidate's process; applied only without CUDA (a CUDA process
@@ -195,7 +197,9 @@ def stage_calls(task: Task, seed: int, stage: int) -> list[Call]:
         scaled.scale = 0.5 / shape.head_dim**0.5
         calls.append(Call(f"scale@{index}", scaled))
         if task.kind == "prefill":
-            calls.append(Call(f"non-causal@{index}", verify.random_case(shape, **{**options, "causal": False})))
+            calls.append(
+                Call(f"non-causal@{index}", verify.random_case(shape, **{**options, "causal": False}))
+            )
     return resolve_reuse(calls + _probes(task.check_shapes[0].shape, options))
 
 
@@ -227,8 +231,8 @@ def resolve_reuse(calls: list[Call]) -> list[Call]:
 
 
 def timed_kv(task: Task, seed: int, index: int) -> verify.Case:
-    """The keys and values (and valid lengths) of timed shape `index`, drawn on the CPU; zeros beyond the valid
-    lengths (a real static cache, and torch's masked paths read them)."""
+    """The keys and values (and valid lengths) of timed shape `index`, drawn on the CPU; zeros beyond the
+    valid lengths (a real static cache, and torch's masked paths read them)."""
     task_shape = task.time_shapes[index]
     generator = torch.Generator().manual_seed(seed_for(seed, "time", index))
     lens = None if task_shape.valid is None else list(task_shape.valid)

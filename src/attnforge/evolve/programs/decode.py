@@ -49,7 +49,9 @@ def _split_kernel(
     token = rows % Q_LEN
     d = tl.arange(0, D_BLOCK)
     d_ok = d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qm + d[None, :] * stride_qd
+    q_ptrs = (
+        Q + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qm + d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_KV_LENS:  # noqa: SIM108 - clamped: never outside the buffer
         end = tl.minimum(tl.maximum(tl.load(KvLens + b), 0), kv_len).to(tl.int32)
@@ -119,7 +121,9 @@ def _merge_kernel(
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     head = h * GROUP + rows // Q_LEN
     token = rows % Q_LEN
-    o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om + d[None, :] * stride_od
+    o_ptrs = (
+        Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om + d[None, :] * stride_od
+    )
     mask = (rows < GROUP * Q_LEN)[:, None] & (d < HEAD_DIM)[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
 

@@ -1,7 +1,7 @@
 """Prefill attention, self-contained: the starting point of attnforge's evolutionary search.
 
 attention(q, k, v, *, scale=None, causal=True, kv_lens=None) -> [B, Hq, Lq, D] in q's dtype
-  q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lkv, D] with Lq <= Lkv, any strides; Hq % Hkv == 0 (GQA, not materialized).
+  q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lkv, D], Lq <= Lkv, any strides; Hq % Hkv == 0 (GQA, not materialized).
   causal: bottom-right aligned: query i sees keys <= end - Lq + i, end = kv_lens[b] (or Lkv).
   kv_lens: int [B] valid keys per sequence; keys at or beyond it are never read (they may hold NaN).
 FlashAttention-2 style: one program per (batch, query head, block of query rows) walks the visible key blocks
