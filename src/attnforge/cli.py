@@ -17,10 +17,12 @@ from attnforge.bench import report
 from attnforge.bench.cli import bench_app, require_model
 from attnforge.config import MAX_DECODE_QUERY_LEN
 from attnforge.environment import environment_report, triton_interpret
+from attnforge.evolve.cli import evolve_app
 from attnforge.kernels import available_kernels
 
 app = typer.Typer(help="attnforge: verified attention kernels for LLM inference.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(evolve_app, name="evolve")
 console = Console()
 
 

@@ -251,3 +251,33 @@ def timed_query(task: Task, seed: int, index: int, rep: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed_for(seed, "query", index, rep))
     q = torch.randn((s.batch, s.num_heads, s.q_len, s.head_dim), generator=generator)
     return q.to(task.torch_dtype)
+
+
+def model_task(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *, cuda: bool) -> Task:
+    """Correctness only, at a model's attention shapes: what an evolved decode kernel must pass before
+    `load_and_patch_model` lets the model use it (one query token against a cache, a few new tokens, padding,
+    odd lengths)."""
+    names = {value: name for name, value in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"dtype={dtype} is not one of {tuple(DTYPES)}")
+    shape = (num_heads, num_kv_heads)
+    check = [(2, *shape, 1, 65, head_dim), (1, *shape, 4, 33, head_dim)]
+    if cuda:
+        check += [(1, *shape, 16, 1000, head_dim), (2, *shape, 1, 4097, head_dim)]
+    return Task("decode", names[dtype], check, (), timing="none", memory_gib=None if cuda else 16.0)
+
+
+def full_task(kind: str = "decode", *, cuda: bool | None = None) -> Task:
+    """The standard task with more shapes: every odd length of the protocol (up to 4097 on a GPU), and on a
+    GPU the decode grid's contiguous, static-cache and batched rows as timed shapes."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    base = default_task(kind, cuda=cuda)
+    head = (32, 8, 128) if cuda else (4, 2, 64)
+    lengths = [n for n in verify.ODD_LENGTHS if n <= (4097 if cuda else 1000)]
+    q_len = (lambda n: min(n, 4)) if kind == "decode" else (lambda n: n if n <= 1000 else 512)
+    extra = [(1, head[0], head[1], q_len(n), n, head[2]) for n in lengths]
+    timed = list(base.time_shapes)
+    if cuda and kind == "decode":
+        timed += [(1, 32, 8, 1, 1024, 128), (1, 32, 8, 1, 65536, 128), (8, 32, 8, 1, 4096, 128),
+                  (8, 32, 8, 1, 16384, 128, tuple(1024 + 2048 * i for i in range(8)))]  # fmt: skip
+    return dataclasses.replace(base, check_shapes=base.check_shapes + tuple(extra), time_shapes=tuple(timed))

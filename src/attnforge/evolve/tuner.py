@@ -291,7 +291,7 @@ def evaluator_fitness(target: Target, params: dict) -> dict:
 def run(targets: list[Target], settings: Settings, *, fitness: Fitness | None = None,
         out_dir: Path | None = None,
         progress: Callable[[dict], None] | None = None, time_budget_s: float | None = None,
-        workers: int = 0) -> dict:  # fmt: skip
+        workers: int = 0, stem: str | None = None) -> dict:  # fmt: skip
     """Search every target; after each generation the checkpoint, and after each target the result document,
     are written under `out_dir` (a run cut short keeps them; run again to resume)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -302,7 +302,7 @@ def run(targets: list[Target], settings: Settings, *, fitness: Fitness | None = 
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     doc = {"what": "evolve-tuning", "created": created, "environment": report.run_environment(),
            "method": _method(device), "settings": dataclasses.asdict(settings),
-           "rows": [], "not_run": [t.label for t in targets]}  # fmt: skip
+           "rows": [], "not_run": [t.label for t in targets], "stem": stem}  # fmt: skip
     for target in targets:
         if deadline is not None and time.monotonic() > deadline:
             break
