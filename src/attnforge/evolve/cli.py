@@ -52,7 +52,10 @@ def tune(
         str | None, typer.Option(metavar="NAME", help="bundled architecture or local path")
     ] = None,
     shapes: Annotated[
-        str | None, typer.Option(metavar="LIST", help="comma-separated BxHqxHkvxLqxLkvxD, each optionally @VALID (valid keys)")
+        str | None,
+        typer.Option(
+            metavar="LIST", help="comma-separated BxHqxHkvxLqxLkvxD, each optionally @VALID (valid keys)"
+        ),
     ] = None,
     budget: Annotated[int, typer.Option(min=1, metavar="N", help="evaluations per target")] = 24,
     population: Annotated[int, typer.Option(min=2, metavar="N", help="genomes per generation")] = 8,
