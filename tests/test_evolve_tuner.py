@@ -132,3 +132,20 @@ def test_bad_settings_are_refused_with_the_value(options, message):
     with pytest.raises(ValueError) as error:
         tuner.Settings(**options)
     assert message in str(error.value)
+
+
+def test_a_finished_run_resumed_costs_nothing_and_a_cut_one_makes_no_entry(tmp_path):
+    calls = []
+
+    def counted(target, params):
+        calls.append(params)
+        return peaked(target, params)
+
+    settings = tuner.Settings(population=4, budget=8, seed=2)
+    first = tuner.run([TARGET], settings, fitness=counted, out_dir=tmp_path)
+    spent = len(calls)
+    assert spent == 8 + 2 and first["rows"][0]["complete"]  # the search, then best and heuristic re-measured
+    again = tuner.run([TARGET], settings, fitness=counted, out_dir=tmp_path)
+    assert len(calls) == spent and again["rows"][0]["speedup"] == first["rows"][0]["speedup"]
+    cut = tuner.run([Target("decode", 1, 8, 8, 1, 2048, 128)], settings, fitness=counted, time_budget_s=0.0)
+    assert cut["rows"] == [] and cut["not_run"] == ["decode B=1 8:8 Lq=1 Lkv=2048 d128 bfloat16"]

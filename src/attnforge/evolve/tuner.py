@@ -312,7 +312,9 @@ def run(targets: list[Target], settings: Settings, *, fitness: Fitness | None = 
         compile_first = None if prepare is None else (lambda t, g: prepare(t, g, workers))
         state = search(target, fitness, settings, device=device, checkpoint=checkpoint, progress=progress,
                        deadline=deadline, prepare=compile_first)  # fmt: skip
-        doc["rows"].append(_row(target, state, device, fitness))
+        complete = state["evaluations"] >= settings.budget
+        doc["rows"].append(_row(target, state, device, fitness if complete else None))
+        _save_state(checkpoint, state)  # with its re-measurement: a resumed run does not repeat it
         doc["not_run"].remove(target.label)
         doc["elapsed_s"] = round(time.monotonic() - started, 1)
         if out_dir is not None:
@@ -331,9 +333,10 @@ def _slug(target: Target) -> str:
     return target.bucket + ("" if target.valid is None else "-valid") + f"-{target.dtype}"
 
 
-def _row(target: Target, state: dict, device: torch.device, fitness: Fitness) -> dict:
+def _row(target: Target, state: dict, device: torch.device, fitness: Fitness | None) -> dict:
     """The target's outcome; the best configuration and the heuristic's re-measured side by side when the
-    search timed them and they differ (the search's maximum is biased upwards by noise)."""
+    search timed them and they differ (the search's maximum is biased upwards by noise). Without `fitness`
+    (the search was cut short) no entry."""
     space = gene_space(target, device)
     heuristic = _repair(heuristic_genome(target, device), target, space)
     scores = state["scores"]
@@ -344,16 +347,15 @@ def _row(target: Target, state: dict, device: torch.device, fitness: Fitness) ->
            "search_s": round(state["seconds"], 1), "history": state["history"],
            "heuristic_params": heuristic, "heuristic_score": base.get("score"),
            "best_params": best["params"], "best_score": best["score"], "best_reason": best.get("reason", ""),
-           "timed": bool(best.get("timed"))}  # fmt: skip
-    if not row["timed"]:
+           "timed": bool(best.get("timed")), "complete": fitness is not None}  # fmt: skip
+    if not row["timed"] or fitness is None:
         return row
     params, speedup = None, base.get("score")
     if best["params"] != heuristic:
-        again = {
-            "best": fitness(target, best["params"])["score"],
-            "heuristic": fitness(target, heuristic)["score"],
-        }
-        row["remeasured"] = again
+        if state.get("remeasured", {}).get("params") != best["params"]:
+            state["remeasured"] = {"params": best["params"], "best": fitness(target, best["params"])["score"],
+                                   "heuristic": fitness(target, heuristic)["score"]}  # fmt: skip
+        again = row["remeasured"] = state["remeasured"]
         speedup = again["heuristic"]
         if again["best"] >= MIN_GAIN * again["heuristic"]:
             params, speedup = best["params"], again["best"]
