@@ -82,16 +82,11 @@ def tune(
 
     _choice("--kernel", kernel, KERNELS)
     _choice("--dtype", dtype, tuple(bench_tune.DTYPES))
-    if (model is None) == (shapes is None):
-        raise typer.BadParameter("give exactly one of --model NAME or --shapes LIST")
     try:
         settings = tuner.Settings(population=population, budget=budget, elite=elite, seed=seed)
-        if shapes is not None:
-            targets = [tuner.shape_target(kernel, s.strip(), dtype) for s in shapes.split(",") if s.strip()]
-        else:
-            targets = bench_tune.model_targets(model, batch=batch, kinds=(kernel,), dtype=dtype)
-    except (ValueError, KeyError, OSError) as error:
+    except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    targets = _targets(kernel, model, shapes, batch, dtype)
     _interpreter_without_gpu()
     if not torch.cuda.is_available():
         console.print(
@@ -113,6 +108,21 @@ def tune(
     where = tuner.store(doc, table) if torch.cuda.is_available() else None
     if where:
         console.print(f"stored the entries in {where}")
+
+
+def _targets(kernel: str, model: str | None, shapes: str | None, batch: int, dtype: str) -> list:
+    """The targets of `--model` (the buckets its generation hits) or of `--shapes`."""
+    from attnforge.bench import tune as bench_tune
+    from attnforge.evolve import tuner
+
+    if (model is None) == (shapes is None):
+        raise typer.BadParameter("give exactly one of --model NAME or --shapes LIST")
+    try:
+        if shapes is not None:
+            return [tuner.shape_target(kernel, s.strip(), dtype) for s in shapes.split(",") if s.strip()]
+        return bench_tune.model_targets(model, batch=batch, kinds=(kernel,), dtype=dtype)
+    except (ValueError, KeyError, OSError) as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def _progress() -> Progress:

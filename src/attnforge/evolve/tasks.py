@@ -145,11 +145,11 @@ def default_task(kind: str = "decode", *, cuda: bool | None = None, timing: str 
     if kind == "decode":
         if cuda:
             check = [(2, 32, 8, 1, 4097, 128), (1, 16, 2, 4, 1000, 64), (1, 32, 8, 16, 63, 128),
-                     (3, 8, 1, 1, 65, 128), (1, 8, 8, 1, 7, 128)]  # fmt: skip
+                     (3, 8, 1, 1, 65, 128), (1, 8, 8, 1, 7, 128), (1, 8, 1, 1, 1, 128)]  # fmt: skip
             timed = [(1, 32, 8, 1, 4096, 128), (1, 32, 8, 1, 16384, 128), (1, 32, 8, 1, 32768, 128, (4096,))]
             return Task("decode", "bfloat16", check, timed, timing, memory_gib=None)
         check = [(2, 4, 2, 1, 65, 64), (1, 6, 2, 4, 63, 64), (1, 2, 1, 16, 33, 64), (1, 4, 4, 1, 7, 64),
-                 (1, 2, 1, 2, 300, 64)]  # fmt: skip
+                 (1, 2, 1, 2, 300, 64), (1, 4, 1, 1, 1, 64)]  # fmt: skip
         return Task("decode", "float32", check, [(1, 4, 2, 1, 512, 64)], timing, reps=3)
     if cuda:
         check = [(1, 32, 8, 1000, 1000, 128), (2, 16, 4, 63, 4097, 64), (1, 8, 1, 65, 65, 128)]
