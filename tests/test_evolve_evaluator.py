@@ -290,3 +290,19 @@ def test_bad_evaluate_arguments_are_refused(tmp_path):
     (tmp_path / "p.py").write_text("")
     with pytest.raises(ValueError, match="stages=4 is not one of 1, 2, 3"):
         evaluator.evaluate(tmp_path / "p.py", CPU_TASK, stages=4)
+
+
+@pytest.mark.parametrize(
+    "kind, shape, fast_us, real_us",
+    [
+        ("decode", (1, 32, 8, 1, 4096, 128), 1.0, 8.0),  # 16.8 MB of K/V at 3 TB/s: 5.6 us
+        ("decode", (1, 32, 8, 1, 32768, 128, (4096,)), 1.0, 8.0),  # only the valid keys count
+        ("prefill", (1, 32, 8, 2048, 2048, 128), 20.0, 300.0),  # 70 GFLOP causal at 1 PFLOP/s: 70 us
+    ],
+)
+def test_a_timed_call_faster_than_physics_allows_is_rejected(kind, shape, fast_us, real_us):
+    task = tasks.Task(kind, "bfloat16", (shape[:6],), (shape,), timing="cuda")
+    judge = evaluator._Evaluation(task, 1, "cuda", 3)
+    judge._check_floor({"index": 0, "label": "x"}, real_us, 3000.0)  # passes
+    with pytest.raises(evaluator._Rejected, match="below the (memory-read|tensor-core) floor"):
+        judge._check_floor({"index": 0, "label": "x"}, fast_us, 3000.0)

@@ -7,8 +7,9 @@ JSON), and the evaluator computes the oracle in its own process. Before the cand
 binds what it relies on and records the functions and classes of the modules the baselines and the timing
 use; after every stage it reports any that the candidate replaced.
 
-Files: request.json (in); stage{N}.pt + stage{N}.json (out, the JSON written last); go{N} / select.json (in,
-from the evaluator: continue to stage N, which timed outputs to send).
+Files: request.json (in); loaded (out: the program imported); go{N} (in: stage N's seed, sent only once the
+program is loaded, so nothing it runs at import can know the inputs); stage{N}.pt + stage{N}.json (out, the
+JSON written last); select.json (in: which timed outputs to send back, chosen after the timing).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ WATCHED = ("torch", "torch.nn.functional", "torch.cuda", "time", "attnforge.benc
 def main(scratch: str) -> None:
     os.chdir(scratch)
     request = json.loads(Path("request.json").read_text())
-    task, seed, mode = tasks.Task.from_dict(request["task"]), request["seed"], request["timing"]
+    task, mode = tasks.Task.from_dict(request["task"]), request["timing"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _import_watched()
     bandwidth = _read_bandwidth() if mode == "cuda" else None
@@ -55,9 +56,11 @@ def main(scratch: str) -> None:
     if fn is None:
         _send(1, {"load_error": error}, [])
         return
+    Path("loaded").write_text("")
     for stage in range(1, request["stages"] + 1):
-        if stage > 1 and not _await(f"go{stage}"):
+        if not _await(f"go{stage}"):
             return
+        seed = int(Path(f"go{stage}").read_text())
         if stage < 3:
             results = _run_calls(fn, tasks.stage_calls(task, seed, stage), device)
             _send(stage, {"tampered": _tampered(watched)}, results)

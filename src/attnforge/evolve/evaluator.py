@@ -46,6 +46,9 @@ BOOT = (
 TIMED_CHECKS = 4
 # A decode call timed below this fraction of the memory-read floor did not do the work it claims.
 FLOOR_FRACTION = 0.9
+# No GPU here does more bf16 tensor-core work than this (H100/H200 SXM: 989 TFLOP/s dense): a prefill call
+# timed faster than its FLOPs at this rate did not do them.
+PEAK_FLOPS = 1.0e15
 SUSPICIOUS_SPEEDUP = 10.0
 
 
@@ -96,7 +99,7 @@ def evaluate(program_path: str | os.PathLike, task: Task | None = None, *, stage
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="attnforge-eval-") as scratch:
         shutil.copyfile(program, Path(scratch) / "candidate.py")
-        runner = _Runner(Path(scratch), task, seed, mode, stages if (stages < 3 or mode != "none") else 2)
+        runner = _Runner(Path(scratch), task, mode, stages if (stages < 3 or mode != "none") else 2)
         try:
             run.cascade(runner)
         except _Rejected as error:
@@ -115,12 +118,16 @@ def evaluate(program_path: str | os.PathLike, task: Task | None = None, *, stage
 class _Runner:
     """The runner process: started at once, stopped (its whole process group killed) at the end."""
 
-    def __init__(self, scratch: Path, task: Task, seed: int, mode: str, stages: int) -> None:
+    def __init__(self, scratch: Path, task: Task, mode: str, stages: int) -> None:
         import json
 
         self.scratch, self.deadline = scratch, time.monotonic() + task.timeout_s
-        request = {"task": task.to_dict(), "seed": seed, "timing": mode, "stages": stages,
-                   "program": str(scratch / "candidate.py")}  # fmt: skip
+        request = {
+            "task": task.to_dict(),
+            "timing": mode,
+            "stages": stages,
+            "program": str(scratch / "candidate.py"),
+        }  # no seed: each stage's comes when it starts
         (scratch / "request.json").write_text(json.dumps(request))
         self.log = open(scratch / "runner.log", "wb")  # noqa: SIM115 - closed in stop()
         cap = None if (torch.cuda.is_available() or task.memory_gib is None) else int(task.memory_gib * 2**30)
@@ -130,17 +137,18 @@ class _Runner:
             preexec_fn=lambda: _limit_resources(cap),
         )  # fmt: skip
 
-    def wait_for(self, name: str, stage: int) -> Path:
-        """The runner's file `name`; _Rejected if the runner dies or the time limit passes first."""
-        path = self.scratch / name
-        while not path.exists():
+    def wait_for(self, name: str, stage: int, *alternatives: str) -> Path:
+        """The runner's file `name` (or the first of `alternatives` to appear); _Rejected if the runner dies
+        or the time limit passes first."""
+        paths = [self.scratch / n for n in (name, *alternatives)]
+        while not any(p.exists() for p in paths):
             code = self.process.poll()
-            if code is not None and not path.exists():
+            if code is not None and not any(p.exists() for p in paths):
                 raise _Rejected(f"stage {stage}: the candidate's process {_exit_text(code)}")
             if time.monotonic() > self.deadline:
                 raise _Rejected(f"stage {stage}: timed out (the candidate's process ran past its limit)")
             time.sleep(0.01)
-        return path
+        return next(p for p in paths if p.exists())
 
     def send(self, name: str, text: str = "") -> None:
         (self.scratch / f"{name}.tmp").write_text(text)
@@ -190,10 +198,16 @@ class _Evaluation:
         self.metrics["correct"] = 0
         self.artifacts["reason"] = reason
 
+    def stage_seed(self, stage: int) -> int:
+        """The seed of stage N's inputs, sent to the runner only when the stage starts."""
+        return tasks.seed_for(self.seed, "stage-seed", stage)
+
     def cascade(self, runner: _Runner) -> None:
+        if runner.wait_for("loaded", 1, "stage1.json").name == "loaded":
+            runner.send("go1", str(self.stage_seed(1)))
         for stage in range(1, min(self.stages, 2) + 1):
             if stage > 1:
-                runner.send(f"go{stage}")
+                runner.send(f"go{stage}", str(self.stage_seed(stage)))
             self._correctness(stage, runner)
             self.metrics["stage"] = stage
         self.metrics["correct"] = 1
@@ -208,7 +222,7 @@ class _Evaluation:
             )
             self.artifacts["reason"] = "correct; not timed"
             return
-        runner.send("go3")
+        runner.send("go3", str(self.stage_seed(3)))
         self._timing(runner)
 
     def _correctness(self, stage: int, runner: _Runner) -> None:
@@ -221,7 +235,7 @@ class _Evaluation:
         if info.get("tampered"):
             raise _Rejected(f"stage {stage}: the program replaced {', '.join(info['tampered'][:5])}")
         results = _load(runner.scratch / f"stage{stage}.pt")
-        calls = tasks.stage_calls(self.task, self.seed, stage)
+        calls = tasks.stage_calls(self.task, self.stage_seed(stage), stage)
         if len(results) != len(calls):
             raise _Rejected(f"stage {stage}: {len(results)} results for {len(calls)} calls")
         failures, worst = [], 0.0
@@ -287,8 +301,9 @@ class _Evaluation:
         drawn: dict[int, verify.Case] = {}
         for item in sent:
             index, rep = item["shape"], item["rep"]
-            kv = drawn.get(index) or drawn.setdefault(index, tasks.timed_kv(self.task, self.seed, index))
-            q = tasks.timed_query(self.task, self.seed, index, rep)
+            seed = self.stage_seed(3)
+            kv = drawn.get(index) or drawn.setdefault(index, tasks.timed_kv(self.task, seed, index))
+            q = tasks.timed_query(self.task, seed, index, rep)
             case = verify.Case(f"timed rep {rep}", q, kv.k, kv.v, causal=True, kv_lens=kv.kv_lens)
             what = "the stream check" if rep == self.task.reps else f"timed call {rep}"
             verdict = self._judge_call(tasks.Call(what, case), item)
@@ -329,16 +344,26 @@ class _Evaluation:
             if suspicious and self.mode == "cuda" else "")  # fmt: skip
 
     def _check_floor(self, shape: dict, mine_us: float, bandwidth_gbps: float | None) -> None:
-        """A decode call cannot beat reading its keys and values once from memory."""
-        if self.mode != "cuda" or self.task.kind != "decode" or not bandwidth_gbps:
+        """A decode call cannot beat reading its keys and values once from memory; a prefill call cannot beat
+        its FLOPs at the fastest tensor-core rate of any GPU here."""
+        if self.mode != "cuda":
             return
         s = self.task.time_shapes[shape["index"]]
-        element = torch.empty((), dtype=self.task.torch_dtype).element_size()
-        valid = sum(s.valid) if s.valid is not None else s.batch * s.kv_len
-        floor_us = element * 2 * s.num_kv_heads * valid * s.head_dim / (bandwidth_gbps * 1e3)
+        ends = s.valid if s.valid is not None else (s.kv_len,) * s.batch
+        if self.task.kind == "decode":
+            if not bandwidth_gbps:
+                return
+            element = torch.empty((), dtype=self.task.torch_dtype).element_size()
+            floor_us, what = (
+                element * 2 * s.num_kv_heads * sum(ends) * s.head_dim / (bandwidth_gbps * 1e3),
+                "memory-read",
+            )
+        else:  # causal: query i sees min(end, end - Lq + i + 1) keys
+            pairs = sum(max(0, min(end, end - s.q_len + i + 1)) for end in ends for i in range(s.q_len))
+            floor_us, what = 4 * s.num_heads * s.head_dim * pairs / PEAK_FLOPS * 1e6, "tensor-core"
         if mine_us < FLOOR_FRACTION * floor_us:
-            raise _Rejected(f"stage 3: {shape['label']} timed at {mine_us:.1f} us, below the memory-read "
-                            f"floor {floor_us:.1f} us: the timed work is not the whole call (side stream, or "
+            raise _Rejected(f"stage 3: {shape['label']} timed at {mine_us:.1f} us, below the {what} floor "
+                            f"{floor_us:.1f} us: the timed work is not the whole call (side stream, or "
                             "returned before the work was done)")  # fmt: skip
 
 
