@@ -189,6 +189,15 @@ CHEATS = {
     ),
 }
 HANGS = ("def attention(q, k, v, **kw):\n    time.sleep(3600)", "timed out")
+# Right at every checked shape, cheap (and wrong) at the timed one: caught by outputs judged after timing.
+TIMED_SHAPE_ONLY = (
+    """
+def attention(q, k, v, **kw):
+    if k.shape[2] == 512:
+        return torch.zeros_like(q)
+    return honest(q, k, v, **kw)""",
+    "after timing, timed call",
+)
 SIDE_STREAM = """
 def attention(q, k, v, **kw):
     stream = torch.cuda.Stream()
@@ -211,15 +220,19 @@ def verdicts(tmp_path_factory):
     jobs = {name: (_write(directory, name, body), CPU_TASK) for name, (body, _) in CHEATS.items()}
     hang_task = tasks.Task.from_dict({**CPU_TASK.to_dict(), "timeout_s": 20.0})
     jobs["hangs"] = (_write(directory, "hangs", HANGS[0]), hang_task)
+    timed_task = tasks.Task.from_dict({**CPU_TASK.to_dict(), "timing": "interpreter"})
+    jobs["fast-only-at-the-timed-shape"] = (_write(directory, "timed", TIMED_SHAPE_ONLY[0]), timed_task)
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(evaluator.evaluate, path, task) for name, (path, task) in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
-@pytest.mark.parametrize("name", [*CHEATS, "hangs"])
+@pytest.mark.parametrize("name", [*CHEATS, "hangs", "fast-only-at-the-timed-shape"])
 def test_each_cheat_scores_zero_for_its_reason(verdicts, name):
     result = verdicts[name]
-    expected = HANGS[1] if name == "hangs" else CHEATS[name][1]
+    expected = {"hangs": HANGS[1], "fast-only-at-the-timed-shape": TIMED_SHAPE_ONLY[1]}.get(name) or CHEATS[
+        name
+    ][1]
     text = " | ".join(str(result.artifacts.get(key, "")) for key in ("reason", "failures", "compile_error"))
     assert result.score == 0.0 and result.metrics["correct"] == 0, result
     assert expected in text, text
