@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import random
-import resource
 import secrets
 import shutil
 import signal
@@ -38,8 +37,12 @@ from attnforge.evolve import tasks
 from attnforge.evolve.tasks import Task, default_task
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory holding the attnforge package
+# The runner's first lines: its limits (before anything else runs; hard limits, so the candidate cannot lift
+# them; set here rather than in a preexec_fn, which is unsafe in a threaded parent such as OpenEvolve's
+# evaluation threads), then the runner. argv: package root, scratch directory, address-space cap (0: none).
 BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "import resource, sys; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); cap = int(sys.argv[3]); "
+    "cap and resource.setrlimit(resource.RLIMIT_AS, (cap, cap)); sys.path.insert(0, sys.argv[1]); "
     "from attnforge.evolve._runner import main; main(sys.argv[2])"
 )
 # Timed outputs checked after the timing, per shape (chosen then, at random), besides the stream check.
@@ -130,11 +133,10 @@ class _Runner:
         }  # no seed: each stage's comes when it starts
         (scratch / "request.json").write_text(json.dumps(request))
         self.log = open(scratch / "runner.log", "wb")  # noqa: SIM115 - closed in stop()
-        cap = None if (torch.cuda.is_available() or task.memory_gib is None) else int(task.memory_gib * 2**30)
+        cap = 0 if (torch.cuda.is_available() or task.memory_gib is None) else int(task.memory_gib * 2**30)
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOT, str(ROOT), str(scratch)], cwd=scratch,
+            [sys.executable, "-I", "-c", BOOT, str(ROOT), str(scratch), str(cap)], cwd=scratch,
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: _limit_resources(cap),
         )  # fmt: skip
 
     def wait_for(self, name: str, stage: int, *alternatives: str) -> Path:
@@ -164,13 +166,6 @@ class _Runner:
     def log_tail(self, limit: int = 4000) -> str:
         text = (self.scratch / "runner.log").read_bytes().decode(errors="replace")
         return text if len(text) <= limit else "..." + text[-limit:]
-
-
-def _limit_resources(address_space: int | None) -> None:
-    """In the runner before exec: no core files; an address-space cap when given (CPU runs)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if address_space is not None:
-        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
 
 def _exit_text(code: int) -> str:

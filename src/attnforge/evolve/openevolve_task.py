@@ -161,8 +161,13 @@ def run_task(task_dir: str | os.PathLike, *, iterations: int | None = None, time
 
 
 def _child(task_dir: str, output: str, iterations: str) -> None:
-    """In the child process: run OpenEvolve and write summary.json."""
+    """In the child process: run OpenEvolve and write summary.json. Its worker processes are spawned, not
+    forked: the evaluator may have initialized CUDA here (the initial program is judged in this process)."""
+    import multiprocessing
+
     from openevolve.api import run_evolution
+
+    multiprocessing.set_start_method("spawn", force=True)
     from openevolve.config import Config
 
     folder = Path(task_dir)
