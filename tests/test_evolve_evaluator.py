@@ -319,3 +319,33 @@ def test_a_timed_call_faster_than_physics_allows_is_rejected(kind, shape, fast_u
     judge._check_floor({"index": 0, "label": "x"}, real_us, 3000.0)  # passes
     with pytest.raises(evaluator._Rejected, match="below the (memory-read|tensor-core) floor"):
         judge._check_floor({"index": 0, "label": "x"}, fast_us, 3000.0)
+
+
+def test_the_score_is_the_geometric_mean_speedup_over_the_fastest_torch_path():
+    shape, longer = (1, 32, 8, 1, 4096, 128), (1, 32, 8, 1, 16384, 128)
+    task = tasks.Task("decode", "bfloat16", (shape,), (shape, longer), timing="cuda")
+    judge = evaluator._Evaluation(task, 1, "cuda", 3)
+    samples_a = {"candidate": [10, 11, 9], "attnforge": [12] * 3, "torch:sdpa-gqa": [20] * 3,
+                 "torch:hf-repeat_kv": [40] * 3}  # fmt: skip
+    samples_b = {"candidate": [30] * 3, "attnforge": [30] * 3, "torch:sdpa-gqa": [45] * 3}
+    shapes = [
+        {"index": 0, "label": "a", "samples": samples_a},
+        {"index": 1, "label": "b", "samples": samples_b},
+    ]
+    judge._score({"bandwidth_gbps": 3000.0, "shapes": shapes})
+    assert judge.metrics["speedup_a"] == 2.0 and judge.metrics["speedup_b"] == 1.5
+    assert judge.metrics["combined_score"] == round(3.0**0.5, 4) and judge.metrics["timed"] == 1
+    assert judge.metrics["speedup_vs_attnforge"] == round(1.2**0.5, 4)
+    assert "torch:sdpa-gqa 20.0 us" in judge.artifacts["speedups"]
+
+
+def test_one_output_buffer_returned_for_every_timed_call_is_rejected():
+    shape = (1, 4, 2, 1, 64, 64)
+    judge = evaluator._Evaluation(
+        tasks.Task("decode", "float32", (shape,), (shape,), timing="cuda"), 1, "cuda", 3
+    )
+    same = [{"shape": 0, "rep": rep, "data_ptr": 1234, "output": torch.zeros(1, 4, 1, 64)} for rep in (0, 1)]
+    with pytest.raises(
+        evaluator._Rejected, match="returned the same output buffer for different timed calls"
+    ):
+        judge._check_timed_outputs(same, 2)
