@@ -32,6 +32,7 @@ def test_the_genes_hold_the_heuristic_and_every_genome_fits():
     assert all(heuristic[name] in values for name, values in space.items())
     population = tuner.initial_population(TARGET, CPU, tuner.Settings(population=8), space)
     assert population[0] == heuristic and len({tuner.key(g) for g in population}) == 8
+    assert all(g[name] in values for g in population for name, values in space.items())
     assert all(tuner.fits(g, TARGET) for g in population)
     assert not tuner.fits({**heuristic, "num_stages": 4}, Target("decode", 1, 8, 8, 1, 4096, 256, "float32"))
 

@@ -65,16 +65,16 @@ class Settings:
 
 
 def gene_space(target: Target, device: torch.device) -> dict[str, tuple]:
-    """The values each gene may take for `target` (the heuristic's own values always included)."""
+    """The values each gene may take for `target` (those of the heuristic and of `attnforge tune`'s candidates
+    always included)."""
     genes = dict(DECODE_GENES if target.kind == "decode" else PREFILL_GENES)
     if target.kind == "prefill" and not (
         device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     ):
         genes["tma"] = (False,)
-    heuristic = heuristic_genome(target, device)
-    return {
-        name: tuple(sorted(set(values) | {heuristic.get(name, values[0])})) for name, values in genes.items()
-    }
+    seeds = bench_tune.candidates_for(target, device, quick=True)
+    return {name: tuple(sorted(set(values) | {seed.get(name, values[0]) for seed in seeds}))
+            for name, values in genes.items()}  # fmt: skip
 
 
 def heuristic_genome(target: Target, device: torch.device) -> dict:
