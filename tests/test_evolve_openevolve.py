@@ -10,12 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from attnforge.cli import app
 from attnforge.evolve import openevolve_task
-from attnforge.evolve.tasks import Task, default_task
+from attnforge.evolve.programs import initial_program
+from attnforge.evolve.tasks import Task, default_task, model_task, stage_calls
 
 pytest.importorskip("openevolve")
 
@@ -146,3 +148,51 @@ def test_openevolve_keeps_only_the_honest_improvement(tmp_path, llm_server):
     for name in ("breaks", "cheats"):
         assert by_change[name]["score"] == 0 and "max relative L2" in by_change[name]["reason"]
     assert by_change["does-not-compile"]["score"] == 0 and "exp3" in by_change["does-not-compile"]["reason"]
+
+
+def test_a_run_that_produced_nothing_fails_loudly(tmp_path, monkeypatch):
+    outcome = {"programs": [{"iteration": 0, "score": 1.0, "reason": "correct; not timed", "code": ""}],
+               "llm_failures": 4, "initial_score": 1.0, "best_program": None}  # fmt: skip
+    monkeypatch.setattr(openevolve_task, "run_task", lambda *a, **k: outcome)
+    result = CliRunner().invoke(app, ["evolve", "openevolve", "--out", str(tmp_path), "--run"],
+                                env={"COLUMNS": "200"})  # fmt: skip
+    assert result.exit_code == 1 and "no program beyond the initial one" in result.output
+    assert "4 failed LLM calls" in result.output
+
+
+def test_run_without_openevolve_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openevolve" else real(name, *a)
+    )
+    result = CliRunner().invoke(app, ["evolve", "openevolve", "--out", str(tmp_path), "--run"])
+    assert result.exit_code == 2 and "pip install 'attnforge[evolve]'" in result.output
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda p: openevolve_task.write_task(
+                "prefill", p, default_task("decode", cuda=False), api_base="x", model="m"
+            ),
+            "task kind 'decode' does not match kind='prefill'",
+        ),
+        (
+            lambda p: openevolve_task.write_task(
+                "decode", p, default_task("decode", cuda=False), api_base="x", model="m", iterations=0
+            ),
+            "iterations=0 and islands=2 must be >= 1",
+        ),
+        (lambda p: initial_program("encode"), "kind='encode' is not one of ('decode', 'prefill')"),
+        (lambda p: stage_calls(default_task("decode", cuda=False), 1, 3), "stage=3 has no correctness calls"),
+        (lambda p: model_task(4, 2, 64, torch.float64, cuda=False), "dtype=torch.float64 is not one of"),
+        (lambda p: default_task("encode"), "kind='encode' is not one of ('decode', 'prefill')"),
+    ],
+)
+def test_bad_values_are_refused_with_the_value(tmp_path, call, message):
+    with pytest.raises(ValueError) as error:
+        call(tmp_path)
+    assert message in str(error.value)

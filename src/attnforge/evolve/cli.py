@@ -192,7 +192,7 @@ def openevolve(
         console.print(f"run it: attnforge evolve openevolve --task {task} --out {out} ... --run")
         return
     if importlib.util.find_spec("openevolve") is None:
-        console.print("[red]openevolve is not installed: pip install 'attnforge[evolve]'")
+        console.print("[red]" + escape("openevolve is not installed: pip install 'attnforge[evolve]'"))
         raise typer.Exit(2)
     _interpreter_without_gpu()
     summary = openevolve_task.run_task(written, iterations=iterations, timeout_s=run_timeout,

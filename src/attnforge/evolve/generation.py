@@ -12,6 +12,7 @@ import importlib.util
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 SMOLLM2 = "smollm2"
 
@@ -29,7 +30,7 @@ def generation_check(program, model_name: str | None, prompt: str, new_tokens: i
     try:
         load_and_patch_model(model, evolved_program=program)
     except EvolvedProgramRejected as error:
-        console.print(f"[red]refused at the model's shapes: {error}")
+        console.print("[red]" + escape(f"refused at the model's shapes: {error}"))
         return {"passed": False, "model": description, "reason": str(error)}
     unpatch_model(model)  # the checks below patch and unpatch it themselves
     optimizer = get_optimizer()
@@ -47,7 +48,7 @@ def generation_check(program, model_name: str | None, prompt: str, new_tokens: i
     verdict = "[green]PASS" if report["passed"] else "[red]FAIL"
     console.print(f"{verdict}[/] {report['summary']}; {report['evolved_calls']} decode calls ran the program")
     if "text" in report:
-        console.print(f"text: {report['text']!r}")
+        console.print(escape(f"text: {report['text']!r}"))
     return report
 
 
