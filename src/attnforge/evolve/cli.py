@@ -259,12 +259,11 @@ def evaluate(
     task = default_task(kernel) if subset == "quick" else full_task(kernel)
     result = evaluator.evaluate(program, task)
     console.print(_verdict_table(result))
-    verdict = {
-        "program": str(program),
-        "subset": subset,
-        "metrics": result.metrics,
-        "artifacts": result.artifacts,
-    }
+    from attnforge.bench.report import run_environment
+
+    verdict = {"what": "evolve-evaluate", "program": str(program), "subset": subset, "task": task.to_dict(),
+               "environment": run_environment(), "metrics": result.metrics,
+               "artifacts": result.artifacts}  # fmt: skip
     passed = result.score > 0
     if passed and generate and kernel == "decode":
         from attnforge.evolve.generation import generation_check
