@@ -40,11 +40,20 @@ ROOT = Path(__file__).resolve().parents[2]  # the directory holding the attnforg
 # The runner's first lines: its limits (before anything else runs; hard limits, so the candidate cannot lift
 # them; set here rather than in a preexec_fn, which is unsafe in a threaded parent such as OpenEvolve's
 # evaluation threads), then the runner. argv: package root, scratch directory, address-space cap (0: none).
-BOOT = (
-    "import resource, sys; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); cap = int(sys.argv[3]); "
-    "cap and resource.setrlimit(resource.RLIMIT_AS, (cap, cap)); sys.path.insert(0, sys.argv[1]); "
-    "from attnforge.evolve._runner import main; main(sys.argv[2])"
-)
+BOOT = """
+import resource, sys
+def cap(kind, value):
+    hard = resource.getrlimit(kind)[1]
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(kind, (value, value))
+cap(resource.RLIMIT_CORE, 0)
+cap(resource.RLIMIT_FSIZE, 2**31)
+if int(sys.argv[3]):
+    cap(resource.RLIMIT_AS, int(sys.argv[3]))
+sys.path.insert(0, sys.argv[1])
+from attnforge.evolve._runner import main
+main(sys.argv[2])
+"""
 # Timed outputs checked after the timing, per shape (chosen then, at random), besides the stream check.
 TIMED_CHECKS = 4
 # A decode call timed below this fraction of the memory-read floor did not do the work it claims.
@@ -100,7 +109,7 @@ def evaluate(program_path: str | os.PathLike, task: Task | None = None, *, stage
     mode = task.timing_mode(torch.cuda.is_available())
     run = _Evaluation(task, seed, mode, stages)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="attnforge-eval-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="attnforge-eval-", ignore_cleanup_errors=True) as scratch:
         shutil.copyfile(program, Path(scratch) / "candidate.py")
         runner = _Runner(Path(scratch), task, mode, stages if (stages < 3 or mode != "none") else 2)
         try:
