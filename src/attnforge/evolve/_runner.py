@@ -1,11 +1,11 @@
 """The candidate's process: load the program, call it on each stage's inputs, time it; send back data only.
 
-Started by evaluator.py as `python -I -c BOOT SCRATCH` in its own process group and scratch directory,
-under a wall-clock limit (and an address-space cap without CUDA). The runner never judges: outputs, errors and
-timing samples go back as files (tensors written with torch.save and read back with weights_only=True, plus
-JSON), and the evaluator computes the oracle in its own process. Before the candidate is imported the runner
-binds what it relies on and records the functions and classes of the modules the baselines and the timing
-use; after every stage it reports any that the candidate replaced.
+Started by evaluator.py as `python -c BOOT ...` in its own process group and a scratch directory kept off
+sys.path, under a wall-clock limit (and an address-space cap without CUDA). The runner never judges: outputs,
+errors and timing samples go back as files (tensors written with torch.save and read back with
+weights_only=True, plus JSON), and the evaluator computes the oracle in its own process. Before the candidate
+is imported the runner binds what it relies on and records the functions and classes of the modules the
+baselines and the timing use; after every stage it reports any that the candidate replaced.
 
 Files: request.json (in); loaded (out: the program imported); go{N} (in: stage N's seed, sent only once the
 program is loaded, so nothing it runs at import can know the inputs); stage{N}.pt + stage{N}.json (out, the

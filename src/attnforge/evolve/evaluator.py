@@ -37,11 +37,14 @@ from attnforge.evolve import tasks
 from attnforge.evolve.tasks import Task, default_task
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory holding the attnforge package
-# The runner's first lines: its limits (before anything else runs; hard limits, so the candidate cannot lift
-# them; set here rather than in a preexec_fn, which is unsafe in a threaded parent such as OpenEvolve's
-# evaluation threads), then the runner. argv: package root, scratch directory, address-space cap (0: none).
+# The runner's first lines: the scratch directory off sys.path (a file the candidate writes there cannot
+# shadow a module; not `python -I`, which would also drop a user site-packages holding torch), its limits
+# (hard, so the candidate cannot lift them; set here, not in a preexec_fn, which is unsafe in a threaded
+# parent such as OpenEvolve's evaluation threads), then the runner. argv: package root, scratch directory,
+# address-space cap (0: none).
 BOOT = """
-import resource, sys
+import os, resource, sys
+sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]  # nothing in the scratch directory
 def cap(kind, value):
     hard = resource.getrlimit(kind)[1]
     value = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -144,7 +147,7 @@ class _Runner:
         self.log = open(scratch / "runner.log", "wb")  # noqa: SIM115 - closed in stop()
         cap = 0 if (torch.cuda.is_available() or task.memory_gib is None) else int(task.memory_gib * 2**30)
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOT, str(ROOT), str(scratch), str(cap)], cwd=scratch,
+            [sys.executable, "-c", BOOT, str(ROOT), str(scratch), str(cap)], cwd=scratch,
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
