@@ -17,6 +17,7 @@ from attnforge.bench import report
 from attnforge.bench.cli import bench_app, require_model
 from attnforge.config import MAX_DECODE_QUERY_LEN
 from attnforge.environment import environment_report, triton_interpret
+from attnforge.evolve.cli import evolve_app
 from attnforge.kernels import available_kernels
 
 app = typer.Typer(help="attnforge: verified attention kernels for LLM inference.", no_args_is_help=True)
@@ -24,6 +25,7 @@ app.add_typer(bench_app, name="bench")
 app.command()(cli_accel.generate)
 app.command()(cli_accel.chat)
 bench_app.command("accel")(cli_accel.bench_accel)
+app.add_typer(evolve_app, name="evolve")
 console = Console()
 
 

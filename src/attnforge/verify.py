@@ -5,7 +5,8 @@
 - Case generators: random, needle, large-magnitude logits, NaN/Inf-poisoned padding beyond kv_lens, strided
   (non-contiguous) views; `protocol_cases` builds the whole set for one shape.
 - `check(fn, case) -> Report`: NaN-prefilled output, per-(batch, head) relative L2 against the oracle,
-  tolerance keyed by dtype. NaN never passes.
+  tolerance keyed by dtype. NaN never passes. `judge(case, output)`: the same verdict on an output computed
+  elsewhere (the evolve evaluator judges outputs sent back by the candidate's process).
 """
 
 from __future__ import annotations
@@ -353,13 +354,13 @@ def _fail(case: Case, tolerance: float, reason: str, nonfinite: int = 0) -> Repo
 
 
 def check(fn: Callable, case: Case, *, tf32: bool = False, tolerance: float | None = None) -> Report:
-    """Run `fn(q, k, v, **case.kwargs())` and judge it against the oracle.
+    """Run `fn(q, k, v, **case.kwargs())` and judge it against the oracle (`judge`).
 
     If `fn` takes `out=`, the output buffer is pre-filled with NaN so an unwritten element fails.
-    An exception raised by `fn` is a failure whose reason names it.
+    An exception raised by `fn` is a failure whose reason names it. The oracle is computed after `fn`
+    returns, so no tensor holding the right answer exists while `fn` runs.
     """
     tolerance = tolerance_for(case.q.dtype, tf32=tf32) if tolerance is None else tolerance
-    expected = case.reference()
     kwargs = case.kwargs()
     out = None
     if _accepts_out(fn):
@@ -371,7 +372,14 @@ def check(fn: Callable, case: Case, *, tf32: bool = False, tolerance: float | No
         return _fail(case, tolerance, f"raised {type(error).__name__}: {error}")
     if out is not None and result is not None and result.data_ptr() != out.data_ptr():
         return _fail(case, tolerance, "returned a new tensor instead of writing into out=")
-    result = out if result is None else result
+    return judge(case, out if result is None else result, tolerance=tolerance)
+
+
+def judge(case: Case, result, *, tf32: bool = False, tolerance: float | None = None) -> Report:
+    """Judge an output already computed for `case` (shape, dtype, finiteness, per-slice relative L2 against
+    the float64 oracle). `result` may live on another device than the case (e.g. sent by another process)."""
+    tolerance = tolerance_for(case.q.dtype, tf32=tf32) if tolerance is None else tolerance
+    expected = case.reference()
     if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(expected.shape):
         got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
         return _fail(case, tolerance, f"output shape {got}, expected {tuple(expected.shape)}")

@@ -44,13 +44,15 @@ class L2Flusher:
 
 
 def time_interleaved(
-    providers: dict[str, Callable[[], object]], *, reps: int = 100, warmup: int = 10, cold_l2: bool = True
-) -> dict[str, list[float]]:
+    providers: dict[str, Callable[[], object]], *, reps: int = 100, warmup: int = 10, cold_l2: bool = True,
+    prepare: Callable[[str, int], None] | None = None,
+) -> dict[str, list[float]]:  # fmt: skip
     """Time each provider `reps` times, rotating A B C A B C so drift hits all alike; samples in us.
 
     Each sample is one call between CUDA events, after an L2 flush when `cold_l2`. A short GPU sleep before
     each start event keeps the GPU queue ahead of the host, so samples are GPU time, not launch overhead
-    (`host_overhead_us` measures that separately).
+    (`host_overhead_us` measures that separately). `prepare(name, rep)`, if given, runs before each sample's
+    flush, outside the timed region (the evolve evaluator re-draws the inputs there).
     """
     flush = L2Flusher() if cold_l2 else None
     for fn in providers.values():
@@ -62,6 +64,8 @@ def time_interleaved(
     for rep in range(reps):
         for offset in range(len(names)):
             name = names[(rep + offset) % len(names)]
+            if prepare is not None:
+                prepare(name, rep)
             if flush is not None:
                 flush()
             torch.cuda._sleep(SLEEP_CYCLES)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -482,13 +483,46 @@ def unpatch_model(model: PreTrainedModel) -> None:
     _unregister_if_unused()
 
 
-def load_and_patch_model(model: str, *, enable_debug: bool = False, **load_options) -> PreTrainedModel:
-    """`models.load_model(model, **load_options)` (bundled name: random weights; hub id or path: trained),
-    then `patch_model` on it. Returns the model (unpatched, with a logged reason, if its family is not
-    supported)."""
+def load_and_patch_model(
+    model: str | PreTrainedModel,
+    *,
+    enable_debug: bool = False,
+    evolved_program: str | os.PathLike | None = None,
+    **load_options,
+) -> PreTrainedModel:
+    """`models.load_model(model, **load_options)` (bundled name: random weights; hub id or path: trained), or
+    a model already loaded, then `patch_model` on it. Returns the model (unpatched, with a logged reason, if
+    its family is not supported).
+
+    Args:
+        evolved_program: a program from attnforge's evolutionary search (`attention(q, k, v, *, scale, causal,
+            kv_lens)`). It first runs the evolve evaluator's correctness stages on this machine at the model's
+            attention shapes and dtype, in a child process; only if every case passes does the optimizer run
+            it wherever it would run attnforge's decode kernel.
+
+    Raises:
+        EvolvedProgramRejected (a ValueError): the evolved program failed a case; the message names it.
+        TypeError: `load_options` given with a model that is already loaded.
+    """
     from attnforge.models import load_model
 
-    loaded = load_model(model, **load_options)
+    if isinstance(model, PreTrainedModel):
+        if load_options:
+            raise TypeError(
+                f"load options {sorted(load_options)} need a model name or path, not a loaded model"
+            )
+        loaded = model
+    else:
+        loaded = load_model(model, **load_options)
+    if evolved_program is not None:
+        from attnforge.evolve.adopt import adopt_decode_kernel
+
+        config = getattr(loaded.config, "get_text_config", lambda: loaded.config)()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        adopt_decode_kernel(evolved_program, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                            dtype=loaded.dtype, cuda=loaded.device.type == "cuda")  # fmt: skip
     patch_model(loaded, enable_debug=enable_debug)
     return loaded
 

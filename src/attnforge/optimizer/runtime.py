@@ -175,6 +175,7 @@ class AttentionOptimizer:
         self._recent: dict[tuple, Decision] = {}
         self._failed: dict[tuple, str] = {}
         self._logged: set[tuple] = set()
+        self._replacements: dict[str, tuple[Callable, str]] = {}
         _OPTIMIZERS[id(self)] = self
         if overrides:
             self.configure(**overrides)
@@ -227,6 +228,29 @@ class AttentionOptimizer:
         self._recent.clear()
         self._machines.clear()
 
+    def use_kernel(self, kind: str, function: Callable | None, label: str = "") -> None:
+        """Run `function` wherever the policy chooses attnforge's `kind` kernel (None: attnforge's own again).
+
+        For a kernel already verified on this machine (`load_and_patch_model(..., evolved_program=)` runs the
+        evolve evaluator's correctness stages first); it takes the kernel's keyword arguments. Decisions say
+        `label`. Kept across `reset()`.
+        """
+        if kind not in policy.KERNEL_ENTRY_POINTS:
+            raise ValueError(f"kind={kind!r} is not one of {tuple(policy.KERNEL_ENTRY_POINTS)}")
+        if function is None:
+            self._replacements.pop(kind, None)
+        elif not callable(function):
+            raise TypeError(f"function must be callable or None, got {type(function).__name__}")
+        else:
+            self._replacements[kind] = (function, label or getattr(function, "__name__", "external"))
+        self._kernels.clear()
+        self._failed.clear()
+        self.forget_decisions()
+
+    def replaced_kernels(self) -> dict[str, str]:
+        """Kernel kind -> label of the external kernel that serves it (see `use_kernel`)."""
+        return {kind: label for kind, (_, label) in self._replacements.items()}
+
     def reset(self) -> None:
         """Forget statistics, cached decisions and remembered kernel failures."""
         self.reset_stats()
@@ -261,7 +285,12 @@ class AttentionOptimizer:
 
     def decide(self, cfg: AttentionConfig, device: torch.device, features: CallFeatures) -> Decision:
         """The Decision for a call shaped like `cfg` (uncached: the hot path uses `decision_for`)."""
-        return policy.decide(cfg, features, self._settings, self._machine(device))
+        decision = policy.decide(cfg, features, self._settings, self._machine(device))
+        if decision.kernel in self._replacements:
+            label = self._replacements[decision.kernel][1]
+            why = f"{decision.reason}; running {label} in its place (verified on this machine)"
+            decision = dataclasses.replace(decision, reason=why)
+        return decision
 
     def decision_for(self, q_shape, k_shape, v_shape, dtype, device, features: CallFeatures) -> Decision:
         """The cached Decision for a call with these shapes: the exact shapes seen last (every layer of a
@@ -301,6 +330,7 @@ class AttentionOptimizer:
         if machine is None:
             if not self._kernels:
                 self._kernels.update({kind: load_kernel(kind) for kind in policy.KERNEL_ENTRY_POINTS})
+                self._kernels.update({kind: (fn, "") for kind, (fn, _) in self._replacements.items()})
             machine = self._machines[device] = machine_for(device, self._kernels, self._failed)
         return machine
 

@@ -1,0 +1,152 @@
+"""The evolutionary tuner: reproducible with a seed, elitism keeps the best, checkpoints resume, entries are
+written only where a re-measured configuration beats the heuristic; one real (CPU, correctness-only) run
+through the evaluator."""
+
+import json
+
+import pytest
+import torch
+
+from attnforge.bench.tune import Target
+from attnforge.evolve import tuner
+
+CPU = torch.device("cpu")
+TARGET = Target("decode", 1, 32, 8, 1, 4096, 128)  # heuristic on 132 SMs: n128-s16-w4-st2
+
+
+def peaked(target, params):
+    """A smooth made-up fitness with its peak at BLOCK_N 64, 32 splits, 4 warps, 3 stages."""
+    distance = (abs(params["BLOCK_N"].bit_length() - 7) + abs(params["num_splits"].bit_length() - 6)
+                + abs(params["num_warps"] - 4) / 2 + abs(params["num_stages"] - 3))  # fmt: skip
+    return {"score": round(2.0 - 0.1 * distance, 6), "reason": "made up", "timed": True}
+
+
+def flat(target, params):
+    return {"score": 1.0, "reason": "made up", "timed": True}
+
+
+def test_the_genes_hold_the_heuristic_and_every_genome_fits():
+    space = tuner.gene_space(TARGET, CPU)
+    heuristic = tuner.heuristic_genome(TARGET, CPU)
+    assert heuristic == {"BLOCK_N": 128, "num_splits": 16, "num_warps": 4, "num_stages": 2}
+    assert all(heuristic[name] in values for name, values in space.items())
+    population = tuner.initial_population(TARGET, CPU, tuner.Settings(population=8), space)
+    assert population[0] == heuristic and len({tuner.key(g) for g in population}) == 8
+    assert all(g[name] in values for g in population for name, values in space.items())
+    assert all(tuner.fits(g, TARGET) for g in population)
+    assert not tuner.fits({**heuristic, "num_stages": 4}, Target("decode", 1, 8, 8, 1, 4096, 256, "float32"))
+
+
+def test_the_search_is_reproducible_and_elitism_keeps_the_best():
+    settings = tuner.Settings(population=6, budget=30, seed=3)
+    first = tuner.search(TARGET, peaked, settings, device=CPU)
+    again = tuner.search(TARGET, peaked, settings, device=CPU)
+    other = tuner.search(TARGET, peaked, tuner.Settings(population=6, budget=30, seed=4), device=CPU)
+    assert first["history"] == again["history"] and first["history"] != other["history"]
+    bests = [h["best"] for h in first["history"]]
+    assert bests == sorted(bests) and bests[-1] > peaked(TARGET, tuner.heuristic_genome(TARGET, CPU))["score"]
+    assert first["evaluations"] == 30 == len(first["scores"])
+
+
+def test_a_checkpoint_resumes_without_repeating_work(tmp_path):
+    path = tmp_path / "state.json"
+    calls = []
+
+    def counted(target, params):
+        calls.append(params)
+        return peaked(target, params)
+
+    straight = tuner.search(TARGET, peaked, tuner.Settings(population=6, budget=24), device=CPU)
+    tuner.search(TARGET, counted, tuner.Settings(population=6, budget=12), device=CPU, checkpoint=path)
+    assert len(calls) == 12 and json.loads(path.read_text())["evaluations"] == 12
+    resumed = tuner.search(
+        TARGET, counted, tuner.Settings(population=6, budget=24), device=CPU, checkpoint=path
+    )
+    assert len(calls) == 24 and len({tuner.key(p) for p in calls}) == 24  # nothing evaluated twice
+    assert (
+        resumed["evaluations"] == 24
+        and max(s["score"] for s in resumed["scores"].values())
+        >= max(s["score"] for s in straight["scores"].values()) - 0.3
+    )
+    with pytest.raises(ValueError, match="is for .* not decode B=1 16:8"):
+        tuner.search(
+            Target("decode", 1, 16, 8, 1, 4096, 128), counted, tuner.Settings(), device=CPU, checkpoint=path
+        )
+
+
+def test_entries_change_the_heuristic_only_where_a_remeasured_winner_beats_it(tmp_path):
+    other = Target("decode", 1, 16, 8, 1, 1024, 128)
+    events = []
+    settings = tuner.Settings(population=6, budget=18, seed=1)
+    doc = tuner.run([TARGET], settings, fitness=peaked, out_dir=tmp_path, progress=events.append)
+    doc["rows"] += tuner.run([other], settings, fitness=flat)["rows"]
+    assert len(events) == 18 and (tmp_path / "checkpoints").is_dir()
+    tuned, kept = doc["rows"]
+    assert tuned["changes_heuristic"] and tuned["candidates"][tuned["best"]]["params"] == tuned["best_params"]
+    assert tuned["remeasured"]["best"] > tuned["remeasured"]["heuristic"]
+    assert not kept["changes_heuristic"] and kept["speedup"] == 1.0
+    doc["environment"] = {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    table = tmp_path / "table.json"
+    tuner.store(doc, table)
+    written = json.loads(table.read_text())["h100"]["decode"]
+    assert (
+        written[TARGET.bucket]["params"] == tuned["best_params"] and written[other.bucket]["params"] is None
+    )
+    assert "tuned" in tuner.markdown(doc) and "heuristic" in tuner.markdown(doc)
+
+
+def test_a_real_run_on_the_cpu_scores_correctness_and_stores_nothing(tmp_path):
+    target = Target("decode", 1, 4, 2, 1, 65, 64, "float32")
+    doc = tuner.run([target], tuner.Settings(population=2, budget=2, elite=1), out_dir=tmp_path)
+    row = doc["rows"][0]
+    assert row["evaluations"] == 2 and row["best_score"] == 1.0 and not row["timed"], row
+    assert "speedup" not in row and tuner.store(doc) is None
+    assert "correctness only (no CUDA GPU)" in (tmp_path / f"{doc['stem']}.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1x32x8x1x4096", "is not BxHqxHkvxLqxLkvxD[@valid]"),
+        ("1x32x8x1x4096x128@x", "is not BxHqxHkvxLqxLkvxD[@valid]"),
+        ("1x32x0x1x4096x128", "with positive sizes"),
+        ("1x32x8x1x4096x128@5000", "valid=(5000,) needs 1 lengths in [1, 4096]"),
+        ("1x32x5x1x4096x128", "num_heads=32 is not a multiple of num_kv_heads=5"),
+    ],
+)
+def test_bad_shapes_are_refused_with_the_value(text, message):
+    with pytest.raises(ValueError) as error:
+        tuner.shape_target("decode", text)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"population": 1}, "population=1 must be >= 2"),
+        ({"elite": 8}, "elite=8 in [0, population)"),
+        ({"budget": 0}, "budget=0 >= 1"),
+        ({"mutation": 1.5}, "mutation=1.5 must lie in [0, 1]"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_value(options, message):
+    with pytest.raises(ValueError) as error:
+        tuner.Settings(**options)
+    assert message in str(error.value)
+
+
+def test_a_finished_run_resumed_costs_nothing_and_a_cut_one_makes_no_entry(tmp_path):
+    calls = []
+
+    def counted(target, params):
+        calls.append(params)
+        return peaked(target, params)
+
+    settings = tuner.Settings(population=4, budget=8, seed=2)
+    first = tuner.run([TARGET], settings, fitness=counted, out_dir=tmp_path)
+    spent = len(calls)
+    assert spent == 8 + 2 and first["rows"][0]["complete"]  # the search, then best and heuristic re-measured
+    again = tuner.run([TARGET], settings, fitness=counted, out_dir=tmp_path)
+    assert len(calls) == spent and again["rows"][0]["speedup"] == first["rows"][0]["speedup"]
+    cut = tuner.run([Target("decode", 1, 8, 8, 1, 2048, 128)], settings, fitness=counted, time_budget_s=0.0)
+    assert cut["rows"] == [] and cut["not_run"] == ["decode B=1 8:8 Lq=1 Lkv=2048 d128 bfloat16"]
