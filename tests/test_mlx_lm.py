@@ -222,7 +222,7 @@ def test_thresholds_set_with_configure_optimizer_apply_to_mlx_calls():
     af.configure_optimizer(min_seq_len=None, gqa_ratio_min=4, kernels=("decode",))
     assert "GQA ratio 2 < gqa_ratio_min=4" in af.mlx.should_optimize(long)[1]
     af.configure_optimizer(gqa_ratio_min=1)
-    assert "prefill implementations are disabled (kernels=('decode',))" in af.mlx.should_optimize(short)[1]
+    assert "the prefill kernel is disabled (kernels=('decode',))" in af.mlx.should_optimize(short)[1]
     with af.mlx.optimized():
         logits(tiny("llama"))  # a 20-token prefill: disabled for prefill
     assert af.mlx.get_stats()["fallback_reasons"] == {"kernel disabled": TINY["num_hidden_layers"]}

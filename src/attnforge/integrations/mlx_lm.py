@@ -45,7 +45,7 @@ from attnforge.integrations.mlx_models import (  # noqa: F401 - the conveniences
     make_cache,
     quantize,
 )
-from attnforge.optimizer import Decision, OptimizerStats, configure_optimizer, get_optimizer
+from attnforge.optimizer import Decision, OptimizerStats, configure_optimizer, get_optimizer, policy
 
 try:
     import mlx.core as mx
@@ -231,22 +231,8 @@ def _decide(cfg: AttentionConfig, mask: str, quantized: bool, sinks: bool) -> De
 
 
 def _blocked_by_settings(cfg: AttentionConfig) -> tuple[str, str] | None:
-    """The shared thresholds (the process-wide optimizer's OptimizerSettings), worded as on the torch side."""
-    s = get_optimizer().settings
-    if cfg.phase not in s.kernels:
-        return (
-            "kernel disabled",
-            f"attnforge's {cfg.phase} implementations are disabled (kernels={s.kernels})",
-        )
-    if cfg.num_heads < s.min_heads:
-        return "below min_heads", f"{cfg.num_heads} query heads < min_heads={s.min_heads}"
-    if cfg.gqa_ratio < s.gqa_ratio_min:
-        return "below gqa_ratio_min", f"GQA ratio {cfg.gqa_ratio} < gqa_ratio_min={s.gqa_ratio_min}"
-    if s.min_seq_len is not None and cfg.kv_len < s.min_seq_len:
-        return "below min_seq_len", f"kv_len {cfg.kv_len} < min_seq_len={s.min_seq_len}"
-    if s.max_seq_len is not None and cfg.kv_len > s.max_seq_len:
-        return "above max_seq_len", f"kv_len {cfg.kv_len} > max_seq_len={s.max_seq_len}"
-    return None
+    """The shared thresholds (the process-wide optimizer's settings), by the torch side's own rule."""
+    return policy.blocked_by_settings(cfg.phase, cfg, get_optimizer().settings)
 
 
 def _metal_status(cfg: AttentionConfig) -> tuple[bool, str]:

@@ -133,7 +133,7 @@ def decide(
     shape_bucket = bucket(kind, cfg, features) if kind not in machine.missing else None
     label = f"{cfg.attention_pattern} {kind} ({shape_bucket or _shape_text(cfg)})"
     group = f"{cfg.attention_pattern} {kind} d{cfg.head_dim} {str(cfg.dtype)[6:]}"
-    blocked = _blocked_by_machine(kind, cfg, features, machine) or _blocked_by_settings(kind, cfg, settings)
+    blocked = _blocked_by_machine(kind, cfg, features, machine) or blocked_by_settings(kind, cfg, settings)
     if blocked is not None:
         category, why = blocked
         return Decision(None, f"{label}: {why}: falling back to torch SDPA", category, group)
@@ -181,7 +181,9 @@ def _blocked_by_machine(kind, cfg, features, machine: Machine) -> tuple[str, str
     return None
 
 
-def _blocked_by_settings(kind: str, cfg: AttentionConfig, s: OptimizerSettings) -> tuple[str, str] | None:
+def blocked_by_settings(kind: str, cfg: AttentionConfig, s: OptimizerSettings) -> tuple[str, str] | None:
+    """(category, why) when a threshold of the settings keeps `kind`'s attnforge implementation from a call
+    shaped like `cfg`, else None. Shared by every backend (torch, MLX), so reasons read the same."""
     if kind not in s.kernels:
         return "kernel disabled", f"the {kind} kernel is disabled (kernels={s.kernels})"
     if cfg.num_heads < s.min_heads:
@@ -222,6 +224,7 @@ __all__ = [
     "Decision",
     "Machine",
     "Measurement",
+    "blocked_by_settings",
     "bucket",
     "decide",
     "decision_key",
