@@ -28,7 +28,7 @@ def flat(target, params):
 def test_the_genes_hold_the_heuristic_and_every_genome_fits():
     space = tuner.gene_space(TARGET, CPU)
     heuristic = tuner.heuristic_genome(TARGET, CPU)
-    assert heuristic == {"BLOCK_N": 128, "num_splits": 16, "num_warps": 4, "num_stages": 2}
+    assert heuristic == {"BLOCK_M": 16, "BLOCK_N": 128, "num_splits": 16, "num_warps": 4, "num_stages": 2}
     assert all(heuristic[name] in values for name, values in space.items())
     population = tuner.initial_population(TARGET, CPU, tuner.Settings(population=8), space)
     assert population[0] == heuristic and len({tuner.key(g) for g in population}) == 8

@@ -1,8 +1,8 @@
 """`attnforge evolve tune`: an evolutionary search over a kernel's launch parameters, per GPU and bucket.
 
-A genome is one launch configuration (decode: BLOCK_N, num_splits, num_warps, num_stages; prefill: BLOCK_M,
-BLOCK_N, num_warps, num_stages and, on Hopper, TMA). For each target (one representative call per tuning
-bucket: bench/tune.py's Target) the population starts from the heuristic's configuration and `attnforge
+A genome is one launch configuration (decode: BLOCK_M, BLOCK_N, num_splits, num_warps, num_stages; prefill:
+BLOCK_M, BLOCK_N, num_warps, num_stages and, on Hopper, TMA). For each target (one representative call per
+tuning bucket: bench/tune.py's Target) the population starts from the heuristic's configuration and `attnforge
 tune`'s candidates, then each generation keeps the elite, and fills up with children of tournament-selected
 parents (uniform crossover, mutation to neighbouring values). Fitness is the evaluator's combined_score
 for a small program that launches attnforge's kernel with those parameters: the full correctness protocol at
@@ -30,8 +30,9 @@ from attnforge.bench import tune as bench_tune
 from attnforge.bench.tune import Target
 from attnforge.evolve.tasks import Task, TaskShape, seed_for
 
-DECODE_GENES = {"BLOCK_N": (16, 32, 64, 128), "num_splits": (1, 2, 4, 8, 16, 32, 64, 128),
-                "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4)}  # fmt: skip
+DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
+                "num_splits": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
+                "num_stages": (1, 2, 3, 4)}  # fmt: skip
 PREFILL_GENES = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8),
                  "num_stages": (2, 3, 4), "tma": (False, True)}  # fmt: skip
 SHARED_MEMORY = 220 * 1024  # per block on Hopper (227 KB), a little kept for the rest
@@ -91,8 +92,6 @@ def fits(genome: dict, target: Target) -> bool:
     """Whether the pipelined tiles fit in shared memory (what cannot compile is not worth an evaluation)."""
     element = torch.empty((), dtype=target.torch_dtype).element_size()
     row = (1 << (target.head_dim - 1).bit_length()) * element
-    if target.kind == "decode":
-        return genome["num_stages"] * 2 * genome["BLOCK_N"] * row <= SHARED_MEMORY
     return (genome["BLOCK_M"] + genome["num_stages"] * 2 * genome["BLOCK_N"]) * row <= SHARED_MEMORY
 
 

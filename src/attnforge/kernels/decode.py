@@ -446,7 +446,8 @@ def launch_decode(
     q, k, v, out, *, scale: float, kv_lens=None, params: dict | None = None, workspace=None
 ) -> None:
     """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table
-    (keys BLOCK_N, num_splits, num_warps, num_stages): for tuning sweeps; users call decode_attention."""
+    (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, combine optional): for tuning sweeps;
+    users call decode_attention."""
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, kv_lens is not None, q.dtype, q.device)
