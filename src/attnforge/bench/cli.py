@@ -280,24 +280,35 @@ def _e2e_mlx(model: str, options: dict, out: Path | None, stem: str | None) -> N
 
 @bench_app.command("report")
 def report_command(
-    results: Annotated[Path, typer.Option(help="Directory of committed result files.")] = RESULTS_DIR,
-    out: Annotated[Path, typer.Option(help="Markdown file to (re)write.")] = Path("docs/performance.md"),
-    readme: Annotated[Path, typer.Option(help="README whose performance markers are refreshed.")] = Path(
-        "README.md"
+    results: Annotated[
+        Path, typer.Option(metavar="DIR", help="Directory of committed result files (<gpu>/*.json).")
+    ] = RESULTS_DIR,
+    out: Annotated[Path, typer.Option(metavar="FILE", help="Markdown file to (re)write.")] = Path(
+        "docs/performance.md"
     ),
+    readme: Annotated[
+        Path, typer.Option(metavar="FILE", help="README whose results markers are refreshed.")
+    ] = Path("README.md"),
 ) -> None:
-    """Regenerate the docs/README performance tables from committed result files."""
+    """Regenerate docs/performance.md, the README's results section and each result's own Markdown table
+    from the JSON result files."""
+    from attnforge.bench import performance
+
     try:
-        section = report.performance_markdown(results)
+        section = performance.performance_markdown(results)
     except ValueError as error:
-        console.print(f"[red]{error}")
+        console.print(f"[red]{escape(str(error))}")
         raise typer.Exit(1) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(section)
-    console.print(f"wrote {out}")
-    if report.update_readme(readme, section):
-        console.print(f"updated the performance section of {readme}")
+    console.print(f"wrote {out}", soft_wrap=True)
+    for path in performance.regenerate_file_tables(results):
+        console.print(f"rewrote {path}", soft_wrap=True)
+    if performance.update_readme(readme, performance.readme_markdown(results)):
+        console.print(f"updated the results section of {readme}", soft_wrap=True)
     else:
         console.print(
-            f"{readme}: no '{report.README_START}' ... '{report.README_END}' markers; left unchanged"
+            f"{readme}: no '{report.README_START}' ... '{report.README_END}' markers; left unchanged",
+            soft_wrap=True,
+            markup=False,
         )
