@@ -312,7 +312,11 @@ def bench_accel(
     runs: Annotated[int, typer.Option(min=1, help="Measured generations per row and scenario.")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed generations first (compile, capture).")] = 1,
     out: Annotated[
-        Path | None, typer.Option(help="Result directory (default: benchmarks/results/<gpu>).")
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Result directory (default: $ATTNFORGE_CACHE_DIR or ~/.cache/attnforge, results/<gpu>).",
+        ),
     ] = None,
     stem: Annotated[
         str | None, typer.Option(help="File name stem (default: accelerate-<model>-YYYYMMDD).")
@@ -323,7 +327,7 @@ def bench_accel(
     modules: tok/s, TTFT, achieved bandwidth; saved after every row. Without a GPU: an agreement check."""
     from attnforge.accel import benchmark
     from attnforge.bench import report
-    from attnforge.bench.cli import RESULTS_DIR, require_model
+    from attnforge.bench.cli import require_model, results_root
 
     require_model(model)
     try:
@@ -340,7 +344,7 @@ def bench_accel(
         console.print(f"[yellow]{benchmark.NO_GPU_NOTE}")
     from attnforge.kernels.tuning import gpu_key
 
-    folder = out or RESULTS_DIR / gpu_key()
+    folder = out or results_root() / gpu_key()
     name = stem or report.default_stem(
         "accelerate", model.replace("/", "-") + (f"-b{batch}" if batch > 1 else "")
     )
