@@ -10,6 +10,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -76,7 +77,7 @@ def _save(doc: dict, out: Path, stem: str) -> None:
 def kernels(
     subset: Annotated[bool, typer.Option("--subset", help="A few rows instead of the full grid.")] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Result directory (default: benchmarks/results/<gpu>).")
+        Path | None, typer.Option("--out", help=f"Result directory (default: {CACHE_HINT}).")
     ] = None,
     providers: Annotated[
         str | None, typer.Option(help="Comma-separated provider names (default: all).")
@@ -336,7 +337,7 @@ def _e2e_mlx(model: str, options: dict, out: Path | None, stem: str | None) -> N
         except ValueError as error:
             console.print(f"[red]{escape(str(error))}")
             raise typer.Exit(1) from None
-    console.print(mlx_e2e.markdown(doc))
+    console.print(Markdown(mlx_e2e.markdown(doc)))  # rendered, not raw Markdown
     paths = mlx_e2e.save(
         doc, out or mlx_e2e.results_dir(results_root()), stem or report.default_stem("e2e-mlx", model)
     )
@@ -344,6 +345,17 @@ def _e2e_mlx(model: str, options: dict, out: Path | None, stem: str | None) -> N
     if doc.get("failure"):
         console.print(f"[red]{escape(doc['failure'])}")
         raise typer.Exit(1)
+
+
+def _print_report_files(files: list[tuple[str, str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="result files in the report")
+    table.add_column("file", overflow="fold")
+    table.add_column("kind", overflow="fold")
+    for name, kind in files:
+        table.add_row(escape(name), escape(kind))
+    console.print(table)
 
 
 @bench_app.command("report")
@@ -369,6 +381,7 @@ def report_command(
         raise typer.Exit(1) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(section)
+    _print_report_files(performance.file_kinds(results))
     console.print(f"wrote {out}", soft_wrap=True)
     for path in performance.regenerate_file_tables(results):
         console.print(f"rewrote {path}", soft_wrap=True)

@@ -226,6 +226,14 @@ def readme_markdown(results_dir: Path | str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def file_kinds(results_dir: Path | str) -> list[tuple[str, str]]:
+    """(file relative to results_dir, its kind or "legacy") for every result file, in the docs' order."""
+    return [
+        (_relative(path, results_dir), doc["what"] if doc else "legacy")
+        for path, doc in load_results(results_dir)
+    ]
+
+
 PER_FILE_MARKDOWN: dict[str, Callable[[dict], str]] = {"e2e": report.e2e_markdown, "tuning": tune.markdown}
 
 
