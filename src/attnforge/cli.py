@@ -11,16 +11,47 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup, TyperOption
 
 from attnforge import cli_accel, verify
 from attnforge.bench import report
-from attnforge.bench.cli import bench_app, require_model
+from attnforge.bench.cli import bench_app, model_help, require_model
 from attnforge.config import MAX_DECODE_QUERY_LEN
 from attnforge.environment import environment_report, triton_interpret
 from attnforge.evolve.cli import evolve_app
 from attnforge.kernels import available_kernels
 
-app = typer.Typer(help="attnforge: verified attention kernels for LLM inference.", no_args_is_help=True)
+
+def _with_metavars(params: list) -> list:
+    """Help shows a real metavar: none after a flag (typer prints `<bool>`), the option's name otherwise."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.metavar is None:
+            param.metavar = "" if param.is_flag else (param.name or "value").upper()
+    return params
+
+
+def _fix_help(command, ctx) -> None:
+    _with_metavars(command.get_params(ctx))
+    for sub in getattr(command, "commands", {}).values():
+        _fix_help(sub, ctx)
+
+
+class HelpGroup(TyperGroup):
+    """The root command group: every subcommand's `--help` shows real metavars (see `_with_metavars`)."""
+
+    def get_params(self, ctx) -> list:
+        return _with_metavars(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name: str):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _fix_help(command, ctx)
+        return command
+
+
+app = typer.Typer(
+    cls=HelpGroup, help="attnforge: verified attention kernels for LLM inference.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 app.command()(cli_accel.generate)
 app.command()(cli_accel.chat)
@@ -180,16 +211,16 @@ def _model_demo(model_name: str, on_gpu: bool, prompt_len: int, new_tokens: int,
 
 @app.command()
 def demo(
-    model: str = typer.Option(
-        "qwen3-0.6b", "--model", help="bundled architecture (random weights) or a hub id / local path"
-    ),
+    model: str = typer.Option("qwen3-0.6b", "--model", metavar="NAME", help=model_help()),
     prompt_len: int = typer.Option(
-        None, "--prompt-len", help="prompt tokens (default: 128 on GPU, 24 on CPU)"
+        None, "--prompt-len", metavar="N", help="prompt tokens (default: 128 on GPU, 24 on CPU)"
     ),
     new_tokens: int = typer.Option(
-        None, "--new-tokens", help="tokens to generate (default: 64 on GPU, 6 on CPU)"
+        None, "--new-tokens", metavar="N", help="tokens to generate (default: 64 on GPU, 6 on CPU)"
     ),
-    cache: str = typer.Option("dynamic", "--cache", help="KV cache for the GPU timing: dynamic or static"),
+    cache: str = typer.Option(
+        "dynamic", "--cache", metavar="KIND", help="KV cache for the GPU timing: dynamic or static"
+    ),
     protocol: bool = typer.Option(
         True, "--protocol/--no-protocol", help="run the kernel correctness protocol"
     ),
@@ -236,9 +267,7 @@ def demo(
 
 @app.command()
 def tune(
-    model: Annotated[
-        str | None, typer.Option(metavar="NAME", help="bundled architecture or local path")
-    ] = None,
+    model: Annotated[str | None, typer.Option(metavar="NAME", help=model_help())] = None,
     preset: Annotated[str | None, typer.Option(metavar="NAME", help="a preset grid: decode-grid")] = None,
     kernels: Annotated[
         str, typer.Option(metavar="KINDS", help="with --model: decode,prefill")

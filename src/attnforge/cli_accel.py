@@ -15,6 +15,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.markup import escape
 
 from attnforge import models
@@ -102,23 +103,32 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Options shared by generate and chat, named once: short metavars keep `--help` readable at 80 columns
+TemperatureOption = Annotated[float, typer.Option(metavar="T", help="0: greedy.")]
+TopKOption = Annotated[int, typer.Option(metavar="K", help="Keep the k most likely tokens (0: all).")]
+TopPOption = Annotated[
+    float, typer.Option(metavar="P", help="Keep the most likely tokens up to this probability.")
+]
+PenaltyOption = Annotated[float, typer.Option(metavar="X", help="transformers' penalty (1: off).")]
+AttentionOption = Annotated[str, typer.Option(metavar="MODE", help=ATTENTION_HELP)]
+GENERATE_MODEL_HELP = (
+    f"{models.SMOLLM2_NAME} (CPU default), a bundled architecture ({', '.join(models.bundled_models())}; "
+    f"random weights; {GPU_DEFAULT} is the GPU default) or a local checkpoint."
+)
+
+
 def generate(
-    prompt: Annotated[str, typer.Option(help="The prompt.")] = "What is the capital of France?",
-    model: Annotated[
-        str | None,
-        typer.Option(
-            metavar="NAME|PATH",
-            help=f"{models.SMOLLM2_NAME} (CPU default), a bundled architecture "
-            f"(random weights; {GPU_DEFAULT} is the GPU default) or a local checkpoint.",
-        ),
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens at most.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Keep the most likely tokens up to this probability.")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(help="transformers' penalty (1: off).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Makes a sampled run reproducible.")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    prompt: Annotated[
+        str, typer.Option(metavar="TEXT", help="The prompt.")
+    ] = "What is the capital of France?",
+    model: Annotated[str | None, typer.Option(metavar="NAME", help=GENERATE_MODEL_HELP)] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, metavar="N", help="New tokens at most.")] = 128,
+    temperature: TemperatureOption = 0.0,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: PenaltyOption = 1.0,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Makes a sampled run reproducible.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(metavar="TEXT", help="Stop string (repeatable).")] = None,
     chat: Annotated[
         bool | None,
         typer.Option("--chat/--no-chat", help="Chat template (default: if the tokenizer has one)."),
@@ -126,19 +136,14 @@ def generate(
     compare: Annotated[
         bool, typer.Option("--compare", help="Also run plain transformers: same greedy tokens? speed-up?")
     ] = False,
-    attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
+    attention: AttentionOption = "auto",
     prompt_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Random-weight models: the prompt's length in tokens.")
+        int | None,
+        typer.Option(min=1, metavar="N", help="Random-weight models: the prompt's length in tokens."),
     ] = None,
 ) -> None:
     """Generate text (streamed) with the accelerator, then a line of metrics."""
-    from attnforge.accel import accelerate
-    from attnforge.accel.sampling import SamplingParams
-
-    try:
-        SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    except ValueError as error:
-        raise _fail(str(error)) from None
+    _check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if compare and temperature != 0:
         raise _fail(f"--compare checks greedy tokens: it needs --temperature 0 (got {temperature})")
     loaded = load_generation_model(model, _device())
@@ -147,16 +152,10 @@ def generate(
     except ValueError as error:
         raise _fail(str(error)) from None
     baseline = _transformers_run(loaded, ids, max_new_tokens) if compare else None
-    try:
-        acc = accelerate(
-            loaded.model, loaded.tokenizer, max_seq_len=len(ids) + max_new_tokens, attention=attention
-        )
-        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                       ignore_eos=loaded.random)  # fmt: skip
-        acc.stream(ids, **options)  # checks the options before anything runs
-    except ValueError as error:
-        raise _fail(str(error)) from None
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                   ignore_eos=loaded.random)  # fmt: skip
+    acc = _accelerator_for(loaded, ids, options, attention)
     _describe(loaded, acc)
     if acc.device.type == "cuda":
         acc.generate(ids, **{**options, "max_new_tokens": 2})  # compiles and captures outside the timing
@@ -164,6 +163,29 @@ def generate(
     console.print(f"[dim]{escape(metrics.line())}[/dim]")
     if baseline is not None:
         _print_comparison(baseline, tokens, metrics, acc.device)
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed) -> None:
+    """Exit (status 2, one line) on sampling options the sampler rejects."""
+    from attnforge.accel.sampling import SamplingParams
+
+    try:
+        SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+
+
+def _accelerator_for(loaded: Loaded, ids: list[int], options: dict, attention: str):
+    """The accelerated model, sized for the prompt and its new tokens (options checked before it runs)."""
+    from attnforge.accel import accelerate
+
+    try:
+        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=len(ids) + options["max_new_tokens"],
+                         attention=attention)  # fmt: skip
+        acc.stream(ids, **options)  # checks the options before anything runs
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    return acc
 
 
 def _stream_to_console(acc, ids: list[int], options: dict, loaded: Loaded):
@@ -190,7 +212,7 @@ def _transformers_run(loaded: Loaded, ids: list[int], max_new_tokens: int):
 
 
 def _print_comparison(baseline, tokens: list[int], metrics, device: torch.device) -> None:
-    from attnforge.bench.report import markdown_table
+    from rich.table import Table
 
     ours = metrics.decode_tok_s
     theirs = baseline.decode_tok_s
@@ -200,7 +222,12 @@ def _print_comparison(baseline, tokens: list[int], metrics, device: torch.device
         ["attnforge accelerate()", len(tokens), f"{metrics.ttft_s * 1e3:.0f}",
          f"{ours:.1f}" if ours else "-"],
     ]  # fmt: skip
-    console.print(markdown_table(["run", "new tokens", "TTFT ms", "decode tok/s"], rows))
+    table = Table()
+    for column in ("run", "new tokens", "TTFT ms", "decode tok/s"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console.print(table)
     same = baseline.tokens[0] == tokens
     divergence = next(
         (i for i, (a, b) in enumerate(zip(baseline.tokens[0], tokens, strict=False)) if a != b), None
@@ -217,27 +244,29 @@ def _print_comparison(baseline, tokens: list[int], metrics, device: torch.device
 def chat(
     model: Annotated[
         str | None,
-        typer.Option(metavar="NAME|PATH", help=f"{models.SMOLLM2_NAME} (default) or a checkpoint."),
+        typer.Option(metavar="NAME", help=f"{models.SMOLLM2_NAME} (default) or a checkpoint."),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per answer at most.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Keep the most likely tokens up to this probability.")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(help="transformers' penalty (1: off).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Makes sampled answers reproducible.")] = None,
-    system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
-    max_seq_len: Annotated[int, typer.Option(min=16, help="Tokens the conversation may reach.")] = 2048,
-    attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, metavar="N", help="New tokens per answer at most.")
+    ] = 256,
+    temperature: TemperatureOption = 0.0,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: PenaltyOption = 1.0,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Makes sampled answers reproducible.")] = None,
+    system: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="A system message to start the conversation.")
+    ] = None,
+    max_seq_len: Annotated[
+        int, typer.Option(min=16, metavar="N", help="Tokens the conversation may reach.")
+    ] = 2048,
+    attention: AttentionOption = "auto",
 ) -> None:
     """Talk to the model: one line per message (stdin), answers streamed with the chat template, a line of
     metrics after each; /reset starts over, /exit (or end of input) ends."""
     from attnforge.accel import accelerate
-    from attnforge.accel.sampling import SamplingParams
 
-    try:
-        SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    except ValueError as error:
-        raise _fail(str(error)) from None
+    _check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
     loaded = load_generation_model(model or models.SMOLLM2_NAME, _device())
     if loaded.random or not getattr(loaded.tokenizer, "chat_template", None):
         raise _fail(f"chat needs a model with a tokenizer and a chat template; {loaded.name} has none "
@@ -297,8 +326,11 @@ def _answer(acc, messages: list[dict], options: dict) -> str | None:
     return "".join(pieces)
 
 
+BUNDLED_MODEL_HELP = f"Bundled architecture ({', '.join(models.bundled_models())}) or local path."
+
+
 def bench_accel(
-    model: Annotated[str, typer.Option(help="Bundled architecture or local path.")] = "qwen3-0.6b",
+    model: Annotated[str, typer.Option(metavar="NAME", help=BUNDLED_MODEL_HELP)] = "qwen3-0.6b",
     prompt_tokens: Annotated[
         str, typer.Option(metavar="N,N", help="Prompt lengths (one scenario each).")
     ] = "128,4096",
@@ -312,7 +344,11 @@ def bench_accel(
     runs: Annotated[int, typer.Option(min=1, help="Measured generations per row and scenario.")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed generations first (compile, capture).")] = 1,
     out: Annotated[
-        Path | None, typer.Option(help="Result directory (default: benchmarks/results/<gpu>).")
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Result directory (default: $ATTNFORGE_CACHE_DIR or ~/.cache/attnforge, results/<gpu>).",
+        ),
     ] = None,
     stem: Annotated[
         str | None, typer.Option(help="File name stem (default: accelerate-<model>-YYYYMMDD).")
@@ -323,7 +359,7 @@ def bench_accel(
     modules: tok/s, TTFT, achieved bandwidth; saved after every row. Without a GPU: an agreement check."""
     from attnforge.accel import benchmark
     from attnforge.bench import report
-    from attnforge.bench.cli import RESULTS_DIR, require_model
+    from attnforge.bench.cli import require_model, results_root
 
     require_model(model)
     try:
@@ -340,7 +376,7 @@ def bench_accel(
         console.print(f"[yellow]{benchmark.NO_GPU_NOTE}")
     from attnforge.kernels.tuning import gpu_key
 
-    folder = out or RESULTS_DIR / gpu_key()
+    folder = out or results_root() / gpu_key()
     name = stem or report.default_stem(
         "accelerate", model.replace("/", "-") + (f"-b{batch}" if batch > 1 else "")
     )
@@ -349,7 +385,7 @@ def bench_accel(
                         checkpoint=lambda d: benchmark.save(d, folder, name),
                         progress=lambda label: console.print(f"[dim]{escape(label)}"))  # fmt: skip
     paths = benchmark.save(doc, folder, name)
-    console.print(benchmark.markdown(doc))
+    console.print(Markdown(benchmark.markdown(doc)))  # rendered, not raw Markdown
     console.print("wrote " + ", ".join(str(p) for p in paths))
     if "tokens_match" in doc and not doc["tokens_match"]:
         raise typer.Exit(1)

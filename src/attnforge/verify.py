@@ -92,20 +92,14 @@ def reference_attention(
     ends = _valid_lengths(kv_lens, kv_len, batch, "kv_lens", device)
     qlens = _valid_lengths(q_lens, q_len, batch, "q_lens", device)
 
-    key_pos = torch.arange(kv_len, device=device)
-    query_pos = torch.arange(q_len, device=device)
-    key_valid = key_pos[None, :] < ends[:, None]  # [B, Lkv]
+    key_valid = torch.arange(kv_len, device=device)[None, :] < ends[:, None]  # [B, Lkv]
     # Zero the padding before any arithmetic so NaN/Inf stored there cannot leak through 0 * NaN.
     k64 = torch.where(key_valid[:, None, :, None], k.double(), 0.0)
     v64 = torch.where(key_valid[:, None, :, None], v.double(), 0.0)
     q64 = q.double().reshape(batch, num_kv_heads, group, q_len, head_dim)
 
     logits = torch.einsum("bhgqd,bhkd->bhgqk", q64, k64) * scale
-    allowed = key_valid[:, None, :].expand(batch, q_len, kv_len)  # [B, Lq, Lkv]
-    if causal:
-        last_visible = ends[:, None] - qlens[:, None] + query_pos[None, :]  # [B, Lq]
-        allowed = allowed & (key_pos[None, None, :] <= last_visible[:, :, None])
-    allowed = allowed & (query_pos[None, :] < qlens[:, None])[:, :, None]
+    allowed = _visible_keys(key_valid, ends, qlens, q_len, causal)
     allowed = allowed[:, None, None].expand(batch, num_kv_heads, group, q_len, kv_len)
     if attn_mask is not None:
         mask = _expand_mask(attn_mask.to(device), batch, num_heads, q_len, kv_len)
@@ -114,7 +108,26 @@ def reference_attention(
             allowed = allowed & mask
         else:
             logits = logits + mask.double()
+    out = _masked_softmax_times(logits, allowed, v64)
+    return out.reshape(batch, num_heads, q_len, head_dim)
 
+
+def _visible_keys(
+    key_valid: torch.Tensor, ends: torch.Tensor, qlens: torch.Tensor, q_len: int, causal: bool
+) -> torch.Tensor:
+    """bool `[B, Lq, Lkv]`: the keys each query row may see (valid keys, bottom-right causal, valid rows)."""
+    batch, kv_len = key_valid.shape
+    key_pos = torch.arange(kv_len, device=key_valid.device)
+    query_pos = torch.arange(q_len, device=key_valid.device)
+    allowed = key_valid[:, None, :].expand(batch, q_len, kv_len)
+    if causal:
+        last_visible = ends[:, None] - qlens[:, None] + query_pos[None, :]  # [B, Lq]
+        allowed = allowed & (key_pos[None, None, :] <= last_visible[:, :, None])
+    return allowed & (query_pos[None, :] < qlens[:, None])[:, :, None]
+
+
+def _masked_softmax_times(logits: torch.Tensor, allowed: torch.Tensor, v64: torch.Tensor) -> torch.Tensor:
+    """softmax(logits over the allowed keys) @ v per `[B, Hkv, G, Lq]` row; rows with no visible key are 0."""
     logits = logits.masked_fill(~allowed, -math.inf)
     row_max = logits.amax(dim=-1, keepdim=True)
     # A row with no visible key is 0; NaN in visible inputs still propagates (the oracle hides nothing).
@@ -122,8 +135,7 @@ def reference_attention(
     weights = torch.exp(logits - torch.where(row_live, row_max, 0.0))
     denom = weights.sum(dim=-1, keepdim=True)
     out = torch.einsum("bhgqk,bhkd->bhgqd", weights, v64) / torch.where(row_live, denom, 1.0)
-    out = torch.where(row_live, out, 0.0)
-    return out.reshape(batch, num_heads, q_len, head_dim)
+    return torch.where(row_live, out, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -18,13 +19,21 @@ from attnforge.bench import report
 bench_app = typer.Typer(help="Benchmarks: kernel sweep, end-to-end scenarios, reports.", no_args_is_help=True)
 console = Console()
 RESULTS_DIR = Path("benchmarks/results")
+CACHE_HINT = "$ATTNFORGE_CACHE_DIR or ~/.cache/attnforge, results/<gpu>"
 BACKENDS = ("torch", "mlx")
+
+
+def results_root() -> Path:
+    """Where results go when the user names no directory: the user's cache, never the source tree."""
+    from attnforge.models import cache_dir
+
+    return cache_dir() / "results"
 
 
 def _gpu_dir() -> Path:
     from attnforge.kernels.tuning import gpu_key
 
-    return RESULTS_DIR / gpu_key()
+    return results_root() / gpu_key()
 
 
 def require_model(model: str) -> None:
@@ -68,7 +77,7 @@ def _save(doc: dict, out: Path, stem: str) -> None:
 def kernels(
     subset: Annotated[bool, typer.Option("--subset", help="A few rows instead of the full grid.")] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Result directory (default: benchmarks/results/<gpu>).")
+        Path | None, typer.Option("--out", help=f"Result directory (default: {CACHE_HINT}).")
     ] = None,
     providers: Annotated[
         str | None, typer.Option(help="Comma-separated provider names (default: all).")
@@ -134,47 +143,77 @@ def _print_kernel_summary(doc: dict) -> None:
     console.print(f"provider cells: {counts}")
 
 
+def model_help() -> str:
+    """`--model` help: what it accepts and the bundled architectures."""
+    from attnforge.models import bundled_models
+
+    return f"Bundled architecture ({', '.join(bundled_models())}; random weights), hub id or local path."
+
+
+# `bench e2e` options, named once here so the command reads as a list of what it takes
+ModelOption = Annotated[str, typer.Option(metavar="NAME", help=model_help())]
+ModeOption = Annotated[
+    str, typer.Option(metavar="MODE", help="quick (5 scenarios), full (20) or compare (A/B).")
+]
+RunsOption = Annotated[
+    int | None, typer.Option(min=1, metavar="N", help="Measured runs per scenario (default 3; full: 5).")
+]
+WarmupOption = Annotated[
+    int, typer.Option(min=0, metavar="N", help="Warm-up runs per scenario (not measured).")
+]
+AllScenariosOption = Annotated[
+    bool, typer.Option("--all-scenarios", help="compare: all 20 scenarios instead of the quick 5.")
+]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", metavar="DIR", help=f"Result directory (default: {CACHE_HINT}).")
+]
+E2eStemOption = Annotated[
+    str | None, typer.Option(metavar="STEM", help="File name stem (default: e2e-<model>-YYYYMMDD).")
+]
+TimeBudgetOption = Annotated[
+    float | None, typer.Option(metavar="SECONDS", help="Stop starting new scenarios after this many seconds.")
+]
+KernelPolicyOption = Annotated[
+    str,
+    typer.Option(
+        metavar="POLICY",
+        help="measured: the optimizer's choice (tuning store); all: attnforge kernels where supported; "
+        "none: every call to torch (the fallback's own cost).",
+    ),
+]
+CacheOption = Annotated[
+    str, typer.Option(metavar="KIND", help="dynamic, or static (transformers compiles the decode step).")
+]
+PromptTokensOption = Annotated[
+    int | None, typer.Option(min=1, metavar="N", help="Override every scenario's prompt length.")
+]
+ScenariosOption = Annotated[
+    str | None,
+    typer.Option("--scenarios", metavar="NAMES", help="Comma-separated scenario names (default: by mode)."),
+]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        metavar="NAME", help="torch: transformers on CUDA (or CPU); mlx: mlx-lm on Metal (or MLX's CPU)."
+    ),
+]
+
+
 @bench_app.command()
 def e2e(
-    model: Annotated[
-        str, typer.Option(help="Bundled architecture name, hub id or local path.")
-    ] = "qwen3-0.6b",
-    mode: Annotated[str, typer.Option(help="quick (5 scenarios), full (20) or compare (A/B).")] = "quick",
-    runs: Annotated[
-        int | None, typer.Option(min=1, help="Measured runs per scenario (default 3; full: 5).")
-    ] = None,
-    warmup: Annotated[int, typer.Option(min=0, help="Warm-up runs per scenario (not measured).")] = 1,
-    all_scenarios: Annotated[
-        bool, typer.Option("--all-scenarios", help="compare: all 20 scenarios instead of the quick 5.")
-    ] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Directory for the result files.")] = None,
-    stem: Annotated[str | None, typer.Option(help="File name stem (default: e2e-<model>-YYYYMMDD).")] = None,
-    time_budget: Annotated[
-        float | None, typer.Option(help="Stop starting new scenarios after this many seconds.")
-    ] = None,
-    kernels: Annotated[
-        str,
-        typer.Option(
-            metavar="POLICY",
-            help="measured: the optimizer's choice (tuning store); all: attnforge kernels where supported; "
-            "none: every call to torch (the fallback's own cost).",
-        ),
-    ] = "measured",
-    cache: Annotated[
-        str, typer.Option(metavar="KIND", help="dynamic, or static (transformers compiles the decode step).")
-    ] = "dynamic",
-    prompt_tokens: Annotated[
-        int | None, typer.Option(min=1, metavar="N", help="Override every scenario's prompt length.")
-    ] = None,
-    scenario_names: Annotated[
-        str | None,
-        typer.Option(
-            "--scenarios", metavar="NAMES", help="Comma-separated scenario names (default: by mode)."
-        ),
-    ] = None,
-    backend: Annotated[
-        str, typer.Option(help="torch: transformers on CUDA (or CPU); mlx: mlx-lm on Metal (or MLX's CPU).")
-    ] = "torch",
+    model: ModelOption = "qwen3-0.6b",
+    mode: ModeOption = "quick",
+    runs: RunsOption = None,
+    warmup: WarmupOption = 1,
+    all_scenarios: AllScenariosOption = False,
+    out: OutOption = None,
+    stem: E2eStemOption = None,
+    time_budget: TimeBudgetOption = None,
+    kernels: KernelPolicyOption = "measured",
+    cache: CacheOption = "dynamic",
+    prompt_tokens: PromptTokensOption = None,
+    scenario_names: ScenariosOption = None,
+    backend: BackendOption = "torch",
 ) -> None:
     """End-to-end generation scenarios: TTFT, prefill/decode tok/s, total time, peak memory."""
     from attnforge.bench import e2e as scenarios
@@ -183,45 +222,75 @@ def e2e(
         raise typer.BadParameter(f"mode={mode!r} is not one of {scenarios.MODES}", param_hint="--mode")
     if backend not in BACKENDS:
         raise typer.BadParameter(f"backend={backend!r} is not one of {BACKENDS}", param_hint="--backend")
+    names = scenario_names.split(",") if scenario_names else None
+    options = dict(mode=mode, runs=runs, warmup=warmup, all_scenarios=all_scenarios, kernels=kernels,
+                   time_budget_s=time_budget)  # fmt: skip
     if backend == "mlx":
-        options = dict(mode=mode, runs=runs, warmup=warmup, all_scenarios=all_scenarios, kernels=kernels,
-                       time_budget_s=time_budget)  # fmt: skip
         _e2e_mlx(model, options, out, stem)
         return
     require_model(model)
     _use_interpreter_without_gpu()
+    target, stem = out or _gpu_dir(), stem or _e2e_stem(model)
+    options.update(cache=cache, names=names, prompt_tokens=prompt_tokens)
+    doc = _run_e2e(model, options, checkpoint=lambda partial: report.save(partial, target, stem))
+    if doc.get("note"):
+        console.print(f"[yellow]{escape(doc['note'])}")
+    print_e2e(doc)
+    _save(doc, target, stem)
+    if doc.get("failure"):
+        console.print(f"[red]{escape(doc['failure'])}")
+        raise typer.Exit(1)
+
+
+def _run_e2e(model: str, options: dict, checkpoint) -> dict:
+    """bench/e2e.run under a progress bar whose total is the number of scenarios that will run."""
+    from attnforge.bench import e2e as scenarios
+
+    total, why_fewer = scenarios.planned_scenarios(
+        options["mode"], all_scenarios=options["all_scenarios"], names=options["names"],
+        on_gpu=torch.cuda.is_available(),
+    )  # fmt: skip
+    if why_fewer:
+        console.print(f"[yellow]{escape(why_fewer)}.")
     with _progress() as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        task = progress.add_task(f"e2e {model} {mode}", total=None, row="")
+        task = progress.add_task(f"e2e {model} {options['mode']}", total=total, row="")
 
-        def advance(label: str, total: int) -> None:
-            progress.update(task, total=total, advance=1, row=label)
+        def advance(label: str, count: int) -> None:
+            progress.update(task, total=count, advance=1, row=label)
 
         try:
-            doc = scenarios.run(
-                model,
-                mode=mode,
-                runs=runs,
-                warmup=warmup,
-                all_scenarios=all_scenarios,
-                time_budget_s=time_budget,
-                kernels=kernels,
-                cache=cache,
-                names=scenario_names.split(",") if scenario_names else None,
-                prompt_tokens=prompt_tokens,
-                progress=advance,
-                checkpoint=lambda partial: report.save(partial, out or _gpu_dir(), stem or _e2e_stem(model)),
-            )
+            return scenarios.run(model, progress=advance, checkpoint=checkpoint, **options)
         except ValueError as error:
-            console.print(f"[red]{error}")
+            console.print(f"[red]{escape(str(error))}")
             raise typer.Exit(1) from None
-    if doc.get("note"):
-        console.print(f"[yellow]{doc['note']}")
-    console.print(report.e2e_markdown(doc))
-    _save(doc, out or _gpu_dir(), stem or _e2e_stem(model))
-    if doc.get("failure"):
-        console.print(f"[red]{doc['failure']}")
-        raise typer.Exit(1)
+
+
+def print_e2e(doc: dict) -> None:
+    """The end-to-end result as terminal tables (the Markdown goes to the result file)."""
+    from rich.table import Table
+
+    title = f"e2e {doc.get('model')} ({doc.get('mode')}, {doc.get('cache')} cache)"
+    if "tokens_match" in doc:
+        verdict = "identical" if doc["tokens_match"] else "[red]DIFFERENT"
+        console.print(f"{escape(title)}: greedy tokens of plain transformers and attnforge: {verdict}")
+    else:
+        table = Table(title=title + ": median [95% interval]")
+        for column in ("scenario", "side", "TTFT ms", "decode tok/s", "total s"):
+            table.add_column(column, overflow="fold")
+        for row in report.e2e_table_rows(doc):
+            table.add_row(str(row[0]), row[3], row[4], row[6], row[7])
+        console.print(table)
+    improvements = report.e2e_improvement_rows(doc)
+    if improvements:
+        table = Table(title="attnforge / baseline (> 1: attnforge better)")
+        for column in ("scenario", "TTFT", "prefill", "decode", "total"):
+            table.add_column(column, overflow="fold")
+        for row in improvements:
+            table.add_row(*row)
+        console.print(table)
+    for skipped in doc.get("skipped", []):
+        console.print(f"skipped {escape(skipped['name'])}: {escape(skipped['reason'])}")
 
 
 @bench_app.command()
@@ -268,9 +337,9 @@ def _e2e_mlx(model: str, options: dict, out: Path | None, stem: str | None) -> N
         except ValueError as error:
             console.print(f"[red]{escape(str(error))}")
             raise typer.Exit(1) from None
-    console.print(mlx_e2e.markdown(doc))
+    console.print(Markdown(mlx_e2e.markdown(doc)))  # rendered, not raw Markdown
     paths = mlx_e2e.save(
-        doc, out or mlx_e2e.results_dir(RESULTS_DIR), stem or report.default_stem("e2e-mlx", model)
+        doc, out or mlx_e2e.results_dir(results_root()), stem or report.default_stem("e2e-mlx", model)
     )
     console.print("wrote " + ", ".join(str(p) for p in paths))
     if doc.get("failure"):
@@ -278,26 +347,49 @@ def _e2e_mlx(model: str, options: dict, out: Path | None, stem: str | None) -> N
         raise typer.Exit(1)
 
 
+def _print_report_files(files: list[tuple[str, str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="result files in the report")
+    table.add_column("file", overflow="fold")
+    table.add_column("kind", overflow="fold")
+    for name, kind in files:
+        table.add_row(escape(name), escape(kind))
+    console.print(table)
+
+
 @bench_app.command("report")
 def report_command(
-    results: Annotated[Path, typer.Option(help="Directory of committed result files.")] = RESULTS_DIR,
-    out: Annotated[Path, typer.Option(help="Markdown file to (re)write.")] = Path("docs/performance.md"),
-    readme: Annotated[Path, typer.Option(help="README whose performance markers are refreshed.")] = Path(
-        "README.md"
+    results: Annotated[
+        Path, typer.Option(metavar="DIR", help="Directory of committed result files (<gpu>/*.json).")
+    ] = RESULTS_DIR,
+    out: Annotated[Path, typer.Option(metavar="FILE", help="Markdown file to (re)write.")] = Path(
+        "docs/performance.md"
     ),
+    readme: Annotated[
+        Path, typer.Option(metavar="FILE", help="README whose results markers are refreshed.")
+    ] = Path("README.md"),
 ) -> None:
-    """Regenerate the docs/README performance tables from committed result files."""
+    """Regenerate docs/performance.md, the README's results section and each result's own Markdown table
+    from the JSON result files."""
+    from attnforge.bench import performance
+
     try:
-        section = report.performance_markdown(results)
+        section = performance.performance_markdown(results)
     except ValueError as error:
-        console.print(f"[red]{error}")
+        console.print(f"[red]{escape(str(error))}")
         raise typer.Exit(1) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(section)
-    console.print(f"wrote {out}")
-    if report.update_readme(readme, section):
-        console.print(f"updated the performance section of {readme}")
+    _print_report_files(performance.file_kinds(results))
+    console.print(f"wrote {out}", soft_wrap=True)
+    for path in performance.regenerate_file_tables(results):
+        console.print(f"rewrote {path}", soft_wrap=True)
+    if performance.update_readme(readme, performance.readme_markdown(results)):
+        console.print(f"updated the results section of {readme}", soft_wrap=True)
     else:
         console.print(
-            f"{readme}: no '{report.README_START}' ... '{report.README_END}' markers; left unchanged"
+            f"{readme}: no '{report.README_START}' ... '{report.README_END}' markers; left unchanged",
+            soft_wrap=True,
+            markup=False,
         )

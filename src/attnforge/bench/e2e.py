@@ -31,6 +31,7 @@ NO_GPU_NOTE = (
     "kernel statistics); timings need a CUDA GPU"
 )
 CPU_PROMPT_TOKENS, CPU_NEW_TOKENS = 24, 4
+CPU_SCENARIOS = 1  # without a GPU: the agreement check needs one scenario
 # "measured": the optimizer's own choice (kernels where the tuning store measured them faster);
 # "all": attnforge's kernels wherever they support the call (require_measurement=False);
 # "none": every call routed to torch (what a user gets where no kernel wins: the fallback's cost alone).
@@ -371,28 +372,20 @@ def run(
     """Run the scenarios of `mode` and return the result document.
 
     `checkpoint(doc)` gets the document after every scenario. Without a CUDA device only the agreement check
-    runs (see NO_GPU_NOTE). `config_overrides` change the
-    architecture (tests build tiny models). When the attnforge side ran no attnforge kernel, `doc["failure"]`
-    says so: such a comparison would pit torch against torch.
+    runs (see NO_GPU_NOTE) on the first scenario. `config_overrides` change the architecture (tests build
+    tiny models). When the attnforge side ran no attnforge kernel, `doc["failure"]` says so: such a comparison
+    would pit torch against torch.
     """
     from attnforge import models
 
     chosen = scenarios_for(mode, all_scenarios=all_scenarios) if not names else scenarios_named(names)
-    if kernels not in KERNEL_POLICIES:
-        raise ValueError(f"kernels={kernels!r} is not known; accepted: {KERNEL_POLICIES}")
-    if cache not in CACHES:
-        raise ValueError(f"cache={cache!r} is not known; accepted: {CACHES}")
-    device = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    _check_choices(kernels, cache)
+    device = _pick_device(device)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     model = models.load_model(
         model_name, dtype=dtype, device=device, attn_implementation="sdpa", **config_overrides
     )
-    config = model.config
     sides = _Sides(model)
     previous = sides.optimizer.settings
     sides.optimizer.configure(
@@ -400,36 +393,25 @@ def run(
     )
     order = ["baseline", "attnforge"] if (mode == "compare" or not on_gpu) else ["attnforge"]
     if not on_gpu:
-        chosen = chosen[:1]  # one short scenario shows agreement; more would only repeat it, slowly
+        chosen = chosen[:CPU_SCENARIOS]  # one short scenario shows agreement; more would only repeat it
     runs = runs or (3 if mode != "full" else 5)
-    max_positions = getattr(config, "max_position_embeddings", None) or 10**9
-    doc = {
-        "what": "e2e",
-        "model": model_name,
-        "mode": mode if on_gpu else f"{mode} (agreement check)",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": report.run_environment(),
-        "tokenization": TOKENIZATION,
-        "dtype": str(dtype)[6:],
-        "architecture": {
-            k: getattr(config, k, None)
-            for k in (
-                "model_type",
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "vocab_size",
-            )
-        },
-        "method": _method(on_gpu, runs, warmup, order, cache),
-        "kernel_policy": kernels,
-        "cache": cache,
-        "note": None if on_gpu else NO_GPU_NOTE,
-        "scenarios": [],
-        "skipped": [],
-    }
+    doc = _new_document(model_name, model.config, mode=mode, on_gpu=on_gpu, dtype=dtype, kernels=kernels,
+                        cache=cache, method=_method(on_gpu, runs, warmup, order, cache))  # fmt: skip
+    options = dict(runs=runs, warmup=warmup, device=device, cache=cache, prompt_tokens=prompt_tokens)
+    _run_scenarios(doc, model, sides, chosen, order, options, progress=progress, time_budget_s=time_budget_s,
+                   checkpoint=checkpoint)  # fmt: skip
+    sides.use("baseline")
+    sides.optimizer.configure(require_measurement=previous.require_measurement, kernels=previous.kernels)
+    _finish(doc, on_gpu)
+    return doc
+
+
+def _run_scenarios(doc: dict, model, sides, chosen: list[Scenario], order: list[str], options: dict, *,
+                   progress, time_budget_s: float | None, checkpoint) -> None:  # fmt: skip
+    """Each scenario in turn, appended to doc["scenarios"] (or doc["skipped"] with the reason)."""
+    on_gpu = options["device"].type == "cuda"
+    runner = _gpu_scenario if on_gpu else _cpu_scenario
+    max_positions = getattr(model.config, "max_position_embeddings", None) or 10**9
     started = time.monotonic()
     for scenario in chosen:
         if time_budget_s is not None and time.monotonic() - started > time_budget_s:
@@ -440,53 +422,88 @@ def run(
         if progress is not None:
             progress(scenario.name, len(chosen))
         if on_gpu and scenario.prompt_tokens + scenario.new_tokens > max_positions:
-            doc["skipped"].append(
-                {
-                    "name": scenario.name,
-                    "reason": f"{scenario.prompt_tokens} + "
-                    f"{scenario.new_tokens} tokens exceed max_position_embeddings={max_positions}",
-                }
-            )
+            doc["skipped"].append({"name": scenario.name, "reason": _too_long(scenario, max_positions)})
             continue
-        if on_gpu:
-            result = run_scenario(
-                model,
-                sides,
-                scenario,
-                order,
-                runs=runs,
-                warmup=warmup,
-                vocab_size=config.vocab_size,
-                device=device,
-                cache=cache,
-                prompt_tokens=prompt_tokens,
-            )
-            torch.cuda.empty_cache()
-        else:
-            result = run_scenario(
-                model,
-                sides,
-                scenario,
-                order,
-                runs=1,
-                warmup=0,
-                vocab_size=config.vocab_size,
-                device=device,
-                prompt_tokens=CPU_PROMPT_TOKENS,
-                new_tokens=CPU_NEW_TOKENS,
-            )
-            for side in result["sides"].values():
-                side.pop("runs"), side.pop("summary")
-            result.pop("improvement", None)
-        doc["scenarios"].append(result)
+        doc["scenarios"].append(runner(model, sides, scenario, order, **options))
         if checkpoint is not None:  # a run cut short keeps the scenarios it finished
             partial = dict(doc)
             _finish(partial, on_gpu)
             checkpoint(partial)
-    sides.use("baseline")
-    sides.optimizer.configure(require_measurement=previous.require_measurement, kernels=previous.kernels)
-    _finish(doc, on_gpu)
-    return doc
+
+
+def _check_choices(kernels: str, cache: str) -> None:
+    if kernels not in KERNEL_POLICIES:
+        raise ValueError(f"kernels={kernels!r} is not known; accepted: {KERNEL_POLICIES}")
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r} is not known; accepted: {CACHES}")
+
+
+def _pick_device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "vocab_size")  # fmt: skip
+
+
+def _new_document(model_name: str, config, *, mode: str, on_gpu: bool, dtype: torch.dtype, kernels: str,
+                  cache: str, method: str) -> dict:  # fmt: skip
+    """The result document before any scenario ran."""
+    return {
+        "what": "e2e",
+        "model": model_name,
+        "mode": mode if on_gpu else f"{mode} (agreement check)",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": report.run_environment(),
+        "tokenization": TOKENIZATION,
+        "dtype": str(dtype)[6:],
+        "architecture": {k: getattr(config, k, None) for k in ARCHITECTURE_FIELDS},
+        "method": method,
+        "kernel_policy": kernels,
+        "cache": cache,
+        "note": None if on_gpu else NO_GPU_NOTE,
+        "scenarios": [],
+        "skipped": [],
+    }
+
+
+def _too_long(scenario: Scenario, max_positions: int) -> str:
+    return (
+        f"{scenario.prompt_tokens} + {scenario.new_tokens} tokens exceed "
+        f"max_position_embeddings={max_positions}"
+    )
+
+
+def _gpu_scenario(model, sides, scenario: Scenario, order: list[str], **options) -> dict:
+    """Warm-up and measured runs of one scenario on the GPU."""
+    result = run_scenario(model, sides, scenario, order, vocab_size=model.config.vocab_size, **options)
+    torch.cuda.empty_cache()
+    return result
+
+
+def _cpu_scenario(model, sides, scenario: Scenario, order: list[str], *, device, **_timing) -> dict:
+    """The agreement check: one short untimed run per side (the timing options do not apply)."""
+    vocab = model.config.vocab_size
+    result = run_scenario(model, sides, scenario, order, runs=1, warmup=0, vocab_size=vocab, device=device,
+                          prompt_tokens=CPU_PROMPT_TOKENS, new_tokens=CPU_NEW_TOKENS)  # fmt: skip
+    for side in result["sides"].values():
+        side.pop("runs"), side.pop("summary")
+    result.pop("improvement", None)
+    return result
+
+
+def planned_scenarios(mode: str, *, all_scenarios: bool = False, names: list[str] | None = None,
+                      on_gpu: bool = True) -> tuple[int, str | None]:  # fmt: skip
+    """How many scenarios `run` will start, and why fewer than the mode names when it runs fewer."""
+    chosen = scenarios_for(mode, all_scenarios=all_scenarios) if not names else scenarios_named(names)
+    if on_gpu or len(chosen) <= CPU_SCENARIOS:
+        return len(chosen), None
+    return CPU_SCENARIOS, (
+        f"no CUDA GPU: {CPU_SCENARIOS} of the {len(chosen)} scenarios runs, as an agreement check of the "
+        "greedy tokens (more would only repeat it, slowly, with nothing timed)"
+    )
 
 
 def _finish(doc: dict, on_gpu: bool) -> None:

@@ -100,13 +100,31 @@ def benchmark_optimization(
         seq_lengths: prompt lengths (prefill) and cache lengths (decode), positive integers.
         warmup_runs, benchmark_runs: untimed and timed calls per provider (GPU only).
         save_results: write `kernels-optimization-<model>-<date>.json/.csv/.md` under `out_dir`
-            (default benchmarks/results/<gpu>).
+            (default: `$ATTNFORGE_CACHE_DIR` or `~/.cache/attnforge`, then `results/<gpu>`).
 
     Returns:
         One BenchmarkResult per (sequence length, phase), prefill then decode; `.speedup` is None without a
         GPU (correctness only) and `.note` says why.
     """
     lengths = list(seq_lengths)
+    _check_arguments(lengths, seq_lengths, warmup_runs, benchmark_runs)
+    device = _pick_device(device)
+    configs = _configs(model_name, lengths, "bfloat16" if device.type == "cuda" else "float32")
+    chosen_rows = [cfg for _, cfg in configs]
+    names = {"optimizer", BASELINE, *(kernel_for(cfg) for cfg in chosen_rows)}
+    providers = {name: p for name, p in default_providers().items() if name in names}
+    doc = kernels.run_sweep(
+        chosen_rows, providers=providers, device=device, reps=benchmark_runs, warmup=warmup_runs
+    )
+    results = [
+        _result(model_name, length, cfg, row) for (length, cfg), row in zip(configs, doc["rows"], strict=True)
+    ]
+    if save_results:
+        _save(doc, model_name, out_dir, device)
+    return results
+
+
+def _check_arguments(lengths: list, seq_lengths, warmup_runs, benchmark_runs) -> None:
     bad = [n for n in lengths if not isinstance(n, int) or isinstance(n, bool) or n <= 0]
     if not lengths or bad:
         raise ValueError(
@@ -116,31 +134,29 @@ def benchmark_optimization(
         raise ValueError(f"warmup_runs={warmup_runs!r} must be an integer >= 0")
     if not isinstance(benchmark_runs, int) or benchmark_runs < 1:
         raise ValueError(f"benchmark_runs={benchmark_runs!r} must be an integer >= 1")
+
+
+def _pick_device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _configs(model_name: str, lengths: list[int], dtype: str) -> list[tuple[int, BenchConfig]]:
+    """(length, config) per length: the prefill call (Lq = Lkv = length), then the decode call (Lq = 1)."""
     heads, kv_heads, head_dim = _attention_shape(model_name)
-    device = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
     configs = []
     for length in lengths:
         configs.append((length, BenchConfig(1, heads, kv_heads, length, length, head_dim, dtype=dtype)))
         configs.append((length, BenchConfig(1, heads, kv_heads, 1, length, head_dim, dtype=dtype)))
-    providers = default_providers()
-    chosen_rows = [cfg for _, cfg in configs]
-    names = {"optimizer", BASELINE, *(kernel_for(cfg) for cfg in chosen_rows)}
-    providers = {name: p for name, p in providers.items() if name in names}
-    doc = kernels.run_sweep(
-        chosen_rows, providers=providers, device=device, reps=benchmark_runs, warmup=warmup_runs
-    )
-    results = [
-        _result(model_name, length, cfg, row) for (length, cfg), row in zip(configs, doc["rows"], strict=True)
-    ]
-    if save_results:
-        from attnforge.kernels.tuning import gpu_key
+    return configs
 
-        out = Path(out_dir) if out_dir is not None else Path("benchmarks/results") / gpu_key(device)
-        doc["model"] = model_name
-        report.save(doc, out, report.default_stem("kernels", f"optimization-{model_name}"))
-    return results
+
+def _save(doc: dict, model_name: str, out_dir: Path | str | None, device: torch.device) -> None:
+    """Under out_dir, by default the user's cache (never the source tree): `<cache>/results/<gpu>`."""
+    from attnforge.kernels.tuning import gpu_key
+    from attnforge.models import cache_dir
+
+    out = Path(out_dir) if out_dir is not None else cache_dir() / "results" / gpu_key(device)
+    doc["model"] = model_name
+    report.save(doc, out, report.default_stem("kernels", f"optimization-{model_name}"))

@@ -1,8 +1,8 @@
 """Result files: JSON (everything, raw samples included), CSV summary, Markdown tables, PNG plots.
 
 `save(doc, out_dir, stem)` writes `<stem>.json/.csv/.md/.png` for a kernel-sweep or end-to-end document
-(`doc["what"]` is "kernels" or "e2e"). `performance_markdown(results_dir)` builds the docs/README performance
-section from committed result files only: numbers in docs are never typed by hand. Plots need matplotlib
+(`doc["what"]` is "kernels" or "e2e"). bench/performance.py builds docs/performance.md and the README's
+results section from these files: numbers in docs are never typed by hand. Plots need matplotlib
 (`pip install attnforge[plots]`); without it they are skipped with a message.
 """
 
@@ -139,6 +139,26 @@ def kernel_csv_rows(doc: dict) -> list[dict]:
 
 
 def kernel_markdown(doc: dict) -> str:
+    """The kernel sweep as a Markdown report: environment, one row per shape, speed-up summary, problems."""
+    parts = [
+        f"# Kernel sweep ({len(doc['rows'])} rows)",
+        "",
+        *environment_lines(doc),
+        "",
+        "Times in microseconds (median). Speed-up = baseline time / attnforge kernel time.",
+        "",
+        _kernel_table(doc),
+    ]
+    parts += _speedup_summary_markdown(doc)
+    parts += _graph_markdown(doc)
+    parts += _problems_markdown(doc)
+    if doc.get("not_run"):
+        parts += ["", f"## Not run (time budget): {len(doc['not_run'])} rows", ""]
+        parts += [f"- {label}" for label in doc["not_run"]]
+    return "\n".join(parts) + "\n"
+
+
+def _kernel_table(doc: dict) -> str:
     names = list(doc["providers"])
     header = ["row", "floor us", *names, "kernel % of floor", "kernel vs best torch"]
     table = []
@@ -157,51 +177,32 @@ def kernel_markdown(doc: dict) -> str:
                 best_text,
             ]
         )
-    parts = [
-        f"# Kernel sweep ({len(doc['rows'])} rows)",
-        "",
-        *environment_lines(doc),
-        "",
-        "Times in microseconds (median). Speed-up = baseline time / attnforge kernel time.",
-        "",
-        markdown_table(header, table),
-    ]
+    return markdown_table(header, table)
+
+
+SUMMARY_STATS = ("mean", "geomean", "median", "min", "max")
+
+
+def _speedup_summary_markdown(doc: dict) -> list[str]:
     summary = doc["summary"]["speedups"]
-    if summary:
-        head = [
-            "candidate",
-            "vs",
-            "rows",
-            "mean",
-            "geomean",
-            "median",
-            "min",
-            "max",
-            "wins",
-            "losses",
-            "ties",
+    if not summary:
+        return []
+    head = ["candidate", "vs", "rows", *SUMMARY_STATS, "wins", "losses", "ties"]
+    lines = [
+        [
+            candidate,
+            baseline,
+            s["count"],
+            *(_num(s[k], 2) for k in SUMMARY_STATS),
+            s["wins"],
+            s["losses"],
+            s["ties"],
         ]
-        lines = [
-            [
-                candidate,
-                baseline,
-                s["count"],
-                *(_num(s[k], 2) for k in ("mean", "geomean", "median", "min", "max")),
-                s["wins"],
-                s["losses"],
-                s["ties"],
-            ]
-            for candidate, by_baseline in summary.items()
-            for baseline, s in by_baseline.items()
-            if s["count"]
-        ]
-        parts += ["", "## Speed-up summary (wins/losses: beyond +-5%)", "", markdown_table(head, lines)]
-    parts += _graph_markdown(doc)
-    parts += _problems_markdown(doc)
-    if doc.get("not_run"):
-        parts += ["", f"## Not run (time budget): {len(doc['not_run'])} rows", ""]
-        parts += [f"- {label}" for label in doc["not_run"]]
-    return "\n".join(parts) + "\n"
+        for candidate, by_baseline in summary.items()
+        for baseline, s in by_baseline.items()
+        if s["count"]
+    ]
+    return ["", "## Speed-up summary (wins/losses: beyond +-5%)", "", markdown_table(head, lines)]
 
 
 def _graph_markdown(doc: dict) -> list[str]:
@@ -320,34 +321,28 @@ def _metric_text(runs: dict, metric: str, digits: int = 1) -> str:
     return f"{summary['median']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+E2E_HEADER = (
+    "scenario",
+    "prompt",
+    "new",
+    "side",
+    "TTFT ms",
+    "prefill tok/s",
+    "decode tok/s",
+    "total s",
+    "peak GiB",
+)
+E2E_IMPROVEMENT_HEADER = (
+    "scenario",
+    "TTFT (lower better)",
+    "prefill tok/s",
+    "decode tok/s",
+    "total time (lower better)",
+)
+
+
 def e2e_markdown(doc: dict) -> str:
-    header = [
-        "scenario",
-        "prompt",
-        "new",
-        "side",
-        "TTFT ms",
-        "prefill tok/s",
-        "decode tok/s",
-        "total s",
-        "peak GiB",
-    ]
-    table = []
-    for result in doc["scenarios"]:
-        for side, runs in result["sides"].items():
-            table.append(
-                [
-                    result["name"],
-                    result["prompt_tokens"],
-                    result["new_tokens"],
-                    side,
-                    _metric_text(runs, "ttft_ms"),
-                    _metric_text(runs, "prefill_tok_s", 0),
-                    _metric_text(runs, "decode_tok_s"),
-                    _metric_text(runs, "total_s", 2),
-                    _metric_text(runs, "peak_mem_gib", 2),
-                ]
-            )
+    """The end-to-end document as a Markdown report: environment, per-scenario table, attnforge / baseline."""
     parts = [
         f"# End-to-end: {doc.get('model')} ({doc.get('mode')})",
         "",
@@ -365,13 +360,40 @@ def e2e_markdown(doc: dict) -> str:
         parts += [
             "Median [95% interval of the median] over the measured runs.",
             "",
-            markdown_table(header, table),
+            markdown_table(list(E2E_HEADER), e2e_table_rows(doc)),
         ]
     if doc.get("skipped"):
         parts += ["", "Skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in doc["skipped"])]
     if doc.get("failure"):
         parts += ["", f"**FAILED: {doc['failure']}**"]
-    improvements = [
+    parts += _improvement_markdown(doc)
+    if doc.get("optimizer_stats"):
+        parts += ["", f"Optimizer statistics on the attnforge side: `{json.dumps(doc['optimizer_stats'])}`"]
+    return "\n".join(parts) + "\n"
+
+
+def e2e_table_rows(doc: dict) -> list[list]:
+    """One row per scenario and side, cells as in E2E_HEADER (median [95% interval])."""
+    return [
+        [
+            result["name"],
+            result["prompt_tokens"],
+            result["new_tokens"],
+            side,
+            _metric_text(runs, "ttft_ms"),
+            _metric_text(runs, "prefill_tok_s", 0),
+            _metric_text(runs, "decode_tok_s"),
+            _metric_text(runs, "total_s", 2),
+            _metric_text(runs, "peak_mem_gib", 2),
+        ]
+        for result in doc["scenarios"]
+        for side, runs in result["sides"].items()
+    ]
+
+
+def e2e_improvement_rows(doc: dict) -> list[list]:
+    """attnforge / baseline per scenario, cells as in E2E_IMPROVEMENT_HEADER."""
+    return [
         [
             r["name"],
             *(f"{r['improvement'][m]:.3f}x" if r["improvement"].get(m) else "" for m in E2E_METRICS[:4]),
@@ -379,29 +401,25 @@ def e2e_markdown(doc: dict) -> str:
         for r in doc["scenarios"]
         if r.get("improvement")
     ]
-    if improvements:
-        head = [
-            "scenario",
-            "TTFT (lower better)",
-            "prefill tok/s",
-            "decode tok/s",
-            "total time (lower better)",
-        ]
+
+
+def _improvement_markdown(doc: dict) -> list[str]:
+    improvements = e2e_improvement_rows(doc)
+    if not improvements:
+        return []
+    parts = [
+        "",
+        "## attnforge / baseline (ratio > 1 is better for attnforge)",
+        "",
+        markdown_table(list(E2E_IMPROVEMENT_HEADER), improvements),
+    ]
+    if doc.get("overall"):
         parts += [
             "",
-            "## attnforge / baseline (ratio > 1 is better for attnforge)",
-            "",
-            markdown_table(head, improvements),
+            "Overall (geometric mean over scenarios): "
+            + ", ".join(f"{k} {v:.3f}x" for k, v in doc["overall"].items() if v is not None),
         ]
-        if doc.get("overall"):
-            parts += [
-                "",
-                "Overall (geometric mean over scenarios): "
-                + ", ".join(f"{k} {v:.3f}x" for k, v in doc["overall"].items() if v is not None),
-            ]
-    if doc.get("optimizer_stats"):
-        parts += ["", f"Optimizer statistics on the attnforge side: `{json.dumps(doc['optimizer_stats'])}`"]
-    return "\n".join(parts) + "\n"
+    return parts
 
 
 def e2e_plot(doc: dict, path: Path) -> Path:
@@ -469,40 +487,8 @@ def default_stem(what: str, model: str | None = None) -> str:
     return f"{what}-{model}-{today}" if model else f"{what}-{today}"
 
 
-def load_results(results_dir: Path | str) -> list[tuple[Path, dict]]:
-    """Every kernels/e2e JSON result under results_dir (`<gpu>/<what>-*.json`), sorted by path."""
-    found = []
-    for path in sorted(Path(results_dir).glob("*/*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a readable result file: {error}") from None
-        if isinstance(doc, dict) and doc.get("what") in ("kernels", "e2e"):
-            found.append((path, doc))
-    return found
-
-
-def performance_markdown(results_dir: Path | str) -> str:
-    """The performance section for README/docs, built only from the result files under results_dir."""
-    results = load_results(results_dir)
-    if not results:
-        raise ValueError(f"no kernels/e2e result files (*/*.json) under {results_dir}")
-    parts = [
-        "## Performance",
-        "",
-        f"Generated by `attnforge bench report` from the files under `{results_dir}`; do not edit by hand. "
-        f"{SPEED_NOTE}",
-    ]
-    for path, doc in results:
-        parts += ["", f"### {path.parent.name}: {path.stem}", ""]
-        if doc["what"] == "kernels":
-            parts += _kernel_overview(doc)
-        else:
-            parts += e2e_markdown(doc).split("\n", 2)[2].rstrip().splitlines()
-    return "\n".join(parts) + "\n"
-
-
-def _kernel_overview(doc: dict) -> list[str]:
+def kernel_overview(doc: dict) -> list[str]:
+    """The kernel sweep in brief: per row the floor, attnforge's kernel, the fastest torch path, speed-up."""
     lines = [*environment_lines(doc), ""]
     head = ["row", "floor us", "attnforge us", "% of floor", "best torch us", "speed-up"]
     table = []

@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from attnforge.models import bundled_models
+
 evolve_app = typer.Typer(
     help="Evolutionary kernel search with an evaluator that cannot be fooled.", no_args_is_help=True
 )
@@ -45,12 +47,13 @@ def _default_out() -> Path:
 # tune
 
 
+MODEL_HELP = f"bundled architecture ({', '.join(bundled_models())}) or local path"
+
+
 @evolve_app.command()
 def tune(
     kernel: Annotated[str, typer.Option(metavar="KIND", help="decode or prefill")] = "decode",
-    model: Annotated[
-        str | None, typer.Option(metavar="NAME", help="bundled architecture or local path")
-    ] = None,
+    model: Annotated[str | None, typer.Option(metavar="NAME", help=MODEL_HELP)] = None,
     shapes: Annotated[
         str | None,
         typer.Option(
@@ -94,20 +97,28 @@ def tune(
         )
     out = out or _default_out()
     stem = report.default_stem(f"evolve-tuning-{kernel}", model or "shapes")
-    with _progress() as bar:
-        task = bar.add_task(f"evolve tune {kernel}", total=budget * len(targets), row="")
-
-        def progress(event: dict) -> None:
-            label = f"{event['target']}: {bench_tune.params_name(event['genome'])} -> {event['score']:.3f}"
-            bar.update(task, advance=1, row=escape(label))
-
-        doc = tuner.run(targets, settings, out_dir=out, progress=progress, time_budget_s=time_budget,
-                        workers=workers, stem=stem)  # fmt: skip
+    options = dict(out_dir=out, time_budget_s=time_budget, workers=workers, stem=stem)
+    doc = _evolve_with_progress(f"evolve tune {kernel}", targets, settings, options)
     console.print(_tune_table(doc))
     console.print("wrote " + ", ".join(str(p) for p in tuner.save(doc, out, stem)))
     where = tuner.store(doc, table) if torch.cuda.is_available() else None
     if where:
         console.print(f"stored the entries in {where}")
+
+
+def _evolve_with_progress(title: str, targets: list, settings, options: dict) -> dict:
+    """evolve/tuner.run under a progress bar: one step per evaluation, the latest genome and its score."""
+    from attnforge.bench import tune as bench_tune
+    from attnforge.evolve import tuner
+
+    with _progress() as bar:
+        task = bar.add_task(title, total=settings.budget * len(targets), row="")
+
+        def progress(event: dict) -> None:
+            label = f"{event['target']}: {bench_tune.params_name(event['genome'])} -> {event['score']:.3f}"
+            bar.update(task, advance=1, row=escape(label))
+
+        return tuner.run(targets, settings, progress=progress, **options)
 
 
 def _targets(kernel: str, model: str | None, shapes: str | None, batch: int, dtype: str) -> list:

@@ -1,0 +1,70 @@
+"""`attnforge bench report` regenerates every committed table from the committed JSON, byte for byte: a fresh
+clone (here: a copy of the results in a temporary directory) gets docs/performance.md, the README's results
+section and each result's own Markdown exactly as committed."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from attnforge.bench import performance, report
+from attnforge.bench.cli import bench_app
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _readme_section(text: str) -> str:
+    return text.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
+
+
+@pytest.fixture
+def fresh_clone(tmp_path, monkeypatch):
+    """The committed results, README and docs/performance.md copied to tmp_path, which becomes the cwd."""
+    shutil.copytree(RESULTS, tmp_path / "benchmarks" / "results")
+    (tmp_path / "docs").mkdir()
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    (tmp_path / "docs" / "performance.md").write_text("stale\n")
+    readme = tmp_path / "README.md"
+    text = readme.read_text()
+    readme.write_text(text.replace(_readme_section(text), "\nstale\n"))
+    for md in performance.file_tables(tmp_path / "benchmarks" / "results"):
+        md.write_text("stale\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_bench_report_regenerates_the_committed_tables_byte_for_byte(fresh_clone):
+    result = CliRunner().invoke(bench_app, ["report"])
+    assert result.exit_code == 0, result.output
+    committed = (ROOT / "docs" / "performance.md").read_text()
+    assert (fresh_clone / "docs" / "performance.md").read_text() == committed
+    regenerated = _readme_section((fresh_clone / "README.md").read_text())
+    assert regenerated == _readme_section((ROOT / "README.md").read_text())
+    tables = performance.file_tables(fresh_clone / "benchmarks" / "results")
+    assert tables, "no per-result Markdown to regenerate"
+    for path, text in tables.items():
+        committed = RESULTS / path.relative_to(fresh_clone / "benchmarks" / "results")
+        assert path.read_text() == committed.read_text() == text, path
+
+
+def test_the_generated_docs_hold_no_absolute_path_and_cover_every_result_file():
+    text = performance.performance_markdown(RESULTS, label="benchmarks/results")
+    assert str(ROOT) not in text and "/tmp" not in text
+    for path in RESULTS.glob("*/*.json"):
+        assert f"`{path.parent.name}/{path.name}`" in text, path
+    assert "h100/prefill-20261122.json" in text and "legacy, not regenerated" in text
+
+
+def test_the_committed_docs_are_up_to_date():
+    assert (ROOT / "docs" / "performance.md").read_text() == performance.performance_markdown(
+        RESULTS, label="benchmarks/results"
+    )
+    assert _readme_section((ROOT / "README.md").read_text()) == "\n" + performance.readme_markdown(RESULTS)
+
+
+def test_bench_report_without_results_exits_1(tmp_path):
+    out = tmp_path / "performance.md"
+    result = CliRunner().invoke(bench_app, ["report", "--results", str(tmp_path / "none"), "--out", str(out)])
+    assert result.exit_code == 1 and "no result files" in result.output and not out.exists()
