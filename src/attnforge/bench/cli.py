@@ -66,7 +66,15 @@ def _save(doc: dict, out: Path, stem: str) -> None:
 
 @bench_app.command()
 def kernels(
-    subset: Annotated[bool, typer.Option("--subset", help="A few rows instead of the full grid.")] = False,
+    preset: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME",
+            help="decode, prefill (causal, chunked against a cache, padded batches; torch's varlen), grid "
+            "(every kind) or sweep (prefill launch parameters; `attnforge tune` stores winners). Tiny sizes "
+            "without a GPU.",
+        ),
+    ] = "grid",
     out: Annotated[
         Path | None, typer.Option("--out", help="Result directory (default: benchmarks/results/<gpu>).")
     ] = None,
@@ -81,15 +89,20 @@ def kernels(
 ) -> None:
     """Kernel sweep: correctness of every provider on every row, then timings (GPU) with floors."""
     from attnforge.bench import kernels as sweep
-    from attnforge.bench.providers import default_providers, select
+    from attnforge.bench import presets
+    from attnforge.bench.providers import select
 
+    if preset not in presets.PRESETS:
+        raise typer.BadParameter(
+            f"{preset!r} is not one of {', '.join(presets.PRESETS)}", param_hint="--preset"
+        )
     _use_interpreter_without_gpu()
     on_gpu = torch.cuda.is_available()
-    grid = sweep.build_grid("subset" if subset else "full") if on_gpu else sweep.build_grid("cpu")
+    grid = presets.build_grid(preset, on_gpu=on_gpu)
     if not on_gpu:
         console.print(f"[yellow]{sweep.NO_GPU_NOTE}.")
     try:
-        chosen = select(default_providers(), providers.split(",") if providers else None)
+        chosen = select(presets.preset_providers(preset), providers.split(",") if providers else None)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--providers") from None
     with _progress() as progress, warnings.catch_warnings():
@@ -103,10 +116,15 @@ def kernels(
 
         doc = sweep.run_sweep(grid, providers=chosen, reps=reps, time_budget_s=time_budget, progress=advance)
         progress.update(task, completed=len(grid), row="done")
+    doc["preset"] = preset
     _print_kernel_summary(doc)
-    _save(doc, out or _gpu_dir(), stem or report.default_stem("kernels"))
+    _save(doc, out or _gpu_dir(), stem or report.default_stem(_KERNEL_STEMS[preset]))
     if doc["summary"]["incorrect"]:
         console.print(f"[red]{len(doc['summary']['incorrect'])} incorrect provider/row cells (never timed).")
+
+
+# Result file names (DESIGN.md "Result files"): <what>-YYYYMMDD with what = decode, prefill or kernels.
+_KERNEL_STEMS = {"decode": "decode", "prefill": "prefill", "grid": "kernels", "sweep": "prefill-sweep"}
 
 
 def _print_kernel_summary(doc: dict) -> None:
