@@ -233,8 +233,13 @@ def check_provider(provider: Provider, cases: list[verify.Case]) -> dict:
 
 
 def _call_options(case: verify.Case) -> dict:
-    options = ("causal", "scale", "kv_lens", "q_lens", "attn_mask")
-    return {name: getattr(case, name) for name in options}
+    options = {
+        "causal": case.causal,
+        "scale": case.scale,
+        "kv_lens": case.kv_lens,
+        "attn_mask": case.attn_mask,
+    }
+    return options if case.q_lens is None else {**options, "q_lens": case.q_lens}
 
 
 def run_row(
@@ -403,11 +408,13 @@ def run_sweep(
     warmup: int = 5,
     time_budget_s: float | None = None,
     progress: Callable[[int, str], None] | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run rows and return the result document (environment, ceilings, rows, summary).
 
     On a CUDA device the ceilings are measured first and every correct provider is timed; elsewhere only
     correctness runs and `note` says that timings need a GPU. Rows past `time_budget_s` are listed as not run.
+    checkpoint: called with the document so far after every row (a run cut short keeps what it measured).
     """
     device = (
         torch.device(device)
@@ -419,6 +426,24 @@ def run_sweep(
     started = time.monotonic()
     ceilings = timing.ceilings() if device.type == "cuda" else None
     results, skipped = [], []
+
+    def document() -> dict:
+        return {
+            "what": "kernels",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "environment": report.run_environment(),
+            "ceilings": ceilings,
+            "method": _method(device, reps, warmup),
+            "note": None if device.type == "cuda" else NO_GPU_NOTE,
+            "providers": {
+                name: {"role": p.role, "description": p.description} for name, p in providers.items()
+            },
+            "rows": results,
+            "not_run": skipped + [cfg.label for cfg in rows[len(results) + len(skipped) :]],
+            "summary": sweep_summary(results),
+            "elapsed_s": time.monotonic() - started,
+        }
+
     for index, cfg in enumerate(rows):
         if time_budget_s is not None and time.monotonic() - started > time_budget_s:
             skipped.append(cfg.label)
@@ -428,19 +453,9 @@ def run_sweep(
         results.append(run_row(cfg, providers, device, ceilings=ceilings, reps=reps, warmup=warmup))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {
-        "what": "kernels",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": report.run_environment(),
-        "ceilings": ceilings,
-        "method": _method(device, reps, warmup),
-        "note": None if device.type == "cuda" else NO_GPU_NOTE,
-        "providers": {name: {"role": p.role, "description": p.description} for name, p in providers.items()},
-        "rows": results,
-        "not_run": skipped,
-        "summary": sweep_summary(results),
-        "elapsed_s": time.monotonic() - started,
-    }
+        if checkpoint is not None:
+            checkpoint(document())
+    return document()
 
 
 def _method(device: torch.device, reps: int, warmup: int) -> str:

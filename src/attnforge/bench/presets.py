@@ -105,8 +105,8 @@ def cpu_decode_grid() -> list[BenchConfig]:
 
 def cpu_prefill_grid() -> list[BenchConfig]:
     """Causal GQA (d128 and d64), MHA, a chunk against a cache, a padded batch of prompts."""
-    rows = [_cpu(_prefill, 2, 4, 2, 40, head_dim=128), _cpu(_prefill, 1, 4, 4, 33)]
-    rows += [_cpu(_prefill, 1, 4, 2, 80, q_len=24), _cpu(_prefill, 3, 4, 2, 48, padded=True)]
+    rows = [_cpu(_prefill, 1, 4, 2, 40, head_dim=128), _cpu(_prefill, 1, 4, 4, 33)]
+    rows += [_cpu(_prefill, 1, 4, 2, 80, q_len=24), _cpu(_prefill, 2, 4, 2, 40, padded=True)]
     return rows
 
 
@@ -114,7 +114,7 @@ def cpu_grid() -> list[BenchConfig]:
     """Tiny float32 shapes of every kind (decode, prefill, masks, lengths) for the CPU."""
     rows = cpu_decode_grid() + [_cpu(_prefill, 1, 4, 2, 65)]
     rows += [_cpu(_prefill, 1, 4, 4, 40, mask=m) for m in ("none", "bool", "additive")]
-    rows += [_cpu(_prefill, 2, 4, 2, 70, q_len=33, ragged=True), _cpu(_prefill, 3, 4, 2, 48, padded=True)]
+    rows += [_cpu(_prefill, 2, 4, 2, 70, q_len=33, ragged=True), _cpu(_prefill, 2, 4, 2, 40, padded=True)]
     return rows
 
 

@@ -161,7 +161,9 @@ class Provider:
         """The provider as a function `fn(q, k, v, **case.kwargs())` for `verify.check`."""
 
         def run(q, k, v, *, causal=False, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None):
-            options = dict(causal=causal, scale=scale, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask)
+            options = dict(causal=causal, scale=scale, kv_lens=kv_lens, attn_mask=attn_mask)
+            if q_lens is not None:  # only then: providers written before q_lens existed take no such keyword
+                options["q_lens"] = q_lens
             call = self.make_call(q, k, v, **options, **({"out": out} if self.writes_out else {}))
             result = call()
             if getattr(call, "unpack", None) is not None:
