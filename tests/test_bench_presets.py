@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from attnforge import verify
 from attnforge.bench import kernels, prefill_providers, presets
 from attnforge.bench.cli import bench_app
-from attnforge.bench.providers import BenchConfig, default_providers, select
+from attnforge.bench.providers import BenchConfig, Provider, default_providers, select
+from attnforge.kernels import reference
 
 # The grid preset (every row kind) with attnforge's kernels, the optimizer and two torch paths.
 PRESET_PROVIDERS = {"grid": "attnforge-decode,attnforge-prefill,optimizer,sdpa-math,flash-per-sequence"}
@@ -208,3 +209,25 @@ def test_only_picks_rows_by_label_and_each_row_is_checkpointed(tmp_path):
         checkpoint=lambda d: saved.append((len(d["rows"]), d["not_run"])),
     )
     assert saved == [(1, [grid[1].label]), (2, [])] and len(doc["rows"]) == 2
+
+
+def test_padding_is_poisoned_and_a_provider_reading_it_is_incorrect():
+    cfg = BenchConfig(3, 4, 2, 20, 20, 64, dtype="float32", padded=True)
+    case = kernels.row_cases(cfg, torch.device("cpu"), seed=3, kinds=("random",))[0]
+    b, end = min(enumerate(case.kv_lens.tolist()), key=lambda item: item[1])
+    assert end < 20 and torch.isnan(case.k[b, :, end]).all() and torch.isfinite(case.k[b, :, :end]).all()
+
+    def make(q, k, v, *, causal, scale, kv_lens, q_lens, attn_mask):  # the mask, but no zeroed copy
+        mask = reference.visibility_mask(3, 20, 20, causal=True, kv_lens=kv_lens, q_lens=q_lens)
+        keys, values = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    reads = Provider(
+        "reads-padding", "candidate", "masked SDPA on poisoned keys", make, lambda c, d: (True, "")
+    )
+    providers = {"reads-padding": reads, **select(default_providers(), ["sdpa-math"])}
+    cells = kernels.run_row(cfg, providers, torch.device("cpu"), ceilings=None, seed=3)["providers"]
+    assert (
+        cells["reads-padding"]["status"] == "incorrect" and "non-finite" in cells["reads-padding"]["reason"]
+    )
+    assert cells["sdpa-math"]["status"] == "correct"

@@ -1,7 +1,8 @@
 """The kernel sweep: every provider on a grid of attention shapes, correctness before timing.
 
-For each row (`BenchConfig`): draw inputs, check every provider with the correctness protocol (random, needle
-and large-logit cases at the row's exact shape, against the float64 oracle); a provider that fails is reported
+For each row (`BenchConfig`, from a preset in bench/presets.py): draw inputs, check every provider with the
+correctness protocol (random, needle and large-logit cases at the row's exact shape, NaN/Inf in the padding
+beyond per-sequence lengths, against the float64 oracle); a provider that fails is reported
 "incorrect" with the reason and is never timed. The correct ones are timed together, interleaved, each sample
 after an L2 flush (timing.time_interleaved). The floor comes from the ceilings measured in the same run:
 bytes / read bandwidth and FLOPs / bf16 rate (only visible query-key pairs count, so causal is about half),
@@ -149,9 +150,21 @@ def row_cases(
     for kind in kinds:
         case = makers[kind]()
         case.attn_mask, case.q_lens = mask, q_lens
+        _poison_padding(case)
         fields = {f.name: getattr(case, f.name) for f in dataclasses.fields(verify.Case)}
         cases.append(_ChunkedCase(**fields))
     return cases
+
+
+def _poison_padding(case: verify.Case) -> None:
+    """NaN and +Inf in k/v beyond `kv_lens` (the protocol's poisoned padding): they must not matter. Torch's
+    masked paths, which read those keys, get a zeroed copy outside the timed call (providers.zero_padding)."""
+    if case.kv_lens is None:
+        return
+    for b, end in enumerate(case.kv_lens.tolist()):
+        for t in (case.k, case.v):
+            t[b, :, end::2] = math.nan
+            t[b, :, end + 1 :: 2] = math.inf
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnforge.bench.providers import BenchConfig, Call, Provider, prefill_supports, prepared_mask
+from attnforge.bench.providers import (
+    BenchConfig,
+    Call,
+    Provider,
+    prefill_supports,
+    prepared_mask,
+    zero_padding,
+)
 from attnforge.kernels import reference
 
 # The launch-parameter sets the `sweep` preset times: BLOCK_M, BLOCK_N, num_warps, num_stages, TMA loads.
@@ -173,6 +180,7 @@ def _mask_call(
     from attnforge.kernels.prefill import prefill_attention
 
     mask, is_causal = prepared_mask(q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask, q_lens=q_lens)
+    k, v = zero_padding(k, kv_lens), zero_padding(v, kv_lens)  # with no lengths, it reads the padding
     return lambda: prefill_attention(q, k, v, scale=scale, causal=is_causal, attn_mask=mask, out=out)
 
 

@@ -183,6 +183,17 @@ class Provider:
         return run_no_out
 
 
+def zero_padding(t: torch.Tensor, kv_lens: torch.Tensor | None) -> torch.Tensor:
+    """A copy of k or v `[B, Hkv, Lkv, D]` with keys at or beyond `kv_lens[b]` set to 0 (`t` itself without
+    lengths). torch's masked kernels still multiply masked keys' values, and NaN there poisons every row
+    (0 * NaN); callers of those paths keep zeros in their padding (transformers' caches). Built untimed."""
+    if kv_lens is None:
+        return t
+    keys = torch.arange(t.shape[2], device=t.device)
+    padding = keys[None, :] >= kv_lens.to(t.device)[:, None]
+    return t.masked_fill(padding[:, None, :, None], 0.0)
+
+
 def zero_padded_rows(out: torch.Tensor, q_lens: torch.Tensor) -> torch.Tensor:
     """`out` `[B, Hq, Lq, D]` with query rows at or beyond `q_lens[b]` set to 0 (attnforge's convention)."""
     rows = torch.arange(out.shape[2], device=out.device)
@@ -378,6 +389,7 @@ def sdpa_call(backend: str | None) -> Callable[..., Call]:
         mask, is_causal = prepared_mask(
             q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask, q_lens=q_lens
         )
+        k, v = zero_padding(k, kv_lens), zero_padding(v, kv_lens)
         q, k, v = reference.fused_sdpa_safe(q, k, v)  # torch's flash faults on unaligned views
         backends = [SDPA_BACKENDS[backend]] if backend else list(SDPA_BACKENDS.values())
 
@@ -412,6 +424,7 @@ def repeat_kv_call(
 ) -> Call:
     """transformers' sdpa path: K/V repeated to Hq heads in every call, mask built once per forward."""
     mask, is_causal = prepared_mask(q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask, q_lens=q_lens)
+    k, v = zero_padding(k, kv_lens), zero_padding(v, kv_lens)
     q, k, v = reference.fused_sdpa_safe(q, k, v)  # torch's flash faults on unaligned views
     group = q.shape[1] // k.shape[1]
 
