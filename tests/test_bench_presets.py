@@ -231,3 +231,18 @@ def test_padding_is_poisoned_and_a_provider_reading_it_is_incorrect():
         cells["reads-padding"]["status"] == "incorrect" and "non-finite" in cells["reads-padding"]["reason"]
     )
     assert cells["sdpa-math"]["status"] == "correct"
+
+
+def test_launch_variants_get_speedups_and_their_own_summary_line():
+    providers = presets.preset_providers("sweep")
+    variant = "attnforge-prefill[m64-n64-w4-st3]"
+    cells = {
+        "attnforge-prefill": {"status": "correct", "median_us": 10.0},
+        variant: {"status": "correct", "median_us": 8.0},
+        "sdpa-cudnn": {"status": "correct", "median_us": 12.0},
+    }
+    row = {"providers": cells, "kernel": "attnforge-prefill", "label": "r"}
+    row["speedups"] = kernels.row_speedups(row, providers)
+    assert row["speedups"][variant] == {"sdpa-cudnn": 1.5, "best-torch": 1.5, "best-torch-name": "sdpa-cudnn"}
+    summary = kernels.sweep_summary([row])["speedups"]
+    assert set(summary) == {"attnforge", variant} and summary["attnforge"]["best-torch"]["count"] == 1
