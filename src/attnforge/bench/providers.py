@@ -7,7 +7,9 @@ a cell is reported "n/a" with that reason, never silently dropped.
 
 Providers: attnforge's decode and prefill kernels (imported lazily: a missing kernel is "n/a"), each torch
 SDPA backend forced with `sdpa_kernel` (flash, efficient, cudnn, math) and torch's own choice, all with
-`enable_gqa`; transformers' path (K/V repeated per call, then SDPA); and the optimizer's choice.
+`enable_gqa`; transformers' path (K/V repeated per call, then SDPA); and the optimizer's choice. Prefill-only
+paths (torch's causal_lower_right, flash per sequence, varlen; attnforge given a mask, at fixed launch
+parameters) are in bench/prefill_providers.py.
 """
 
 from __future__ import annotations
