@@ -246,3 +246,11 @@ def test_launch_variants_get_speedups_and_their_own_summary_line():
     assert row["speedups"][variant] == {"sdpa-cudnn": 1.5, "best-torch": 1.5, "best-torch-name": "sdpa-cudnn"}
     summary = kernels.sweep_summary([row])["speedups"]
     assert set(summary) == {"attnforge", variant} and summary["attnforge"]["best-torch"]["count"] == 1
+
+
+def test_padded_rows_needle_is_key_0_which_every_valid_query_sees():
+    cfg = BenchConfig(3, 4, 2, 20, 20, 64, dtype="float32", padded=True)
+    case = kernels.row_cases(cfg, torch.device("cpu"), seed=3, kinds=("needle",))[0]
+    assert case.kv_lens.tolist() == case.q_lens.tolist() and min(case.kv_lens.tolist()) < 20
+    norms = case.k.float().norm(dim=-1).nan_to_num(posinf=0.0)  # [B, Hkv, Lkv]; padding is poisoned
+    assert (norms.argmax(dim=-1) == 0).all()

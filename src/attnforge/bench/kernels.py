@@ -138,9 +138,11 @@ def row_cases(
         "kv_lens": kv_lens,
         "generator": generator,
     }
+    # Padded prompts: the last key every valid query sees is key 0 (the needle helper knows no q_lens).
+    needle_options = {**options, "kv_lens": None} if cfg.padded else options
     makers = {
         "random": lambda: verify.random_case(shape, **options),
-        "needle": lambda: verify.needle_case(shape, position="last", **options),
+        "needle": lambda: verify.needle_case(shape, position="last", **needle_options),
         "large": lambda: verify.large_logits_case(shape, **options),
     }
     unknown = set(kinds) - set(makers)
@@ -149,7 +151,7 @@ def row_cases(
     cases = []
     for kind in kinds:
         case = makers[kind]()
-        case.attn_mask, case.q_lens = mask, q_lens
+        case.attn_mask, case.q_lens, case.kv_lens = mask, q_lens, kv_lens
         _poison_padding(case)
         fields = {f.name: getattr(case, f.name) for f in dataclasses.fields(verify.Case)}
         cases.append(_ChunkedCase(**fields))
