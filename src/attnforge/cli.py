@@ -268,7 +268,9 @@ def demo(
 @app.command()
 def tune(
     model: Annotated[str | None, typer.Option(metavar="NAME", help=model_help())] = None,
-    preset: Annotated[str | None, typer.Option(metavar="NAME", help="a preset grid: decode-grid")] = None,
+    preset: Annotated[
+        str | None, typer.Option(metavar="NAME", help="a preset grid: decode-grid, decode-lens, prefill-grid")
+    ] = None,
     kernels: Annotated[
         str, typer.Option(metavar="KINDS", help="with --model: decode,prefill")
     ] = "decode,prefill",

@@ -75,7 +75,18 @@ def _save(doc: dict, out: Path, stem: str) -> None:
 
 @bench_app.command()
 def kernels(
-    subset: Annotated[bool, typer.Option("--subset", help="A few rows instead of the full grid.")] = False,
+    preset: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME",
+            help="decode, prefill (causal, chunked against a cache, padded batches; torch's varlen), grid "
+            "(every kind) or sweep (prefill launch parameters; `attnforge tune` stores winners). Tiny sizes "
+            "without a GPU.",
+        ),
+    ] = "grid",
+    only: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="Only the preset's rows whose label contains TEXT.")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help=f"Result directory (default: {CACHE_HINT}).")
     ] = None,
@@ -86,36 +97,70 @@ def kernels(
     time_budget: Annotated[
         float | None, typer.Option(help="Stop starting new rows after this many seconds.")
     ] = None,
-    stem: Annotated[str | None, typer.Option(help="File name stem (default: kernels-YYYYMMDD).")] = None,
+    stem: Annotated[
+        str | None,
+        typer.Option(
+            help="File name stem (default: <what>-YYYYMMDD, what: decode, prefill, kernels or prefill-sweep)."
+        ),
+    ] = None,
 ) -> None:
-    """Kernel sweep: correctness of every provider on every row, then timings (GPU) with floors."""
+    """Kernel sweep: correctness of every provider on every row of a preset, then timings (GPU) with floors
+    (and TFLOP/s for prefill rows). The JSON is rewritten after every row."""
     from attnforge.bench import kernels as sweep
-    from attnforge.bench.providers import default_providers, select
 
-    _use_interpreter_without_gpu()
-    on_gpu = torch.cuda.is_available()
-    grid = sweep.build_grid("subset" if subset else "full") if on_gpu else sweep.build_grid("cpu")
-    if not on_gpu:
+    grid, chosen = _kernel_rows_and_providers(preset, only, providers)
+    if not torch.cuda.is_available():
         console.print(f"[yellow]{sweep.NO_GPU_NOTE}.")
-    try:
-        chosen = select(default_providers(), providers.split(",") if providers else None)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--providers") from None
+    out_dir, stem = out or _gpu_dir(), stem or report.default_stem(_KERNEL_STEMS[preset])
+
+    def checkpoint(partial: dict) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report.write_json({**partial, "preset": preset}, out_dir / f"{stem}.json")
+
     with _progress() as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         task = progress.add_task("kernel sweep", total=len(grid), row="")
-        if on_gpu:
+        if torch.cuda.is_available():
             progress.update(task, row="measuring ceilings")
 
         def advance(done: int, label: str) -> None:
             progress.update(task, completed=done, row=label)
 
-        doc = sweep.run_sweep(grid, providers=chosen, reps=reps, time_budget_s=time_budget, progress=advance)
+        options = dict(reps=reps, time_budget_s=time_budget, progress=advance, checkpoint=checkpoint)
+        doc = sweep.run_sweep(grid, providers=chosen, **options)
         progress.update(task, completed=len(grid), row="done")
+    doc["preset"] = preset
     _print_kernel_summary(doc)
-    _save(doc, out or _gpu_dir(), stem or report.default_stem("kernels"))
+    _save(doc, out_dir, stem)
     if doc["summary"]["incorrect"]:
         console.print(f"[red]{len(doc['summary']['incorrect'])} incorrect provider/row cells (never timed).")
+
+
+# Result file names (DESIGN.md "Result files"): <what>-YYYYMMDD with what = decode, prefill or kernels.
+_KERNEL_STEMS = {"decode": "decode", "prefill": "prefill", "grid": "kernels", "sweep": "prefill-sweep"}
+
+
+def _kernel_rows_and_providers(preset: str, only: str | None, names: str | None) -> tuple[list, dict]:
+    """The rows of `preset` (with `only` in their label) and the chosen providers; bad values exit 2."""
+    from attnforge.bench import presets
+    from attnforge.bench.providers import select
+
+    if preset not in presets.PRESETS:
+        raise typer.BadParameter(
+            f"{preset!r} is not one of {', '.join(presets.PRESETS)}", param_hint="--preset"
+        )
+    _use_interpreter_without_gpu()
+    grid = presets.build_grid(preset, on_gpu=torch.cuda.is_available())
+    grid = [cfg for cfg in grid if only is None or only in cfg.label]
+    if not grid:
+        raise typer.BadParameter(
+            f"no row of preset {preset!r} has {only!r} in its label", param_hint="--only"
+        )
+    try:
+        chosen = select(presets.preset_providers(preset), names.split(",") if names else None)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--providers") from None
+    return grid, chosen
 
 
 def _print_kernel_summary(doc: dict) -> None:

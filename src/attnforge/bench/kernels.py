@@ -1,7 +1,8 @@
 """The kernel sweep: every provider on a grid of attention shapes, correctness before timing.
 
-For each row (`BenchConfig`): draw inputs, check every provider with the correctness protocol (random, needle
-and large-logit cases at the row's exact shape, against the float64 oracle); a provider that fails is reported
+For each row (`BenchConfig`, from a preset in bench/presets.py): draw inputs, check every provider with the
+correctness protocol (random, needle and large-logit cases at the row's exact shape, NaN/Inf in the padding
+beyond per-sequence lengths, against the float64 oracle); a provider that fails is reported
 "incorrect" with the reason and is never timed. The correct ones are timed together, interleaved, each sample
 after an L2 flush (timing.time_interleaved). The floor comes from the ceilings measured in the same run:
 bytes / read bandwidth and FLOPs / bf16 rate (only visible query-key pairs count, so causal is about half),
@@ -34,81 +35,6 @@ GRAPH_PROVIDERS = ("attnforge-decode", "optimizer", "sdpa-auto", "sdpa-flash", "
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The grid
-
-
-def _decode(batch, heads, kv_heads, kv_len, head_dim=128, **options) -> BenchConfig:
-    return BenchConfig(batch, heads, kv_heads, options.pop("q_len", 1), kv_len, head_dim, **options)
-
-
-def _prefill(batch, heads, kv_heads, length, head_dim=128, **options) -> BenchConfig:
-    q_len = options.pop("q_len", length)
-    return BenchConfig(batch, heads, kv_heads, q_len, length, head_dim, **options)
-
-
-GQA_SHAPES = [(32, 32), (32, 16), (32, 8), (40, 8), (64, 8), (32, 1)]  # ratios 1, 2, 4, 5, 8 and MQA
-
-
-def full_grid() -> list[BenchConfig]:
-    """Decode (KV 512..128k) and prefill (32..16k) on GPU sizes, bf16, GQA 32:8 d128 unless varied.
-
-    The main series come first, so a run cut short by a time budget still has them.
-    """
-    rows = [_decode(1, 32, 8, n) for n in (512, 1024, 4096, 16384, 65536, 131072)]
-    rows += [_prefill(1, 32, 8, n) for n in (32, 128, 512, 2048, 8192, 16384)]
-    rows += [_decode(8, 32, 8, n) for n in (1024, 4096, 16384, 65536)]
-    rows += [_decode(1, h, kv, n) for n in (4096, 16384) for h, kv in GQA_SHAPES if (h, kv) != (32, 8)]
-    rows += [_prefill(1, h, kv, 2048) for h, kv in GQA_SHAPES if (h, kv) != (32, 8)]
-    rows += [_prefill(1, 32, 8, 2048, mask=m) for m in ("none", "bool", "additive")]
-    rows += [_decode(8, 32, 8, 4096, ragged=True), _decode(8, 32, 8, 16384, ragged=True)]
-    rows += [_prefill(4, 32, 8, 1024), _prefill(4, 32, 8, 1024, ragged=True)]
-    rows += [_decode(1, 32, 8, 4096, q_len=4), _prefill(1, 32, 8, 4096, q_len=512)]
-    rows += [_decode(1, 32, 8, 4096, head_dim=d) for d in (64, 80)]
-    rows += [_prefill(1, 32, 8, 2048, head_dim=d) for d in (64, 80)]
-    rows += [_decode(1, 32, 8, 4096, dtype="float16"), _prefill(1, 32, 8, 2048, dtype="float16")]
-    return rows
-
-
-def subset_grid() -> list[BenchConfig]:
-    """A few rows of the full grid, one of each kind: a quick look (a minute on an H100)."""
-    return [
-        _decode(1, 32, 8, 1024),
-        _decode(1, 32, 8, 16384),
-        _decode(1, 32, 1, 4096),
-        _decode(8, 32, 8, 4096),
-        _decode(8, 32, 8, 4096, ragged=True),
-        _prefill(1, 32, 8, 512),
-        _prefill(1, 32, 8, 2048),
-        _prefill(1, 32, 8, 2048, mask="bool"),
-    ]
-
-
-def cpu_grid() -> list[BenchConfig]:
-    """Tiny float32 shapes for the CPU (correctness only; Triton kernels under TRITON_INTERPRET=1)."""
-    rows = [_decode(1, 4, 2, n, head_dim=64, dtype="float32") for n in (1, 65, 300)]
-    rows += [_decode(2, 4, 1, 130, head_dim=64, dtype="float32", ragged=True)]
-    rows += [_decode(1, 4, 2, 63, head_dim=64, dtype="float32", q_len=3)]
-    rows += [_prefill(1, 4, 2, 65, head_dim=64, dtype="float32")]
-    rows += [
-        _prefill(1, 4, 4, 40, head_dim=64, dtype="float32", mask=m) for m in ("none", "bool", "additive")
-    ]
-    rows += [_prefill(2, 4, 2, 70, head_dim=64, dtype="float32", q_len=33, ragged=True)]
-    return rows
-
-
-def build_grid(kind: str) -> list[BenchConfig]:
-    """The rows of grid `kind`: "full", "subset" or "cpu"."""
-    grids: dict[str, Callable[[], list[BenchConfig]]] = {
-        "full": full_grid,
-        "subset": subset_grid,
-        "cpu": cpu_grid,
-    }
-    if kind not in grids:
-        raise ValueError(f"grid={kind!r} is not known; accepted: {sorted(grids)}")
-    return grids[kind]()
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Inputs and the oracle for big shapes
 
 
@@ -138,8 +64,9 @@ def chunked_reference(case: verify.Case, max_elements: int = ORACLE_CHUNK_ELEMEN
         user_mask = user_mask.expand(batch, num_heads, q_len, kv_len)
     for b in range(batch):
         lens = None if case.kv_lens is None else case.kv_lens[b : b + 1]
+        queries = None if case.q_lens is None else case.q_lens[b : b + 1]
         visible = reference.visibility_mask(
-            1, q_len, kv_len, causal=case.causal, kv_lens=lens, device=q.device
+            1, q_len, kv_len, causal=case.causal, kv_lens=lens, q_lens=queries, device=q.device
         )
         for h in range(num_kv_heads):
             heads = slice(h * group, (h + 1) * group)
@@ -162,6 +89,8 @@ def chunked_reference(case: verify.Case, max_elements: int = ORACLE_CHUNK_ELEMEN
                     kv_lens=lens,
                     attn_mask=mask,
                 )
+        if queries is not None:  # padded query rows are 0 (the oracle's convention)
+            out[b, :, int(queries[0]) :] = 0
     return out
 
 
@@ -191,12 +120,16 @@ def row_cases(
     else:
         generator.manual_seed(seed)
     shape = verify.Shape(cfg.batch, cfg.num_heads, cfg.num_kv_heads, cfg.q_len, cfg.kv_len, cfg.head_dim)
-    kv_lens = None
+    kv_lens = q_lens = None
     if cfg.ragged:
         low = cfg.q_len
         kv_lens = torch.randint(low, cfg.kv_len + 1, (cfg.batch,), generator=generator)
         kv_lens[0] = max(low, cfg.kv_len // 3)
         kv_lens = kv_lens.to(device=device, dtype=torch.int32)
+    if cfg.padded:  # prompts of 1/8 to all of Lq, the first one full (it sets the padded length)
+        q_lens = torch.randint(max(1, cfg.q_len // 8), cfg.q_len + 1, (cfg.batch,), generator=generator)
+        q_lens[0] = cfg.q_len
+        q_lens = kv_lens = q_lens.to(device=device, dtype=torch.int32)
     mask = _row_mask(cfg, device, generator)
     options = {
         "dtype": cfg.torch_dtype,
@@ -205,9 +138,11 @@ def row_cases(
         "kv_lens": kv_lens,
         "generator": generator,
     }
+    # Padded prompts: the last key every valid query sees is key 0 (the needle helper knows no q_lens).
+    needle_options = {**options, "kv_lens": None} if cfg.padded else options
     makers = {
         "random": lambda: verify.random_case(shape, **options),
-        "needle": lambda: verify.needle_case(shape, position="last", **options),
+        "needle": lambda: verify.needle_case(shape, position="last", **needle_options),
         "large": lambda: verify.large_logits_case(shape, **options),
     }
     unknown = set(kinds) - set(makers)
@@ -216,35 +151,51 @@ def row_cases(
     cases = []
     for kind in kinds:
         case = makers[kind]()
-        case.attn_mask = mask
+        case.attn_mask, case.q_lens, case.kv_lens = mask, q_lens, kv_lens
+        _poison_padding(case)
         fields = {f.name: getattr(case, f.name) for f in dataclasses.fields(verify.Case)}
         cases.append(_ChunkedCase(**fields))
     return cases
+
+
+def _poison_padding(case: verify.Case) -> None:
+    """NaN and +Inf in k/v beyond `kv_lens` (the protocol's poisoned padding): they must not matter. Torch's
+    masked paths, which read those keys, get a zeroed copy outside the timed call (providers.zero_padding)."""
+    if case.kv_lens is None:
+        return
+    for b, end in enumerate(case.kv_lens.tolist()):
+        for t in (case.k, case.v):
+            t[b, :, end::2] = math.nan
+            t[b, :, end + 1 :: 2] = math.inf
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Floors
 
 
-def visible_pairs(cfg: BenchConfig, kv_lens: list[int] | None = None) -> int:
-    """Query-key pairs a kernel must compute: all valid keys, or the bottom-right causal triangle."""
+def visible_pairs(cfg: BenchConfig, kv_lens: list[int] | None = None, q_lens: list[int] | None = None) -> int:
+    """Query-key pairs a kernel must compute: all valid keys, or the bottom-right causal triangle (valid
+    queries only: `q_lens[b]` of a padded batch)."""
     total = 0
-    for end in kv_lens or [cfg.kv_len] * cfg.batch:
+    ends = kv_lens or [cfg.kv_len] * cfg.batch
+    for end, queries in zip(ends, q_lens or [cfg.q_len] * cfg.batch, strict=True):
         if cfg.causal:
-            first = end - cfg.q_len  # query i sees keys 0 .. first + i
-            total += sum(max(0, min(end, first + i + 1)) for i in range(cfg.q_len))
+            first = end - queries  # query i sees keys 0 .. first + i
+            total += sum(max(0, min(end, first + i + 1)) for i in range(queries))
         else:
-            total += cfg.q_len * end
+            total += queries * end
     return total
 
 
-def row_work(cfg: BenchConfig, kv_lens: list[int] | None = None) -> dict:
-    """Bytes a kernel must move (q, valid k and v, out) and FLOPs it must do (QK^T and PV)."""
+def row_work(cfg: BenchConfig, kv_lens: list[int] | None = None, q_lens: list[int] | None = None) -> dict:
+    """Bytes a kernel must move (q, valid k and v, out) and FLOPs it must do (QK^T and PV: 4 * D per visible
+    query-key pair, so causal is about half of the square)."""
     element = torch.empty((), dtype=cfg.torch_dtype).element_size()
     valid_keys = sum(kv_lens) if kv_lens else cfg.batch * cfg.kv_len
-    q_bytes = cfg.batch * cfg.num_heads * cfg.q_len * cfg.head_dim * element
+    queries = sum(q_lens) if q_lens else cfg.batch * cfg.q_len
+    q_bytes = cfg.num_heads * queries * cfg.head_dim * element
     kv_bytes = 2 * cfg.num_kv_heads * valid_keys * cfg.head_dim * element
-    flops = 4 * cfg.num_heads * cfg.head_dim * visible_pairs(cfg, kv_lens)
+    flops = 4 * cfg.num_heads * cfg.head_dim * visible_pairs(cfg, kv_lens, q_lens)
     return {"bytes": 2 * q_bytes + kv_bytes, "flops": flops}
 
 
@@ -297,7 +248,13 @@ def check_provider(provider: Provider, cases: list[verify.Case]) -> dict:
 
 
 def _call_options(case: verify.Case) -> dict:
-    return {"causal": case.causal, "scale": case.scale, "kv_lens": case.kv_lens, "attn_mask": case.attn_mask}
+    options = {
+        "causal": case.causal,
+        "scale": case.scale,
+        "kv_lens": case.kv_lens,
+        "attn_mask": case.attn_mask,
+    }
+    return options if case.q_lens is None else {**options, "q_lens": case.q_lens}
 
 
 def run_row(
@@ -317,7 +274,8 @@ def run_row(
     seed = secrets.randbits(63) if seed is None else seed
     cases = row_cases(cfg, device, seed=seed)
     kv_lens = None if cases[0].kv_lens is None else cases[0].kv_lens.tolist()
-    work = row_work(cfg, kv_lens)
+    q_lens = None if cases[0].q_lens is None else cases[0].q_lens.tolist()
+    work = row_work(cfg, kv_lens, q_lens)
     floor, bound = floor_us(work, ceilings)
     cells: dict[str, dict] = {}
     for name, provider in providers.items():
@@ -327,6 +285,7 @@ def run_row(
         "config": cfg.as_dict(),
         "label": cfg.label,
         "kv_lens": kv_lens,
+        "q_lens": q_lens,
         "seed": seed,
         "work": work,
         "floor_us": floor,
@@ -363,6 +322,8 @@ def _time_row(
     for name, values in samples.items():
         summary = timing.summarize(values)
         cells[name].update(samples_us=values, **summary)
+        if row["config"]["phase"] == "prefill":  # compute-bound: TFLOP/s (4 * D per visible pair)
+            cells[name]["tflops"] = row["work"]["flops"] / (summary["median_us"] * 1e-6) / 1e12
         if row["floor_us"]:
             cells[name]["pct_of_floor"] = 100 * row["floor_us"] / summary["median_us"]
     row["speedups"] = row_speedups(row, providers)
@@ -408,7 +369,7 @@ def row_speedups(row: dict, providers: dict[str, Provider], key: str = "median_u
     baselines = {name: t for name, t in timed.items() if providers[name].role == "baseline"}
     result = {}
     for name, t in timed.items():
-        if providers[name].role != "candidate" or name not in (row["kernel"], "optimizer"):
+        if providers[name].role != "candidate" or not (name == "optimizer" or name.startswith(row["kernel"])):
             continue
         speedups = {baseline: bt / t for baseline, bt in baselines.items()}
         if baselines:
@@ -429,7 +390,7 @@ def sweep_summary(rows: list[dict]) -> dict:
     for row in rows:
         for method, suffix in (("speedups", ""), ("graph_speedups", " (CUDA graph)")):
             for name, speedups in row.get(method, {}).items():
-                candidate = ("attnforge" if name.startswith("attnforge") else name) + suffix
+                candidate = ("attnforge" if name == row["kernel"] else name) + suffix
                 for baseline, value in speedups.items():
                     if baseline != "best-torch-name":
                         collected.setdefault(candidate, {}).setdefault(baseline, []).append(value)
@@ -462,11 +423,13 @@ def run_sweep(
     warmup: int = 5,
     time_budget_s: float | None = None,
     progress: Callable[[int, str], None] | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run rows and return the result document (environment, ceilings, rows, summary).
 
     On a CUDA device the ceilings are measured first and every correct provider is timed; elsewhere only
     correctness runs and `note` says that timings need a GPU. Rows past `time_budget_s` are listed as not run.
+    checkpoint: called with the document so far after every row (a run cut short keeps what it measured).
     """
     device = (
         torch.device(device)
@@ -478,6 +441,24 @@ def run_sweep(
     started = time.monotonic()
     ceilings = timing.ceilings() if device.type == "cuda" else None
     results, skipped = [], []
+
+    def document() -> dict:
+        return {
+            "what": "kernels",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "environment": report.run_environment(),
+            "ceilings": ceilings,
+            "method": _method(device, reps, warmup),
+            "note": None if device.type == "cuda" else NO_GPU_NOTE,
+            "providers": {
+                name: {"role": p.role, "description": p.description} for name, p in providers.items()
+            },
+            "rows": results,
+            "not_run": skipped + [cfg.label for cfg in rows[len(results) + len(skipped) :]],
+            "summary": sweep_summary(results),
+            "elapsed_s": time.monotonic() - started,
+        }
+
     for index, cfg in enumerate(rows):
         if time_budget_s is not None and time.monotonic() - started > time_budget_s:
             skipped.append(cfg.label)
@@ -487,19 +468,9 @@ def run_sweep(
         results.append(run_row(cfg, providers, device, ceilings=ceilings, reps=reps, warmup=warmup))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {
-        "what": "kernels",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": report.run_environment(),
-        "ceilings": ceilings,
-        "method": _method(device, reps, warmup),
-        "note": None if device.type == "cuda" else NO_GPU_NOTE,
-        "providers": {name: {"role": p.role, "description": p.description} for name, p in providers.items()},
-        "rows": results,
-        "not_run": skipped,
-        "summary": sweep_summary(results),
-        "elapsed_s": time.monotonic() - started,
-    }
+        if checkpoint is not None:
+            checkpoint(document())
+    return document()
 
 
 def _method(device: torch.device, reps: int, warmup: int) -> str:

@@ -7,7 +7,9 @@ a cell is reported "n/a" with that reason, never silently dropped.
 
 Providers: attnforge's decode and prefill kernels (imported lazily: a missing kernel is "n/a"), each torch
 SDPA backend forced with `sdpa_kernel` (flash, efficient, cudnn, math) and torch's own choice, all with
-`enable_gqa`; transformers' path (K/V repeated per call, then SDPA); and the optimizer's choice.
+`enable_gqa`; transformers' path (K/V repeated per call, then SDPA); and the optimizer's choice. Prefill-only
+paths (torch's causal_lower_right, flash per sequence, varlen; attnforge given a mask, at fixed launch
+parameters) are in bench/prefill_providers.py.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class BenchConfig:
         mask: "none", "causal" (bottom-right), "bool" (random keep mask) or "additive" (random bias with
             -inf holes).
         ragged: per-sequence valid lengths `kv_lens` below Lkv (static cache / padded batch).
+        padded: a padded batch of prompts (Lq == Lkv): per-sequence valid lengths used as both `q_lens` and
+            `kv_lens`; query rows beyond them are padding, written as 0.
     """
 
     batch: int
@@ -52,6 +56,7 @@ class BenchConfig:
     dtype: str = "bfloat16"
     mask: str = "causal"
     ragged: bool = False
+    padded: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch", "num_heads", "num_kv_heads", "q_len", "kv_len", "head_dim"):
@@ -68,6 +73,10 @@ class BenchConfig:
             raise ValueError(f"dtype={self.dtype!r} is not supported; accepted: {sorted(DTYPES)}")
         if self.mask not in MASKS:
             raise ValueError(f"mask={self.mask!r} is not supported; accepted: {MASKS}")
+        if self.padded and (self.ragged or self.q_len != self.kv_len):
+            raise ValueError(
+                f"padded=True needs q_len == kv_len (got {self.q_len}, {self.kv_len}) and ragged=False"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -91,7 +100,7 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
-        extra = " ragged" if self.ragged else ""
+        extra = " ragged" if self.ragged else " padded" if self.padded else ""
         return (
             f"{self.phase} B={self.batch} {self.num_heads}:{self.num_kv_heads} Lq={self.q_len} "
             f"Lkv={self.kv_len} D={self.head_dim} {self.dtype} {self.mask}{extra}"
@@ -120,6 +129,7 @@ class BenchConfig:
             "dtype": self.dtype,
             "mask": self.mask,
             "ragged": self.ragged,
+            "padded": self.padded,
             "phase": self.phase,
             "pattern": self.pattern,
         }
@@ -133,9 +143,12 @@ class Provider:
     """One implementation under test.
 
     role: "candidate" (attnforge's kernels, the optimizer) or "baseline" (torch and transformers paths).
-    make_call(q, k, v, *, causal, scale, kv_lens, attn_mask, out) -> zero-argument call.
+    make_call(q, k, v, *, causal, scale, kv_lens, q_lens, attn_mask, out) -> zero-argument call; a call with
+        an `unpack` attribute returns its own layout (torch's varlen: packed tokens), which `unpack(result)`
+        turns into `[B, Hq, Lq, D]` for the check (untimed).
     supports(cfg, device) -> (True, "") or (False, why).
     writes_out: the call writes into `out=` (so the correctness check pre-fills it with NaN).
+    Baselines leave padded query rows (beyond `q_lens`) undefined; the check zeroes them, as attnforge writes.
     """
 
     name: str
@@ -148,21 +161,46 @@ class Provider:
 
     def checkable(self) -> Callable:
         """The provider as a function `fn(q, k, v, **case.kwargs())` for `verify.check`."""
+
+        def run(q, k, v, *, causal=False, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None):
+            options = dict(causal=causal, scale=scale, kv_lens=kv_lens, attn_mask=attn_mask)
+            if q_lens is not None:  # only then: providers written before q_lens existed take no such keyword
+                options["q_lens"] = q_lens
+            call = self.make_call(q, k, v, **options, **({"out": out} if self.writes_out else {}))
+            result = call()
+            if getattr(call, "unpack", None) is not None:
+                result = call.unpack(result)
+            if self.role == "baseline" and q_lens is not None:
+                result = zero_padded_rows(result, q_lens)
+            return result
+
         if self.writes_out:
-
-            def run(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None, out=None):
-                make = self.make_call
-                return make(
-                    q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, attn_mask=attn_mask, out=out
-                )()
-
             return run
 
-        def run_no_out(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None):
-            make = self.make_call
-            return make(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, attn_mask=attn_mask)()
+        def run_no_out(q, k, v, *, causal=False, scale=None, kv_lens=None, q_lens=None, attn_mask=None):
+            return run(
+                q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
+            )
 
         return run_no_out
+
+
+def zero_padding(t: torch.Tensor, kv_lens: torch.Tensor | None) -> torch.Tensor:
+    """A copy of k or v `[B, Hkv, Lkv, D]` with keys at or beyond `kv_lens[b]` set to 0 (`t` itself without
+    lengths). torch's masked kernels still multiply masked keys' values, and NaN there poisons every row
+    (0 * NaN); callers of those paths keep zeros in their padding (transformers' caches). Built untimed."""
+    if kv_lens is None:
+        return t
+    keys = torch.arange(t.shape[2], device=t.device)
+    padding = keys[None, :] >= kv_lens.to(t.device)[:, None]
+    return t.masked_fill(padding[:, None, :, None], 0.0)
+
+
+def zero_padded_rows(out: torch.Tensor, q_lens: torch.Tensor) -> torch.Tensor:
+    """`out` `[B, Hq, Lq, D]` with query rows at or beyond `q_lens[b]` set to 0 (attnforge's convention)."""
+    rows = torch.arange(out.shape[2], device=out.device)
+    padding = rows[None, :] >= q_lens.to(out.device)[:, None]
+    return out.masked_fill(padding[:, None, :, None], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,7 +230,13 @@ def _import(module_name: str, function_name: str) -> tuple[Callable | None, str]
 
 
 def prepared_mask(
-    q: torch.Tensor, k: torch.Tensor, *, causal: bool, kv_lens: torch.Tensor | None, attn_mask
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    kv_lens: torch.Tensor | None,
+    attn_mask,
+    q_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """(mask, is_causal) for torch SDPA with attnforge's semantics, built once (outside timed calls).
 
@@ -203,9 +247,11 @@ def prepared_mask(
     kv_len = k.shape[2]
     if causal and q_len == 1:
         causal = False
-    if causal and q_len == kv_len and kv_lens is None and attn_mask is None:
+    if causal and q_len == kv_len and kv_lens is None and q_lens is None and attn_mask is None:
         return None, True
-    visible = reference.visibility_mask(batch, q_len, kv_len, causal=causal, kv_lens=kv_lens, device=q.device)
+    visible = reference.visibility_mask(
+        batch, q_len, kv_len, causal=causal, kv_lens=kv_lens, q_lens=q_lens, device=q.device
+    )
     if attn_mask is None:
         return visible, False
     if visible is None:
@@ -228,6 +274,8 @@ def _decode_supports(cfg: BenchConfig, device: torch.device) -> tuple[bool, str]
         return False, f"prefill row (q_len > {MAX_DECODE_QUERY_LEN}): the prefill kernel's"
     if cfg.mask in ("bool", "additive"):
         return False, f"the decode kernel takes no attn_mask (mask={cfg.mask})"
+    if cfg.padded:
+        return False, "the decode kernel takes no q_lens (padded batch of prompts)"
     if cfg.mask == "none" and cfg.q_len > 1:
         return False, "the decode kernel is causal among the new tokens; mask=none with q_len > 1 differs"
     ok, why = _common_support(cfg, device)
@@ -239,19 +287,21 @@ def _decode_supports(cfg: BenchConfig, device: torch.device) -> tuple[bool, str]
     return _triton_support(device)
 
 
-def _decode_call(q, k, v, *, causal=True, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
+def _decode_call(
+    q, k, v, *, causal=True, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None
+) -> Call:
     decode_attention, missing = _import("attnforge.kernels.decode", "decode_attention")
     if decode_attention is None:
         raise RuntimeError(missing)
-    if attn_mask is not None:
-        raise ValueError("the decode kernel takes no attn_mask")
+    if attn_mask is not None or q_lens is not None:
+        raise ValueError("the decode kernel takes no attn_mask and no q_lens")
     if not causal and q.shape[2] > 1:
         raise ValueError("the decode kernel is causal among the new tokens (causal=False needs q_len=1)")
     lens = None if kv_lens is None else kv_lens.to(device=q.device, dtype=torch.int32)
     return lambda: decode_attention(q, k, v, scale=scale, kv_lens=lens, out=out)
 
 
-def _prefill_supports(cfg: BenchConfig, device: torch.device) -> tuple[bool, str]:
+def prefill_supports(cfg: BenchConfig, device: torch.device) -> tuple[bool, str]:
     if cfg.phase != "prefill":
         return False, f"decode row (q_len <= {MAX_DECODE_QUERY_LEN}): the decode kernel's"
     ok, why = _common_support(cfg, device)
@@ -266,13 +316,16 @@ def _prefill_supports(cfg: BenchConfig, device: torch.device) -> tuple[bool, str
     return _triton_support(device)
 
 
-def _prefill_call(q, k, v, *, causal=True, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
+def _prefill_call(
+    q, k, v, *, causal=True, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None
+) -> Call:
     prefill_attention, missing = _import("attnforge.kernels.prefill", "prefill_attention")
     if prefill_attention is None:
         raise RuntimeError(missing)
     kwargs = {"scale": scale, "causal": causal}
-    if kv_lens is not None:
-        kwargs["kv_lens"] = kv_lens.to(device=q.device, dtype=torch.int32)
+    for name, lens in (("kv_lens", kv_lens), ("q_lens", q_lens)):
+        if lens is not None:
+            kwargs[name] = lens.to(device=q.device, dtype=torch.int32)
     if attn_mask is not None:
         kwargs["attn_mask"] = attn_mask
     if out is not None:
@@ -301,6 +354,7 @@ def _needs_mask(cfg: BenchConfig) -> bool:
     single_query_causal = cfg.causal and cfg.q_len == 1
     return (
         cfg.ragged
+        or cfg.padded
         or cfg.mask in ("bool", "additive")
         or not (square_causal or single_query_causal or cfg.mask == "none")
     )
@@ -311,8 +365,8 @@ def _sdpa_supports(backend: str) -> Callable[[BenchConfig, torch.device], tuple[
         if backend in ("efficient", "cudnn") and device.type != "cuda":
             return False, f"torch's {backend} backend needs a CUDA GPU"
         if backend == "flash" and _needs_mask(cfg):
-            if cfg.ragged:
-                why = "ragged kv_lens need"
+            if cfg.ragged or cfg.padded:
+                why = "per-sequence lengths need"
             elif cfg.mask in ("bool", "additive"):
                 why = f"mask={cfg.mask} is"
             else:
@@ -331,8 +385,13 @@ def _sdpa_supports(backend: str) -> Callable[[BenchConfig, torch.device], tuple[
 def sdpa_call(backend: str | None) -> Callable[..., Call]:
     """torch SDPA with enable_gqa, forced to one backend (None: torch's own choice)."""
 
-    def make(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
-        mask, is_causal = prepared_mask(q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask)
+    def make(
+        q, k, v, *, causal=False, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None
+    ) -> Call:
+        mask, is_causal = prepared_mask(
+            q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask, q_lens=q_lens
+        )
+        k, v = zero_padding(k, kv_lens), zero_padding(v, kv_lens)
         q, k, v = reference.fused_sdpa_safe(q, k, v)  # torch's flash faults on unaligned views
         backends = [SDPA_BACKENDS[backend]] if backend else list(SDPA_BACKENDS.values())
 
@@ -362,9 +421,12 @@ def sdpa_call(backend: str | None) -> Callable[..., Call]:
     return make
 
 
-def repeat_kv_call(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
+def repeat_kv_call(
+    q, k, v, *, causal=False, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None
+) -> Call:
     """transformers' sdpa path: K/V repeated to Hq heads in every call, mask built once per forward."""
-    mask, is_causal = prepared_mask(q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask)
+    mask, is_causal = prepared_mask(q, k, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask, q_lens=q_lens)
+    k, v = zero_padding(k, kv_lens), zero_padding(v, kv_lens)
     q, k, v = reference.fused_sdpa_safe(q, k, v)  # torch's flash faults on unaligned views
     group = q.shape[1] // k.shape[1]
 
@@ -401,18 +463,25 @@ def optimizer_decision(cfg: BenchConfig, device: torch.device) -> str:
     features = None
     if features_class is not None:
         has_mask = cfg.mask in ("bool", "additive")
-        features = features_class(causal=cfg.causal, has_mask=has_mask, has_kv_lens=cfg.ragged)
+        features = features_class(
+            causal=cfg.causal, has_mask=has_mask, has_kv_lens=cfg.ragged or cfg.padded, has_q_lens=cfg.padded
+        )
     _, reason = optimizer_class().should_optimize(cfg.attention_config(), device=device, features=features)
     return reason
 
 
-def _optimizer_call(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=None, out=None) -> Call:
+def _optimizer_call(
+    q, k, v, *, causal=False, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None
+) -> Call:
     optimizer_class, missing = _import("attnforge.optimizer", "AttentionOptimizer")
     if optimizer_class is None:
         raise RuntimeError(missing)
     optimizer = optimizer_class()
     lens = None if kv_lens is None else kv_lens.to(device=q.device, dtype=torch.int32)
-    return lambda: optimizer.attention(q, k, v, scale=scale, causal=causal, kv_lens=lens, attn_mask=attn_mask)
+    qlens = None if q_lens is None else q_lens.to(device=q.device, dtype=torch.int32)
+    return lambda: optimizer.attention(
+        q, k, v, scale=scale, causal=causal, kv_lens=lens, q_lens=qlens, attn_mask=attn_mask
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,7 +504,7 @@ def default_providers() -> dict[str, Provider]:
             "candidate",
             "attnforge prefill kernel (Triton)",
             _prefill_call,
-            _prefill_supports,
+            prefill_supports,
             writes_out=_prefill_writes_out(),
         ),
         Provider(
@@ -472,6 +541,9 @@ def default_providers() -> dict[str, Provider]:
             _always,
         )
     )
+    from attnforge.bench.prefill_providers import prefill_baselines
+
+    providers += prefill_baselines()
     return {p.name: p for p in providers}
 
 

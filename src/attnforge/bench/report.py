@@ -108,7 +108,7 @@ def environment_lines(doc: dict) -> list[str]:
 def _cell_text(cell: dict) -> str:
     status = cell["status"]
     if "median_us" in cell:
-        return _num(cell["median_us"])
+        return _num(cell["median_us"]) + (f" ({cell['tflops']:.0f} TFLOP/s)" if "tflops" in cell else "")
     return {"correct": "ok (untimed)", "incorrect": "**INCORRECT**", "error": "**ERROR**"}.get(status, "n/a")
 
 
@@ -129,6 +129,7 @@ def kernel_csv_rows(doc: dict) -> list[dict]:
                     "floor_us": row.get("floor_us"),
                     "bound": row.get("bound"),
                     "pct_of_floor": cell.get("pct_of_floor"),
+                    "tflops": cell.get("tflops"),
                     "speedup_vs_best_torch": speedups.get("best-torch"),
                     "graph_median_us": cell.get("graph_median_us"),
                     "max_rel_l2": cell.get("max_rel_l2"),

@@ -122,7 +122,21 @@ def decode_lens_grid() -> list[Target]:
     return [t for t in decode_grid() if t.valid is not None or t.q_len > 1]
 
 
-PRESETS: dict[str, Callable[[], list[Target]]] = {"decode-grid": decode_grid, "decode-lens": decode_lens_grid}
+def prefill_grid() -> list[Target]:
+    """The causal and chunked rows of `attnforge bench kernels --preset prefill` (issue 14) as targets."""
+    from attnforge.bench.presets import prefill_grid as rows
+
+    shapes = [
+        (c.batch, c.num_heads, c.num_kv_heads, c.q_len, c.kv_len, c.head_dim) for c in rows() if not c.padded
+    ]
+    return [Target("prefill", *shape) for shape in shapes]
+
+
+PRESETS: dict[str, Callable[[], list[Target]]] = {
+    "decode-grid": decode_grid,
+    "decode-lens": decode_lens_grid,
+    "prefill-grid": prefill_grid,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------

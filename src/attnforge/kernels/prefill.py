@@ -8,7 +8,7 @@ blocks on the diagonal or at the valid-length edge (masked), and blocks above th
 The heaviest query blocks (the last ones under a causal mask) are launched first to shorten the tail.
 On Hopper, K/V tiles can come through TMA descriptors instead of pointer loads (a tuning-table choice, used
 only when the strides allow it). Tile sizes, warps, pipeline depth and TMA come from kernels/tuning.json
-per shape bucket (benchmarks/bench_prefill.py measures them), else from a heuristic.
+per shape bucket (`attnforge tune --preset prefill-grid` measures them), else from a heuristic.
 """
 
 from __future__ import annotations
