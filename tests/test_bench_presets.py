@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from attnforge import verify
-from attnforge.bench import kernels, prefill_providers, presets
+from attnforge.bench import kernels, prefill_providers, presets, targets
 from attnforge.bench.cli import bench_app
 from attnforge.bench.providers import BenchConfig, Provider, default_providers, select
 from attnforge.kernels import reference
@@ -172,14 +172,12 @@ def test_chunked_oracle_handles_padded_queries():
 
 
 def test_tune_prefill_preset_targets_the_prefill_presets_buckets():
-    from attnforge.bench import tune
-
-    targets = tune.PRESETS["prefill-grid"]()
+    grid = targets.PRESETS["prefill-grid"]()
     rows = [c for c in presets.build_grid("prefill") if not c.padded]
-    assert [(t.batch, t.num_heads, t.num_kv_heads, t.q_len, t.kv_len, t.head_dim) for t in targets] == [
+    assert [(t.batch, t.num_heads, t.num_kv_heads, t.q_len, t.kv_len, t.head_dim) for t in grid] == [
         (c.batch, c.num_heads, c.num_kv_heads, c.q_len, c.kv_len, c.head_dim) for c in rows
     ]
-    buckets = {t.bucket for t in targets}
+    buckets = {t.bucket for t in grid}
     assert any(b.endswith("-chunk") for b in buckets) and len(buckets) > 10
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from attnforge.bench.tune import Target
+from attnforge.bench.targets import Target
 from attnforge.evolve import tuner
 
 CPU = torch.device("cpu")

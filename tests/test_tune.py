@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnforge.bench import tune
+from attnforge.bench import targets, tune
 from attnforge.cli import app
 from attnforge.kernels import decode, tuning
 
@@ -25,17 +25,17 @@ def store(monkeypatch, tmp_path):
 
 
 def test_model_targets_are_the_buckets_its_generation_hits():
-    targets = tune.model_targets("qwen3-0.6b", contexts=(1024, 4096), prompts=(128,))
-    assert [t.bucket for t in targets] == [
+    found = targets.model_targets("qwen3-0.6b", contexts=(1024, 4096), prompts=(128,))
+    assert [t.bucket for t in found] == [
         "d128-m2-b1-kv1k", "d128-m2-b1-kv1k-lens", "d128-m2-b1-kv4k", "d128-m2-b1-kv4k-lens",
         "d128-rows2k-kv128",
     ]  # fmt: skip
-    assert targets[1].valid == (512,) and targets[0].valid is None
-    assert [t.kind for t in tune.model_targets("llama3-8b", kinds=("prefill",))] == ["prefill"] * 3
+    assert found[1].valid == (512,) and found[0].valid is None
+    assert [t.kind for t in targets.model_targets("llama3-8b", kinds=("prefill",))] == ["prefill"] * 3
 
 
 def test_the_decode_grid_covers_the_issue():
-    grid = tune.decode_grid()
+    grid = targets.decode_grid()
     labels = {t.label for t in grid}
     assert "decode B=1 32:8 Lq=1 Lkv=65536 d128 bfloat16" in labels
     assert "decode B=1 32:8 Lq=1 Lkv=32768 d128 bfloat16 valid=4096" in labels
@@ -49,7 +49,7 @@ def test_heuristic_splits_fill_waves_without_exceeding_the_tiles(units, tiles, e
 
 
 def test_candidates_start_with_the_heuristic_and_are_unique():
-    target = tune.Target("decode", 1, 32, 8, 1, 4096, 128)
+    target = targets.Target("decode", 1, 32, 8, 1, 4096, 128)
     quick, full = (tune.candidates_for(target, CPU, q) for q in (True, False))
     for candidates in (quick, full):
         names = [tune.params_name(c) for c in candidates]
@@ -59,7 +59,7 @@ def test_candidates_start_with_the_heuristic_and_are_unique():
 
 
 def test_tune_target_checks_every_candidate_against_the_oracle():
-    target = tune.Target("decode", 2, 8, 2, 1, 300, 64, "float32", valid=(100, 300))
+    target = targets.Target("decode", 2, 8, 2, 1, 300, 64, "float32", valid=(100, 300))
     broken = {"BLOCK_N": 48, "num_splits": 2, "num_warps": 4, "num_stages": 2}  # tiles must be powers of 2
     candidates = tune.candidates_for(target, CPU, quick=True)[:3] + [broken]
     row = tune.tune_target(target, candidates, CPU)

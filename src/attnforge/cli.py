@@ -300,7 +300,7 @@ def tune(
         doc = json.loads(from_results.read_text())
         console.print(f"wrote the entries of {from_results} to {tuner.store(doc, from_results.name, table)}")
         return
-    targets = _tune_targets(tuner, model, preset, kernels, batch)
+    targets = _tune_targets(model, preset, kernels, batch)
     if not torch.cuda.is_available():
         console.print("[yellow]No CUDA GPU: correctness only (Triton interpreter); nothing is stored.")
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -324,18 +324,20 @@ def tune(
         console.print(f"stored the entries in {tuner.store(doc, source, table)}")
 
 
-def _tune_targets(tuner, model, preset, kernels, batch) -> list:
+def _tune_targets(model, preset, kernels, batch) -> list:
+    from attnforge.bench import targets
+
     if (model is None) == (preset is None):
         raise typer.BadParameter("give exactly one of --model NAME or --preset NAME")
     if preset is not None:
-        if preset not in tuner.PRESETS:
-            raise typer.BadParameter(f"--preset {preset!r} is not one of {sorted(tuner.PRESETS)}")
-        return tuner.PRESETS[preset]()
+        if preset not in targets.PRESETS:
+            raise typer.BadParameter(f"--preset {preset!r} is not one of {sorted(targets.PRESETS)}")
+        return targets.PRESETS[preset]()
     kinds = tuple(k.strip() for k in kernels.split(",") if k.strip())
     unknown = [k for k in kinds if k not in ("decode", "prefill")]
     if unknown or not kinds:
         raise typer.BadParameter(f"--kernels {kernels!r}: accepted kinds are decode, prefill")
-    return tuner.model_targets(model, batch=batch, kinds=kinds)
+    return targets.model_targets(model, batch=batch, kinds=kinds)
 
 
 def _tune_table(doc: dict) -> Table:

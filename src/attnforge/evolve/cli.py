@@ -80,11 +80,11 @@ def tune(
     """Evolve the launch parameters of attnforge's kernel for the buckets a model (or given shapes) hits on
     this GPU; every candidate scored by the evaluator; the winners written to the tuning store."""
     from attnforge.bench import report
-    from attnforge.bench import tune as bench_tune
+    from attnforge.bench.providers import DTYPES
     from attnforge.evolve import tuner
 
     _choice("--kernel", kernel, KERNELS)
-    _choice("--dtype", dtype, tuple(bench_tune.DTYPES))
+    _choice("--dtype", dtype, tuple(DTYPES))
     try:
         settings = tuner.Settings(population=population, budget=budget, elite=elite, seed=seed)
     except ValueError as error:
@@ -123,7 +123,7 @@ def _evolve_with_progress(title: str, targets: list, settings, options: dict) ->
 
 def _targets(kernel: str, model: str | None, shapes: str | None, batch: int, dtype: str) -> list:
     """The targets of `--model` (the buckets its generation hits) or of `--shapes`."""
-    from attnforge.bench import tune as bench_tune
+    from attnforge.bench import targets
     from attnforge.evolve import tuner
 
     if (model is None) == (shapes is None):
@@ -131,7 +131,7 @@ def _targets(kernel: str, model: str | None, shapes: str | None, batch: int, dty
     try:
         if shapes is not None:
             return [tuner.shape_target(kernel, s.strip(), dtype) for s in shapes.split(",") if s.strip()]
-        return bench_tune.model_targets(model, batch=batch, kinds=(kernel,), dtype=dtype)
+        return targets.model_targets(model, batch=batch, kinds=(kernel,), dtype=dtype)
     except (ValueError, KeyError, OSError) as error:
         raise typer.BadParameter(str(error)) from None
 

@@ -2,7 +2,7 @@
 
 A genome is one launch configuration (decode: BLOCK_M, BLOCK_N, num_splits, num_warps, num_stages; prefill:
 BLOCK_M, BLOCK_N, num_warps, num_stages and, on Hopper, TMA). For each target (one representative call per
-tuning bucket: bench/tune.py's Target) the population starts from the heuristic's configuration and `attnforge
+tuning bucket: bench/targets.py's Target) the population starts from the heuristic's configuration and `attnforge
 tune`'s candidates, then each generation keeps the elite, and fills up with children of tournament-selected
 parents (uniform crossover, mutation to neighbouring values). Fitness is the evaluator's combined_score
 for a small program that launches attnforge's kernel with those parameters: the full correctness protocol at
@@ -27,7 +27,7 @@ import torch
 
 from attnforge.bench import report
 from attnforge.bench import tune as bench_tune
-from attnforge.bench.tune import Target
+from attnforge.bench.targets import Target
 from attnforge.evolve.tasks import Task, TaskShape, seed_for
 
 DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
