@@ -88,11 +88,11 @@ def test_bad_grid_and_config_inputs():
         BenchConfig(2, 8, 2, 4, 8, 64, padded=True)
     with pytest.raises(ValueError, match=r"mask='sliding' is not supported"):
         BenchConfig(1, 8, 2, 1, 64, 64, mask="sliding")
-    with pytest.raises(ValueError, match=r"q_len=9 must not exceed kv_len=8"):
+    with pytest.raises(ValueError, match=r"seq_len=9 exceeds kv_len=8"):
         BenchConfig(1, 8, 2, 9, 8, 64)
     with pytest.raises(ValueError, match=r"dtype='int8' is not supported"):
         BenchConfig(1, 8, 2, 1, 8, 64, dtype="int8")
-    with pytest.raises(ValueError, match=r"batch=0 must be a positive integer"):
+    with pytest.raises(ValueError, match=r"batch_size=0 must be a positive integer"):
         BenchConfig(0, 8, 2, 1, 8, 64)
     with pytest.raises(ValueError, match=r"unknown providers \['bogus'\]"):
         select(default_providers(), ["bogus"])

@@ -37,18 +37,37 @@ def test_kv_len_defaults_to_seq_len():
     "kwargs, message",
     [
         ({"num_heads": 40, "num_kv_heads": 7}, r"num_heads=40 is not divisible by num_kv_heads=7"),
-        ({"head_dim": 72}, r"head_dim=72 is not supported \(64, 80, 96, 128, 256\)"),
+        ({"head_dim": 0}, r"head_dim=0 must be a positive integer"),
         ({"seq_len": 0}, r"seq_len=0 must be a positive integer"),
         ({"batch_size": -2}, r"batch_size=-2 must be a positive integer"),
         ({"kv_len": 0}, r"kv_len=0 must be a positive integer"),
         ({"num_heads": 8.5}, r"num_heads=8.5 must be a positive integer"),
-        ({"dtype": torch.int8}, r"dtype=torch.int8 is not supported"),
+        ({"dtype": torch.int8}, r"dtype=torch.int8 is not supported: attention needs a floating-point dtype"),
     ],
 )
 def test_invalid_config_names_the_value(kwargs, message):
     base = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "seq_len": 16}
     with pytest.raises(ValueError, match=message):
         AttentionConfig(**{**base, **kwargs})
+
+
+def test_from_sizes_takes_the_tensors_order():
+    cfg = AttentionConfig.from_sizes(2, 12, 4, 3, 65, 80, dtype=torch.float16, causal=False)
+    assert cfg.q_shape == (2, 12, 3, 80) and cfg.kv_shape == (2, 4, 65, 80)
+    assert (cfg.dtype, cfg.causal, cfg.attention_pattern) == (torch.float16, False, "GQA-3:1")
+
+
+@pytest.mark.parametrize(
+    "sizes, dtype, reason",
+    [
+        ((1, 8, 2, 1, 100, 72), torch.bfloat16, "head_dim=72 is not one of (64, 80, 96, 128, 256)"),
+        ((1, 8, 2, 1, 100, 64), torch.float64, "dtype=torch.float64 is not one of"),
+    ],
+)
+def test_a_call_the_kernels_do_not_take_is_described_and_falls_back_with_the_reason(sizes, dtype, reason):
+    cfg = AttentionConfig.from_sizes(*sizes, dtype=dtype)
+    optimized, why = af.AttentionOptimizer().should_optimize(cfg, device="cpu")
+    assert not optimized and reason in why and why.endswith("falling back to torch SDPA")
 
 
 def test_from_tensors():

@@ -1,14 +1,19 @@
 """decode_attention against the float64 oracle (CPU: Triton interpreter, small sizes)."""
 
+import dataclasses
+import functools
 import math
 
 import pytest
 import torch
 
 from attnforge import verify
+from attnforge.config import AttentionConfig
 from attnforge.kernels import decode
 from attnforge.kernels.decode import decode_attention
-from attnforge.verify import Shape
+
+# Calls of sizes (B, Hq, Hkv, Lq, Lkv, D), float32 and not causal unless said otherwise.
+config_of = functools.partial(AttentionConfig.from_sizes, dtype=torch.float32, causal=False)
 
 
 def _decode(q, k, v, *, causal, **kwargs):
@@ -17,7 +22,7 @@ def _decode(q, k, v, *, causal, **kwargs):
 
 
 def _assert_all_pass(shape, dtype, kinds=verify.CASE_KINDS):
-    for case in verify.protocol_cases(shape, dtype=dtype, causal=True, kinds=kinds):
+    for case in verify.protocol_cases(dataclasses.replace(shape, dtype=dtype, causal=True), kinds=kinds):
         report = verify.check(_decode, case)
         assert report.passed, str(report)
 
@@ -25,11 +30,11 @@ def _assert_all_pass(shape, dtype, kinds=verify.CASE_KINDS):
 @pytest.mark.parametrize(
     "shape",
     [
-        Shape(2, 8, 2, 1, 65, 64),  # GQA 4:1, odd length
-        Shape(1, 6, 1, 7, 63, 64),  # MQA, 7 new tokens
-        Shape(3, 4, 4, 1, 1000, 64),  # MHA, longer cache, odd batch
-        Shape(1, 5, 1, 16, 129, 64),  # 16 new tokens (the most decode takes), GQA 5:1
-        Shape(2, 2, 2, 1, 1, 64),  # a one-key cache
+        config_of(2, 8, 2, 1, 65, 64),  # GQA 4:1, odd length
+        config_of(1, 6, 1, 7, 63, 64),  # MQA, 7 new tokens
+        config_of(3, 4, 4, 1, 1000, 64),  # MHA, longer cache, odd batch
+        config_of(1, 5, 1, 16, 129, 64),  # 16 new tokens (the most decode takes), GQA 5:1
+        config_of(2, 2, 2, 1, 1, 64),  # a one-key cache
     ],
     ids=str,
 )
@@ -40,13 +45,13 @@ def test_protocol_fp32(shape):
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_head_dim_and_half_dtype(head_dim, dtype):
-    _assert_all_pass(Shape(1, 4, 2, 2, 37, head_dim), dtype, kinds=("random", "needle", "poisoned"))
+    _assert_all_pass(config_of(1, 4, 2, 2, 37, head_dim), dtype, kinds=("random", "needle", "poisoned"))
 
 
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_row_blocks_of_a_kv_head_agree_with_the_oracle(block_m):
     """MQA with 32 query rows per KV head, served whole or in two 16-row blocks, with split-KV merges."""
-    case = verify.needle_case(Shape(1, 32, 1, 1, 200, 64), causal=True)
+    case = verify.needle_case(config_of(1, 32, 1, 1, 200, 64, causal=True))
     out = torch.full_like(case.q, math.nan)
     params = {"BLOCK_M": block_m, "BLOCK_N": 32, "num_splits": 3, "num_warps": 4, "num_stages": 2}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=None, params=params)
@@ -54,7 +59,7 @@ def test_row_blocks_of_a_kv_head_agree_with_the_oracle(block_m):
 
 
 def test_row_blocks_must_be_powers_of_two():
-    case = verify.random_case(Shape(1, 4, 1, 1, 20, 64), causal=True)
+    case = verify.random_case(config_of(1, 4, 1, 1, 20, 64, causal=True))
     with pytest.raises(ValueError, match=r"BLOCK_M=24 must be a power of two >= 16"):
         decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1,
                              params={"BLOCK_M": 24, "BLOCK_N": 32, "num_splits": 1})  # fmt: skip
@@ -64,7 +69,7 @@ def test_row_blocks_must_be_powers_of_two():
 @pytest.mark.parametrize("kv_lens", [None, [300, 5]])
 def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens):
     """The last program merging, or a second kernel (with programmatic dependent launch where supported)."""
-    case = verify.needle_case(Shape(2, 8, 2, 3, 300, 64), causal=True, kv_lens=kv_lens)
+    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True), kv_lens=kv_lens)
     out = torch.full_like(case.q, math.nan)
     params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "combine": combine}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
@@ -72,7 +77,7 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens)
 
 
 def test_an_unknown_merge_is_refused():
-    case = verify.random_case(Shape(1, 4, 1, 1, 64, 64), causal=True)
+    case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True))
     with pytest.raises(ValueError, match=r"combine='tree' is not one of \('last', 'kernel', 'kernel-pdl'\)"):
         decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1,
                              params={"BLOCK_N": 16, "num_splits": 2, "combine": "tree"})  # fmt: skip
@@ -81,7 +86,7 @@ def test_an_unknown_merge_is_refused():
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_split_paths_agree_with_the_oracle(num_splits):
     """One split writes directly; several merge through the workspace, including empty splits."""
-    case = verify.needle_case(Shape(2, 8, 2, 3, 300, 64), causal=True)
+    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True))
     out = torch.full_like(case.q, math.nan)
     params = {"BLOCK_N": 32, "num_splits": num_splits, "num_warps": 4, "num_stages": 2}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=None, params=params)
@@ -91,7 +96,7 @@ def test_split_paths_agree_with_the_oracle(num_splits):
 
 def test_poisoned_cache_with_many_splits_and_short_lengths():
     """Short valid lengths leave whole splits empty; NaN/Inf beyond them must not matter."""
-    case = verify.random_case(Shape(4, 4, 1, 1, 500, 64), causal=True, kv_lens=[1, 17, 250, 500])
+    case = verify.random_case(config_of(4, 4, 1, 1, 500, 64, causal=True), kv_lens=[1, 17, 250, 500])
     for b, end in enumerate(case.kv_lens.tolist()):
         case.k[b, :, end:] = math.nan
         case.v[b, :, end:] = math.inf
@@ -103,21 +108,21 @@ def test_poisoned_cache_with_many_splits_and_short_lengths():
 
 
 def test_counters_reset_so_repeated_calls_agree():
-    case = verify.random_case(Shape(1, 4, 2, 1, 200, 64), causal=True)
+    case = verify.random_case(config_of(1, 4, 2, 1, 200, 64, causal=True))
     first = decode_attention(case.q, case.k, case.v)
     for _ in range(3):
         torch.testing.assert_close(decode_attention(case.q, case.k, case.v), first, rtol=0, atol=0)
 
 
 def test_out_buffer_is_written_in_place_and_returned():
-    case = verify.random_case(Shape(2, 4, 2, 1, 40, 64), causal=True)
+    case = verify.random_case(config_of(2, 4, 2, 1, 40, 64, causal=True))
     out = torch.full_like(case.q, math.nan)
     assert decode_attention(case.q, case.k, case.v, out=out) is out
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= 1e-4
 
 
 def test_int64_kv_lens_and_custom_scale():
-    case = verify.poisoned_case(Shape(2, 4, 2, 1, 50, 64), causal=True)
+    case = verify.poisoned_case(config_of(2, 4, 2, 1, 50, 64, causal=True))
     case.kv_lens = case.kv_lens.long()
     case.scale = 0.3
     assert verify.check(_decode, case).passed

@@ -285,7 +285,7 @@ def test_both_processes_draw_the_same_inputs():
         ({"timing": "fast"}, "timing='fast' is not one of ('auto', 'cuda', 'interpreter', 'none')"),
         ({"check_shapes": []}, "a task needs at least one check shape"),
         ({"check_shapes": [(1, 4, 2, 32, 64, 64)]}, "q_len=32 is not in 1..16"),
-        ({"check_shapes": [(1, 4, 3, 1, 64, 64)]}, "num_heads=4 is not a multiple of num_kv_heads=3"),
+        ({"check_shapes": [(1, 4, 3, 1, 64, 64)]}, "num_heads=4 is not divisible by num_kv_heads=3"),
         ({"time_shapes": [(2, 4, 2, 1, 64, 64, (70, 3))]}, "valid=(70, 3) needs 2 lengths in [1, 64]"),
         ({"reps": 0}, "reps=0 must be >= 1"),
         ({"colour": "red"}, "unknown task fields ['colour']"),

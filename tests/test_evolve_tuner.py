@@ -111,7 +111,7 @@ def test_a_real_run_on_the_cpu_scores_correctness_and_stores_nothing(tmp_path):
         ("1x32x8x1x4096x128@x", "is not BxHqxHkvxLqxLkvxD[@valid]"),
         ("1x32x0x1x4096x128", "with positive sizes"),
         ("1x32x8x1x4096x128@5000", "valid=(5000,) needs 1 lengths in [1, 4096]"),
-        ("1x32x5x1x4096x128", "num_heads=32 is not a multiple of num_kv_heads=5"),
+        ("1x32x5x1x4096x128", "num_heads=32 is not divisible by num_kv_heads=5"),
     ],
 )
 def test_bad_shapes_are_refused_with_the_value(text, message):

@@ -6,15 +6,21 @@ these tests replay that sequence and a mixed one of shapes, dtypes, head dims an
 GPU they ran on (pytest -s, or the captured stdout of a failure).
 """
 
+import dataclasses
+import functools
 import math
 
 import pytest
 import torch
 
 from attnforge import verify
+from attnforge.config import AttentionConfig
 from attnforge.kernels import reference
 from attnforge.kernels.decode import DecodeWorkspace, decode_attention
 from attnforge.optimizer import AttentionOptimizer
+
+# Calls of sizes (B, Hq, Hkv, Lq, Lkv, D), float32 and not causal unless said otherwise.
+config_of = functools.partial(AttentionConfig.from_sizes, dtype=torch.float32, causal=False)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,9 +37,11 @@ def _decode(q, k, v, *, causal, **kwargs):
 def test_the_demo_sequence_runs_to_the_end():
     """The demo's candidates on the demo's shapes, including the strided case that faulted torch's flash."""
     candidates = {"torch sdpa per sequence": reference.sdpa_per_sequence, "decode": _decode}
-    for shape in (verify.Shape(2, 32, 8, 1, 4097, 128), verify.Shape(1, 16, 2, 1, 1000, 64)):
+    for shape in (config_of(2, 32, 8, 1, 4097, 128), config_of(1, 16, 2, 1, 1000, 64)):
         for name, fn in candidates.items():
-            for case in verify.protocol_cases(shape, dtype=torch.bfloat16, device="cuda", causal=True):
+            for case in verify.protocol_cases(
+                dataclasses.replace(shape, dtype=torch.bfloat16, causal=True), device="cuda"
+            ):
                 assert verify.check(fn, case).passed, f"{name}: {case.describe()}"
     torch.cuda.synchronize()
 
@@ -43,11 +51,13 @@ def test_a_mixed_sequence_of_calls_through_the_optimizer_never_faults(dtype):
     """Shapes, head dims and strided views one after another, through the kernels and the torch fallback."""
     kernels = AttentionOptimizer(require_measurement=False)
     torch_only = AttentionOptimizer(kernels=())
-    shapes = [verify.Shape(1, 8, 2, 1, 4097, 64), verify.Shape(3, 12, 4, 5, 300, 96),
-              verify.Shape(2, 4, 4, 1, 65, 256), verify.Shape(1, 10, 2, 16, 1000, 80),
-              verify.Shape(2, 4, 1, 33, 33, 128)]  # fmt: skip
+    shapes = [config_of(1, 8, 2, 1, 4097, 64), config_of(3, 12, 4, 5, 300, 96),
+              config_of(2, 4, 4, 1, 65, 256), config_of(1, 10, 2, 16, 1000, 80),
+              config_of(2, 4, 1, 33, 33, 128)]  # fmt: skip
     for shape in shapes:
-        for case in verify.protocol_cases(shape, dtype=dtype, device="cuda", causal=True):
+        for case in verify.protocol_cases(
+            dataclasses.replace(shape, dtype=dtype, causal=True), device="cuda"
+        ):
             # torch's masked paths read the padding, so NaN poisoned there is for the kernels only
             optimizers = (kernels,) if case.name == "poisoned" else (kernels, torch_only)
             for optimizer in optimizers:
@@ -85,7 +95,7 @@ def test_out_of_range_kv_lens_cannot_fault(kv_lens):
 
 def _decode_case(seed: int, kv_len: int = 4096):
     generator = torch.Generator().manual_seed(seed)
-    return verify.random_case(verify.Shape(1, 32, 8, 1, kv_len, 128), dtype=torch.bfloat16, device="cuda",
+    return verify.random_case(config_of(1, 32, 8, 1, kv_len, 128, dtype=torch.bfloat16), device="cuda",
                               generator=generator)  # fmt: skip
 
 

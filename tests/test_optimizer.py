@@ -3,6 +3,8 @@
 On CPU tests/conftest.py sets TRITON_INTERPRET=1, so where a decision says "kernel", the Triton kernel runs.
 """
 
+import dataclasses
+import functools
 import importlib.util
 import logging
 import math
@@ -17,6 +19,9 @@ import attnforge as af
 from attnforge import verify
 from attnforge.config import AttentionConfig, OptimizerSettings
 from attnforge.optimizer import AttentionOptimizer, CallFeatures, policy, runtime
+
+# Calls of sizes (B, Hq, Hkv, Lq, Lkv, D), float32 and not causal unless said otherwise.
+config_of = functools.partial(AttentionConfig.from_sizes, dtype=torch.float32, causal=False)
 
 HAS_DECODE = importlib.util.find_spec("attnforge.kernels.decode") is not None
 # Kernels run on a GPU, or on the CPU through the interpreter (conftest.py); on a GPU the tests that need a
@@ -187,10 +192,10 @@ def test_masks_and_padded_queries_go_to_the_prefill_kernel():
 
 
 @pytest.mark.skipif(not HAS_DECODE, reason="decode kernel module not present yet")
-@pytest.mark.parametrize("shape", [verify.Shape(2, 8, 2, 1, 65, 64), verify.Shape(1, 6, 1, 7, 63, 64)])
+@pytest.mark.parametrize("shape", [config_of(2, 8, 2, 1, 65, 64), config_of(1, 6, 1, 7, 63, 64)])
 def test_decode_calls_run_the_kernel_and_pass_the_protocol(shape):
     optimizer = AttentionOptimizer(require_measurement=False)
-    cases = verify.protocol_cases(shape, causal=True, device=DEVICE)
+    cases = verify.protocol_cases(dataclasses.replace(shape, causal=True), device=DEVICE)
     for case in cases:
         report = verify.check(optimizer.attention, case)
         assert report.passed, str(report)
@@ -201,7 +206,7 @@ def test_decode_calls_run_the_kernel_and_pass_the_protocol(shape):
 @pytest.mark.parametrize("kinds", [("random", "needle", "large", "strided")])
 def test_prefill_shapes_are_correct_whichever_path_runs(kinds):
     optimizer = AttentionOptimizer()
-    for case in verify.protocol_cases(verify.Shape(2, 4, 2, 65, 65, 64), causal=True, kinds=kinds):
+    for case in verify.protocol_cases(config_of(2, 4, 2, 65, 65, 64, causal=True), kinds=kinds):
         report = verify.check(optimizer.attention, case)
         assert report.passed, str(report)
     assert optimizer.get_stats()["calls"] == len(kinds)

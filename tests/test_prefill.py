@@ -1,15 +1,21 @@
 """prefill_attention against the float64 oracle (CPU, TRITON_INTERPRET=1, small shapes): the protocol cases,
 odd sizes, every head_dim and dtype, GQA/MQA/MHA, chunked prefill, padding, masks, and each input error."""
 
+import dataclasses
+import functools
 import math
 
 import pytest
 import torch
 
 from attnforge import verify
+from attnforge.config import AttentionConfig
 from attnforge.kernels import prefill as prefill_mod
 from attnforge.kernels.prefill import prefill_attention
-from attnforge.verify import Shape, check
+from attnforge.verify import check
+
+# Calls of sizes (B, Hq, Hkv, Lq, Lkv, D), float32 and not causal unless said otherwise.
+config_of = functools.partial(AttentionConfig.from_sizes, dtype=torch.float32, causal=False)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # CPU through the interpreter (CI); the same tests on a GPU where there is one.
@@ -24,14 +30,14 @@ def _assert_passes(case, fn=prefill_attention):
 @pytest.mark.parametrize(
     "shape",
     [
-        Shape(2, 4, 2, 65, 65, 64),  # GQA, odd length past one 64-row block
-        Shape(1, 3, 1, 7, 63, 96),  # MQA, chunk of 7 against a cache
-        Shape(2, 2, 2, 1, 1, 80),  # MHA, a single token
+        config_of(2, 4, 2, 65, 65, 64),  # GQA, odd length past one 64-row block
+        config_of(1, 3, 1, 7, 63, 96),  # MQA, chunk of 7 against a cache
+        config_of(2, 2, 2, 1, 1, 80),  # MHA, a single token
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_protocol_cases_causal(shape, dtype):
-    for case in verify.protocol_cases(shape, device=DEVICE, dtype=dtype, causal=True):
+    for case in verify.protocol_cases(dataclasses.replace(shape, dtype=dtype, causal=True), device=DEVICE):
         _assert_passes(case)
 
 
@@ -39,7 +45,7 @@ def test_protocol_cases_causal(shape, dtype):
 def test_every_head_dim(head_dim):
     for causal in (True, False):
         case = verify.random_case(
-            Shape(1, 2, 1, 33, 70, head_dim), device=DEVICE, dtype=torch.bfloat16, causal=causal
+            config_of(1, 2, 1, 33, 70, head_dim, dtype=torch.bfloat16, causal=causal), device=DEVICE
         )
         _assert_passes(case)
 
@@ -47,10 +53,8 @@ def test_every_head_dim(head_dim):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_non_causal_and_poisoned_padding(dtype):
     for case in verify.protocol_cases(
-        Shape(2, 4, 1, 9, 130, 64),
+        config_of(2, 4, 1, 9, 130, 64, dtype=dtype, causal=False),
         device=DEVICE,
-        dtype=dtype,
-        causal=False,
         kinds=("random", "needle", "poisoned"),
     ):
         _assert_passes(case)
@@ -61,10 +65,10 @@ def test_block_boundaries_with_other_tiles(block, monkeypatch):
     """Diagonal and full blocks split differently for other tile shapes (as the tuning table may pick)."""
     params = {"BLOCK_M": block[0], "BLOCK_N": block[1], "num_warps": 4, "num_stages": 2}
     monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
-    for shape in (Shape(1, 2, 1, 65, 65, 64), Shape(2, 2, 2, 31, 97, 64)):
+    for shape in (config_of(1, 2, 1, 65, 65, 64), config_of(2, 2, 2, 31, 97, 64)):
         kinds = ("needle", "poisoned")
         for case in verify.protocol_cases(
-            shape, device=DEVICE, dtype=torch.float16, causal=True, kinds=kinds
+            dataclasses.replace(shape, dtype=torch.float16, causal=True), device=DEVICE, kinds=kinds
         ):
             _assert_passes(case)
 
@@ -75,10 +79,10 @@ def test_tma_load_path(monkeypatch):
     monkeypatch.setattr(prefill_mod, "tma_supported", lambda k, v: True)
     params = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "tma": True}
     monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
-    for shape in (Shape(2, 4, 2, 65, 65, 64), Shape(1, 2, 1, 7, 70, 80)):
+    for shape in (config_of(2, 4, 2, 65, 65, 64), config_of(1, 2, 1, 7, 70, 80)):
         kinds = ("random", "needle", "poisoned")
         for case in verify.protocol_cases(
-            shape, device=DEVICE, dtype=torch.float16, causal=True, kinds=kinds
+            dataclasses.replace(shape, dtype=torch.float16, causal=True), device=DEVICE, kinds=kinds
         ):
             _assert_passes(case)
 
@@ -90,8 +94,8 @@ def test_tma_guard_rejects_unaligned_and_cpu_tensors():
 
 def test_padded_queries_and_keys_bottom_right():
     """q_lens/kv_lens: query i sees keys <= kv_lens[b] - q_lens[b] + i; rows past q_lens[b] are 0."""
-    shape = Shape(3, 4, 2, 20, 50, 64)
-    case = verify.random_case(shape, causal=True, device=DEVICE, dtype=torch.float16)
+    shape = config_of(3, 4, 2, 20, 50, 64)
+    case = verify.random_case(dataclasses.replace(shape, causal=True, dtype=torch.float16), device=DEVICE)
     case.kv_lens = torch.tensor([50, 31, 20], dtype=torch.int32, device=DEVICE)
     case.q_lens = torch.tensor([20, 5, 0], dtype=torch.int64, device=DEVICE)
     for bi, end in enumerate(case.kv_lens.tolist()):
@@ -104,7 +108,7 @@ def test_padded_queries_and_keys_bottom_right():
 
 def test_q_lens_alone_and_kv_shorter_than_queries_gives_zero_rows():
     """kv_lens[b] < q_lens[b]: the first queries see no key at all and come out 0, never NaN."""
-    case = verify.random_case(Shape(2, 2, 1, 16, 16, 64), device=DEVICE, dtype=torch.float32, causal=True)
+    case = verify.random_case(config_of(2, 2, 1, 16, 16, 64, dtype=torch.float32, causal=True), device=DEVICE)
     case.q_lens = torch.tensor([16, 9], device=DEVICE)
     _assert_passes(case)
     case.kv_lens = torch.tensor([5, 16], device=DEVICE)
@@ -114,8 +118,8 @@ def test_q_lens_alone_and_kv_shorter_than_queries_gives_zero_rows():
 @pytest.mark.parametrize("mask_kind", ["bool", "additive", "additive-finfo-min"])
 @pytest.mark.parametrize("heads", [1, 4])
 def test_attn_mask_broadcast_and_fully_masked_rows(mask_kind, heads):
-    shape = Shape(2, 4, 2, 21, 70, 64)
-    case = verify.random_case(shape, device=DEVICE, dtype=torch.bfloat16, causal=True)
+    shape = config_of(2, 4, 2, 21, 70, 64)
+    case = verify.random_case(dataclasses.replace(shape, dtype=torch.bfloat16, causal=True), device=DEVICE)
     keep = torch.rand(2, heads, 21, 70, device=DEVICE) > 0.4
     keep[:, :, :3] = False  # fully masked rows: 0, never NaN
     if mask_kind == "bool":
@@ -134,14 +138,18 @@ def test_attn_mask_broadcast_and_fully_masked_rows(mask_kind, heads):
 
 
 def test_attn_mask_2d_with_padding_non_causal():
-    case = verify.poisoned_case(Shape(2, 2, 1, 8, 40, 64), device=DEVICE, dtype=torch.float16, causal=False)
+    case = verify.poisoned_case(
+        config_of(2, 2, 1, 8, 40, 64, dtype=torch.float16, causal=False), device=DEVICE
+    )
     case.attn_mask = torch.rand(8, 40, device=DEVICE) > 0.5
     case.attn_mask[:, 0] = True
     _assert_passes(case)
 
 
 def test_out_buffer_is_written_in_place():
-    case = verify.strided_case(Shape(1, 4, 2, 17, 40, 64), device=DEVICE, dtype=torch.float16, causal=True)
+    case = verify.strided_case(
+        config_of(1, 4, 2, 17, 40, 64, dtype=torch.float16, causal=True), device=DEVICE
+    )
     out = torch.full(case.q.shape, math.nan, dtype=case.q.dtype, device=DEVICE)
     result = prefill_attention(case.q, case.k, case.v, out=out, scale=0.2)
     assert result.data_ptr() == out.data_ptr()

@@ -1,5 +1,7 @@
 """The protocol must pass correct kernels and reject each planted wrong one for the right reason."""
 
+import dataclasses
+import functools
 import math
 
 import pytest
@@ -7,14 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from attnforge import verify
+from attnforge.config import AttentionConfig
 from attnforge.kernels import reference
-from attnforge.verify import Shape, check, reference_attention
+from attnforge.verify import check, reference_attention
+
+# Calls of sizes (B, Hq, Hkv, Lq, Lkv, D), float32 and not causal unless said otherwise.
+config_of = functools.partial(AttentionConfig.from_sizes, dtype=torch.float32, causal=False)
 
 SHAPES = [
-    Shape(2, 4, 2, 1, 65, 16),  # GQA decode
-    Shape(1, 6, 1, 7, 63, 16),  # MQA, multi-token decode, odd lengths
-    Shape(3, 4, 4, 1, 1000, 8),  # MHA, long-ish, batch 3
-    Shape(1, 2, 1, 1, 1, 16),  # a single key
+    config_of(2, 4, 2, 1, 65, 16),  # GQA decode
+    config_of(1, 6, 1, 7, 63, 16),  # MQA, multi-token decode, odd lengths
+    config_of(3, 4, 4, 1, 1000, 8),  # MHA, long-ish, batch 3
+    config_of(1, 2, 1, 1, 1, 16),  # a single key
 ]
 
 
@@ -23,19 +29,19 @@ def _sdpa64(q, k, v, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "shape", [Shape(2, 8, 2, 5, 5, 16), Shape(1, 4, 4, 33, 33, 8), Shape(2, 6, 3, 1, 17, 32)]
+    "shape", [config_of(2, 8, 2, 5, 5, 16), config_of(1, 4, 4, 33, 33, 8), config_of(2, 6, 3, 1, 17, 32)]
 )
 @pytest.mark.parametrize("causal", [False, True])
 def test_oracle_matches_torch_sdpa_float64(shape, causal):
-    case = verify.random_case(shape, dtype=torch.float64)
-    causal = causal and shape.q_len == shape.kv_len  # torch's is_causal is top-left; equal only when square
+    case = verify.random_case(dataclasses.replace(shape, dtype=torch.float64))
+    causal = causal and shape.seq_len == shape.kv_len  # torch's is_causal is top-left; equal only when square
     expected = _sdpa64(case.q, case.k, case.v, is_causal=causal)
     torch.testing.assert_close(reference_attention(case.q, case.k, case.v, causal=causal), expected)
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
 def test_oracle_matches_torch_sdpa_with_masks(mask_kind):
-    case = verify.random_case(Shape(2, 4, 2, 9, 31, 16), dtype=torch.float64)
+    case = verify.random_case(config_of(2, 4, 2, 9, 31, 16, dtype=torch.float64))
     keep = torch.rand(2, 1, 9, 31) > 0.3
     keep[..., 0] = True  # torch returns NaN for fully masked rows; the oracle returns 0
     mask = (
@@ -50,7 +56,7 @@ def test_oracle_matches_torch_sdpa_with_masks(mask_kind):
 
 
 def test_oracle_causal_is_bottom_right_and_honours_kv_lens():
-    case = verify.random_case(Shape(2, 2, 1, 3, 10, 8), dtype=torch.float64)
+    case = verify.random_case(config_of(2, 2, 1, 3, 10, 8, dtype=torch.float64))
     kv_lens = torch.tensor([10, 6])
     out = reference_attention(case.q, case.k, case.v, causal=True, kv_lens=kv_lens)
     for b, end in enumerate(kv_lens.tolist()):
@@ -62,7 +68,7 @@ def test_oracle_causal_is_bottom_right_and_honours_kv_lens():
 
 
 def test_oracle_q_lens_zero_padded_rows_and_fully_masked_rows():
-    case = verify.random_case(Shape(2, 2, 2, 4, 8, 8), dtype=torch.float64)
+    case = verify.random_case(config_of(2, 2, 2, 4, 8, 8, dtype=torch.float64))
     out = reference_attention(case.q, case.k, case.v, causal=True, q_lens=torch.tensor([4, 2]))
     assert torch.all(out[1, :, 2:] == 0) and torch.all(out[1, :, :2] != 0)
     none_visible = torch.zeros(1, 1, 4, 8, dtype=torch.bool)
@@ -70,7 +76,7 @@ def test_oracle_q_lens_zero_padded_rows_and_fully_masked_rows():
 
 
 def test_oracle_never_reads_padding():
-    case = verify.poisoned_case(Shape(3, 4, 2, 2, 40, 16), causal=True)
+    case = verify.poisoned_case(config_of(3, 4, 2, 2, 40, 16, causal=True))
     assert not torch.isfinite(case.k).all(), "the poisoned case must actually hold NaN/Inf"
     assert torch.isfinite(case.reference()).all()
 
@@ -78,8 +84,8 @@ def test_oracle_never_reads_padding():
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_correct_implementation_passes_every_case(shape, dtype):
-    causal = shape.q_len > 1
-    for case in verify.protocol_cases(shape, dtype=dtype, causal=causal):
+    causal = shape.seq_len > 1
+    for case in verify.protocol_cases(dataclasses.replace(shape, dtype=dtype, causal=causal)):
         report = check(reference.sdpa_per_sequence, case)
         assert report.passed, str(report)
 
@@ -88,9 +94,9 @@ def test_correct_implementation_passes_every_case(shape, dtype):
 def test_odd_shapes_cover_the_protocol_lengths(q_len):
     shapes = verify.odd_shapes(4, 2, 16, q_len=q_len, max_len=1000)
     assert [s.kv_len for s in shapes] == [1, 7, 63, 65, 1000]
-    assert all(s.q_len == (s.kv_len if q_len is None else min(q_len, s.kv_len)) for s in shapes)
+    assert all(s.seq_len == (s.kv_len if q_len is None else min(q_len, s.kv_len)) for s in shapes)
     for shape in shapes[:4]:
-        case = verify.poisoned_case(shape, causal=True)
+        case = verify.poisoned_case(dataclasses.replace(shape, causal=True))
         assert check(reference.sdpa_per_sequence, case).passed
 
 
@@ -98,7 +104,7 @@ def test_odd_shapes_cover_the_protocol_lengths(q_len):
 def test_planted_wrong_kernels_fail_for_the_right_reason(shape):
     """Each planted bug is rejected, by the cases that probe what it gets wrong."""
     causal = True
-    cases = {c.name: c for c in verify.protocol_cases(shape, causal=causal)}
+    cases = {c.name: c for c in verify.protocol_cases(dataclasses.replace(shape, causal=causal))}
     bugs = verify.PLANTED_BUGS
 
     zeros = check(bugs["returns-zeros"], cases["random"])
@@ -111,7 +117,7 @@ def test_planted_wrong_kernels_fail_for_the_right_reason(shape):
     assert not ignored.passed and ignored.nonfinite > 0 and "non-finite" in ignored.reason
     assert check(bugs["ignores-kv_lens"], cases["random"]).passed  # only the kv_lens case can catch it
 
-    if shape.q_len > 1:
+    if shape.seq_len > 1:
         top_left = check(bugs["top-left-causal"], cases["random"])
         assert not top_left.passed and top_left.max_rel_l2 > 0.1, str(top_left)
 
@@ -122,12 +128,12 @@ def test_nan_prefilled_out_catches_unwritten_rows():
         out[:, :, : q.shape[2] // 2] = ref[:, :, : q.shape[2] // 2]
         return out
 
-    report = check(writes_half, verify.random_case(Shape(1, 2, 2, 6, 6, 8)))
+    report = check(writes_half, verify.random_case(config_of(1, 2, 2, 6, 6, 8)))
     assert not report.passed and report.nonfinite > 0
 
 
 def test_check_reports_exceptions_shape_and_dtype_errors():
-    case = verify.random_case(Shape(1, 2, 1, 1, 9, 8))
+    case = verify.random_case(config_of(1, 2, 1, 1, 9, 8))
 
     def raises(q, k, v, **_):
         raise RuntimeError("kernel exploded")
@@ -143,13 +149,13 @@ def test_check_rejects_a_fresh_tensor_when_out_is_given():
 
     assert (
         "instead of writing into out="
-        in check(ignores_out, verify.random_case(Shape(1, 2, 1, 1, 9, 8))).reason
+        in check(ignores_out, verify.random_case(config_of(1, 2, 1, 1, 9, 8))).reason
     )
 
 
 def test_metric_is_per_slice_not_global():
     """A wrong slice fails even when the tensor-wide error is small: the protocol's reason for the metric."""
-    case = verify.random_case(Shape(4, 8, 8, 1, 64, 16))
+    case = verify.random_case(config_of(4, 8, 8, 1, 64, 16))
 
     def one_bad_head(q, k, v, **kwargs):
         out = reference_attention(q, k, v, **kwargs).to(q.dtype)
@@ -167,7 +173,7 @@ def test_tolerances(dtype, tol):
 
 
 def test_generators_draw_fresh_inputs_and_odd_layouts():
-    shape = Shape(2, 4, 2, 3, 65, 16)
+    shape = config_of(2, 4, 2, 3, 65, 16)
     a, b = verify.random_case(shape), verify.random_case(shape)
     assert not torch.equal(a.q, b.q)
     strided = verify.strided_case(shape)
@@ -179,10 +185,14 @@ def test_generators_draw_fresh_inputs_and_odd_layouts():
     "call, error, message",
     [
         (lambda: verify.tolerance_for(torch.int32), ValueError, r"no tolerance for dtype=torch.int32"),
-        (lambda: Shape(1, 2, 1, 9, 8, 16), ValueError, r"q_len=9 must not exceed kv_len=8"),
-        (lambda: Shape(1, 6, 4, 1, 8, 16), ValueError, r"num_heads=6 is not a multiple of num_kv_heads=4"),
+        (lambda: config_of(1, 2, 1, 9, 8, 16), ValueError, r"seq_len=9 exceeds kv_len=8"),
         (
-            lambda: verify.protocol_cases(Shape(1, 2, 1, 1, 8, 16), kinds=["bogus"]),
+            lambda: config_of(1, 6, 4, 1, 8, 16),
+            ValueError,
+            r"num_heads=6 is not divisible by num_kv_heads=4",
+        ),
+        (
+            lambda: verify.protocol_cases(config_of(1, 2, 1, 1, 8, 16), kinds=["bogus"]),
             ValueError,
             r"unknown case kinds",
         ),

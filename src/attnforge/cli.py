@@ -16,7 +16,7 @@ from typer.core import TyperGroup, TyperOption
 from attnforge import cli_accel, verify
 from attnforge.bench import report
 from attnforge.bench.cli import bench_app, model_help, require_model
-from attnforge.config import MAX_DECODE_QUERY_LEN
+from attnforge.config import MAX_DECODE_QUERY_LEN, AttentionConfig
 from attnforge.environment import environment_report, triton_interpret
 from attnforge.evolve.cli import evolve_app
 from attnforge.kernels import available_kernels
@@ -100,28 +100,30 @@ def info() -> None:
     console.print(_info_table(environment_report()))
 
 
-def _demo_shapes(on_gpu: bool) -> list[verify.Shape]:
-    if on_gpu:
-        return [verify.Shape(2, 32, 8, 1, 4097, 128), verify.Shape(1, 16, 2, 65, 1000, 64)]
-    return [verify.Shape(2, 4, 2, 1, 65, 64), verify.Shape(1, 6, 1, 7, 63, 64)]
+def _demo_shapes(on_gpu: bool, dtype: torch.dtype) -> list[AttentionConfig]:
+    """Causal throughout: with one query token it is the same attention, and decode kernels are causal."""
+    # (B, Hq, Hkv, Lq, Lkv, D)
+    gpu_sizes, cpu_sizes = (
+        [(2, 32, 8, 1, 4097, 128), (1, 16, 2, 65, 1000, 64)],
+        [(2, 4, 2, 1, 65, 64), (1, 6, 1, 7, 63, 64)],
+    )
+    sizes = gpu_sizes if on_gpu else cpu_sizes
+    return [AttentionConfig.from_sizes(*size, dtype=dtype, causal=True) for size in sizes]
 
 
-def _verification_table(
-    candidates: dict, shapes: list[verify.Shape], device: str, dtype
-) -> tuple[Table, int]:
-    table = Table(title=f"correctness protocol ({device}, {str(dtype)[6:]}; oracle: float64)")
+def _verification_table(candidates: dict, shapes: list[AttentionConfig], device: str) -> tuple[Table, int]:
+    table = Table(title=f"correctness protocol ({device}, {str(shapes[0].dtype)[6:]}; oracle: float64)")
     for column in ("implementation", "shape", "cases passed", "worst rel L2", "failures"):
         table.add_column(column)
     failures = 0
     for name, fn in candidates.items():
         for shape in shapes:
-            if "decode" in name and shape.q_len > MAX_DECODE_QUERY_LEN:
+            if "decode" in name and shape.seq_len > MAX_DECODE_QUERY_LEN:
                 table.add_row(
-                    name, f"Lq={shape.q_len}", "n/a", "", f"decode takes Lq <= {MAX_DECODE_QUERY_LEN}"
+                    name, f"Lq={shape.seq_len}", "n/a", "", f"decode takes Lq <= {MAX_DECODE_QUERY_LEN}"
                 )
                 continue
-            # causal throughout: with one query token it is the same attention, and decode kernels are causal
-            cases = verify.protocol_cases(shape, dtype=dtype, device=device, causal=True)
+            cases = verify.protocol_cases(shape, device=device)
             reports = verify.check_all(fn, cases)
             failed = [
                 f"{case.name}: {r.reason}" for case, r in zip(cases, reports, strict=True) if not r.passed
@@ -136,13 +138,13 @@ def _verification_table(
     return table, failures
 
 
-def _planted_bugs_table(shape: verify.Shape, device: str, dtype) -> Table:
+def _planted_bugs_table(shape: AttentionConfig, device: str) -> Table:
     """Each planted wrong kernel against the protocol's cases: which cases reject it, and why."""
     table = Table(title="planted wrong kernels (each must be rejected)")
     for column in ("planted bug", "rejected by", "first reason"):
         table.add_column(column)
     for name, fn in verify.PLANTED_BUGS.items():
-        cases = verify.protocol_cases(shape, dtype=dtype, device=device, causal=True)
+        cases = verify.protocol_cases(shape, device=device)
         failed = [(case.name, report) for case in cases if not (report := verify.check(fn, case)).passed]
         rejected = ", ".join(case for case, _ in failed) or "[red]NOTHING: protocol broken"
         table.add_row(name, rejected, failed[0][1].reason if failed else "")
@@ -252,10 +254,10 @@ def demo(
         from attnforge.kernels import reference
 
         candidates = {"torch sdpa per sequence": reference.sdpa_per_sequence, **available_kernels()}
-        shapes = _demo_shapes(on_gpu)
-        table, failures = _verification_table(candidates, shapes, device, dtype)
+        shapes = _demo_shapes(on_gpu, dtype)
+        table, failures = _verification_table(candidates, shapes, device)
         console.print(table)
-        console.print(_planted_bugs_table(shapes[-1], device, dtype))
+        console.print(_planted_bugs_table(shapes[-1], device))
     prompt_len = prompt_len or (128 if on_gpu else 24)
     new_tokens = new_tokens or (64 if on_gpu else 6)
     model_ok = _model_demo(model, on_gpu, prompt_len, new_tokens, cache)

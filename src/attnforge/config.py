@@ -96,16 +96,21 @@ def check_lengths(name: str, lens: torch.Tensor | None, batch: int, device: torc
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Shape of one attention call.
+    """Shape of one attention call: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]`, its dtype and masking.
+
+    The one shape type of the project: the optimizer's policy, the correctness protocol (verify.py), the
+    benchmarks and the evolve tasks all describe calls with it. It accepts any call attention is defined for;
+    whether attnforge's kernels take it (head_dim in SUPPORTED_HEAD_DIMS, dtype in SUPPORTED_DTYPES) is
+    `unsupported_by_kernels`'s answer, which the optimizer gives as its reason to fall back.
 
     Args:
         num_heads: query heads Hq.
         num_kv_heads: key/value heads Hkv; Hq must be a multiple of it.
-        head_dim: D, one of SUPPORTED_HEAD_DIMS.
+        head_dim: D.
         seq_len: query length Lq (new tokens), at most kv_len.
         batch_size: B.
         kv_len: key/value length Lkv (the new tokens included); defaults to seq_len (fresh prefill).
-        dtype: float16, bfloat16 or float32.
+        dtype: a floating-point dtype (attnforge's kernels: float16, bfloat16, float32).
         causal: bottom-right aligned causal masking.
     """
 
@@ -134,10 +139,8 @@ class AttentionConfig:
                 f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}: "
                 f"num_kv_heads must divide num_heads (e.g. 1, {self.num_heads})"
             )
-        if self.head_dim not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"head_dim={self.head_dim} is not supported {SUPPORTED_HEAD_DIMS}")
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype={self.dtype} is not supported {SUPPORTED_DTYPES}")
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"dtype={self.dtype} is not supported: attention needs a floating-point dtype")
 
     @property
     def gqa_ratio(self) -> int:
@@ -159,6 +162,33 @@ class AttentionConfig:
         return "decode" if self.seq_len <= MAX_DECODE_QUERY_LEN else "prefill"
 
     @classmethod
+    def from_sizes(
+        cls,
+        batch: int,
+        num_heads: int,
+        num_kv_heads: int,
+        q_len: int,
+        kv_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        causal: bool = True,
+    ) -> AttentionConfig:
+        """The config of q `[batch, num_heads, q_len, head_dim]`, k/v `[batch, num_kv_heads, kv_len,
+        head_dim]` (the sizes in the tensors' order)."""
+        return cls(num_heads, num_kv_heads, head_dim, q_len, batch, kv_len, dtype, causal)
+
+    @property
+    def q_shape(self) -> tuple[int, int, int, int]:
+        """`[B, Hq, Lq, D]`."""
+        return (self.batch_size, self.num_heads, self.seq_len, self.head_dim)
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """`[B, Hkv, Lkv, D]`."""
+        return (self.batch_size, self.num_kv_heads, self.kv_len, self.head_dim)
+
+    @classmethod
     def from_tensors(
         cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True
     ) -> AttentionConfig:
@@ -175,6 +205,15 @@ class AttentionConfig:
             dtype=q.dtype,
             causal=causal,
         )
+
+
+def unsupported_by_kernels(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why attnforge's kernels cannot take calls of this head_dim and dtype (None: they can)."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim unsupported: head_dim={head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype unsupported: dtype={dtype} is not one of {SUPPORTED_DTYPES}"
+    return None
 
 
 KERNEL_KINDS = ("decode", "prefill")

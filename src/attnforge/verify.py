@@ -3,7 +3,8 @@
 - `reference_attention`: the float64 oracle (GQA by reshaping queries, bottom-right causal, kv_lens, q_lens,
   bool and additive masks; fully masked rows are 0).
 - Case generators: random, needle, large-magnitude logits, NaN/Inf-poisoned padding beyond kv_lens, strided
-  (non-contiguous) views; `protocol_cases` builds the whole set for one shape.
+  (non-contiguous) views; `protocol_cases` builds the whole set for one call (an AttentionConfig: sizes,
+  dtype, causal).
 - `check(fn, case) -> Report`: NaN-prefilled output, per-(batch, head) relative L2 against the oracle,
   tolerance keyed by dtype. NaN never passes. `judge(case, output)`: the same verdict on an output computed
   elsewhere (the evolve evaluator judges outputs sent back by the candidate's process).
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnforge.config import check_qkv
+from attnforge.config import AttentionConfig, check_qkv
 
 # Max per-slice relative L2 error that passes, by the dtype of the inputs.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -175,26 +176,6 @@ class Case:
         return f"{self.name} B={b} Hq={hq} Hkv={hkv} Lq={lq} Lkv={lkv} D={d} {str(self.q.dtype)[6:]}"
 
 
-@dataclass(frozen=True)
-class Shape:
-    """Sizes of a case; Lq <= Lkv."""
-
-    batch: int
-    num_heads: int
-    num_kv_heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
-
-    def __post_init__(self) -> None:
-        if self.q_len > self.kv_len:
-            raise ValueError(f"q_len={self.q_len} must not exceed kv_len={self.kv_len}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
-
-
 def _randn(shape, dtype, device, generator) -> torch.Tensor:
     """Standard-normal draws made on `device` (large GPU inputs are not drawn on the CPU), seeded from the
     CPU `generator` when one is given so a seeded case is reproducible."""
@@ -206,9 +187,10 @@ def _randn(shape, dtype, device, generator) -> torch.Tensor:
     return torch.randn(shape, generator=local, dtype=torch.float32, device=device).to(dtype)
 
 
-def _draw_qkv(shape: Shape, dtype, device, generator, strided: bool) -> tuple[torch.Tensor, ...]:
-    b, hq, hkv, lq, lkv, d = (shape.batch, shape.num_heads, shape.num_kv_heads, shape.q_len, shape.kv_len,
-                              shape.head_dim)  # fmt: skip
+def _draw_qkv(cfg: AttentionConfig, device, generator, strided: bool) -> tuple[torch.Tensor, ...]:
+    dtype = cfg.dtype
+    b, hq, lq, d = cfg.q_shape
+    hkv, lkv = cfg.num_kv_heads, cfg.kv_len
     if not strided:
         return tuple(
             _randn(s, dtype, device, generator) for s in ((b, hq, lq, d), (b, hkv, lkv, d), (b, hkv, lkv, d))
@@ -219,49 +201,49 @@ def _draw_qkv(shape: Shape, dtype, device, generator, strided: bool) -> tuple[to
     return q, cache[0, :, :, 3 : 3 + lkv, :d], cache[1, :, :, 3 : 3 + lkv, 4 : 4 + d]
 
 
-def _draw_lengths(shape: Shape, causal: bool, generator) -> torch.Tensor:
+def _draw_lengths(cfg: AttentionConfig, generator) -> torch.Tensor:
     """Valid lengths in [Lq, Lkv] (at least Lq so the new tokens fit), the first one short when possible."""
-    low = shape.q_len if causal else 1
-    lens = torch.randint(low, shape.kv_len + 1, (shape.batch,), generator=generator)
-    if shape.kv_len > low:
-        lens[0] = torch.randint(low, shape.kv_len, (1,), generator=generator)
+    low = cfg.seq_len if cfg.causal else 1
+    lens = torch.randint(low, cfg.kv_len + 1, (cfg.batch_size,), generator=generator)
+    if cfg.kv_len > low:
+        lens[0] = torch.randint(low, cfg.kv_len, (1,), generator=generator)
     return lens.to(torch.int32)
 
 
-def random_case(shape: Shape, *, dtype=torch.float32, device="cpu", causal=False, kv_lens=None,
-                strided=False, generator=None, name="random") -> Case:  # fmt: skip
-    """Standard-normal q, k, v (fresh draws unless a generator is given)."""
-    q, k, v = _draw_qkv(shape, dtype, device, generator, strided)
+def random_case(cfg: AttentionConfig, *, device="cpu", kv_lens=None, strided=False, generator=None,
+                name="random") -> Case:  # fmt: skip
+    """Standard-normal q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` of `cfg`'s sizes and dtype, masked as `cfg`
+    says (causal or not), fresh draws unless a generator is given; kv_lens `[B]` optional."""
+    q, k, v = _draw_qkv(cfg, device, generator, strided)
     lens = None if kv_lens is None else torch.as_tensor(kv_lens, dtype=torch.int32, device=device)
-    return Case(name, q, k, v, causal=causal, kv_lens=lens)
+    return Case(name, q, k, v, causal=cfg.causal, kv_lens=lens)
 
 
-def strided_case(shape: Shape, **options) -> Case:
+def strided_case(cfg: AttentionConfig, **options) -> Case:
     """Random inputs as non-contiguous views: transposed q, k/v sliced out of a padded cache buffer."""
-    return random_case(shape, strided=True, name="strided", **options)
+    return random_case(cfg, strided=True, name="strided", **options)
 
 
-def large_logits_case(shape: Shape, *, magnitude: float = 6.0, **options) -> Case:
+def large_logits_case(cfg: AttentionConfig, *, magnitude: float = 6.0, **options) -> Case:
     """Random q and k scaled so logits reach ~magnitude^2: probes the running-max rescaling."""
-    case = random_case(shape, name="large", **options)
+    case = random_case(cfg, name="large", **options)
     case.q.mul_(magnitude)
     case.k.mul_(magnitude)
     return case
 
 
-def needle_case(shape: Shape, *, position: str = "random", generator=None, **options) -> Case:
+def needle_case(cfg: AttentionConfig, *, position: str = "random", generator=None, **options) -> Case:
     """One key per (batch, kv head) dominates every query of its group, so skipping any block shows.
 
     position: "random" (anywhere every query can see) or "last" (the last key every query can see).
     """
-    case = random_case(shape, name=f"needle-{position}", generator=generator, **options)
-    b, hkv, d = shape.batch, shape.num_kv_heads, shape.head_dim
-    group = shape.num_heads // hkv
-    ends = _valid_lengths(case.kv_lens, shape.kv_len, b, "kv_lens", "cpu")
+    case = random_case(cfg, name=f"needle-{position}", generator=generator, **options)
+    b, hkv, d = cfg.batch_size, cfg.num_kv_heads, cfg.head_dim
+    ends = _valid_lengths(case.kv_lens, cfg.kv_len, b, "kv_lens", "cpu")
     # Keys visible to every query: causal hides the last Lq - 1 from the first query.
-    last = ends - (shape.q_len if case.causal else 1)
+    last = ends - (cfg.seq_len if cfg.causal else 1)
     direction = torch.nn.functional.normalize(torch.randn(b, hkv, d, generator=generator), dim=-1)
-    q = case.q.float().cpu().reshape(b, hkv, group, shape.q_len, d)
+    q = case.q.float().cpu().reshape(b, hkv, cfg.gqa_ratio, cfg.seq_len, d)
     q += 4.0 * direction[:, :, None, None, :]
     case.q.copy_(q.reshape(case.q.shape).to(case.q.dtype))
     for bi in range(b):
@@ -275,10 +257,10 @@ def needle_case(shape: Shape, *, position: str = "random", generator=None, **opt
     return case
 
 
-def poisoned_case(shape: Shape, *, causal=False, generator=None, **options) -> Case:
+def poisoned_case(cfg: AttentionConfig, *, generator=None, **options) -> Case:
     """Random valid lengths per sequence; k and v beyond them hold NaN and +Inf, which must not matter."""
-    lens = _draw_lengths(shape, causal, generator)
-    case = random_case(shape, causal=causal, kv_lens=lens, generator=generator, name="poisoned", **options)
+    lens = _draw_lengths(cfg, generator)
+    case = random_case(cfg, kv_lens=lens, generator=generator, name="poisoned", **options)
     for bi, end in enumerate(lens.tolist()):
         for t in (case.k, case.v):
             t[bi, :, end::2] = math.nan
@@ -287,24 +269,32 @@ def poisoned_case(shape: Shape, *, causal=False, generator=None, **options) -> C
 
 
 def odd_shapes(num_heads: int, num_kv_heads: int, head_dim: int, *, batch: int = 1, q_len: int | None = None,
-               max_len: int = ODD_LENGTHS[-1]) -> list[Shape]:  # fmt: skip
-    """Shapes at the protocol's odd lengths (ODD_LENGTHS) up to `max_len`: Lkv = L and Lq = min(q_len, L),
+               max_len: int = ODD_LENGTHS[-1], dtype: torch.dtype = torch.float32,
+               causal: bool = False) -> list[AttentionConfig]:  # fmt: skip
+    """Configs at the protocol's odd lengths (ODD_LENGTHS) up to `max_len`: Lkv = L and Lq = min(q_len, L),
     or Lq = L (fresh prefill) when q_len is None."""
     return [
-        Shape(
-            batch, num_heads, num_kv_heads, length if q_len is None else min(q_len, length), length, head_dim
-        )
+        AttentionConfig.from_sizes(
+            batch,
+            num_heads,
+            num_kv_heads,
+            length if q_len is None else min(q_len, length),
+            length,
+            head_dim,
+            dtype=dtype,
+            causal=causal,
+        )  # fmt: skip
         for length in ODD_LENGTHS
         if length <= max_len
     ]
 
 
-def protocol_cases(shape: Shape, *, dtype=torch.float32, device="cpu", causal=False, kinds=CASE_KINDS,
-                   generator=None) -> list[Case]:  # fmt: skip
-    """The protocol's inputs for one shape: every kind in `kinds` (see CASE_KINDS), fresh draws."""
+def protocol_cases(cfg: AttentionConfig, *, device="cpu", kinds=CASE_KINDS, generator=None) -> list[Case]:
+    """The protocol's inputs for a call shaped like `cfg` (sizes, dtype, causal): every kind in `kinds` (see
+    CASE_KINDS), fresh draws."""
     makers = {
         "random": random_case,
-        "needle": lambda s, **o: needle_case(s, position="last", **o),
+        "needle": lambda c, **o: needle_case(c, position="last", **o),
         "large": large_logits_case,
         "poisoned": poisoned_case,
         "strided": strided_case,
@@ -312,8 +302,7 @@ def protocol_cases(shape: Shape, *, dtype=torch.float32, device="cpu", causal=Fa
     unknown = set(kinds) - set(makers)
     if unknown:
         raise ValueError(f"unknown case kinds {sorted(unknown)}; accepted: {CASE_KINDS}")
-    options = {"dtype": dtype, "device": device, "causal": causal, "generator": generator}
-    return [makers[kind](shape, **options) for kind in kinds]
+    return [makers[kind](cfg, device=device, generator=generator) for kind in kinds]
 
 
 # ----------------------------------------------------------------------------------------------------------

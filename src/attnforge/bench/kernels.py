@@ -119,7 +119,7 @@ def row_cases(
         generator.seed()
     else:
         generator.manual_seed(seed)
-    shape = verify.Shape(cfg.batch, cfg.num_heads, cfg.num_kv_heads, cfg.q_len, cfg.kv_len, cfg.head_dim)
+    shape = cfg.attention_config()
     kv_lens = q_lens = None
     if cfg.ragged:
         low = cfg.q_len
@@ -131,13 +131,7 @@ def row_cases(
         q_lens[0] = cfg.q_len
         q_lens = kv_lens = q_lens.to(device=device, dtype=torch.int32)
     mask = _row_mask(cfg, device, generator)
-    options = {
-        "dtype": cfg.torch_dtype,
-        "device": device,
-        "causal": cfg.causal,
-        "kv_lens": kv_lens,
-        "generator": generator,
-    }
+    options = {"device": device, "kv_lens": kv_lens, "generator": generator}
     # Padded prompts: the last key every valid query sees is key 0 (the needle helper knows no q_lens).
     needle_options = {**options, "kv_lens": None} if cfg.padded else options
     makers = {

@@ -59,16 +59,6 @@ class BenchConfig:
     padded: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch", "num_heads", "num_kv_heads", "q_len", "kv_len", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.q_len > self.kv_len:
-            raise ValueError(f"q_len={self.q_len} must not exceed kv_len={self.kv_len}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; accepted: {sorted(DTYPES)}")
         if self.mask not in MASKS:
@@ -77,6 +67,7 @@ class BenchConfig:
             raise ValueError(
                 f"padded=True needs q_len == kv_len (got {self.q_len}, {self.kv_len}) and ragged=False"
             )
+        self.attention_config()  # the sizes of a real call (AttentionConfig's checks)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,15 +79,11 @@ class BenchConfig:
 
     @property
     def phase(self) -> str:
-        return "decode" if self.q_len <= MAX_DECODE_QUERY_LEN else "prefill"
+        return self.attention_config().phase
 
     @property
     def pattern(self) -> str:
-        if self.num_kv_heads == self.num_heads:
-            return "MHA"
-        if self.num_kv_heads == 1:
-            return "MQA"
-        return f"GQA-{self.num_heads // self.num_kv_heads}:1"
+        return self.attention_config().attention_pattern
 
     @property
     def label(self) -> str:
@@ -107,16 +94,9 @@ class BenchConfig:
         )
 
     def attention_config(self) -> AttentionConfig:
-        return AttentionConfig(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            seq_len=self.q_len,
-            batch_size=self.batch,
-            kv_len=self.kv_len,
-            dtype=self.torch_dtype,
-            causal=self.causal,
-        )
+        """The row's call (sizes, dtype, causal or not; the mask and lengths are the row's own fields)."""
+        sizes = (self.batch, self.num_heads, self.num_kv_heads, self.q_len, self.kv_len, self.head_dim)
+        return AttentionConfig.from_sizes(*sizes, dtype=self.torch_dtype, causal=self.causal)
 
     def as_dict(self) -> dict:
         return {

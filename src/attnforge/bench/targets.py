@@ -10,6 +10,7 @@ import torch
 
 from attnforge.bench import presets
 from attnforge.bench.providers import DTYPES
+from attnforge.config import AttentionConfig
 
 MODEL_CONTEXTS = (1024, 4096, 16384)
 MODEL_PROMPTS = (128, 512, 2048)
@@ -33,6 +34,11 @@ class Target:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def attention_config(self) -> AttentionConfig:
+        """The call (causal: decode and prefill alike are bottom-right causal)."""
+        sizes = (self.batch, self.num_heads, self.num_kv_heads, self.q_len, self.kv_len, self.head_dim)
+        return AttentionConfig.from_sizes(*sizes, dtype=self.torch_dtype, causal=True)
 
     @property
     def label(self) -> str:

@@ -126,11 +126,9 @@ def params_name(params: dict) -> str:
 def make_case(target: Target, device, seed: int) -> verify.Case:
     """The target's needle case (the needle at the last visible key); keys beyond `valid` are NaN/Inf."""
     generator = torch.Generator().manual_seed(seed)
-    shape = verify.Shape(target.batch, target.num_heads, target.num_kv_heads, target.q_len, target.kv_len,
-                         target.head_dim)  # fmt: skip
     lens = None if target.valid is None else list(target.valid)
-    case = verify.needle_case(shape, position="last", dtype=target.torch_dtype, device=device, causal=True,
-                              kv_lens=lens, generator=generator)  # fmt: skip
+    case = verify.needle_case(target.attention_config(), position="last", device=device, kv_lens=lens,
+                              generator=generator)  # fmt: skip
     if case.kv_lens is not None:
         for b, end in enumerate(case.kv_lens.tolist()):
             case.k[b, :, end:] = math.nan

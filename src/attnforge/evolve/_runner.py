@@ -242,8 +242,8 @@ def _time_shape(fn, task, seed, index, mode, device, outputs) -> dict[str, list[
     k, v, lens = (_on_device(t, device) for t in (mine.k, mine.v, mine.kv_lens))
     q = _on_device(tasks.timed_query(task, seed, index, -1), device)
     options = {"causal": True, **({"kv_lens": lens} if lens is not None else {})}
-    theirs = verify.random_case(task.time_shapes[index].shape, dtype=task.torch_dtype, device=device,
-                                causal=True, kv_lens=None if lens is None else lens.tolist())  # fmt: skip
+    theirs = verify.random_case(task.time_shapes[index].attention_config(task.torch_dtype), device=device,
+                                kv_lens=None if lens is None else lens.tolist())  # fmt: skip
     current = [-1]
 
     def candidate():

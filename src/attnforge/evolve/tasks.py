@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnforge import verify
-from attnforge.config import MAX_DECODE_QUERY_LEN
+from attnforge.config import MAX_DECODE_QUERY_LEN, AttentionConfig
 
 KINDS = ("decode", "prefill")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,17 +39,17 @@ class TaskShape:
     valid: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        verify.Shape(self.batch, self.num_heads, self.num_kv_heads, self.q_len, self.kv_len, self.head_dim)
+        self.attention_config(torch.float32)  # refuses sizes no call can have
         if self.valid is not None:
             object.__setattr__(self, "valid", tuple(int(n) for n in self.valid))
             if len(self.valid) != self.batch or not all(self.q_len <= n <= self.kv_len for n in self.valid):
                 raise ValueError(f"valid={self.valid} needs {self.batch} lengths in [{self.q_len}, "
                                  f"{self.kv_len}] (one per sequence)")  # fmt: skip
 
-    @property
-    def shape(self) -> verify.Shape:
-        return verify.Shape(self.batch, self.num_heads, self.num_kv_heads, self.q_len, self.kv_len,
-                            self.head_dim)  # fmt: skip
+    def attention_config(self, dtype: torch.dtype, *, causal: bool = True) -> AttentionConfig:
+        """The call of these sizes in `dtype`."""
+        sizes = (self.batch, self.num_heads, self.num_kv_heads, self.q_len, self.kv_len, self.head_dim)
+        return AttentionConfig.from_sizes(*sizes, dtype=dtype, causal=causal)
 
     @property
     def label(self) -> str:
@@ -183,14 +183,19 @@ def stage_calls(task: Task, seed: int, stage: int) -> list[Call]:
     """The calls of stage 1 (one random case) or stage 2 (the whole protocol at every check shape, then the
     probes), drawn on the CPU from `seed`: the same list, bit for bit, in every process."""
     generator = torch.Generator().manual_seed(seed_for(seed, "stage", stage))
-    options = {"dtype": task.torch_dtype, "causal": True, "generator": generator}
+    options = {"generator": generator}
     if stage == 1:
-        return [Call("smoke", verify.random_case(task.check_shapes[0].shape, **options))]
+        return [
+            Call(
+                "smoke",
+                verify.random_case(task.check_shapes[0].attention_config(task.torch_dtype), **options),
+            )
+        ]
     if stage != 2:
         raise ValueError(f"stage={stage} has no correctness calls (1 or 2)")
     calls = []
     for index, task_shape in enumerate(task.check_shapes):
-        shape = task_shape.shape
+        shape = task_shape.attention_config(task.torch_dtype)
         for case in verify.protocol_cases(shape, **options):
             calls.append(Call(f"{case.name}@{index}", case))
         calls.append(Call(f"needle-random@{index}", verify.needle_case(shape, position="random", **options)))
@@ -199,12 +204,15 @@ def stage_calls(task: Task, seed: int, stage: int) -> list[Call]:
         calls.append(Call(f"scale@{index}", scaled))
         if task.kind == "prefill":
             calls.append(
-                Call(f"non-causal@{index}", verify.random_case(shape, **{**options, "causal": False}))
+                Call(
+                    f"non-causal@{index}",
+                    verify.random_case(dataclasses.replace(shape, causal=False), **options),
+                )
             )
-    return resolve_reuse(calls + _probes(task.check_shapes[0].shape, options))
+    return resolve_reuse(calls + _probes(task.check_shapes[0].attention_config(task.torch_dtype), options))
 
 
-def _probes(shape: verify.Shape, options: dict) -> list[Call]:
+def _probes(shape: AttentionConfig, options: dict) -> list[Call]:
     """Calls aimed at caching and call-count tricks (see docs/evolve.md)."""
     first = verify.random_case(shape, **options)
     refill = verify.random_case(shape, **options)
@@ -237,8 +245,8 @@ def timed_kv(task: Task, seed: int, index: int) -> verify.Case:
     task_shape = task.time_shapes[index]
     generator = torch.Generator().manual_seed(seed_for(seed, "time", index))
     lens = None if task_shape.valid is None else list(task_shape.valid)
-    case = verify.random_case(task_shape.shape, dtype=task.torch_dtype, causal=True, kv_lens=lens,
-                              generator=generator, name=f"timed@{index}")  # fmt: skip
+    cfg = task_shape.attention_config(task.torch_dtype)
+    case = verify.random_case(cfg, kv_lens=lens, generator=generator, name=f"timed@{index}")
     if case.kv_lens is not None:
         for b, end in enumerate(case.kv_lens.tolist()):
             case.k[b, :, end:] = 0

@@ -2,14 +2,14 @@
 
 A genome is one launch configuration (decode: BLOCK_M, BLOCK_N, num_splits, num_warps, num_stages; prefill:
 BLOCK_M, BLOCK_N, num_warps, num_stages and, on Hopper, TMA). For each target (one representative call per
-tuning bucket: bench/targets.py's Target) the population starts from the heuristic's configuration and `attnforge
-tune`'s candidates, then each generation keeps the elite, and fills up with children of tournament-selected
-parents (uniform crossover, mutation to neighbouring values). Fitness is the evaluator's combined_score
-for a small program that launches attnforge's kernel with those parameters: the full correctness protocol at
-the target's shape, then on a GPU the speed-up over the fastest torch path (CUDA events, cold L2,
-interleaved); without a GPU 1.0 for a correct configuration (tests plug in their own fitness). A JSON
-checkpoint after every generation makes a run resumable; the end writes tuning-store entries for this GPU
-(bench/tune.py's `store`).
+tuning bucket: bench/targets.py's Target) the population starts from the heuristic's configuration and
+`attnforge tune`'s candidates, then each generation keeps the elite, and fills up with children of
+tournament-selected parents (uniform crossover, mutation to neighbouring values). Fitness is the evaluator's
+combined_score for a small program that launches attnforge's kernel with those parameters: the full
+correctness protocol at the target's shape, then on a GPU the speed-up over the fastest torch path (CUDA
+events, cold L2, interleaved); without a GPU 1.0 for a correct configuration (tests plug in their own
+fitness). A JSON checkpoint after every generation makes a run resumable; the end writes tuning-store
+entries for this GPU (bench/tune.py's `store`).
 """
 
 from __future__ import annotations

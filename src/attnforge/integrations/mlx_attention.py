@@ -276,10 +276,11 @@ def check_mlx(
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype={dtype} is not supported; accepted: {list(TORCH_DTYPES)}")
-    shapes = verify.odd_shapes(num_heads, num_kv_heads, head_dim, batch=batch, q_len=q_len, max_len=max_len)
+    shapes = verify.odd_shapes(num_heads, num_kv_heads, head_dim, batch=batch, q_len=q_len, max_len=max_len,
+                               dtype=TORCH_DTYPES[dtype], causal=causal)  # fmt: skip
     run = torch_adapter(fn)
     reports = []
     for shape in shapes:
-        for case in verify.protocol_cases(shape, dtype=TORCH_DTYPES[dtype], causal=causal, kinds=kinds):
+        for case in verify.protocol_cases(shape, kinds=kinds):
             reports.append(verify.check(run, case))
     return reports

@@ -14,7 +14,13 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from attnforge.config import KERNEL_KINDS, MAX_DECODE_QUERY_LEN, AttentionConfig, OptimizerSettings
+from attnforge.config import (
+    KERNEL_KINDS,
+    MAX_DECODE_QUERY_LEN,
+    AttentionConfig,
+    OptimizerSettings,
+    unsupported_by_kernels,
+)
 
 # Kernel kind -> (module, function); imported on first use so a missing or broken kernel only means fallback.
 KERNEL_ENTRY_POINTS = {
@@ -129,6 +135,10 @@ def decide(
     cfg: AttentionConfig, features: CallFeatures, settings: OptimizerSettings, machine: Machine
 ) -> Decision:
     """The decision for a call shaped like `cfg` carrying `features`, with the reason in one sentence."""
+    unsupported = unsupported_by_kernels(cfg.head_dim, cfg.dtype)
+    if unsupported is not None:
+        category = unsupported.split(":")[0]
+        return Decision(None, f"{unsupported}: falling back to torch SDPA", category, category)
     kind = kernel_kind(cfg, features)
     shape_bucket = bucket(kind, cfg, features) if kind not in machine.missing else None
     label = f"{cfg.attention_pattern} {kind} ({shape_bucket or _shape_text(cfg)})"
@@ -146,16 +156,15 @@ def decide(
     return _decide_by_measurement(kind, label, group, measured, settings, machine.device_name)
 
 
-def unsupported_call(q_shape, k_shape, v_shape, dtype, supported_dims, supported_dtypes) -> str | None:
+def unsupported_call(q_shape, k_shape, v_shape, dtype) -> str | None:
     """Why attnforge's kernels cannot take a call of these shapes at all (None: they might)."""
     if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
         return "not a 4-D call: tensors must be [B, H, L, D]"
     if k_shape[-1] != v_shape[-1]:
         return f"value head_dim differs: key head_dim {k_shape[-1]} != value head_dim {v_shape[-1]} (MLA)"
-    if q_shape[-1] not in supported_dims:
-        return f"head_dim unsupported: head_dim={q_shape[-1]} is not one of {supported_dims}"
-    if dtype not in supported_dtypes:
-        return f"dtype unsupported: dtype={dtype} is not one of {supported_dtypes}"
+    unsupported = unsupported_by_kernels(q_shape[-1], dtype)
+    if unsupported is not None:
+        return unsupported
     if q_shape[0] != k_shape[0] or tuple(k_shape) != tuple(v_shape) or q_shape[-1] != k_shape[-1]:
         return f"shapes do not fit: q {tuple(q_shape)}, k {tuple(k_shape)}, v {tuple(v_shape)}"
     if q_shape[1] % k_shape[1]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnforge.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, AttentionConfig, OptimizerSettings
+from attnforge.config import AttentionConfig, OptimizerSettings
 from attnforge.environment import triton_interpret, triton_status
 from attnforge.kernels import reference
 from attnforge.optimizer import policy
@@ -312,9 +312,7 @@ class AttentionOptimizer:
         return decision
 
     def _decide_call(self, q_shape, k_shape, v_shape, dtype, device, features) -> Decision:
-        unsupported = policy.unsupported_call(
-            q_shape, k_shape, v_shape, dtype, SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES
-        )
+        unsupported = policy.unsupported_call(q_shape, k_shape, v_shape, dtype)
         if unsupported is not None:
             category = unsupported.split(":")[0]
             return Decision(None, f"{unsupported}: falling back to torch SDPA", category, category)
