@@ -333,11 +333,12 @@ class Accelerator:
             raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_seq_len:
+            rotating = self.keep is not None
+            ring = " (with a rotating cache max_seq_len bounds positions, not memory)" if rotating else ""
             raise ValueError(
                 f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds "
                 f"max_seq_len={self.max_seq_len}; pass a larger max_seq_len to accelerate() or ask for fewer "
-                "new tokens" + ("" if self.keep is None else
-                                " (with a rotating cache max_seq_len bounds positions, not memory)")
+                f"new tokens{ring}"
             )
 
     def _eos_ids(self, eos_token_id) -> set[int]:

@@ -41,14 +41,16 @@ def resolve_ring(max_kv_size, keep, max_seq_len: int) -> tuple[int | None, int |
         return None, None
     if not isinstance(max_kv_size, int) or isinstance(max_kv_size, bool) or max_kv_size < 2:
         raise ValueError(
-            f"max_kv_size={max_kv_size!r} is too small: it must be an integer >= 2 (a kept token and the new one)"
+            f"max_kv_size={max_kv_size!r} is too small: it must be an integer >= 2 "
+            "(a kept token and the new one)"
         )
     keep = DEFAULT_KEEP if keep is None else keep
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
         raise ValueError(f"keep={keep!r} must be an integer >= 0 (tokens kept at the start: attention sinks)")
     if keep >= max_kv_size:
         raise ValueError(
-            f"keep={keep} must be < max_kv_size={max_kv_size}: the ring of recent tokens needs at least one slot"
+            f"keep={keep} must be < max_kv_size={max_kv_size}: the ring of recent tokens needs at least "
+            "one slot"
         )
     if max_kv_size > max_seq_len:
         raise ValueError(
@@ -167,8 +169,8 @@ def prefill_logits(walk, new: list[list[int]], start: int) -> torch.Tensor:
         q_lens = [min(max(n - offset, 0), cache.size) for n in lengths]
         length = max(q_lens)
         chunk = RingChunk(cache, [start + min(offset, n) for n in lengths], start + offset, q_lens)
-        ids = torch.tensor([n[offset : offset + length] + [0] * (length - q) for n, q in zip(new, q_lens)],
-                           device=device)  # fmt: skip
+        rows = [n[offset : offset + length] + [0] * (length - q) for n, q in zip(new, q_lens, strict=True)]
+        ids = torch.tensor(rows, device=device)
         positions = (start + offset + torch.arange(length, device=device)).expand(len(new), length)
         last_rows = (chunk.q_lens - 1).clamp(min=0)
         logits = walk.logits(ids, positions.contiguous(), None, chunk.q_lens, 0, last_rows, chunk=chunk)
