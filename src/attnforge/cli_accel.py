@@ -24,6 +24,18 @@ GPU_DEFAULT = "qwen3-0.6b"
 ATTENTION_HELP = (
     "auto: attnforge's kernels where Triton runs (GPU, or TRITON_INTERPRET=1), else torch; kernels; torch"
 )
+MaxKvSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-kv-size",
+        metavar="N",
+        help="Rotating KV cache of N tokens: the first --keep and the most recent ones (bounded memory; "
+        "each token attends to exactly those).",
+    ),
+]
+Keep = Annotated[
+    int | None, typer.Option("--keep", metavar="K", help="Attention sinks kept by --max-kv-size (default 4).")
+]
 
 
 @dataclass
@@ -77,6 +89,18 @@ def _describe(loaded: Loaded, acc) -> None:
     console.print(f"[bold]model:[/bold] {escape(loaded.name)}: {escape(loaded.note)}; {where}")
     runs = f"attention {info['attention']} | graph {info['graph']} | compile {info['compile']}"
     console.print(f"[bold]attnforge:[/bold] {escape(runs)}")
+    if acc.keep is not None:
+        console.print(f"[bold]cache:[/bold] {escape(info['cache'])}")
+
+
+def _check_ring(max_kv_size: int | None, keep: int | None, max_seq_len: int) -> None:
+    """Refuse bad --max-kv-size / --keep before a model is loaded (exit 2, the accelerator's message)."""
+    from attnforge.accel.ring import resolve_ring
+
+    try:
+        resolve_ring(max_kv_size, keep, max_seq_len)
+    except ValueError as error:
+        raise _fail(str(error)) from None
 
 
 def _prompt_ids(loaded: Loaded, prompt: str, chat: bool | None, prompt_tokens: int | None) -> list[int]:
@@ -130,6 +154,8 @@ def generate(
     prompt_tokens: Annotated[
         int | None, typer.Option(min=1, help="Random-weight models: the prompt's length in tokens.")
     ] = None,
+    max_kv_size: MaxKvSize = None,
+    keep: Keep = None,
 ) -> None:
     """Generate text (streamed) with the accelerator, then a line of metrics."""
     from attnforge.accel import accelerate
@@ -141,6 +167,7 @@ def generate(
         raise _fail(str(error)) from None
     if compare and temperature != 0:
         raise _fail(f"--compare checks greedy tokens: it needs --temperature 0 (got {temperature})")
+    _check_ring(max_kv_size, keep, max_kv_size or 2)  # max_seq_len is raised to max_kv_size below
     loaded = load_generation_model(model, _device())
     try:
         ids = _prompt_ids(loaded, prompt, chat, prompt_tokens)
@@ -148,9 +175,9 @@ def generate(
         raise _fail(str(error)) from None
     baseline = _transformers_run(loaded, ids, max_new_tokens) if compare else None
     try:
-        acc = accelerate(
-            loaded.model, loaded.tokenizer, max_seq_len=len(ids) + max_new_tokens, attention=attention
-        )
+        max_seq_len = max(len(ids) + max_new_tokens, max_kv_size or 0)
+        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention,
+                         max_kv_size=max_kv_size, keep=keep)  # fmt: skip
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                        ignore_eos=loaded.random)  # fmt: skip
@@ -226,8 +253,15 @@ def chat(
     repetition_penalty: Annotated[float, typer.Option(help="transformers' penalty (1: off).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Makes sampled answers reproducible.")] = None,
     system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
-    max_seq_len: Annotated[int, typer.Option(min=16, help="Tokens the conversation may reach.")] = 2048,
+    max_seq_len: Annotated[
+        int,
+        typer.Option(
+            min=16, help="Tokens the conversation may reach (with --max-kv-size: positions, not memory)."
+        ),
+    ] = 2048,
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
+    max_kv_size: MaxKvSize = None,
+    keep: Keep = None,
 ) -> None:
     """Talk to the model: one line per message (stdin), answers streamed with the chat template, a line of
     metrics after each; /reset starts over, /exit (or end of input) ends."""
@@ -238,12 +272,14 @@ def chat(
         SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
     except ValueError as error:
         raise _fail(str(error)) from None
+    _check_ring(max_kv_size, keep, max_seq_len)
     loaded = load_generation_model(model or models.SMOLLM2_NAME, _device())
     if loaded.random or not getattr(loaded.tokenizer, "chat_template", None):
         raise _fail(f"chat needs a model with a tokenizer and a chat template; {loaded.name} has none "
                     f"({loaded.note})")  # fmt: skip
     try:
-        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention)
+        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention,
+                         max_kv_size=max_kv_size, keep=keep)  # fmt: skip
     except ValueError as error:
         raise _fail(str(error)) from None
     _describe(loaded, acc)
