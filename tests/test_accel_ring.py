@@ -4,7 +4,9 @@ The reference below is written from the semantics alone, with the model's own mo
 go through one at a time, each layer keeps a list of (position, key, value), and after each token only the
 first `keep` positions and the last `N - keep` stay; the token attends to exactly those. The accelerator must
 give the same logits (fp32, relative error) and the same greedy tokens, with its cache tensors at N slots.
-On CPU the kernels run through the Triton interpreter (tests/conftest.py), so the "kernels" cases stay tiny.
+On CPU the kernels run through the Triton interpreter (tests/conftest.py), so the "kernels" cases stay tiny;
+on a GPU the same tests run the compiled step replayed from a CUDA graph (the ring's slot and length are
+computed inside it), and the test at the end checks the replay against the eager step in bf16.
 """
 
 import pytest
@@ -23,13 +25,15 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
             bos_token_id=1, eos_token_id=VOCAB - 1, pad_token_id=0)  # fmt: skip
 LOGIT_TOLERANCE = 1e-4  # fp32, relative to the largest logit
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
 def model():
     config = AutoConfig.for_model("llama", **TINY)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
 
 
 def prompt(length: int, seed: int = 1) -> list[int]:
@@ -45,8 +49,8 @@ def evicting_reference(model, tokens: list[int], new: int, size: int, keep: int)
     kept = [[] for _ in base.layers]  # per layer: (position, key [1, Hkv, 1, D], value)
     sequence, logits = list(tokens), []
     for t in range(len(tokens) + new - 1):
-        x = base.embed_tokens(torch.tensor([[sequence[t]]]))
-        cos, sin = base.rotary_emb(x, torch.tensor([[t]]))
+        x = base.embed_tokens(torch.tensor([[sequence[t]]], device=DEVICE))
+        cos, sin = base.rotary_emb(x, torch.tensor([[t]], device=DEVICE))
         for layer, cache in zip(base.layers, kept, strict=True):
             attn, h = layer.self_attn, layer.input_layernorm(x)
             q, k, v = (proj(h).view(1, 1, -1, head_dim).transpose(1, 2)
@@ -73,7 +77,7 @@ def forced_logits(acc, tokens: list[int], prompt_len: int) -> list[torch.Tensor]
     logits = [acc._prefill_logits([tokens[:prompt_len]], 0)[0]]
     step = DecodeStep(acc.walk, acc.sampler, 1, (False, False), compile_options=None)
     for position in range(prompt_len, len(tokens)):
-        step.load(torch.tensor([tokens[position]]), torch.tensor([position]))
+        step.load(torch.tensor([tokens[position]], device=DEVICE), torch.tensor([position], device=DEVICE))
         logits.append(step.logits()[0].clone())
     return logits
 
@@ -184,3 +188,23 @@ def test_positions_past_max_seq_len_are_refused_and_say_what_it_bounds(model):
     acc = accelerate(model, max_seq_len=20, max_kv_size=8, attention="torch")
     with pytest.raises(ValueError, match="with a rotating cache max_seq_len bounds positions, not memory"):
         acc.generate(prompt(12), max_new_tokens=10)
+
+
+@CUDA
+def test_the_graph_replays_the_eager_ring_and_allocates_nothing_per_token():
+    config = AutoConfig.for_model("llama", **TINY)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+    prompts = [prompt(5, seed=11), prompt(41, seed=12)]  # the long one wraps in prefill, both in decode
+    options = dict(max_batch_size=2, max_seq_len=128, max_kv_size=24, keep=4)
+    for compiled in (False, True):  # compiled code rounds bf16 differently: compare it with itself, eager
+        eager = accelerate(model, cuda_graph=False, compile=compiled, **options)
+        expected = eager.generate(prompts, max_new_tokens=60, ignore_eos=True).tokens
+        graphed = accelerate(model, compile=compiled, **options)
+        assert graphed.generate(prompts, max_new_tokens=60, ignore_eos=True).tokens == expected
+        assert graphed.info["graph"] == "captured (replayed per token)", graphed.info
+        before = torch.cuda.memory_allocated()
+        graphed.generate(prompts, max_new_tokens=60, ignore_eos=True)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before
+        assert slot_counts(graphed) == {24}
