@@ -160,6 +160,20 @@ def test_a_cache_at_least_as_long_as_the_sequence_equals_the_static_cache_exactl
     assert all(torch.equal(a, b) for a, b in zip(got, expected_logits, strict=True))
 
 
+@pytest.mark.parametrize(("size", "keep"), [(12, 3), (7, 0), (2, 1), (5, 4)])
+def test_the_slot_map_and_the_held_positions_agree_with_writing_token_by_token(model, size, keep):
+    cache = accelerate(model, max_seq_len=64, max_kv_size=size, keep=keep, attention="torch").cache
+    held = [-1] * size
+    for n in range(1, 40):  # write position n - 1 where the cache says, then ask what each slot holds
+        position = n - 1
+        slot = int(cache.slots(torch.tensor(position)))
+        evicted = held[slot]  # only a ring key that token `position` no longer sees may be overwritten
+        assert evicted == -1 or keep <= evicted <= position - (size - keep), f"slot {slot} held {evicted}"
+        held[slot] = position
+        assert cache.held_positions(torch.tensor([n], device=cache.device))[0].tolist() == held
+        assert int(cache.valid_lengths(torch.tensor(n))) == sum(h >= 0 for h in held)
+
+
 def test_info_describes_the_rotating_cache(model):
     acc = accelerate(model, max_seq_len=64, max_kv_size=12, attention="torch")
     assert acc.keep == 4  # the default sinks

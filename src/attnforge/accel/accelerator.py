@@ -438,11 +438,10 @@ def _reusable_prefix(resident: list[int] | None, prompts: list[list[int]], max_k
     evicted tokens cannot go back to an earlier state: it is reused only to continue exactly where it is."""
     if resident is None or len(prompts) != 1:
         return 0
+    prompt = prompts[0]
     if max_kv_size is not None and len(resident) > max_kv_size:
-        prompt = prompts[0]
         extends = len(prompt) > len(resident) and prompt[: len(resident)] == resident
         return len(resident) if extends else 0
-    prompt = prompts[0]
     common = 0
     for a, b in zip(resident, prompt, strict=False):
         if a != b:

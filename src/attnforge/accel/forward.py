@@ -122,8 +122,8 @@ class Walk:
         """
         hidden = self.plan.embed(ids)
         cos, sin = self.cos[positions], self.sin[positions]
+        lengths = (kv_lens, q_lens, extent, chunk)
         for index, layer in enumerate(self.plan.layers):
-            lengths = (kv_lens, q_lens, extent, chunk)
             hidden = self._layer(index, layer, hidden, cos, sin, positions, lengths)
         hidden = self.plan.final_norm(hidden)
         if last_rows is None:
