@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noq
 
 from attnforge.accel import accelerate  # noqa: E402
 from attnforge.accel.graph import DecodeStep  # noqa: E402
+from attnforge.accel.metrics import Meter  # noqa: E402
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=64,
@@ -172,6 +173,13 @@ def test_the_slot_map_and_the_held_positions_agree_with_writing_token_by_token(m
         held[slot] = position
         assert cache.held_positions(torch.tensor([n], device=cache.device))[0].tolist() == held
         assert int(cache.valid_lengths(torch.tensor(n))) == sum(h >= 0 for h in held)
+
+
+def test_achieved_bandwidth_counts_at_most_the_cache_per_sequence():
+    meter = Meter("cpu", [5, 10], weight_bytes=0, kv_bytes_per_token=1, kv_cap=8)
+    for _ in range(3):
+        meter.decode_step()
+    assert meter.kv_tokens_read == (6 + 8) + (7 + 8) + (8 + 8)
 
 
 def test_info_describes_the_rotating_cache(model):

@@ -253,8 +253,8 @@ class Accelerator:
             with _seeded(params.seed, self.device):
                 reused = _reusable_prefix(resident, prompts, self.max_kv_size)
                 meter.reused = reused
-                first, kv_lens = self._prefill(prompts, reused, params)
-                step.load(first, kv_lens)
+                first, positions = self._prefill(prompts, reused, params)
+                step.load(first, positions)
                 run = _Run(prompts, texts, eos, max_new_tokens, meter)
                 yield from run.take(first.tolist(), first_token=True)
                 fed = yield from self._decode(step, run, max_new_tokens)
