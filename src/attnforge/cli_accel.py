@@ -25,6 +25,18 @@ GPU_DEFAULT = "qwen3-0.6b"
 ATTENTION_HELP = (
     "auto: attnforge's kernels where Triton runs (GPU, or TRITON_INTERPRET=1), else torch; kernels; torch"
 )
+MaxKvSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-kv-size",
+        metavar="N",
+        help="Rotating KV cache of N tokens: the first --keep and the most recent ones (bounded memory; "
+        "each token attends to exactly those).",
+    ),
+]
+Keep = Annotated[
+    int | None, typer.Option("--keep", metavar="K", help="Attention sinks kept by --max-kv-size (default 4).")
+]
 
 
 @dataclass
@@ -78,6 +90,18 @@ def _describe(loaded: Loaded, acc) -> None:
     console.print(f"[bold]model:[/bold] {escape(loaded.name)}: {escape(loaded.note)}; {where}")
     runs = f"attention {info['attention']} | graph {info['graph']} | compile {info['compile']}"
     console.print(f"[bold]attnforge:[/bold] {escape(runs)}")
+    if acc.keep is not None:
+        console.print(f"[bold]cache:[/bold] {escape(info['cache'])}")
+
+
+def _check_ring(max_kv_size: int | None, keep: int | None, max_seq_len: int) -> None:
+    """Refuse bad --max-kv-size / --keep before a model is loaded (exit 2, the accelerator's message)."""
+    from attnforge.accel.ring import resolve_ring
+
+    try:
+        resolve_ring(max_kv_size, keep, max_seq_len)
+    except ValueError as error:
+        raise _fail(str(error)) from None
 
 
 def _prompt_ids(loaded: Loaded, prompt: str, chat: bool | None, prompt_tokens: int | None) -> list[int]:
@@ -141,11 +165,14 @@ def generate(
         int | None,
         typer.Option(min=1, metavar="N", help="Random-weight models: the prompt's length in tokens."),
     ] = None,
+    max_kv_size: MaxKvSize = None,
+    keep: Keep = None,
 ) -> None:
     """Generate text (streamed) with the accelerator, then a line of metrics."""
     _check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if compare and temperature != 0:
         raise _fail(f"--compare checks greedy tokens: it needs --temperature 0 (got {temperature})")
+    _check_ring(max_kv_size, keep, max_kv_size or 2)  # max_seq_len is raised to max_kv_size below
     loaded = load_generation_model(model, _device())
     try:
         ids = _prompt_ids(loaded, prompt, chat, prompt_tokens)
@@ -155,7 +182,7 @@ def generate(
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                    ignore_eos=loaded.random)  # fmt: skip
-    acc = _accelerator_for(loaded, ids, options, attention)
+    acc = _accelerator_for(loaded, ids, options, attention, max_kv_size, keep)
     _describe(loaded, acc)
     if acc.device.type == "cuda":
         acc.generate(ids, **{**options, "max_new_tokens": 2})  # compiles and captures outside the timing
@@ -175,13 +202,15 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, repetition_pen
         raise _fail(str(error)) from None
 
 
-def _accelerator_for(loaded: Loaded, ids: list[int], options: dict, attention: str):
-    """The accelerated model, sized for the prompt and its new tokens (options checked before it runs)."""
+def _accelerator_for(loaded: Loaded, ids: list[int], options: dict, attention: str, max_kv_size, keep):
+    """The accelerated model, sized for the prompt and its new tokens (options checked before it runs); with
+    max_kv_size, a rotating cache of that many slots (max_seq_len then bounds positions, not memory)."""
     from attnforge.accel import accelerate
 
     try:
-        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=len(ids) + options["max_new_tokens"],
-                         attention=attention)  # fmt: skip
+        max_seq_len = max(len(ids) + options["max_new_tokens"], max_kv_size or 0)
+        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention,
+                         max_kv_size=max_kv_size, keep=keep)  # fmt: skip
         acc.stream(ids, **options)  # checks the options before anything runs
     except ValueError as error:
         raise _fail(str(error)) from None
@@ -258,21 +287,30 @@ def chat(
         str | None, typer.Option(metavar="TEXT", help="A system message to start the conversation.")
     ] = None,
     max_seq_len: Annotated[
-        int, typer.Option(min=16, metavar="N", help="Tokens the conversation may reach.")
+        int,
+        typer.Option(
+            min=16,
+            metavar="N",
+            help="Tokens the conversation may reach (with --max-kv-size: positions, not memory).",
+        ),
     ] = 2048,
     attention: AttentionOption = "auto",
+    max_kv_size: MaxKvSize = None,
+    keep: Keep = None,
 ) -> None:
     """Talk to the model: one line per message (stdin), answers streamed with the chat template, a line of
     metrics after each; /reset starts over, /exit (or end of input) ends."""
     from attnforge.accel import accelerate
 
     _check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    _check_ring(max_kv_size, keep, max_seq_len)
     loaded = load_generation_model(model or models.SMOLLM2_NAME, _device())
     if loaded.random or not getattr(loaded.tokenizer, "chat_template", None):
         raise _fail(f"chat needs a model with a tokenizer and a chat template; {loaded.name} has none "
                     f"({loaded.note})")  # fmt: skip
     try:
-        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention)
+        acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention,
+                         max_kv_size=max_kv_size, keep=keep)  # fmt: skip
     except ValueError as error:
         raise _fail(str(error)) from None
     _describe(loaded, acc)

@@ -1,7 +1,8 @@
 """`accelerate(model)`: a transformers causal LM as a fast generator, same weights, same greedy tokens.
 
 What it does (the pieces live next to this file):
-  - a static KV cache preallocated for `max_batch_size` sequences of `max_seq_len` tokens (cache.py);
+  - a static KV cache preallocated for `max_batch_size` sequences of `max_seq_len` tokens (cache.py), or
+    with `max_kv_size` a rotating one: `keep` attention sinks and a ring of the most recent tokens (ring.py);
   - prefill of the prompts (right-padded, ragged lengths) through the prefill kernel, and a decode step
     through the decode kernel with per-sequence `kv_lens` (only valid keys are read), over the model's own
     modules with q/k/v and gate/up fused (layout.py, forward.py);
@@ -29,6 +30,7 @@ from attnforge.accel.forward import Walk, choose_attention
 from attnforge.accel.graph import DecodeStep
 from attnforge.accel.layout import DTYPES, FAMILIES, attention_shape, check_model, plan_model
 from attnforge.accel.metrics import GenerationMetrics, Meter
+from attnforge.accel.ring import RotatingKVCache, prefill_logits, resolve_ring
 from attnforge.accel.sampling import SamplerState, SamplingParams
 from attnforge.accel.text import TextStream, prompt_token_lists
 
@@ -81,6 +83,8 @@ def accelerate(
     cuda_graph: bool | None = None,
     compile: bool | None = None,
     tune: bool = False,
+    max_kv_size: int | None = None,
+    keep: int | None = None,
 ) -> Accelerator:
     """Turn a transformers causal LM into a fast generator (see `Accelerator`).
 
@@ -98,6 +102,11 @@ def accelerate(
         cuda_graph: capture the decode step in a CUDA graph (default: on a CUDA device).
         compile: torch.compile the decode step's forward (default: on a CUDA device).
         tune: with compile, let inductor tune its kernels (coordinate descent; slower to compile).
+        max_kv_size: a rotating cache of this many tokens per sequence (2 <= max_kv_size <= max_seq_len):
+            the first `keep` tokens (attention sinks) and a ring of the most recent max_kv_size - keep; each
+            token attends to exactly those, so generation goes on past max_kv_size with bounded memory.
+            max_seq_len then bounds positions (prompt + new tokens, and the RoPE table), not memory.
+        keep: attention sinks of the rotating cache, 0 <= keep < max_kv_size (default 4; needs max_kv_size).
 
     Raises:
         UnsupportedModelError: the model's family or a feature of it is not supported (the reason is given).
@@ -106,7 +115,8 @@ def accelerate(
     """
     return Accelerator(
         model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype,
-        attention=attention, cuda_graph=cuda_graph, compile=compile, tune=tune,
+        attention=attention, cuda_graph=cuda_graph, compile=compile, tune=tune, max_kv_size=max_kv_size,
+        keep=keep,
     )  # fmt: skip
 
 
@@ -114,11 +124,13 @@ class Accelerator:
     """A model with its static cache, decode step and sampler; see `accelerate` for the arguments."""
 
     def __init__(self, model, tokenizer=None, *, max_batch_size=1, max_seq_len=None, dtype=None,
-                 attention="auto", cuda_graph=None, compile=None, tune=False) -> None:  # fmt: skip
+                 attention="auto", cuda_graph=None, compile=None, tune=False, max_kv_size=None,
+                 keep=None) -> None:  # fmt: skip
         _check_positive_int("max_batch_size", max_batch_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = _resolve_max_seq_len(model, max_seq_len)
+        self.max_kv_size, self.keep = resolve_ring(max_kv_size, keep, self.max_seq_len)
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype={dtype} is not supported; accepted: {', '.join(map(str, DTYPES))}")
         check_model(model, self.max_seq_len, dtype)  # everything checked before the model is touched
@@ -126,9 +138,9 @@ class Accelerator:
         self.cuda_graph, self.compile = _resolve_gpu_options(device, cuda_graph, compile, tune)
         attention_backend = choose_attention(attention, device)
         layers, kv_heads, head_dim = attention_shape(model)
-        shape = CacheShape(layers, max_batch_size, kv_heads, self.max_seq_len, head_dim,
-                           dtype or next(model.parameters()).dtype)  # fmt: skip
-        self.cache = StaticKVCache(shape, device)
+        shape = CacheShape(layers, max_batch_size, kv_heads, self.max_kv_size or self.max_seq_len, head_dim,
+                           dtype or next(model.parameters()).dtype, keep=self.keep)  # fmt: skip
+        self.cache = (RotatingKVCache if self.keep is not None else StaticKVCache)(shape, device)
         if dtype is not None:
             model.to(dtype)
         self.plan = plan_model(model, self.max_seq_len)
@@ -234,15 +246,15 @@ class Accelerator:
                 resident = None  # capturing warms up on the last cache positions: forget the conversation
             step = self._decode_step(batch, params.plan)  # captured before seeding: its warm-up draws
             meter = Meter(str(self.device), [len(p) for p in prompts], self.weight_bytes,
-                          self.cache.shape.bytes_per_token())  # fmt: skip
+                          self.cache.shape.bytes_per_token(), kv_cap=self.max_kv_size)  # fmt: skip
             texts = [
                 TextStream(self.tokenizer, stops) if self.tokenizer is not None else None for _ in prompts
             ]
             with _seeded(params.seed, self.device):
-                reused = _reusable_prefix(resident, prompts)
+                reused = _reusable_prefix(resident, prompts, self.max_kv_size)
                 meter.reused = reused
-                first, kv_lens = self._prefill(prompts, reused, params)
-                step.load(first, kv_lens)
+                first, positions = self._prefill(prompts, reused, params)
+                step.load(first, positions)
                 run = _Run(prompts, texts, eos, max_new_tokens, meter)
                 yield from run.take(first.tolist(), first_token=True)
                 fed = yield from self._decode(step, run, max_new_tokens)
@@ -250,17 +262,27 @@ class Accelerator:
                 self._resident = prompts[0] + run.generated[0][:fed]
 
     def _prefill(self, prompts, reused: int, params) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the prompt tokens after the reused prefix into the cache; the first new tokens."""
+        """Keys/values of the prompt tokens after the reused prefix into the cache; the first new tokens and
+        their positions `[b]`."""
+        logits = self._prefill_logits(prompts, reused)
+        self.sampler.load(params, prompts)
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        return self.sampler.next_token(logits, params.plan), positions
+
+    def _prefill_logits(self, prompts: list[list[int]], reused: int) -> torch.Tensor:
+        """Write the keys/values of the prompts' tokens after `reused` into the cache; logits `[b, vocab]` of
+        each prompt's last token."""
         new = [p[reused:] for p in prompts]
         length = max(len(n) for n in new)
+        if isinstance(self.cache, RotatingKVCache) and self.cache.wraps(reused + length):
+            return prefill_logits(self.walk, new, reused)
         device = self.device
         ids = torch.tensor([n + [0] * (length - len(n)) for n in new], device=device)
         positions = (reused + torch.arange(length, device=device)).expand(len(new), length).contiguous()
         q_lens = torch.tensor([len(n) for n in new], device=device)
         kv_lens = q_lens + reused
-        logits = self.walk.logits(ids, positions, kv_lens, q_lens, reused + length, last_rows=q_lens - 1)
-        self.sampler.load(params, prompts)
-        return self.sampler.next_token(logits, params.plan), kv_lens
+        # nothing evicted (or a static cache): a rotating cache's slots are the positions here
+        return self.walk.logits(ids, positions, kv_lens, q_lens, reused + length, last_rows=q_lens - 1)
 
     def _decode(self, step: DecodeStep, run: _Run, max_new_tokens: int):
         """Replay decode steps, reading each step's tokens `lag` steps later; returns the steps run."""
@@ -311,10 +333,12 @@ class Accelerator:
             raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_seq_len:
+            rotating = self.keep is not None
+            ring = " (with a rotating cache max_seq_len bounds positions, not memory)" if rotating else ""
             raise ValueError(
                 f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds "
                 f"max_seq_len={self.max_seq_len}; pass a larger max_seq_len to accelerate() or ask for fewer "
-                "new tokens"
+                f"new tokens{ring}"
             )
 
     def _eos_ids(self, eos_token_id) -> set[int]:
@@ -408,12 +432,16 @@ class _TokenReader:
         return self.ring[handle].tolist()
 
 
-def _reusable_prefix(resident: list[int] | None, prompts: list[list[int]]) -> int:
+def _reusable_prefix(resident: list[int] | None, prompts: list[list[int]], max_kv_size: int | None) -> int:
     """Tokens at the start of the (single) prompt whose keys/values are already in the cache; at least one
-    prompt token is always prefilled again (its logits give the first new token)."""
+    prompt token is always prefilled again (its logits give the first new token). A rotating cache that has
+    evicted tokens cannot go back to an earlier state: it is reused only to continue exactly where it is."""
     if resident is None or len(prompts) != 1:
         return 0
     prompt = prompts[0]
+    if max_kv_size is not None and len(resident) > max_kv_size:
+        extends = len(prompt) > len(resident) and prompt[: len(resident)] == resident
+        return len(resident) if extends else 0
     common = 0
     for a, b in zip(resident, prompt, strict=False):
         if a != b:

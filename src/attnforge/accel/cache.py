@@ -24,7 +24,10 @@ class CacheTooLargeError(MemoryError):
 
 @dataclass(frozen=True)
 class CacheShape:
-    """What the cache holds: `layers` x (K, V) x `[batch, kv_heads, max_seq_len, head_dim]` of `dtype`."""
+    """What the cache holds: `layers` x (K, V) x `[batch, kv_heads, max_seq_len, head_dim]` of `dtype`.
+
+    With `keep` set the cache rotates (ring.py): `max_seq_len` is then its slot count, max_kv_size.
+    """
 
     layers: int
     batch: int
@@ -32,6 +35,12 @@ class CacheShape:
     max_seq_len: int
     head_dim: int
     dtype: torch.dtype
+    keep: int | None = None
+
+    @property
+    def length_name(self) -> str:
+        """The accelerate() argument that sets the slot count."""
+        return "max_seq_len" if self.keep is None else "max_kv_size"
 
     @property
     def element_size(self) -> int:
@@ -56,12 +65,17 @@ class CacheShape:
     def describe(self) -> str:
         return (
             f"{self.nbytes / GIB:.2f} GiB = {self.layers} layers x 2 (K and V) x batch {self.batch} x "
-            f"{self.kv_heads} kv heads x max_seq_len {self.max_seq_len} x head_dim {self.head_dim} x "
-            f"{self.element_size} bytes ({str(self.dtype).removeprefix('torch.')})"
+            f"{self.kv_heads} kv heads x {self.length_name} {self.max_seq_len}{self._ring()} x head_dim "
+            f"{self.head_dim} x {self.element_size} bytes ({str(self.dtype).removeprefix('torch.')})"
         )
 
+    def _ring(self) -> str:
+        if self.keep is None:
+            return ""
+        return f" (rotating: {self.keep} kept + a ring of {self.max_seq_len - self.keep})"
+
     def fitting_seq_len(self, free_bytes: int) -> int:
-        """The largest max_seq_len (a multiple of 256) whose cache fits in `free_bytes`, or 0."""
+        """The largest slot count (a multiple of 256) whose cache fits in `free_bytes`, or 0."""
         per_position = self.nbytes // self.max_seq_len
         return int(free_bytes // per_position) // 256 * 256
 
@@ -88,9 +102,10 @@ def too_large_message(shape: CacheShape, free_bytes: int | None, device: torch.d
     """What was asked, what is free, and the two ways to make it fit."""
     free = "unknown" if free_bytes is None else f"{free_bytes / GIB:.2f} GiB"
     fits = shape.fitting_seq_len(free_bytes) if free_bytes else 0
-    hint = f"max_seq_len={fits} would fit" if fits else "no max_seq_len fits at this batch size"
+    name = shape.length_name
+    hint = f"{name}={fits} would fit" if fits else f"no {name} fits at this batch size"
     return (
-        f"the KV cache needs {shape.describe()}, but {free} is free on {device}: reduce max_seq_len "
+        f"the KV cache needs {shape.describe()}, but {free} is free on {device}: reduce {name} "
         f"({hint}) or max_batch_size={shape.batch}"
     )
 
@@ -136,6 +151,10 @@ class StaticKVCache:
         index = (self._batch_index[:batch], self._head_index, positions[:, None, :])
         self.keys[layer].index_put_(index, k)
         self.values[layer].index_put_(index, v)
+
+    def valid_lengths(self, ends: torch.Tensor) -> torch.Tensor:
+        """Keys to read `[b]` after `ends [b]` tokens: all of them (a rotating cache caps them)."""
+        return ends
 
     def mark_static(self) -> None:
         """Tell torch.compile the buffers never move (no recompilation or copies when they are mutated)."""

@@ -56,6 +56,12 @@ class KernelAttention:
             q_lens=q_lens,
         )  # fmt: skip
 
+    def masked(self, q, keys, values, *, scale, q_lens, mask):
+        """Prefill with an explicit bool mask `[b, 1, Lq, Lkv]` (a rotating cache's wrapping chunk)."""
+        return self._prefill.prefill_attention(
+            q, keys, values, scale=scale, causal=False, q_lens=q_lens, attn_mask=mask
+        )
+
 
 class TorchAttention:
     """torch SDPA (enable_gqa) with a bool mask from the lengths: reads the padding too (the cache is zeros
@@ -68,6 +74,10 @@ class TorchAttention:
             q, keys[:, :, :extent], values[:, :, :extent], scale=scale, causal=True, kv_lens=kv_lens,
             q_lens=q_lens,
         )  # fmt: skip
+
+    def masked(self, q, keys, values, *, scale, q_lens, mask):
+        """SDPA with an explicit bool mask `[b, 1, Lq, Lkv]` (a rotating cache's wrapping chunk)."""
+        return reference.sdpa(q, keys, values, scale=scale, q_lens=q_lens, attn_mask=mask)
 
 
 def choose_attention(backend: str, device: torch.device):
@@ -99,6 +109,7 @@ class Walk:
         q_lens: torch.Tensor | None,
         extent: int,
         last_rows: torch.Tensor | None = None,
+        chunk=None,
     ) -> torch.Tensor:
         """Logits `[b, vocab]` (float32) of each sequence's last new token.
 
@@ -107,11 +118,13 @@ class Walk:
             kv_lens: `[b]` valid keys after this step; q_lens: `[b]` valid new tokens (None: all L).
             extent: keys attention may look at (max of kv_lens; prefill only).
             last_rows: `[b]` row of each sequence's last valid token (None: row L - 1).
+            chunk: a ring.RingChunk (a prefill chunk that wraps a rotating cache; kv_lens and extent unused).
         """
         hidden = self.plan.embed(ids)
         cos, sin = self.cos[positions], self.sin[positions]
+        lengths = (kv_lens, q_lens, extent, chunk)
         for index, layer in enumerate(self.plan.layers):
-            hidden = self._layer(index, layer, hidden, cos, sin, positions, kv_lens, q_lens, extent)
+            hidden = self._layer(index, layer, hidden, cos, sin, positions, lengths)
         hidden = self.plan.final_norm(hidden)
         if last_rows is None:
             hidden = hidden[:, -1:, :]
@@ -119,7 +132,7 @@ class Walk:
             hidden = hidden.gather(1, last_rows.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
         return self.plan.lm_head(hidden)[:, 0, :].float()
 
-    def _layer(self, index, layer: LayerPlan, hidden, cos, sin, positions, kv_lens, q_lens, extent):
+    def _layer(self, index, layer: LayerPlan, hidden, cos, sin, positions, lengths):
         batch, length, _ = hidden.shape
         plan = self.plan
         x = layer.input_norm(hidden)
@@ -130,11 +143,15 @@ class Walk:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = plan.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         v = v.view(batch, length, plan.num_kv_heads, plan.head_dim).transpose(1, 2)
-        self.cache.write(index, k, v, positions)
-        keys, values = self.cache.keys[index][:batch], self.cache.values[index][:batch]
-        out = self.attention(
-            q, keys, values, scale=layer.scale, kv_lens=kv_lens, q_lens=q_lens, extent=extent
-        )
+        kv_lens, q_lens, extent, chunk = lengths
+        if chunk is not None:
+            out = chunk.attend(self.attention, index, q, k, v, layer.scale)
+        else:
+            self.cache.write(index, k, v, positions)
+            keys, values = self.cache.keys[index][:batch], self.cache.values[index][:batch]
+            out = self.attention(
+                q, keys, values, scale=layer.scale, kv_lens=kv_lens, q_lens=q_lens, extent=extent
+            )
         hidden = hidden + layer.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
         x = layer.post_norm(hidden)
         gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)

@@ -43,12 +43,17 @@ class DecodeStep:
             )
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kv_lens = positions[:, 0] + 1
-        return self.walk.logits(ids, positions, kv_lens, None, self.walk.cache.shape.max_seq_len)
+        cache = self.walk.cache
+        kv_lens = cache.valid_lengths(positions[:, 0] + 1)  # a rotating cache: capped at its size, on device
+        return self.walk.logits(ids, positions, kv_lens, None, cache.shape.max_seq_len)
+
+    def logits(self) -> torch.Tensor:
+        """Logits `[b, vocab]` (float32) of `ids` at `positions`, writing their keys (positions unchanged)."""
+        return self._forward(self.ids, self.positions)
 
     def step(self) -> None:
         """One eager step (what the graph replays)."""
-        token = self.sampler.next_token(self._forward(self.ids, self.positions), self.plan)
+        token = self.sampler.next_token(self.logits(), self.plan)
         self.token.copy_(token)
         self.ids.copy_(token[:, None])
         self.positions.add_(1)
@@ -73,7 +78,7 @@ class DecodeStep:
         """
         max_seq_len = self.walk.cache.shape.max_seq_len
         saved = [t.clone() for t in (self.ids, self.positions, self.sampler.seen)]
-        self.positions.fill_(max_seq_len - WARMUP_STEPS - 1)
+        self.positions.fill_(max(max_seq_len - WARMUP_STEPS - 1, 0))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

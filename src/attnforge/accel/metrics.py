@@ -59,12 +59,18 @@ class Meter:
     """Clock and byte counter of one generation; `snapshot()` gives its GenerationMetrics so far."""
 
     def __init__(
-        self, device: str, prompt_lens: list[int], weight_bytes: int, kv_bytes_per_token: int
+        self,
+        device: str,
+        prompt_lens: list[int],
+        weight_bytes: int,
+        kv_bytes_per_token: int,
+        kv_cap: int | None = None,
     ) -> None:
         self.start = time.perf_counter()
         self.device = device
         self.prompt_lens = prompt_lens
         self.weight_bytes, self.kv_bytes_per_token = weight_bytes, kv_bytes_per_token
+        self.kv_cap = kv_cap  # a rotating cache reads at most this many keys per sequence
         self.reused = 0
         self.first: float | None = None
         self.latest: float | None = None
@@ -79,7 +85,8 @@ class Meter:
         """A decode step's token reached the host: every sequence read its valid keys plus one."""
         self.latest = time.perf_counter()
         self.steps += 1
-        self.kv_tokens_read += sum(self.prompt_lens) + self.steps * len(self.prompt_lens)
+        cap = self.kv_cap or float("inf")
+        self.kv_tokens_read += int(sum(min(n + self.steps, cap) for n in self.prompt_lens))
 
     def snapshot(self) -> GenerationMetrics:
         metrics = GenerationMetrics(self.device, list(self.prompt_lens), self.reused, list(self.new_tokens))
