@@ -3,8 +3,9 @@
 `import attnforge` stays light: the optimizer loads on first use of its names, and transformers only when an
 integration name (patch_transformers, optimized, ...) is first used; likewise the accelerator (`accelerate`,
 `Accelerator`), its profiling helpers (`profile_model`, `benchmark_operation`, `device_info`) and weight
-quantization (`quantize`, `load_quantized`). `af.mlx` is the mlx-lm integration (attnforge.integrations.mlx_lm),
-imported on first access; without MLX that access raises ImportError with the install command.
+quantization (`quantize`, `load_quantized`). `af.mlx` is the mlx-lm integration
+(attnforge.integrations.mlx_lm), imported on first access; without MLX that access raises ImportError with the
+install command.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
     report = attnforge.quantize(model, recipe="speed-4bit", group_size=64)
     attnforge.accel.quant.save_quantized(model, "out/"); model = attnforge.load_quantized("out/")
 
-linear.py: the packed format, QuantizedLinear and its matmul backends; recipes.py: which layer gets how many
-bits; checkpoint.py: save, load, convert; quality.py: perplexity and logit error against the unquantized model.
+linear.py: the packed format, QuantizedLinear and its matmul backends; recipes.py: which layer gets how
+many bits; checkpoint.py: save, load, convert; quality.py: perplexity and logit error against the
+unquantized model.
 """
 
 from attnforge.accel.quant.checkpoint import convert, load_quantized, save_quantized

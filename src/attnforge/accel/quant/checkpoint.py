@@ -36,9 +36,15 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _unique_tensors(model)
     parameter = next(model.parameters())
-    section = {**quantization, "format": FORMAT, "dtype": str(parameter.dtype).removeprefix("torch."),
-               "attnforge_version": attnforge.__version__, "torch_version": torch.__version__,
-               "device": _device_name(parameter.device), "aliases": aliases}  # fmt: skip
+    section = {
+        **quantization,
+        "format": FORMAT,
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "attnforge_version": attnforge.__version__,
+        "torch_version": torch.__version__,
+        "device": _device_name(parameter.device),
+        "aliases": aliases,
+    }
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "attnforge": FORMAT})
     config = model.config.to_dict()
     config["quantization"] = section
@@ -52,7 +58,8 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> Path
 
 
 def load_quantized(folder: str | Path, *, device: torch.device | str | None = None) -> nn.Module:
-    """The causal LM saved by `save_quantized` (or `attnforge convert`), in eval mode, on `device` (default CPU).
+    """The causal LM saved by `save_quantized` (or `attnforge convert`), in eval mode, on `device`
+    (default CPU).
 
     Its logits equal those of the model that was saved: same buffers, same dequantization.
     """
@@ -63,7 +70,9 @@ def load_quantized(folder: str | Path, *, device: torch.device | str | None = No
     fields = json.loads((folder / "config.json").read_text())
     section = fields.pop("quantization", None)
     if not section or section.get("format") != FORMAT:
-        raise ValueError(f"{folder} is not an attnforge quantized checkpoint (no quantization section {FORMAT!r})")
+        raise ValueError(
+            f"{folder} is not an attnforge quantized checkpoint (no quantization section {FORMAT!r})"
+        )
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     dtype = getattr(torch, section["dtype"])
     with _no_init():
@@ -77,8 +86,16 @@ def load_quantized(folder: str | Path, *, device: torch.device | str | None = No
     return model.to(device or "cpu").eval()
 
 
-def convert(source: str, destination: str | Path, *, recipe: str = "speed-4bit", group_size: int = 64,
-            predicate=None, dtype: torch.dtype = torch.float32, device=None) -> tuple[QuantizationReport, str]:  # fmt: skip
+def convert(
+    source: str,
+    destination: str | Path,
+    *,
+    recipe: str = "speed-4bit",
+    group_size: int = 64,
+    predicate=None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> tuple[QuantizationReport, str]:
     """Load `source` (a local HF folder, a bundled architecture with random weights, or "smollm2"), quantize
     it and save it to `destination`. Returns (report, a sentence saying what the weights were)."""
     from attnforge import models
@@ -107,7 +124,9 @@ def load_predicate(spec: str):
     """`module:function` -> the function (for --predicate)."""
     module_name, _, function = spec.partition(":")
     if not module_name or not function:
-        raise ValueError(f"predicate={spec!r} must be written module:function (e.g. mypackage.rules:keep_head)")
+        raise ValueError(
+            f"predicate={spec!r} must be written module:function (e.g. mypackage.rules:keep_head)"
+        )
     return getattr(importlib.import_module(module_name), function)
 
 

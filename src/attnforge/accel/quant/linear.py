@@ -3,9 +3,9 @@
 Format (one per layer, rows = output features, groups run along the input features):
   - asymmetric integer codes: `w ~= (q - zero) * scale`, `q` in [0, 2^bits - 1], one `scale` (the model's
     dtype) and one integer `zero` (uint8) per `group_size` consecutive input features of a row. The range of
-    each group always includes 0, so `zero` is an exact integer code and a constant or all-zero group is exact;
-    the clipping of each group's range is searched over CLIP_RATIOS for the least squared error (round to
-    nearest otherwise).
+    each group always includes 0, so `zero` is an exact integer code and a constant or all-zero group is
+    exact; the clipping of each group's range is searched over CLIP_RATIOS for the least squared error
+    (round to nearest otherwise).
   - `codes` uint8 `[out, in * bits / 8]`, row-major like the weight, so slicing rows slices codes (fusion):
       8 bits: one code per byte;
       4 bits: two per byte, element 2j in the low nibble and 2j+1 in the high one;
@@ -30,7 +30,8 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes `q` uint8 `[out, in]` (values < 2^bits, `in` divisible by 8) into `[out, in*bits/8]`."""
+    """Pack integer codes `q` uint8 `[out, in]` (values < 2^bits, `in` divisible by 8) into
+    `[out, in*bits/8]`."""
     _check_bits(bits)
     q = q.to(torch.uint8)
     if bits == 8:
@@ -61,8 +62,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, scale_dtyp
     """Group-wise asymmetric quantization of `weight` `[out, in]`.
 
     Returns:
-        (codes uint8 `[out, in*bits/8]`, scales `[out, in/group_size]` in `scale_dtype` (default: the weight's),
-        zeros uint8 `[out, in/group_size]`).
+        (codes uint8 `[out, in*bits/8]`, scales `[out, in/group_size]` in `scale_dtype` (default: the
+        weight's), zeros uint8 `[out, in/group_size]`).
     """
     _check_bits(bits)
     rows, cols = weight.shape
@@ -104,7 +105,8 @@ def _torch_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, layer.dequantize(), layer.bias)
 
 
-# name -> function(layer, x [..., in]) -> [..., out]. GPU backends (gemlite, torchao, a Triton GEMV) plug in here.
+# name -> function(layer, x [..., in]) -> [..., out]. GPU backends (gemlite, torchao, a Triton GEMV) plug in
+# here.
 MATMUL_BACKENDS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]] = {"torch": _torch_matmul}
 
 
@@ -115,18 +117,31 @@ def register_backend(name: str, function: Callable[[QuantizedLinear, torch.Tenso
 
 def check_backend(backend: str) -> None:
     if backend not in MATMUL_BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a registered matmul backend ({', '.join(MATMUL_BACKENDS)})")
+        raise ValueError(
+            f"backend={backend!r} is not a registered matmul backend ({', '.join(MATMUL_BACKENDS)})"
+        )
 
 
 class QuantizedLinear(nn.Module):
     """`nn.Linear` with weight-only group-wise quantized weights (see the module docstring for the format).
 
     Buffers: `codes` uint8 `[out, in*bits/8]`, `scales` `[out, in/group_size]` (model dtype), `zeros` uint8
-    `[out, in/group_size]`; `bias` `[out]` (a parameter, unquantized) or None. forward: `[..., in] -> [..., out]`.
+    `[out, in/group_size]`; `bias` `[out]` (a parameter, unquantized) or None.
+    forward: `[..., in] -> [..., out]`.
     """
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None, backend: str = "torch") -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        *,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        backend: str = "torch",
+    ) -> None:
         super().__init__()
         _check_bits(bits)
         check_group_size(group_size, in_features)
@@ -134,8 +149,9 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.backend = bits, group_size, backend
         groups = in_features // group_size
-        self.register_buffer("codes", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8,
-                                                  device=device))  # fmt: skip
+        self.register_buffer(
+            "codes", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -144,8 +160,16 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "torch"):
         """Quantize `linear` (its weight `[out, in]`); scales take the weight's dtype, the bias is kept."""
         weight = linear.weight
-        layer = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
-                    dtype=weight.dtype, device=weight.device, backend=backend)  # fmt: skip
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+            backend=backend,
+        )
         codes, scales, zeros = quantize_weight(weight, bits, group_size)
         layer.codes.copy_(codes)
         layer.scales.copy_(scales)
@@ -156,8 +180,9 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight `[out, in]` in the scales' dtype."""
-        return dequantize_weight(self.codes, self.scales, self.zeros, self.bits, self.group_size,
-                                 self.in_features)  # fmt: skip
+        return dequantize_weight(
+            self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return MATMUL_BACKENDS[self.backend](self, x)
@@ -168,8 +193,10 @@ class QuantizedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend!r}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend!r}"
+        )
 
 
 def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
@@ -180,9 +207,16 @@ def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
     same = {(q.bits, q.group_size, q.in_features, q.backend, q.bias is None) for q in layers}
     if len(same) != 1:
         return None
-    fused = QuantizedLinear(first.in_features, sum(q.out_features for q in layers), first.bits,
-                            first.group_size, bias=first.bias is not None, dtype=first.scales.dtype,
-                            device="meta", backend=first.backend)  # fmt: skip
+    fused = QuantizedLinear(
+        first.in_features,
+        sum(q.out_features for q in layers),
+        first.bits,
+        first.group_size,
+        bias=first.bias is not None,
+        dtype=first.scales.dtype,
+        device="meta",
+        backend=first.backend,
+    )
     for name in ("codes", "scales", "zeros"):
         setattr(fused, name, _fuse_rows(layers, name))
     if first.bias is not None:

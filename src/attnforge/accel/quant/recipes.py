@@ -68,8 +68,10 @@ class QuantizationReport:
             key = f"{layer.bits}-bit" if layer.bits else "unquantized"
             counts[key] = counts.get(key, 0) + 1
         layers = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        return (f"{self.recipe}, group {self.group_size}: {layers}; model {self.model_bytes_before / 1e6:.1f} MB "
-                f"-> {self.model_bytes_after / 1e6:.1f} MB")  # fmt: skip
+        return (
+            f"{self.recipe}, group {self.group_size}: {layers}; model {self.model_bytes_before / 1e6:.1f} MB "
+            f"-> {self.model_bytes_after / 1e6:.1f} MB"
+        )
 
 
 def recipe_bits(recipe: str, name: str) -> int | None:
@@ -111,11 +113,18 @@ def _predicate_bits(choice, default: int | None, name: str) -> int | None:
         return None
     if isinstance(choice, int) and choice in BITS:
         return choice
-    raise ValueError(f"predicate returned {choice!r} for layer {name!r}; accepted: True, False or bits {BITS}")
+    raise ValueError(
+        f"predicate returned {choice!r} for layer {name!r}; accepted: True, False or bits {BITS}"
+    )
 
 
-def quantize(model: nn.Module, recipe: str = "speed-4bit", group_size: int = 64,
-             predicate: Predicate | None = None, backend: str = "torch") -> QuantizationReport:  # fmt: skip
+def quantize(
+    model: nn.Module,
+    recipe: str = "speed-4bit",
+    group_size: int = 64,
+    predicate: Predicate | None = None,
+    backend: str = "torch",
+) -> QuantizationReport:
     """Replace `model`'s nn.Linear layers by QuantizedLinear in place, as `recipe` (and `predicate`) say.
 
     Args:
@@ -138,21 +147,30 @@ def quantize(model: nn.Module, recipe: str = "speed-4bit", group_size: int = 64,
                 layer = QuantizedLinear.from_linear(linear, bits, group_size, backend)
             _replace(model, name, layer)
             after = layer.nbytes()
-        report.layers.append(LayerReport(name, (linear.out_features, linear.in_features), bits, before, after))
+        report.layers.append(
+            LayerReport(name, (linear.out_features, linear.in_features), bits, before, after)
+        )
     report.model_bytes_after = model_bytes(model)
     _remember(model, report)
     return report
 
 
 def apply_plan(model: nn.Module, plan: dict, group_size: int, backend: str = "torch") -> None:
-    """Swap the planned linears for empty QuantizedLinear layers of the same shapes (for loading a checkpoint)."""
+    """Swap the planned linears for empty QuantizedLinear layers of the same shapes (to load a checkpoint)."""
     for name, bits in plan.items():
         if bits is None:
             continue
         linear = model.get_submodule(name)
-        layer = QuantizedLinear(linear.in_features, linear.out_features, bits, group_size,
-                                bias=linear.bias is not None, dtype=linear.weight.dtype,
-                                device=linear.weight.device, backend=backend)  # fmt: skip
+        layer = QuantizedLinear(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+            backend=backend,
+        )
         _replace(model, name, layer)
 
 
@@ -175,5 +193,9 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 def _remember(model: nn.Module, report: QuantizationReport) -> None:
     """Keep the recipe on the model (checkpoints write it into config.json)."""
-    model.attnforge_quantization = {"recipe": report.recipe, "group_size": report.group_size,
-                                    "backend": report.backend, "bits": report.bits}  # fmt: skip
+    model.attnforge_quantization = {
+        "recipe": report.recipe,
+        "group_size": report.group_size,
+        "backend": report.backend,
+        "bits": report.bits,
+    }
