@@ -65,7 +65,9 @@ def convert(
 def bench_quant(
     model: Annotated[str, typer.Option(help="smollm2 (real weights) or a bundled architecture.")] = "smollm2",
     recipes: Annotated[str, typer.Option(help="Comma-separated recipes (default: all).")] = "",
-    group_sizes: Annotated[str, typer.Option(help="Comma-separated group sizes.")] = "32,64,128",
+    group_sizes: Annotated[
+        str, typer.Option(help="Comma-separated group sizes, run in this order.")
+    ] = "64,32,128",
     layers: Annotated[int | None, typer.Option(help="Random-weight architectures: keep N layers.")] = None,
     vocab: Annotated[int | None, typer.Option(help="Random-weight architectures: vocabulary size.")] = None,
     tokens: Annotated[int, typer.Option(help="Random-weight architectures: random tokens to score.")] = 256,
@@ -103,17 +105,19 @@ def bench_quant(
             f"random weights, random tokens, overrides {overrides or 'none'} (perplexity means nothing here)"
         )
         name, text = model, f"{tokens} random token ids (seed 0)"
+    stem = stem or default_stem("quant-quality", name)
+
+    def save(rows: list[dict], label: str) -> None:  # after every row: a long CPU run keeps what it has
+        doc = quality.quality_document(name, what, rows, ids.shape[1], torch.float32, text)
+        quality.write_quality(doc, out, stem)
+        if label:
+            console.print(f"[dim]{escape(label)}")
+
     try:
-        rows = quality.quality_run(
-            loaded,
-            ids,
-            recipes=chosen,
-            group_sizes=sizes,
-            progress=lambda label: console.print(f"[dim]{escape(label)}"),
-        )
+        rows = quality.quality_run(loaded, ids, recipes=chosen, group_sizes=sizes, on_row=save)
     except ValueError as error:
         raise _fail(str(error)) from None
     doc = quality.quality_document(name, what, rows, ids.shape[1], torch.float32, text)
-    paths = quality.write_quality(doc, out, stem or default_stem("quant-quality", name))
     console.print(quality.quality_markdown(doc))
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
     console.print("wrote " + ", ".join(str(p) for p in paths))

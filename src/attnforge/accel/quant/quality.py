@@ -54,48 +54,40 @@ def quality_run(
     ids: torch.Tensor,
     *,
     recipes=tuple(RECIPES),
-    group_sizes=(32, 64, 128),
-    progress: Callable[[str], None] | None = None,
+    group_sizes=(64, 32, 128),
+    on_row: Callable[[list[dict], str], None] | None = None,
 ) -> list[dict]:
-    """One row per (recipe, group size), after a row for the unquantized model. `model` is not changed.
+    """One row per (group size, recipe), in that order, after a row for the unquantized model. `model` is not
+    changed. `on_row(rows so far, label of the next row)` is called before each quantized row and at the end
+    (label "") so a long run can save what it has.
 
     Args:
         model: an unquantized causal LM; ids: `[1, T]` token ids on the model's device.
     """
     reference = sequence_logits(model, ids)
     rows = [
-        {
-            "recipe": "unquantized",
-            "group_size": None,
-            "perplexity": perplexity(reference, ids),
-            "rel_l2": 0.0,
-            "top1_agreement": 1.0,
-            "weight_bytes": model_bytes(model),
-            "quantize_s": 0.0,
-        }
-    ]
-    for recipe in recipes:
-        for group_size in group_sizes:
-            if progress is not None:
-                progress(f"{recipe}, group {group_size}")
-            copied = copy.deepcopy(model)
-            start = time.perf_counter()
-            report = quantize(copied, recipe, group_size)
-            seconds = time.perf_counter() - start
-            logits = sequence_logits(copied, ids)
-            rows.append(
-                {
-                    "recipe": recipe,
-                    "group_size": group_size,
-                    "perplexity": perplexity(logits, ids),
-                    **logit_error(reference, logits),
-                    "weight_bytes": report.model_bytes_after,
-                    "quantize_s": seconds,
-                    "layers": report.summary(),
-                }
-            )
-            del copied
+        {"recipe": "unquantized", "group_size": None, "perplexity": perplexity(reference, ids),
+         "rel_l2": 0.0, "top1_agreement": 1.0, "weight_bytes": model_bytes(model), "quantize_s": 0.0}
+    ]  # fmt: skip
+    for group_size in group_sizes:
+        for recipe in recipes:
+            if on_row is not None:
+                on_row(rows, f"{recipe}, group {group_size}")
+            rows.append(_quality_row(model, ids, reference, recipe, group_size))
+    if on_row is not None:
+        on_row(rows, "")
     return rows
+
+
+def _quality_row(model, ids, reference, recipe: str, group_size: int) -> dict:
+    copied = copy.deepcopy(model)
+    start = time.perf_counter()
+    report = quantize(copied, recipe, group_size)
+    seconds = time.perf_counter() - start
+    logits = sequence_logits(copied, ids)
+    return {"recipe": recipe, "group_size": group_size, "perplexity": perplexity(logits, ids),
+            **logit_error(reference, logits), "weight_bytes": report.model_bytes_after, "quantize_s": seconds,
+            "layers": report.summary()}  # fmt: skip
 
 
 def quality_document(
