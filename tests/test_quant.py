@@ -271,7 +271,9 @@ def test_accelerator_gives_the_quantized_models_greedy_tokens(model_type, recipe
 def test_quality_measures_agree_with_their_definitions():
     logits = torch.randn(6, VOCAB)
     tokens = torch.randint(0, VOCAB, (1, 6))
-    assert logit_error(logits, logits) == {"rel_l2": 0.0, "top1_agreement": 1.0}
+    assert logit_error(logits, logits) == {"rel_l2": 0.0, "top1_agreement": 1.0, "kl": 0.0}
+    shifted = logit_error(logits, logits + 3.0)  # softmax ignores a shift; L2 does not
+    assert shifted["kl"] == pytest.approx(0.0, abs=1e-5) and shifted["rel_l2"] > 0.5
     uniform = torch.zeros(6, VOCAB)
     assert perplexity(uniform, tokens) == pytest.approx(VOCAB)
     assert 2000 < len(quality_text()) < 5000

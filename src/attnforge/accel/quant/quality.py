@@ -42,11 +42,14 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def logit_error(reference: torch.Tensor, logits: torch.Tensor) -> dict:
-    """Relative L2 error `||logits - reference|| / ||reference||` over all positions `[T, vocab]`, and the
-    fraction of positions whose argmax token agrees."""
+    """Against `reference` `[T, vocab]`: the relative L2 error `||logits - reference|| / ||reference||` over
+    all positions, the fraction of positions whose argmax token agrees, and the mean KL divergence
+    KL(reference || quantized) per position in nats (blind to a shift of all logits, which L2 is not)."""
     rel_l2 = float((logits - reference).norm() / reference.norm())
     agree = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
-    return {"rel_l2": rel_l2, "top1_agreement": agree}
+    log_p, log_q = reference.log_softmax(-1), logits.log_softmax(-1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    return {"rel_l2": rel_l2, "top1_agreement": agree, "kl": kl}
 
 
 def quality_run(
@@ -66,8 +69,8 @@ def quality_run(
     """
     reference = sequence_logits(model, ids)
     rows = [
-        {"recipe": "unquantized", "group_size": None, "perplexity": perplexity(reference, ids),
-         "rel_l2": 0.0, "top1_agreement": 1.0, "weight_bytes": model_bytes(model), "quantize_s": 0.0}
+        {"recipe": "unquantized", "group_size": None, "perplexity": perplexity(reference, ids), "rel_l2": 0.0,
+         "top1_agreement": 1.0, "kl": 0.0, "weight_bytes": model_bytes(model), "quantize_s": 0.0}
     ]  # fmt: skip
     for group_size in group_sizes:
         for recipe in recipes:
@@ -106,7 +109,7 @@ def quality_document(
         "rows": rows,
         "environment": run_environment(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "method": "perplexity of one forward over the whole text; logit error and top-1 agreement against "
+        "method": "perplexity of one forward over the whole text; logit error, KL and top-1 agreement vs "
         "the unquantized model at every position; weight_bytes = parameters and buffers, tied "
         "tensors once (the checkpoint's tensors); quantization on CPU, round to nearest with a "
         "per-group clipping search",
@@ -117,13 +120,22 @@ def quality_markdown(doc: dict) -> str:
     """A markdown table of one quality document."""
     from attnforge.bench.report import environment_lines, markdown_table
 
-    header = ["recipe", "group", "perplexity", "logit rel L2", "top-1 agreement", "weights MB"]
+    header = [
+        "recipe",
+        "group",
+        "perplexity",
+        "logit rel L2",
+        "KL nats/token",
+        "top-1 agreement",
+        "weights MB",
+    ]
     rows = [
         [
             r["recipe"],
             r["group_size"] or "-",
             f"{r['perplexity']:.3f}",
             f"{r['rel_l2']:.4f}",
+            _kl(r),
             f"{r['top1_agreement'] * 100:.1f}%",
             f"{r['weight_bytes'] / 1e6:.1f}",
         ]
@@ -139,6 +151,10 @@ def quality_markdown(doc: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _kl(row: dict) -> str:
+    return "-" if row.get("kl") is None else f"{row['kl']:.4f}"
 
 
 def write_quality(doc: dict, folder: str | Path, stem: str) -> list[Path]:
