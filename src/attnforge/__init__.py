@@ -2,9 +2,10 @@
 
 `import attnforge` stays light: the optimizer loads on first use of its names, and transformers only when an
 integration name (patch_transformers, optimized, ...) is first used; likewise the accelerator (`accelerate`,
-`Accelerator`) and its profiling helpers (`profile_model`, `benchmark_operation`, `device_info`). `af.mlx` is
-the mlx-lm integration (attnforge.integrations.mlx_lm), imported on first access; without MLX that access
-raises ImportError with the install command.
+`Accelerator`), its profiling helpers (`profile_model`, `benchmark_operation`, `device_info`) and weight
+quantization (`quantize`, `load_quantized`). `af.mlx` is the mlx-lm integration
+(attnforge.integrations.mlx_lm), imported on first access; without MLX that access raises ImportError with the
+install command.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ _LAZY = {
     "profile_model": "attnforge.accel.profiling",
     "benchmark_operation": "attnforge.accel.profiling",
     "device_info": "attnforge.accel.profiling",
+    "quantize": "attnforge.accel.quant",
+    "load_quantized": "attnforge.accel.quant",
 }
 
 # Attribute -> integration module, imported on first access. Not in __all__: `from attnforge import *` must

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup, TyperOption
 
-from attnforge import cli_accel, verify
+from attnforge import cli_accel, cli_quant, verify
 from attnforge.bench import report
 from attnforge.bench.cli import bench_app, model_help, require_model
 from attnforge.config import MAX_DECODE_QUERY_LEN, AttentionConfig
@@ -56,6 +56,8 @@ app.add_typer(bench_app, name="bench")
 app.command()(cli_accel.generate)
 app.command()(cli_accel.chat)
 bench_app.command("accel")(cli_accel.bench_accel)
+app.command()(cli_quant.convert)
+bench_app.command("quant")(cli_quant.bench_quant)
 app.add_typer(evolve_app, name="evolve")
 console = Console()
 

@@ -13,7 +13,6 @@ or torch SDPA with a mask built from the same lengths where Triton cannot run (C
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from attnforge.accel.cache import StaticKVCache
 from attnforge.accel.layout import LayerPlan, ModelPlan
@@ -136,7 +135,7 @@ class Walk:
         batch, length, _ = hidden.shape
         plan = self.plan
         x = layer.input_norm(hidden)
-        q, k, v = F.linear(x, layer.qkv_weight, layer.qkv_bias).split(layer.qkv_sizes, dim=-1)
+        q, k, v = layer.qkv(x).split(layer.qkv_sizes, dim=-1)
         q = q.view(batch, length, plan.num_heads, plan.head_dim)
         k = k.view(batch, length, plan.num_kv_heads, plan.head_dim)
         if layer.q_norm is not None:
@@ -154,5 +153,5 @@ class Walk:
             )
         hidden = hidden + layer.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
         x = layer.post_norm(hidden)
-        gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return hidden + layer.down_proj(layer.act(gate) * up)

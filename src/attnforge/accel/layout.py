@@ -9,6 +9,9 @@ embedding, rotary embedding, norms, activation, output projections and LM head, 
     (and the model's own outputs) stay exactly the same and no memory is duplicated;
   - no per-step mask, cache protocol or Python dispatch: attention reads per-sequence valid lengths.
 Families whose layers have this layout are listed in FAMILIES; anything else is refused with the reason.
+Quantized models (attnforge.quantize) are fused the same way: the QuantizedLinear layers' codes, scales and
+zeros are concatenated along the output rows (`fuse_quantized`), unless the fused layers differ in bits or
+group size (a predicate's choice), in which case each projection runs alone and the outputs are concatenated.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from attnforge.accel.quant.linear import QuantizedLinear, fuse_quantized
 from attnforge.config import SUPPORTED_HEAD_DIMS
 
 # model_type -> what differs from Llama in the decoder layer (all share the walk in forward.py)
@@ -41,21 +46,39 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class LayerPlan:
-    """One decoder layer: the model's modules, and the fused projection weights (views of the originals)."""
+    """One decoder layer: the model's modules, and the fused projection weights (views of the originals).
+
+    A quantized model has no fused weight tensors (`qkv_weight`, `gate_up_weight` are None): `qkv_quantized` /
+    `gate_up_quantized` compute the fused projections instead.
+    """
 
     input_norm: nn.Module
     post_norm: nn.Module
-    qkv_weight: torch.Tensor
+    qkv_weight: torch.Tensor | None
     qkv_bias: torch.Tensor | None
     qkv_sizes: tuple[int, int, int]
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     o_proj: nn.Module
-    gate_up_weight: torch.Tensor
+    gate_up_weight: torch.Tensor | None
     gate_up_bias: torch.Tensor | None
     down_proj: nn.Module
     act: nn.Module
     scale: float
+    qkv_quantized: nn.Module | None = None
+    gate_up_quantized: nn.Module | None = None
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """`[b, L, hidden] -> [b, L, q + k + v sizes]`."""
+        if self.qkv_quantized is not None:
+            return self.qkv_quantized(x)
+        return F.linear(x, self.qkv_weight, self.qkv_bias)
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """`[b, L, hidden] -> [b, L, 2 * intermediate]`."""
+        if self.gate_up_quantized is not None:
+            return self.gate_up_quantized(x)
+        return F.linear(x, self.gate_up_weight, self.gate_up_bias)
 
 
 @dataclass
@@ -83,7 +106,7 @@ class ModelPlan:
         which only the looked-up rows are read (unless the LM head shares it, then it is read whole)."""
         seen: set[int] = set()
         total = 0
-        for parameter in self.model.parameters():
+        for parameter in self.model.state_dict(keep_vars=True).values():  # quantized codes are buffers
             key = (
                 parameter.untyped_storage().data_ptr() + parameter.storage_offset() * parameter.element_size()
             )
@@ -92,7 +115,8 @@ class ModelPlan:
             seen.add(key)
             total += parameter.numel() * parameter.element_size()
         embedding = self.embed.weight
-        if embedding.data_ptr() != self.lm_head.weight.data_ptr():
+        head = getattr(self.lm_head, "weight", None)  # a quantized LM head has codes, not a weight
+        if head is None or embedding.data_ptr() != head.data_ptr():
             total -= embedding.numel() * embedding.element_size()
         return total
 
@@ -167,7 +191,7 @@ def plan_model(model: nn.Module, max_seq_len: int) -> ModelPlan:
         lm_head=lm_head, rotary=base.rotary_emb, apply_rope=_rope_function(first),
         layers=[_plan_layer(layer) for layer in base.layers], num_heads=num_heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads, head_dim=first.head_dim,
-        vocab_size=lm_head.weight.shape[0], dtype=parameter.dtype, device=parameter.device,
+        vocab_size=lm_head.out_features, dtype=parameter.dtype, device=parameter.device,
     )  # fmt: skip
 
 
@@ -248,23 +272,50 @@ def _activation(mlp: nn.Module):
 def _plan_layer(layer: nn.Module) -> LayerPlan:
     attention, mlp = layer.self_attn, layer.mlp
     if hasattr(attention, "qkv_proj"):
-        qkv_weight, qkv_bias = attention.qkv_proj.weight, attention.qkv_proj.bias
+        qkv = _projection([attention.qkv_proj])
     else:
-        qkv_weight, qkv_bias = fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj])
+        qkv = _projection([attention.q_proj, attention.k_proj, attention.v_proj])
     heads = attention.config.num_attention_heads
     kv_heads = getattr(attention.config, "num_key_value_heads", None) or heads
     head_dim = attention.head_dim
     sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
     if hasattr(mlp, "gate_up_proj"):
-        gate_up_weight, gate_up_bias = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
+        gate_up = _projection([mlp.gate_up_proj])
     else:
-        gate_up_weight, gate_up_bias = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        gate_up = _projection([mlp.gate_proj, mlp.up_proj])
     return LayerPlan(
-        input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm, qkv_weight=qkv_weight,
-        qkv_bias=qkv_bias, qkv_sizes=sizes, q_norm=getattr(attention, "q_norm", None),
-        k_norm=getattr(attention, "k_norm", None), o_proj=attention.o_proj, gate_up_weight=gate_up_weight,
-        gate_up_bias=gate_up_bias, down_proj=mlp.down_proj, act=_activation(mlp), scale=attention.scaling,
+        input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm, qkv_weight=qkv[0],
+        qkv_bias=qkv[1], qkv_sizes=sizes, q_norm=getattr(attention, "q_norm", None),
+        k_norm=getattr(attention, "k_norm", None), o_proj=attention.o_proj, gate_up_weight=gate_up[0],
+        gate_up_bias=gate_up[1], down_proj=mlp.down_proj, act=_activation(mlp), scale=attention.scaling,
+        qkv_quantized=qkv[2], gate_up_quantized=gate_up[2],
     )  # fmt: skip
+
+
+def _projection(
+    linears: list[nn.Module],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, nn.Module | None]:
+    """(fused weight, fused bias, None) for nn.Linear layers; (None, None, module) if any is quantized."""
+    if not any(isinstance(linear, QuantizedLinear) for linear in linears):
+        if len(linears) == 1:
+            return linears[0].weight, linears[0].bias, None
+        return (*fuse_linears(linears), None)
+    fused = None
+    if all(isinstance(linear, QuantizedLinear) for linear in linears):
+        fused = linears[0] if len(linears) == 1 else fuse_quantized(linears)
+    return None, None, fused if fused is not None else ConcatProjections(linears)
+
+
+class ConcatProjections(nn.Module):
+    """Projections that cannot share one matmul (different bits, or some unquantized): each runs on the same
+    input and the outputs are concatenated, `[..., hidden] -> [..., sum of out_features]`."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        super().__init__()
+        self.linears = nn.ModuleList(linears)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([linear(x) for linear in self.linears], dim=-1)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,266 @@
+"""Weight-only group-wise quantized linear layers: packing, `QuantizedLinear`, and its matmul backends.
+
+Format (one per layer, rows = output features, groups run along the input features):
+  - asymmetric integer codes: `w ~= (q - zero) * scale`, `q` in [0, 2^bits - 1], one `scale` (the model's
+    dtype) and one integer `zero` (uint8) per `group_size` consecutive input features of a row. The range of
+    each group always includes 0, so `zero` is an exact integer code and a constant or all-zero group is
+    exact; the clipping of each group's range is searched over CLIP_RATIOS for the least squared error
+    (round to nearest otherwise).
+  - `codes` uint8 `[out, in * bits / 8]`, row-major like the weight, so slicing rows slices codes (fusion):
+      8 bits: one code per byte;
+      4 bits: two per byte, element 2j in the low nibble and 2j+1 in the high one;
+      5 bits: a 4-bit plane (the low 4 bits, packed as 4-bit, `in/2` bytes) followed by a 1-bit plane (bit 4
+              of element 8j+k in bit k of byte j, `in/8` bytes): 8 values in 5 bytes, and the 4-bit plane is
+              the layout a 4-bit kernel already reads.
+Dequantization is tensor arithmetic only (shifts, masks, one multiply): no host sync and no data-dependent
+Python, so it runs on CPU and CUDA, under torch.compile(fullgraph=True) and inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITS = (4, 5, 8)
+GROUP_SIZES = (32, 64, 128)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes `q` uint8 `[out, in]` (values < 2^bits, `in` divisible by 8) into
+    `[out, in*bits/8]`."""
+    _check_bits(bits)
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
+    if bits == 4:
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    rows, cols = q.shape
+    high = ((q >> 4) & 1).view(rows, cols // 8, 8)
+    shifts = torch.arange(8, device=q.device, dtype=torch.uint8)
+    plane = (high << shifts).sum(-1, dtype=torch.uint8)
+    return torch.cat([pack_codes(q & 15, 4), plane], dim=1)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Integer codes uint8 `[out, in_features]` from packed `codes` `[out, in_features*bits/8]`."""
+    rows = codes.shape[0]
+    if bits == 8:
+        return codes
+    if bits == 4:
+        return torch.stack([codes & 15, codes >> 4], dim=-1).view(rows, in_features)
+    low = unpack_codes(codes[:, : in_features // 2], 4, in_features)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    high = ((codes[:, in_features // 2 :, None] >> shifts) & 1).view(rows, in_features)
+    return low | (high << 4)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None):
+    """Group-wise asymmetric quantization of `weight` `[out, in]`.
+
+    Returns:
+        (codes uint8 `[out, in*bits/8]`, scales `[out, in/group_size]` in `scale_dtype` (default: the
+        weight's), zeros uint8 `[out, in/group_size]`).
+    """
+    _check_bits(bits)
+    rows, cols = weight.shape
+    scale_dtype = scale_dtype or weight.dtype
+    maxq = 2**bits - 1
+    w = weight.detach().float().view(rows, cols // group_size, group_size)
+    low, high = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    best = None
+    for ratio in CLIP_RATIOS:
+        scale = ((high - low) * ratio / maxq).clamp(min=torch.finfo(scale_dtype).tiny)
+        scale = scale.to(scale_dtype).float()  # the codes are chosen for the scale as stored
+        zero = torch.round(-low * ratio / scale).clamp(0, maxq)
+        q = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(0, maxq)
+        error = ((q - zero[..., None]) * scale[..., None] - w).square().sum(-1)
+        if best is None:
+            best = [error, q, scale, zero]
+            continue
+        better = error < best[0]
+        best[0] = torch.where(better, error, best[0])
+        best[1] = torch.where(better[..., None], q, best[1])
+        best[2] = torch.where(better, scale, best[2])
+        best[3] = torch.where(better, zero, best[3])
+    _, q, scale, zero = best
+    codes = pack_codes(q.view(rows, cols).to(torch.uint8), bits)
+    return codes, scale.to(scale_dtype), zero.to(torch.uint8)
+
+
+def dequantize_weight(codes, scales, zeros, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """The weight `[out, in_features]` in the scales' dtype: `(q - zero) * scale` per group."""
+    rows = codes.shape[0]
+    q = unpack_codes(codes, bits, in_features).view(rows, in_features // group_size, group_size)
+    dtype = scales.dtype
+    weight = (q.to(dtype) - zeros[..., None].to(dtype)) * scales[..., None]
+    return weight.view(rows, in_features)
+
+
+def _torch_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """Reference backend: dequantize the whole weight, then one F.linear (portable, not fast)."""
+    return F.linear(x, layer.dequantize(), layer.bias)
+
+
+# name -> function(layer, x [..., in]) -> [..., out]. GPU backends (gemlite, torchao, a Triton GEMV) plug in
+# here.
+MATMUL_BACKENDS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]] = {"torch": _torch_matmul}
+
+
+def register_backend(name: str, function: Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]) -> None:
+    """Make `function(layer, x) -> y` available as `QuantizedLinear(..., backend=name)`."""
+    MATMUL_BACKENDS[name] = function
+
+
+def check_backend(backend: str) -> None:
+    if backend not in MATMUL_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not a registered matmul backend ({', '.join(MATMUL_BACKENDS)})"
+        )
+
+
+class QuantizedLinear(nn.Module):
+    """`nn.Linear` with weight-only group-wise quantized weights (see the module docstring for the format).
+
+    Buffers: `codes` uint8 `[out, in*bits/8]`, `scales` `[out, in/group_size]` (model dtype), `zeros` uint8
+    `[out, in/group_size]`; `bias` `[out]` (a parameter, unquantized) or None.
+    forward: `[..., in] -> [..., out]`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        *,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        _check_bits(bits)
+        check_group_size(group_size, in_features)
+        check_backend(backend)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.backend = bits, group_size, backend
+        groups = in_features // group_size
+        self.register_buffer(
+            "codes", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "torch"):
+        """Quantize `linear` (its weight `[out, in]`); scales take the weight's dtype, the bias is kept."""
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+            backend=backend,
+        )
+        codes, scales, zeros = quantize_weight(weight, bits, group_size)
+        layer.codes.copy_(codes)
+        layer.scales.copy_(scales)
+        layer.zeros.copy_(zeros)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight `[out, in]` in the scales' dtype."""
+        return dequantize_weight(
+            self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return MATMUL_BACKENDS[self.backend](self, x)
+
+    def nbytes(self) -> int:
+        """Bytes of codes, scales, zeros and bias."""
+        tensors = [self.codes, self.scales, self.zeros] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend!r}"
+        )
+
+
+def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """One QuantizedLinear whose output rows are `layers`' outputs concatenated, or None when they differ in
+    bits, group size, input size, backend or bias presence. Each layer's buffers are re-pointed at its rows of
+    the fused ones (same values, no second copy); a second call finds them adjacent and reuses them."""
+    first = layers[0]
+    same = {(q.bits, q.group_size, q.in_features, q.backend, q.bias is None) for q in layers}
+    if len(same) != 1:
+        return None
+    fused = QuantizedLinear(
+        first.in_features,
+        sum(q.out_features for q in layers),
+        first.bits,
+        first.group_size,
+        bias=first.bias is not None,
+        dtype=first.scales.dtype,
+        device="meta",
+        backend=first.backend,
+    )
+    for name in ("codes", "scales", "zeros"):
+        setattr(fused, name, _fuse_rows(layers, name))
+    if first.bias is not None:
+        fused.bias = nn.Parameter(_fuse_rows(layers, "bias"), requires_grad=False)
+    return fused
+
+
+def _fuse_rows(layers: list[nn.Module], name: str) -> torch.Tensor:
+    tensors = [getattr(layer, name) for layer in layers]
+    rows = sum(t.shape[0] for t in tensors)
+    base = tensors[0]
+    offset = base.storage_offset()
+    adjacent = True
+    for tensor in tensors:
+        same_storage = tensor.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        adjacent = adjacent and tensor.is_contiguous() and same_storage and tensor.storage_offset() == offset
+        offset += tensor.numel()
+    if adjacent:
+        return base.as_strided((rows, *base.shape[1:]), base.stride(), base.storage_offset())
+    with torch.no_grad():
+        fused = torch.cat([t.detach() for t in tensors])
+    start = 0
+    for layer, tensor in zip(layers, tensors, strict=True):
+        part = fused[start : start + tensor.shape[0]]
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = part
+        else:
+            setattr(layer, name, part)
+        start += tensor.shape[0]
+    return fused
+
+
+def check_group_size(group_size: int, in_features: int | None = None, name: str | None = None) -> None:
+    """Raise ValueError naming the bad value and the accepted ones."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported; accepted: {GROUP_SIZES}")
+    if in_features is not None and in_features % group_size:
+        where = f"layer {name!r}: " if name else ""
+        raise ValueError(
+            f"{where}in_features={in_features} is not divisible by group_size={group_size}; accepted group "
+            f"sizes here: {tuple(g for g in GROUP_SIZES if in_features % g == 0) or 'none'}"
+        )
+
+
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits={bits!r} is not supported; accepted: {BITS}")

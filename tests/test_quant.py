@@ -1,0 +1,314 @@
+"""Weight quantization (attnforge.accel.quant): the packed format, recipes, errors, checkpoints, the
+accelerator on quantized models, and the command line. Tiny random-weight models, fp32 on CPU."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import attnforge as af
+from attnforge import cli
+from attnforge.accel.quant import QuantizedLinear, fuse_quantized, register_backend, save_quantized
+from attnforge.accel.quant.linear import (
+    MATMUL_BACKENDS,
+    dequantize_weight,
+    pack_codes,
+    quantize_weight,
+    unpack_codes,
+)
+from attnforge.accel.quant.quality import logit_error, perplexity, quality_run, quality_text
+
+VOCAB = 96
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=64,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
+            bos_token_id=1, eos_token_id=VOCAB - 1, pad_token_id=0)  # fmt: skip
+# relative L2 error of a Gaussian weight, per bits (measured ~0.087 / 0.044 / 0.0053 at group 64)
+MAX_WEIGHT_ERROR = {4: 0.1, 5: 0.05, 8: 0.007}
+
+
+def tiny_model(model_type: str = "llama", **overrides):
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def ids(length: int = 13, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB - 1, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The format
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("cols", [8, 64, 200])
+def test_packing_round_trips_every_code(bits, cols):
+    q = torch.randint(0, 2**bits, (5, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    q[0] = 2**bits - 1  # the extreme codes too
+    q[1] = 0
+    codes = pack_codes(q, bits)
+    assert codes.shape == (5, cols * bits // 8) and codes.dtype == torch.uint8
+    assert torch.equal(unpack_codes(codes, bits, cols), q)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_dequantized_weight_is_close_and_more_bits_are_closer(bits, group_size):
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    codes, scales, zeros = quantize_weight(weight, bits, group_size)
+    assert scales.shape == zeros.shape == (48, 256 // group_size)
+    back = dequantize_weight(codes, scales, zeros, bits, group_size, 256)
+    assert float((back - weight).norm() / weight.norm()) < MAX_WEIGHT_ERROR[bits] * (
+        1.2 if group_size == 128 else 1
+    )
+
+
+def test_constant_and_zero_groups_are_exact():
+    weight = torch.zeros(4, 64)
+    weight[1] = 0.37
+    weight[2] = -1.5
+    for bits in (4, 5, 8):
+        back = dequantize_weight(*quantize_weight(weight, bits, 32), bits, 32, 64)
+        assert torch.allclose(back, weight, rtol=1e-6, atol=0), bits
+
+
+def test_quantized_linear_keeps_the_bias_and_shapes():
+    linear = torch.nn.Linear(64, 24, bias=True)
+    layer = QuantizedLinear.from_linear(linear, 8, 32)
+    x = torch.randn(2, 3, 64)
+    assert layer(x).shape == (2, 3, 24)
+    assert torch.equal(layer.bias, linear.bias)
+    with torch.no_grad():
+        assert float((layer(x) - linear(x)).norm() / linear(x).norm()) < 0.01
+    assert layer.nbytes() == 24 * 64 + 24 * 2 * 4 + 24 * 2 + 24 * 4
+
+
+def test_quantized_linear_compiles_without_graph_breaks():
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 40), 5, 32)
+    x = torch.randn(3, 64)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # dynamo traces it whole: no breaks
+    assert torch.equal(compiled(x), layer(x))
+
+
+def test_fused_quantized_layers_share_storage_and_give_concatenated_outputs():
+    layers = [QuantizedLinear.from_linear(torch.nn.Linear(64, n), 4, 32) for n in (16, 8, 8)]
+    x = torch.randn(2, 64)
+    expected = torch.cat([layer(x) for layer in layers], dim=-1)
+    fused = fuse_quantized(layers)
+    assert torch.equal(fused(x), expected)
+    assert layers[1].codes.data_ptr() == fused.codes.data_ptr() + 16 * fused.codes.shape[1]
+    assert torch.equal(torch.cat([layer(x) for layer in layers], dim=-1), expected)  # each still works
+    assert fuse_quantized(layers).codes.data_ptr() == fused.codes.data_ptr()  # a second fusion copies nothing
+    other = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), 8, 32)
+    assert fuse_quantized([layers[0], other]) is None  # different bits: not one matmul
+
+
+def test_a_registered_backend_is_called():
+    calls = []
+
+    def counting(layer, x):
+        calls.append(x.shape)
+        return MATMUL_BACKENDS["torch"](layer, x)
+
+    register_backend("counting", counting)
+    try:
+        model = tiny_model()
+        af.quantize(model, "speed-4bit", 32, backend="counting")
+        model(ids())
+        assert len(calls) == 2 * 7 + 1  # seven linears per layer and the LM head
+    finally:
+        MATMUL_BACKENDS.pop("counting")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipes, predicates, report
+
+
+@pytest.mark.parametrize(("recipe", "bits"), [("speed-4bit", 4), ("balanced-5bit", 5), ("quality-8bit", 8)])
+def test_uniform_recipes_quantize_every_linear(recipe, bits):
+    model = tiny_model()
+    reference = model(ids()).logits
+    report = af.quantize(model, recipe, 64)
+    assert set(report.bits.values()) == {bits} and len(report.bits) == 15
+    assert isinstance(model.lm_head, QuantizedLinear)
+    assert report.model_bytes_after < report.model_bytes_before
+    layer = report.layers[0]
+    assert layer.shape == (256, 64)  # q_proj: 4 heads x 64
+    assert layer.bytes_before == 256 * 64 * 4 and layer.bytes_after == 256 * (64 * bits // 8 + 4 + 1)
+    with torch.no_grad():
+        error = float((model(ids()).logits - reference).norm() / reference.norm())
+    assert error < {4: 0.5, 5: 0.25, 8: 0.04}[bits], error  # measured 0.38, 0.16, 0.022
+
+
+def test_mixed_keeps_the_lm_head_and_raises_v_and_down_to_8_bits():
+    model = tiny_model()
+    report = af.quantize(model, "mixed", 32)
+    assert report.bits["lm_head"] is None and isinstance(model.lm_head, torch.nn.Linear)
+    assert report.bits["model.layers.0.self_attn.v_proj"] == 8
+    assert report.bits["model.layers.1.mlp.down_proj"] == 8
+    assert report.bits["model.layers.0.self_attn.q_proj"] == 4
+    assert "unquantized" in report.summary()
+
+
+def test_a_predicate_chooses_per_layer():
+    def rule(name, module):
+        if name.endswith("o_proj"):
+            return False
+        return 8 if ".0." in name else True
+
+    model = tiny_model()
+    report = af.quantize(model, "balanced-5bit", 32, predicate=rule)
+    assert report.bits["model.layers.0.self_attn.o_proj"] is None
+    assert report.bits["model.layers.0.mlp.up_proj"] == 8
+    assert report.bits["model.layers.1.mlp.up_proj"] == 5
+    assert isinstance(model.model.layers[0].self_attn.o_proj, torch.nn.Linear)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"recipe": "fast-3bit"}, "recipe='fast-3bit' is not a quantization recipe; accepted: speed-4bit, "
+                                  "balanced-5bit, quality-8bit, mixed"),
+        ({"group_size": 48}, "group_size=48 is not supported; accepted: (32, 64, 128)"),
+        ({"predicate": lambda name, module: 3},
+         "predicate returned 3 for layer 'model.layers.0.self_attn.q_proj'; "
+         "accepted: True, False or bits (4, 5, 8)"),
+        ({"backend": "cuda-magic"}, "backend='cuda-magic' is not a registered matmul backend (torch)"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_name_the_value_and_the_accepted_ones(kwargs, message):
+    model = tiny_model()
+    with pytest.raises(ValueError) as error:
+        af.quantize(model, **{"recipe": "speed-4bit", **kwargs})
+    assert message in str(error.value)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # nothing was changed
+
+
+def test_in_features_not_divisible_by_the_group_size_is_refused_with_the_layer():
+    model = tiny_model(intermediate_size=96)  # down_proj has 96 inputs: 32 divides it, 64 does not
+    with pytest.raises(ValueError) as error:
+        af.quantize(model, "speed-4bit", 64)
+    assert "layer 'model.layers.0.mlp.down_proj': in_features=96 is not divisible by group_size=64" in str(
+        error.value
+    )
+    assert "accepted group sizes here: (32,)" in str(error.value)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, torch.nn.Linear)  # checked before any change
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@pytest.mark.parametrize("recipe", ["balanced-5bit", "mixed"])
+def test_saved_checkpoint_loads_back_with_identical_logits(tmp_path, recipe):
+    model = tiny_model(tie_word_embeddings=recipe == "mixed")  # mixed keeps the tied head: stored once
+    af.quantize(model, recipe, 32)
+    with torch.no_grad():
+        expected = model(ids()).logits
+    save_quantized(model, tmp_path)
+    section = json.loads((tmp_path / "config.json").read_text())["quantization"]
+    assert section["recipe"] == recipe and section["group_size"] == 32 and section["device"] == "cpu"
+    assert section["bits"]["model.layers.0.self_attn.q_proj"] in (4, 5)
+    assert {"attnforge_version", "torch_version", "dtype"} <= set(section)
+    if recipe == "mixed":
+        assert section["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = af.load_quantized(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, expected)
+
+
+def test_saving_an_unquantized_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(tiny_model(), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The accelerator on quantized models
+
+
+def greedy(model, tokens: torch.Tensor, new: int) -> list[int]:
+    """The quantized model's own greedy tokens: a full forward per step (no cache)."""
+    out = []
+    with torch.no_grad():
+        for _ in range(new):
+            token = int(model(tokens).logits[0, -1].argmax())
+            out.append(token)
+            tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+    return out
+
+
+ACCELERATED = [
+    ("llama", "speed-4bit"),
+    ("llama", "mixed"),
+    ("qwen2", "balanced-5bit"),
+    ("phi3", "quality-8bit"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "recipe"), ACCELERATED)
+def test_accelerator_gives_the_quantized_models_greedy_tokens(model_type, recipe):
+    model = tiny_model(model_type)
+    af.quantize(model, recipe, 32)
+    prompt = ids(11)
+    expected = greedy(model, prompt, 5)
+    acc = af.accelerate(model, max_seq_len=64, attention="torch")
+    assert acc.generate(prompt[0].tolist(), max_new_tokens=5, ignore_eos=True).tokens == [expected]
+    layer = acc.plan.layers[0]
+    assert layer.qkv_weight is None and layer.qkv_quantized is not None
+    if recipe != "mixed":  # one fused matmul whose codes are the projections' own
+        q_proj = model.model.layers[0].self_attn
+        q_proj = getattr(q_proj, "q_proj", None) or q_proj.qkv_proj
+        assert layer.qkv_quantized.codes.data_ptr() == q_proj.codes.data_ptr()
+    assert acc.weight_bytes < sum(p.numel() * 4 for p in tiny_model(model_type).parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quality measurement and the command line
+
+
+def test_quality_measures_agree_with_their_definitions():
+    logits = torch.randn(6, VOCAB)
+    tokens = torch.randint(0, VOCAB, (1, 6))
+    assert logit_error(logits, logits) == {"rel_l2": 0.0, "top1_agreement": 1.0, "kl": 0.0}
+    shifted = logit_error(logits, logits + 3.0)  # softmax ignores a shift; L2 does not
+    assert shifted["kl"] == pytest.approx(0.0, abs=1e-5) and shifted["rel_l2"] > 0.5
+    uniform = torch.zeros(6, VOCAB)
+    assert perplexity(uniform, tokens) == pytest.approx(VOCAB)
+    assert 2000 < len(quality_text()) < 5000
+
+
+def test_quality_run_leaves_the_model_alone_and_rows_follow_bits():
+    model = tiny_model()
+    rows = quality_run(model, ids(30), recipes=["speed-4bit", "quality-8bit"], group_sizes=[32])
+    assert [r["recipe"] for r in rows] == ["unquantized", "speed-4bit", "quality-8bit"]
+    assert rows[2]["rel_l2"] < rows[1]["rel_l2"]
+    assert rows[2]["weight_bytes"] > rows[1]["weight_bytes"]
+    assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_convert_command_writes_a_checkpoint_that_loads(tmp_path):
+    source = tmp_path / "source"
+    model = tiny_model()
+    model.save_pretrained(source)
+    destination = tmp_path / "quantized"
+    args = ["convert", str(source), str(destination), "--recipe", "quality-8bit", "--group-size", "32",
+            "--predicate", "tests.test_quant:keep_lm_head"]  # fmt: skip
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert "weights from the checkpoint" in result.output and "14 8-bit, 1 unquantized" in result.output
+    loaded = af.load_quantized(destination)
+    assert isinstance(loaded.lm_head, torch.nn.Linear)
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantizedLinear)
+
+
+def test_convert_command_refuses_a_bad_recipe_in_one_line(tmp_path):
+    result = CliRunner().invoke(cli.app, ["convert", "smollm2", str(tmp_path), "--recipe", "tiny"])
+    assert result.exit_code == 2
+    assert "recipe='tiny' is not a quantization recipe; accepted:" in result.output
+
+
+def keep_lm_head(name, module):
+    """A --predicate for the CLI test."""
+    return name != "lm_head"
