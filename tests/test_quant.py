@@ -312,3 +312,34 @@ def test_convert_command_refuses_a_bad_recipe_in_one_line(tmp_path):
 def keep_lm_head(name, module):
     """A --predicate for the CLI test."""
     return name != "lm_head"
+
+
+def test_bench_quant_commands_write_their_results_where_asked(tmp_path):
+    """Quality (random weights, one layer) and decode speed (a CPU smoke test) per recipe, saved."""
+    small = [
+        "--model",
+        "qwen3-0.6b",
+        "--layers",
+        "1",
+        "--vocab",
+        "512",
+        "--recipes",
+        "quality-8bit,speed-4bit",
+    ]
+    quality_args = ["bench", "quant", *small, "--group-sizes", "32", "--tokens", "16", "--out", str(tmp_path)]
+    result = CliRunner().invoke(cli.app, [*quality_args, "--stem", "q"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["unquantized", "quality-8bit", "speed-4bit"]
+    speed_args = ["bench", "quant-speed", *small, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "1"]
+    result = CliRunner().invoke(cli.app, [*speed_args, "--out", str(tmp_path), "--stem", "s"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert [r["recipe"] for r in doc["rows"]] == ["float32", "quality-8bit", "speed-4bit"]
+    assert doc["rows"][0]["ratio"] == 1.0 and all(r["decode_tok_s"] > 0 for r in doc["rows"])
+    assert "smoke test" in doc["note"] and (tmp_path / "s.md").read_text().startswith("# Decode per")
+
+
+def test_bench_quant_speed_refuses_an_unknown_backend_in_one_line():
+    result = CliRunner().invoke(cli.app, ["bench", "quant-speed", "--backend", "gemlite"])
+    assert result.exit_code == 2 and "--backend 'gemlite' is not registered; accepted: torch" in result.output

@@ -58,6 +58,7 @@ app.command()(cli_accel.chat)
 bench_app.command("accel")(cli_accel.bench_accel)
 app.command()(cli_quant.convert)
 bench_app.command("quant")(cli_quant.bench_quant)
+bench_app.command("quant-speed")(cli_quant.bench_quant_speed)
 app.add_typer(evolve_app, name="evolve")
 console = Console()
 

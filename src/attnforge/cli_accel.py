@@ -397,7 +397,7 @@ def bench_accel(
     modules: tok/s, TTFT, achieved bandwidth; saved after every row. Without a GPU: an agreement check."""
     from attnforge.accel import benchmark
     from attnforge.bench import report
-    from attnforge.bench.cli import require_model, results_root
+    from attnforge.bench.cli import device_results_dir, require_model
 
     require_model(model)
     try:
@@ -412,9 +412,7 @@ def bench_accel(
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
         console.print(f"[yellow]{benchmark.NO_GPU_NOTE}")
-    from attnforge.kernels.tuning import gpu_key
-
-    folder = out or results_root() / gpu_key()
+    folder = out or device_results_dir()
     name = stem or report.default_stem(
         "accelerate", model.replace("/", "-") + (f"-b{batch}" if batch > 1 else "")
     )

@@ -30,7 +30,8 @@ def results_root() -> Path:
     return cache_dir() / "results"
 
 
-def _gpu_dir() -> Path:
+def device_results_dir() -> Path:
+    """results_root()/<device key> (h100, h200, cpu): the default folder of every result file."""
     from attnforge.kernels.tuning import gpu_key
 
     return results_root() / gpu_key()
@@ -111,7 +112,7 @@ def kernels(
     grid, chosen = _kernel_rows_and_providers(preset, only, providers)
     if not torch.cuda.is_available():
         console.print(f"[yellow]{sweep.NO_GPU_NOTE}.")
-    out_dir, stem = out or _gpu_dir(), stem or report.default_stem(_KERNEL_STEMS[preset])
+    out_dir, stem = out or device_results_dir(), stem or report.default_stem(_KERNEL_STEMS[preset])
 
     def checkpoint(partial: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +276,7 @@ def e2e(
         return
     require_model(model)
     _use_interpreter_without_gpu()
-    target, stem = out or _gpu_dir(), stem or _e2e_stem(model)
+    target, stem = out or device_results_dir(), stem or _e2e_stem(model)
     options.update(cache=cache, names=names, prompt_tokens=prompt_tokens)
     doc = _run_e2e(model, options, checkpoint=lambda partial: report.save(partial, target, stem))
     if doc.get("note"):
