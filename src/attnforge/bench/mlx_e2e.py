@@ -285,17 +285,7 @@ def markdown(doc: dict) -> str:
         verdict = "identical" if doc["tokens_match"] else "DIFFERENT"
         parts.append(f"Greedy tokens of mlx-lm unpatched and patched by attnforge: {verdict}.")
     else:
-        header = [
-            "scenario",
-            "prompt",
-            "new",
-            "side",
-            "TTFT ms",
-            "prefill tok/s",
-            "decode tok/s",
-            "total s",
-            "peak GiB",
-        ]
+        header = list(report.E2E_HEADER)
         rows = [
             [r["name"], r["prompt_tokens"], r["new_tokens"], side,
              *(_median(runs, metric) for metric in e2e.METRICS[:4]), _median(runs, "peak_mem_gib")]

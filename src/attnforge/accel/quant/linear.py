@@ -157,20 +157,17 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
+    def shaped_like(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "torch"):
+        """An empty (zero-filled) layer of `linear`'s shapes, dtype and device, to load a checkpoint into."""
+        weight = linear.weight
+        return cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+                   dtype=weight.dtype, device=weight.device, backend=backend)  # fmt: skip
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "torch"):
         """Quantize `linear` (its weight `[out, in]`); scales take the weight's dtype, the bias is kept."""
-        weight = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bits,
-            group_size,
-            bias=linear.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
-            backend=backend,
-        )
-        codes, scales, zeros = quantize_weight(weight, bits, group_size)
+        layer = cls.shaped_like(linear, bits, group_size, backend)
+        codes, scales, zeros = quantize_weight(linear.weight, bits, group_size)
         layer.codes.copy_(codes)
         layer.scales.copy_(scales)
         layer.zeros.copy_(zeros)

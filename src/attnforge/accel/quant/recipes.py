@@ -160,17 +160,7 @@ def apply_plan(model: nn.Module, plan: dict, group_size: int, backend: str = "to
     for name, bits in plan.items():
         if bits is None:
             continue
-        linear = model.get_submodule(name)
-        layer = QuantizedLinear(
-            linear.in_features,
-            linear.out_features,
-            bits,
-            group_size,
-            bias=linear.bias is not None,
-            dtype=linear.weight.dtype,
-            device=linear.weight.device,
-            backend=backend,
-        )
+        layer = QuantizedLinear.shaped_like(model.get_submodule(name), bits, group_size, backend)
         _replace(model, name, layer)
 
 
