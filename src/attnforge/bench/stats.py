@@ -71,7 +71,7 @@ def geometric_mean(values: Sequence[float]) -> float:
     values = _finite_samples(values, "geometric_mean")
     if any(x <= 0 for x in values):
         raise ValueError(f"geometric_mean needs positive values, got {[x for x in values if x <= 0][:3]}")
-    return math.exp(statistics.fmean(math.log(x) for x in values))
+    return statistics.geometric_mean(values)
 
 
 def speedup_summary(speedups: Sequence[float], *, tie_band: float = TIE_BAND) -> dict:
