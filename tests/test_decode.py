@@ -132,8 +132,8 @@ def test_custom_op_is_registered_with_a_fake_impl():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 9, 64)
     with torch._subclasses.fake_tensor.FakeTensorMode():
         fq, fk = torch.empty(1, 4, 1, 64), torch.empty(1, 2, 9, 64)
-        assert torch.ops.attnforge.decode_attention(fq, fk, fk, 0.125, None).shape == (1, 4, 1, 64)
-    torch.library.opcheck(torch.ops.attnforge.decode_attention.default, (q, k, k.clone(), 0.125, None))
+        assert torch.ops.attnforge.decode_attention(fq, fk, fk, 0.125, None, None).shape == (1, 4, 1, 64)
+    torch.library.opcheck(torch.ops.attnforge.decode_attention.default, (q, k, k.clone(), 0.125, None, None))
 
 
 def test_bucket_names():
@@ -194,3 +194,48 @@ def test_bad_options_name_the_value(kwargs, error, message):
     q, k, v = _qkv()
     with pytest.raises(error, match=message):
         decode_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_left_padding_through_kv_starts_is_never_read(num_splits, q_len):
+    """kv_starts (a left-padded batch): keys before each start hold NaN/Inf and must not matter; the result
+    equals the oracle with those keys masked out. Starts past the length read nothing; negative ones clamp."""
+    case = verify.random_case(config_of(4, 8, 2, q_len, 90, 64, causal=True), kv_lens=[90, 70, 50, 90])
+    starts = torch.tensor([0, 13, 47, -5], dtype=torch.int32)
+    for b, first in enumerate(starts.clamp(min=0).tolist()):
+        case.k[b, :, :first] = math.nan
+        case.v[b, :, :first] = math.inf
+    keys_valid = torch.arange(90)[None, :] >= starts[:, None]
+    expected = verify.reference_attention(
+        case.q, case.k.nan_to_num(0.0, 0.0, 0.0), case.v.nan_to_num(0.0, 0.0, 0.0), causal=True,
+        kv_lens=case.kv_lens, attn_mask=keys_valid[:, None, None, :],
+    )  # fmt: skip
+    out = torch.full_like(case.q, math.nan)
+    params = {"BLOCK_N": 16, "num_splits": num_splits, "num_warps": 4, "num_stages": 2}
+    decode.launch_decode(case.q, case.k, case.v, out, scale=case.q.shape[-1] ** -0.5, kv_lens=case.kv_lens,
+                         kv_starts=starts, params=params)  # fmt: skip
+    assert verify.relative_l2_per_slice(out, expected).max() <= verify.tolerance_for(torch.float32)
+    past = decode_attention(case.q[:1], case.k[:1], case.v[:1], kv_starts=torch.tensor([95]))
+    assert torch.equal(past, torch.zeros_like(past))
+
+
+def test_kv_starts_is_checked_like_kv_lens():
+    q, k = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 9, 64)
+    with pytest.raises(ValueError, match=r"kv_starts must be an integer tensor .* got shape \(3,\)"):
+        decode_attention(q, k, k, kv_starts=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"kv_starts dtype torch.float32 is not supported"):
+        decode_attention(q, k, k, kv_starts=torch.zeros(2))
+
+
+def test_lengths_given_as_strided_views_are_read_per_sequence():
+    """kv_lens / kv_starts as columns of one [B, 2] tensor (as transformers' mask hook packs them)."""
+    case = verify.random_case(config_of(3, 4, 2, 1, 40, 64, causal=True))
+    ranges = torch.tensor([[0, 40], [5, 17], [30, 33]], dtype=torch.int32)
+    starts, lens = ranges[:, 0], ranges[:, 1]
+    assert not lens.is_contiguous()
+    keys_valid = torch.arange(40)[None, :] >= starts[:, None]
+    expected = verify.reference_attention(case.q, case.k, case.v, kv_lens=lens.contiguous(),
+                                          attn_mask=keys_valid[:, None, None, :])  # fmt: skip
+    out = decode_attention(case.q, case.k, case.v, kv_lens=lens, kv_starts=starts)
+    assert verify.relative_l2_per_slice(out, expected).max() <= verify.tolerance_for(torch.float32)

@@ -381,3 +381,25 @@ def test_decisions_are_cached_per_bucket_as_the_cache_grows(monkeypatch):
         kv = torch.randn(1, 2, kv_len, 64)
         optimizer.attention(q, kv, kv)
     assert len(runs) == 1 and optimizer.get_stats()["calls"] == 75
+
+
+@pytest.mark.parametrize("kernels", [("decode", "prefill"), ()], ids=["kernels", "torch"])
+@pytest.mark.parametrize("q_len", [1, 3, 20])
+def test_kv_starts_hide_the_left_padding_on_every_path(kernels, q_len):
+    """kv_starts reaches the decode kernel as it is, and the prefill kernel and torch as a mask: every path
+    equals the oracle with the keys before each start masked out (they hold large values that would dominate
+    if read; masked paths multiply them by 0, so not NaN: the decode kernel's NaN case is in test_decode)."""
+    optimizer = AttentionOptimizer(require_measurement=False, kernels=kernels)
+    case = verify.random_case(config_of(3, 4, 2, q_len, 50, 64, causal=True), device=DEVICE)
+    lens = torch.tensor([50, 40, 30], device=DEVICE)
+    starts = torch.tensor([0, 7, 25], device=DEVICE)
+    keys_valid = (torch.arange(50, device=DEVICE)[None, :] >= starts[:, None])[:, None, None, :]
+    expected = verify.reference_attention(
+        case.q, case.k, case.v, causal=True, kv_lens=lens, attn_mask=keys_valid
+    )
+    for b, first in enumerate(starts.tolist()):
+        case.k[b, :, :first], case.v[b, :, :first] = 1e3, -1e3
+    out = optimizer.attention(case.q, case.k, case.v, kv_lens=lens, kv_starts=starts)
+    assert verify.relative_l2_per_slice(out, expected).max() <= verify.tolerance_for(torch.float32)
+    ran = optimizer.stats.as_dict()["by_kernel"]
+    assert ran == ({"decode": 1} if kernels and q_len <= 16 else {"prefill": 1} if kernels else {}), ran

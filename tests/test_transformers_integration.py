@@ -414,3 +414,20 @@ def test_generate_own_compile_with_a_static_cache(prompts):
     config._compile_all_devices = True  # CPU: transformers compiles only on accelerators unless told
     for _ in range(2):
         assert torch.equal(greedy(model, ids, cache_implementation="static", compile_config=config), expected)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_decode_steps_stay_on_the_decode_kernel(prompts, cache):
+    """With left padding the first valid key travels as kv_starts: every decode step runs the decode kernel
+    (not the prefill kernel with a mask), and the tokens equal eager's."""
+    ids, mask = prompts
+    model = tiny_model("llama")
+    options = {} if cache == "dynamic" else {"cache_implementation": "static"}
+    expected = greedy(model, ids, mask, **options)
+    assert af.patch_model(model)
+    get_optimizer().reset()
+    assert torch.equal(greedy(model, ids, mask, **options), expected)
+    stats = af.get_integration_status()["optimizer_stats"]
+    layers, steps = model.config.num_hidden_layers, expected.shape[1] - ids.shape[1] - 1
+    assert stats["by_kernel"].get("decode", 0) >= layers * steps, stats
+    assert stats["by_kernel"].get("prefill", 0) == layers, stats  # the prompt only

@@ -11,7 +11,8 @@ optimizer chose a kernel and the pattern is plain causal, the mask hook instead 
   - None when attention gets exactly the valid keys (DynamicCache, no padding): plain bottom-right causal;
   - `[B, 1, 1, 1]` int32: keys `[0, end)` are valid (`end` = tokens in the cache after this step), so a
     static cache is read only up to its valid length (`kv_lens`) and decode needs no mask at all;
-  - `[B, 1, 1, 2]` int32: keys `[start_b, end)` are valid (left-padded batch).
+  - `[B, 1, 1, 2]` int32: keys `[start_b, end)` are valid (left-padded batch): the attention function passes
+    them on as `kv_lens` and `kv_starts`, so decode steps stay on the decode kernel.
 Other patterns (sliding window, custom overlays, right padding, padding masks inside a compiled graph) get
 transformers' own mask and so its own attention.
 """
@@ -213,9 +214,9 @@ def attnforge_attention(
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is not None and attention_mask.dtype == torch.int32:
-        kv_lens, attn_mask = _read_ranges(attention_mask, key.shape[2])
+        kv_lens, kv_starts = _read_ranges(attention_mask)
         out = get_optimizer().attention(
-            query, key, value, scale=scaling, causal=causal, kv_lens=kv_lens, attn_mask=attn_mask
+            query, key, value, scale=scaling, causal=causal, kv_lens=kv_lens, kv_starts=kv_starts
         )
         return out.transpose(1, 2), None
     if softcap is not None or (dropout and module.training):
@@ -281,16 +282,11 @@ def _torch_math_attention(q, k, v, scale, causal, kv_lens, attn_mask, softcap, d
     return torch.matmul(weights, v)
 
 
-def _read_ranges(ranges: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(kv_lens, attn_mask) from the int32 ranges `attnforge_mask` produced."""
-    batch = ranges.shape[0]
-    ranges = ranges.reshape(batch, -1)
-    kv_lens = ranges[:, -1]
-    if ranges.shape[1] == 1:
-        return kv_lens, None
-    key_pos = torch.arange(kv_len, device=ranges.device)
-    keys_valid = key_pos[None, :] >= ranges[:, :1]
-    return kv_lens, keys_valid[:, None, None, :]
+def _read_ranges(ranges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(kv_lens `[B]`, kv_starts `[B]` or None) from the int32 ranges `attnforge_mask` produced: the lengths
+    travel to the kernels as they are (a left-padded decode step stays on the decode kernel)."""
+    ranges = ranges.reshape(ranges.shape[0], -1)
+    return ranges[:, -1], (ranges[:, 0] if ranges.shape[1] == 2 else None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ per-slot arrival counter; the program that arrives last merges the partials, wri
 counter. With one split the program writes the output directly.
 
 Valid lengths are clamped to [0, Lkv] on the device: no value of `kv_lens` can make the kernel read outside
-the cache, and there is no host sync.
+the cache, and there is no host sync. A left-padded batch passes `kv_starts` too (the first valid key per
+sequence, clamped to [0, its length]): the splits share keys [start, end), and padding is never read.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ COMBINE_MODES = ("last", "kernel", "kernel-pdl")
 # keeping the split's loop, its partial write and the merge in one place keeps the pointer flow readable.
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, KvLens, PartO, PartML, Counters,
+    Q, K, V, Out, KvLens, KvStarts, PartO, PartML, Counters,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -62,7 +63,8 @@ def _decode_kernel(
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, FP32_DOT: tl.constexpr, MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
+    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): load, the online-softmax loop over
     # this split's keys, then the output or the partial and, with MERGE_LAST, the last program's merge.
@@ -91,8 +93,12 @@ def _decode_kernel(
         end = tl.minimum(tl.maximum(tl.load(KvLens + b), 0), kv_len).to(tl.int32)
     else:
         end = kv_len
-    tiles_per_split = tl.cdiv(tl.cdiv(end, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
+    if HAS_KV_STARTS:  # noqa: SIM108 - left padding: keys before the first valid one are never read
+        first = tl.minimum(tl.maximum(tl.load(KvStarts + b), 0), end).to(tl.int32)
+    else:
+        first = 0
+    tiles_per_split = tl.cdiv(tl.cdiv(end - first, BLOCK_N), num_splits)
+    start = first + split * tiles_per_split * BLOCK_N
     stop = tl.minimum(start + tiles_per_split * BLOCK_N, end)
     last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
 
@@ -244,7 +250,7 @@ def _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2: tl.constexpr, PA
 # Host side: validation, launch parameters, workspace, launch.
 
 
-def _check_inputs(q, k, v, kv_lens, out) -> None:
+def _check_inputs(q, k, v, kv_lens, kv_starts, out) -> None:
     check_qkv(q, k, v)
     if q.dtype not in DTYPES:
         raise TypeError(f"dtype {q.dtype} is not supported; accepted: float16, bfloat16, float32")
@@ -259,6 +265,7 @@ def _check_inputs(q, k, v, kv_lens, out) -> None:
             f"q_len={q.shape[2]} exceeds kv_len={k.shape[2]}: the new tokens must be in the cache"
         )
     check_lengths("kv_lens", kv_lens, q.shape[0], q.device)
+    check_lengths("kv_starts", kv_starts, q.shape[0], q.device)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got "
                          f"{tuple(out.shape)}, {out.dtype} on {out.device}")  # fmt: skip
@@ -445,7 +452,7 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 
 
 def launch_decode(
-    q, k, v, out, *, scale: float, kv_lens=None, params: dict | None = None, workspace=None
+    q, k, v, out, *, scale: float, kv_lens=None, kv_starts=None, params: dict | None = None, workspace=None
 ) -> None:
     """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table
     (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, combine optional): for tuning sweeps;
@@ -463,19 +470,21 @@ def launch_decode(
     part_o_floats = slots * splits * part_rows * d_block
     splits_p2 = triton.next_power_of_2(splits)
     s_chunk = max(1, min(splits_p2, 4096 // (part_rows * d_block)))
-    lens = kv_lens if kv_lens is not None else counters  # any pointer; unread without HAS_KV_LENS
+    # The kernel reads lengths[b] at pointer + b: a view (a column of a [B, 2] tensor) is made contiguous.
+    lens = kv_lens.contiguous() if kv_lens is not None else counters  # unread without HAS_KV_LENS
+    starts = kv_starts.contiguous() if kv_starts is not None else counters  # unread without HAS_KV_STARTS
     combine = p.get("combine", "last")
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
     use_pdl = combine == "kernel-pdl" and splits > 1 and pdl_supported(q.device)
     _decode_kernel[(splits, slots)](
-        q, k, v, out, lens, partials, partials[part_o_floats:] if splits > 1 else partials, counters,
+        q, k, v, out, lens, starts, partials, partials[part_o_floats:] if splits > 1 else partials, counters,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         scale * LOG2E, kv_len, num_kv_heads, splits,
         GROUP=num_heads // num_kv_heads, Q_LEN=q_len, HEAD_DIM=head_dim, D_BLOCK=d_block,
         BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], BLOCK_N=p["BLOCK_N"],
         SPLIT=splits > 1, SPLITS_P2=splits_p2, PART_ROWS=part_rows, S_CHUNK=s_chunk,
-        HAS_KV_LENS=kv_lens is not None, FP32_DOT=_fp32_dot(q.dtype),
+        HAS_KV_LENS=kv_lens is not None, HAS_KV_STARTS=kv_starts is not None, FP32_DOT=_fp32_dot(q.dtype),
         MERGE_LAST=combine == "last", USE_PDL=use_pdl, num_warps=p["num_warps"], num_stages=p["num_stages"],
         **({"launch_pdl": True} if use_pdl else {}),
     )  # fmt: skip
@@ -495,25 +504,26 @@ def launch_decode(
 
 @torch.library.custom_op("attnforge::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               kv_lens: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+               kv_lens: torch.Tensor | None, kv_starts: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens)
+    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts)
     return out
 
 
 @_decode_op.register_fake
-def _(q, k, v, scale, kv_lens):
+def _(q, k, v, scale, kv_lens, kv_starts):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("attnforge::decode_attention_out", mutates_args=("out",))
 def _decode_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   kv_lens: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
-    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens)
+                   kv_lens: torch.Tensor | None, kv_starts: torch.Tensor | None,
+                   out: torch.Tensor) -> None:  # fmt: skip
+    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts)
 
 
 @_decode_out_op.register_fake
-def _(q, k, v, scale, kv_lens, out):
+def _(q, k, v, scale, kv_lens, kv_starts, out):
     return None
 
 
@@ -524,6 +534,7 @@ def decode_attention(
     *,
     scale: float | None = None,
     kv_lens: torch.Tensor | None = None,
+    kv_starts: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
 ) -> torch.Tensor:
@@ -536,6 +547,8 @@ def decode_attention(
         kv_lens: int32/int64 `[B]` valid length per sequence (the new tokens are its last Lq positions);
             keys at or beyond it are never read. Values are clamped to [0, Lkv] on the GPU (no host sync):
             a length above Lkv reads the whole cache, a negative one reads nothing (output 0).
+        kv_starts: int32/int64 `[B]` first valid key per sequence (a left-padded batch): keys before it are
+            never read. Clamped to [0, valid length] on the GPU; default 0.
         out: optional `[B, Hq, Lq, D]` buffer written in place (no allocation, for CUDA-graph capture).
         workspace: optional DecodeWorkspace owned by the caller (one per concurrently running stream or
             graph); default: one per stream, and a fresh one per call while a CUDA graph is captured.
@@ -543,13 +556,13 @@ def decode_attention(
     Returns:
         `[B, Hq, Lq, D]` in q's dtype (`out` when given). D in 64, 80, 96, 128, 256; fp16/bf16/fp32.
     """
-    _check_inputs(q, k, v, kv_lens, out)
+    _check_inputs(q, k, v, kv_lens, kv_starts, out)
     scale = resolve_scale(scale, q.shape[3])
     if not torch.compiler.is_compiling():  # eager: skip the dispatcher's overhead (~10 us a call)
         out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-        launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, workspace=workspace)
+        launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts, workspace=workspace)
         return out
     if out is None:
-        return _decode_op(q, k, v, scale, kv_lens)
-    _decode_out_op(q, k, v, scale, kv_lens, out)
+        return _decode_op(q, k, v, scale, kv_lens, kv_starts)
+    _decode_out_op(q, k, v, scale, kv_lens, kv_starts, out)
     return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnforge.config import AttentionConfig, OptimizerSettings
+from attnforge.config import MAX_DECODE_QUERY_LEN, AttentionConfig, OptimizerSettings
 from attnforge.environment import triton_interpret, triton_status
 from attnforge.kernels import reference
 from attnforge.optimizer import policy
@@ -346,6 +346,7 @@ class AttentionOptimizer:
         kv_lens: torch.Tensor | None = None,
         q_lens: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        kv_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention with attnforge's semantics (DESIGN.md), by the chosen implementation.
 
@@ -357,6 +358,8 @@ class AttentionOptimizer:
             q_lens: int `[B]`: query rows at or beyond `q_lens[b]` are padding and come out as 0.
             attn_mask: bool (True = attend) or additive float mask broadcastable to `[B, Hq, Lq, Lkv]`,
                 applied on top of `causal` and the lengths.
+            kv_starts: int `[B]`: the first valid key per sequence (a left-padded batch); keys before it are
+                ignored. The decode kernel reads from there; every other path gets it as a mask.
 
         Returns:
             `[B, Hq, Lq, Dv]` in q's dtype.
@@ -367,28 +370,37 @@ class AttentionOptimizer:
             # Opaque to torch.compile: the choice is made when the graph runs, from the real sizes (dynamic
             # shapes included), and counted there; no graph break.
             return torch.ops.attnforge.optimized_attention(
-                q, k, v, scale, causal, kv_lens, q_lens, attn_mask, id(self)
+                q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts, id(self)
             )
-        return self.attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
+        return self.attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts)
 
-    def attention_now(self, q, k, v, scale, causal, kv_lens, q_lens, attn_mask) -> torch.Tensor:
+    def attention_now(
+        self, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts=None
+    ) -> torch.Tensor:
         """Decide from the tensors' sizes, run the kernel or torch SDPA, count the outcome."""
-        out = self.run_kernel_if_chosen(
-            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
-        )
+        decode_shaped = q.shape[2] <= MAX_DECODE_QUERY_LEN and q_lens is None and attn_mask is None
+        if kv_starts is not None and not decode_shaped:
+            attn_mask, kv_starts = starts_as_mask(kv_starts, k.shape[2], attn_mask), None
+        out = self.run_kernel_if_chosen(q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens,
+                                        attn_mask=attn_mask, kv_starts=kv_starts)  # fmt: skip
         if out is not None:
             return out
+        attn_mask = attn_mask if kv_starts is None else starts_as_mask(kv_starts, k.shape[2], attn_mask)
         return torch_fallback(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, stats=self._stats)
 
     def run_kernel_if_chosen(
-        self, q, k, v, *, scale=None, causal=True, kv_lens=None, q_lens=None, attn_mask=None
+        self, q, k, v, *, scale=None, causal=True, kv_lens=None, q_lens=None, attn_mask=None, kv_starts=None
     ) -> torch.Tensor | None:
         """The kernel's output if the decision for this call is a kernel and it ran; else None, and the caller
-        runs torch. Either way the call is counted once, under what actually ran."""
+        runs torch. Either way the call is counted once, under what actually ran. `kv_starts` (decode-shaped
+        calls without a mask only) goes to the decode kernel as it is, to the prefill kernel as a mask."""
         features = _FEATURES[(causal, attn_mask is not None, q_lens is not None, kv_lens is not None)]
         decision = self.decision_for(q.shape, k.shape, v.shape, q.dtype, q.device, features)
         if decision.optimized:
-            out = self._run_kernel(decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features)
+            if kv_starts is not None and decision.kernel != "decode":
+                attn_mask, kv_starts = starts_as_mask(kv_starts, k.shape[2], attn_mask), None
+            lengths = (kv_lens, q_lens, kv_starts)
+            out = self._run_kernel(decision, q, k, v, scale, causal, lengths, attn_mask, features)
             if out is not None:
                 self.note(decision)
                 return out
@@ -396,14 +408,16 @@ class AttentionOptimizer:
         self.note(decision)
         return None
 
-    def _run_kernel(self, decision, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, features):
-        """The kernel's output, or None after remembering its failure (then the caller falls back)."""
+    def _run_kernel(self, decision, q, k, v, scale, causal, lengths, attn_mask, features):
+        """The kernel's output, or None after remembering its failure (then the caller falls back).
+        lengths: (kv_lens, q_lens, kv_starts), each None or int `[B]`."""
         kind = decision.kernel
         function, _ = self._kernels[kind]
-        kv_lens, q_lens = _as_lengths(kv_lens, q.device), _as_lengths(q_lens, q.device)
+        kv_lens, q_lens, kv_starts = (_as_lengths(lens, q.device) for lens in lengths)
         try:
             if kind == "decode":
-                return function(q, k, v, scale=scale, kv_lens=kv_lens)
+                starts = {} if kv_starts is None else {"kv_starts": kv_starts}
+                return function(q, k, v, scale=scale, kv_lens=kv_lens, **starts)
             return function(
                 q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
             )
@@ -434,6 +448,17 @@ def _as_lengths(lens: torch.Tensor | None, device: torch.device) -> torch.Tensor
     return lens.to(device)
 
 
+def starts_as_mask(kv_starts: torch.Tensor, kv_len: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """`attn_mask` with the keys before `kv_starts[b]` masked out (bool `[B, 1, 1, Lkv]` if it was None)."""
+    starts = kv_starts.to(attn_mask.device if attn_mask is not None else kv_starts.device)
+    keys_valid = (torch.arange(kv_len, device=starts.device)[None, :] >= starts[:, None])[:, None, None, :]
+    if attn_mask is None:
+        return keys_valid
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keys_valid
+    return attn_mask.masked_fill(~keys_valid, float("-inf"))
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -461,15 +486,16 @@ _OPTIMIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 @torch.library.custom_op("attnforge::optimized_attention", mutates_args=())
 def _optimized_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
-    kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None, attn_mask: torch.Tensor | None, optimizer: int,
+    kv_lens: torch.Tensor | None, q_lens: torch.Tensor | None, attn_mask: torch.Tensor | None,
+    kv_starts: torch.Tensor | None, optimizer: int,
 ) -> torch.Tensor:  # fmt: skip
     """`AttentionOptimizer.attention` as one op inside compiled graphs: `[B, Hq, Lq, Dv]`, contiguous."""
-    out = _OPTIMIZERS[optimizer].attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask)
+    out = _OPTIMIZERS[optimizer].attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts)
     return out.contiguous()
 
 
 @_optimized_attention_op.register_fake
-def _(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, optimizer):
+def _(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts, optimizer):
     return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
