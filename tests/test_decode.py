@@ -12,6 +12,7 @@ from attnforge.config import AttentionConfig
 from attnforge.kernels import decode
 from attnforge.kernels.decode import decode_attention
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Calls of sizes (B, Hq, Hkv, Lq, Lkv, D), float32 and not causal unless said otherwise.
 config_of = functools.partial(AttentionConfig.from_sizes, dtype=torch.float32, causal=False)
 
@@ -22,7 +23,9 @@ def _decode(q, k, v, *, causal, **kwargs):
 
 
 def _assert_all_pass(shape, dtype, kinds=verify.CASE_KINDS):
-    for case in verify.protocol_cases(dataclasses.replace(shape, dtype=dtype, causal=True), kinds=kinds):
+    for case in verify.protocol_cases(
+        dataclasses.replace(shape, dtype=dtype, causal=True), kinds=kinds, device=DEVICE
+    ):
         report = verify.check(_decode, case)
         assert report.passed, str(report)
 
@@ -51,7 +54,7 @@ def test_every_head_dim_and_half_dtype(head_dim, dtype):
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_row_blocks_of_a_kv_head_agree_with_the_oracle(block_m):
     """MQA with 32 query rows per KV head, served whole or in two 16-row blocks, with split-KV merges."""
-    case = verify.needle_case(config_of(1, 32, 1, 1, 200, 64, causal=True))
+    case = verify.needle_case(config_of(1, 32, 1, 1, 200, 64, causal=True), device=DEVICE)
     out = torch.full_like(case.q, math.nan)
     params = {"BLOCK_M": block_m, "BLOCK_N": 32, "num_splits": 3, "num_warps": 4, "num_stages": 2}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=None, params=params)
@@ -59,7 +62,7 @@ def test_row_blocks_of_a_kv_head_agree_with_the_oracle(block_m):
 
 
 def test_row_blocks_must_be_powers_of_two():
-    case = verify.random_case(config_of(1, 4, 1, 1, 20, 64, causal=True))
+    case = verify.random_case(config_of(1, 4, 1, 1, 20, 64, causal=True), device=DEVICE)
     with pytest.raises(ValueError, match=r"BLOCK_M=24 must be a power of two >= 16"):
         decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1,
                              params={"BLOCK_M": 24, "BLOCK_N": 32, "num_splits": 1})  # fmt: skip
@@ -69,7 +72,7 @@ def test_row_blocks_must_be_powers_of_two():
 @pytest.mark.parametrize("kv_lens", [None, [300, 5]])
 def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens):
     """The last program merging, or a second kernel (with programmatic dependent launch where supported)."""
-    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True), kv_lens=kv_lens)
+    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True), kv_lens=kv_lens, device=DEVICE)
     out = torch.full_like(case.q, math.nan)
     params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "combine": combine}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
@@ -77,7 +80,7 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens)
 
 
 def test_an_unknown_merge_is_refused():
-    case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True))
+    case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True), device=DEVICE)
     with pytest.raises(ValueError, match=r"combine='tree' is not one of \('last', 'kernel', 'kernel-pdl'\)"):
         decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1,
                              params={"BLOCK_N": 16, "num_splits": 2, "combine": "tree"})  # fmt: skip
@@ -86,7 +89,7 @@ def test_an_unknown_merge_is_refused():
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_split_paths_agree_with_the_oracle(num_splits):
     """One split writes directly; several merge through the workspace, including empty splits."""
-    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True))
+    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True), device=DEVICE)
     out = torch.full_like(case.q, math.nan)
     params = {"BLOCK_N": 32, "num_splits": num_splits, "num_warps": 4, "num_stages": 2}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=None, params=params)
@@ -96,7 +99,9 @@ def test_split_paths_agree_with_the_oracle(num_splits):
 
 def test_poisoned_cache_with_many_splits_and_short_lengths():
     """Short valid lengths leave whole splits empty; NaN/Inf beyond them must not matter."""
-    case = verify.random_case(config_of(4, 4, 1, 1, 500, 64, causal=True), kv_lens=[1, 17, 250, 500])
+    case = verify.random_case(
+        config_of(4, 4, 1, 1, 500, 64, causal=True), kv_lens=[1, 17, 250, 500], device=DEVICE
+    )
     for b, end in enumerate(case.kv_lens.tolist()):
         case.k[b, :, end:] = math.nan
         case.v[b, :, end:] = math.inf
@@ -108,28 +113,28 @@ def test_poisoned_cache_with_many_splits_and_short_lengths():
 
 
 def test_counters_reset_so_repeated_calls_agree():
-    case = verify.random_case(config_of(1, 4, 2, 1, 200, 64, causal=True))
+    case = verify.random_case(config_of(1, 4, 2, 1, 200, 64, causal=True), device=DEVICE)
     first = decode_attention(case.q, case.k, case.v)
     for _ in range(3):
         torch.testing.assert_close(decode_attention(case.q, case.k, case.v), first, rtol=0, atol=0)
 
 
 def test_out_buffer_is_written_in_place_and_returned():
-    case = verify.random_case(config_of(2, 4, 2, 1, 40, 64, causal=True))
+    case = verify.random_case(config_of(2, 4, 2, 1, 40, 64, causal=True), device=DEVICE)
     out = torch.full_like(case.q, math.nan)
     assert decode_attention(case.q, case.k, case.v, out=out) is out
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= 1e-4
 
 
 def test_int64_kv_lens_and_custom_scale():
-    case = verify.poisoned_case(config_of(2, 4, 2, 1, 50, 64, causal=True))
+    case = verify.poisoned_case(config_of(2, 4, 2, 1, 50, 64, causal=True), device=DEVICE)
     case.kv_lens = case.kv_lens.long()
     case.scale = 0.3
     assert verify.check(_decode, case).passed
 
 
 def test_custom_op_is_registered_with_a_fake_impl():
-    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 9, 64)
+    q, k = torch.randn(1, 4, 1, 64, device=DEVICE), torch.randn(1, 2, 9, 64, device=DEVICE)
     with torch._subclasses.fake_tensor.FakeTensorMode():
         fq, fk = torch.empty(1, 4, 1, 64), torch.empty(1, 2, 9, 64)
         assert torch.ops.attnforge.decode_attention(fq, fk, fk, 0.125, None, None).shape == (1, 4, 1, 64)
@@ -201,12 +206,14 @@ def test_bad_options_name_the_value(kwargs, error, message):
 def test_left_padding_through_kv_starts_is_never_read(num_splits, q_len):
     """kv_starts (a left-padded batch): keys before each start hold NaN/Inf and must not matter; the result
     equals the oracle with those keys masked out. Starts past the length read nothing; negative ones clamp."""
-    case = verify.random_case(config_of(4, 8, 2, q_len, 90, 64, causal=True), kv_lens=[90, 70, 50, 90])
-    starts = torch.tensor([0, 13, 47, -5], dtype=torch.int32)
+    case = verify.random_case(
+        config_of(4, 8, 2, q_len, 90, 64, causal=True), kv_lens=[90, 70, 50, 90], device=DEVICE
+    )
+    starts = torch.tensor([0, 13, 47, -5], dtype=torch.int32, device=DEVICE)
     for b, first in enumerate(starts.clamp(min=0).tolist()):
         case.k[b, :, :first] = math.nan
         case.v[b, :, :first] = math.inf
-    keys_valid = torch.arange(90)[None, :] >= starts[:, None]
+    keys_valid = torch.arange(90, device=DEVICE)[None, :] >= starts[:, None]
     expected = verify.reference_attention(
         case.q, case.k.nan_to_num(0.0, 0.0, 0.0), case.v.nan_to_num(0.0, 0.0, 0.0), causal=True,
         kv_lens=case.kv_lens, attn_mask=keys_valid[:, None, None, :],
@@ -216,7 +223,7 @@ def test_left_padding_through_kv_starts_is_never_read(num_splits, q_len):
     decode.launch_decode(case.q, case.k, case.v, out, scale=case.q.shape[-1] ** -0.5, kv_lens=case.kv_lens,
                          kv_starts=starts, params=params)  # fmt: skip
     assert verify.relative_l2_per_slice(out, expected).max() <= verify.tolerance_for(torch.float32)
-    past = decode_attention(case.q[:1], case.k[:1], case.v[:1], kv_starts=torch.tensor([95]))
+    past = decode_attention(case.q[:1], case.k[:1], case.v[:1], kv_starts=torch.tensor([95], device=DEVICE))
     assert torch.equal(past, torch.zeros_like(past))
 
 
@@ -230,11 +237,11 @@ def test_kv_starts_is_checked_like_kv_lens():
 
 def test_lengths_given_as_strided_views_are_read_per_sequence():
     """kv_lens / kv_starts as columns of one [B, 2] tensor (as transformers' mask hook packs them)."""
-    case = verify.random_case(config_of(3, 4, 2, 1, 40, 64, causal=True))
-    ranges = torch.tensor([[0, 40], [5, 17], [30, 33]], dtype=torch.int32)
+    case = verify.random_case(config_of(3, 4, 2, 1, 40, 64, causal=True), device=DEVICE)
+    ranges = torch.tensor([[0, 40], [5, 17], [30, 33]], dtype=torch.int32, device=DEVICE)
     starts, lens = ranges[:, 0], ranges[:, 1]
     assert not lens.is_contiguous()
-    keys_valid = torch.arange(40)[None, :] >= starts[:, None]
+    keys_valid = torch.arange(40, device=DEVICE)[None, :] >= starts[:, None]
     expected = verify.reference_attention(case.q, case.k, case.v, kv_lens=lens.contiguous(),
                                           attn_mask=keys_valid[:, None, None, :])  # fmt: skip
     out = decode_attention(case.q, case.k, case.v, kv_lens=lens, kv_starts=starts)
