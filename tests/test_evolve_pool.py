@@ -4,6 +4,7 @@ its candidate retried once, a second death scores it 0 with the reason; each wor
 bad --devices values are refused with the value named."""
 
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -153,3 +154,18 @@ def test_the_cli_refuses_bad_devices_naming_them():
         pytest.skip("the message differs with GPUs")
     result = CliRunner().invoke(evolve_app, ["tune", "--shapes", "1x8x8x1x64x64", "--devices", "cpu:0"])
     assert result.exit_code == 2 and "cpu:0" in result.output and "N >= 1" in result.output
+
+
+def test_the_cli_runs_the_real_evaluator_on_two_cpu_workers(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CPU workers are refused on a GPU machine")
+    options = ["--shapes", "1x4x2x1x65x64", "--dtype", "float32", "--budget", "2", "--population", "2",
+               "--elite", "1", "--devices", "cpu:2", "--out", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(evolve_app, ["tune", *options])
+    assert result.exit_code == 0, result.output
+    assert "2 pinned worker processes: cpu:0, cpu:1" in result.output
+    (written,) = tmp_path.glob("evolve-tuning-*.json")
+    doc = json.loads(written.read_text())
+    assert doc["evaluation_workers"] == {"devices": ["cpu:0", "cpu:1"], "replaced": 0}
+    row = doc["rows"][0]
+    assert row["evaluations"] == 2 and row["best_score"] == 1.0 and not row["timed"], row
