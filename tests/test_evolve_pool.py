@@ -1,7 +1,7 @@
 """The evaluation pool (evolve/pool.py) on CPU workers: a search with 1 or 2 workers equals the in-process
 one for the same seed and budget, whatever order evaluations finish in; a worker that dies is replaced and
-its candidate retried once, a second death scores it 0 with the reason; each worker sees its own device;
-bad --devices values are refused with the value named."""
+its candidate retried once, a second death scores it 0 with the reason; each worker sees its own device
+(with 2+ GPUs: only its own GPU); bad --devices values are refused with the value named."""
 
 import functools
 import json
@@ -167,5 +167,29 @@ def test_the_cli_runs_the_real_evaluator_on_two_cpu_workers(tmp_path):
     (written,) = tmp_path.glob("evolve-tuning-*.json")
     doc = json.loads(written.read_text())
     assert doc["evaluation_workers"] == {"devices": ["cpu:0", "cpu:1"], "replaced": 0}
+    assert doc["evaluations_per_minute"] > 0 and "per minute of search on cpu:0, cpu:1" in doc_md(written)
     row = doc["rows"][0]
     assert row["evaluations"] == 2 and row["best_score"] == 1.0 and not row["timed"], row
+
+
+def doc_md(written: Path) -> str:
+    return written.with_suffix(".md").read_text()
+
+
+def gpu_identity(target, genome):
+    """Which GPU a worker sees: how many, and the first one's UUID."""
+    return {"device": os.environ.get(pool.DEVICE_ENV), "count": torch.cuda.device_count(),
+            "uuid": str(torch.cuda.get_device_properties(0).uuid)}  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_each_gpu_worker_sees_only_its_own_gpu():
+    devices = pool.parse_devices("cuda", torch.cuda.device_count())
+    with pool.LocalPool(gpu_identity, devices) as workers:
+        results = workers.evaluate(None, [{"n": i} for i in range(4 * len(devices))])
+    assert all(r["count"] == 1 for r in results)
+    uuids = {}
+    for result in results:
+        uuids.setdefault(result["device"], set()).add(result["uuid"])
+    assert sorted(uuids) == sorted(devices) and all(len(seen) == 1 for seen in uuids.values())
+    assert len(set.union(*uuids.values())) == len(devices)  # a different GPU for every worker

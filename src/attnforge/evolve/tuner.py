@@ -351,9 +351,16 @@ def _run(targets: list[Target], settings: Settings, fitness: Fitness, dispatcher
         _save_state(checkpoint, state)  # with its re-measurement: a resumed run does not repeat it
         doc["not_run"].remove(target.label)
         doc["elapsed_s"] = round(time.monotonic() - started, 1)
+        doc["evaluations_per_minute"] = _rate(doc["rows"])
         if out_dir is not None:
             save(doc, out_dir)
     return doc
+
+
+def _rate(rows: list[dict]) -> float | None:
+    """Evaluations per minute of search (re-measurements and worker start-up not counted)."""
+    seconds = sum(row["search_s"] for row in rows)
+    return round(60.0 * sum(row["evaluations"] for row in rows) / seconds, 2) if seconds > 0 else None
 
 
 def _precompile(target: Target, genomes: list[dict], workers: int) -> None:
@@ -433,7 +440,9 @@ def markdown(doc: dict) -> str:
     lines = [
         f"# attnforge evolve tune on {env.get('gpu', env.get('device'))} — {doc['created'][:10]}", "",
         f"torch {env.get('torch')}, triton {env.get('triton')}; commit {env.get('git_commit')}; "
-        f"settings {doc['settings']}; whole run {doc.get('elapsed_s', 0):.0f} s.", "",
+        f"settings {doc['settings']}; whole run {doc.get('elapsed_s', 0):.0f} s; "
+        f"{doc.get('evaluations_per_minute')} evaluations per minute of search on "
+        f"{', '.join(doc.get('evaluation_workers', {}).get('devices', [])) or 'this process'}.", "",
         f"Method: {doc['method']}", "",
         "| target | bucket | heuristic | its score | best found | its score | re-measured best / heuristic "
         "| entry | evaluations | search s |",
