@@ -116,8 +116,9 @@ def test_a_second_death_scores_the_candidate_failed_with_the_reason(two_workers)
 
 def test_a_fitness_that_raises_raises_here_with_its_traceback(two_workers):
     with pytest.raises(RuntimeError, match="KeyError: 'a bug in the fitness'"):
-        two_workers.evaluate(None, [{"n": 20, "raise": True}])
-    assert two_workers.evaluate(None, [{"n": 21}])[0]["reason"] == "stand-in"
+        two_workers.evaluate(None, [{"n": 20, "raise": True}, {"n": 21, "num_splits": 1}, {"n": 22}])
+    again = two_workers.evaluate(None, [{"n": 23}, {"n": 24}, {"n": 25}])  # nothing stale left in a pipe
+    assert [r["reason"] for r in again] == ["stand-in"] * 3
 
 
 def _marker_dir(workers):

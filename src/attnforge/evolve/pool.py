@@ -177,10 +177,11 @@ class LocalPool:
 
     def evaluate(self, target: Any, genomes: list[dict], on_result: OnResult | None = None) -> list[dict]:
         """The fitness of every genome at `target`, in the order of `genomes` (whatever order they finish in).
-        A fitness that raises in a worker raises RuntimeError here, with the worker's traceback."""
+        A fitness that raises in a worker raises RuntimeError here, with the worker's traceback, once the
+        jobs already running have finished (so the pool stays usable)."""
         queue = collections.deque(range(len(genomes)))
         results: list[dict | None] = [None] * len(genomes)
-        deaths = [0] * len(genomes)
+        deaths, errors = [0] * len(genomes), []
         while queue or any(w.job is not None for w in self.workers):
             for slot, worker in enumerate(self.workers):
                 if worker.job is None and queue:
@@ -192,16 +193,23 @@ class LocalPool:
                 if worker.job is None or not (worker.conn.poll() or not worker.process.is_alive()):
                     continue
                 index = worker.job
-                outcome = self._receive(slot)
-                if outcome is None:
+                status, outcome = self._receive(slot)
+                if status == "error":
+                    where = f"the worker on {worker.device} (candidate {index})"
+                    errors.append(f"the fitness raised in {where}:\n{outcome}")
+                    queue.clear()
+                    continue
+                if status == "died":
                     deaths[index] += 1
                     if deaths[index] < MAX_ATTEMPTS:
                         queue.appendleft(index)
                         continue
-                    outcome = _failed(self.workers[slot].device, deaths[index], self.last_exit)
+                    outcome = _failed(worker.device, deaths[index], self.last_exit)
                 results[index] = outcome
                 if on_result is not None:
                     on_result(index, outcome)
+        if errors:
+            raise RuntimeError(errors[0])
         return [r for r in results if r is not None]
 
     def _dispatch(self, slot: int, index: int, target: Any, genomes: list[dict], queue) -> None:
@@ -215,19 +223,17 @@ class LocalPool:
             self._replace(slot)
             queue.appendleft(index)
 
-    def _receive(self, slot: int) -> dict | None:
-        """The finished job's result, or None if the worker died (it is then replaced)."""
+    def _receive(self, slot: int) -> tuple[str, Any]:
+        """The finished job: ("ok", result), ("error", traceback) or ("died", None) (the worker is then
+        replaced)."""
         worker = self.workers[slot]
         try:
-            index, status, payload = worker.conn.recv()
+            _, status, payload = worker.conn.recv()
         except (EOFError, OSError):
             self._replace(slot)
-            return None
+            return "died", None
         worker.job = None
-        if status == "error":
-            raise RuntimeError(f"the fitness raised in the worker on {worker.device} (candidate {index}):\n"
-                               f"{payload}")  # fmt: skip
-        return payload
+        return status, payload
 
     def _replace(self, slot: int) -> None:
         old = self.workers[slot]
