@@ -75,13 +75,24 @@ def tune(
     time_budget: Annotated[
         float | None, typer.Option(metavar="SECONDS", help="start no generation after this many seconds")
     ] = None,
-    workers: Annotated[int, typer.Option(min=0, metavar="N", help="processes compiling each generation")] = 8,
+    workers: Annotated[
+        int, typer.Option(min=0, metavar="N", help="processes compiling each generation (GPU only)")
+    ] = 8,
+    devices: Annotated[
+        str,
+        typer.Option(
+            metavar="SPEC",
+            help="where candidates are evaluated, one pinned worker process per device: auto (every GPU if "
+            "2 or more, else this process), cuda, cuda:0,1 or, without a GPU, cpu:N",
+        ),
+    ] = "auto",
 ) -> None:
     """Evolve the launch parameters of attnforge's kernel for the buckets a model (or given shapes) hits on
     this GPU; every candidate scored by the evaluator; the winners written to the tuning store."""
     from attnforge.bench import report
     from attnforge.bench.providers import DTYPES
     from attnforge.evolve import tuner
+    from attnforge.evolve.pool import parse_devices
 
     _choice("--kernel", kernel, KERNELS)
     _choice("--dtype", dtype, tuple(DTYPES))
@@ -90,14 +101,22 @@ def tune(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     targets = _targets(kernel, model, shapes, batch, dtype)
-    _interpreter_without_gpu()
+    try:
+        evaluation_devices = parse_devices(devices, torch.cuda.device_count())
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    _interpreter_without_gpu()  # before the workers start: they inherit it
     if not torch.cuda.is_available():
         console.print(
             "[yellow]No CUDA GPU: fitness is correctness only (Triton interpreter); nothing is stored."
         )
     out = out or _default_out()
     stem = report.default_stem(f"evolve-tuning-{kernel}", model or "shapes")
-    options = dict(out_dir=out, time_budget_s=time_budget, workers=workers, stem=stem)
+    options = dict(out_dir=out, time_budget_s=time_budget, workers=workers, stem=stem,
+                   devices=evaluation_devices)  # fmt: skip
+    if evaluation_devices:
+        console.print(f"evaluating on {len(evaluation_devices)} pinned worker processes: "
+                      f"{', '.join(evaluation_devices)}")  # fmt: skip
     doc = _evolve_with_progress(f"evolve tune {kernel}", targets, settings, options)
     console.print(_tune_table(doc))
     console.print("wrote " + ", ".join(str(p) for p in tuner.save(doc, out, stem)))

@@ -28,6 +28,7 @@ import torch
 from attnforge.bench import report
 from attnforge.bench import tune as bench_tune
 from attnforge.bench.targets import Target
+from attnforge.evolve.pool import Dispatcher, InlineDispatcher, LocalPool
 from attnforge.evolve.tasks import Task, TaskShape, seed_for
 
 DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
@@ -170,10 +171,13 @@ def next_generation(state: dict, space: dict, settings: Settings, target: Target
 def search(target: Target, fitness: Fitness, settings: Settings, *, device: torch.device,
            checkpoint: Path | None = None, progress: Callable[[dict], None] | None = None,
            deadline: float | None = None,
-           prepare: Callable[[Target, list[dict]], None] | None = None) -> dict:  # fmt: skip
+           prepare: Callable[[Target, list[dict]], None] | None = None,
+           dispatcher: Dispatcher | None = None) -> dict:  # fmt: skip
     """Evolve launch configurations for `target` until `settings.budget` evaluations (or `deadline`, a
     time.monotonic() value) are spent; resumes from `checkpoint` if it exists and saves it every generation.
-    `prepare(target, genomes)` runs before each generation's evaluations (e.g. compiles them in parallel)."""
+    `prepare(target, genomes)` runs before each generation's evaluations (e.g. compiles them in parallel).
+    `dispatcher` (default: `fitness` in this process) evaluates each generation's new genomes, e.g. a
+    pool.LocalPool over several GPUs; results are taken in population order, so the search is the same."""
     space = gene_space(target, device)
     state = _load_state(checkpoint, target, settings)
     if state is None:
@@ -185,14 +189,7 @@ def search(target: Target, fitness: Fitness, settings: Settings, *, device: torc
         started = time.monotonic()
         if prepare is not None:
             prepare(target, [g for g in state["population"] if key(g) not in state["scores"]])
-        for genome in state["population"]:
-            if key(genome) in state["scores"] or state["evaluations"] >= settings.budget:
-                continue
-            state["scores"][key(genome)] = {"params": genome, **fitness(target, genome)}
-            state["evaluations"] += 1
-            if progress is not None:
-                progress({"target": target.label, "evaluations": state["evaluations"], "genome": genome,
-                          **state["scores"][key(genome)]})  # fmt: skip
+        _evaluate_generation(state, target, settings, dispatcher or InlineDispatcher(fitness), progress)
         state["population"] = [g for g in state["population"] if key(g) in state["scores"]]
         best = max(state["scores"].values(), key=lambda s: s["score"])
         state["history"].append({"generation": state["generation"], "best": best["score"],
@@ -203,6 +200,27 @@ def search(target: Target, fitness: Fitness, settings: Settings, *, device: torc
         state["population"] = next_generation(state, space, settings, target)
         _save_state(checkpoint, state)
     return state
+
+
+def _evaluate_generation(state: dict, target: Target, settings: Settings, dispatcher: Dispatcher,
+                         progress: Callable[[dict], None] | None) -> None:  # fmt: skip
+    """Score the population's new genomes (at most the budget left) and record them in population order,
+    whatever order the dispatcher finished them in."""
+    todo: dict[str, dict] = {}
+    for genome in state["population"]:
+        if key(genome) not in state["scores"] and len(todo) < settings.budget - state["evaluations"]:
+            todo.setdefault(key(genome), genome)
+    genomes, done = list(todo.values()), [0]
+
+    def report(index: int, result: dict) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress({"target": target.label, "evaluations": state["evaluations"] + done[0],
+                      "genome": genomes[index], **result})  # fmt: skip
+
+    for genome, result in zip(genomes, dispatcher.evaluate(target, genomes, report), strict=True):
+        state["scores"][key(genome)] = {"params": genome, **result}
+    state["evaluations"] += len(genomes)
 
 
 def _load_state(path: Path | None, target: Target, settings: Settings) -> dict | None:
@@ -290,11 +308,28 @@ def evaluator_fitness(target: Target, params: dict) -> dict:
 def run(targets: list[Target], settings: Settings, *, fitness: Fitness | None = None,
         out_dir: Path | None = None,
         progress: Callable[[dict], None] | None = None, time_budget_s: float | None = None,
-        workers: int = 0, stem: str | None = None) -> dict:  # fmt: skip
+        workers: int = 0, stem: str | None = None, devices: list[str] | None = None) -> dict:  # fmt: skip
     """Search every target; after each generation the checkpoint, and after each target the result document,
-    are written under `out_dir` (a run cut short keeps them; run again to resume)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    are written under `out_dir` (a run cut short keeps them; run again to resume). `workers` processes compile
+    each generation first (GPU only); `devices` (e.g. ["cuda:0", "cuda:1"], pool.parse_devices) spreads each
+    generation's evaluations over one pinned worker process per device, with the same result as without."""
     fitness = fitness or evaluator_fitness
+    if not devices:
+        return _run(targets, settings, fitness, InlineDispatcher(fitness), out_dir, progress, time_budget_s,
+                    workers, stem)  # fmt: skip
+    with LocalPool(fitness, devices) as pool:
+        doc = _run(targets, settings, fitness, pool, out_dir, progress, time_budget_s, workers, stem)
+    # one worker process per device; replaced: workers that died and were started again
+    doc["evaluation_workers"] = {"devices": list(devices), "replaced": pool.replaced}
+    if out_dir is not None:
+        save(doc, out_dir)
+    return doc
+
+
+def _run(targets: list[Target], settings: Settings, fitness: Fitness, dispatcher: Dispatcher,
+         out_dir: Path | None, progress: Callable[[dict], None] | None, time_budget_s: float | None,
+         workers: int, stem: str | None) -> dict:  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prepare = _precompile if (workers > 1 and device.type == "cuda") else None
     started = time.monotonic()
     deadline = None if time_budget_s is None else started + time_budget_s
@@ -310,15 +345,22 @@ def run(targets: list[Target], settings: Settings, *, fitness: Fitness | None = 
         )
         compile_first = None if prepare is None else (lambda t, g: prepare(t, g, workers))
         state = search(target, fitness, settings, device=device, checkpoint=checkpoint, progress=progress,
-                       deadline=deadline, prepare=compile_first)  # fmt: skip
+                       deadline=deadline, prepare=compile_first, dispatcher=dispatcher)  # fmt: skip
         complete = state["evaluations"] >= settings.budget
         doc["rows"].append(_row(target, state, device, fitness if complete else None))
         _save_state(checkpoint, state)  # with its re-measurement: a resumed run does not repeat it
         doc["not_run"].remove(target.label)
         doc["elapsed_s"] = round(time.monotonic() - started, 1)
+        doc["evaluations_per_minute"] = _rate(doc["rows"])
         if out_dir is not None:
             save(doc, out_dir)
     return doc
+
+
+def _rate(rows: list[dict]) -> float | None:
+    """Evaluations per minute of search (re-measurements and worker start-up not counted)."""
+    seconds = sum(row["search_s"] for row in rows)
+    return round(60.0 * sum(row["evaluations"] for row in rows) / seconds, 2) if seconds > 0 else None
 
 
 def _precompile(target: Target, genomes: list[dict], workers: int) -> None:
@@ -398,7 +440,9 @@ def markdown(doc: dict) -> str:
     lines = [
         f"# attnforge evolve tune on {env.get('gpu', env.get('device'))} — {doc['created'][:10]}", "",
         f"torch {env.get('torch')}, triton {env.get('triton')}; commit {env.get('git_commit')}; "
-        f"settings {doc['settings']}; whole run {doc.get('elapsed_s', 0):.0f} s.", "",
+        f"settings {doc['settings']}; whole run {doc.get('elapsed_s', 0):.0f} s; "
+        f"{doc.get('evaluations_per_minute')} evaluations per minute of search on "
+        f"{', '.join(doc.get('evaluation_workers', {}).get('devices', [])) or 'this process'}.", "",
         f"Method: {doc['method']}", "",
         "| target | bucket | heuristic | its score | best found | its score | re-measured best / heuristic "
         "| entry | evaluations | search s |",
