@@ -172,8 +172,8 @@ def generate(
         typer.Option(
             "--tp",
             metavar="N",
-            help="Tensor-parallel over N ranks (torchrun; NCCL on GPUs, gloo on CPU): transformers' generate, "
-            "greedy, with attnforge's attention.",
+            help="Tensor-parallel over N ranks (torchrun; NCCL on GPUs, gloo on CPU): transformers' "
+            "generate, greedy, with attnforge's attention.",
         ),
     ] = None,
 ) -> None:

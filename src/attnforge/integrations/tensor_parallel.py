@@ -116,9 +116,7 @@ def remove_checkpoint(path: str, rank: Rank) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_tensor_parallel(
-    path: str, *, dtype: torch.dtype, attn_implementation: str = IMPLEMENTATION
-):
+def load_tensor_parallel(path: str, *, dtype: torch.dtype, attn_implementation: str = IMPLEMENTATION):
     """Load a causal LM sharded over the current process group by transformers' tensor parallelism.
 
     Each rank keeps 1/world of the attention and MLP weights (DTensor shards); attention calls receive q
@@ -158,7 +156,8 @@ def _sharding_options(world: int) -> dict:
 
 
 def greedy_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy `model.generate` of exactly `new_tokens` tokens (EOS ignored): ids `[B, L]` -> `[B, new_tokens]`.
+    """Greedy `model.generate` of exactly `new_tokens` tokens (EOS ignored): ids `[B, L]` -> `[B, new_tokens]`
+    (the new tokens only).
 
     Every rank must call it with the same ids (transformers' TP replicates the logits, so ranks agree).
     """

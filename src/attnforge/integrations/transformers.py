@@ -188,9 +188,14 @@ def _learn_head_shards(module: torch.nn.Module, query: torch.Tensor) -> None:
     """Record tensor-parallel sharding from a call with fewer query heads than the module's config names."""
     config = getattr(module, "config", None)
     heads = getattr(config, "num_attention_heads", None)
-    if isinstance(heads, int) and query.dim() == 4 and 0 < query.shape[1] < heads:
-        if heads % query.shape[1] == 0 and head_shards(config) != heads // query.shape[1]:
-            note_head_shards(config, heads // query.shape[1])
+    local = query.shape[1] if query.dim() == 4 else 0
+    if (
+        isinstance(heads, int)
+        and 0 < local < heads
+        and heads % local == 0
+        and head_shards(config) != heads // local
+    ):
+        note_head_shards(config, heads // local)
 
 
 @torch.compiler.assume_constant_result
