@@ -5,6 +5,7 @@ On CPU conftest.py sets TRITON_INTERPRET=1 and the ranks inherit it: attnforge's
 rank through the interpreter (the statistics below say which kernel), not a torch fallback.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ RANK_SCRIPT = """
     # then the ranks' part of `attnforge generate --tp 2` (what the launcher starts), in the same group
     from attnforge import cli
     cli.app(["generate", "--tp", "2", "--model", sys.argv[1], "--max-new-tokens", "3", "--prompt-tokens", "8",
-             "--attention", "kernels"], standalone_mode=False)
+             "--attention", "kernels", "--out", sys.argv[4]], standalone_mode=False)
 """
 
 
@@ -90,7 +91,7 @@ def tp2_run(checkpoint, prompt_ids, tmp_path_factory) -> tuple[list[dict], str]:
     environment = {**_environment(), "COLUMNS": "200"}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [torch.load(work / f"rank{rank}.pt") for rank in range(2)], done.stdout
+    return [torch.load(work / f"rank{rank}.pt") for rank in range(2)], done.stdout, work
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,12 @@ def test_cli_generate_tp2_ranks_print_tokens_timing_and_each_rank(tp2_run):
     assert "3 tokens | TTFT" in out and "TP=2 on cpu" in out
     assert out.count("attnforge attention calls") == 2  # rank 0 prints, once, a line per rank
     assert "rank 1: attnforge attention calls" in out and "decode" in out
+    (result,) = tp2_run[2].glob("tp-*-tp2-attnforge-*.json")
+    doc = json.loads(result.read_text())
+    assert doc["tp"] == 2 and doc["backend"] == "gloo" and doc["prompt_tokens"] == 8
+    assert [len(rank["tokens"]) for rank in doc["ranks"]] == [3, 3]
+    assert doc["ranks"][0]["tokens"] == doc["ranks"][1]["tokens"]
+    assert all(rank["decode_tok_s"] > 0 and rank["stats"]["by_kernel"]["decode"] > 0 for rank in doc["ranks"])
 
 
 def test_cli_generate_tp_launches_torchrun_with_its_options(checkpoint, monkeypatch):
@@ -151,6 +158,7 @@ def invoke(args):
                         "num_key_value_heads=2 (sizes that do: [1, 2])"),
         (["--tp", "2", "--temperature", "0.7"], "not supported with --tp: --temperature"),
         (["--tp", "2", "--attention", "fast"], "--attention 'fast': with --tp one of"),
+        (["--out", "results"], "--out records a --tp run"),
     ],
 )  # fmt: skip
 def test_cli_generate_tp_refuses_bad_requests_before_launching(checkpoint, monkeypatch, args, message):

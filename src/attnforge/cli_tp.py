@@ -8,6 +8,10 @@ The accelerator is single-GPU: with --tp, generation is transformers' own loop.
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import torch
 import typer
 from rich.console import Console
@@ -40,19 +44,21 @@ def refuse_options(**values) -> None:
 
 
 def generate_tp(tp_size: int, *, model: str | None, prompt: str, max_new_tokens: int,
-                prompt_tokens: int | None, attention: str) -> None:  # fmt: skip
+                prompt_tokens: int | None, attention: str, out: Path | None = None) -> None:  # fmt: skip
     """Inside torchrun: this rank's part. Otherwise: check, then launch `tp_size` ranks and wait for them."""
     name = model or GPU_DEFAULT
     if attention not in ATTENTION:
         raise _fail(f"--attention {attention!r}: with --tp one of {sorted(ATTENTION)}")
     if tp.inside_torchrun():
-        _run_rank(tp_size, name, prompt, max_new_tokens, prompt_tokens, attention)
+        _run_rank(tp_size, name, prompt, max_new_tokens, prompt_tokens, attention, out)
         return
     check_request(tp_size, name)
     args = ["attnforge.cli", "generate", "--tp", str(tp_size), "--model", name, "--prompt", prompt,
             "--max-new-tokens", str(max_new_tokens), "--attention", attention]  # fmt: skip
     if prompt_tokens is not None:
         args += ["--prompt-tokens", str(prompt_tokens)]
+    if out is not None:
+        args += ["--out", str(out)]
     status = tp.launch(tp_size, args)
     if status:
         raise _fail(f"the {tp_size} ranks exited with status {status} (their output is above)")
@@ -71,7 +77,7 @@ def check_request(tp_size: int, name: str) -> None:
         raise _fail(f"{error} ({name})") from None
 
 
-def _run_rank(tp_size: int, name: str, prompt: str, max_new_tokens: int, prompt_tokens, attention: str):
+def _run_rank(tp_size: int, name: str, prompt: str, max_new_tokens: int, prompt_tokens, attention: str, out):
     import attnforge as af
     from attnforge.bench.e2e import prompt_token_ids
     from attnforge.optimizer import get_optimizer
@@ -94,13 +100,33 @@ def _run_rank(tp_size: int, name: str, prompt: str, max_new_tokens: int, prompt_
         length = prompt_tokens or max(1, len(prompt.split()))
         ids = torch.tensor([prompt_token_ids(prompt, length, model.config.vocab_size)], device=rank.device)
     run = tp.timed_decode(model, ids, max_new_tokens, rank.device)
-    stats = [None] * rank.world
-    torch.distributed.all_gather_object(stats, get_optimizer().get_stats())
+    ranks = [None] * rank.world
+    torch.distributed.all_gather_object(ranks, {"stats": get_optimizer().get_stats(), **run.summary()})
     if rank.rank == 0:
+        stats = [entry["stats"] for entry in ranks]
         _report(name, rank, model, implementation, run, stats)
         if tokenizer is not None:
             console.print(escape(tokenizer.decode(run.tokens)))
+        if out is not None:
+            path = _write_result(out, name, rank, implementation, ids.shape[1], ranks)
+            console.print(f"wrote {escape(str(path))}")
     torch.distributed.destroy_process_group()
+
+
+def _write_result(out: Path, name: str, rank: tp.Rank, implementation: str, prompt: int, ranks: list) -> Path:
+    """`<out>/tp-<model>-tp<N>-<attention>-<YYYYMMDD>.json`: where it ran and every rank's timing and
+    attnforge statistics (rank 0's numbers are the ones printed)."""
+    from attnforge.bench.report import write_json
+    from attnforge.environment import environment_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"tp-{Path(name).name}-tp{rank.world}-{implementation}-{time.strftime('%Y%m%d')}"
+    doc = {"what": "tensor-parallel decode (transformers generate, greedy, batch 1)",
+           "model": name, "random_weights": models.is_bundled(name), "tp": rank.world,
+           "backend": rank.backend, "attn_implementation": implementation, "prompt_tokens": prompt,
+           "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "environment": environment_report(),
+           "ranks": ranks}  # fmt: skip
+    return write_json(doc, out / f"{stem}.json")
 
 
 def _tokenizer(name: str):

@@ -104,6 +104,8 @@ def shared_checkpoint(model: str, rank: Rank, *, dtype: torch.dtype, seed: int =
         built = models.build_model(model, dtype=dtype, device=rank.device, seed=seed)
         built.save_pretrained(directory)
         del built
+        if rank.device.type == "cuda":
+            torch.cuda.empty_cache()  # the whole model was on this GPU; its shard is loaded next
         holder = [directory]
     dist.broadcast_object_list(holder, src=0)
     return holder[0], True
@@ -188,6 +190,12 @@ class DecodeRun:
         """This rank's bytes per decode step (its weight shards + its K/V heads) / time per step."""
         rate = self.decode_tok_s
         return self.bytes_per_step * rate / 1e9 if rate else None
+
+    def summary(self) -> dict:
+        """Plain values for a result file."""
+        return {"tokens": self.tokens, "ttft_s": self.ttft_s, "decode_s": self.decode_s,
+                "decode_tok_s": self.decode_tok_s, "bytes_per_step": self.bytes_per_step,
+                "achieved_gb_s": self.achieved_gb_s}  # fmt: skip
 
     def line(self, world: int, device: str) -> str:
         rate, bandwidth = self.decode_tok_s, self.achieved_gb_s
