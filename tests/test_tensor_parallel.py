@@ -49,9 +49,12 @@ RANK_SCRIPT = """
     local_q = model.model.layers[0].self_attn.q_proj.weight.to_local().shape[0]
     torch.save({"logits": logits, "tokens": tokens, "stats": get_optimizer().get_stats(), "local_q": local_q},
                f"{sys.argv[4]}/rank{rank.rank}.pt")
-    # then the ranks' part of `attnforge generate --tp 2` (what the launcher starts), in the same group
-    from attnforge import cli
-    cli.app(["generate", "--tp", "2", "--model", sys.argv[1], "--max-new-tokens", "3", "--prompt-tokens", "8",
+    # then the ranks' part of `attnforge generate --tp 2` (what the launcher starts), in the same group, with
+    # the bundled llama3-8b architecture reduced to the tiny sizes: rank 0 builds it, saves it, removes it
+    from attnforge import cli, models
+    build = models.build_model
+    models.build_model = lambda name, **options: build(name, **options, **TINY_LLAMA)
+    cli.app(["generate", "--tp", "2", "--model", "llama3-8b", "--max-new-tokens", "3", "--prompt-tokens", "8",
              "--attention", "kernels", "--out", sys.argv[4]], standalone_mode=False)
 """
 
@@ -84,11 +87,12 @@ def tp2_run(checkpoint, prompt_ids, tmp_path_factory) -> tuple[list[dict], str]:
     what rank 0 printed for `attnforge generate --tp 2` in the same run."""
     work = tmp_path_factory.mktemp("tp2")
     script = work / "rank.py"
-    script.write_text(textwrap.dedent(RANK_SCRIPT))
+    script.write_text(f"TINY_LLAMA = {TINY_LLAMA!r}\n" + textwrap.dedent(RANK_SCRIPT))
     torch.save(prompt_ids, work / "ids.pt")
     command = [*tp.LAUNCHER, "--nproc-per-node", "2", str(script), str(checkpoint), str(work / "ids.pt"),
                str(NEW_TOKENS), str(work)]  # fmt: skip
-    environment = {**_environment(), "COLUMNS": "200"}
+    (work / "tmp").mkdir()
+    environment = {**_environment(), "COLUMNS": "200", "TMPDIR": str(work / "tmp")}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(work / f"rank{rank}.pt") for rank in range(2)], done.stdout, work
@@ -121,13 +125,15 @@ def test_tp2_attnforge_kernels_ran_on_each_rank(tp2_ranks):
 
 def test_cli_generate_tp2_ranks_print_tokens_timing_and_each_rank(tp2_run):
     out = tp2_run[1]
-    assert "tensor-parallel over 2 ranks (gloo), attn_implementation=attnforge" in out
+    assert "llama3-8b (random weights), torch.float32, tensor-parallel over 2 ranks (gloo), " in out
+    assert "attn_implementation=attnforge" in out
+    assert not list((tp2_run[2] / "tmp").glob("attnforge-tp-*"))  # the temporary checkpoint is gone
     assert "3 tokens | TTFT" in out and "TP=2 on cpu" in out
     assert out.count("attnforge attention calls") == 2  # rank 0 prints, once, a line per rank
     assert "rank 1: attnforge attention calls" in out and "decode" in out
-    (result,) = tp2_run[2].glob("tp-*-tp2-attnforge-*.json")
+    (result,) = tp2_run[2].glob("tp-llama3-8b-tp2-attnforge-*.json")
     doc = json.loads(result.read_text())
-    assert doc["tp"] == 2 and doc["backend"] == "gloo" and doc["prompt_tokens"] == 8
+    assert doc["random_weights"] and doc["tp"] == 2 and doc["backend"] == "gloo" and doc["prompt_tokens"] == 8
     assert [len(rank["tokens"]) for rank in doc["ranks"]] == [3, 3]
     assert doc["ranks"][0]["tokens"] == doc["ranks"][1]["tokens"]
     assert all(rank["decode_tok_s"] > 0 and rank["stats"]["by_kernel"]["decode"] > 0 for rank in doc["ranks"])
