@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -85,7 +86,9 @@ def init_distributed() -> Rank:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        # NCCL bound to this rank's GPU (barriers then need no device ids); a timeout that outlasts rank 0
+        # building and saving a random-weight model while the others wait (NCCL's default is 10 minutes)
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=timedelta(minutes=60))
     return Rank(dist.get_rank(), dist.get_world_size(), device, backend)
 
 

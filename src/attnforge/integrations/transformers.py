@@ -162,10 +162,8 @@ def _call_shape(config, batch: int, q_length: int, kv_length: int) -> tuple | No
 def note_head_shards(config, shards: int) -> None:
     """Record that attention calls of models with this config see `num_attention_heads / shards` query heads
     (and `num_key_value_heads / shards` key/value heads): tensor parallelism with `tp_size = shards`.
-
     `tensor_parallel.load_tensor_parallel` calls it; the attention function also records it on its first
-    call with fewer heads than the config names (a model loaded tensor-parallel some other way).
-    """
+    call with fewer heads than the config names (a model loaded tensor-parallel some other way)."""
     config = getattr(config, "get_text_config", lambda: config)()
     if shards < 1:
         raise ValueError(f"shards={shards} must be at least 1")
@@ -189,13 +187,9 @@ def _learn_head_shards(module: torch.nn.Module, query: torch.Tensor) -> None:
     config = getattr(module, "config", None)
     heads = getattr(config, "num_attention_heads", None)
     local = query.shape[1] if query.dim() == 4 else 0
-    if (
-        isinstance(heads, int)
-        and 0 < local < heads
-        and heads % local == 0
-        and head_shards(config) != heads // local
-    ):
-        note_head_shards(config, heads // local)
+    shards = heads // local if isinstance(heads, int) and 0 < local < heads and heads % local == 0 else 1
+    if shards > 1 and head_shards(config) != shards:
+        note_head_shards(config, shards)
 
 
 @torch.compiler.assume_constant_result
