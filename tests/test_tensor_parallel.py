@@ -46,8 +46,11 @@ RANK_SCRIPT = """
     with torch.no_grad():
         logits = model(ids).logits
     tokens = tp.greedy_generate(model, ids, int(sys.argv[3]))
+    counts = dict(get_optimizer().get_stats()["by_kernel"])
+    static = tp.greedy_generate(model, ids, int(sys.argv[3]), cache_implementation="static")
     local_q = model.model.layers[0].self_attn.q_proj.weight.to_local().shape[0]
-    torch.save({"logits": logits, "tokens": tokens, "stats": get_optimizer().get_stats(), "local_q": local_q},
+    torch.save({"logits": logits, "tokens": tokens, "static": static, "stats": counts,
+                "static_stats": get_optimizer().get_stats(), "local_q": local_q},
                f"{sys.argv[4]}/rank{rank.rank}.pt")
     # then the ranks' part of `attnforge generate --tp 2` (what the launcher starts), in the same group, with
     # the bundled llama3-8b architecture reduced to the tiny sizes: rank 0 builds it, saves it, removes it
@@ -112,15 +115,18 @@ def test_tp2_logits_and_greedy_tokens_match_one_process(checkpoint, prompt_ids, 
         assert rank["local_q"] == 2 * TINY_LLAMA["head_dim"]  # 2 of the 4 query heads on each rank
         assert relative_error(rank["logits"], logits) <= LOGITS_RTOL
         assert torch.equal(rank["tokens"], tokens)
+        assert torch.equal(rank["static"], tokens)  # StaticCache: the kernels get valid lengths (kv_lens)
 
 
 def test_tp2_attnforge_kernels_ran_on_each_rank(tp2_ranks):
     layers = TINY_LLAMA["num_hidden_layers"]
     for rank in tp2_ranks:
-        stats = rank["stats"]
         # logits pass + generate's prefill: prefill kernel; 4 decode steps: decode kernel; per layer
-        assert stats["by_kernel"] == {"prefill": 2 * layers, "decode": (NEW_TOKENS - 1) * layers}, stats
-        assert stats["fallbacks"] == 0, stats
+        assert rank["stats"] == {"prefill": 2 * layers, "decode": (NEW_TOKENS - 1) * layers}
+        # then with a StaticCache: one more prefill, 4 more decode steps, nothing sent to torch
+        static = rank["static_stats"]
+        assert static["by_kernel"] == {"prefill": 3 * layers, "decode": 2 * (NEW_TOKENS - 1) * layers}, static
+        assert static["fallbacks"] == 0, static
 
 
 def test_cli_generate_tp2_ranks_print_tokens_timing_and_each_rank(tp2_run):

@@ -160,16 +160,16 @@ def _sharding_options(world: int) -> dict:
 # Generation and its measurement
 
 
-def greedy_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy_generate(model, ids: torch.Tensor, new_tokens: int, **options) -> torch.Tensor:
     """Greedy `model.generate` of exactly `new_tokens` tokens (EOS ignored): ids `[B, L]` -> `[B, new_tokens]`
-    (the new tokens only).
+    (the new tokens only); `options` go to generate (e.g. cache_implementation="static").
 
     Every rank must call it with the same ids (transformers' TP replicates the logits, so ranks agree).
     """
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False,
+            do_sample=False, **options,
         )  # fmt: skip
     return out[:, ids.shape[1] :]
 
