@@ -167,8 +167,32 @@ def generate(
     ] = None,
     max_kv_size: MaxKvSize = None,
     keep: Keep = None,
+    tp: Annotated[
+        int | None,
+        typer.Option(
+            "--tp",
+            metavar="N",
+            help="Tensor-parallel over N ranks (torchrun; NCCL on GPUs, gloo on CPU): transformers' "
+            "generate, greedy, with attnforge's attention.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="With --tp: write the run (timing per rank, device) as JSON here."),
+    ] = None,
 ) -> None:
-    """Generate text (streamed) with the accelerator, then a line of metrics."""
+    """Generate text (streamed) with the accelerator, then a line of metrics; with --tp, tensor-parallel."""
+    if out is not None and tp is None:
+        raise _fail("--out records a --tp run; without --tp, `attnforge bench accel` writes results")
+    if tp is not None:
+        from attnforge import cli_tp
+
+        cli_tp.refuse_options(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                              repetition_penalty=repetition_penalty, chat=chat, compare=compare,
+                              max_kv_size=max_kv_size, keep=keep)  # fmt: skip
+        cli_tp.generate_tp(tp, model=model, prompt=prompt, max_new_tokens=max_new_tokens,
+                           prompt_tokens=prompt_tokens, attention=attention, out=out)  # fmt: skip
+        return
     _check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if compare and temperature != 0:
         raise _fail(f"--compare checks greedy tokens: it needs --temperature 0 (got {temperature})")

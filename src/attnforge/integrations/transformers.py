@@ -144,14 +144,52 @@ def _all_valid(attention_mask: torch.Tensor, q_offset, q_length: int) -> bool:
 
 
 def _call_shape(config, batch: int, q_length: int, kv_length: int) -> tuple | None:
-    """(B, Hq, Hkv, D, Lq, Lkv) of this forward's attention calls, from the model's config (or None)."""
+    """(B, Hq, Hkv, D, Lq, Lkv) of this forward's attention calls, from the model's config (or None).
+
+    Under tensor parallelism each rank's calls carry 1/shards of the heads (see `note_head_shards`): the
+    decision must be made for those local counts, as the attention function will see them.
+    """
     config = getattr(config, "get_text_config", lambda: config)()
     heads = getattr(config, "num_attention_heads", None)
     if not heads:
         return None
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
-    return (batch, heads, kv_heads, head_dim, q_length, kv_length)
+    shards = head_shards(config)
+    return (batch, heads // shards, max(kv_heads // shards, 1), head_dim, q_length, kv_length)
+
+
+def note_head_shards(config, shards: int) -> None:
+    """Record that attention calls of models with this config see `num_attention_heads / shards` query heads
+    (and `num_key_value_heads / shards` key/value heads): tensor parallelism with `tp_size = shards`.
+    `tensor_parallel.load_tensor_parallel` calls it; the attention function also records it on its first
+    call with fewer heads than the config names (a model loaded tensor-parallel some other way)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    if shards < 1:
+        raise ValueError(f"shards={shards} must be at least 1")
+    key = id(config)
+    if shards == 1:
+        _STATE.head_shards.pop(key, None)
+        return
+    forget = weakref.ref(config, lambda _, key=key: _STATE.head_shards.pop(key, None))
+    _STATE.head_shards[key] = (forget, shards)
+
+
+def head_shards(config) -> int:
+    """How many ways this config's heads are split (1 unless `note_head_shards` recorded more)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    ref, shards = _STATE.head_shards.get(id(config), (None, 1))
+    return shards if ref is not None and ref() is config else 1
+
+
+def _learn_head_shards(module: torch.nn.Module, query: torch.Tensor) -> None:
+    """Record tensor-parallel sharding from a call with fewer query heads than the module's config names."""
+    config = getattr(module, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    local = query.shape[1] if query.dim() == 4 else 0
+    shards = heads // local if isinstance(heads, int) and 0 < local < heads and heads % local == 0 else 1
+    if shards > 1 and head_shards(config) != shards:
+        note_head_shards(config, shards)
 
 
 @torch.compiler.assume_constant_result
@@ -213,6 +251,8 @@ def attnforge_attention(
             "attn_implementation='attnforge' does not support s_aux (attention sinks); use 'eager'"
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not torch.compiler.is_compiling():
+        _learn_head_shards(module, query)
     if attention_mask is not None and attention_mask.dtype == torch.int32:
         kv_lens, kv_starts = _read_ranges(attention_mask)
         out = get_optimizer().attention(
@@ -304,6 +344,8 @@ class _PatchState:
         self.models: weakref.WeakSet = weakref.WeakSet()
         # id(config) -> (weak reference, value): attn_implementation requests seen while patched
         self.requests: dict[int, tuple[weakref.ref, object]] = {}
+        # id(text config) -> (weak reference, shards): tensor-parallel head splits (see note_head_shards)
+        self.head_shards: dict[int, tuple[weakref.ref, int]] = {}
 
 
 _STATE = _PatchState()
