@@ -34,6 +34,19 @@ MaxKvSize = Annotated[
         "each token attends to exactly those).",
     ),
 ]
+TpOption = Annotated[
+    int | None,
+    typer.Option(
+        "--tp",
+        metavar="N",
+        help="Tensor-parallel over N ranks (torchrun; NCCL on GPUs, gloo on CPU): transformers' "
+        "generate, greedy, with attnforge's attention.",
+    ),
+]
+TpOutOption = Annotated[
+    Path | None,
+    typer.Option(metavar="DIR", help="With --tp: write the run (timing per rank, device) as JSON here."),
+]
 Keep = Annotated[
     int | None, typer.Option("--keep", metavar="K", help="Attention sinks kept by --max-kv-size (default 4).")
 ]
@@ -167,19 +180,8 @@ def generate(
     ] = None,
     max_kv_size: MaxKvSize = None,
     keep: Keep = None,
-    tp: Annotated[
-        int | None,
-        typer.Option(
-            "--tp",
-            metavar="N",
-            help="Tensor-parallel over N ranks (torchrun; NCCL on GPUs, gloo on CPU): transformers' "
-            "generate, greedy, with attnforge's attention.",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(metavar="DIR", help="With --tp: write the run (timing per rank, device) as JSON here."),
-    ] = None,
+    tp: TpOption = None,
+    out: TpOutOption = None,
 ) -> None:
     """Generate text (streamed) with the accelerator, then a line of metrics; with --tp, tensor-parallel."""
     if out is not None and tp is None:
@@ -202,11 +204,17 @@ def generate(
         ids = _prompt_ids(loaded, prompt, chat, prompt_tokens)
     except ValueError as error:
         raise _fail(str(error)) from None
-    baseline = _transformers_run(loaded, ids, max_new_tokens) if compare else None
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                    ignore_eos=loaded.random)  # fmt: skip
-    acc = _accelerator_for(loaded, ids, options, attention, max_kv_size, keep)
+    _generate_and_report(loaded, ids, options, attention, (max_kv_size, keep), compare)
+
+
+def _generate_and_report(loaded: Loaded, ids: list[int], options: dict, attention: str, ring: tuple,
+                         compare: bool) -> None:  # fmt: skip
+    """Stream the accelerated generation, then its metrics (and, with compare, plain transformers' run)."""
+    baseline = _transformers_run(loaded, ids, options["max_new_tokens"]) if compare else None
+    acc = _accelerator_for(loaded, ids, options, attention, *ring)
     _describe(loaded, acc)
     if acc.device.type == "cuda":
         acc.generate(ids, **{**options, "max_new_tokens": 2})  # compiles and captures outside the timing

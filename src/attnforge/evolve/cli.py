@@ -50,6 +50,16 @@ def _default_out() -> Path:
 MODEL_HELP = f"bundled architecture ({', '.join(bundled_models())}) or local path"
 
 
+DevicesOption = Annotated[
+    str,
+    typer.Option(
+        metavar="SPEC",
+        help="where candidates are evaluated, one pinned worker process per device: auto (every GPU if "
+        "2 or more, else this process), cuda, cuda:0,1 or, without a GPU, cpu:N",
+    ),
+]
+
+
 @evolve_app.command()
 def tune(
     kernel: Annotated[str, typer.Option(metavar="KIND", help="decode or prefill")] = "decode",
@@ -78,33 +88,18 @@ def tune(
     workers: Annotated[
         int, typer.Option(min=0, metavar="N", help="processes compiling each generation (GPU only)")
     ] = 8,
-    devices: Annotated[
-        str,
-        typer.Option(
-            metavar="SPEC",
-            help="where candidates are evaluated, one pinned worker process per device: auto (every GPU if "
-            "2 or more, else this process), cuda, cuda:0,1 or, without a GPU, cpu:N",
-        ),
-    ] = "auto",
+    devices: DevicesOption = "auto",
 ) -> None:
     """Evolve the launch parameters of attnforge's kernel for the buckets a model (or given shapes) hits on
     this GPU; every candidate scored by the evaluator; the winners written to the tuning store."""
     from attnforge.bench import report
     from attnforge.bench.providers import DTYPES
     from attnforge.evolve import tuner
-    from attnforge.evolve.pool import parse_devices
 
     _choice("--kernel", kernel, KERNELS)
     _choice("--dtype", dtype, tuple(DTYPES))
-    try:
-        settings = tuner.Settings(population=population, budget=budget, elite=elite, seed=seed)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+    settings, evaluation_devices = _search_settings(population, budget, elite, seed, devices)
     targets = _targets(kernel, model, shapes, batch, dtype)
-    try:
-        evaluation_devices = parse_devices(devices, torch.cuda.device_count())
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
     _interpreter_without_gpu()  # before the workers start: they inherit it
     if not torch.cuda.is_available():
         console.print(
@@ -123,6 +118,18 @@ def tune(
     where = tuner.store(doc, table) if torch.cuda.is_available() else None
     if where:
         console.print(f"stored the entries in {where}")
+
+
+def _search_settings(population: int, budget: int, elite: int, seed: int, devices: str) -> tuple:
+    """(tuner.Settings, evaluation devices) from the options; BadParameter naming a bad value."""
+    from attnforge.evolve import tuner
+    from attnforge.evolve.pool import parse_devices
+
+    try:
+        settings = tuner.Settings(population=population, budget=budget, elite=elite, seed=seed)
+        return settings, parse_devices(devices, torch.cuda.device_count())
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def _evolve_with_progress(title: str, targets: list, settings, options: dict) -> dict:

@@ -160,10 +160,8 @@ def _call_shape(config, batch: int, q_length: int, kv_length: int) -> tuple | No
 
 
 def note_head_shards(config, shards: int) -> None:
-    """Record that attention calls of models with this config see `num_attention_heads / shards` query heads
-    (and `num_key_value_heads / shards` key/value heads): tensor parallelism with `tp_size = shards`.
-    `tensor_parallel.load_tensor_parallel` calls it; the attention function also records it on its first
-    call with fewer heads than the config names (a model loaded tensor-parallel some other way)."""
+    """Record that calls of models with this config see 1/shards of its heads (tensor parallelism, tp_size =
+    shards); the TP loader calls it, and so does the attention function on a call with fewer heads."""
     config = getattr(config, "get_text_config", lambda: config)()
     if shards < 1:
         raise ValueError(f"shards={shards} must be at least 1")
