@@ -253,7 +253,7 @@ def _measured_row(contenders, row, scenario, prompts, runs, warmup, doc) -> dict
 
 
 def _header(model_name: str, model, contenders: Contenders, on_gpu: bool, runs: int, warmup: int) -> dict:
-    from attnforge.bench import report
+    from attnforge.bench import e2e, report
     from attnforge.bench.timing import measure_read_bandwidth
 
     acc = contenders.accelerator
@@ -265,18 +265,7 @@ def _header(model_name: str, model, contenders: Contenders, on_gpu: bool, runs: 
         "environment": report.run_environment(),
         "dtype": str(acc.dtype).removeprefix("torch."),
         "weights": "random" if _bundled(model_name) else "checkpoint",
-        "architecture": {
-            k: getattr(config, k, None)
-            for k in (
-                "model_type",
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "vocab_size",
-            )
-        },  # fmt: skip
+        "architecture": {k: getattr(config, k, None) for k in e2e.ARCHITECTURE_FIELDS},
         "weight_bytes": acc.weight_bytes,
         "kv_bytes_per_token": acc.cache.shape.bytes_per_token(),
         "method": METHOD if on_gpu else NO_GPU_NOTE,

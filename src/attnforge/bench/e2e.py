@@ -262,10 +262,12 @@ class _Sides:
         return self.optimizer.get_stats()
 
 
-def _merge_stats(total: dict, stats_now: dict) -> dict:
+def merge_stats(total: dict, stats_now: dict) -> dict:
+    """Two optimizer-statistics dicts added up (counts, per-kernel and per-reason counts; rate recomputed)."""
     merged = dict(total)
-    for key in ("calls", "optimized", "fallbacks"):
-        merged[key] = merged.get(key, 0) + stats_now.get(key, 0)
+    for key in ("calls", "optimized", "fallbacks", "quantized_calls"):
+        if key in merged or key in stats_now:
+            merged[key] = merged.get(key, 0) + stats_now.get(key, 0)
     for key in ("by_kernel", "fallback_reasons"):
         merged[key] = dict(merged.get(key, {}))
         for name, count in stats_now.get(key, {}).items():
@@ -302,7 +304,7 @@ def run_scenario(
     for index, side in _schedule(order, warmup + runs, interleaved=cache == "dynamic"):
         sides.use(side)
         run = generate_once(model, ids, new, cache)
-        side_stats[side] = _merge_stats(side_stats[side], sides.stats())
+        side_stats[side] = merge_stats(side_stats[side], sides.stats())
         if index >= warmup:
             measured[side].append(run)
     result = {
@@ -506,23 +508,30 @@ def planned_scenarios(mode: str, *, all_scenarios: bool = False, names: list[str
     )
 
 
-def _finish(doc: dict, on_gpu: bool) -> None:
-    """Overall improvements, the attnforge side's statistics, and the kernels-ran assertion."""
+def summarize_scenarios(doc: dict, timed: bool) -> dict:
+    """Set the attnforge side's total statistics, the overall (geometric mean) improvements and, for an
+    untimed agreement check, whether the greedy tokens matched; returns the total statistics."""
     stats_total: dict = {}
     for result in doc["scenarios"]:
         if "attnforge" in result["sides"]:
-            stats_total = _merge_stats(stats_total, result["sides"]["attnforge"]["optimizer_stats"])
+            stats_total = merge_stats(stats_total, result["sides"]["attnforge"]["optimizer_stats"])
     doc["optimizer_stats"] = stats_total
     ratios: dict[str, list[float]] = {}
     for result in doc["scenarios"]:
         for metric, value in result.get("improvement", {}).items():
             ratios.setdefault(metric, []).append(value)
     doc["overall"] = {metric: stats.geometric_mean(values) for metric, values in ratios.items()}
-    if not on_gpu:
+    if not timed:
         doc["tokens_match"] = all(
             r["sides"]["baseline"]["first_tokens"] == r["sides"]["attnforge"]["first_tokens"]
             for r in doc["scenarios"]
         )
+    return stats_total
+
+
+def _finish(doc: dict, on_gpu: bool) -> None:
+    """The summary (summarize_scenarios) and the kernels-ran assertion."""
+    stats_total = summarize_scenarios(doc, on_gpu)
     if doc["scenarios"] and not stats_total.get("optimized") and doc.get("kernel_policy") != "none":
         doc["failure"] = (
             "attnforge kernels did not run on the attnforge side (optimizer stats: "

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from attnforge.bench import e2e, report, stats
+from attnforge.bench import e2e, report
 from attnforge.environment import package_version
 from attnforge.integrations import MLX_INSTALL_HINT
 
@@ -90,18 +90,6 @@ def _use(side: str) -> None:
     integration.reset_stats()
 
 
-def _add_stats(total: dict, now: dict) -> dict:
-    merged = {
-        key: total.get(key, 0) + now[key] for key in ("calls", "optimized", "fallbacks", "quantized_calls")
-    }
-    for key in ("by_kernel", "fallback_reasons"):
-        merged[key] = dict(total.get(key, {}))
-        for name, count in now[key].items():
-            merged[key][name] = merged[key].get(name, 0) + count
-    merged["optimization_rate"] = merged["optimized"] / merged["calls"] if merged["calls"] else 0.0
-    return merged
-
-
 def run_scenario(model, scenario: e2e.Scenario, order: list[str], *, runs: int, warmup: int, vocab_size: int,
                  prompt_tokens: int | None = None, new_tokens: int | None = None) -> dict:  # fmt: skip
     """Warm-up then measured runs of one scenario, the sides in `order` interleaved (A B, then B A)."""
@@ -114,7 +102,7 @@ def run_scenario(model, scenario: e2e.Scenario, order: list[str], *, runs: int, 
         for side in order if index % 2 == 0 else order[::-1]:
             _use(side)
             result = generate_once(model, ids, new)
-            side_stats[side] = _add_stats(side_stats[side], integration.get_stats())
+            side_stats[side] = e2e.merge_stats(side_stats[side], integration.get_stats())
             if index >= warmup:
                 measured[side].append(result)
     result = {"name": scenario.name, "category": scenario.category, "prompt_tokens": length,
@@ -204,18 +192,7 @@ def _new_doc(model_name, mode, metal, dtype, config, kernels, method) -> dict:
         "environment": environment,
         "tokenization": e2e.TOKENIZATION,
         "dtype": str(dtype).rsplit(".", 1)[-1],
-        "architecture": {
-            key: config.get(key)
-            for key in (
-                "model_type",
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "vocab_size",
-            )
-        },  # fmt: skip
+        "architecture": {key: config.get(key) for key in e2e.ARCHITECTURE_FIELDS},
         "method": method,
         "kernel_policy": kernels,
         "note": None if metal else NO_METAL_NOTE,
@@ -225,22 +202,8 @@ def _new_doc(model_name, mode, metal, dtype, config, kernels, method) -> dict:
 
 
 def _finish(doc: dict, metal: bool) -> None:
-    """The attnforge side's statistics, overall ratios, agreement (no Metal), the patch-in-effect check."""
-    total: dict = {}
-    for result in doc["scenarios"]:
-        if "attnforge" in result["sides"]:
-            total = _add_stats(total, result["sides"]["attnforge"]["optimizer_stats"])
-    doc["optimizer_stats"] = total
-    ratios: dict[str, list[float]] = {}
-    for result in doc["scenarios"]:
-        for metric, value in result.get("improvement", {}).items():
-            ratios.setdefault(metric, []).append(value)
-    doc["overall"] = {metric: stats.geometric_mean(values) for metric, values in ratios.items()}
-    if not metal:
-        doc["tokens_match"] = all(
-            r["sides"]["baseline"]["first_tokens"] == r["sides"]["attnforge"]["first_tokens"]
-            for r in doc["scenarios"]
-        )
+    """The summary (e2e.summarize_scenarios) and the patch-in-effect check."""
+    total = e2e.summarize_scenarios(doc, metal)
     if doc["scenarios"] and not total.get("calls"):
         doc["failure"] = (
             "attnforge's dispatch saw no attention call on the attnforge side: the patch was not in effect"
