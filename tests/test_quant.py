@@ -294,19 +294,24 @@ def test_convert_command_writes_a_checkpoint_that_loads(tmp_path):
     model.save_pretrained(source)
     destination = tmp_path / "quantized"
     args = ["convert", str(source), str(destination), "--recipe", "quality-8bit", "--group-size", "32",
-            "--predicate", "tests.test_quant:keep_lm_head"]  # fmt: skip
+            "--predicate", "tests.test_quant:keep_lm_head", "--dtype", "bfloat16"]  # fmt: skip
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     assert "weights from the checkpoint" in result.output and "14 8-bit, 1 unquantized" in result.output
     loaded = af.load_quantized(destination)
     assert isinstance(loaded.lm_head, torch.nn.Linear)
     assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantizedLinear)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16  # --dtype: the unquantized parts and the scales
+    assert loaded.model.layers[1].mlp.up_proj.scales.dtype == torch.bfloat16
 
 
 def test_convert_command_refuses_a_bad_recipe_in_one_line(tmp_path):
     result = CliRunner().invoke(cli.app, ["convert", "smollm2", str(tmp_path), "--recipe", "tiny"])
     assert result.exit_code == 2
     assert "recipe='tiny' is not a quantization recipe; accepted:" in result.output
+    result = CliRunner().invoke(cli.app, ["convert", "smollm2", str(tmp_path), "--dtype", "int8"])
+    assert result.exit_code == 2
+    assert "--dtype 'int8' is not supported; accepted: float32, bfloat16, float16" in result.output
 
 
 def keep_lm_head(name, module):
@@ -331,12 +336,14 @@ def test_bench_quant_commands_write_their_results_where_asked(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "q.json").read_text())["rows"]
     assert [r["recipe"] for r in rows] == ["unquantized", "quality-8bit", "speed-4bit"]
-    speed_args = ["bench", "quant-speed", *small, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "1"]
+    speed_args = ["bench", "quant-speed", *small, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "1",
+                  "--group-size", "32"]  # fmt: skip
     result = CliRunner().invoke(cli.app, [*speed_args, "--out", str(tmp_path), "--stem", "s"])
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "s.json").read_text())
     assert [r["recipe"] for r in doc["rows"]] == ["float32", "quality-8bit", "speed-4bit"]
     assert doc["rows"][0]["ratio"] == 1.0 and all(r["decode_tok_s"] > 0 for r in doc["rows"])
+    assert [r["group_size"] for r in doc["rows"]] == [None, 32, 32] and doc["settings"]["new_tokens"] == 3
     assert "smoke test" in doc["note"] and (tmp_path / "s.md").read_text().startswith("# Decode per")
 
 

@@ -13,6 +13,9 @@ from rich.markdown import Markdown
 from rich.markup import escape
 
 console = Console(highlight=False)
+ResultsOption = Annotated[
+    Path | None, typer.Option(help="Result folder (default: the cache's results/<device> folder).")
+]
 SOURCE_HELP = "A local Hugging Face model folder, a bundled architecture (random weights), or smollm2 (real)."
 
 
@@ -73,9 +76,7 @@ def bench_quant(
     layers: Annotated[int | None, typer.Option(help="Random-weight architectures: keep N layers.")] = None,
     vocab: Annotated[int | None, typer.Option(help="Random-weight architectures: vocabulary size.")] = None,
     tokens: Annotated[int, typer.Option(help="Random-weight architectures: random tokens to score.")] = 256,
-    out: Annotated[
-        Path | None, typer.Option(help="Result folder (default: the cache's results/<device> folder).")
-    ] = None,
+    out: ResultsOption = None,
     stem: Annotated[
         str | None, typer.Option(help="File name stem (default quant-quality-<model>-DATE).")
     ] = None,
@@ -149,9 +150,7 @@ def bench_quant_speed(
     runs: Annotated[int, typer.Option(min=1, help="Timed generations per row (median).")] = 3,
     layers: Annotated[int | None, typer.Option(help="Keep N layers (smoke tests).")] = None,
     vocab: Annotated[int | None, typer.Option(help="Vocabulary size (smoke tests).")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Result folder (default: the cache's results/<device> folder).")
-    ] = None,
+    out: ResultsOption = None,
     stem: Annotated[
         str | None, typer.Option(help="File name stem (default quant-decode-<model>-DATE).")
     ] = None,
