@@ -378,8 +378,7 @@ class AttentionOptimizer:
         self, q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts=None
     ) -> torch.Tensor:
         """Decide from the tensors' sizes, run the kernel or torch SDPA, count the outcome."""
-        decode_shaped = q.shape[2] <= MAX_DECODE_QUERY_LEN and q_lens is None and attn_mask is None
-        if kv_starts is not None and not decode_shaped:
+        if kv_starts is not None and not _decode_shaped(q, q_lens, attn_mask):
             attn_mask, kv_starts = starts_as_mask(kv_starts, k.shape[2], attn_mask), None
         out = self.run_kernel_if_chosen(q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens,
                                         attn_mask=attn_mask, kv_starts=kv_starts)  # fmt: skip
@@ -413,7 +412,7 @@ class AttentionOptimizer:
         lengths: (kv_lens, q_lens, kv_starts), each None or int `[B]`."""
         kind = decision.kernel
         function, _ = self._kernels[kind]
-        kv_lens, q_lens, kv_starts = (_as_lengths(lens, q.device) for lens in lengths)
+        kv_lens, q_lens, kv_starts = [_as_lengths(lens, q.device) for lens in lengths]
         try:
             if kind == "decode":
                 starts = {} if kv_starts is None else {"kv_starts": kv_starts}
@@ -436,6 +435,11 @@ class AttentionOptimizer:
             if key not in self._logged:
                 self._logged.add(key)
                 logger.info("attnforge dispatch: %s", decision.reason)
+
+
+def _decode_shaped(q: torch.Tensor, q_lens, attn_mask) -> bool:
+    """A call the decode kernel could take with kv_starts: few new tokens, no padded queries, no mask."""
+    return q.shape[2] <= MAX_DECODE_QUERY_LEN and q_lens is None and attn_mask is None
 
 
 def _as_lengths(lens: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
