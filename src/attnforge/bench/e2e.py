@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,10 +210,13 @@ def generate_once(model, input_ids: torch.Tensor, new_tokens: int, cache: str = 
         )
     first_token = clock.times[1] - start
     decode_s = clock.times[-1] - clock.times[1]
+    token_ms = [(after - before) * 1e3 for before, after in zip(clock.times[1:], clock.times[2:])]
     result = {
         "ttft_ms": first_token * 1e3,
         "prefill_tok_s": input_ids.shape[1] / first_token,
         "decode_tok_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
+        "median_token_tok_s": 1e3 / statistics.median(token_ms) if token_ms else None,
+        "token_ms": [round(ms, 3) for ms in token_ms],
         "total_s": clock.end_time - start,
         "new_tokens": len(clock.tokens),
         "tokens": clock.tokens,
@@ -222,7 +226,7 @@ def generate_once(model, input_ids: torch.Tensor, new_tokens: int, cache: str = 
     return result
 
 
-METRICS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "total_s", "peak_mem_gib")
+METRICS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "median_token_tok_s", "total_s", "peak_mem_gib")
 
 
 def summarize_runs(runs: list[dict]) -> dict:
@@ -342,6 +346,7 @@ def improvement(baseline: dict, optimized: dict) -> dict:
         ("ttft_ms", True),
         ("prefill_tok_s", False),
         ("decode_tok_s", False),
+        ("median_token_tok_s", False),
         ("total_s", True),
     ):
         a, b = baseline["summary"].get(metric), optimized["summary"].get(metric)
@@ -553,6 +558,7 @@ def _method(on_gpu: bool, runs: int, warmup: int, order: list[str], cache: str =
         + f"{warmup} warm-up and {runs} measured runs per scenario of {sides}"
         + (", interleaved A B / B A in one process" if len(order) == 2 and cache == "dynamic" else "")
         + (", one side after the other in one process" if len(order) == 2 and cache == "static" else "")
-        + "; TTFT = time to the first new token (device synced), decode tok/s = (new - 1) / time after it; "
+        + "; TTFT = time to the first new token (device synced), decode tok/s = (new - 1) / time after it, "
+        "median token tok/s = 1 / the median time between two new tokens (a host hiccup moves it little); "
         "median and 95% interval of the median; peak memory = torch.cuda.max_memory_allocated per run"
     )
