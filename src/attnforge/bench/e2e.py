@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import re
 import statistics
 import time
@@ -210,7 +211,7 @@ def generate_once(model, input_ids: torch.Tensor, new_tokens: int, cache: str = 
         )
     first_token = clock.times[1] - start
     decode_s = clock.times[-1] - clock.times[1]
-    token_ms = [(after - before) * 1e3 for before, after in zip(clock.times[1:], clock.times[2:])]
+    token_ms = [(after - before) * 1e3 for before, after in itertools.pairwise(clock.times[1:])]
     result = {
         "ttft_ms": first_token * 1e3,
         "prefill_tok_s": input_ids.shape[1] / first_token,
