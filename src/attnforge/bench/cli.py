@@ -230,6 +230,14 @@ KernelPolicyOption = Annotated[
 CacheOption = Annotated[
     str, typer.Option(metavar="KIND", help="dynamic, or static (transformers compiles the decode step).")
 ]
+InterleaveOption = Annotated[
+    str,
+    typer.Option(
+        metavar="HOW",
+        help="compare: runs (whole runs take turns) or tokens (the sides take turns token by token inside "
+        "each run; dynamic cache; steadier on a host whose speed drifts).",
+    ),
+]
 PromptTokensOption = Annotated[
     int | None, typer.Option(min=1, metavar="N", help="Override every scenario's prompt length.")
 ]
@@ -257,6 +265,7 @@ def e2e(
     time_budget: TimeBudgetOption = None,
     kernels: KernelPolicyOption = "measured",
     cache: CacheOption = "dynamic",
+    interleave: InterleaveOption = "runs",
     prompt_tokens: PromptTokensOption = None,
     scenario_names: ScenariosOption = None,
     backend: BackendOption = "torch",
@@ -272,12 +281,14 @@ def e2e(
     options = dict(mode=mode, runs=runs, warmup=warmup, all_scenarios=all_scenarios, kernels=kernels,
                    time_budget_s=time_budget)  # fmt: skip
     if backend == "mlx":
+        if interleave != "runs":
+            raise typer.BadParameter("mlx runs take turns by whole runs only", param_hint="--interleave")
         _e2e_mlx(model, options, out, stem)
         return
     require_model(model)
     _use_interpreter_without_gpu()
     target, stem = out or device_results_dir(), stem or _e2e_stem(model)
-    options.update(cache=cache, names=names, prompt_tokens=prompt_tokens)
+    options.update(cache=cache, interleave=interleave, names=names, prompt_tokens=prompt_tokens)
     doc = _run_e2e(model, options, checkpoint=lambda partial: report.save(partial, target, stem))
     if doc.get("note"):
         console.print(f"[yellow]{escape(doc['note'])}")
@@ -322,15 +333,15 @@ def print_e2e(doc: dict) -> None:
         console.print(f"{escape(title)}: greedy tokens of plain transformers and attnforge: {verdict}")
     else:
         table = Table(title=title + ": median [95% interval]")
-        for column in ("scenario", "side", "TTFT ms", "decode tok/s", "total s"):
+        for column in ("scenario", "side", "TTFT ms", "decode tok/s", "median token tok/s", "total s"):
             table.add_column(column, overflow="fold")
         for row in report.e2e_table_rows(doc):
-            table.add_row(str(row[0]), row[3], row[4], row[6], row[7])
+            table.add_row(str(row[0]), row[3], row[4], row[6], row[7], row[8])
         console.print(table)
     improvements = report.e2e_improvement_rows(doc)
     if improvements:
         table = Table(title="attnforge / baseline (> 1: attnforge better)")
-        for column in ("scenario", "TTFT", "prefill", "decode", "total"):
+        for column in ("scenario", "TTFT", "prefill", "decode", "median token", "total"):
             table.add_column(column, overflow="fold")
         for row in improvements:
             table.add_row(*row)

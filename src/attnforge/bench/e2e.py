@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import itertools
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from attnforge.bench import report, stats
+from attnforge.bench.generation import generate_alternating, generate_once
 
 MODES = ("quick", "full", "compare")
 TOKENIZATION = (
@@ -40,6 +39,9 @@ CPU_SCENARIOS = 1  # without a GPU: the agreement check needs one scenario
 KERNEL_POLICIES = ("measured", "all", "none")
 # "dynamic": transformers' default DynamicCache; "static": its StaticCache, which generate() compiles.
 CACHES = ("dynamic", "static")
+# How the two sides of `compare` share the time: whole runs in turn (A B, B A, ...), or token by token within
+# each run (dynamic cache only: the host's speed drifts between runs on shared machines, see generation.py).
+INTERLEAVES = ("runs", "tokens")
 
 _CODE = """Write a Python module that implements a thread-safe LRU cache with a time-to-live per entry.
 It must expose get(key), put(key, value, ttl_seconds) and a stats() method that reports hits, misses and
@@ -166,67 +168,6 @@ def prompt_token_ids(text: str, length: int, vocab_size: int) -> list[int]:
 # One generation, timed
 
 
-class _TokenClock:
-    """A generate() streamer that timestamps the prompt and every new token (after a device sync)."""
-
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self.sync = sync
-        self.times: list[float] = []
-        self.tokens: list[int] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.sync()
-        self.times.append(time.perf_counter())
-        if len(self.times) > 1:  # the first put is the prompt
-            self.tokens.extend(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.sync()
-        self.end_time = time.perf_counter()
-
-
-def generate_once(model, input_ids: torch.Tensor, new_tokens: int, cache: str = "dynamic") -> dict:
-    """Greedy generation of exactly `new_tokens` tokens; times and peak memory of this one run.
-
-    cache: "dynamic" or "static" (transformers' StaticCache; on a GPU generate() compiles the decode step).
-    """
-    options = {"cache_implementation": "static"} if cache == "static" else {}
-    cuda = input_ids.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    clock = _TokenClock(sync)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=0,
-            **options,
-        )
-    first_token = clock.times[1] - start
-    decode_s = clock.times[-1] - clock.times[1]
-    token_ms = [(after - before) * 1e3 for before, after in itertools.pairwise(clock.times[1:])]
-    result = {
-        "ttft_ms": first_token * 1e3,
-        "prefill_tok_s": input_ids.shape[1] / first_token,
-        "decode_tok_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
-        "median_token_tok_s": 1e3 / statistics.median(token_ms) if token_ms else None,
-        "token_ms": [round(ms, 3) for ms in token_ms],
-        "total_s": clock.end_time - start,
-        "new_tokens": len(clock.tokens),
-        "tokens": clock.tokens,
-    }
-    if cuda:
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
-
-
 METRICS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "median_token_tok_s", "total_s", "peak_mem_gib")
 
 
@@ -263,6 +204,10 @@ class _Sides:
             self.integration.unpatch_model(self.model)
         self.optimizer.reset_stats()
 
+    def switch(self, side: str) -> None:
+        """Run as `side` from the next forward on, inside a generate call, after `use("attnforge")`."""
+        self.model.set_attn_implementation(self.integration.IMPLEMENTATION if side == "attnforge" else "sdpa")
+
     def stats(self) -> dict:
         return self.optimizer.get_stats()
 
@@ -294,8 +239,11 @@ def run_scenario(
     prompt_tokens: int | None = None,
     new_tokens: int | None = None,
     cache: str = "dynamic",
+    interleave: str = "runs",
 ) -> dict:
-    """Warm-up then measured runs of one scenario, the sides in `order` interleaved (A B, B A, ...).
+    """Warm-up then measured runs of one scenario, the sides in `order` interleaved (A B, B A, ...), or with
+    interleave="tokens" taking turns token by token within each run (generation.generate_alternating; the
+    side that goes first alternates between runs).
 
     With a static cache the sides run one after the other instead (all of A, then all of B): switching the
     attention implementation recompiles transformers' compiled decode step, so interleaving would time
@@ -304,14 +252,8 @@ def run_scenario(
     length = prompt_tokens or scenario.prompt_tokens
     new = new_tokens or scenario.new_tokens
     ids = torch.tensor([prompt_token_ids(scenario.prompt, length, vocab_size)], device=device)
-    measured: dict[str, list[dict]] = {side: [] for side in order}
-    side_stats: dict[str, dict] = {side: {} for side in order}
-    for index, side in _schedule(order, warmup + runs, interleaved=cache == "dynamic"):
-        sides.use(side)
-        run = generate_once(model, ids, new, cache)
-        side_stats[side] = merge_stats(side_stats[side], sides.stats())
-        if index >= warmup:
-            measured[side].append(run)
+    measure = _alternating_runs if interleave == "tokens" else _separate_runs
+    measured, side_stats, first_tokens = measure(model, sides, ids, new, order, warmup, runs, cache)
     result = {
         "name": scenario.name,
         "category": scenario.category,
@@ -320,17 +262,51 @@ def run_scenario(
         "sides": {},
     }
     for side in order:
-        tokens = [run.pop("tokens") for run in measured[side]]
         result["sides"][side] = {
             "n": len(measured[side]),
             "runs": measured[side],
             "summary": summarize_runs(measured[side]),
             "optimizer_stats": side_stats[side],
-            "first_tokens": tokens[0][:16] if tokens else [],
+            "first_tokens": first_tokens.get(side, [])[:16],
         }
     if len(order) == 2:
         result["improvement"] = improvement(result["sides"]["baseline"], result["sides"]["attnforge"])
     return result
+
+
+def _separate_runs(model, sides: _Sides, ids, new: int, order: list[str], warmup: int, runs: int, cache: str):
+    """One generate call per side and run: (measured runs per side, statistics per side, first tokens)."""
+    measured: dict[str, list[dict]] = {side: [] for side in order}
+    side_stats: dict[str, dict] = {side: {} for side in order}
+    first_tokens: dict[str, list[int]] = {}
+    for index, side in _schedule(order, warmup + runs, interleaved=cache == "dynamic"):
+        sides.use(side)
+        run = generate_once(model, ids, new, cache)
+        side_stats[side] = merge_stats(side_stats[side], sides.stats())
+        tokens = run.pop("tokens")
+        if index >= warmup:
+            measured[side].append(run)
+            first_tokens.setdefault(side, tokens)
+    return measured, side_stats, first_tokens
+
+
+def _alternating_runs(model, sides: _Sides, ids, new: int, order: list[str], warmup: int, runs: int, _cache):
+    """Both sides in each generate call, token by token (dynamic cache only); the same three as
+    `_separate_runs`. Every attnforge call of a run is the attnforge side's (the baseline makes none)."""
+    measured: dict[str, list[dict]] = {side: [] for side in order}
+    side_stats: dict[str, dict] = {side: {} for side in order}
+    first_tokens: dict[str, list[int]] = {}
+    for index in range(warmup + runs):
+        turn = tuple(order if index % 2 == 0 else order[::-1])
+        sides.use("attnforge")  # registered and patched; the turns only switch the implementation
+        run = generate_alternating(model, ids, new, sides.switch, turn)
+        side_stats["attnforge"] = merge_stats(side_stats["attnforge"], sides.stats())
+        if index >= warmup:
+            for side in order:
+                measured[side].append({**run[side], "new_tokens": run["new_tokens"], "turn": list(turn)})
+                first_tokens.setdefault(side, run["tokens"])
+    sides.use("baseline")
+    return measured, side_stats, first_tokens
 
 
 def _schedule(order: list[str], count: int, *, interleaved: bool) -> list[tuple[int, str]]:
@@ -372,6 +348,7 @@ def run(
     time_budget_s: float | None = None,
     kernels: str = "measured",
     cache: str = "dynamic",
+    interleave: str = "runs",
     names: list[str] | None = None,
     prompt_tokens: int | None = None,
     checkpoint: Callable[[dict], None] | None = None,
@@ -387,7 +364,7 @@ def run(
     from attnforge import models
 
     chosen = scenarios_for(mode, all_scenarios=all_scenarios) if not names else scenarios_named(names)
-    _check_choices(kernels, cache)
+    _check_choices(kernels, cache, interleave, mode)
     device = _pick_device(device)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -403,9 +380,11 @@ def run(
     if not on_gpu:
         chosen = chosen[:CPU_SCENARIOS]  # one short scenario shows agreement; more would only repeat it
     runs = runs or (3 if mode != "full" else 5)
+    method = _method(on_gpu, runs, warmup, order, cache, interleave)
     doc = _new_document(model_name, model.config, mode=mode, on_gpu=on_gpu, dtype=dtype, kernels=kernels,
-                        cache=cache, method=_method(on_gpu, runs, warmup, order, cache))  # fmt: skip
-    options = dict(runs=runs, warmup=warmup, device=device, cache=cache, prompt_tokens=prompt_tokens)
+                        cache=cache, method=method)  # fmt: skip
+    options = dict(runs=runs, warmup=warmup, device=device, cache=cache, prompt_tokens=prompt_tokens,
+                   interleave=interleave)  # fmt: skip
     _run_scenarios(doc, model, sides, chosen, order, options, progress=progress, time_budget_s=time_budget_s,
                    checkpoint=checkpoint)  # fmt: skip
     sides.use("baseline")
@@ -439,11 +418,18 @@ def _run_scenarios(doc: dict, model, sides, chosen: list[Scenario], order: list[
             checkpoint(partial)
 
 
-def _check_choices(kernels: str, cache: str) -> None:
+def _check_choices(kernels: str, cache: str, interleave: str = "runs", mode: str = "compare") -> None:
     if kernels not in KERNEL_POLICIES:
         raise ValueError(f"kernels={kernels!r} is not known; accepted: {KERNEL_POLICIES}")
     if cache not in CACHES:
         raise ValueError(f"cache={cache!r} is not known; accepted: {CACHES}")
+    if interleave not in INTERLEAVES:
+        raise ValueError(f"interleave={interleave!r} is not known; accepted: {INTERLEAVES}")
+    if interleave == "tokens" and (cache != "dynamic" or mode != "compare"):
+        raise ValueError(
+            f"interleave='tokens' takes turns between two sides with a dynamic cache: it needs "
+            f"mode='compare' and cache='dynamic' (got mode={mode!r}, cache={cache!r})"
+        )
 
 
 def _pick_device(device: torch.device | str | None) -> torch.device:
@@ -545,21 +531,34 @@ def _finish(doc: dict, on_gpu: bool) -> None:
         )
 
 
-def _method(on_gpu: bool, runs: int, warmup: int, order: list[str], cache: str = "dynamic") -> str:
+def _method(on_gpu: bool, runs: int, warmup: int, order: list[str], cache: str = "dynamic",
+            interleave: str = "runs") -> str:  # fmt: skip
     if not on_gpu:
         return (
             f"{CPU_PROMPT_TOKENS}-token prompt, {CPU_NEW_TOKENS} greedy tokens, baseline (sdpa) and "
             "attnforge "
             "on one float32 model; tokens and optimizer statistics compared, nothing timed"
         )
-    sides = " and ".join(order)
     return (
         "model.generate greedy, EOS ignored (min_new_tokens = max_new_tokens), batch 1, bf16, "
         + ("dynamic cache; " if cache == "dynamic" else "static cache (generate compiles the decode step); ")
-        + f"{warmup} warm-up and {runs} measured runs per scenario of {sides}"
-        + (", interleaved A B / B A in one process" if len(order) == 2 and cache == "dynamic" else "")
-        + (", one side after the other in one process" if len(order) == 2 and cache == "static" else "")
+        + f"{warmup} warm-up and {runs} measured runs per scenario of {' and '.join(order)}"
+        + _sharing(order, cache, interleave)
         + "; TTFT = time to the first new token (device synced), decode tok/s = (new - 1) / time after it, "
         "median token tok/s = 1 / the median time between two new tokens (a host hiccup moves it little); "
         "median and 95% interval of the median; peak memory = torch.cuda.max_memory_allocated per run"
     )
+
+
+def _sharing(order: list[str], cache: str, interleave: str) -> str:
+    """How the two sides shared the time, for the method line."""
+    if len(order) != 2:
+        return ""
+    if cache == "static":
+        return ", one side after the other in one process"
+    if interleave == "tokens":
+        return (
+            ", taking turns token by token within each run (the switch between them untimed; the side that "
+            "runs the prefill alternates between runs, so TTFT and total time come from half the runs each)"
+        )
+    return ", interleaved A B / B A in one process"

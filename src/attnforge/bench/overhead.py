@@ -34,6 +34,19 @@ def _per_call_us(fns: dict[str, Callable[[], object]], calls: int, repeats: int)
     return {name: min(values) for name, values in samples.items()}
 
 
+def _decode_call() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Llama attention layer (16:8 heads, d128) and one decode step's q `[1, 16, 1, 128]` (a transposed
+    view, as the layer makes it) and k/v `[1, 8, 300, 128]` (contiguous, as a DynamicCache holds them)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                         num_hidden_layers=1, vocab_size=8)  # fmt: skip
+    module = LlamaAttention(config, layer_idx=0).to("meta")
+    q = torch.randn(1, 1, 16, 128).transpose(1, 2)
+    return module, q, torch.randn(1, 8, 300, 128), torch.randn(1, 8, 300, 128)
+
+
 def fallback_overhead(calls: int = 2000, repeats: int = 15) -> dict:
     """Host microseconds per call: transformers' sdpa path alone, and via attnforge's hook (torch chosen)."""
     from transformers.integrations import sdpa_attention
@@ -41,9 +54,7 @@ def fallback_overhead(calls: int = 2000, repeats: int = 15) -> dict:
     from attnforge.integrations import transformers as integration
     from attnforge.optimizer import get_optimizer
 
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = 2, True
-    q, k, v = torch.randn(1, 16, 1, 128), torch.randn(1, 8, 300, 128), torch.randn(1, 8, 300, 128)
+    module, q, k, v = _decode_call()
     stub = mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: q)
     optimizer = get_optimizer()
     previous = optimizer.settings.kernels
@@ -63,7 +74,7 @@ def fallback_overhead(calls: int = 2000, repeats: int = 15) -> dict:
         "torch": torch.__version__,
         "method": f"fastest of {repeats} interleaved rounds of {calls} calls; torch SDPA stubbed out; one "
         "decode-shaped call "
-        "(q [1, 16, 1, 128], k/v [1, 8, 300, 128], CPU tensors)",
+        "of a Llama attention layer (q [1, 16, 1, 128] a transposed view, k/v [1, 8, 300, 128], CPU tensors)",
         "transformers_sdpa_us": times["sdpa"],
         "attnforge_hook_us": times["attnforge"],
         "overhead_us": times["attnforge"] - times["sdpa"],

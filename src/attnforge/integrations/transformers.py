@@ -181,7 +181,12 @@ def head_shards(config) -> int:
 
 
 def _learn_head_shards(module: torch.nn.Module, query: torch.Tensor) -> None:
-    """Record tensor-parallel sharding from a call with fewer query heads than the module's config names."""
+    """Record tensor-parallel sharding from a call with fewer query heads than the module's config names.
+
+    Once per module: a layer's head count does not change between calls (this runs on every call)."""
+    if module in _STATE.heads_checked:
+        return
+    _STATE.heads_checked.add(module)
     config = getattr(module, "config", None)
     heads = getattr(config, "num_attention_heads", None)
     local = query.shape[1] if query.dim() == 4 else 0
@@ -249,11 +254,13 @@ def attnforge_attention(
             "attn_implementation='attnforge' does not support s_aux (attention sinks); use 'eager'"
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         _learn_head_shards(module, query)
+    optimizer = get_optimizer()
     if attention_mask is not None and attention_mask.dtype == torch.int32:
         kv_lens, kv_starts = _read_ranges(attention_mask)
-        out = get_optimizer().attention(
+        out = optimizer.attention(
             query, key, value, scale=scaling, causal=causal, kv_lens=kv_lens, kv_starts=kv_starts
         )
         return out.transpose(1, 2), None
@@ -263,36 +270,30 @@ def attnforge_attention(
         )
         return out.transpose(1, 2), None
     if kwargs.get("position_bias") is None:
-        out = _kernel_or_none(query, key, value, scaling, causal, attention_mask)
+        out = _kernel_or_none(optimizer, compiling, query, key, value, scaling, causal, attention_mask)
         if out is not None:
             return out.transpose(1, 2), None
-    return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    if not compiling:
+        query, key, value = reference.fused_sdpa_safe(query, key, value, on_copy=optimizer.stats.record_copy)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+        **kwargs,
+    )  # fmt: skip
 
 
-def _kernel_or_none(query, key, value, scale, causal, mask) -> torch.Tensor | None:
+def _kernel_or_none(optimizer, compiling, query, key, value, scale, causal, mask) -> torch.Tensor | None:
     """attnforge's kernel where the optimizer chooses it for this call (counted either way), else None.
 
     `mask` is transformers' own (None: plain causal over exactly the valid keys; else it holds the pattern).
     Inside torch.compile, calls without a mask are decided when the graph runs (one custom op); calls with
     one are traced as transformers' sdpa attention.
     """
-    optimizer = get_optimizer()
     causal = causal and mask is None and query.shape[2] > 1
-    if not torch.compiler.is_compiling():
+    if not compiling:
         return optimizer.run_kernel_if_chosen(query, key, value, scale=scale, causal=causal, attn_mask=mask)
     if mask is None:
         return optimizer.attention(query, key, value, scale=scale, causal=causal)
     return None
-
-
-def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
-    """transformers' own sdpa attention, with inputs torch's fused kernels cannot take copied first."""
-    optimizer = get_optimizer()
-    query, key, value = reference.fused_sdpa_safe(query, key, value, on_copy=optimizer.stats.record_copy)
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-        **kwargs,
-    )  # fmt: skip
 
 
 def _torch_math_attention(q, k, v, scale, causal, kv_lens, attn_mask, softcap, dropout) -> torch.Tensor:
@@ -344,6 +345,8 @@ class _PatchState:
         self.requests: dict[int, tuple[weakref.ref, object]] = {}
         # id(text config) -> (weak reference, shards): tensor-parallel head splits (see note_head_shards)
         self.head_shards: dict[int, tuple[weakref.ref, int]] = {}
+        # attention modules whose query head count was compared with their config's (_learn_head_shards)
+        self.heads_checked: weakref.WeakSet = weakref.WeakSet()
 
 
 _STATE = _PatchState()
