@@ -180,13 +180,15 @@ def head_shards(config) -> int:
     return shards if ref is not None and ref() is config else 1
 
 
-def _learn_head_shards(module: torch.nn.Module, query: torch.Tensor) -> None:
-    """Record tensor-parallel sharding from a call with fewer query heads than the module's config names.
+# Marks an attention module whose query head count was compared with its config's (in its __dict__: the
+# cheapest test on the hot path; a layer's head count does not change between calls).
+_HEADS_CHECKED = "_attnforge_heads_checked"
 
-    Once per module: a layer's head count does not change between calls (this runs on every call)."""
-    if module in _STATE.heads_checked:
-        return
-    _STATE.heads_checked.add(module)
+
+def _learn_head_shards(module: torch.nn.Module, query: torch.Tensor) -> None:
+    """Record tensor-parallel sharding from a call with fewer query heads than the module's config names
+    (once per module: the attention function calls it only for modules without the `_HEADS_CHECKED` mark)."""
+    module.__dict__[_HEADS_CHECKED] = True
     config = getattr(module, "config", None)
     heads = getattr(config, "num_attention_heads", None)
     local = query.shape[1] if query.dim() == 4 else 0
@@ -255,7 +257,7 @@ def attnforge_attention(
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     compiling = torch.compiler.is_compiling()
-    if not compiling:
+    if not compiling and _HEADS_CHECKED not in module.__dict__:
         _learn_head_shards(module, query)
     optimizer = get_optimizer()
     if attention_mask is not None and attention_mask.dtype == torch.int32:
@@ -345,8 +347,6 @@ class _PatchState:
         self.requests: dict[int, tuple[weakref.ref, object]] = {}
         # id(text config) -> (weak reference, shards): tensor-parallel head splits (see note_head_shards)
         self.head_shards: dict[int, tuple[weakref.ref, int]] = {}
-        # attention modules whose query head count was compared with their config's (_learn_head_shards)
-        self.heads_checked: weakref.WeakSet = weakref.WeakSet()
 
 
 _STATE = _PatchState()

@@ -13,6 +13,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from attnforge.config import (
     KERNEL_KINDS,
@@ -29,9 +30,9 @@ KERNEL_ENTRY_POINTS = {
 }
 
 
-@dataclass(frozen=True)
-class CallFeatures:
-    """What a call carries beyond its shape: these decide which kernel can serve it."""
+class CallFeatures(NamedTuple):
+    """What a call carries beyond its shape: these decide which kernel can serve it. (A named tuple: it is
+    part of the key of every call's cached decision, and a tuple hashes without running Python code.)"""
 
     causal: bool = True
     has_mask: bool = False

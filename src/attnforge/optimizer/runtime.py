@@ -394,18 +394,18 @@ class AttentionOptimizer:
         runs torch. Either way the call is counted once, under what actually ran. `kv_starts` (decode-shaped
         calls without a mask only) goes to the decode kernel as it is, to the prefill kernel as a mask."""
         features = _FEATURES[(causal, attn_mask is not None, q_lens is not None, kv_lens is not None)]
-        decision = self.decision_for(q.shape, k.shape, v.shape, q.dtype, q.device, features)
-        if decision.optimized:
-            if kv_starts is not None and decision.kernel != "decode":
-                attn_mask, kv_starts = starts_as_mask(kv_starts, k.shape[2], attn_mask), None
-            lengths = (kv_lens, q_lens, kv_starts)
-            out = self._run_kernel(decision, q, k, v, scale, causal, lengths, attn_mask, features)
-            if out is not None:
-                self.note(decision)
-                return out
-            decision = self.decision_for(q.shape, k.shape, v.shape, q.dtype, q.device, features)
-        self.note(decision)
-        return None
+        exact = (q.shape, k.shape, v.shape, q.dtype, q.device, features)
+        decision = self._recent.get(exact) or self.decision_for(*exact)  # the hit inline: every call pays it
+        if decision.kernel is None:
+            self.note(decision)
+            return None
+        if kv_starts is not None and decision.kernel != "decode":
+            attn_mask, kv_starts = starts_as_mask(kv_starts, k.shape[2], attn_mask), None
+        lengths = (kv_lens, q_lens, kv_starts)
+        out = self._run_kernel(decision, q, k, v, scale, causal, lengths, attn_mask, features)
+        # After a failure the kernel's decisions were dropped: count the call under the new one (torch).
+        self.note(decision if out is not None else self.decision_for(*exact))
+        return out
 
     def _run_kernel(self, decision, q, k, v, scale, causal, lengths, attn_mask, features):
         """The kernel's output, or None after remembering its failure (then the caller falls back).
