@@ -322,6 +322,27 @@ def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) ->
     if "graph_median_us" in best and "graph_median_us" in torch_cell:
         row["graph_speedup"] = torch_cell["graph_median_us"] / best["graph_median_us"]
     row["graph"] = f"CUDA graph of {layers} calls on distinct buffers, 20 replays, per-call median"
+    if params.get("num_splits", 1) > 1:  # does merging in a second kernel (PDL) pay where launches are free?
+        row["graph_combine_us"] = _graph_combine_modes(target, case, buffers, params, layers)
+
+
+def _graph_combine_modes(target: Target, case: verify.Case, buffers, params: dict, layers: int) -> dict:
+    """The winner's parameters with each way of merging the splits, per call in the same kind of graph:
+    {combine mode: median us, or the error}."""
+    from attnforge.kernels.decode import COMBINE_MODES
+
+    out: dict[str, float | str] = {}
+    for mode in COMBINE_MODES:
+        variant = dict(params, combine=mode)
+        make = lambda i, variant=variant: kernel_call(  # noqa: E731
+            target, _layer_case(case, buffers[i]), variant, torch.empty_like(case.q)
+        )
+        try:
+            samples = timing.time_graph_per_call(make, layers=layers, reps=20)
+            out[mode] = timing.summarize(samples)["median_us"]
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            out[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return out
 
 
 def _layer_case(case: verify.Case, qkv: tuple) -> verify.Case:
