@@ -180,8 +180,7 @@ def head_shards(config) -> int:
     return shards if ref is not None and ref() is config else 1
 
 
-# Marks an attention module whose query head count was compared with its config's (in its __dict__: the
-# cheapest test on the hot path; a layer's head count does not change between calls).
+# In a module's __dict__ once its head count was compared with its config's (the hot path's cheapest test).
 _HEADS_CHECKED = "_attnforge_heads_checked"
 
 
@@ -285,11 +284,9 @@ def attnforge_attention(
 
 def _kernel_or_none(optimizer, compiling, query, key, value, scale, causal, mask) -> torch.Tensor | None:
     """attnforge's kernel where the optimizer chooses it for this call (counted either way), else None.
-
     `mask` is transformers' own (None: plain causal over exactly the valid keys; else it holds the pattern).
     Inside torch.compile, calls without a mask are decided when the graph runs (one custom op); calls with
-    one are traced as transformers' sdpa attention.
-    """
+    one are traced as transformers' sdpa attention."""
     causal = causal and mask is None and query.shape[2] > 1
     if not compiling:
         return optimizer.run_kernel_if_chosen(query, key, value, scale=scale, causal=causal, attn_mask=mask)
