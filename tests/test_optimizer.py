@@ -403,3 +403,28 @@ def test_kv_starts_hide_the_left_padding_on_every_path(kernels, q_len):
     assert verify.relative_l2_per_slice(out, expected).max() <= verify.tolerance_for(torch.float32)
     ran = optimizer.stats.as_dict()["by_kernel"]
     assert ran == ({"decode": 1} if kernels and q_len <= 16 else {"prefill": 1} if kernels else {}), ran
+
+
+def _bf16(*shape):
+    return torch.zeros(*shape, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "make, aligned",
+    [
+        (lambda: _bf16(1, 2, 100, 128), True),  # a DynamicCache's k/v
+        (lambda: _bf16(1, 1, 16, 128).transpose(1, 2), True),  # q as an attention layer makes it
+        (lambda: _bf16(1, 2, 100, 136)[..., 4:132], False),  # data pointer 8 bytes past a boundary
+        (lambda: _bf16(1, 2, 100, 130)[..., :128], False),  # rows 260 bytes apart
+        (lambda: _bf16(1, 2, 128, 100).transpose(-1, -2), False),  # last dimension not contiguous
+        (lambda: torch.zeros(1, 2, 100, 64)[..., :60], True),  # float32 rows 256 bytes apart
+    ],
+)
+def test_the_one_pass_alignment_check_for_torch_sdpa(make, aligned):
+    """What the hot path checks before a call goes to torch's fused SDPA (on CPU tensors the check runs the
+    same; fused_sdpa_safe itself only applies it to CUDA tensors)."""
+    from attnforge.kernels import reference
+
+    plain = _bf16(1, 2, 100, 128)
+    assert reference._all_aligned(plain, plain, make()) is aligned
+    assert reference._all_aligned(make(), plain, plain) is aligned
