@@ -548,3 +548,17 @@ def test_optimizer_decision_describes_the_rows_lengths_and_mask(monkeypatch, rag
     assert optimizer_decision(cfg, torch.device("cpu")) == "recorded"
     assert seen["features"].has_kv_lens is ragged
     assert seen["features"].has_mask is (mask == "bool")
+
+
+def test_overhead_benchmark_times_the_hook_hot_and_cold(tmp_path):
+    from attnforge.bench.overhead import fallback_overhead
+    from attnforge.optimizer import get_optimizer
+
+    kernels = get_optimizer().settings.kernels
+    doc = fallback_overhead(calls=20, repeats=2, cold_calls=5)
+    for key in ("transformers_sdpa_us", "attnforge_hook_us", "transformers_sdpa_cold_us",
+                "attnforge_hook_cold_us"):  # fmt: skip
+        assert math.isfinite(doc[key]) and doc[key] > 0, key
+    assert doc["overhead_cold_us"] == doc["attnforge_hook_cold_us"] - doc["transformers_sdpa_cold_us"]
+    assert "cache sweep" in doc["method"] and "CPU tensors" in doc["method"]
+    assert get_optimizer().settings.kernels == kernels  # the benchmark gives the optimizer its kernels back

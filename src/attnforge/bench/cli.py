@@ -360,10 +360,12 @@ def overhead(
     from attnforge.bench.overhead import fallback_overhead
 
     doc = fallback_overhead()
-    console.print(
-        f"transformers' sdpa path {doc['transformers_sdpa_us']:.1f} us per call; through attnforge's hook "
-        f"{doc['attnforge_hook_us']:.1f} us: attnforge adds {doc['overhead_us']:.1f} us ({doc['cpu']})"
-    )
+    for label, suffix in (("hot loop", "us"), ("caches swept between calls", "cold_us")):
+        console.print(
+            f"{label}: transformers' sdpa path {doc[f'transformers_sdpa_{suffix}']:.1f} us per call; through "
+            f"attnforge's hook {doc[f'attnforge_hook_{suffix}']:.1f} us: attnforge adds "
+            f"{doc[f'overhead_{suffix}']:.1f} us ({doc['cpu']})"
+        )
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         path = report.write_json(doc, Path(out) / f"{report.default_stem('overhead')}.json")
