@@ -252,8 +252,11 @@ def run_scenario(
     length = prompt_tokens or scenario.prompt_tokens
     new = new_tokens or scenario.new_tokens
     ids = torch.tensor([prompt_token_ids(scenario.prompt, length, vocab_size)], device=device)
-    measure = _alternating_runs if interleave == "tokens" else _separate_runs
-    measured, side_stats, first_tokens = measure(model, sides, ids, new, order, warmup, runs, cache)
+    if interleave == "tokens":
+        outcome = _alternating_runs(model, sides, ids, new, order, warmup, runs)
+    else:
+        outcome = _separate_runs(model, sides, ids, new, order, warmup, runs, cache)
+    measured, side_stats, first_tokens = outcome
     result = {
         "name": scenario.name,
         "category": scenario.category,
@@ -290,7 +293,7 @@ def _separate_runs(model, sides: _Sides, ids, new: int, order: list[str], warmup
     return measured, side_stats, first_tokens
 
 
-def _alternating_runs(model, sides: _Sides, ids, new: int, order: list[str], warmup: int, runs: int, _cache):
+def _alternating_runs(model, sides: _Sides, ids, new: int, order: list[str], warmup: int, runs: int):
     """Both sides in each generate call, token by token (dynamic cache only); the same three as
     `_separate_runs`. Every attnforge call of a run is the attnforge side's (the baseline makes none)."""
     measured: dict[str, list[dict]] = {side: [] for side in order}

@@ -102,12 +102,13 @@ def _tuning_summary(doc: dict) -> list[str]:
 
 
 def _overhead_summary(doc: dict) -> list[str]:
+    runs = [("", "us")] + ([("caches swept between calls: ", "cold_us")] if "overhead_cold_us" in doc else [])
     return [
-        f"- transformers' sdpa path {doc['transformers_sdpa_us']:.1f} us per call, through attnforge's hook "
-        f"{doc['attnforge_hook_us']:.1f} us: attnforge adds {doc['overhead_us']:.1f} us "
-        f"({doc.get('cpu')}, torch {doc.get('torch')})",
-        f"- Method: {doc.get('method')}",
-    ]
+        f"- {label}transformers' sdpa path {doc[f'transformers_sdpa_{suffix}']:.1f} us per call, through "
+        f"attnforge's hook {doc[f'attnforge_hook_{suffix}']:.1f} us: attnforge adds "
+        f"{doc[f'overhead_{suffix}']:.1f} us ({doc.get('cpu')}, torch {doc.get('torch')})"
+        for label, suffix in runs
+    ] + [f"- Method: {doc.get('method')}"]
 
 
 def _evolve_evaluate_summary(doc: dict) -> list[str]:
@@ -206,7 +207,8 @@ def _headline(doc: dict) -> str:
             f"{len(doc['rows'])} rows; vs the fastest torch path {min(speedups):.2f}x to {max(speedups):.2f}x"
         )
     if kind == "overhead":
-        return f"attnforge adds {doc['overhead_us']:.1f} us per call routed to torch"
+        cold = f" ({doc['overhead_cold_us']:.1f} us cold)" if "overhead_cold_us" in doc else ""
+        return f"attnforge adds {doc['overhead_us']:.1f} us per call routed to torch{cold}"
     if kind == "evolve-evaluate":
         score, reason = doc.get("metrics", {}).get("combined_score"), doc.get("artifacts", {}).get("reason")
         return f"score {score} ({reason})"

@@ -274,8 +274,7 @@ def attnforge_attention(
         out = _kernel_or_none(optimizer, compiling, query, key, value, scaling, causal, attention_mask)
         if out is not None:
             return out.transpose(1, 2), None
-    if not compiling:
-        query, key, value = reference.fused_sdpa_safe(query, key, value, on_copy=optimizer.stats.record_copy)
+    query, key, value = reference.fused_sdpa_safe(query, key, value, on_copy=optimizer.stats.record_copy)
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
         **kwargs,
