@@ -426,7 +426,7 @@ def test_the_one_pass_alignment_check_for_torch_sdpa(make, aligned):
     from attnforge.kernels import reference
 
     plain = _bf16(1, 2, 100, 128)
-    assert reference._all_aligned(plain, plain, make()) is aligned
-    assert reference._all_aligned(make(), plain, plain) is aligned
+    assert reference.fused_sdpa_aligned(plain, plain, make()) is aligned
+    assert reference.fused_sdpa_aligned(make(), plain, plain) is aligned
     flat = make()[0]  # 3-D views take the general path
-    assert reference._all_aligned(flat, plain[0], plain[0]) is aligned
+    assert reference.fused_sdpa_aligned(flat, plain[0], plain[0]) is aligned

@@ -55,6 +55,30 @@ def test_oracle_matches_torch_sdpa_with_masks(mask_kind):
     )
 
 
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_attention_matches_the_oracle_and_caps_logits(mask_kind, causal):
+    """reference.math_attention: the path for softcapping and training dropout (transformers integration)."""
+    case = verify.random_case(config_of(2, 6, 3, 5, 13, 16, dtype=torch.float64))
+    keep = torch.rand(2, 1, 5, 13, generator=torch.Generator().manual_seed(0)) > 0.3
+    keep[..., 0] = True
+    mask = {None: None, "bool": keep, "additive": torch.zeros(2, 6, 5, 13, dtype=torch.float64)
+            .masked_fill(~keep, -math.inf)}[mask_kind]  # fmt: skip
+    options = dict(scale=0.3, causal=causal, attn_mask=mask)
+    expected = reference_attention(case.q, case.k, case.v, **options)
+    torch.testing.assert_close(reference.math_attention(case.q, case.k, case.v, **options), expected)
+    q, k, v = case.q * 50, case.k.repeat_interleave(2, 1), case.v.repeat_interleave(2, 1)
+    logits = 2.0 * torch.tanh(0.3 * q @ k.transpose(-1, -2) / 2.0)  # softcap 2: |logit| < 2
+    visible = reference.visibility_mask(2, 5, 13, causal=causal, kv_lens=None)
+    visible = keep if visible is None and mask_kind else visible & keep if mask_kind else visible
+    if visible is not None:
+        logits = logits.masked_fill(~visible, -math.inf)
+    expected = torch.softmax(logits, dim=-1) @ v
+    torch.testing.assert_close(
+        reference.math_attention(case.q * 50, case.k, case.v, softcap=2.0, **options), expected
+    )
+
+
 def test_oracle_causal_is_bottom_right_and_honours_kv_lens():
     case = verify.random_case(config_of(2, 2, 1, 3, 10, 8, dtype=torch.float64))
     kv_lens = torch.tensor([10, 6])

@@ -3,7 +3,8 @@
 Generation with a dynamic cache is bound by the host (Python and launches), so every microsecond attnforge
 adds per call shows up in tokens per second. This times transformers' attention hook as attnforge installs
 it, with every call routed to torch, against transformers' own `sdpa_attention_forward` called directly, both
-with torch's SDPA replaced by a stub that returns at once: the difference is attnforge's own work per call.
+with torch's SDPA replaced by a stub that returns at once: the difference is what a call costs more through
+attnforge (negative where a decode step's call, planned by the mask hook, skips transformers' own wrapper).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _per_call_us(fns: dict[str, Callable[[], object]], calls: int, repeats: int)
 
 
 COLD_SWEEP_BYTES = 16 * 2**20  # more than the last-level cache of a share of a server CPU
+KV = 300  # keys in the cache of the timed decode step
 
 
 def _per_call_cold_us(fns: dict[str, Callable[[], object]], calls: int) -> dict[str, float]:
@@ -55,7 +57,7 @@ def _per_call_cold_us(fns: dict[str, Callable[[], object]], calls: int) -> dict[
 
 def _decode_call() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Llama attention layer (16:8 heads, d128) and one decode step's q `[1, 16, 1, 128]` (a transposed
-    view, as the layer makes it) and k/v `[1, 8, 300, 128]` (contiguous, as a DynamicCache holds them)."""
+    view, as the layer makes it) and k/v `[1, 8, KV, 128]` (contiguous, as a DynamicCache holds them)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention
 
@@ -63,7 +65,7 @@ def _decode_call() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.T
                          num_hidden_layers=1, vocab_size=8)  # fmt: skip
     module = LlamaAttention(config, layer_idx=0).to("meta")
     q = torch.randn(1, 1, 16, 128).transpose(1, 2)
-    return module, q, torch.randn(1, 8, 300, 128), torch.randn(1, 8, 300, 128)
+    return module, q, torch.randn(1, 8, KV, 128), torch.randn(1, 8, KV, 128)
 
 
 def fallback_overhead(calls: int = 2000, repeats: int = 15, cold_calls: int = 400) -> dict:
@@ -80,6 +82,10 @@ def fallback_overhead(calls: int = 2000, repeats: int = 15, cold_calls: int = 40
     previous = optimizer.settings.kernels
     optimizer.configure(kernels=())
     try:
+        # The mask hook runs once per forward: for a decode step it plans this step's calls (see
+        # integrations/transformers_plan.py), as it would in generate().
+        integration.attnforge_mask(batch_size=1, q_length=1, kv_length=KV, q_offset=KV - 1,
+                                   config=module.config, dtype=q.dtype, device=q.device)  # fmt: skip
         with stub:
             plain = lambda: sdpa_attention.sdpa_attention_forward(module, q, k, v, None)  # noqa: E731
             through = lambda: integration.attnforge_attention(module, q, k, v, None)  # noqa: E731
@@ -96,7 +102,8 @@ def fallback_overhead(calls: int = 2000, repeats: int = 15, cold_calls: int = 40
         "method": f"hot: fastest of {repeats} interleaved rounds of {calls} calls; cold: median of "
         f"{cold_calls} single calls each after a {COLD_SWEEP_BYTES >> 20} MiB cache sweep; torch SDPA "
         "stubbed out; one decode-shaped call of a Llama attention layer (q [1, 16, 1, 128] a transposed "
-        "view, k/v [1, 8, 300, 128], CPU tensors: the alignment check CUDA tensors get is not included)",
+        f"view, k/v [1, 8, {KV}, 128], planned by the mask hook as in generate(), CPU tensors: the "
+        "alignment check CUDA tensors get is not included)",
         "transformers_sdpa_us": times["sdpa"],
         "attnforge_hook_us": times["attnforge"],
         "overhead_us": times["attnforge"] - times["sdpa"],

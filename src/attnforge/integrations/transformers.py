@@ -6,7 +6,8 @@ it; `patch_model(model)` switches a loaded model (`set_attn_implementation`). Ev
 process-wide optimizer (optimizer.py), which picks attnforge's kernels or torch SDPA and counts what it did.
 
 Calls the optimizer sends to torch run exactly what transformers' own "sdpa" runs: the mask hook returns
-transformers' `sdpa_mask` and the attention function calls transformers' `sdpa_attention_forward`. Where the
+transformers' `sdpa_mask` and the attention function calls transformers' `sdpa_attention_forward` (or, for a
+decode step planned once per forward, makes the same torch SDPA call itself: transformers_plan.py). Where the
 optimizer chose a kernel and the pattern is plain causal, the mask hook instead returns
   - None when attention gets exactly the valid keys (DynamicCache, no padding): plain bottom-right causal;
   - `[B, 1, 1, 1]` int32: keys `[0, end)` are valid (`end` = tokens in the cache after this step), so a
@@ -37,6 +38,7 @@ from transformers.masking_utils import (
 )
 
 from attnforge.environment import package_version
+from attnforge.integrations.transformers_plan import plan_decode, planned_decode
 from attnforge.kernels import reference
 from attnforge.optimizer import CallFeatures, configure_optimizer, get_optimizer
 
@@ -120,10 +122,17 @@ def attnforge_mask(
         attention_mask is not None and torch.compiler.is_compiling()
     ):
         return sdpa_mask(**arguments)  # other patterns, or padding we cannot read while tracing
-    exact = not isinstance(q_offset, torch.Tensor) and q_offset + q_length - kv_offset == kv_length
-    if exact and (attention_mask is None or _all_valid(attention_mask, q_offset, q_length)):
-        return None  # a DynamicCache without padding: exactly the valid keys, plain causal (as sdpa_mask)
     shape = _call_shape(kwargs.get("config"), batch_size, q_length, kv_length)
+    # A DynamicCache without padding: exactly the valid keys, and one query or as many as keys (where a
+    # prompt continues a cache, None would let torch SDPA align the causal mask top-left: that gets a mask).
+    exact = not isinstance(q_offset, torch.Tensor) and q_offset + q_length - kv_offset == kv_length
+    if (
+        exact
+        and q_length in (1, kv_length)
+        and (attention_mask is None or _all_valid(attention_mask, q_offset, q_length))
+    ):
+        plan_decode(get_optimizer(), shape, kwargs.get("dtype"), device)
+        return None  # as sdpa_mask: plain causal
     if not _forward_uses_kernel(shape, str(kwargs.get("dtype")), str(torch.device(device))):
         return sdpa_mask(**arguments)
     # Keys in the cache after this step; StaticCache gives q_offset as a tensor (kept on device: no sync).
@@ -247,9 +256,15 @@ def attnforge_attention(
     """transformers' attention hook.
 
     q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` (the whole cache) -> (`[B, Lq, Hq, Dv]`, None). Valid ranges
-    from `attnforge_mask` go to attnforge's kernels; any other call runs the kernel the optimizer chose for
-    it, else transformers' own `sdpa_attention_forward`, unchanged.
+    from `attnforge_mask` go to attnforge's kernels; a decode call the mask hook planned for torch makes the
+    SDPA call transformers would (transformers_plan.py); any other call runs the kernel the optimizer chose
+    for it, else transformers' own `sdpa_attention_forward`, unchanged.
     """
+    plain = attention_mask is None and not dropout and softcap is None
+    if plain and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None:
+        out = planned_decode(module, query, key, value, scaling)  # a decode step the mask hook planned
+        if out is not None:
+            return out, None
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(
             "attn_implementation='attnforge' does not support s_aux (attention sinks); use 'eager'"
@@ -266,9 +281,10 @@ def attnforge_attention(
         )
         return out.transpose(1, 2), None
     if softcap is not None or (dropout and module.training):
-        out = _torch_math_attention(
-            query, key, value, scaling, causal, None, attention_mask, softcap, dropout
-        )
+        out = reference.math_attention(
+            query, key, value, scale=scaling, causal=causal, attn_mask=attention_mask, softcap=softcap,
+            dropout=dropout,
+        )  # fmt: skip
         return out.transpose(1, 2), None
     if kwargs.get("position_bias") is None:
         out = _kernel_or_none(optimizer, compiling, query, key, value, scaling, causal, attention_mask)
@@ -292,31 +308,6 @@ def _kernel_or_none(optimizer, compiling, query, key, value, scale, causal, mask
     if mask is None:
         return optimizer.attention(query, key, value, scale=scale, causal=causal)
     return None
-
-
-def _torch_math_attention(q, k, v, scale, causal, kv_lens, attn_mask, softcap, dropout) -> torch.Tensor:
-    """Plain torch attention for what no fast path covers (tanh softcapping, training dropout)."""
-    batch, num_heads, q_len, head_dim = q.shape
-    group = num_heads // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scale = head_dim**-0.5 if scale is None else scale
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    visible = reference.visibility_mask(
-        batch, q_len, k.shape[2], causal=causal, kv_lens=kv_lens, device=q.device
-    )
-    if visible is not None:
-        logits = logits.masked_fill(~visible, float("-inf"))
-    if attn_mask is not None:
-        logits = (
-            logits.masked_fill(~attn_mask, float("-inf"))
-            if attn_mask.dtype == torch.bool
-            else logits + attn_mask
-        )
-    weights = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
-    weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
-    return torch.matmul(weights, v)
 
 
 def _read_ranges(ranges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -39,7 +39,7 @@ def fused_sdpa_safe(q, k, v, on_copy=None) -> tuple[torch.Tensor, torch.Tensor, 
     """(q, k, v) as torch's fused SDPA can take them: each unsafe view replaced by a contiguous copy, and
     `on_copy(reason)` called for it ("k: data pointer not 16-byte aligned"). CPU tensors are returned as they
     are, and nothing is checked while torch.compile traces (no data pointers there)."""
-    if not q.is_cuda or torch.compiler.is_compiling() or _all_aligned(q, k, v):
+    if not q.is_cuda or torch.compiler.is_compiling() or fused_sdpa_aligned(q, k, v):
         return q, k, v
     out = []
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -52,7 +52,7 @@ def fused_sdpa_safe(q, k, v, on_copy=None) -> tuple[torch.Tensor, torch.Tensor, 
     return out[0], out[1], out[2]
 
 
-def _all_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def fused_sdpa_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Every data pointer and every stride but the last a multiple of 16 bytes, every last stride 1: the
     common case, checked straight through for 4-D inputs (this runs on every call routed to torch, where a
     few Python lines cost microseconds: the caches are cold between two layers). Stricter than
@@ -152,6 +152,40 @@ def sdpa(
         q, k, v, attn_mask=mask, is_causal=square_causal, scale=scale, enable_gqa=not repeat_kv
     )
     return _zero_dead_rows(out, mask)
+
+
+def math_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention in plain torch operations, for what no fused path covers: tanh logit softcapping
+    (`softcap * tanh(logits / softcap)`) and training dropout (`dropout` > 0 drops weights).
+
+    q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, Dv]`, attn_mask bool (True = attend) or additive, broadcastable to
+    `[B, Hq, Lq, Lkv]` -> `[B, Hq, Lq, Dv]`; causal is bottom-right aligned, rows that see no key are 0.
+    """
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    batch, _, q_len, _ = q.shape
+    visible = visibility_mask(batch, q_len, k.shape[2], causal=causal, kv_lens=None, device=q.device)
+    mask = _merge_masks(visible, attn_mask, logits.dtype)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, v)
 
 
 def sdpa_per_sequence(

@@ -176,6 +176,9 @@ class AttentionOptimizer:
         self._failed: dict[tuple, str] = {}
         self._logged: set[tuple] = set()
         self._replacements: dict[str, tuple[Callable, str]] = {}
+        # Bumped whenever cached decisions are dropped: whoever keeps a decision compares it (a plain
+        # attribute, read on the hot path).
+        self.epoch = 0
         _OPTIMIZERS[id(self)] = self
         if overrides:
             self.configure(**overrides)
@@ -227,6 +230,7 @@ class AttentionOptimizer:
         self._decisions.clear()
         self._recent.clear()
         self._machines.clear()
+        self.epoch += 1
 
     def use_kernel(self, kind: str, function: Callable | None, label: str = "") -> None:
         """Run `function` wherever the policy chooses attnforge's `kind` kernel (None: attnforge's own again).
@@ -425,6 +429,7 @@ class AttentionOptimizer:
             self._failed[(kind, q.dtype, features.has_mask, features.has_q_lens)] = why
             self._decisions.clear()
             self._recent.clear()
+            self.epoch += 1
             logger.warning("%s; using torch SDPA for such calls from now on", why)
             return None
 

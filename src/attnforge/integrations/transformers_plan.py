@@ -1,0 +1,95 @@
+"""A decode step's route to torch, decided once per forward: what makes the transformers fallback free.
+
+Eager generation with a DynamicCache is bound by the host, and every decode step calls the attention
+function once per layer with the same shapes. Between two layers the CPU caches are cold, so each Python line
+the attention function runs per call costs far more in place than in a loop (issue 9; docs/notes/fallback.md).
+So the mask hook, which transformers calls once per forward, asks the optimizer about this forward's decode
+calls (shapes from the model's config) and, where the answer is torch SDPA, records a `TorchPlan`. The
+attention function then serves each call the plan covers with a few comparisons and exactly the SDPA call
+transformers' own `sdpa_attention_forward` makes for it (same arguments, so the same backend and the same
+numbers), counted under the optimizer's decision. Anything the plan does not cover takes the general path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnforge.kernels import reference
+from attnforge.optimizer import AttentionOptimizer, CallFeatures, Decision
+
+_DECODE = CallFeatures(causal=False)  # one new token, no mask, no valid lengths: what a planned call is
+
+
+class TorchPlan:
+    """This forward's decode calls as the mask hook announced them, and the optimizer's decision: torch."""
+
+    __slots__ = ("query", "key", "dtype", "device", "decision", "optimizer", "epoch")
+
+    def __init__(self, query, key, dtype, device, decision: Decision, optimizer: AttentionOptimizer) -> None:
+        self.query, self.key, self.dtype, self.device = query, key, dtype, device
+        self.decision, self.optimizer, self.epoch = decision, optimizer, optimizer.epoch
+
+
+class _Current:
+    """The plan the last decode forward's mask hook made (a verified cache: a call uses it only where the
+    call is exactly what the plan was decided for, and only while the optimizer's decisions stand)."""
+
+    plan: TorchPlan | None = None
+
+
+def plan_decode(optimizer: AttentionOptimizer, shape: tuple | None, dtype, device) -> None:
+    """Record the plan for a decode forward whose calls have `shape` (B, Hq, Hkv, D, 1, Lkv), or forget the
+    plan where these calls are not planned: a kernel will run them, or transformers would not make one plain
+    SDPA call for them (head_dim over 256 repeats the KV heads; devices other than CUDA and CPU)."""
+    if torch.compiler.is_compiling():
+        return  # a traced forward keeps no state
+    _Current.plan = None
+    if shape is None or not isinstance(dtype, torch.dtype):
+        return
+    device = torch.device(device)
+    batch, heads, kv_heads, head_dim, q_length, kv_length = shape
+    if q_length != 1 or head_dim > 256 or device.type not in ("cuda", "cpu"):
+        return
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    query, key = torch.Size((batch, heads, 1, head_dim)), torch.Size((batch, kv_heads, kv_length, head_dim))
+    decision = optimizer.decision_for(query, key, key, dtype, device, _DECODE)
+    if decision.kernel is None:
+        _Current.plan = TorchPlan(query, key, dtype, device, decision, optimizer)
+
+
+def current_plan() -> TorchPlan | None:
+    return _Current.plan
+
+
+def planned_decode(
+    module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+) -> torch.Tensor | None:
+    """The output `[B, 1, Hq, D]` of a decode call the current plan covers (torch SDPA, counted), else None.
+
+    q `[B, Hq, 1, D]`, k/v `[B, Hkv, Lkv, D]`. For plain calls only: the caller has checked there is no
+    mask, dropout, softcap or position bias. Each tensor property read costs ~0.5 us here, so the order
+    matters: the cheapest test that fails first.
+    """
+    plan = _Current.plan
+    if (
+        plan is None
+        or plan.epoch != plan.optimizer.epoch
+        or key.shape != plan.key
+        or query.shape != plan.query
+        or value.shape != plan.key
+        or query.dtype != plan.dtype
+        or query.device != plan.device
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    if plan.device.type == "cuda" and not reference.fused_sdpa_aligned(query, key, value):
+        return None  # the general path copies what torch's fused kernels cannot take
+    plan.optimizer.note(plan.decision)
+    # As transformers' sdpa_attention_forward calls it for one query without a mask (GQA by its rule).
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=None, dropout_p=0.0, scale=scale, is_causal=False,
+        enable_gqa=getattr(module, "num_key_value_groups", 1) > 1,
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous()
