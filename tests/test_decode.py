@@ -141,6 +141,38 @@ def test_custom_op_is_registered_with_a_fake_impl():
     torch.library.opcheck(torch.ops.attnforge.decode_attention.default, (q, k, k.clone(), 0.125, None, None))
 
 
+def test_ops_that_compiled_graphs_run_keep_no_scratch_between_calls(monkeypatch):
+    """torch.compile's CUDA graphs refuse memory that outlives a recording, and warm up inside their own
+    pool: the ops (decode's and the optimizer's) take a fresh workspace per call; eager calls share one per
+    stream."""
+    from attnforge import kernels
+    from attnforge.optimizer import AttentionOptimizer
+
+    seen = []
+    original = decode.DecodeWorkspace.buffers
+
+    def spy(workspace, *sizes):
+        seen.append(workspace)
+        return original(workspace, *sizes)
+
+    monkeypatch.setattr(decode.DecodeWorkspace, "buffers", spy)
+    case = verify.random_case(config_of(1, 4, 2, 1, 300, 64, causal=True), device=DEVICE)
+    for _ in range(2):
+        decode_attention(case.q, case.k, case.v)
+    assert seen[0] is seen[1]  # eager: the stream's workspace
+    optimizer = AttentionOptimizer(kernels=("decode",), require_measurement=False, min_seq_len=1)
+    for _ in range(2):
+        torch.ops.attnforge.decode_attention(case.q, case.k, case.v, 0.125, None, None)
+        torch.ops.attnforge.optimized_attention(case.q, case.k, case.v, None, False, None, None, None, None,
+                                                id(optimizer))  # fmt: skip
+    assert optimizer.get_stats()["by_kernel"] == {"decode": 2}
+    assert len({id(w) for w in seen[2:]}) == 4 and seen[0] not in seen[2:]
+    assert not kernels.workspaces_are_temporary()
+    with kernels.temporary_workspaces():
+        assert kernels.workspaces_are_temporary()
+    assert not kernels.workspaces_are_temporary()
+
+
 def test_bucket_names():
     assert decode.decode_bucket(1, 4096, 4, 1, 128) == "d128-m4-b1-kv4k"
     assert decode.decode_bucket(300, 300_000, 1, 1, 64) == "d64-m1-bmax-kvmaxk"

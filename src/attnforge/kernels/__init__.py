@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 from attnforge.environment import package_version, triton_status
 
@@ -35,3 +37,27 @@ def available_kernels(*, interpreter: bool = False) -> dict[str, Callable]:
     if ok or (interpreter and package_version("triton") is not None):
         return {"attnforge decode": _decode_as_attention, "attnforge prefill": _prefill_as_attention}
     return {}
+
+
+class _Scratch(threading.local):
+    temporary = False
+
+
+_SCRATCH = _Scratch()
+
+
+@contextlib.contextmanager
+def temporary_workspaces() -> Iterator[None]:
+    """Kernel calls inside (this thread) take scratch memory that lives only for the call, instead of the
+    per-stream buffers kept between eager calls. For code torch.compile's CUDA graphs run: they allocate
+    in their own memory pool, also while warming up, and refuse allocations that outlive a recording."""
+    previous, _SCRATCH.temporary = _SCRATCH.temporary, True
+    try:
+        yield
+    finally:
+        _SCRATCH.temporary = previous
+
+
+def workspaces_are_temporary() -> bool:
+    """Whether this thread is inside `temporary_workspaces()`."""
+    return _SCRATCH.temporary

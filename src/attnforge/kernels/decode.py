@@ -29,7 +29,7 @@ from attnforge.config import (
     resolve_scale,
 )
 from attnforge.environment import triton_interpret
-from attnforge.kernels import tuning
+from attnforge.kernels import temporary_workspaces, tuning, workspaces_are_temporary
 
 try:  # grid dependency control (programmatic dependent launch), Hopper and later; newer Tritons only
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -412,17 +412,15 @@ def _workspace_size(q, k, p: dict) -> tuple[int, int]:
 
 
 _DEFAULT_WORKSPACES: dict[tuple, DecodeWorkspace] = {}
-_CAPTURED_WORKSPACES: list[DecodeWorkspace] = []
 _WORKSPACE_LOCK = threading.Lock()
 
 
 def default_workspace(device: torch.device, partial_floats: int, counters: int) -> DecodeWorkspace:
-    """The workspace a call without `workspace=` uses: one per (device, stream) in eager mode, and a new one
-    per call during CUDA-graph capture (kept alive with the process, so no two captured calls share one)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        workspace = DecodeWorkspace(device, partial_floats, counters)  # zeroed in the graph's memory pool
-        _CAPTURED_WORKSPACES.append(workspace)
-        return workspace
+    """The workspace a call without `workspace=` uses: one per (device, stream) in eager mode; a new one per
+    call during CUDA-graph capture and inside `temporary_workspaces()` (torch.compile's ops): a temporary like
+    any operator's, freed when the call returns (in a graph, its counters are zeroed at every replay)."""
+    if workspaces_are_temporary() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return DecodeWorkspace(device, partial_floats, counters)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     with _WORKSPACE_LOCK:
@@ -506,7 +504,8 @@ def launch_decode(
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                kv_lens: torch.Tensor | None, kv_starts: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts)
+    with temporary_workspaces():
+        launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts)
     return out
 
 
@@ -519,7 +518,8 @@ def _(q, k, v, scale, kv_lens, kv_starts):
 def _decode_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    kv_lens: torch.Tensor | None, kv_starts: torch.Tensor | None,
                    out: torch.Tensor) -> None:  # fmt: skip
-    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts)
+    with temporary_workspaces():
+        launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts)
 
 
 @_decode_out_op.register_fake

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from attnforge.config import MAX_DECODE_QUERY_LEN, AttentionConfig, OptimizerSettings
 from attnforge.environment import triton_interpret, triton_status
-from attnforge.kernels import reference
+from attnforge.kernels import reference, temporary_workspaces
 from attnforge.optimizer import policy
 from attnforge.optimizer.policy import CallFeatures, Decision, Machine, Measurement
 
@@ -499,7 +499,9 @@ def _optimized_attention_op(
     kv_starts: torch.Tensor | None, optimizer: int,
 ) -> torch.Tensor:  # fmt: skip
     """`AttentionOptimizer.attention` as one op inside compiled graphs: `[B, Hq, Lq, Dv]`, contiguous."""
-    out = _OPTIMIZERS[optimizer].attention_now(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts)
+    run = _OPTIMIZERS[optimizer].attention_now
+    with temporary_workspaces():  # what a compiled graph allocates must not outlive the call
+        out = run(q, k, v, scale, causal, kv_lens, q_lens, attn_mask, kv_starts)
     return out.contiguous()
 
 
