@@ -429,5 +429,7 @@ def test_left_padded_decode_steps_stay_on_the_decode_kernel(prompts, cache):
     assert torch.equal(greedy(model, ids, mask, **options), expected)
     stats = af.get_integration_status()["optimizer_stats"]
     layers, steps = model.config.num_hidden_layers, expected.shape[1] - ids.shape[1] - 1
+    if cache == "static" and DEVICE == "cuda":
+        steps = 1  # generate() replays compiled steps as a CUDA graph: calls are counted while it is recorded
     assert stats["by_kernel"].get("decode", 0) >= layers * steps, stats
     assert stats["by_kernel"].get("prefill", 0) == layers, stats  # the prompt only
