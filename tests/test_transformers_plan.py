@@ -112,6 +112,20 @@ def test_calls_the_plan_does_not_cover_take_the_general_path(spy, call):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_planned_calls_are_counted_one_by_one_across_a_statistics_reset(spy):
+    decode_hook()
+    module, (q, k, v) = layer(), decode_call()
+    for _ in range(3):
+        integration.attnforge_attention(module, q, k, v, None)
+    assert get_optimizer().get_stats()["fallback_reasons"] == {"kernel disabled": 3} and spy == []
+    get_optimizer().reset_stats()  # the plan's statistics entry is gone: the rest of the forward takes the
+    integration.attnforge_attention(module, q, k, v, None)  # general path, counted in the new statistics
+    assert get_optimizer().get_stats()["fallback_reasons"] == {"kernel disabled": 1} and len(spy) == 1
+    decode_hook()
+    integration.attnforge_attention(module, q, k, v, None)
+    assert get_optimizer().get_stats()["fallback_reasons"] == {"kernel disabled": 2} and len(spy) == 1
+
+
 def test_a_plan_is_dropped_when_the_optimizer_forgets_its_decisions(spy):
     decode_hook()
     af.configure_optimizer(min_seq_len=1)  # any settings change: the planned decision may no longer hold

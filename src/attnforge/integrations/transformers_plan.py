@@ -24,11 +24,13 @@ _DECODE = CallFeatures(causal=False)  # one new token, no mask, no valid lengths
 class TorchPlan:
     """This forward's decode calls as the mask hook announced them, and the optimizer's decision: torch."""
 
-    __slots__ = ("query", "key", "dtype", "device", "decision", "optimizer", "epoch")
+    __slots__ = ("query", "key", "dtype", "device", "cuda", "decision", "optimizer", "epoch", "entry")
 
     def __init__(self, query, key, dtype, device, decision: Decision, optimizer: AttentionOptimizer) -> None:
         self.query, self.key, self.dtype, self.device = query, key, dtype, device
+        self.cuda = device.type == "cuda"
         self.decision, self.optimizer, self.epoch = decision, optimizer, optimizer.epoch
+        self.entry: list | None = None  # the decision's live statistics entry, from the first call served
 
 
 class _Current:
@@ -79,14 +81,17 @@ def planned_decode(
         or key.shape != plan.key
         or query.shape != plan.query
         or value.shape != plan.key
-        or query.dtype != plan.dtype
+        or query.dtype is not plan.dtype
         or query.device != plan.device
         or torch.compiler.is_compiling()
     ):
         return None
-    if plan.device.type == "cuda" and not reference.fused_sdpa_aligned(query, key, value):
+    if plan.cuda and not reference.fused_sdpa_aligned(query, key, value):
         return None  # the general path copies what torch's fused kernels cannot take
-    plan.optimizer.note(plan.decision)
+    if plan.entry is None:
+        plan.entry = plan.optimizer.tally(plan.decision)
+    else:
+        plan.entry[1] += 1  # counted as `optimizer.note` would, without its lookup
     # As transformers' sdpa_attention_forward calls it for one query without a mask (GQA by its rule).
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=None, dropout_p=0.0, scale=scale, is_causal=False,

@@ -176,8 +176,8 @@ class AttentionOptimizer:
         self._failed: dict[tuple, str] = {}
         self._logged: set[tuple] = set()
         self._replacements: dict[str, tuple[Callable, str]] = {}
-        # Bumped whenever cached decisions are dropped: whoever keeps a decision compares it (a plain
-        # attribute, read on the hot path).
+        # Bumped whenever cached decisions or the statistics are dropped: whoever keeps a decision or a
+        # `tally` entry compares it (a plain attribute, read on the hot path).
         self.epoch = 0
         _OPTIMIZERS[id(self)] = self
         if overrides:
@@ -213,6 +213,7 @@ class AttentionOptimizer:
         """Zero the counters and forget which decisions were seen (so they are logged again)."""
         self._stats = OptimizerStats()
         self._logged.clear()
+        self.epoch += 1  # entries handed out by `tally` are no longer the live ones
 
     def decisions(self) -> list[dict]:
         """Each distinct decision since the last reset: group, kernel, reason (first seen), calls."""
@@ -432,6 +433,12 @@ class AttentionOptimizer:
             self.epoch += 1
             logger.warning("%s; using torch SDPA for such calls from now on", why)
             return None
+
+    def tally(self, decision: Decision) -> list:
+        """Count one call as `note` does and return the live `[decision, calls]` entry of the statistics: a
+        caller serving many calls of one decision adds to `entry[1]` itself while `epoch` is unchanged."""
+        self.note(decision)
+        return self._stats.by_decision[id(decision)]
 
     def note(self, decision: Decision) -> None:
         """Count one call carried out as `decision` says (and log a kind of decision the first time)."""
