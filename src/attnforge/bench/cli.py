@@ -359,7 +359,7 @@ def overhead(
     """Host cost per attention call that attnforge routes to torch (CPU micro-benchmark)."""
     from attnforge.bench.overhead import fallback_overhead
 
-    doc = fallback_overhead()
+    doc = {**fallback_overhead(), "environment": report.run_environment()}  # versions and commit
     for label, suffix in (("hot loop", "us"), ("caches swept between calls", "cold_us")):
         console.print(
             f"{label}: transformers' sdpa path {doc[f'transformers_sdpa_{suffix}']:.1f} us per call; through "
