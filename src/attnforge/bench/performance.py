@@ -207,8 +207,8 @@ def _headline(doc: dict) -> str:
             f"{len(doc['rows'])} rows; vs the fastest torch path {min(speedups):.2f}x to {max(speedups):.2f}x"
         )
     if kind == "overhead":
-        cold = f" ({doc['overhead_cold_us']:.1f} us cold)" if "overhead_cold_us" in doc else ""
-        return f"attnforge adds {doc['overhead_us']:.1f} us per call routed to torch{cold}"
+        cold = f" ({doc['overhead_cold_us']:+.1f} us cold)" if "overhead_cold_us" in doc else ""
+        return f"a call routed to torch through attnforge: {doc['overhead_us']:+.1f} us against plain{cold}"
     if kind == "evolve-evaluate":
         score, reason = doc.get("metrics", {}).get("combined_score"), doc.get("artifacts", {}).get("reason")
         return f"score {score} ({reason})"
