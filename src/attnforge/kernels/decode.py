@@ -334,10 +334,36 @@ def _launch_params(
         params = heuristic_params(
             batch, kv_len, num_kv_heads, rows, head_dim, elem_bytes, tuning.sm_count(device)
         )
-    return complete_params(params, rows, kv_len)
+    return _launch_constants(complete_params(params, rows, kv_len), shape, num_kv_heads, dtype, device)
 
 
 tuning.on_reload(_launch_params.cache_clear)
+
+
+def _launch_constants(p: dict, shape: tuple, num_kv_heads: int, dtype: torch.dtype, device) -> dict:
+    """`p` (complete parameters) plus every constant of the launch that follows from them and the call's
+    sizes: computed once per shape (`_launch_params` caches it), since each line costs host time per call."""
+    batch, num_heads, _, head_dim = shape
+    combine = p.get("combine", "last")
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
+    splits, part_rows = p["num_splits"], p["part_rows"]
+    d_block, splits_p2 = triton.next_power_of_2(head_dim), triton.next_power_of_2(splits)
+    slots = batch * num_kv_heads * p["m_blocks"]
+    return {
+        **p,
+        "combine": combine,
+        "group": num_heads // num_kv_heads,
+        "d_block": d_block,
+        "splits_p2": splits_p2,
+        "slots": slots,  # programs per split, and arrival counters
+        "floats": 1 if splits == 1 else slots * splits * part_rows * (d_block + 2),  # partials: O, then m/l
+        "part_o_floats": slots * splits * part_rows * d_block,
+        "s_chunk": max(1, min(splits_p2, 4096 // (part_rows * d_block))),
+        "combine_s_chunk": max(1, min(splits_p2, 4096 // d_block)),
+        "use_pdl": combine == "kernel-pdl" and splits > 1 and pdl_supported(torch.device(device)),
+        "fp32_dot": _fp32_dot(dtype),
+    }
 
 
 def complete_params(params: dict, rows: int, kv_len: int) -> dict:
@@ -400,15 +426,7 @@ class DecodeWorkspace:
 def workspace_size(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None = None) -> tuple[int, int]:
     """(partial floats, counters) a call with q `[B, Hq, Lq, D]` and k `[B, Hkv, Lkv, D]` needs."""
     p = _launch_params(tuple(q.shape), k.shape[1], k.shape[2], kv_lens is not None, q.dtype, q.device)
-    return _workspace_size(q, k, p)
-
-
-def _workspace_size(q, k, p: dict) -> tuple[int, int]:
-    slots = q.shape[0] * k.shape[1] * p["m_blocks"]
-    if p["num_splits"] == 1:
-        return 1, slots
-    d_block = triton.next_power_of_2(q.shape[3])
-    return slots * p["num_splits"] * p["part_rows"] * (d_block + 2), slots
+    return p["floats"], p["slots"]
 
 
 _DEFAULT_WORKSPACES: dict[tuple, DecodeWorkspace] = {}
@@ -455,44 +473,37 @@ def launch_decode(
     """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table
     (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, combine optional): for tuning sweeps;
     users call decode_attention."""
-    batch, num_heads, q_len, head_dim = q.shape
-    num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    p = _launch_params(tuple(q.shape), num_kv_heads, kv_len, kv_lens is not None, q.dtype, q.device)
+    shape, num_kv_heads, kv_len = tuple(q.shape), k.shape[1], k.shape[2]
+    p = _launch_params(shape, num_kv_heads, kv_len, kv_lens is not None, q.dtype, q.device)
     if params is not None:
         p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
-    floats, slots = _workspace_size(q, k, p)
-    workspace = workspace or default_workspace(q.device, floats, slots)
-    partials, counters = workspace.buffers(floats, slots)
-    splits, part_rows = p["num_splits"], p["part_rows"]
-    d_block = triton.next_power_of_2(head_dim)
-    part_o_floats = slots * splits * part_rows * d_block
-    splits_p2 = triton.next_power_of_2(splits)
-    s_chunk = max(1, min(splits_p2, 4096 // (part_rows * d_block)))
+        p = _launch_constants(p, shape, num_kv_heads, q.dtype, q.device)
+    splits, slots = p["num_splits"], p["slots"]
+    workspace = workspace or default_workspace(q.device, p["floats"], slots)
+    partials, counters = workspace.buffers(p["floats"], slots)
     # The kernel reads lengths[b] at pointer + b: a view (a column of a [B, 2] tensor) is made contiguous.
     lens = kv_lens.contiguous() if kv_lens is not None else counters  # unread without HAS_KV_LENS
     starts = kv_starts.contiguous() if kv_starts is not None else counters  # unread without HAS_KV_STARTS
-    combine = p.get("combine", "last")
-    if combine not in COMBINE_MODES:
-        raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
-    use_pdl = combine == "kernel-pdl" and splits > 1 and pdl_supported(q.device)
+    merge_o = partials[p["part_o_floats"] :] if splits > 1 else partials
+    pdl = {"launch_pdl": True} if p["use_pdl"] else {}
     _decode_kernel[(splits, slots)](
-        q, k, v, out, lens, starts, partials, partials[part_o_floats:] if splits > 1 else partials, counters,
+        q, k, v, out, lens, starts, partials, merge_o, counters,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         scale * LOG2E, kv_len, num_kv_heads, splits,
-        GROUP=num_heads // num_kv_heads, Q_LEN=q_len, HEAD_DIM=head_dim, D_BLOCK=d_block,
+        GROUP=p["group"], Q_LEN=shape[2], HEAD_DIM=shape[3], D_BLOCK=p["d_block"],
         BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], BLOCK_N=p["BLOCK_N"],
-        SPLIT=splits > 1, SPLITS_P2=splits_p2, PART_ROWS=part_rows, S_CHUNK=s_chunk,
-        HAS_KV_LENS=kv_lens is not None, HAS_KV_STARTS=kv_starts is not None, FP32_DOT=_fp32_dot(q.dtype),
-        MERGE_LAST=combine == "last", USE_PDL=use_pdl, num_warps=p["num_warps"], num_stages=p["num_stages"],
-        **({"launch_pdl": True} if use_pdl else {}),
+        SPLIT=splits > 1, SPLITS_P2=p["splits_p2"], PART_ROWS=p["part_rows"], S_CHUNK=p["s_chunk"],
+        HAS_KV_LENS=kv_lens is not None, HAS_KV_STARTS=kv_starts is not None, FP32_DOT=p["fp32_dot"],
+        MERGE_LAST=p["combine"] == "last", USE_PDL=p["use_pdl"], num_warps=p["num_warps"],
+        num_stages=p["num_stages"], **pdl,
     )  # fmt: skip
-    if splits > 1 and combine != "last":
-        _combine_kernel[(slots * part_rows,)](
-            out, partials, partials[part_o_floats:], *out.stride(), num_kv_heads, splits,
-            GROUP=num_heads // num_kv_heads, Q_LEN=q_len, HEAD_DIM=head_dim, D_BLOCK=d_block,
-            BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], SPLITS_P2=splits_p2, PART_ROWS=part_rows,
-            S_CHUNK=max(1, min(splits_p2, 4096 // d_block)), USE_PDL=use_pdl, num_warps=4, num_stages=2,
-            **({"launch_pdl": True} if use_pdl else {}),
+    if splits > 1 and p["combine"] != "last":
+        _combine_kernel[(slots * p["part_rows"],)](
+            out, partials, merge_o, *out.stride(), num_kv_heads, splits,
+            GROUP=p["group"], Q_LEN=shape[2], HEAD_DIM=shape[3], D_BLOCK=p["d_block"],
+            BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], SPLITS_P2=p["splits_p2"],
+            PART_ROWS=p["part_rows"], S_CHUNK=p["combine_s_chunk"], USE_PDL=p["use_pdl"], num_warps=4,
+            num_stages=2, **pdl,
         )  # fmt: skip
 
 

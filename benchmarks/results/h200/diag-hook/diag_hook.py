@@ -4,7 +4,9 @@ in place (dynamic cache, GPU). Not part of the package; run from the repository 
 Sides: "sdpa" (plain transformers) and registered variants (VARIANTS: attention function and mask function),
 e.g. "pass" (a hook that only calls transformers' sdpa_attention_forward), "direct" (the torch SDPA call
 itself), "pchk" (the plan's shape/dtype/device checks), "pchk_note" (+ counting through optimizer.note),
-"pchk_align" (+ the alignment check), "af" (attnforge as committed at the recorded commit).
+"pchk_align" (+ the alignment check), "af" (attnforge as committed at the recorded commit, every call to
+torch), "kdirect" (decode steps through attnforge's decode kernel directly), "afk" (attnforge with its kernels
+on, measured or not).
 
 Sides take turns token by token (round robin) inside each generate call; each side is a registered attention
 implementation with a mask function. Part 2 times in place (perf_counter_ns) each variant's whole attention
@@ -146,7 +148,18 @@ def v_planned(module, q, k, v, mask, dropout=0.0, scaling=None, is_causal=None, 
     return out, None
 
 
+def v_kdirect(module, q, k, v, mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    """attnforge's decode kernel called directly for decode steps (no optimizer): its host cost in place."""
+    from attnforge.kernels.decode import decode_attention
+
+    if mask is not None or q.shape[2] != 1:
+        return v_pass(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kw)
+    return decode_attention(q, k, v, scale=scaling).transpose(1, 2), None
+
+
 VARIANTS = {  # name: (attention, mask)
+    "kdirect": (v_kdirect, integ.attnforge_mask),
+    "afk": (integ.attnforge_attention, integ.attnforge_mask),  # the optimizer with kernels on (see switch)
     "direct": (v_direct, integ.attnforge_mask),
     "pchk": (v_pchk, integ.attnforge_mask),
     "planned": (v_planned, integ.attnforge_mask),
@@ -221,6 +234,9 @@ def run_round_robin(order):
         s = next(turns)
         owners.append(s)
         TIMING[1] = s
+        kernels = ("decode", "prefill") if s == "afk" else ()
+        if opt.settings.kernels != kernels:  # "afk": kernels run wherever they take the call
+            af.configure_optimizer(kernels=kernels, require_measurement=not kernels)
         m.set_attn_implementation(impl[s])
 
     switch()
