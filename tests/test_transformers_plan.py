@@ -1,6 +1,8 @@
 """The decode plan (integrations/transformers_plan.py): the mask hook decides a decode step's calls once per
-forward; calls the plan covers make transformers' own SDPA call, every other call takes the general path."""
+forward; calls the plan covers make transformers' own SDPA call or run the decode kernel, every other call
+takes the general path."""
 
+import dataclasses
 import gc
 
 import pytest
@@ -25,14 +27,19 @@ MASK_CONFIG = AutoConfig.for_model("llama", **CONFIG)
 
 @pytest.fixture(autouse=True)
 def torch_only():
-    """Every call routed to torch (what the plan serves), fresh statistics; settings restored after."""
+    """Every call routed to torch unless a test says otherwise, fresh statistics; settings restored after."""
+    saved = dataclasses.asdict(get_optimizer().settings)
     get_optimizer().reset()
     af.configure_optimizer(kernels=())
     yield
     gc.collect()
     integration.unpatch_transformers()
-    af.configure_optimizer(kernels=("decode", "prefill"))
+    af.configure_optimizer(**saved)
     get_optimizer().reset()
+
+
+def kernels_on():
+    af.configure_optimizer(kernels=("decode", "prefill"), require_measurement=False, min_seq_len=1)
 
 
 def decode_hook(kv_length=10, batch=1, dtype=torch.float32, config=MASK_CONFIG):
@@ -156,15 +163,43 @@ def test_only_plain_decode_steps_are_planned(arguments):
     assert plan.current_plan() is None
 
 
-def test_no_plan_where_a_kernel_runs_the_step():
-    af.configure_optimizer(kernels=("decode",), require_measurement=False, min_seq_len=1)
-    try:
-        decode_hook(kv_length=64)
-    finally:
-        af.configure_optimizer(
-            require_measurement=True, min_seq_len=type(get_optimizer().settings)().min_seq_len
-        )
-    assert plan.current_plan() is None
+@pytest.mark.parametrize("batch, kv_length", [(1, 64), (3, 37)])
+def test_a_planned_decode_kernel_call_is_the_general_paths_output_and_counted(
+    spy, monkeypatch, batch, kv_length
+):
+    kernels_on()
+    decided = []  # calls decided one by one (the general path)
+    per_call = get_optimizer().run_kernel_if_chosen
+    monkeypatch.setattr(
+        get_optimizer(), "run_kernel_if_chosen", lambda *a, **kw: decided.append(1) or per_call(*a, **kw)
+    )
+    decode_hook(kv_length, batch)
+    assert plan.current_plan().kernel
+    module, (q, k, v) = layer(), decode_call(kv_length, batch)
+    out, _ = integration.attnforge_attention(module, q, k, v, None, scaling=0.125)
+    assert decided == []
+    plan._Current.plan = None  # the same call through the general path: the optimizer's per-call decision
+    expected, _ = integration.attnforge_attention(module, q, k, v, None, scaling=0.125)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert decided == [1] and spy == [] and get_optimizer().get_stats()["by_kernel"] == {"decode": 2}
+
+
+def test_a_planned_kernel_that_fails_falls_back_for_good(spy, monkeypatch, caplog):
+    kernels_on()
+    decode_hook()
+    module, (q, k, v) = layer(), decode_call()
+    get_optimizer().attention(q, k, v)  # loads the kernels, so that the decode one can be made to fail
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(get_optimizer()._kernels, "decode", (broken, ""))
+    out, _ = integration.attnforge_attention(module, q, k, v, None, scaling=0.125)
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.125)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert len(spy) == 1 and "planted failure" in caplog.text
+    decode_hook()  # the next forward plans torch: the failure is remembered
+    assert not plan.current_plan().kernel
 
 
 def test_a_prompt_that_continues_a_cache_gets_transformers_mask():

@@ -16,7 +16,6 @@ import itertools
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from attnforge.environment import triton_interpret, triton_status
 from attnforge.kernels import reference, temporary_workspaces
 from attnforge.optimizer import policy
 from attnforge.optimizer.policy import CallFeatures, Decision, Machine, Measurement
+from attnforge.optimizer.stats import OptimizerStats
 
 logger = logging.getLogger("attnforge.optimizer")
 # Cached decisions are dropped past this many keys (each key covers a whole bucket of shapes).
@@ -34,73 +34,6 @@ _DECISION_CACHE_SIZE = 4096
 _RECENT_SHAPES = 64
 # Every CallFeatures value, by (causal, has_mask, has_q_lens, has_kv_lens): no construction per call.
 _FEATURES = {flags: CallFeatures(*flags) for flags in itertools.product((False, True), repeat=4)}
-
-
-@dataclass
-class OptimizerStats:
-    """Counts of attention calls, by outcome (calls replayed from a captured CUDA graph are not seen).
-
-    Counted per decision (one dictionary update per call); the totals are derived when asked for.
-    input_copies: calls whose inputs torch's fused SDPA could not take as they were (unaligned views), by
-    reason; those inputs were copied first.
-    """
-
-    by_decision: dict[int, list] = field(default_factory=dict)  # id(decision) -> [decision, calls]
-    input_copies: dict[str, int] = field(default_factory=dict)
-
-    def record(self, decision: Decision) -> bool:
-        """Count one call carried out as `decision` says; True the first time this decision is counted."""
-        entry = self.by_decision.get(id(decision))
-        if entry is None:
-            self.by_decision[id(decision)] = [decision, 1]  # the entry keeps the decision (and its id) alive
-            return True
-        entry[1] += 1
-        return False
-
-    def record_copy(self, reason: str) -> None:
-        self.input_copies[reason] = self.input_copies.get(reason, 0) + 1
-
-    @property
-    def calls(self) -> int:
-        return sum(calls for _, calls in self.by_decision.values())
-
-    @property
-    def optimized(self) -> int:
-        return sum(calls for decision, calls in self.by_decision.values() if decision.optimized)
-
-    @property
-    def by_kernel(self) -> dict[str, int]:
-        return self._totals(lambda d: d.kernel if d.optimized else None)
-
-    @property
-    def fallbacks(self) -> dict[str, int]:
-        return self._totals(lambda d: None if d.optimized else d.category)
-
-    @property
-    def optimization_rate(self) -> float:
-        """Fraction of calls that ran an attnforge kernel (0.0 before any call)."""
-        calls = self.calls
-        return self.optimized / calls if calls else 0.0
-
-    def _totals(self, label_of) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for decision, calls in self.by_decision.values():
-            label = label_of(decision)
-            if label is not None:
-                totals[label] = totals.get(label, 0) + calls
-        return totals
-
-    def as_dict(self) -> dict:
-        fallbacks = self.fallbacks
-        return {
-            "calls": self.calls,
-            "optimized": self.optimized,
-            "fallbacks": sum(fallbacks.values()),
-            "by_kernel": self.by_kernel,
-            "fallback_reasons": fallbacks,
-            "input_copies": dict(self.input_copies),
-            "optimization_rate": self.optimization_rate,
-        }
 
 
 def load_kernel(kind: str) -> tuple[Callable | None, str]:
@@ -426,13 +359,27 @@ class AttentionOptimizer:
                 q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_mask=attn_mask
             )
         except Exception as error:  # noqa: BLE001 - any kernel failure means: fall back, remember, say why
-            why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
-            self._failed[(kind, q.dtype, features.has_mask, features.has_q_lens)] = why
-            self._decisions.clear()
-            self._recent.clear()
-            self.epoch += 1
-            logger.warning("%s; using torch SDPA for such calls from now on", why)
+            self._remember_failure(kind, q.dtype, features, error)
             return None
+
+    def run_planned_decode(self, q, k, v, scale) -> torch.Tensor | None:
+        """The decode kernel's output `[B, Hq, 1, D]` for a decode call without lengths or mask that the
+        caller matched to a decode decision of `decision_for` (the caller counts it); None after remembering
+        a failure, as `run_kernel_if_chosen` does (then the caller takes the general path)."""
+        try:
+            return self._kernels["decode"][0](q, k, v, scale=scale, kv_lens=None)
+        except Exception as error:  # noqa: BLE001 - as in _run_kernel
+            self._remember_failure("decode", q.dtype, _FEATURES[(False, False, False, False)], error)
+            return None
+
+    def _remember_failure(self, kind: str, dtype, features: CallFeatures, error: Exception) -> None:
+        """Such calls go to torch from now on (their cached decisions dropped); the reason is logged once."""
+        why = f"the attnforge {kind} kernel raised {type(error).__name__}: {error}"
+        self._failed[(kind, dtype, features.has_mask, features.has_q_lens)] = why
+        self._decisions.clear()
+        self._recent.clear()
+        self.epoch += 1
+        logger.warning("%s; using torch SDPA for such calls from now on", why)
 
     def tally(self, decision: Decision) -> list:
         """Count one call as `note` does and return the live `[decision, calls]` entry of the statistics: a
