@@ -77,8 +77,23 @@ def test_compare_taking_turns_token_by_token(model, sides):
     assert [("ttft_ms" in run) for run in base["runs"]] == [False, True]
     assert all(len(run["token_ms"]) == 2 for run in base["runs"] + forged["runs"])
     assert base["optimizer_stats"] == {} and forged["optimizer_stats"]["calls"] > 0
-    assert {"decode_tok_s", "median_token_tok_s"} <= set(result["improvement"])
+    assert {"decode_tok_s", "median_token_tok_s", "paired_step_tok_s"} <= set(result["improvement"])
     assert sides.model.config._attn_implementation == "sdpa"  # left as plain transformers
+
+
+def test_the_paired_step_ratio_compares_adjacent_steps():
+    """A host that halves its speed for a while moves both sides' steps alike: each pair keeps the ratio."""
+    from attnforge.bench import report
+
+    def sides(base, ours, turn=("baseline", "attnforge")):
+        return {"baseline": {"runs": [{"token_ms": ms, "turn": list(turn)} for ms in base]},
+                "attnforge": {"runs": [{"token_ms": ms, "turn": list(turn)} for ms in ours]}}  # fmt: skip
+
+    timed = sides([[10.0, 20.0, 10.0], [20.0, 20.0]], [[11.0, 22.0], [22.0, 22.0, 44.0]])  # 10% slower
+    assert report.paired_step_ratio(timed) == pytest.approx(1 / 1.1)
+    assert report.paired_step_ratio(sides([[]], [[]])) is None
+    untimed_turns = {side: {"runs": [{"token_ms": [1.0]}]} for side in ("baseline", "attnforge")}
+    assert report.paired_step_ratio(untimed_turns) is None  # whole runs in turn: no adjacent steps
 
 
 @pytest.mark.parametrize(
@@ -97,6 +112,8 @@ def test_e2e_rejects_bad_interleave(options, message):
 def test_the_method_line_says_how_the_sides_shared_the_time():
     order = ["baseline", "attnforge"]
     assert "token by token" in e2e._method(True, 4, 1, order, "dynamic", "tokens")
+    assert "paired step" in e2e._method(True, 4, 1, order, "dynamic", "tokens")
+    assert "paired step" not in e2e._method(True, 4, 1, order, "dynamic", "runs")
     assert "interleaved A B / B A" in e2e._method(True, 4, 1, order, "dynamic", "runs")
     assert "one side after the other" in e2e._method(True, 4, 1, order, "static", "runs")
 

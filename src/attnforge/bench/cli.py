@@ -341,7 +341,7 @@ def print_e2e(doc: dict) -> None:
     improvements = report.e2e_improvement_rows(doc)
     if improvements:
         table = Table(title="attnforge / baseline (> 1: attnforge better)")
-        for column in ("scenario", "TTFT", "prefill", "decode", "median token", "total"):
+        for column in ("scenario", "TTFT", "prefill", "decode", "median token", "total", "paired step"):
             table.add_column(column, overflow="fold")
         for row in improvements:
             table.add_row(*row)

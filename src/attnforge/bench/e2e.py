@@ -274,6 +274,10 @@ def run_scenario(
         }
     if len(order) == 2:
         result["improvement"] = improvement(result["sides"]["baseline"], result["sides"]["attnforge"])
+        if interleave == "tokens":
+            paired = report.paired_step_ratio(result["sides"])
+            if paired is not None:
+                result["improvement"]["paired_step_tok_s"] = paired
     return result
 
 
@@ -549,7 +553,12 @@ def _method(on_gpu: bool, runs: int, warmup: int, order: list[str], cache: str =
         + _sharing(order, cache, interleave)
         + "; TTFT = time to the first new token (device synced), decode tok/s = (new - 1) / time after it, "
         "median token tok/s = 1 / the median time between two new tokens (a host hiccup moves it little); "
-        "median and 95% interval of the median; peak memory = torch.cuda.max_memory_allocated per run"
+        + (
+            "paired step = the median over adjacent steps of the two sides of their speed ratio; "
+            if interleave == "tokens" and len(order) == 2
+            else ""
+        )
+        + "median and 95% interval of the median; peak memory = torch.cuda.max_memory_allocated per run"
     )
 
 
