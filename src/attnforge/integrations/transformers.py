@@ -256,13 +256,14 @@ def attnforge_attention(
     """transformers' attention hook.
 
     q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` (the whole cache) -> (`[B, Lq, Hq, Dv]`, None). Valid ranges
-    from `attnforge_mask` go to attnforge's kernels; a decode call the mask hook planned for torch makes the
-    SDPA call transformers would (transformers_plan.py); any other call runs the kernel the optimizer chose
-    for it, else transformers' own `sdpa_attention_forward`, unchanged.
+    from `attnforge_mask` go to attnforge's kernels; a decode call the mask hook planned runs as planned (the
+    SDPA call transformers would make, or the decode kernel: transformers_plan.py); any other call runs the
+    kernel the optimizer chose for it, else transformers' own `sdpa_attention_forward`, unchanged.
     """
     plain = attention_mask is None and not dropout and softcap is None
     if plain and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None:
         out = planned_decode(module, query, key, value, scaling)  # a decode step the mask hook planned
+        # (None: not planned, or not as planned: decided below)
         if out is not None:
             return out, None
     if kwargs.get("s_aux") is not None:
