@@ -357,15 +357,12 @@ def overhead(
     ] = None,
 ) -> None:
     """Host cost per attention call that attnforge routes to torch (CPU micro-benchmark)."""
+    from attnforge.bench import performance
     from attnforge.bench.overhead import fallback_overhead
 
     doc = {**fallback_overhead(), "environment": report.run_environment()}  # versions and commit
     for label, suffix in (("hot loop", "us"), ("caches swept between calls", "cold_us")):
-        console.print(
-            f"{label}: transformers' sdpa path {doc[f'transformers_sdpa_{suffix}']:.1f} us per call; through "
-            f"attnforge's hook {doc[f'attnforge_hook_{suffix}']:.1f} us: attnforge adds "
-            f"{doc[f'overhead_{suffix}']:.1f} us ({doc['cpu']})"
-        )
+        console.print(f"{label}: {escape(performance.overhead_sentence(doc, suffix))}")
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         path = report.write_json(doc, Path(out) / f"{report.default_stem('overhead')}.json")

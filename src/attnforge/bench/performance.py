@@ -101,14 +101,22 @@ def _tuning_summary(doc: dict) -> list[str]:
     return lines + [report.markdown_table(header, table)]
 
 
+def overhead_sentence(doc: dict, suffix: str = "us") -> str:
+    """One `attnforge bench overhead` figure in words: suffix "us" (hot loop) or "cold_us" (caches swept)."""
+    added = doc[f"overhead_{suffix}"]
+    direction = "more" if added >= 0 else "less"
+    return (
+        f"transformers' sdpa path {doc[f'transformers_sdpa_{suffix}']:.1f} us per call, through attnforge's "
+        f"hook {doc[f'attnforge_hook_{suffix}']:.1f} us: {abs(added):.1f} us {direction} through attnforge "
+        f"({doc.get('cpu')}, torch {doc.get('torch')})"
+    )
+
+
 def _overhead_summary(doc: dict) -> list[str]:
     runs = [("", "us")] + ([("caches swept between calls: ", "cold_us")] if "overhead_cold_us" in doc else [])
-    return [
-        f"- {label}transformers' sdpa path {doc[f'transformers_sdpa_{suffix}']:.1f} us per call, through "
-        f"attnforge's hook {doc[f'attnforge_hook_{suffix}']:.1f} us: attnforge adds "
-        f"{doc[f'overhead_{suffix}']:.1f} us ({doc.get('cpu')}, torch {doc.get('torch')})"
-        for label, suffix in runs
-    ] + [f"- Method: {doc.get('method')}"]
+    return [f"- {label}{overhead_sentence(doc, suffix)}" for label, suffix in runs] + [
+        f"- Method: {doc.get('method')}"
+    ]
 
 
 def _evolve_evaluate_summary(doc: dict) -> list[str]:
