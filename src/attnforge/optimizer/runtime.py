@@ -389,10 +389,6 @@ class AttentionOptimizer:
 
     def note(self, decision: Decision) -> None:
         """Count one call carried out as `decision` says (and log a kind of decision the first time)."""
-        entry = self._stats.by_decision.get(id(decision))
-        if entry is not None:  # every call but the first of its kind: one dictionary lookup
-            entry[1] += 1
-            return
         if self._stats.record(decision) and self._settings.enable_debug:
             key = (decision.group, decision.kernel, decision.category)
             if key not in self._logged:
