@@ -44,6 +44,8 @@ MAX_SPLITS = 128
 SHARED_MEMORY_BUDGET = 160 * 1024
 # Partial rows (splits x real rows) the heuristic lets the last program of a slot merge.
 MERGE_ROWS = 256
+# Splits a merge step unrolls (their loads in flight together); more would only grow the code.
+MERGE_CHUNK = 16
 # How split partials are merged: by the program that arrives last ("last", one launch), or by a second kernel
 # with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
 # ("kernel-pdl"; without PDL support it runs as "kernel").
@@ -141,13 +143,18 @@ def _decode_kernel(
         )  # fmt: skip
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        # Partials of the real rows only: [slot, split, PART_ROWS, D_BLOCK], [slot, split, (m, l), PART_ROWS].
+        # Partials of the real rows only: [slot, split, PART_ROWS, (o, m), D_BLOCK] and
+        # [slot, split, (m, l), PART_ROWS].
         r = tl.arange(0, BLOCK_M)
         keep = r < PART_ROWS
         part = slot.to(tl.int64) * num_splits + split
         tl.store(PartML + part * 2 * PART_ROWS + r, m_i, mask=keep)
         tl.store(PartML + part * 2 * PART_ROWS + PART_ROWS + r, l_i, mask=keep)
-        tl.store(PartO + (part * PART_ROWS + r[:, None]) * D_BLOCK + d[None, :], acc, mask=keep[:, None])
+        # Each partial row is its output followed by its max repeated over D (`_merge_rows` reads the two with
+        # the same layout: no per-split exchange between threads).
+        o_row = PartO + (part * PART_ROWS + r[:, None]) * (2 * D_BLOCK) + d[None, :]
+        tl.store(o_row, acc, mask=keep[:, None])
+        tl.store(o_row + D_BLOCK, tl.broadcast_to(m_i[:, None], [BLOCK_M, D_BLOCK]), mask=keep[:, None])
         if MERGE_LAST:
             _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                            stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
@@ -164,7 +171,8 @@ def _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, s
     tl.debug_barrier()  # every thread's partial is written before the counter says so
     arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:
-        out = _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)
+        out = _merge_rows(PartO, PartML, slot.to(tl.int64) * num_splits, num_splits, tl.arange(0, PART_ROWS),
+                          PART_ROWS, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
         part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
         part_head = h * GROUP + part_rows // Q_LEN
         part_token = part_rows % Q_LEN
@@ -190,39 +198,28 @@ def _combine_kernel(
         gdc_wait()
     pid = tl.program_id(0)
     slot, r = pid // PART_ROWS, pid % PART_ROWS
-    row = (slot % NUM_M_BLOCKS) * BLOCK_M + r
+    rows = (slot % NUM_M_BLOCKS) * BLOCK_M + r + tl.arange(0, 1)
     bh = slot // NUM_M_BLOCKS
     b, h = (bh // num_kv_heads).to(tl.int64), (bh % num_kv_heads).to(tl.int64)
-    base = slot.to(tl.int64) * num_splits
-    s_all = tl.arange(0, SPLITS_P2)
-    s_ok = s_all < num_splits
-    m_all = tl.load(PartML + (base + s_all) * 2 * PART_ROWS + r, mask=s_ok, other=float("-inf"))
-    l_all = tl.load(PartML + (base + s_all) * 2 * PART_ROWS + PART_ROWS + r, mask=s_ok, other=0.0)
-    m = tl.max(m_all, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l_total = tl.sum(l_all * tl.exp2(m_all - m_safe), 0)
+    out = _merge_rows(PartO, PartML, slot.to(tl.int64) * num_splits, num_splits, r + tl.arange(0, 1),
+                      1, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
     d = tl.arange(0, D_BLOCK)
-    acc = tl.zeros([D_BLOCK], tl.float32)
-    for s0 in range(0, num_splits, S_CHUNK):
-        s = s0 + tl.arange(0, S_CHUNK)
-        s_in = s < num_splits
-        m_s = tl.load(PartML + (base + s) * 2 * PART_ROWS + r, mask=s_in, other=float("-inf"))
-        o_offsets = ((base + s[:, None]) * PART_ROWS + r) * D_BLOCK + d[None, :]
-        o_s = tl.load(PartO + o_offsets, mask=s_in[:, None], other=0.0)
-        acc += tl.sum(tl.exp2(m_s - m_safe)[:, None] * o_s, 0)
-    out = acc / tl.where(l_total == 0.0, 1.0, l_total)
-    o_ptrs = Out + b * stride_ob + (h * GROUP + row // Q_LEN) * stride_oh + (row % Q_LEN) * stride_om
-    rows = tl.full([D_BLOCK], 0, tl.int32) + row  # per column: a block mask (as the interpreter needs)
-    o_mask = (d < HEAD_DIM) & (rows < GROUP * Q_LEN)
-    tl.store(o_ptrs + d * stride_od, out.to(Out.dtype.element_ty), mask=o_mask)
+    o_ptrs = (
+        Out + b * stride_ob + (h * GROUP + rows // Q_LEN)[:, None] * stride_oh
+        + (rows % Q_LEN)[:, None] * stride_om + d[None, :] * stride_od
+    )  # fmt: skip
+    o_mask = (rows < GROUP * Q_LEN)[:, None] & (d < HEAD_DIM)[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
-def _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr,
-                    D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
-    """Combine the partials of one slot: `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`, `[PART_ROWS, D]`."""
-    base = slot.to(tl.int64) * num_splits
-    r = tl.arange(0, PART_ROWS)
+def _merge_rows(PartO, PartML, base, num_splits, r, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                PART_ROWS: tl.constexpr, D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
+    """Combine partial rows `r` ([ROWS] indices < PART_ROWS) of the splits at `base`:
+    `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`, `[ROWS, D_BLOCK]`. Each thread accumulates its own
+    elements split after split, with S_CHUNK splits' loads in flight, reading each split's max from the copy
+    stored next to its output (same layout: nothing moves between threads per split; a reduction over a
+    tile's split axis compiled to thousands of shared-memory steps)."""
     s_all = tl.arange(0, SPLITS_P2)
     ml_all = (base + s_all[:, None]) * 2 * PART_ROWS + r[None, :]
     s_ok = (s_all < num_splits)[:, None]
@@ -231,18 +228,15 @@ def _merge_partials(PartO, PartML, slot, num_splits, SPLITS_P2: tl.constexpr, PA
     m = tl.max(m_all, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_total = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
-
-    d = tl.arange(0, D_BLOCK)
-    acc = tl.zeros([PART_ROWS, D_BLOCK], tl.float32)
-    for s0 in tl.static_range(0, SPLITS_P2, S_CHUNK):  # independent chunks: their loads overlap
-        s = s0 + tl.arange(0, S_CHUNK)
-        s_in = s < num_splits
-        m_s = tl.load(PartML + (base + s[:, None]) * 2 * PART_ROWS + r[None, :], mask=s_in[:, None],
-                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
-        weight = tl.exp2(m_s - m_safe[None, :])  # [S_CHUNK, PART_ROWS]
-        o_offsets = ((base + s[:, None, None]) * PART_ROWS + r[None, :, None]) * D_BLOCK + d[None, None, :]
-        o_s = tl.load(PartO + o_offsets, mask=s_in[:, None, None], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(weight[:, :, None] * o_s, 0)
+    row = r[:, None] * (2 * D_BLOCK) + tl.arange(0, D_BLOCK)[None, :]
+    acc = tl.zeros([ROWS, D_BLOCK], tl.float32)
+    for s0 in range(0, num_splits, S_CHUNK):
+        for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
+            ok = ((r < PART_ROWS) & (r * 0 + s0 + i < num_splits))[:, None]
+            o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * 2 * D_BLOCK) + row
+            o_s = tl.load(o_ptrs, mask=ok, other=0.0, cache_modifier=".cg")
+            m_s = tl.load(o_ptrs + D_BLOCK, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            acc += tl.exp2(m_s - m_safe[:, None]) * o_s
     return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
 
 
@@ -357,10 +351,12 @@ def _launch_constants(p: dict, shape: tuple, num_kv_heads: int, dtype: torch.dty
         "d_block": d_block,
         "splits_p2": splits_p2,
         "slots": slots,  # programs per split, and arrival counters
-        "floats": 1 if splits == 1 else slots * splits * part_rows * (d_block + 2),  # partials: O, then m/l
-        "part_o_floats": slots * splits * part_rows * d_block,
-        "s_chunk": max(1, min(splits_p2, 4096 // (part_rows * d_block))),
-        "combine_s_chunk": max(1, min(splits_p2, 4096 // d_block)),
+        # partials: (O, m repeated) per row, then (m, l)
+        "floats": 1 if splits == 1 else slots * splits * part_rows * (2 * d_block + 2),
+        "part_o_floats": slots * splits * part_rows * 2 * d_block,
+        # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
+        "s_chunk": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
+        "combine_s_chunk": max(1, min(splits_p2, MERGE_CHUNK)),
         "use_pdl": combine == "kernel-pdl" and splits > 1 and pdl_supported(torch.device(device)),
         "fp32_dot": _fp32_dot(dtype),
     }
