@@ -6,6 +6,7 @@ usage: python prof_decode.py time OUT.json   # correctness, then plain (cold L2)
 """
 
 import json
+import os
 import statistics
 import sys
 
@@ -150,7 +151,8 @@ def main_time(path):
                 }
             )
             with open(path, "w") as f:
-                doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+                doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "commit": os.environ.get("ATTNFORGE_GIT_COMMIT"), "rows": rows}  # fmt: skip
                 json.dump(doc, f, indent=1)
     print("shape     variant              relL2   plain   again   graph sdpa/ours  graph")
     base = {r["shape"]: r for r in rows if r["variant"] == "sdpa"}
