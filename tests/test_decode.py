@@ -178,6 +178,33 @@ def test_bucket_names():
     assert decode.decode_bucket(300, 300_000, 1, 1, 64) == "d64-m1-bmax-kvmaxk"
 
 
+@pytest.mark.parametrize("kv_len, bound", [(1, 1024), (1024, 1024), (1025, 2048), (4096, 4096), (4097, 8192)])
+def test_kv_bound_is_the_longest_cache_of_the_bucket(kv_len, bound):
+    assert decode.kv_bound(kv_len) == bound
+    assert decode.decode_bucket(1, kv_len, 4, 1, 128) == decode.decode_bucket(1, bound, 4, 1, 128)
+
+
+def test_calls_of_one_bucket_share_a_launch_and_short_caches_cap_the_splits():
+    sizes = ((2, 8, 1, 64), 2)
+    first = decode.decode_launch(*sizes, 1000, False, False, torch.float32, torch.device(DEVICE))
+    assert decode.decode_launch(*sizes, 1001, False, False, torch.float32, torch.device(DEVICE)) is first
+    short = decode.decode_launch(*sizes, 20, False, False, torch.float32, torch.device(DEVICE))
+    assert short.splits <= -(-20 // short.params["BLOCK_N"]) and short.grid == (short.splits, short.slots)
+
+
+@pytest.mark.parametrize("sizes", [(1, 4, 2, 10, 64), (3, 8, 1, 37, 64), (2, 6, 6, 5, 80)])
+def test_a_prepared_decode_is_decode_attention_to_the_bit(sizes):
+    batch, heads, kv_heads, kv_len, dim = sizes
+    generator = torch.Generator().manual_seed(kv_len)
+    q = torch.randn(batch, 1, heads, dim, generator=generator).transpose(1, 2).to(DEVICE)  # a layer's q
+    k, v = (torch.randn(batch, kv_heads, kv_len, dim, generator=generator).to(DEVICE) for _ in range(2))
+    prepared = decode.prepared_decode(q.shape, k.shape, q.dtype, q.device)
+    for scale in (None, 0.3):
+        out = prepared(q, k, v, scale)
+        assert out.shape == q.shape and out.is_contiguous()
+        torch.testing.assert_close(out, decode_attention(q, k, v, scale=scale), rtol=0, atol=0)
+
+
 def _qkv(q_shape=(1, 8, 1, 64), kv_shape=(1, 2, 16, 64), dtype=torch.float32):
     return (
         torch.randn(q_shape, dtype=dtype),

@@ -16,6 +16,7 @@ from transformers.masking_utils import sdpa_mask  # noqa: E402
 import attnforge as af  # noqa: E402
 from attnforge.integrations import transformers as integration  # noqa: E402
 from attnforge.integrations import transformers_plan as plan  # noqa: E402
+from attnforge.kernels import decode  # noqa: E402
 from attnforge.optimizer import get_optimizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,6 +185,27 @@ def test_a_planned_decode_kernel_call_is_the_general_paths_output_and_counted(
     assert decided == [1] and spy == [] and get_optimizer().get_stats()["by_kernel"] == {"decode": 2}
 
 
+def test_planned_kernel_calls_use_an_external_decode_kernel_when_one_is_installed(spy):
+    kernels_on()
+    served = []
+
+    def external(q, k, v, **kwargs):
+        served.append(q.shape)
+        return decode.decode_attention(q, k, v, **kwargs)
+
+    get_optimizer().use_kernel("decode", external, label="external")
+    try:
+        decode_hook()
+        assert plan.current_plan().kernel and plan.current_plan().prepared is None
+        module, (q, k, v) = layer(), decode_call()
+        out, _ = integration.attnforge_attention(module, q, k, v, None, scaling=0.125)
+    finally:
+        get_optimizer().use_kernel("decode", None)
+    expected = decode.decode_attention(q, k, v, scale=0.125).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert served == [q.shape] and spy == []
+
+
 def test_a_planned_kernel_that_fails_falls_back_for_good(spy, monkeypatch, caplog):
     kernels_on()
     decode_hook()
@@ -193,7 +215,7 @@ def test_a_planned_kernel_that_fails_falls_back_for_good(spy, monkeypatch, caplo
     def broken(*args, **kwargs):
         raise RuntimeError("planted failure")
 
-    monkeypatch.setitem(get_optimizer()._kernels, "decode", (broken, ""))
+    monkeypatch.setattr(decode.DecodeLaunch, "__call__", broken)  # the launch the plan prepared
     out, _ = integration.attnforge_attention(module, q, k, v, None, scaling=0.125)
     expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.125)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -28,6 +28,7 @@ class DecodePlan:
 
     __slots__ = (
         "query", "key", "dtype", "device", "cuda", "kernel", "decision", "optimizer", "epoch", "entry",
+        "prepared",
     )  # fmt: skip
 
     def __init__(self, query, key, dtype, device, decision: Decision, optimizer: AttentionOptimizer) -> None:
@@ -35,6 +36,8 @@ class DecodePlan:
         self.cuda, self.kernel = device.type == "cuda", decision.kernel == "decode"
         self.decision, self.optimizer, self.epoch = decision, optimizer, optimizer.epoch
         self.entry: list | None = None  # the decision's live statistics entry, from the first call served
+        # The kernel's launch prepared once for all of this forward's calls (None: the general kernel call).
+        self.prepared = optimizer.prepared_decode(query, key, dtype, device) if self.kernel else None
 
 
 class _Current:
@@ -91,7 +94,7 @@ def planned_decode(
     ):
         return None
     if plan.kernel:
-        out = plan.optimizer.run_planned_decode(query, key, value, scale)
+        out = plan.optimizer.run_planned_decode(query, key, value, scale, plan.prepared)
         if out is None:
             return None  # the kernel failed (remembered): the general path counts the call and runs torch
         out = out.transpose(1, 2)  # as the general path returns the kernel's output

@@ -30,6 +30,21 @@ from attnforge.config import (
 )
 from attnforge.environment import triton_interpret
 from attnforge.kernels import temporary_workspaces, tuning, workspaces_are_temporary
+from attnforge.kernels.decode_params import (  # noqa: F401 - re-exported: the decode kernel's parameters
+    COMBINE_MODES,
+    MAX_SPLITS,
+    MERGE_CHUNK,
+    MERGE_ROWS,
+    SHARED_MEMORY_BUDGET,
+    bucket_params,
+    complete_params,
+    decode_bucket,
+    default_block_m,
+    heuristic_params,
+    heuristic_splits,
+    kv_bound,
+    pdl_supported,
+)
 
 try:  # grid dependency control (programmatic dependent launch), Hopper and later; newer Tritons only
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -38,30 +53,18 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Upper bound of the split count (the merge's unrolled chunks are sized for it).
-MAX_SPLITS = 128
-# Shared memory the pipelined K/V tiles may take (Hopper has 227 KB per block; Ampere 163 KB).
-SHARED_MEMORY_BUDGET = 160 * 1024
-# Partial rows (splits x real rows) the heuristic lets the last program of a slot merge.
-MERGE_ROWS = 256
-# Splits a merge step unrolls (their loads in flight together); more would only grow the code.
-MERGE_CHUNK = 16
-# How split partials are merged: by the program that arrives last ("last", one launch), or by a second kernel
-# with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
-# ("kernel-pdl"; without PDL support it runs as "kernel").
-COMBINE_MODES = ("last", "kernel", "kernel-pdl")
 
 
 # One kernel body on purpose (~90 lines, over the 60-line rule): Triton inlines helpers anyway, and
 # keeping the split's loop, its partial write and the merge in one place keeps the pointer flow readable.
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, KvLens, KvStarts, PartO, PartML, Counters,
+    Q, K, V, Out, KvLens, KvStarts, PartO, Counters,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    scale_log2, kv_len, num_kv_heads, num_splits,
+    scale_log2, kv_len, num_kv_heads, num_splits, ml_offset,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
@@ -147,6 +150,7 @@ def _decode_kernel(
         # [slot, split, (m, l), PART_ROWS].
         r = tl.arange(0, BLOCK_M)
         keep = r < PART_ROWS
+        PartML = PartO + ml_offset
         part = slot.to(tl.int64) * num_splits + split
         tl.store(PartML + part * 2 * PART_ROWS + r, m_i, mask=keep)
         tl.store(PartML + part * 2 * PART_ROWS + PART_ROWS + r, l_i, mask=keep)
@@ -187,7 +191,7 @@ def _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, s
 
 @triton.jit
 def _combine_kernel(
-    Out, PartO, PartML, stride_ob, stride_oh, stride_om, stride_od, num_kv_heads, num_splits,
+    Out, PartO, stride_ob, stride_oh, stride_om, stride_od, num_kv_heads, num_splits, ml_offset,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr,
     S_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
@@ -201,8 +205,9 @@ def _combine_kernel(
     rows = (slot % NUM_M_BLOCKS) * BLOCK_M + r + tl.arange(0, 1)
     bh = slot // NUM_M_BLOCKS
     b, h = (bh // num_kv_heads).to(tl.int64), (bh % num_kv_heads).to(tl.int64)
-    out = _merge_rows(PartO, PartML, slot.to(tl.int64) * num_splits, num_splits, r + tl.arange(0, 1),
-                      1, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
+    base = slot.to(tl.int64) * num_splits
+    out = _merge_rows(PartO, PartO + ml_offset, base, num_splits, r + tl.arange(0, 1), 1, SPLITS_P2,
+                      PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
     d = tl.arange(0, D_BLOCK)
     o_ptrs = (
         Out + b * stride_ob + (h * GROUP + rows // Q_LEN)[:, None] * stride_oh
@@ -265,121 +270,6 @@ def _check_inputs(q, k, v, kv_lens, kv_starts, out) -> None:
                          f"{tuple(out.shape)}, {out.dtype} on {out.device}")  # fmt: skip
 
 
-def decode_bucket(
-    batch: int, kv_len: int, group: int, q_len: int, head_dim: int, has_kv_lens: bool = False
-) -> str:
-    """Shape bucket of the tuning store, e.g. 'd128-m4-b1-kv4k'; '-lq4' for 3-4 new tokens (torch then needs a
-    causal mask: another race), '-lens' with kv_lens (a static or ragged cache: torch masks the whole buffer).
-    """
-    rows = group * q_len
-    m = 1 if rows == 1 else min(64, triton.next_power_of_2(rows))
-    b = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 10**9) if batch <= x)
-    kv = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 10**9) if kv_len <= x * 1024)
-    lq = f"-lq{triton.next_power_of_2(q_len)}" if q_len > 1 else ""
-    lens = "-lens" if has_kv_lens else ""
-    return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k{lq}{lens}"
-
-
-def heuristic_splits(units: int, tiles: int, sms: int) -> int:
-    """Split count for `units` (batch x kv heads x row blocks) programs over `tiles` key tiles: as many splits
-    as fit in one wave of the GPU (one program per SM), at most one per tile and MAX_SPLITS."""
-    return max(1, min(sms // max(units, 1), tiles, MAX_SPLITS))
-
-
-def heuristic_params(
-    batch: int, kv_len: int, num_kv_heads: int, rows: int, head_dim: int, elem_bytes: int, sms: int
-) -> dict:
-    """Launch parameters without a tuning entry: 128-key tiles (fewer where a K+V tile would pass 64 KB),
-    as many pipeline stages (up to 3) as fit in 160 KB of shared memory, and splits that fill one wave,
-    capped so that the last program merges at most MERGE_ROWS partial rows (the merge is its tail)."""
-    row_bytes = triton.next_power_of_2(head_dim) * elem_bytes
-    block_n = max(16, min(128, 32768 // row_bytes))
-    stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
-    block_m = default_block_m(rows)
-    part_rows = min(block_m, triton.next_power_of_2(rows))
-    units = batch * num_kv_heads * triton.cdiv(rows, block_m)
-    splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)
-    splits = max(1, min(splits, MERGE_ROWS // part_rows))
-    return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "num_splits": splits,
-        "num_warps": 4,
-        "num_stages": stages,
-    }
-
-
-def default_block_m(rows: int) -> int:
-    """Query rows per program: all G x Lq rows of a KV head up to 64 (one read of K/V for all of them)."""
-    return max(16, min(64, triton.next_power_of_2(rows)))
-
-
-@functools.lru_cache(maxsize=4096)
-def _launch_params(
-    shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, dtype: torch.dtype, device: torch.device
-) -> dict:
-    """Launch parameters for q of `shape`: from the tuning store, else the heuristic (cached per shape)."""
-    batch, num_heads, q_len, head_dim = shape
-    rows = num_heads // num_kv_heads * q_len
-    bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)
-    params = tuning.launch_params("decode", device, bucket)
-    if params is None:
-        elem_bytes = torch.empty((), dtype=dtype).element_size()
-        params = heuristic_params(
-            batch, kv_len, num_kv_heads, rows, head_dim, elem_bytes, tuning.sm_count(device)
-        )
-    return _launch_constants(complete_params(params, rows, kv_len), shape, num_kv_heads, dtype, device)
-
-
-tuning.on_reload(_launch_params.cache_clear)
-
-
-def _launch_constants(p: dict, shape: tuple, num_kv_heads: int, dtype: torch.dtype, device) -> dict:
-    """`p` (complete parameters) plus every constant of the launch that follows from them and the call's
-    sizes: computed once per shape (`_launch_params` caches it), since each line costs host time per call."""
-    batch, num_heads, _, head_dim = shape
-    combine = p.get("combine", "last")
-    if combine not in COMBINE_MODES:
-        raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
-    splits, part_rows = p["num_splits"], p["part_rows"]
-    d_block, splits_p2 = triton.next_power_of_2(head_dim), triton.next_power_of_2(splits)
-    slots = batch * num_kv_heads * p["m_blocks"]
-    return {
-        **p,
-        "combine": combine,
-        "group": num_heads // num_kv_heads,
-        "d_block": d_block,
-        "splits_p2": splits_p2,
-        "slots": slots,  # programs per split, and arrival counters
-        # partials: (O, m repeated) per row, then (m, l)
-        "floats": 1 if splits == 1 else slots * splits * part_rows * (2 * d_block + 2),
-        "part_o_floats": slots * splits * part_rows * 2 * d_block,
-        # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
-        "s_chunk": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
-        "combine_s_chunk": max(1, min(splits_p2, MERGE_CHUNK)),
-        "use_pdl": combine == "kernel-pdl" and splits > 1 and pdl_supported(torch.device(device)),
-        "fp32_dot": _fp32_dot(dtype),
-    }
-
-
-def complete_params(params: dict, rows: int, kv_len: int) -> dict:
-    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages) plus what the launch
-    derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache in its bucket), the
-    partial rows per split."""
-    block_m = int(params.get("BLOCK_M") or default_block_m(rows))
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
-    splits = max(1, min(int(params["num_splits"]), triton.cdiv(kv_len, params["BLOCK_N"]), MAX_SPLITS))
-    part_rows = min(block_m, triton.next_power_of_2(rows))
-    derived = {
-        "BLOCK_M": block_m,
-        "m_blocks": triton.cdiv(rows, block_m),
-        "rows": rows,
-        "part_rows": part_rows,
-    }
-    return {**params, **derived, "num_splits": splits}
-
-
 class DecodeWorkspace:
     """Scratch for split-KV decode calls: partials (float32) and arrival counters (int32, zero between calls).
 
@@ -421,8 +311,9 @@ class DecodeWorkspace:
 
 def workspace_size(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None = None) -> tuple[int, int]:
     """(partial floats, counters) a call with q `[B, Hq, Lq, D]` and k `[B, Hkv, Lkv, D]` needs."""
-    p = _launch_params(tuple(q.shape), k.shape[1], k.shape[2], kv_lens is not None, q.dtype, q.device)
-    return p["floats"], p["slots"]
+    has_lens = kv_lens is not None
+    launch = decode_launch(tuple(q.shape), k.shape[1], k.shape[2], has_lens, False, q.dtype, q.device)
+    return launch.floats, launch.slots
 
 
 _DEFAULT_WORKSPACES: dict[tuple, DecodeWorkspace] = {}
@@ -444,63 +335,119 @@ def default_workspace(device: torch.device, partial_floats: int, counters: int) 
     return workspace
 
 
-@functools.cache
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: a Hopper (sm90+) GPU, not the interpreter, and a Triton that has it."""
-    if triton_interpret() or device.type != "cuda" or gdc_wait is None:
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    has_option = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
-    return has_option and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _fp32_dot(dtype: torch.dtype) -> bool:
     """fp32 inputs multiply in full fp32 (not tf32). The CPU interpreter (triton 3.9) also needs it for bf16,
     whose tl.dot there reads raw bits as integers; on a GPU bf16/fp16 always use the tensor cores."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
 
 
+class DecodeLaunch:
+    """The kernel's launch for one call shape with everything but the tensors computed once (grid,
+    compile-time constants, workspace sizes): each line of Python costs host time per call."""
+
+    __slots__ = ("params", "grid", "constants", "num_kv_heads", "splits", "slots", "floats", "ml_offset",
+                 "combine_grid", "combine_constants")  # fmt: skip
+
+    def __init__(self, p: dict, shape: tuple, num_kv_heads: int, dtype, device, has_kv_lens, has_kv_starts):
+        batch, num_heads, q_len, head_dim = shape
+        combine = p.get("combine", "last")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
+        splits, part_rows = p["num_splits"], p["part_rows"]
+        d_block, splits_p2 = triton.next_power_of_2(head_dim), triton.next_power_of_2(splits)
+        use_pdl = combine == "kernel-pdl" and splits > 1 and pdl_supported(torch.device(device))
+        self.params, self.num_kv_heads, self.splits = p, num_kv_heads, splits
+        self.slots = batch * num_kv_heads * p["m_blocks"]  # programs per split, and arrival counters
+        # Partials: (O, m repeated) per row, then (m, l) per row.
+        self.ml_offset = self.slots * splits * part_rows * 2 * d_block
+        self.floats = 1 if splits == 1 else self.ml_offset + self.slots * splits * part_rows * 2
+        self.grid = (splits, self.slots)
+        shared = {
+            "GROUP": num_heads // num_kv_heads, "Q_LEN": q_len, "HEAD_DIM": head_dim, "D_BLOCK": d_block,
+            "BLOCK_M": p["BLOCK_M"], "NUM_M_BLOCKS": p["m_blocks"], "SPLITS_P2": splits_p2,
+            "PART_ROWS": part_rows, "USE_PDL": use_pdl, **({"launch_pdl": True} if use_pdl else {}),
+        }  # fmt: skip
+        self.constants = {
+            **shared, "BLOCK_N": p["BLOCK_N"], "SPLIT": splits > 1, "HAS_KV_LENS": has_kv_lens,
+            "HAS_KV_STARTS": has_kv_starts, "FP32_DOT": _fp32_dot(dtype), "MERGE_LAST": combine == "last",
+            # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
+            "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
+            "num_warps": p["num_warps"], "num_stages": p["num_stages"],
+        }  # fmt: skip
+        merged_apart = splits > 1 and combine != "last"
+        self.combine_grid = (self.slots * part_rows,) if merged_apart else None
+        self.combine_constants = {**shared, "S_CHUNK": min(splits_p2, MERGE_CHUNK), "num_warps": 4,
+                                  "num_stages": 2}  # fmt: skip
+
+    def __call__(self, q, k, v, out, scale: float, kv_lens=None, kv_starts=None, workspace=None) -> None:
+        """Launch on validated inputs of the prepared shape (q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` with
+        Lkv in the prepared bucket), writing `out` `[B, Hq, Lq, D]`."""
+        workspace = workspace or default_workspace(q.device, self.floats, self.slots)
+        partials, counters = workspace.buffers(self.floats, self.slots)
+        # The kernel reads lengths[b] at pointer + b: a view (a column of a [B, 2] tensor) is made contiguous.
+        lens = kv_lens.contiguous() if kv_lens is not None else counters  # unread without HAS_KV_LENS
+        starts = kv_starts.contiguous() if kv_starts is not None else counters  # unread without HAS_KV_STARTS
+        _decode_kernel[self.grid](
+            q, k, v, out, lens, starts, partials, counters, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), scale * LOG2E, k.shape[2], self.num_kv_heads, self.splits, self.ml_offset,
+            **self.constants,
+        )  # fmt: skip
+        if self.combine_grid is not None:
+            _combine_kernel[self.combine_grid](
+                out, partials, *out.stride(), self.num_kv_heads, self.splits, self.ml_offset,
+                **self.combine_constants,
+            )  # fmt: skip
+
+
+def decode_launch(shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, has_kv_starts: bool,
+                  dtype: torch.dtype, device, params: dict | None = None) -> DecodeLaunch:  # fmt: skip
+    """The launch for q of `shape` against `kv_len` keys: parameters from the tuning store or the heuristic
+    (cached per bucket and split count), or `params` (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps,
+    num_stages, combine optional: for tuning sweeps, built anew)."""
+    bound = kv_bound(kv_len)
+    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
+    if params is not None:
+        p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
+        return DecodeLaunch(p, shape, num_kv_heads, dtype, device, has_kv_lens, has_kv_starts)
+    splits = max(1, min(p["num_splits"], -(-kv_len // p["BLOCK_N"])))  # an entry may be for longer caches
+    return _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device):
+    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
+    return DecodeLaunch({**p, "num_splits": splits}, shape, num_kv_heads, dtype, device, has_kv_lens,
+                        has_kv_starts)  # fmt: skip
+
+
+tuning.on_reload(_launch_for.cache_clear)
+
+
 def launch_decode(
     q, k, v, out, *, scale: float, kv_lens=None, kv_starts=None, params: dict | None = None, workspace=None
 ) -> None:
-    """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table
-    (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, combine optional): for tuning sweeps;
-    users call decode_attention."""
-    shape, num_kv_heads, kv_len = tuple(q.shape), k.shape[1], k.shape[2]
-    p = _launch_params(shape, num_kv_heads, kv_len, kv_lens is not None, q.dtype, q.device)
-    if params is not None:
-        p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
-        p = _launch_constants(p, shape, num_kv_heads, q.dtype, q.device)
-    splits, slots = p["num_splits"], p["slots"]
-    workspace = workspace or default_workspace(q.device, p["floats"], slots)
-    partials, counters = workspace.buffers(p["floats"], slots)
-    # The kernel reads lengths[b] at pointer + b: a view (a column of a [B, 2] tensor) is made contiguous.
-    lens = kv_lens.contiguous() if kv_lens is not None else counters  # unread without HAS_KV_LENS
-    starts = kv_starts.contiguous() if kv_starts is not None else counters  # unread without HAS_KV_STARTS
-    merge_o = partials[p["part_o_floats"] :] if splits > 1 else partials
-    pdl = {"launch_pdl": True} if p["use_pdl"] else {}
-    _decode_kernel[(splits, slots)](
-        q, k, v, out, lens, starts, partials, merge_o, counters,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        scale * LOG2E, kv_len, num_kv_heads, splits,
-        GROUP=p["group"], Q_LEN=shape[2], HEAD_DIM=shape[3], D_BLOCK=p["d_block"],
-        BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], BLOCK_N=p["BLOCK_N"],
-        SPLIT=splits > 1, SPLITS_P2=p["splits_p2"], PART_ROWS=p["part_rows"], S_CHUNK=p["s_chunk"],
-        HAS_KV_LENS=kv_lens is not None, HAS_KV_STARTS=kv_starts is not None, FP32_DOT=p["fp32_dot"],
-        MERGE_LAST=p["combine"] == "last", USE_PDL=p["use_pdl"], num_warps=p["num_warps"],
-        num_stages=p["num_stages"], **pdl,
-    )  # fmt: skip
-    if splits > 1 and p["combine"] != "last":
-        _combine_kernel[(slots * p["part_rows"],)](
-            out, partials, merge_o, *out.stride(), num_kv_heads, splits,
-            GROUP=p["group"], Q_LEN=shape[2], HEAD_DIM=shape[3], D_BLOCK=p["d_block"],
-            BLOCK_M=p["BLOCK_M"], NUM_M_BLOCKS=p["m_blocks"], SPLITS_P2=p["splits_p2"],
-            PART_ROWS=p["part_rows"], S_CHUNK=p["combine_s_chunk"], USE_PDL=p["use_pdl"], num_warps=4,
-            num_stages=2, **pdl,
-        )  # fmt: skip
+    """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table (see
+    `decode_launch`): for tuning sweeps; users call decode_attention."""
+    launch = decode_launch(tuple(q.shape), k.shape[1], k.shape[2], kv_lens is not None, kv_starts is not None,
+                           q.dtype, q.device, params)  # fmt: skip
+    launch(q, k, v, out, scale, kv_lens, kv_starts, workspace)
+
+
+def prepared_decode(query: torch.Size, key: torch.Size, dtype: torch.dtype, device: torch.device):
+    """For a caller that checked its calls once (a decode plan: every call has q of shape `query` `[B, Hq, 1,
+    D]`, k/v of shape `key` `[B, Hkv, Lkv, D]`, this dtype and device, and the kernel supports them): a
+    function `(q, k, v, scale) -> out [B, Hq, 1, D]` without per-call checks or lookups, on the workspace of
+    the current stream (or a temporary one while a CUDA graph is captured)."""
+    launch = decode_launch(tuple(query), key[1], key[2], False, False, dtype, device)
+    workspace = default_workspace(torch.device(device), launch.floats, launch.slots)
+    default_scale = query[3] ** -0.5
+
+    def call(q, k, v, scale):
+        out = torch.empty(query, dtype=dtype, device=device)
+        launch(q, k, v, out, default_scale if scale is None else scale, None, None, workspace)
+        return out
+
+    return call
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -362,11 +362,27 @@ class AttentionOptimizer:
             self._remember_failure(kind, q.dtype, features, error)
             return None
 
-    def run_planned_decode(self, q, k, v, scale) -> torch.Tensor | None:
-        """The decode kernel's output `[B, Hq, 1, D]` for a decode call without lengths or mask that the
-        caller matched to a decode decision of `decision_for` (the caller counts it); None after remembering
-        a failure, as `run_kernel_if_chosen` does (then the caller takes the general path)."""
+    def prepared_decode(self, query: torch.Size, key: torch.Size, dtype: torch.dtype, device: torch.device):
+        """The built-in decode kernel prepared for a plan's calls (`kernels.decode.prepared_decode`: shapes,
+        dtype and device fixed for a forward, no per-call checks or lookups); None where an external kernel
+        serves decode calls (`use_kernel`) or the preparation fails (then calls take `run_planned_decode`)."""
+        if "decode" in self._replacements:
+            return None
         try:
+            from attnforge.kernels.decode import prepared_decode
+
+            return prepared_decode(query, key, dtype, device)
+        except Exception:  # noqa: BLE001 - the general call path reports what fails
+            return None
+
+    def run_planned_decode(self, q, k, v, scale, prepared=None) -> torch.Tensor | None:
+        """The decode kernel's output `[B, Hq, 1, D]` for a decode call without lengths or mask that the
+        caller matched to a decode decision of `decision_for` (the caller counts it), through `prepared` (from
+        `prepared_decode`) when given; None after remembering a failure, as `run_kernel_if_chosen` does (then
+        the caller takes the general path)."""
+        try:
+            if prepared is not None:
+                return prepared(q, k, v, scale)
             return self._kernels["decode"][0](q, k, v, scale=scale, kv_lens=None)
         except Exception as error:  # noqa: BLE001 - as in _run_kernel
             self._remember_failure("decode", q.dtype, _FEATURES[(False, False, False, False)], error)

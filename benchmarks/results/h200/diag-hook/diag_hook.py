@@ -5,7 +5,8 @@ Sides: "sdpa" (plain transformers) and registered variants (VARIANTS: attention 
 e.g. "pass" (a hook that only calls transformers' sdpa_attention_forward), "direct" (the torch SDPA call
 itself), "pchk" (the plan's shape/dtype/device checks), "pchk_note" (+ counting through optimizer.note),
 "pchk_align" (+ the alignment check), "af" (attnforge as committed at the recorded commit, every call to
-torch), "kdirect" (decode steps through attnforge's decode kernel directly), "afk" (attnforge with its kernels
+torch), "kdirect" (decode steps through attnforge's decode kernel directly), "kprep" (through a launch
+prepared once per shape, as a decode plan runs it), "afk" (attnforge with its kernels
 on, measured or not).
 
 Sides take turns token by token (round robin) inside each generate call; each side is a registered attention
@@ -157,8 +158,24 @@ def v_kdirect(module, q, k, v, mask, dropout=0.0, scaling=None, is_causal=None, 
     return decode_attention(q, k, v, scale=scaling).transpose(1, 2), None
 
 
+_PREPARED = {}
+
+
+def v_kprep(module, q, k, v, mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    """attnforge's decode kernel through a launch prepared once per shape (as a decode plan runs it)."""
+    from attnforge.kernels.decode import prepared_decode
+
+    if mask is not None or q.shape[2] != 1:
+        return v_pass(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kw)
+    call = _PREPARED.get((q.shape, k.shape))
+    if call is None:
+        call = _PREPARED[(q.shape, k.shape)] = prepared_decode(q.shape, k.shape, q.dtype, q.device)
+    return call(q, k, v, scaling).transpose(1, 2), None
+
+
 VARIANTS = {  # name: (attention, mask)
     "kdirect": (v_kdirect, integ.attnforge_mask),
+    "kprep": (v_kprep, integ.attnforge_mask),
     "afk": (integ.attnforge_attention, integ.attnforge_mask),  # the optimizer with kernels on (see switch)
     "direct": (v_direct, integ.attnforge_mask),
     "pchk": (v_pchk, integ.attnforge_mask),

@@ -1,0 +1,133 @@
+"""The decode kernel's launch parameters (no Triton code): shape buckets, the tuning store's entries or the
+heuristic, and what a launch derives from them. Cached per bucket, so that a call pays a lookup, not this
+arithmetic (each line of Python costs host time in eager generation)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from attnforge.environment import triton_interpret
+from attnforge.kernels import tuning
+
+# Upper bound of the split count (the merge's unrolled chunks are sized for it).
+MAX_SPLITS = 128
+# Shared memory the pipelined K/V tiles may take (Hopper has 227 KB per block; Ampere 163 KB).
+SHARED_MEMORY_BUDGET = 160 * 1024
+# Partial rows (splits x real rows) the heuristic lets the last program of a slot merge.
+MERGE_ROWS = 256
+# Splits a merge step unrolls (their loads in flight together); more would only grow the code.
+MERGE_CHUNK = 16
+# How split partials are merged: by the program that arrives last ("last", one launch), or by a second kernel
+# with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
+# ("kernel-pdl"; without PDL support it runs as "kernel").
+COMBINE_MODES = ("last", "kernel", "kernel-pdl")
+
+
+def decode_bucket(
+    batch: int, kv_len: int, group: int, q_len: int, head_dim: int, has_kv_lens: bool = False
+) -> str:
+    """Shape bucket of the tuning store, e.g. 'd128-m4-b1-kv4k'; '-lq4' for 3-4 new tokens (torch then needs a
+    causal mask: another race), '-lens' with kv_lens (a static or ragged cache: torch masks the whole buffer).
+    """
+    rows = group * q_len
+    m = 1 if rows == 1 else min(64, triton.next_power_of_2(rows))
+    b = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 10**9) if batch <= x)
+    kv = next(x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 10**9) if kv_len <= x * 1024)
+    lq = f"-lq{triton.next_power_of_2(q_len)}" if q_len > 1 else ""
+    lens = "-lens" if has_kv_lens else ""
+    return f"d{head_dim}-m{m}-b{b if b < 10**9 else 'max'}-kv{kv if kv < 10**9 else 'max'}k{lq}{lens}"
+
+
+def heuristic_splits(units: int, tiles: int, sms: int) -> int:
+    """Split count for `units` (batch x kv heads x row blocks) programs over `tiles` key tiles: as many splits
+    as fit in one wave of the GPU (one program per SM), at most one per tile and MAX_SPLITS."""
+    return max(1, min(sms // max(units, 1), tiles, MAX_SPLITS))
+
+
+def heuristic_params(
+    batch: int, kv_len: int, num_kv_heads: int, rows: int, head_dim: int, elem_bytes: int, sms: int
+) -> dict:
+    """Launch parameters without a tuning entry: 128-key tiles (fewer where a K+V tile would pass 64 KB),
+    as many pipeline stages (up to 3) as fit in 160 KB of shared memory, and splits that fill one wave,
+    capped so that the last program merges at most MERGE_ROWS partial rows (the merge is its tail)."""
+    row_bytes = triton.next_power_of_2(head_dim) * elem_bytes
+    block_n = max(16, min(128, 32768 // row_bytes))
+    stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
+    block_m = default_block_m(rows)
+    part_rows = min(block_m, triton.next_power_of_2(rows))
+    units = batch * num_kv_heads * triton.cdiv(rows, block_m)
+    splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)
+    splits = max(1, min(splits, MERGE_ROWS // part_rows))
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_splits": splits,
+        "num_warps": 4,
+        "num_stages": stages,
+    }
+
+
+def default_block_m(rows: int) -> int:
+    """Query rows per program: all G x Lq rows of a KV head up to 64 (one read of K/V for all of them)."""
+    return max(16, min(64, triton.next_power_of_2(rows)))
+
+
+def complete_params(params: dict, rows: int, kv_len: int) -> dict:
+    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages) plus what the launch
+    derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache in its bucket), the
+    partial rows per split."""
+    block_m = int(params.get("BLOCK_M") or default_block_m(rows))
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
+    splits = max(1, min(int(params["num_splits"]), triton.cdiv(kv_len, params["BLOCK_N"]), MAX_SPLITS))
+    part_rows = min(block_m, triton.next_power_of_2(rows))
+    derived = {
+        "BLOCK_M": block_m,
+        "m_blocks": triton.cdiv(rows, block_m),
+        "rows": rows,
+        "part_rows": part_rows,
+    }
+    return {**params, **derived, "num_splits": splits}
+
+
+def kv_bound(kv_len: int) -> int:
+    """The longest cache of `kv_len`'s bucket (1k, 2k, 4k, ... keys): the calls up to it share parameters."""
+    return 1024 << (max(kv_len - 1, 0) >> 10).bit_length()
+
+
+@functools.lru_cache(maxsize=1024)
+def bucket_params(
+    shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, dtype: torch.dtype, device: torch.device
+) -> dict:
+    """Complete launch parameters (`complete_params`) for q of `shape` against `kv_len` keys (a bucket's
+    bound, `kv_bound`): from the tuning store, else the heuristic; a call caps the splits by its length."""
+    batch, num_heads, q_len, head_dim = shape
+    rows = num_heads // num_kv_heads * q_len
+    bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)
+    params = tuning.launch_params("decode", device, bucket)
+    if params is None:
+        elem_bytes = torch.empty((), dtype=dtype).element_size()
+        params = heuristic_params(
+            batch, kv_len, num_kv_heads, rows, head_dim, elem_bytes, tuning.sm_count(device)
+        )
+    return complete_params(params, rows, kv_len)
+
+
+tuning.on_reload(bucket_params.cache_clear)
+
+
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: a Hopper (sm90+) GPU, not the interpreter, and a Triton that has it."""
+    if triton_interpret() or device.type != "cuda":
+        return False
+    try:  # grid dependency control in the language, and the launch option
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    has_option = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return has_option and torch.cuda.get_device_capability(device)[0] >= 9
