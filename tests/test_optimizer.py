@@ -29,6 +29,10 @@ HAS_DECODE = importlib.util.find_spec("attnforge.kernels.decode") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Calls recorded into a CUDA graph: where measured-faster decode kernels run (policy.EAGER_DECODE).
+IN_GRAPH = {"device": "cuda", "features": CallFeatures(causal=True, captured=True)}
+
+
 def decode_cfg(**overrides) -> AttentionConfig:
     fields = dict(num_heads=8, num_kv_heads=2, head_dim=64, seq_len=1, kv_len=300, dtype=torch.float32)
     return AttentionConfig(**{**fields, **overrides})
@@ -105,7 +109,7 @@ def test_configure_optimizer_changes_the_process_wide_optimizer():
 
 def test_measured_speedup_decides_and_says_so(measured):
     optimizer = AttentionOptimizer()
-    ok, reason = optimizer.should_optimize(decode_cfg(), device="cuda")
+    ok, reason = optimizer.should_optimize(decode_cfg(), **IN_GRAPH)
     assert ok
     assert "GQA-4:1 decode (d64-m4-b1-kv1k)" in reason
     assert (
@@ -113,35 +117,44 @@ def test_measured_speedup_decides_and_says_so(measured):
     )
 
 
+def test_a_decode_call_outside_a_cuda_graph_goes_to_torch_however_fast_the_kernel(measured):
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cuda")
+    assert not ok and "measured faster on the GPU, but outside a CUDA graph a decode step is bound" in reason
+    assert reason.endswith("falling back to torch SDPA")
+    assert AttentionOptimizer().should_optimize(decode_cfg(seq_len=300), device="cuda")[0]  # prefill: eager
+    measured.value = None  # an unmeasured kernel that the settings force runs eager too
+    assert AttentionOptimizer(require_measurement=False).should_optimize(decode_cfg(), device="cuda")[0]
+
+
 def test_a_gpu_without_entries_uses_its_architectures_unless_told_not_to(measured):
     measured.origin = "architecture sm90 (measured on h100)"
-    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cuda")
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), **IN_GRAPH)
     assert ok and "architecture sm90 (measured on h100)" in reason
-    ok, reason = AttentionOptimizer(architecture_entries=False).should_optimize(decode_cfg(), device="cuda")
+    ok, reason = AttentionOptimizer(architecture_entries=False).should_optimize(decode_cfg(), **IN_GRAPH)
     assert not ok and "no measurement" in reason
 
 
 def test_slower_or_unmeasured_kernels_fall_back(measured):
     measured.value = 0.8
-    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cuda")
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), **IN_GRAPH)
     assert not ok and "measured 0.80x torch SDPA" in reason and "below min_speedup=1" in reason
     measured.value = None
-    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), device="cuda")
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), **IN_GRAPH)
     assert not ok and "no measurement" in reason and "falling back to torch SDPA" in reason
 
 
 def test_require_measurement_false_runs_unmeasured_kernels_only(measured):
     measured.value = None
-    ok, reason = AttentionOptimizer(require_measurement=False).should_optimize(decode_cfg(), device="cuda")
+    ok, reason = AttentionOptimizer(require_measurement=False).should_optimize(decode_cfg(), **IN_GRAPH)
     assert ok and "no measurement" in reason and "running it (require_measurement=False)" in reason
     measured.value = 0.5
-    assert not AttentionOptimizer(require_measurement=False).should_optimize(decode_cfg(), device="cuda")[0]
+    assert not AttentionOptimizer(require_measurement=False).should_optimize(decode_cfg(), **IN_GRAPH)[0]
 
 
 def test_min_speedup_is_the_bar(measured):
     measured.value = 1.2
-    assert AttentionOptimizer(min_speedup=1.1).should_optimize(decode_cfg(), device="cuda")[0]
-    assert not AttentionOptimizer(min_speedup=1.5).should_optimize(decode_cfg(), device="cuda")[0]
+    assert AttentionOptimizer(min_speedup=1.1).should_optimize(decode_cfg(), **IN_GRAPH)[0]
+    assert not AttentionOptimizer(min_speedup=1.5).should_optimize(decode_cfg(), **IN_GRAPH)[0]
 
 
 @pytest.mark.parametrize(
@@ -156,8 +169,8 @@ def test_min_speedup_is_the_bar(measured):
     ],
 )
 def test_each_threshold_blocks_with_its_reason(measured, settings, cfg, words):
-    assert AttentionOptimizer().should_optimize(decode_cfg(**cfg), device="cuda")[0]
-    ok, reason = AttentionOptimizer(**settings).should_optimize(decode_cfg(**cfg), device="cuda")
+    assert AttentionOptimizer().should_optimize(decode_cfg(**cfg), **IN_GRAPH)[0]
+    ok, reason = AttentionOptimizer(**settings).should_optimize(decode_cfg(**cfg), **IN_GRAPH)
     assert not ok and words in reason
 
 
@@ -350,7 +363,7 @@ def test_the_tuning_store_is_read_through_the_kernels_bucket(user_table, kind, c
     shape = decode_cfg(**cfg)
     bucket = policy.bucket(kind, shape, CallFeatures())
     user_table(kind, {bucket: {"params": None, "speedup": 1.7, "source": "test"}})
-    ok, reason = AttentionOptimizer().should_optimize(shape, device="cpu")
+    ok, reason = AttentionOptimizer().should_optimize(shape, device="cpu", features=IN_GRAPH["features"])
     assert ok and f"attnforge {kind} kernel measured 1.70x faster" in reason and "this GPU: test" in reason
     other = decode_cfg(**cfg, kv_len=100_000)  # another bucket: not measured
     ok, reason = AttentionOptimizer().should_optimize(other, device="cpu")
@@ -360,7 +373,7 @@ def test_the_tuning_store_is_read_through_the_kernels_bucket(user_table, kind, c
 def test_valid_lengths_pick_their_own_bucket(user_table):
     """A static cache (kv_lens) is another race for torch than a plain cache: its own measured speed-up."""
     shape = decode_cfg()
-    with_lens = CallFeatures(causal=True, has_kv_lens=True)
+    with_lens = CallFeatures(causal=True, has_kv_lens=True, captured=True)
     plain, lens = (policy.bucket("decode", shape, f) for f in (CallFeatures(), with_lens))
     assert plain != lens
     user_table("decode", {plain: {"speedup": 0.8}, lens: {"speedup": 3.0}})

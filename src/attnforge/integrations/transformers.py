@@ -217,7 +217,9 @@ def _forward_uses_kernel(shape: tuple | None, dtype: str, device: str) -> bool:
     torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(torch_dtype, torch.dtype):
         return False
-    features = CallFeatures(causal=q_length > 1, has_kv_lens=True)
+    # Traced for torch.compile, whose decode steps transformers compiles with CUDA graphs ("reduce-overhead"):
+    # the calls are captured there. Eager, they are not (and torch serves decode calls; EAGER_DECODE).
+    features = CallFeatures(causal=q_length > 1, has_kv_lens=True, captured=torch.compiler.is_compiling())
     decision = get_optimizer().decision_for(
         (batch, heads, q_length, head_dim), (batch, kv_heads, kv_length, head_dim),
         (batch, kv_heads, kv_length, head_dim), torch_dtype, torch.device(device), features,

@@ -30,6 +30,15 @@ KERNEL_ENTRY_POINTS = {
 }
 
 
+# Why a decode call outside a CUDA graph goes to torch even where the kernel is faster on the GPU
+# (docs/notes/decode.md, "Eager generation"; benchmarks/results/h200/diag-hook/).
+EAGER_DECODE = (
+    "measured faster on the GPU, but outside a CUDA graph a decode step is bound by the host, and there the "
+    "kernel's Triton launch costs more than torch SDPA's call (about 2x in place on an H200); it runs where "
+    "calls are captured (attnforge accelerate, a static cache with torch.compile)"
+)
+
+
 class CallFeatures(NamedTuple):
     """What a call carries beyond its shape: these decide which kernel can serve it. (A named tuple: it is
     part of the key of every call's cached decision, and a tuple hashes without running Python code.)"""
@@ -38,6 +47,7 @@ class CallFeatures(NamedTuple):
     has_mask: bool = False
     has_q_lens: bool = False
     has_kv_lens: bool = False
+    captured: bool = False  # recorded into a CUDA graph: its launch costs no host time at replay
 
 
 @dataclass(frozen=True)
@@ -154,7 +164,10 @@ def decide(
     measured = None
     if shape_bucket is not None:
         measured = machine.measure(kind, shape_bucket, settings.architecture_entries)
-    return _decide_by_measurement(kind, label, group, measured, settings, machine.device_name)
+    decision = _decide_by_measurement(kind, label, group, measured, settings, machine.device_name)
+    if decision.category == "measured faster" and kind == "decode" and not features.captured:
+        return Decision(None, f"{label}: {EAGER_DECODE}: falling back to torch SDPA", "eager decode", group)
+    return decision
 
 
 def unsupported_call(q_shape, k_shape, v_shape, dtype) -> str | None:

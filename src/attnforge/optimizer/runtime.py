@@ -33,7 +33,7 @@ _DECISION_CACHE_SIZE = 4096
 # Exact call shapes remembered in front of the bucket cache (a decode step's layers share one).
 _RECENT_SHAPES = 64
 # Every CallFeatures value, by (causal, has_mask, has_q_lens, has_kv_lens): no construction per call.
-_FEATURES = {flags: CallFeatures(*flags) for flags in itertools.product((False, True), repeat=4)}
+_FEATURES = {flags: CallFeatures(*flags) for flags in itertools.product((False, True), repeat=5)}
 
 
 def load_kernel(kind: str) -> tuple[Callable | None, str]:
@@ -331,7 +331,9 @@ class AttentionOptimizer:
         """The kernel's output if the decision for this call is a kernel and it ran; else None, and the caller
         runs torch. Either way the call is counted once, under what actually ran. `kv_starts` (decode-shaped
         calls without a mask only) goes to the decode kernel as it is, to the prefill kernel as a mask."""
-        features = _FEATURES[(causal, attn_mask is not None, q_lens is not None, kv_lens is not None)]
+        captured = q.is_cuda and torch.cuda.is_current_stream_capturing()  # EAGER_DECODE
+        flags = (causal, attn_mask is not None, q_lens is not None, kv_lens is not None, captured)
+        features = _FEATURES[flags]
         exact = (q.shape, k.shape, v.shape, q.dtype, q.device, features)
         decision = self._recent.get(exact) or self.decision_for(*exact)  # the hit inline: every call pays it
         if decision.kernel is None:
@@ -385,7 +387,7 @@ class AttentionOptimizer:
                 return prepared(q, k, v, scale)
             return self._kernels["decode"][0](q, k, v, scale=scale, kv_lens=None)
         except Exception as error:  # noqa: BLE001 - as in _run_kernel
-            self._remember_failure("decode", q.dtype, _FEATURES[(False, False, False, False)], error)
+            self._remember_failure("decode", q.dtype, _FEATURES[(False, False, False, False, False)], error)
             return None
 
     def _remember_failure(self, kind: str, dtype, features: CallFeatures, error: Exception) -> None:
