@@ -87,6 +87,17 @@ def test_entries_keep_the_most_conservative_speedup_of_a_bucket():
     }
 
 
+def test_a_disturbed_row_gives_no_entry():
+    steady = {"median_us": 10.0, "ci95_us": [9.8, 10.3]}
+    scattered = {"median_us": 50.0, "ci95_us": [39.0, 71.0]}
+    row = _row("d128-m2-b1-kv1k", 1.3, {"x": 1}) | {"best_torch": "sdpa", "torch": {"sdpa": dict(steady)}}
+    row["candidates"]["b"].update(steady)
+    assert tune.disturbed(row) is None and tune.entries(_doc([row]), "src")["decode"]
+    row["torch"]["sdpa"] = scattered
+    assert tune.disturbed(row) == "torch median 50.0 us with a 95% interval of 39.0-71.0 us"
+    assert tune.entries(_doc([row]), "src") == {}
+
+
 def test_store_and_lookup_by_gpu_then_by_architecture(store, monkeypatch):
     tune.store(_doc([_row("d128-m4-b1-kv4k", 1.25, {"BLOCK_N": 64})]), "sweep.json")
     table = json.loads(store.read_text())

@@ -438,11 +438,12 @@ def _method(device: torch.device, reps: int) -> str:
 def entries(doc: dict, source: str) -> dict[str, dict[str, dict]]:
     """Tuning-store entries {kind: {bucket: {params, speedup, source}}} from a tuning result document.
 
-    A bucket measured by several targets keeps the most conservative speed-up (and that row's parameters).
+    A bucket measured by several targets keeps the most conservative speed-up (and that row's parameters);
+    a disturbed row (`disturbed`) gives none.
     """
     out: dict[str, dict[str, dict]] = {}
     for row in doc["rows"]:
-        if row.get("speedup") is None:
+        if row.get("speedup") is None or disturbed(row) is not None:
             continue
         kind, bucket = row["target"]["kind"], _bucket_of(row)
         entry = {"params": row["candidates"][row["best"]]["params"], "speedup": round(row["speedup"], 3),
@@ -451,6 +452,22 @@ def entries(doc: dict, source: str) -> dict[str, dict[str, dict]]:
         if current is None or entry["speedup"] < current["speedup"]:
             out[kind][bucket] = entry
     return out
+
+
+# The widest 95% interval of a median (high / low) an entry's timing may have: wider means the samples were
+# disturbed (seen on the first rows of runs on a busy host: 10-130 us for a 10 us call).
+STABLE_INTERVAL = 1.2
+
+
+def disturbed(row: dict) -> str | None:
+    """Why the timing of the best candidate or best torch path is too scattered for an entry, or None."""
+    cells = [("attnforge", row["candidates"].get(row.get("best"), {}))]
+    cells.append(("torch", row.get("torch", {}).get(row.get("best_torch"), {})))
+    for side, cell in cells:
+        low, high = cell.get("ci95_us") or (0.0, 0.0)
+        if low > 0 and high / low > STABLE_INTERVAL:
+            return f"{side} median {cell['median_us']:.1f} us with a 95% interval of {low:.1f}-{high:.1f} us"
+    return None
 
 
 def _bucket_of(row: dict) -> str:
@@ -513,8 +530,10 @@ def _markdown_row(row: dict) -> str:
         graph = f"{best['graph_median_us']:.1f} / {row['torch'][row['best_torch']]['graph_median_us']:.1f}"
     graph_speedup = f"{row['graph_speedup']:.2f}x" if row.get("graph_speedup") else "-"
     heuristic = f"{row['heuristic_speedup']:.2f}x" if row.get("heuristic_speedup") else "-"
+    why = disturbed(row)
+    speedup = f"{row['speedup']:.2f}x" + (f" (disturbed: {why}; no entry)" if why else "")
     return (f"| {row['label']} | {row['bucket']} | {row['best']} | {row['best_us']:.1f} | {percent} | "
-            f"{torch_us} | {row['speedup']:.2f}x | {graph} | {graph_speedup} | {heuristic} |")  # fmt: skip
+            f"{torch_us} | {speedup} | {graph} | {graph_speedup} | {heuristic} |")  # fmt: skip
 
 
 def save(doc: dict, out_dir, stem: str) -> list:
