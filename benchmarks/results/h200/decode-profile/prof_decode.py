@@ -183,5 +183,6 @@ def main_ncu():
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
 
+
 if __name__ == "__main__":
     main_time(sys.argv[2]) if sys.argv[1] == "time" else main_ncu()
