@@ -9,7 +9,7 @@ import torch
 
 from attnforge import verify
 from attnforge.config import AttentionConfig
-from attnforge.kernels import decode
+from attnforge.kernels import decode, decode_params
 from attnforge.kernels.decode import decode_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,7 +68,7 @@ def test_row_blocks_must_be_powers_of_two():
                              params={"BLOCK_M": 24, "BLOCK_N": 32, "num_splits": 1})  # fmt: skip
 
 
-@pytest.mark.parametrize("combine", decode.COMBINE_MODES)
+@pytest.mark.parametrize("combine", decode_params.COMBINE_MODES)
 @pytest.mark.parametrize("kv_lens", [None, [300, 5]])
 def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens):
     """The last program merging, or a second kernel (with programmatic dependent launch where supported)."""
@@ -174,14 +174,15 @@ def test_ops_that_compiled_graphs_run_keep_no_scratch_between_calls(monkeypatch)
 
 
 def test_bucket_names():
-    assert decode.decode_bucket(1, 4096, 4, 1, 128) == "d128-m4-b1-kv4k"
-    assert decode.decode_bucket(300, 300_000, 1, 1, 64) == "d64-m1-bmax-kvmaxk"
+    assert decode_params.decode_bucket(1, 4096, 4, 1, 128) == "d128-m4-b1-kv4k"
+    assert decode_params.decode_bucket(300, 300_000, 1, 1, 64) == "d64-m1-bmax-kvmaxk"
 
 
 @pytest.mark.parametrize("kv_len, bound", [(1, 1024), (1024, 1024), (1025, 2048), (4096, 4096), (4097, 8192)])
 def test_kv_bound_is_the_longest_cache_of_the_bucket(kv_len, bound):
-    assert decode.kv_bound(kv_len) == bound
-    assert decode.decode_bucket(1, kv_len, 4, 1, 128) == decode.decode_bucket(1, bound, 4, 1, 128)
+    assert decode_params.kv_bound(kv_len) == bound
+    bucket = functools.partial(decode_params.decode_bucket, 1, group=4, q_len=1, head_dim=128)
+    assert bucket(kv_len) == bucket(bound)
 
 
 def test_calls_of_one_bucket_share_a_launch_and_short_caches_cap_the_splits():

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from attnforge.bench import targets, tune
 from attnforge.cli import app
-from attnforge.kernels import decode, tuning
+from attnforge.kernels import decode_params, tuning
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ def test_the_decode_grid_covers_the_issue():
 
 @pytest.mark.parametrize("units, tiles, expected", [(8, 8, 8), (8, 128, 16), (256, 32, 1), (32, 64, 4)])
 def test_heuristic_splits_fill_waves_without_exceeding_the_tiles(units, tiles, expected):
-    assert decode.heuristic_splits(units, tiles, 132) == expected
+    assert decode_params.heuristic_splits(units, tiles, 132) == expected
 
 
 def test_candidates_start_with_the_heuristic_and_are_unique():

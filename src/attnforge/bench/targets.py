@@ -49,7 +49,7 @@ class Target:
     @property
     def bucket(self) -> str:
         if self.kind == "decode":
-            from attnforge.kernels.decode import decode_bucket
+            from attnforge.kernels.decode_params import decode_bucket
 
             group = self.num_heads // self.num_kv_heads
             lens = self.valid is not None

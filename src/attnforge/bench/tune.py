@@ -40,7 +40,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     """Launch configurations to try: the heuristic's, then tile sizes x split counts around it, then
     pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile, and, where the
     query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`)."""
-    from attnforge.kernels import decode, tuning
+    from attnforge.kernels import decode_params as decode
+    from attnforge.kernels import tuning
 
     rows = target.num_heads // target.num_kv_heads * target.q_len
     element = torch.empty((), dtype=target.torch_dtype).element_size()
@@ -329,7 +330,7 @@ def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) ->
 def _graph_combine_modes(target: Target, case: verify.Case, buffers, params: dict, layers: int) -> dict:
     """The winner's parameters with each way of merging the splits, per call in the same kind of graph:
     {combine mode: median us, or the error}."""
-    from attnforge.kernels.decode import COMBINE_MODES
+    from attnforge.kernels.decode_params import COMBINE_MODES
 
     out: dict[str, float | str] = {}
     for mode in COMBINE_MODES:

@@ -164,10 +164,7 @@ def decide(
     measured = None
     if shape_bucket is not None:
         measured = machine.measure(kind, shape_bucket, settings.architecture_entries)
-    decision = _decide_by_measurement(kind, label, group, measured, settings, machine.device_name)
-    if decision.category == "measured faster" and kind == "decode" and not features.captured:
-        return Decision(None, f"{label}: {EAGER_DECODE}: falling back to torch SDPA", "eager decode", group)
-    return decision
+    return _decide_by_measurement(kind, label, group, measured, settings, machine.device_name, features)
 
 
 def unsupported_call(q_shape, k_shape, v_shape, dtype) -> str | None:
@@ -221,7 +218,7 @@ def blocked_by_settings(kind: str, cfg: AttentionConfig, s: OptimizerSettings) -
 
 
 def _decide_by_measurement(
-    kind, label, group, measured: Measurement | None, settings, device_name
+    kind, label, group, measured: Measurement | None, settings, device_name, features: CallFeatures
 ) -> Decision:
     if measured is None or measured.speedup is None:
         why = f"no measurement of the attnforge {kind} kernel for this bucket on {device_name}"
@@ -236,6 +233,9 @@ def _decide_by_measurement(
         rule = f"below min_speedup={settings.min_speedup:g}"
         reason = f"{label}: {why}, {rule}: falling back to torch SDPA"
         return Decision(None, reason, "slower than SDPA", group, measured.origin)
+    if kind == "decode" and not features.captured:
+        reason = f"{label}: {EAGER_DECODE}: falling back to torch SDPA"
+        return Decision(None, reason, "eager decode", group, measured.origin)
     why = f"attnforge {kind} kernel measured {measured.speedup:.2f}x faster than torch SDPA ({where})"
     return Decision(kind, f"{label}: {why}", "measured faster", group, measured.origin)
 
