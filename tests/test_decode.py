@@ -79,28 +79,6 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens)
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
 
 
-@pytest.mark.parametrize("key_groups, num_warps, block_n", [(1, 4, 64), (2, 2, 32), (4, 4, 64), (4, 4, 128)])
-@pytest.mark.parametrize("kv_lens", [None, [300, 7]])
-def test_warps_with_their_own_keys_agree_with_the_oracle(key_groups, num_warps, block_n, kv_lens):
-    """Each warp taking its own slice of every tile (own softmax state, combined after the loop), or all warps
-    sharing the tile: the same function, causal new tokens and lengths included."""
-    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True), kv_lens=kv_lens, device=DEVICE)
-    out = torch.full_like(case.q, math.nan)
-    params = {"BLOCK_N": block_n, "num_splits": 3, "num_warps": num_warps, "num_stages": 2,
-              "key_groups": key_groups}  # fmt: skip
-    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
-    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
-
-
-@pytest.mark.parametrize("key_groups, block_n", [(3, 64), (4, 32)])
-def test_key_groups_must_divide_tiles_into_16_key_slices(key_groups, block_n):
-    case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True), device=DEVICE)
-    message = rf"key_groups={key_groups} must be a power of two with BLOCK_N / key_groups >= 16 \(BLOCK_N="
-    params = {"BLOCK_N": block_n, "num_splits": 1, "key_groups": key_groups}
-    with pytest.raises(ValueError, match=message):
-        decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1, params=params)
-
-
 def test_an_unknown_merge_is_refused():
     case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True), device=DEVICE)
     with pytest.raises(ValueError, match=r"combine='tree' is not one of \('last', 'kernel', 'kernel-pdl'\)"):

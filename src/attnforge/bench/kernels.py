@@ -473,7 +473,7 @@ def _method(device: torch.device, reps: int, warmup: int) -> str:
     return (
         "correctness first (random, needle, large-logit cases vs the float64 oracle; incorrect rows are "
         f"never timed); then CUDA events around each call, {warmup} warm-up calls, {reps} samples per "
-        "provider, "
-        f"providers interleaved, L2 flushed (256 MiB write) before every sample; median and 95% interval of "
+        "provider, providers interleaved, L2 flushed (256 MiB read: no dirty lines left to write back) "
+        "before every sample; median and 95% interval of "
         "the median; floor = max(bytes / read bandwidth, FLOPs / bf16 rate), ceilings measured in this run"
     )

@@ -34,13 +34,17 @@ def summarize(samples_us: list[float]) -> dict:
 
 
 class L2Flusher:
-    """Writes a 256 MiB buffer so the next kernel starts with a cold L2 (50 MB on an H100)."""
+    """Reads a 256 MiB buffer so the next kernel starts with a cold L2 (50 MB on an H100) holding clean lines.
+
+    A flush that writes leaves L2 full of dirty lines, and the timed call then pays for writing them back:
+    measured on an H100 (benchmarks/results/h100/decode-profile/key-groups-20261128.json), ~2 us at 4k keys
+    and ~10 us at 64k for every provider alike - the flush's cost, not the call's."""
 
     def __init__(self, device: str = "cuda") -> None:
-        self.buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        self.buffer = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
     def __call__(self) -> None:
-        self.buffer.zero_()
+        self.buffer.sum()
 
 
 def time_interleaved(

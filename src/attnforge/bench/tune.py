@@ -431,8 +431,8 @@ def _method(device: torch.device, reps: int) -> str:
     return (
         "each candidate launch configuration checked on the target's needle case (NaN/Inf beyond the valid "
         "lengths) against the float64 oracle, incorrect ones never timed; then CUDA events around each call, "
-        f"{reps} samples per candidate and per torch path, all interleaved, 256 MiB L2 flush before every "
-        "sample; medians. Speed-up = fastest correct torch path / fastest correct candidate."
+        f"{reps} samples per candidate and per torch path, all interleaved, 256 MiB L2 flush (a read) before "
+        "every sample; medians. Speed-up = fastest correct torch path / fastest correct candidate."
     )
 
 

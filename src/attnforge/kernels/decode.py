@@ -63,7 +63,7 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
-    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, KEY_GROUPS: tl.constexpr,
+    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): load, the online-softmax loop over
     # this split's keys, then the output or the partial and, with MERGE_LAST, the last program's merge.
@@ -101,16 +101,36 @@ def _decode_kernel(
     stop = tl.minimum(start + tiles_per_split * BLOCK_N, end)
     last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    if KEY_GROUPS == 1:
-        m_i, l_i, acc = _attend_shared(q, k_base, v_base, start, stop, end, last_visible, d, d_ok, stride_kn,
-                                       stride_kd, stride_vn, stride_vd, scale_log2, BLOCK_M, BLOCK_N, D_BLOCK,
-                                       FP32_DOT)  # fmt: skip
-    else:
-        m_i, l_i, acc = _attend_grouped(q, k_base, v_base, start, stop, end, last_visible, d, d_ok,
-                                        stride_kn, stride_kd, stride_vn, stride_vd, scale_log2, BLOCK_M,
-                                        BLOCK_N, D_BLOCK, FP32_DOT, KEY_GROUPS)  # fmt: skip
+    n_off = tl.arange(0, BLOCK_N)
+    # K is read as [D, BLOCK_N] (transposed pointers) so the dot needs no transpose; V as [BLOCK_N, D].
+    n_first = start.to(tl.int64) + n_off
+    kt_ptrs = K + b * stride_kb + h * stride_kh + d[:, None] * stride_kd + n_first[None, :] * stride_kn
+    v_ptrs = V + b * stride_vb + h * stride_vh + n_first[:, None] * stride_vn + d[None, :] * stride_vd
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        n = n0 + n_off
+        n_ok = n < end
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        kt_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if FP32_DOT:
+            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        qk = tl.where(n[None, :] <= last_visible[:, None], qk * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -137,77 +157,6 @@ def _decode_kernel(
             _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                            stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
                            PART_ROWS, S_CHUNK)  # fmt: skip
-
-
-@triton.jit
-def _attend_tile(q, kt, v, visible, scale_log2, m_i, l_i, acc, FP32_DOT: tl.constexpr):
-    """One tile of the online softmax: scores `q @ kt` (the last axis holds the keys), hidden where not
-    `visible`; returns the updated running max, sum and unnormalized output. 2-D or batched 3-D tiles."""
-    qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee") if FP32_DOT else tl.dot(q, kt)
-    qk = tl.where(visible, qk * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, -1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - tl.expand_dims(m_safe, -1))
-    l_i = l_i * alpha + tl.sum(p, -1)
-    pv = tl.dot(p, v.to(tl.float32), input_precision="ieee") if FP32_DOT else tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc * tl.expand_dims(alpha, -1) + pv
-
-
-@triton.jit
-def _attend_shared(q, k_base, v_base, start, stop, end, last_visible, d, d_ok, stride_kn, stride_kd,
-                   stride_vn, stride_vd, scale_log2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D_BLOCK: tl.constexpr, FP32_DOT: tl.constexpr):  # fmt: skip
-    """Keys [start, stop) in BLOCK_N tiles that all warps share (wide row blocks): (max, sum, output)."""
-    n_off = tl.arange(0, BLOCK_N)
-    # K is read as [D, BLOCK_N] (transposed pointers) so the dot needs no transpose; V as [BLOCK_N, D].
-    kt_ptrs = k_base + d[:, None] * stride_kd + (start.to(tl.int64) + n_off)[None, :] * stride_kn
-    v_ptrs = v_base + (start.to(tl.int64) + n_off)[:, None] * stride_vn + d[None, :] * stride_vd
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
-    for n0 in range(start, stop, BLOCK_N):
-        n = n0 + n_off
-        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (n < end)[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=(n < end)[:, None] & d_ok[None, :], other=0.0)
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        m_i, l_i, acc = _attend_tile(q, kt, v, n[None, :] <= last_visible[:, None], scale_log2, m_i, l_i, acc,
-                                     FP32_DOT)  # fmt: skip
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _attend_grouped(q, k_base, v_base, start, stop, end, last_visible, d, d_ok, stride_kn, stride_kd,
-                    stride_vn, stride_vd, scale_log2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    D_BLOCK: tl.constexpr, FP32_DOT: tl.constexpr, KEY_GROUPS: tl.constexpr):  # fmt: skip
-    """Keys [start, stop) with each of the KEY_GROUPS warps taking its own BLOCK_N / KEY_GROUPS keys of every
-    tile, with its own running state (batched `[KEY_GROUPS, BLOCK_M, ...]` dots): a tile's softmax needs no
-    exchange between warps. The groups' states are combined once, at the end: (max, sum, output)."""
-    SUB_N: tl.constexpr = BLOCK_N // KEY_GROUPS
-    group = tl.arange(0, KEY_GROUPS)[:, None, None]
-    j = tl.arange(0, SUB_N)
-    n_key = start + group * SUB_N + j[None, None, :]  # [KG, 1, SUB_N]: a tile's keys as the scores see them
-    n_val = start + group * SUB_N + j[None, :, None]  # [KG, SUB_N, 1]: as the values see them
-    # K is read as [KG, D, SUB_N] (transposed pointers) so the dot needs no transpose; V as [KG, SUB_N, D].
-    kt_ptrs = k_base + d[None, :, None] * stride_kd + n_key.to(tl.int64) * stride_kn
-    v_ptrs = v_base + n_val.to(tl.int64) * stride_vn + d[None, None, :] * stride_vd
-    q = tl.broadcast_to(q[None, :, :], [KEY_GROUPS, BLOCK_M, D_BLOCK])
-    visible = last_visible[None, :, None]
-    m_i = tl.full([KEY_GROUPS, BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([KEY_GROUPS, BLOCK_M], tl.float32)
-    acc = tl.zeros([KEY_GROUPS, BLOCK_M, D_BLOCK], tl.float32)
-    for _ in range(start, stop, BLOCK_N):
-        kt = tl.load(kt_ptrs, mask=d_ok[None, :, None] & (n_key < end), other=0.0)
-        v = tl.load(v_ptrs, mask=(n_val < end) & d_ok[None, None, :], other=0.0)
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        m_i, l_i, acc = _attend_tile(q, kt, v, n_key <= visible, scale_log2, m_i, l_i, acc, FP32_DOT)
-        n_key += BLOCK_N
-        n_val += BLOCK_N
-    m = tl.max(m_i, 0)
-    weight = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])
-    return m, tl.sum(l_i * weight, 0), tl.sum(acc * weight[:, :, None], 0)
 
 
 @triton.jit
@@ -418,7 +367,7 @@ class DecodeLaunch:
             "HAS_KV_STARTS": has_kv_starts, "FP32_DOT": _fp32_dot(dtype), "MERGE_LAST": combine == "last",
             # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
             "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
-            "KEY_GROUPS": p["key_groups"], "num_warps": p["num_warps"], "num_stages": p["num_stages"],
+            "num_warps": p["num_warps"], "num_stages": p["num_stages"],
         }  # fmt: skip
         merged_apart = splits > 1 and combine != "last"
         self.combine_grid = (self.slots * part_rows,) if merged_apart else None
@@ -449,12 +398,11 @@ def decode_launch(shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: boo
                   dtype: torch.dtype, device, params: dict | None = None) -> DecodeLaunch:  # fmt: skip
     """The launch for q of `shape` against `kv_len` keys: parameters from the tuning store or the heuristic
     (cached per bucket and split count), or `params` (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps,
-    num_stages, combine and key_groups optional: for tuning sweeps, built anew)."""
+    num_stages, combine optional: for tuning sweeps, built anew)."""
     bound = kv_bound(kv_len)
     p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
     if params is not None:
-        derived_again = {"BLOCK_M": params.get("BLOCK_M"), "key_groups": params.get("key_groups")}
-        p = complete_params({**p, **params, **derived_again}, p["rows"], kv_len)
+        p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
         return DecodeLaunch(p, shape, num_kv_heads, dtype, device, has_kv_lens, has_kv_starts)
     splits = max(1, min(p["num_splits"], -(-kv_len // p["BLOCK_N"])))  # an entry may be for longer caches
     return _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device)

@@ -75,30 +75,17 @@ def default_block_m(rows: int) -> int:
     return max(16, min(64, triton.next_power_of_2(rows)))
 
 
-def default_key_groups(block_m: int, block_n: int, num_warps: int) -> int:
-    """Warps that each take their own slice of every key tile (own softmax state, combined after the loop):
-    one per warp for 16-row blocks when each slice keeps 16 keys or more, else 1 (the warps share a tile's
-    keys, a wider block's rows would not fit one warp's registers)."""
-    return num_warps if block_m == 16 and block_n // num_warps >= 16 else 1
-
-
 def complete_params(params: dict, rows: int, kv_len: int) -> dict:
-    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, key_groups optional)
-    plus what the launch derives: row blocks, key groups, splits within [1, tiles] (an entry may come from a
-    longer cache in its bucket), the partial rows per split."""
+    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages) plus what the launch
+    derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache in its bucket), the
+    partial rows per split."""
     block_m = int(params.get("BLOCK_M") or default_block_m(rows))
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
     splits = max(1, min(int(params["num_splits"]), triton.cdiv(kv_len, params["BLOCK_N"]), MAX_SPLITS))
     part_rows = min(block_m, triton.next_power_of_2(rows))
-    groups = int(params.get("key_groups") or default_key_groups(block_m, params["BLOCK_N"],
-                                                                params["num_warps"]))  # fmt: skip
-    if groups < 1 or groups & (groups - 1) or params["BLOCK_N"] // groups < 16:
-        raise ValueError(f"key_groups={groups} must be a power of two with BLOCK_N / key_groups >= 16 "
-                         f"(BLOCK_N={params['BLOCK_N']})")  # fmt: skip
     derived = {
         "BLOCK_M": block_m,
-        "key_groups": groups,
         "m_blocks": triton.cdiv(rows, block_m),
         "rows": rows,
         "part_rows": part_rows,
