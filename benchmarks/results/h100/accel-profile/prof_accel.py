@@ -1,0 +1,61 @@
+"""Issue 11 diagnosis (scratch, kept with its results): where a decode step of the accelerator spends its GPU
+time. Qwen3-0.6B, random weights, bf16, batch 1; run from the repository root with PYTHONPATH=src:
+
+    python prof_accel.py OUT_DIR [PROMPT]
+
+One warm-up generation (compiles, captures), then torch.profiler around a generation of 64 new tokens: the
+GPU kernels by total time, their count per decode step and the step's GPU time against its wall time.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from attnforge import models
+from attnforge.accel import accelerate
+
+NEW = 64
+
+
+def main(out_dir, prompt_len):
+    model = models.load_model("qwen3-0.6b", dtype=torch.bfloat16, attn_implementation="sdpa")
+    acc = accelerate(model, max_batch_size=1, max_seq_len=prompt_len + NEW + 8)
+    prompt = [[(7 * i + 3) % model.config.vocab_size for i in range(prompt_len)]]
+    acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
+    wall = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    steps = NEW - 1
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    total_us = sum(v[1] for v in kernels.values())
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "commit": os.environ.get("ATTNFORGE_GIT_COMMIT"), "prompt": prompt_len, "new": NEW,
+           "decode_tok_s": result.metrics.decode_tok_s if hasattr(result.metrics, "decode_tok_s") else None,
+           "wall_s_unprofiled": wall, "gpu_kernel_us_total": total_us,
+           "info": {k: str(v) for k, v in getattr(acc, "info", {}).items()},
+           "kernels": [{"name": n[:160], "count": c, "total_us": t} for n, (c, t) in rows]}  # fmt: skip
+    with open(os.path.join(out_dir, f"prof-accel-qwen3-0.6b-p{prompt_len}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wall {wall * 1e3:.1f} ms for {NEW} tokens; GPU kernel time {total_us / 1e3:.1f} ms in "
+          f"{sum(v[0] for v in kernels.values())} kernels ({sum(v[0] for v in kernels.values()) / steps:.0f}"
+          f" per step if all were decode)")  # fmt: skip
+    for name, (count, t) in rows[:45]:
+        print(f"{t / steps:8.1f} us/step {count / steps:6.1f}/step {t / max(count, 1):7.2f} us  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 128)
