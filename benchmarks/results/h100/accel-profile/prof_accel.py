@@ -1,7 +1,7 @@
 """Issue 11 diagnosis (scratch, kept with its results): where a decode step of the accelerator spends its GPU
 time. Qwen3-0.6B, random weights, bf16, batch 1; run from the repository root with PYTHONPATH=src:
 
-    python prof_accel.py OUT_DIR [PROMPT]
+    python prof_accel.py OUT_DIR [PROMPT] [tune]    # tune: inductor's coordinate-descent tuning on
 
 One warm-up generation (compiles, captures), then torch.profiler around a generation of 64 new tokens: the
 GPU kernels by total time, their count per decode step and the step's GPU time against its wall time.
@@ -21,9 +21,9 @@ from attnforge.accel import accelerate
 NEW = 64
 
 
-def main(out_dir, prompt_len):
+def main(out_dir, prompt_len, tune=False):
     model = models.load_model("qwen3-0.6b", dtype=torch.bfloat16, attn_implementation="sdpa")
-    acc = accelerate(model, max_batch_size=1, max_seq_len=prompt_len + NEW + 8)
+    acc = accelerate(model, max_batch_size=1, max_seq_len=prompt_len + NEW + 8, tune=tune)
     prompt = [[(7 * i + 3) % model.config.vocab_size for i in range(prompt_len)]]
     acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
     torch.cuda.synchronize()
@@ -48,8 +48,11 @@ def main(out_dir, prompt_len):
            "wall_s_unprofiled": wall, "gpu_kernel_us_total": total_us,
            "info": {k: str(v) for k, v in getattr(acc, "info", {}).items()},
            "kernels": [{"name": n[:160], "count": c, "total_us": t} for n, (c, t) in rows]}  # fmt: skip
-    with open(os.path.join(out_dir, f"prof-accel-qwen3-0.6b-p{prompt_len}.json"), "w") as f:
+    doc["tune"] = tune
+    name = f"prof-accel-qwen3-0.6b-p{prompt_len}{'-tune' if tune else ''}.json"
+    with open(os.path.join(out_dir, name), "w") as f:
         json.dump(doc, f, indent=1)
+    print(f"decode {result.metrics.decode_tok_s:.1f} tok/s")
     print(f"wall {wall * 1e3:.1f} ms for {NEW} tokens; GPU kernel time {total_us / 1e3:.1f} ms in "
           f"{sum(v[0] for v in kernels.values())} kernels ({sum(v[0] for v in kernels.values()) / steps:.0f}"
           f" per step if all were decode)")  # fmt: skip
@@ -58,4 +61,4 @@ def main(out_dir, prompt_len):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 128)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 128, sys.argv[3:] == ["tune"])
