@@ -193,6 +193,19 @@ def test_calls_of_one_bucket_share_a_launch_and_short_caches_cap_the_splits():
     assert short.splits <= -(-20 // short.params["BLOCK_N"]) and short.grid == (short.splits, short.slots)
 
 
+def test_captured_calls_merge_as_the_entry_says_and_the_first_plain_call_prepares_them(graph_merge_entry):
+    sizes = ((2, 8, 1, 64), 2, 300, False, False, torch.float32, torch.device(DEVICE))
+    plain, captured = (decode.decode_launch(*sizes, None, mode) for mode in (False, True))
+    assert (plain.params["combine"], captured.params["combine"]) == ("kernel", "last")
+    assert plain.twin is captured and captured.twin is None
+    assert (plain.floats, plain.slots, plain.grid) == (captured.floats, captured.slots, captured.grid)
+    case = verify.needle_case(config_of(2, 8, 2, 1, 300, 64, causal=True), device=DEVICE)
+    out = torch.full_like(case.q, math.nan)
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125)  # not captured: the plain launch
+    assert plain.twin is None  # prepared once (compiled and loaded on a GPU)
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
+
+
 @pytest.mark.parametrize("sizes", [(1, 4, 2, 10, 64), (3, 8, 1, 37, 64), (2, 6, 6, 5, 80)])
 def test_a_prepared_decode_is_decode_attention_to_the_bit(sizes):
     batch, heads, kv_heads, kv_len, dim = sizes

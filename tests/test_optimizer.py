@@ -44,12 +44,13 @@ def measured(monkeypatch):
 
     class Speedup:
         value: float | None = 1.9
+        in_graph: float | None = None
         origin = "this GPU"
 
     def measure(kind, bucket, architecture):
         if Speedup.value is None or (Speedup.origin != "this GPU" and not architecture):
             return None
-        return policy.Measurement(Speedup.value, Speedup.origin, "test-sweep.json")
+        return policy.Measurement(Speedup.value, Speedup.origin, "test-sweep.json", Speedup.in_graph)
 
     def machine_for(device, kernels, failed):
         missing = {kind: why for kind, (fn, why) in kernels.items() if fn is None}
@@ -141,6 +142,16 @@ def test_slower_or_unmeasured_kernels_fall_back(measured):
     measured.value = None
     ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), **IN_GRAPH)
     assert not ok and "no measurement" in reason and "falling back to torch SDPA" in reason
+
+
+def test_captured_decode_calls_go_by_the_speedup_measured_in_cuda_graphs(measured):
+    measured.value, measured.in_graph = 1.12, 0.92  # faster launched alone, slower per call in a graph
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), **IN_GRAPH)
+    assert not ok and "measured 0.92x torch SDPA per call in CUDA graphs" in reason
+    assert "below min_speedup=1" in reason
+    measured.value, measured.in_graph = 0.95, 1.03
+    ok, reason = AttentionOptimizer().should_optimize(decode_cfg(), **IN_GRAPH)
+    assert ok and "measured 1.03x faster than torch SDPA per call in CUDA graphs" in reason
 
 
 def test_require_measurement_false_runs_unmeasured_kernels_only(measured):

@@ -98,6 +98,48 @@ def test_a_disturbed_row_gives_no_entry():
     assert tune.entries(_doc([row]), "src") == {}
 
 
+def _graph_row(combine_us: dict, torch_us: float = 12.0) -> dict:
+    row = _row("d128-m8-b1-kv4k", 1.12, {"BLOCK_N": 128, "num_splits": 16, "combine": "kernel-pdl"})
+    row |= {"best_torch": "sdpa", "torch": {"sdpa": {"graph_median_us": torch_us}},
+            "graph_combine_us": combine_us}  # fmt: skip
+    row["candidates"]["b"]["graph_median_us"] = combine_us.get("kernel-pdl", 13.0)
+    return row
+
+
+@pytest.mark.parametrize(
+    "combine_us, expected",
+    [
+        (
+            {"last": 11.0, "kernel": 14.0, "kernel-pdl": 13.0},
+            {"graph_combine": "last", "graph_speedup": 1.091},
+        ),
+        ({"last": 12.9, "kernel": 14.0, "kernel-pdl": 13.0}, {"graph_speedup": 0.923}),  # within the margin
+        ({"last": "RuntimeError: capture failed", "kernel-pdl": 12.0}, {"graph_speedup": 1.0}),
+        ({}, {"graph_speedup": 0.923}),  # one split: the winner alone was timed in the graph
+    ],
+)
+def test_captured_calls_merge_the_way_that_was_fastest_in_a_cuda_graph(combine_us, expected):
+    assert tune.graph_choice(_graph_row(combine_us)) == expected
+    entry = tune.entries(_doc([_graph_row(combine_us)]), "src")["decode"]["d128-m8-b1-kv4k"]
+    assert {k: v for k, v in entry.items() if k.startswith("graph")} == expected
+
+
+def test_a_row_without_graph_timing_has_no_graph_fields():
+    assert tune.graph_choice(_row("d128-m4-b1-kv4k", 1.3, {"x": 1})) == {}
+
+
+def test_launch_params_of_captured_calls_take_the_graph_merge(store, monkeypatch):
+    monkeypatch.setattr(tuning, "_device_keys", lambda device: ("h100", "sm90"))
+    params = {"BLOCK_N": 128, "num_splits": 16, "combine": "kernel-pdl"}
+    entry = {"params": params, "speedup": 1.12, "graph_combine": "last", "graph_speedup": 1.09}
+    tuning.write_entries("h100", "sm90", "decode", {"d128-m8-b1-kv4k": entry})
+    assert tuning.launch_params("decode", "cuda", "d128-m8-b1-kv4k") == params
+    captured = tuning.launch_params("decode", "cuda", "d128-m8-b1-kv4k", captured=True)
+    assert captured == {**params, "combine": "last"}
+    found = tuning.lookup("decode", "cuda", "d128-m8-b1-kv4k")
+    assert (found.graph_combine, found.graph_speedup) == ("last", 1.09)
+
+
 def test_store_and_lookup_by_gpu_then_by_architecture(store, monkeypatch):
     tune.store(_doc([_row("d128-m4-b1-kv4k", 1.25, {"BLOCK_N": 64})]), "sweep.json")
     table = json.loads(store.read_text())

@@ -437,7 +437,8 @@ def _method(device: torch.device, reps: int) -> str:
 
 
 def entries(doc: dict, source: str) -> dict[str, dict[str, dict]]:
-    """Tuning-store entries {kind: {bucket: {params, speedup, source}}} from a tuning result document.
+    """Tuning-store entries {kind: {bucket: {params, speedup, source, graph fields}}} from a tuning result
+    document (`graph_choice`).
 
     A bucket measured by several targets keeps the most conservative speed-up (and that row's parameters);
     a disturbed row (`disturbed`) gives none.
@@ -448,11 +449,35 @@ def entries(doc: dict, source: str) -> dict[str, dict[str, dict]]:
             continue
         kind, bucket = row["target"]["kind"], _bucket_of(row)
         entry = {"params": row["candidates"][row["best"]]["params"], "speedup": round(row["speedup"], 3),
-                 "source": source}  # fmt: skip
+                 "source": source, **graph_choice(row)}  # fmt: skip
         current = out.setdefault(kind, {}).get(bucket)
         if current is None or entry["speedup"] < current["speedup"]:
             out[kind][bucket] = entry
     return out
+
+
+# How much faster (per call, in a CUDA graph) another way of merging the splits must be than the plain
+# winner's own for captured calls to use it: graph medians of one run moved ~1% between runs on an H100.
+GRAPH_MARGIN = 1.02
+
+
+def graph_choice(row: dict) -> dict:
+    """The entry's graph fields: `graph_speedup` (fastest torch path / the kernel per call in a CUDA graph)
+    and, where another merge of the splits was faster there by GRAPH_MARGIN, `graph_combine`; {} when the row
+    has no graph timing."""
+    torch_us = row.get("torch", {}).get(row.get("best_torch"), {}).get("graph_median_us")
+    if not torch_us:
+        return {}
+    params = row["candidates"][row["best"]]["params"]
+    own = params.get("combine", "last")
+    modes = {mode: us for mode, us in row.get("graph_combine_us", {}).items() if isinstance(us, float)}
+    own_us = modes.get(own, row["candidates"][row["best"]].get("graph_median_us"))
+    if own_us is None:
+        return {}
+    fastest = min(modes, key=modes.get, default=own)
+    if fastest != own and modes[fastest] * GRAPH_MARGIN < own_us:
+        return {"graph_combine": fastest, "graph_speedup": round(torch_us / modes[fastest], 3)}
+    return {"graph_speedup": round(torch_us / own_us, 3)}
 
 
 # The widest 95% interval of a median (high / low) an entry's timing may have: wider means the samples were

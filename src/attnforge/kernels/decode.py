@@ -341,7 +341,7 @@ class DecodeLaunch:
     compile-time constants, workspace sizes): each line of Python costs host time per call."""
 
     __slots__ = ("params", "grid", "constants", "num_kv_heads", "splits", "slots", "floats", "ml_offset",
-                 "combine_grid", "combine_constants")  # fmt: skip
+                 "combine_grid", "combine_constants", "twin")  # fmt: skip
 
     def __init__(self, p: dict, shape: tuple, num_kv_heads: int, dtype, device, has_kv_lens, has_kv_starts):
         batch, num_heads, q_len, head_dim = shape
@@ -373,6 +373,9 @@ class DecodeLaunch:
         self.combine_grid = (self.slots * part_rows,) if merged_apart else None
         self.combine_constants = {**shared, "S_CHUNK": min(splits_p2, MERGE_CHUNK), "num_warps": 4,
                                   "num_stages": 2}  # fmt: skip
+        # The launch captured calls of this bucket use, where it differs (`decode_launch`): compiled by this
+        # launch's first call, since nothing may compile while a CUDA graph is captured.
+        self.twin: DecodeLaunch | None = None
 
     def __call__(self, q, k, v, out, scale: float, kv_lens=None, kv_starts=None, workspace=None) -> None:
         """Launch on validated inputs of the prepared shape (q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` with
@@ -382,37 +385,61 @@ class DecodeLaunch:
         # The kernel reads lengths[b] at pointer + b: a view (a column of a [B, 2] tensor) is made contiguous.
         lens = kv_lens.contiguous() if kv_lens is not None else counters  # unread without HAS_KV_LENS
         starts = kv_starts.contiguous() if kv_starts is not None else counters  # unread without HAS_KV_STARTS
-        _decode_kernel[self.grid](
-            q, k, v, out, lens, starts, partials, counters, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), scale * LOG2E, k.shape[2], self.num_kv_heads, self.splits, self.ml_offset,
-            **self.constants,
-        )  # fmt: skip
+        args = (q, k, v, out, lens, starts, partials, counters, *q.stride(), *k.stride(), *v.stride(),
+                *out.stride(), scale * LOG2E, k.shape[2], self.num_kv_heads, self.splits,
+                self.ml_offset)  # fmt: skip
+        _decode_kernel[self.grid](*args, **self.constants)
         if self.combine_grid is not None:
-            _combine_kernel[self.combine_grid](
-                out, partials, *out.stride(), self.num_kv_heads, self.splits, self.ml_offset,
-                **self.combine_constants,
-            )  # fmt: skip
+            _combine_kernel[self.combine_grid](*self._combine_args(out, partials), **self.combine_constants)
+        if self.twin is not None:
+            self._warm_twin(args)
+
+    def _combine_args(self, out, partials) -> tuple:
+        return (out, partials, *out.stride(), self.num_kv_heads, self.splits, self.ml_offset)
+
+    def _warm_twin(self, args: tuple) -> None:
+        """Compile and load the twin's kernels for these arguments, without running them (once)."""
+        twin, self.twin = self.twin, None
+        if triton_interpret():  # the interpreter compiles nothing
+            return
+        compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **twin.constants)]
+        if twin.combine_grid is not None:
+            combine_args = twin._combine_args(args[3], args[6])  # out, partials
+            compiled.append(_combine_kernel.warmup(*combine_args, grid=twin.combine_grid,
+                                                   **twin.combine_constants))  # fmt: skip
+        for kernel in compiled:
+            _ = kernel.run  # the launcher property loads the module onto the GPU
 
 
 def decode_launch(shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, has_kv_starts: bool,
-                  dtype: torch.dtype, device, params: dict | None = None) -> DecodeLaunch:  # fmt: skip
+                  dtype: torch.dtype, device, params: dict | None = None,
+                  captured: bool = False) -> DecodeLaunch:  # fmt: skip
     """The launch for q of `shape` against `kv_len` keys: parameters from the tuning store or the heuristic
-    (cached per bucket and split count), or `params` (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps,
-    num_stages, combine optional: for tuning sweeps, built anew)."""
+    (cached per bucket and split count; with the entry's graph merge for calls `captured` in a CUDA graph),
+    or `params` (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, combine optional: for
+    tuning sweeps, built anew)."""
     bound = kv_bound(kv_len)
-    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
     if params is not None:
+        p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
         p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
         return DecodeLaunch(p, shape, num_kv_heads, dtype, device, has_kv_lens, has_kv_starts)
+    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
     splits = max(1, min(p["num_splits"], -(-kv_len // p["BLOCK_N"])))  # an entry may be for longer caches
-    return _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device)
+    return _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device,
+                       captured)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device):
-    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
-    return DecodeLaunch({**p, "num_splits": splits}, shape, num_kv_heads, dtype, device, has_kv_lens,
-                        has_kv_starts)  # fmt: skip
+def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device, captured):
+    """One launch per bucket, split count and mode. Captured calls differ only in how the splits merge (the
+    entry's graph merge), so a plain launch holds the captured one as its twin, compiled at its first call."""
+    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, captured)
+    launch = DecodeLaunch({**p, "num_splits": splits}, shape, num_kv_heads, dtype, device, has_kv_lens,
+                          has_kv_starts)  # fmt: skip
+    if not captured and bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, True) != p:
+        launch.twin = _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype,
+                                  device, True)  # fmt: skip
+    return launch
 
 
 tuning.on_reload(_launch_for.cache_clear)
@@ -423,8 +450,9 @@ def launch_decode(
 ) -> None:
     """Launch the kernel on validated inputs, writing `out`. `params` overrides the tuning table (see
     `decode_launch`): for tuning sweeps; users call decode_attention."""
+    captured = q.is_cuda and torch.cuda.is_current_stream_capturing()
     launch = decode_launch(tuple(q.shape), k.shape[1], k.shape[2], kv_lens is not None, kv_starts is not None,
-                           q.dtype, q.device, params)  # fmt: skip
+                           q.dtype, q.device, params, captured)  # fmt: skip
     launch(q, k, v, out, scale, kv_lens, kv_starts, workspace)
 
 
@@ -433,12 +461,15 @@ def prepared_decode(query: torch.Size, key: torch.Size, dtype: torch.dtype, devi
     D]`, k/v of shape `key` `[B, Hkv, Lkv, D]`, this dtype and device, and the kernel supports them): a
     function `(q, k, v, scale) -> out [B, Hq, 1, D]` without per-call checks or lookups, on the workspace of
     the current stream (or a temporary one while a CUDA graph is captured)."""
-    launch = decode_launch(tuple(query), key[1], key[2], False, False, dtype, device)
-    workspace = default_workspace(torch.device(device), launch.floats, launch.slots)
+    plain, captured = (decode_launch(tuple(query), key[1], key[2], False, False, dtype, device, None, mode)
+                       for mode in (False, True))  # fmt: skip
+    workspace = default_workspace(torch.device(device), plain.floats, plain.slots)  # the same sizes
     default_scale = query[3] ** -0.5
+    on_gpu = torch.device(device).type == "cuda"
 
     def call(q, k, v, scale):
         out = torch.empty(query, dtype=dtype, device=device)
+        launch = captured if on_gpu and torch.cuda.is_current_stream_capturing() else plain
         launch(q, k, v, out, default_scale if scale is None else scale, None, None, workspace)
         return out
 

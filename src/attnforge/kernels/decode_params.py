@@ -100,14 +100,16 @@ def kv_bound(kv_len: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def bucket_params(
-    shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, dtype: torch.dtype, device: torch.device
-) -> dict:
+    shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, dtype: torch.dtype, device: torch.device,
+    captured: bool = False,
+) -> dict:  # fmt: skip
     """Complete launch parameters (`complete_params`) for q of `shape` against `kv_len` keys (a bucket's
-    bound, `kv_bound`): from the tuning store, else the heuristic; a call caps the splits by its length."""
+    bound, `kv_bound`): from the tuning store (with its graph merge for calls `captured` in a CUDA graph: the
+    same tiles and splits), else the heuristic; a call caps the splits by its length."""
     batch, num_heads, q_len, head_dim = shape
     rows = num_heads // num_kv_heads * q_len
     bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)
-    params = tuning.launch_params("decode", device, bucket)
+    params = tuning.launch_params("decode", device, bucket, captured)
     if params is None:
         elem_bytes = torch.empty((), dtype=dtype).element_size()
         params = heuristic_params(

@@ -1,7 +1,8 @@
 """Launch parameters and measured speed-ups per GPU and shape bucket: the tuning store.
 
 Two tables with the same format, `{gpu: {"arch": "sm90", kernel: {bucket: entry}}}`, where an entry is
-`{"params": {...} | null, "speedup": float, "source": str}`:
+`{"params": {...} | null, "speedup": float, "source": str}`, and for decode, measured per call in a CUDA graph
+too, `"graph_speedup": float` and, where another way of merging the splits won there, `"graph_combine"`:
   - the packaged table (tuning.json beside this file), written from committed benchmark results;
   - the user's table (`user_table_path()`: $ATTNFORGE_CACHE_DIR or ~/.cache/attnforge, tuning.json), written
     by `attnforge tune` on the user's own GPU; its entries win over the packaged ones.
@@ -35,6 +36,8 @@ class Entry:
     gpu: str  # the GPU it was measured on
     origin: str  # "this GPU" or "architecture sm90 (measured on h100)"
     user: bool  # from the user's table rather than the packaged one
+    graph_combine: str | None = None  # how captured calls merge the splits, where it differs from `params`
+    graph_speedup: float | None = None  # measured per call inside a CUDA graph (with graph_combine)
 
 
 def user_table_path() -> Path:
@@ -129,14 +132,22 @@ def lookup(
 
 
 def _entry(raw: dict, gpu: str, origin: str, user: bool) -> Entry:
-    return Entry(raw.get("params"), raw.get("speedup"), raw.get("source", ""), gpu, origin, user)
+    return Entry(raw.get("params"), raw.get("speedup"), raw.get("source", ""), gpu, origin, user,
+                 raw.get("graph_combine"), raw.get("graph_speedup"))  # fmt: skip
 
 
-def launch_params(kernel: str, device: torch.device | str | None, bucket: str) -> dict | None:
+def launch_params(
+    kernel: str, device: torch.device | str | None, bucket: str, captured: bool = False
+) -> dict | None:
     """Tuned launch parameters for `kernel` in `bucket` on this device (or its architecture), or None (use the
-    kernel's heuristic). An entry may record a speed-up measured with the heuristic ("params": null)."""
+    kernel's heuristic); for calls `captured` in a CUDA graph, with the entry's graph merge where it has one.
+    An entry may record a speed-up measured with the heuristic ("params": null)."""
     entry = lookup(kernel, device, bucket)
-    return None if entry is None or entry.params is None else dict(entry.params)
+    if entry is None or entry.params is None:
+        return None
+    if captured and entry.graph_combine is not None:
+        return {**entry.params, "combine": entry.graph_combine}
+    return dict(entry.params)
 
 
 def write_entries(

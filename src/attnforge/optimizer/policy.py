@@ -78,6 +78,7 @@ class Measurement:
     speedup: float | None
     origin: str  # "this GPU" or "architecture sm90 (measured on h100)"
     source: str = ""
+    graph_speedup: float | None = None  # decode, per call inside a CUDA graph: what captured calls get
 
 
 @dataclass
@@ -228,15 +229,18 @@ def _decide_by_measurement(
             return Decision(kind, f"{label}: {why}", "unmeasured", group)
         return Decision(None, f"{label}: {why}: falling back to torch SDPA", "not measured", group)
     where = f"{device_name}, {measured.origin}" + (f": {measured.source}" if measured.source else "")
-    if measured.speedup < settings.min_speedup:
-        why = f"attnforge {kind} kernel measured {measured.speedup:.2f}x torch SDPA ({where})"
+    speedup, how = measured.speedup, ""
+    if kind == "decode" and features.captured and measured.graph_speedup is not None:
+        speedup, how = measured.graph_speedup, " per call in CUDA graphs"
+    if speedup < settings.min_speedup:
+        why = f"attnforge {kind} kernel measured {speedup:.2f}x torch SDPA{how} ({where})"
         rule = f"below min_speedup={settings.min_speedup:g}"
         reason = f"{label}: {why}, {rule}: falling back to torch SDPA"
         return Decision(None, reason, "slower than SDPA", group, measured.origin)
     if kind == "decode" and not features.captured:
         reason = f"{label}: {EAGER_DECODE}: falling back to torch SDPA"
         return Decision(None, reason, "eager decode", group, measured.origin)
-    why = f"attnforge {kind} kernel measured {measured.speedup:.2f}x faster than torch SDPA ({where})"
+    why = f"attnforge {kind} kernel measured {speedup:.2f}x faster than torch SDPA{how} ({where})"
     return Decision(kind, f"{label}: {why}", "measured faster", group, measured.origin)
 
 

@@ -67,7 +67,7 @@ def measure(device: torch.device) -> Callable[[str, str, bool], Measurement | No
             return None
         if entry is None:
             return None
-        return Measurement(entry.speedup, entry.origin, entry.source)
+        return Measurement(entry.speedup, entry.origin, entry.source, entry.graph_speedup)
 
     return lookup
 
