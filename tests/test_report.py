@@ -68,3 +68,12 @@ def test_bench_report_without_results_exits_1(tmp_path):
     out = tmp_path / "performance.md"
     result = CliRunner().invoke(bench_app, ["report", "--results", str(tmp_path / "none"), "--out", str(out)])
     assert result.exit_code == 1 and "no result files" in result.output and not out.exists()
+
+
+def test_an_accelerated_generation_run_is_summarised_with_its_targets():
+    text = performance.performance_markdown(RESULTS, label="benchmarks/results")
+    assert "| batch 1, prompt 128, 256 new | attnforge | 717.7 | 62.3 | 27.8 |" in text
+    assert "- Target >= 1000 tok/s (batch 1, prompt 128, 256 new): 717.75, NOT met" in text
+    index = performance.readme_markdown(RESULTS)
+    assert "qwen3-0.6b: attnforge 718 (batch 1, prompt 128, 256 new)" in index
+    assert "targets met 0 of 4" in index

@@ -29,6 +29,7 @@ KIND_TITLES = {
     "tuning": "tuning sweep",
     "overhead": "fallback overhead per call",
     "evolve-evaluate": "evolve: evaluation of a program",
+    "accelerate": "accelerated generation",
 }
 
 
@@ -101,6 +102,27 @@ def _tuning_summary(doc: dict) -> list[str]:
     return lines + [report.markdown_table(header, table)]
 
 
+def _accelerate_summary(doc: dict) -> list[str]:
+    """Per scenario and row: decode tok/s per sequence, TTFT, % of the weights-only roofline; the targets."""
+    header = ["scenario", "row", "tok/s per seq", "TTFT ms", "% roofline"]
+    table = [
+        [
+            row["scenario"],
+            row["row"],
+            report._num(row.get("decode_tok_s")),
+            report._num(row.get("ttft_ms")),
+            report._num(row.get("pct_of_roofline")),
+        ]
+        for row in doc["rows"]
+    ]
+    targets = [
+        f"- Target {t['target']} ({t['scenario']}): {t['measured']:.2f}, {'met' if t['met'] else 'NOT met'}"
+        for t in doc.get("targets", [])
+    ]
+    lines = [_environment_line(doc), f"- Model: {doc.get('model')} ({doc.get('weights')} weights)"]
+    return lines + [f"- Method: {doc['method']}", ""] + [report.markdown_table(header, table), ""] + targets
+
+
 def overhead_sentence(doc: dict, suffix: str = "us") -> str:
     """One `attnforge bench overhead` figure in words: suffix "us" (hot loop) or "cold_us" (caches swept)."""
     added = doc[f"overhead_{suffix}"]
@@ -142,6 +164,7 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "tuning": _tuning_summary,
     "overhead": _overhead_summary,
     "evolve-evaluate": _evolve_evaluate_summary,
+    "accelerate": _accelerate_summary,
 }
 
 
@@ -220,6 +243,12 @@ def _headline(doc: dict) -> str:
     if kind == "evolve-evaluate":
         score, reason = doc.get("metrics", {}).get("combined_score"), doc.get("artifacts", {}).get("reason")
         return f"score {score} ({reason})"
+    if kind == "accelerate":
+        ours = [f"{row['decode_tok_s']:.0f} ({row['scenario']})" for row in doc["rows"]
+                if row["row"] == "attnforge" and row.get("decode_tok_s")]  # fmt: skip
+        met = sum(t["met"] for t in doc.get("targets", []))
+        return (f"{doc.get('model')}: attnforge {', '.join(ours) or 'not run'} tok/s per sequence; "
+                f"targets met {met} of {len(doc.get('targets', []))}")  # fmt: skip
     return KIND_TITLES.get(kind, kind)
 
 
