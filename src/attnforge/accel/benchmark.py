@@ -3,6 +3,7 @@
 Rows (each a way to generate greedy tokens with the same weights; bf16, random weights, EOS ignored):
   attnforge                    the accelerator (compiled decode step in a CUDA graph)
   attnforge-no-compile         the accelerator without torch.compile (the graph of the eager step)
+  attnforge-tune               the accelerator with inductor's coordinate-descent tuning (tune=True)
   tight-loop                   the model's own forward, transformers' StaticCache, compiled with CUDA graphs
   tight-loop-cd                the same with inductor's coordinate-descent tuning
   transformers-static-compile  model.generate() with the static cache (generate compiles the decode step)
@@ -34,7 +35,9 @@ ROWS = (
     "tight-loop-cd",
     "transformers-dynamic",
     "attnforge-no-compile",
+    "attnforge-tune",
 )
+ACCELERATOR_VARIANTS = {"attnforge-no-compile": {"compile": False}, "attnforge-tune": {"tune": True}}
 NEEDS_NO_PADDING = ("tight-loop", "tight-loop-cd")
 CPU_ROWS = ("attnforge", "tight-loop", "transformers-dynamic")  # no compiling on a CPU
 # the issue's targets, checked in the report (tok/s at a prompt length; ratios to rows; % of the roofline)
@@ -122,14 +125,14 @@ class Contenders:
     def _build(self, row: str):
         from attnforge.accel import accelerate
 
-        if row == "attnforge-no-compile":
+        if row in ACCELERATOR_VARIANTS:
             return accelerate(self.model, max_batch_size=self.accelerator.max_batch_size,
-                              max_seq_len=self.max_seq_len, compile=False)  # fmt: skip
+                              max_seq_len=self.max_seq_len, **ACCELERATOR_VARIANTS[row])  # fmt: skip
         return TightLoop(self.model, self.max_seq_len, tune=row == "tight-loop-cd", compile=self.on_gpu)
 
     def run(self, row: str, prompts: list[list[int]], new_tokens: int) -> Timed:
         device = self.accelerator.device
-        if row in ("attnforge", "attnforge-no-compile"):
+        if row == "attnforge" or row in ACCELERATOR_VARIANTS:
             acc = self.accelerator if row == "attnforge" else self.get(row)
             result = acc.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
             m = result.metrics
