@@ -215,6 +215,16 @@ def test_bad_rotating_cache_flags_are_refused_before_loading(args, message):
     assert result.output.strip().startswith(message), result.output
 
 
+@NO_GPU
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_tune_without_a_gpu_is_refused_before_loading(command):
+    result = invoke([command, "--tune"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        "Error: --tune tunes the compiled decode step, which needs a CUDA GPU; there is none here"
+    )
+
+
 @SMOLLM2
 @NO_GPU
 def test_chat_with_a_rotating_cache_goes_on_past_it():

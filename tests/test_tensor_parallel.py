@@ -169,6 +169,7 @@ def invoke(args):
         (["--tp", "3"], "tp_size=3 does not divide the head counts: num_attention_heads=4, "
                         "num_key_value_heads=2 (sizes that do: [1, 2])"),
         (["--tp", "2", "--temperature", "0.7"], "not supported with --tp: --temperature"),
+        (["--tp", "2", "--tune"], "not supported with --tp: --tune"),
         (["--tp", "2", "--attention", "fast"], "--attention 'fast': with --tp one of"),
         (["--out", "results"], "--out records a --tp run"),
     ],

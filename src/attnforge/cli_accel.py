@@ -148,6 +148,10 @@ TopPOption = Annotated[
 ]
 PenaltyOption = Annotated[float, typer.Option(metavar="X", help="transformers' penalty (1: off).")]
 AttentionOption = Annotated[str, typer.Option(metavar="MODE", help=ATTENTION_HELP)]
+TuneOption = Annotated[
+    bool,
+    typer.Option("--tune", help="GPU: tune the compiled step's kernels (faster decode, slower compile)."),
+]
 GENERATE_MODEL_HELP = (
     f"{models.SMOLLM2_NAME} (CPU default), a bundled architecture ({', '.join(models.bundled_models())}; "
     f"random weights; {GPU_DEFAULT} is the GPU default) or a local checkpoint."
@@ -180,6 +184,7 @@ def generate(
     ] = None,
     max_kv_size: MaxKvSize = None,
     keep: Keep = None,
+    tune: TuneOption = False,
     tp: TpOption = None,
     out: TpOutOption = None,
 ) -> None:
@@ -191,11 +196,12 @@ def generate(
 
         cli_tp.refuse_options(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                               repetition_penalty=repetition_penalty, chat=chat, compare=compare,
-                              max_kv_size=max_kv_size, keep=keep)  # fmt: skip
+                              max_kv_size=max_kv_size, keep=keep, tune=tune)  # fmt: skip
         cli_tp.generate_tp(tp, model=model, prompt=prompt, max_new_tokens=max_new_tokens,
                            prompt_tokens=prompt_tokens, attention=attention, out=out)  # fmt: skip
         return
     _check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    _check_tune(tune)
     if compare and temperature != 0:
         raise _fail(f"--compare checks greedy tokens: it needs --temperature 0 (got {temperature})")
     _check_ring(max_kv_size, keep, max_kv_size or 2)  # max_seq_len is raised to max_kv_size below
@@ -207,14 +213,14 @@ def generate(
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                    ignore_eos=loaded.random)  # fmt: skip
-    _generate_and_report(loaded, ids, options, attention, (max_kv_size, keep), compare)
+    _generate_and_report(loaded, ids, options, attention, (max_kv_size, keep), compare, tune)
 
 
 def _generate_and_report(loaded: Loaded, ids: list[int], options: dict, attention: str, ring: tuple,
-                         compare: bool) -> None:  # fmt: skip
+                         compare: bool, tune: bool = False) -> None:  # fmt: skip
     """Stream the accelerated generation, then its metrics (and, with compare, plain transformers' run)."""
     baseline = _transformers_run(loaded, ids, options["max_new_tokens"]) if compare else None
-    acc = _accelerator_for(loaded, ids, options, attention, *ring)
+    acc = _accelerator_for(loaded, ids, options, attention, *ring, tune=tune)
     _describe(loaded, acc)
     if acc.device.type == "cuda":
         acc.generate(ids, **{**options, "max_new_tokens": 2})  # compiles and captures outside the timing
@@ -234,7 +240,14 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, repetition_pen
         raise _fail(str(error)) from None
 
 
-def _accelerator_for(loaded: Loaded, ids: list[int], options: dict, attention: str, max_kv_size, keep):
+def _check_tune(tune: bool) -> None:
+    """Exit (status 2) before loading anything: --tune tunes the compiled step, which needs a CUDA GPU."""
+    if tune and not torch.cuda.is_available():
+        raise _fail("--tune tunes the compiled decode step, which needs a CUDA GPU; there is none here")
+
+
+def _accelerator_for(loaded: Loaded, ids: list[int], options: dict, attention: str, max_kv_size, keep,
+                     tune: bool = False):  # fmt: skip
     """The accelerated model, sized for the prompt and its new tokens (options checked before it runs); with
     max_kv_size, a rotating cache of that many slots (max_seq_len then bounds positions, not memory)."""
     from attnforge.accel import accelerate
@@ -242,7 +255,7 @@ def _accelerator_for(loaded: Loaded, ids: list[int], options: dict, attention: s
     try:
         max_seq_len = max(len(ids) + options["max_new_tokens"], max_kv_size or 0)
         acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention,
-                         max_kv_size=max_kv_size, keep=keep)  # fmt: skip
+                         max_kv_size=max_kv_size, keep=keep, tune=tune)  # fmt: skip
         acc.stream(ids, **options)  # checks the options before anything runs
     except ValueError as error:
         raise _fail(str(error)) from None
@@ -329,12 +342,14 @@ def chat(
     attention: AttentionOption = "auto",
     max_kv_size: MaxKvSize = None,
     keep: Keep = None,
+    tune: TuneOption = False,
 ) -> None:
     """Talk to the model: one line per message (stdin), answers streamed with the chat template, a line of
     metrics after each; /reset starts over, /exit (or end of input) ends."""
     from attnforge.accel import accelerate
 
     _check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    _check_tune(tune)
     _check_ring(max_kv_size, keep, max_seq_len)
     loaded = load_generation_model(model or models.SMOLLM2_NAME, _device())
     if loaded.random or not getattr(loaded.tokenizer, "chat_template", None):
@@ -342,7 +357,7 @@ def chat(
                     f"({loaded.note})")  # fmt: skip
     try:
         acc = accelerate(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, attention=attention,
-                         max_kv_size=max_kv_size, keep=keep)  # fmt: skip
+                         max_kv_size=max_kv_size, keep=keep, tune=tune)  # fmt: skip
     except ValueError as error:
         raise _fail(str(error)) from None
     _describe(loaded, acc)

@@ -24,7 +24,7 @@ from attnforge.integrations import tensor_parallel as tp
 console = Console(highlight=False)
 # generate's options that --tp does not take, with their defaults
 UNSUPPORTED = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None,
-                   chat=None, compare=False, max_kv_size=None, keep=None)  # fmt: skip
+                   chat=None, compare=False, max_kv_size=None, keep=None, tune=False)  # fmt: skip
 # --attention value -> (attn_implementation, kernels forced)
 ATTENTION = {"auto": ("attnforge", False), "kernels": ("attnforge", True), "torch": ("sdpa", False)}
 
