@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 import attnforge as af  # noqa: E402
 from attnforge.accel import CacheTooLargeError, UnsupportedModelError, accelerate  # noqa: E402
 from attnforge.accel import cache as cache_module  # noqa: E402
+from attnforge.kernels import decode  # noqa: E402
 
 VOCAB = 96
 NEW = 6
@@ -245,6 +246,17 @@ def test_accelerate_rejects_bad_arguments(options, message):
 def test_gpu_options_on_a_cpu_model_are_refused(options, message):
     with pytest.raises(ValueError, match="^" + _escape(message)):
         accelerate(tiny_model(), **options)
+
+
+def test_the_decode_scratch_is_sized_before_the_step_is_compiled_or_captured():
+    model = tiny_model()
+    acc = accelerate(model, max_batch_size=3, attention="kernels")
+    acc.walk.prepare_decode(2)
+    shape = (2, model.config.num_attention_heads, 1, model.config.head_dim)
+    workspace = acc.walk.attention.workspaces[shape]
+    keys = acc.cache.keys[0][:2]
+    needed = decode.workspace_size(torch.empty(shape, dtype=keys.dtype), keys, torch.ones(2))
+    assert (workspace.partials.numel(), workspace.counters.numel()) >= needed
 
 
 def test_kernels_without_triton_are_refused_with_the_reason(monkeypatch):

@@ -141,6 +141,37 @@ def test_custom_op_is_registered_with_a_fake_impl():
     torch.library.opcheck(torch.ops.attnforge.decode_attention.default, (q, k, k.clone(), 0.125, None, None))
 
 
+def test_a_compiled_graph_runs_on_the_callers_workspace_and_allocates_no_scratch(monkeypatch):
+    """torch.compile with `workspace=`: the op runs the kernel on the caller's buffers (no workspace made or
+    zeroed per call), agrees with the eager call, and leaves the counters at zero."""
+    case = verify.random_case(config_of(2, 8, 2, 1, 300, 64, causal=True), kv_lens=[300, 41], device=DEVICE)
+    workspace = decode.DecodeWorkspace.for_call(case.q, case.k, case.kv_lens)
+    eager = decode_attention(case.q, case.k, case.v, kv_lens=case.kv_lens, workspace=workspace)
+    made, init = [], decode.DecodeWorkspace.__init__
+    monkeypatch.setattr(decode.DecodeWorkspace, "__init__", lambda self, *a: made.append(a) or init(self, *a))
+
+    def call(q, k, v, lens):
+        return decode_attention(q, k, v, kv_lens=lens, workspace=workspace)
+
+    compiled = torch.compile(call, fullgraph=True)
+    out = compiled(case.q, case.k, case.v, case.kv_lens)
+    assert made == [] and torch.equal(out, eager) and not workspace.counters.any()
+    torch.library.opcheck(torch.ops.attnforge.decode_attention_in.default,
+                          (case.q, case.k, case.v, 0.125, case.kv_lens, None, workspace.partials,
+                           workspace.counters))  # fmt: skip
+
+
+def test_a_workspace_over_given_buffers_never_grows():
+    case = verify.random_case(config_of(1, 8, 2, 1, 600, 64, causal=True), device=DEVICE)
+    small = decode.DecodeWorkspace.over(torch.empty(4, device=DEVICE), torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(
+        ValueError,
+        match=r"decode workspace too small: needs \d+ partial floats and \d+ "
+        r"counters, has 4 and 1; size it with DecodeWorkspace.for_call",
+    ):
+        decode_attention(case.q, case.k, case.v, workspace=small)
+
+
 def test_ops_that_compiled_graphs_run_keep_no_scratch_between_calls(monkeypatch):
     """torch.compile's CUDA graphs refuse memory that outlives a recording, and warm up inside their own
     pool: the ops (decode's and the optimizer's) take a fresh workspace per call; eager calls share one per

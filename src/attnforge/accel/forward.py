@@ -42,8 +42,10 @@ class KernelAttention:
 
     def __call__(self, q, keys, values, *, scale, kv_lens, q_lens, extent):
         if q.shape[2] == 1:
-            if torch.compiler.is_compiling():  # the kernel's torch.library op (it takes its own workspace)
-                return self._decode.decode_attention(q, keys, values, scale=scale, kv_lens=kv_lens)
+            if torch.compiler.is_compiling():  # the kernel's torch.library op, on the prepared workspace
+                workspace = self.workspaces.get(tuple(q.shape))  # None: the op takes a temporary one
+                return self._decode.decode_attention(q, keys, values, scale=scale, kv_lens=kv_lens,
+                                                     workspace=workspace)  # fmt: skip
             self.prepare_decode(q, keys, kv_lens)
             key = tuple(q.shape)
             return self._decode.decode_attention(
@@ -99,6 +101,16 @@ class Walk:
     def __init__(self, plan: ModelPlan, cache: StaticKVCache, attention, rope: tuple) -> None:
         self.plan, self.cache, self.attention = plan, cache, attention
         self.cos, self.sin = rope
+
+    def prepare_decode(self, batch: int) -> None:
+        """Size the attention backend's decode scratch for steps of `batch` sequences before the step is
+        compiled or captured (a compiled graph then reuses it instead of allocating and zeroing per call)."""
+        prepare = getattr(self.attention, "prepare_decode", None)
+        if prepare is None:
+            return
+        keys = self.cache.keys[0][:batch]
+        q = keys.new_empty(batch, self.plan.num_heads, 1, self.plan.head_dim)
+        prepare(q, keys, torch.ones(batch, dtype=torch.int32, device=keys.device))
 
     def logits(
         self,

@@ -77,6 +77,7 @@ class DecodeStep:
         data at the start of a generation, which rewrites what it reads) and the buffers are restored after.
         """
         max_seq_len = self.walk.cache.shape.max_seq_len
+        self.walk.prepare_decode(self.batch)
         saved = [t.clone() for t in (self.ids, self.positions, self.sampler.seen)]
         self.positions.fill_(max(max_seq_len - WARMUP_STEPS - 1, 0))
         side = torch.cuda.Stream()

@@ -279,10 +279,17 @@ class DecodeWorkspace:
         self.partials = torch.empty(max(partial_floats, 1), dtype=torch.float32, device=self.device)
         self.counters = torch.zeros(max(counters, 1), dtype=torch.int32, device=self.device)
         self._retired: list[torch.Tensor] = []
+        self.fixed = False  # True: the caller's buffers, never replaced (`over`)
 
     def buffers(self, partial_floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(partials, counters) of at least these sizes; grows (outside graph capture only)."""
         if self.partials.numel() < partial_floats or self.counters.numel() < counters:
+            if self.fixed:
+                raise ValueError(
+                    f"decode workspace too small: needs {partial_floats} partial floats and {counters} "
+                    f"counters, has {self.partials.numel()} and {self.counters.numel()}; size it with "
+                    "DecodeWorkspace.for_call"
+                )
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     f"decode workspace too small during CUDA-graph capture: needs {partial_floats} partial "
@@ -297,6 +304,15 @@ class DecodeWorkspace:
                 max(counters, self.counters.numel()), dtype=torch.int32, device=self.device
             )
         return self.partials, self.counters
+
+    @classmethod
+    def over(cls, partials: torch.Tensor, counters: torch.Tensor) -> DecodeWorkspace:
+        """A workspace on these buffers (float32 partials, int32 counters, zero between calls), which it never
+        replaces: a call that needs more raises (what a compiled graph's op gets from its caller)."""
+        workspace = cls.__new__(cls)  # allocates nothing: the op launches nothing but the kernel
+        workspace.device, workspace.partials, workspace.counters = partials.device, partials, counters
+        workspace._retired, workspace.fixed = [], True
+        return workspace
 
     @classmethod
     def for_call(cls, q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None = None):
@@ -494,6 +510,23 @@ def _(q, k, v, scale, kv_lens, kv_starts):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("attnforge::decode_attention_in", mutates_args=("partials", "counters"))
+def _decode_in_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  kv_lens: torch.Tensor | None, kv_starts: torch.Tensor | None, partials: torch.Tensor,
+                  counters: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The op on a caller's workspace (`partials`, `counters`): no scratch allocated or zeroed per call (the
+    kernel leaves the counters at zero)."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts,
+                  workspace=DecodeWorkspace.over(partials, counters))  # fmt: skip
+    return out
+
+
+@_decode_in_op.register_fake
+def _(q, k, v, scale, kv_lens, kv_starts, partials, counters):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("attnforge::decode_attention_out", mutates_args=("out",))
 def _decode_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    kv_lens: torch.Tensor | None, kv_starts: torch.Tensor | None,
@@ -531,7 +564,8 @@ def decode_attention(
             never read. Clamped to [0, valid length] on the GPU; default 0.
         out: optional `[B, Hq, Lq, D]` buffer written in place (no allocation, for CUDA-graph capture).
         workspace: optional DecodeWorkspace owned by the caller (one per concurrently running stream or
-            graph); default: one per stream, and a fresh one per call while a CUDA graph is captured.
+            graph), sized before capture or compilation (`DecodeWorkspace.for_call`); default: one per
+            stream, and a fresh one per call while a CUDA graph is captured or inside a compiled graph.
 
     Returns:
         `[B, Hq, Lq, D]` in q's dtype (`out` when given). D in 64, 80, 96, 128, 256; fp16/bf16/fp32.
@@ -542,6 +576,9 @@ def decode_attention(
         out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
         launch_decode(q, k, v, out, scale=scale, kv_lens=kv_lens, kv_starts=kv_starts, workspace=workspace)
         return out
+    if workspace is not None:  # the caller's buffers: nothing allocated or zeroed per call in the graph
+        result = _decode_in_op(q, k, v, scale, kv_lens, kv_starts, workspace.partials, workspace.counters)
+        return result if out is None else out.copy_(result)
     if out is None:
         return _decode_op(q, k, v, scale, kv_lens, kv_starts)
     _decode_out_op(q, k, v, scale, kv_lens, kv_starts, out)
