@@ -79,6 +79,37 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens)
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
 
 
+@pytest.mark.parametrize("alone_tiles", [0, 2, 8])
+@pytest.mark.parametrize("combine", ["last", "kernel"])
+def test_short_sequences_read_by_one_split_agree_with_the_oracle_call_after_call(alone_tiles, combine):
+    """Sequences whose valid keys fit in `alone_tiles` tiles are read by split 0 alone (no partials, no
+    merge), the others split and merge, in one batch (empty, 1 tile, 4 tiles, 10 tiles of 32 keys): every
+    output right, twice in a row (the merged slots' counters are reset; the others are never touched)."""
+    case = verify.random_case(config_of(4, 8, 2, 1, 300, 64, causal=True), kv_lens=[0, 17, 100, 300],
+                              device=DEVICE)  # fmt: skip
+    params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "combine": combine,
+              "alone_tiles": alone_tiles}  # fmt: skip
+    expected = case.reference()
+    workspace = decode.DecodeWorkspace.for_call(case.q, case.k, case.kv_lens)
+    for _ in range(2):
+        out = torch.full_like(case.q, math.nan)
+        decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params,
+                             workspace=workspace)  # fmt: skip
+        assert torch.equal(out[0], torch.zeros_like(out[0]))  # no valid key: output 0
+        errors = verify.relative_l2_per_slice(out[1:], expected[1:])
+        assert errors.max() <= verify.tolerance_for(torch.float32)
+        assert not workspace.counters.any()
+
+
+def test_alone_tiles_must_not_be_negative():
+    case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True), device=DEVICE)
+    params = {"BLOCK_N": 16, "num_splits": 2, "alone_tiles": -1}
+    with pytest.raises(
+        ValueError, match=r"alone_tiles=-1 must be >= 0 \(0: only empty sequences skip the merge\)"
+    ):
+        decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1, params=params)
+
+
 def test_an_unknown_merge_is_refused():
     case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True), device=DEVICE)
     with pytest.raises(ValueError, match=r"combine='tree' is not one of \('last', 'kernel', 'kernel-pdl'\)"):

@@ -117,6 +117,8 @@ def params_name(params: dict) -> str:
     parts += [f"w{params.get('num_warps', '?')}", f"st{params.get('num_stages', '?')}"]
     if params.get("combine", "last") != "last":
         parts.append(params["combine"])
+    if "alone_tiles" in params:
+        parts.append(f"alone{params['alone_tiles']}")
     return "-".join(parts) + ("-tma" if params.get("tma") else "")
 
 

@@ -63,7 +63,7 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
-    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr,
+    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): load, the online-softmax loop over
     # this split's keys, then the output or the partial and, with MERGE_LAST, the last program's merge.
@@ -96,7 +96,9 @@ def _decode_kernel(
         first = tl.minimum(tl.maximum(tl.load(KvStarts + b), 0), end).to(tl.int32)
     else:
         first = 0
-    tiles_per_split = tl.cdiv(tl.cdiv(end - first, BLOCK_N), num_splits)
+    n_tiles = tl.cdiv(end - first, BLOCK_N)
+    alone = n_tiles <= ALONE_TILES  # a few valid keys: split 0 reads them all and writes the output, no merge
+    tiles_per_split = tl.where(alone, n_tiles, tl.cdiv(n_tiles, num_splits))
     start = first + split * tiles_per_split * BLOCK_N
     stop = tl.minimum(start + tiles_per_split * BLOCK_N, end)
     last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
@@ -132,13 +134,15 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    o_ptrs = (
+        Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om + d[None, :] * stride_od
+    )
+    out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(Out.dtype.element_ty)
     if not SPLIT:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = (
-            Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om
-            + d[None, :] * stride_od
-        )  # fmt: skip
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
+    elif alone:  # the other splits read nothing and write nothing; the slot's counter stays at zero
+        if split == 0:
+            tl.store(o_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
     else:
         # Partials of the real rows only: [slot, split, PART_ROWS, (o, m), D_BLOCK] and
         # [slot, split, (m, l), PART_ROWS].
@@ -381,6 +385,8 @@ class DecodeLaunch:
         self.constants = {
             **shared, "BLOCK_N": p["BLOCK_N"], "SPLIT": splits > 1, "HAS_KV_LENS": has_kv_lens,
             "HAS_KV_STARTS": has_kv_starts, "FP32_DOT": _fp32_dot(dtype), "MERGE_LAST": combine == "last",
+            # the second merge kernel merges every split: there, no split may skip its partial
+            "ALONE_TILES": p["alone_tiles"] if combine == "last" else -1,
             # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
             "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
             "num_warps": p["num_warps"], "num_stages": p["num_stages"],

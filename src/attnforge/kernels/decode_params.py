@@ -20,6 +20,9 @@ SHARED_MEMORY_BUDGET = 160 * 1024
 MERGE_ROWS = 256
 # Splits a merge step unrolls (their loads in flight together); more would only grow the code.
 MERGE_CHUNK = 16
+# Valid keys of a sequence that fit in this many tiles are read by split 0 alone, which writes the output:
+# no partials and no merge for them (a static cache early in a generation: most splits would be empty).
+ALONE_TILES = 2
 # How split partials are merged: by the program that arrives last ("last", one launch), or by a second kernel
 # with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
 # ("kernel-pdl"; without PDL support it runs as "kernel").
@@ -76,15 +79,19 @@ def default_block_m(rows: int) -> int:
 
 
 def complete_params(params: dict, rows: int, kv_len: int) -> dict:
-    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages) plus what the launch
-    derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache in its bucket), the
-    partial rows per split."""
+    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, alone_tiles optional)
+    plus what the launch derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache
+    in its bucket), the partial rows per split."""
     block_m = int(params.get("BLOCK_M") or default_block_m(rows))
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
     splits = max(1, min(int(params["num_splits"]), triton.cdiv(kv_len, params["BLOCK_N"]), MAX_SPLITS))
     part_rows = min(block_m, triton.next_power_of_2(rows))
+    alone = int(params.get("alone_tiles", ALONE_TILES))
+    if alone < 0:
+        raise ValueError(f"alone_tiles={alone} must be >= 0 (0: only empty sequences skip the merge)")
     derived = {
+        "alone_tiles": alone,
         "BLOCK_M": block_m,
         "m_blocks": triton.cdiv(rows, block_m),
         "rows": rows,

@@ -33,7 +33,7 @@ def compile_kernel(group, splits, block_n, stages, s_chunk):
     constants = dict(GROUP=group, Q_LEN=1, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=16, NUM_M_BLOCKS=1,
                      BLOCK_N=block_n, SPLIT=True, SPLITS_P2=splits, PART_ROWS=part_rows, S_CHUNK=s_chunk,
                      HAS_KV_LENS=False, HAS_KV_STARTS=False, FP32_DOT=False, MERGE_LAST=True,
-                     USE_PDL=False)  # fmt: skip
+                     USE_PDL=False, ALONE_TILES=2)  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(names):
         if name in constants or (name.startswith("stride_") and name.endswith("d")):

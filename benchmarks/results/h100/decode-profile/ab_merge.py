@@ -1,12 +1,14 @@
 """Issue 10 (scratch, for the GPU): the decode kernel's merge in one pass (online) against the committed
-two-pass merge, interleaved in one process. The variant is this repository's decode.py with `_merge_rows`
-replaced by ONLINE_MERGE below, imported as a second module; both use the tuning table's parameters. Run from
-the repository root with PYTHONPATH=src:
+two-pass merge, interleaved in one process; then, for a static cache early in a generation (few valid keys
+in a long buffer), sequences read by split 0 alone (`alone_tiles`, default 2) against every split merging.
+The online variant is this repository's decode.py with `_merge_rows` replaced by ONLINE_MERGE below,
+imported as a second module; both use the tuning table's parameters. Run from the repository root with
+PYTHONPATH=src:
 
     python ab_merge.py OUT.json
 
 Its sm_90 SASS (offline, `benchmarks/results/cpu/decode-sass/`): after the arrival atomic, one round trip of
-loads and 3 barriers instead of two round trips and ~12 barriers; interpreter: tests/test_decode.py passes
+loads and 3 barriers instead of two round trips and 11 barriers; interpreter: tests/test_decode.py passes
 with it (64 tests).
 """
 
@@ -17,6 +19,7 @@ import sys
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from key_groups import graph, inputs, plain, rel_l2  # noqa: E402
@@ -77,6 +80,40 @@ def call_of(module):
     return call
 
 
+SHORT = [(hq, hkv, 4352, valid) for hq, hkv in ((16, 8), (32, 8)) for valid in (128, 256, 384, 1024)]
+ALONE = {"alone-0": 0, "alone-2": 2, "alone-4": 4}
+
+
+def short_call(valid, alone_tiles):
+    """Calls with `valid` keys of the buffer: the accelerator's decode call, the buffer's split count."""
+    lens = torch.tensor([valid], dtype=torch.int32, device="cuda")
+
+    def call(q, k, v, out, workspace=None):
+        params = {**decode.decode_launch(tuple(q.shape), k.shape[1], k.shape[2], True, False, q.dtype,
+                                         q.device).params, "alone_tiles": alone_tiles}  # fmt: skip
+        decode.launch_decode(q, k, v, out, scale=128**-0.5, kv_lens=lens, params=params, workspace=workspace)
+
+    return call
+
+
+def short_rows(rows, doc, path):
+    for hq, hkv, n, valid in SHORT:
+        q, k, v = inputs(hq, hkv, n)
+        ref = F.scaled_dot_product_attention(q.double(), k[:, :, :valid].double(), v[:, :, :valid].double(),
+                                             enable_gqa=True)  # fmt: skip
+        calls = {name: short_call(valid, tiles) for name, tiles in ALONE.items()}
+        plain_us = plain(calls, q, k, v, False)
+        for name, c in calls.items():
+            out = torch.full_like(q, float("nan"))
+            c(q, k, v, out)
+            error = ((out.double() - ref).norm() / ref.norm()).item()
+            rows.append({"shape": f"{hq}:{hkv} {valid} of {n}", "variant": name, "rel_l2": error,
+                         "plain_us": plain_us[name], "graph_us": graph(c, hq, hkv, n),
+                         "floor_us": 2 * hkv * valid * 128 * 2 / (doc["read_gbps"] * 1e3)})  # fmt: skip
+            with open(path, "w") as f:
+                json.dump(doc, f, indent=1)
+
+
 def main(path):
     variants = {"two-pass": call_of(decode), "online": call_of(online_module())}
     rows, read_gbps = [], timing.measure_read_bandwidth() / 1e9
@@ -89,15 +126,16 @@ def main(path):
         for name, c in variants.items():
             rows.append({"shape": f"{hq}:{hkv} {n // 1024}k", "variant": name, "rel_l2": errors[name],
                          "plain_us": plain_us[name], "graph_us": graph(c, hq, hkv, n), "floor_us": floor,
-                         "params": {k: v for k, v in launch.params.items()}})  # fmt: skip
+                         "params": dict(launch.params)})  # fmt: skip
             doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_gbps": read_gbps,
                    "commit": os.environ.get("ATTNFORGE_GIT_COMMIT"), "rows": rows}  # fmt: skip
             with open(path, "w") as f:
                 json.dump(doc, f, indent=1)
-    print(f"{'shape':9} {'variant':9} {'relL2':>7} {'plain':>6} {'graph':>6} {'floor':>5}")
+    short_rows(rows, doc, path)
+    print(f"{'shape':18} {'variant':9} {'relL2':>7} {'plain':>6} {'graph':>6} {'floor':>5}")
     for r in rows:
-        print(f"{r['shape']:9} {r['variant']:9} {r['rel_l2']:7.1e} {r['plain_us']:6.1f} {r['graph_us']:6.1f} "
-              f"{r['floor_us']:5.1f}")  # fmt: skip
+        print(f"{r['shape']:18} {r['variant']:9} {r['rel_l2']:7.1e} {r['plain_us']:6.1f} "
+              f"{r['graph_us']:6.1f} {r['floor_us']:5.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":
