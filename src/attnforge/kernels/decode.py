@@ -5,7 +5,8 @@ the valid keys, so keys and values are read once. The valid keys are shared even
 whole tiles, so a static cache (few valid keys in a long buffer) costs what a contiguous cache of its valid
 length costs. Each split writes a partial (max, sum, unnormalized output) for its real rows only, then bumps a
 per-slot arrival counter; the program that arrives last merges the partials, writes the output and resets the
-counter. With one split the program writes the output directly.
+counter. With one split the program writes the output directly, and so does split 0 for a sequence whose valid
+keys fit in `alone_tiles` tiles (the other splits of that slot do nothing).
 
 Valid lengths are clamped to [0, Lkv] on the device: no value of `kv_lens` can make the kernel read outside
 the cache, and there is no host sync. A left-padded batch passes `kv_starts` too (the first valid key per
