@@ -237,3 +237,22 @@ def test_chat_with_a_rotating_cache_goes_on_past_it():
     assert "bot> The capital of France is Paris." in result.output
     assert "bot> The capital of Italy is Rome." in result.output
     assert "44 prompt tokens reused from the cache" in result.output
+
+
+@NO_GPU
+def test_generate_passes_tune_to_the_accelerator(monkeypatch):
+    """--tune reaches accelerate(tune=True) (which needs a GPU: here the check is lifted and the accelerator
+    built without it, to see what the command asked for)."""
+    import attnforge.accel as accel
+
+    tiny = dict(num_hidden_layers=1, hidden_size=128, intermediate_size=128, vocab_size=1000)
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda name, **kw: build(name, **kw, **tiny))
+    monkeypatch.setattr(cli_accel, "_check_tune", lambda tune: None)
+    asked, accelerate = [], accel.accelerate
+    monkeypatch.setattr(accel, "accelerate", lambda *a, **kw: asked.append(kw["tune"]) or accelerate(
+        *a, **{**kw, "tune": False}))  # fmt: skip
+    args = ["generate", "--model", "qwen3-0.6b", "--prompt-tokens", "6", "--max-new-tokens", "2",
+            "--attention", "torch"]  # fmt: skip
+    assert invoke([*args, "--tune"]).exit_code == 0 and invoke(args).exit_code == 0
+    assert asked == [True, False]

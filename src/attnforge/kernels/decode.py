@@ -135,15 +135,12 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    o_ptrs = (
-        Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om + d[None, :] * stride_od
-    )
-    out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(Out.dtype.element_ty)
+    o_ptrs = Out + b * stride_ob + head * stride_oh + token * stride_om  # [BLOCK_M]: each row's output
     if not SPLIT:
-        tl.store(o_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
+        _store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
     elif alone:  # the other splits read nothing and write nothing; the slot's counter stays at zero
         if split == 0:
-            tl.store(o_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
+            _store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
     else:
         # Partials of the real rows only: [slot, split, PART_ROWS, (o, m), D_BLOCK] and
         # [slot, split, (m, l), PART_ROWS].
@@ -162,6 +159,14 @@ def _decode_kernel(
             _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                            stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
                            PART_ROWS, S_CHUNK)  # fmt: skip
+
+
+@triton.jit
+def _store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od):
+    """Write the normalized output of the rows at `o_ptrs` (`[BLOCK_M]` row pointers; acc `[BLOCK_M, D]`)."""
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    mask = row_ok[:, None] & d_ok[None, :]
+    tl.store(o_ptrs[:, None] + d[None, :] * stride_od, out.to(o_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
