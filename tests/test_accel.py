@@ -80,6 +80,7 @@ def test_greedy_tokens_equal_transformers_generate(model_type):
         expected_logits = model(torch.tensor([tokens], device=DEVICE)).logits[0, -1]
     acc = accelerate(model)
     assert acc.info["attention"].startswith("attnforge kernels")
+    assert acc.info["projections"].startswith("attnforge fused_linear")
     result = acc.generate(tokens, max_new_tokens=NEW, ignore_eos=True)
     assert result.tokens == [expected], f"{model_type}: tokens differ from model.generate()"
     assert result.finish_reasons == ["length"]
@@ -129,6 +130,26 @@ def test_torch_attention_gives_the_same_tokens(qwen3):
     assert torch_side.info["attention"].startswith("torch sdpa")
     kernels = acc.generate(prompts, max_new_tokens=NEW, ignore_eos=True).tokens
     assert torch_side.generate(prompts, max_new_tokens=NEW, ignore_eos=True).tokens == kernels
+
+
+def test_torch_projections_give_the_same_tokens(qwen3):
+    model, acc = qwen3
+    prompts = [prompt(9, seed=8), prompt(14, seed=9)]
+    torch_side = accelerate(model, max_batch_size=2, projections="torch")
+    assert torch_side.info["projections"].startswith("the model's modules")
+    kernels = acc.generate(prompts, max_new_tokens=NEW, ignore_eos=True).tokens
+    assert torch_side.generate(prompts, max_new_tokens=NEW, ignore_eos=True).tokens == kernels
+
+
+@pytest.mark.parametrize(("model_type", "fused"), [("llama", True), ("qwen3", True), ("gemma", False)])
+def test_norms_and_activation_are_fused_only_where_probed_equal(model_type, fused):
+    from attnforge.accel.projections import KernelProjections
+
+    projections = KernelProjections(accelerate(tiny_model(model_type)).plan)
+    layer = projections.layers[0]
+    # Gemma: (1 + w) norms and GELU run as the model's own modules before the kernel's product
+    assert (layer.input_norm is not None, layer.post_norm is not None, layer.silu) == (fused, fused, fused)
+    assert (projections.final_norm is not None) == fused
 
 
 def test_generation_stops_at_eos_as_transformers_does(qwen3):
@@ -224,6 +245,8 @@ def test_public_names_are_exported_lazily():
         ({"max_seq_len": 4096}, "max_seq_len=4096 exceeds the model's max_position_embeddings=128"),
         ({"dtype": torch.float64}, "dtype=torch.float64 is not supported; accepted: torch.float16"),
         ({"attention": "flash"}, "attention='flash' is not one of ('auto', 'kernels', 'torch')"),
+        ({"projections": "cublas"}, "projections='cublas' is not one of ('auto', 'kernels', 'torch')"),
+        ({"attention": "torch", "projections": "kernels"}, "projections='kernels' needs Triton"),
         ({"cuda_graph": "yes"}, "cuda_graph='yes' must be True, False or None"),
         ({"compile": 1}, "compile=1 must be True, False or None (None: on with a CUDA device)"),
         ({"tune": 1}, "tune=1 must be True or False"),
@@ -417,6 +440,25 @@ def test_graph_replay_gives_the_eager_tokens_and_allocates_nothing_per_token():
         graphed.generate(tokens, max_new_tokens=24, ignore_eos=True)
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == before
+
+
+@CUDA
+def test_on_a_gpu_the_kernel_projections_give_torchs_logits():
+    model = tiny_model("qwen3").to(torch.bfloat16)
+    logits = {}
+    for projections in ("kernels", "torch"):
+        acc = accelerate(model, projections=projections, cuda_graph=False, compile=False)
+        tokens = prompt(30, seed=4)
+        acc.generate(tokens, max_new_tokens=1, ignore_eos=True)  # prefill (torch products), cache filled
+        ids, positions = (
+            torch.tensor([[tokens[-1]]], device=DEVICE),
+            torch.tensor([[len(tokens)]], device=DEVICE),
+        )
+        lens = torch.tensor([len(tokens) + 1], device=DEVICE)
+        with torch.no_grad():  # one decode call: one row, through fused_linear where projections="kernels"
+            logits[projections] = acc.walk.logits(ids, positions, lens, None, len(tokens) + 1)[0]
+    error = (logits["kernels"] - logits["torch"]).norm() / logits["torch"].norm()
+    assert error < 2e-2, error
 
 
 @CUDA

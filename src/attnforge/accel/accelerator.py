@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from attnforge.accel.cache import CacheShape, StaticKVCache
-from attnforge.accel.forward import Walk, choose_attention
+from attnforge.accel.forward import KernelAttention, Walk, choose_attention
 from attnforge.accel.graph import DecodeStep
 from attnforge.accel.layout import DTYPES, FAMILIES, attention_shape, check_model, plan_model
 from attnforge.accel.metrics import GenerationMetrics, Meter
+from attnforge.accel.projections import choose_projections
 from attnforge.accel.ring import RotatingKVCache, prefill_logits, resolve_ring
 from attnforge.accel.sampling import SamplerState, SamplingParams
 from attnforge.accel.text import TextStream, prompt_token_lists
@@ -80,6 +81,7 @@ def accelerate(
     max_seq_len: int | None = None,
     dtype: torch.dtype | None = None,
     attention: str = "auto",
+    projections: str = "auto",
     cuda_graph: bool | None = None,
     compile: bool | None = None,
     tune: bool = False,
@@ -99,6 +101,9 @@ def accelerate(
         dtype: run (and cache) in this dtype, casting the model in place first (default: the model's).
         attention: "auto" (attnforge's kernels where Triton runs: a CUDA GPU, or TRITON_INTERPRET=1),
             "kernels" or "torch" (SDPA with a length mask).
+        projections: "auto" (with attnforge's attention kernels, decode steps' products run through
+            `kernels.gemv.fused_linear`, the norms, silu * up and residual adds fused in), "kernels" or
+            "torch" (the model's own modules).
         cuda_graph: capture the decode step in a CUDA graph (default: on a CUDA device).
         compile: torch.compile the decode step's forward (default: on a CUDA device).
         tune: with compile, let inductor tune its kernels (coordinate descent; slower to compile).
@@ -115,8 +120,8 @@ def accelerate(
     """
     return Accelerator(
         model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype,
-        attention=attention, cuda_graph=cuda_graph, compile=compile, tune=tune, max_kv_size=max_kv_size,
-        keep=keep,
+        attention=attention, projections=projections, cuda_graph=cuda_graph, compile=compile, tune=tune,
+        max_kv_size=max_kv_size, keep=keep,
     )  # fmt: skip
 
 
@@ -124,8 +129,8 @@ class Accelerator:
     """A model with its static cache, decode step and sampler; see `accelerate` for the arguments."""
 
     def __init__(self, model, tokenizer=None, *, max_batch_size=1, max_seq_len=None, dtype=None,
-                 attention="auto", cuda_graph=None, compile=None, tune=False, max_kv_size=None,
-                 keep=None) -> None:  # fmt: skip
+                 attention="auto", projections="auto", cuda_graph=None, compile=None, tune=False,
+                 max_kv_size=None, keep=None) -> None:  # fmt: skip
         _check_positive_int("max_batch_size", max_batch_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size
@@ -148,7 +153,9 @@ class Accelerator:
         self.tune = tune
         if self.compile:
             self.cache.mark_static()
-        self.walk = Walk(self.plan, self.cache, attention_backend, self.plan.rope_table(self.max_seq_len))
+        project = choose_projections(projections, self.plan, isinstance(attention_backend, KernelAttention))
+        rope = self.plan.rope_table(self.max_seq_len)
+        self.walk = Walk(self.plan, self.cache, attention_backend, rope, project)
         self.sampler = SamplerState(max_batch_size, self.plan.vocab_size, self.device)
         self.weight_bytes = self.plan.weight_bytes_per_step()
         self._steps: dict[tuple, DecodeStep] = {}
@@ -166,6 +173,7 @@ class Accelerator:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.walk.attention.name,
+            "projections": self.walk.projections.name,
             "graph": self.graph_status,
             "compile": self.compile_status,
             "cache": self.cache.shape.describe(),

@@ -16,6 +16,7 @@ import torch
 
 from attnforge.accel.cache import StaticKVCache
 from attnforge.accel.layout import LayerPlan, ModelPlan
+from attnforge.accel.projections import TorchProjections
 from attnforge.kernels import reference
 
 ATTENTION_BACKENDS = ("auto", "kernels", "torch")
@@ -96,10 +97,13 @@ def choose_attention(backend: str, device: torch.device):
 
 
 class Walk:
-    """The model plan, the cache and the attention backend, and the forward pass over them."""
+    """The model plan, the cache, the attention and projection backends, and the forward pass over them."""
 
-    def __init__(self, plan: ModelPlan, cache: StaticKVCache, attention, rope: tuple) -> None:
+    def __init__(
+        self, plan: ModelPlan, cache: StaticKVCache, attention, rope: tuple, projections=None
+    ) -> None:
         self.plan, self.cache, self.attention = plan, cache, attention
+        self.projections = projections or TorchProjections()
         self.cos, self.sin = rope
 
     def prepare_decode(self, batch: int) -> None:
@@ -136,18 +140,17 @@ class Walk:
         lengths = (kv_lens, q_lens, extent, chunk)
         for index, layer in enumerate(self.plan.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, positions, lengths)
-        hidden = self.plan.final_norm(hidden)
         if last_rows is None:
             hidden = hidden[:, -1:, :]
         else:
             hidden = hidden.gather(1, last_rows.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
-        return self.plan.lm_head(hidden)[:, 0, :].float()
+        return self.projections.head(self.plan, hidden)[:, 0, :].float()  # the final norm is per row
 
     def _layer(self, index, layer: LayerPlan, hidden, cos, sin, positions, lengths):
         batch, length, _ = hidden.shape
         plan = self.plan
-        x = layer.input_norm(hidden)
-        q, k, v = layer.qkv(x).split(layer.qkv_sizes, dim=-1)
+        project = self.projections
+        q, k, v = project.attention_in(index, layer, hidden).split(layer.qkv_sizes, dim=-1)
         q = q.view(batch, length, plan.num_heads, plan.head_dim)
         k = k.view(batch, length, plan.num_kv_heads, plan.head_dim)
         if layer.q_norm is not None:
@@ -163,7 +166,5 @@ class Walk:
             out = self.attention(
                 q, keys, values, scale=layer.scale, kv_lens=kv_lens, q_lens=q_lens, extent=extent
             )
-        hidden = hidden + layer.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-        x = layer.post_norm(hidden)
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        return hidden + layer.down_proj(layer.act(gate) * up)
+        hidden = project.attention_out(index, layer, out.transpose(1, 2).reshape(batch, length, -1), hidden)
+        return project.mlp(index, layer, hidden)

@@ -1,0 +1,161 @@
+"""The products of the walk (forward.py): the model's own modules, or attnforge's skinny linear for decode.
+
+A decode step is a few rows of hidden state against every weight matrix. `KernelProjections` runs those calls
+(at most gemv.MAX_ROWS rows) through `kernels.gemv.fused_linear`, which also takes each product's neighbours
+into the same launch: the RMSNorm before q/k/v, gate/up and the LM head, silu(gate) * up before down, and the
+residual adds after o and down - four launches per layer instead of eight or more. A neighbour is fused only
+where the model's module provably computes what the kernel does: each norm and the activation are probed once
+(`torch.equal` against the kernel's formula on the model's device and dtype); a module that differs (Gemma's
+`(1 + w)` norm, GELU) runs as itself before the product. Quantized projections, and calls with more rows
+(prefill), use the model's modules (`TorchProjections`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnforge.accel.layout import LayerPlan, ModelPlan
+
+PROJECTION_BACKENDS = ("auto", "kernels", "torch")
+
+
+class TorchProjections:
+    """The model's own modules: norms, fused q/k/v and gate/up matmuls, o, down, LM head."""
+
+    name = "the model's modules (torch matmuls)"
+
+    def attention_in(self, index: int, layer: LayerPlan, hidden: torch.Tensor) -> torch.Tensor:
+        """`[b, L, hidden] -> [b, L, q + k + v]`: input norm, then the fused q/k/v product."""
+        return layer.qkv(layer.input_norm(hidden))
+
+    def attention_out(self, index: int, layer: LayerPlan, out: torch.Tensor, hidden: torch.Tensor):
+        """`hidden + o_proj(out)`, `[b, L, hidden]` (out `[b, L, heads * head_dim]`)."""
+        return hidden + layer.o_proj(out)
+
+    def mlp(self, index: int, layer: LayerPlan, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden + down(act(gate) * up)` over the post-attention norm, `[b, L, hidden]`."""
+        gate, up = layer.gate_up(layer.post_norm(hidden)).chunk(2, dim=-1)
+        return hidden + layer.down_proj(layer.act(gate) * up)
+
+    def head(self, plan: ModelPlan, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[b, 1, vocab]` of the selected rows `[b, 1, hidden]` (final norm, LM head)."""
+        return plan.lm_head(plan.final_norm(hidden))
+
+
+@dataclass
+class _Fused:
+    """One layer's products for the kernel: weights and biases, and the neighbours it may fuse."""
+
+    qkv: tuple
+    o: tuple
+    gate_up: tuple
+    down: tuple
+    input_norm: tuple | None
+    post_norm: tuple | None
+    silu: bool
+
+
+class KernelProjections(TorchProjections):
+    """Decode calls through `fused_linear` (neighbours fused where probed equal); the rest as torch's."""
+
+    name = "attnforge fused_linear (norm, silu * up and residual fused) for decode; torch matmuls otherwise"
+
+    def __init__(self, plan: ModelPlan) -> None:
+        from attnforge.kernels import gemv
+
+        self._gemv = gemv
+        self.layers = [_fused_layer(layer, plan.dtype, plan.device) for layer in plan.layers]
+        self.final_norm = rms_norm_params(plan.final_norm, plan.dtype, plan.device)
+        self.lm_head = _linear(plan.lm_head)
+
+    def _small(self, x: torch.Tensor) -> bool:
+        return x.numel() // x.shape[-1] <= self._gemv.MAX_ROWS
+
+    def attention_in(self, index, layer, hidden):
+        fused = self.layers[index]
+        if fused is None or not self._small(hidden):
+            return super().attention_in(index, layer, hidden)
+        if fused.input_norm is None:
+            return self._gemv.fused_linear(layer.input_norm(hidden), *fused.qkv)
+        return self._gemv.fused_linear(hidden, *fused.qkv, norm=fused.input_norm)
+
+    def attention_out(self, index, layer, out, hidden):
+        fused = self.layers[index]
+        if fused is None or not self._small(hidden):
+            return super().attention_out(index, layer, out, hidden)
+        return self._gemv.fused_linear(out, *fused.o, residual=hidden)
+
+    def mlp(self, index, layer, hidden):
+        fused = self.layers[index]
+        if fused is None or not self._small(hidden):
+            return super().mlp(index, layer, hidden)
+        if fused.post_norm is None:
+            gate_up = self._gemv.fused_linear(layer.post_norm(hidden), *fused.gate_up)
+        else:
+            gate_up = self._gemv.fused_linear(hidden, *fused.gate_up, norm=fused.post_norm)
+        if fused.silu:
+            return self._gemv.fused_linear(gate_up, *fused.down, gated=True, residual=hidden)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self._gemv.fused_linear(layer.act(gate) * up, *fused.down, residual=hidden)
+
+    def head(self, plan, hidden):
+        if self.lm_head is None or not self._small(hidden):
+            return super().head(plan, hidden)
+        if self.final_norm is None:
+            return self._gemv.fused_linear(plan.final_norm(hidden), *self.lm_head)
+        return self._gemv.fused_linear(hidden, *self.lm_head, norm=self.final_norm)
+
+
+def choose_projections(backend: str, plan: ModelPlan, attention_is_kernels: bool):
+    """The projection backend for `backend` ("auto": the kernel where attnforge's attention kernels run)."""
+    if backend not in PROJECTION_BACKENDS:
+        raise ValueError(f"projections={backend!r} is not one of {PROJECTION_BACKENDS}")
+    if backend == "kernels" and not attention_is_kernels:
+        raise ValueError("projections='kernels' needs Triton (a CUDA GPU, or TRITON_INTERPRET=1)")
+    if backend == "torch" or not attention_is_kernels:
+        return TorchProjections()
+    return KernelProjections(plan)
+
+
+def rms_norm_params(norm: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple | None:
+    """`(gain, eps)` if `norm(x)` equals `gain * (x * rsqrt(mean(x^2) + eps))` (rounded to dtype first, as
+    transformers' Llama/Qwen norms do) bit for bit on a probe; None otherwise (e.g. Gemma's `(1 + w)`)."""
+    gain = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(gain, torch.Tensor) or gain.dim() != 1 or not isinstance(eps, float):
+        return None
+    x = _probe((3, gain.numel()), dtype, device)
+    xf = x.float()
+    expected = gain * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    with torch.no_grad():
+        return (gain, eps) if torch.equal(norm(x), expected) else None
+
+
+def _fused_layer(layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> _Fused | None:
+    o, down = _linear(layer.o_proj), _linear(layer.down_proj)
+    if layer.qkv_weight is None or layer.gate_up_weight is None or o is None or down is None:
+        return None  # quantized projections: the model's modules
+    gate = _probe((3, 64), dtype, device)
+    with torch.no_grad():
+        silu = torch.equal(layer.act(gate), F.silu(gate))
+    return _Fused(
+        qkv=(layer.qkv_weight, layer.qkv_bias), o=o, gate_up=(layer.gate_up_weight, layer.gate_up_bias),
+        down=down, input_norm=rms_norm_params(layer.input_norm, dtype, device),
+        post_norm=rms_norm_params(layer.post_norm, dtype, device), silu=silu,
+    )  # fmt: skip
+
+
+def _linear(module: nn.Module) -> tuple | None:
+    """(weight, bias) of a plain nn.Linear; None for anything else (a quantized layer)."""
+    if type(module) is not nn.Linear:
+        return None
+    return module.weight, module.bias
+
+
+def _probe(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(shape, generator=generator) * 3).to(device=device, dtype=dtype)

@@ -1,0 +1,213 @@
+"""Skinny linear layers for decode steps: `y = x @ W.T` for a few rows of x, with the neighbours fused in.
+
+A decode step multiplies one token's hidden state (a few rows at batch > 1) by every weight matrix of the
+model: each product reads a few MB of weights and does almost no arithmetic, so its time is the weight read
+plus the launch. cuBLAS's kernels for one row reach about half the read bandwidth on 4-12 MB matrices (a
+profile of the accelerator's step on an H100, docs/accel.md), and each neighbour (RMSNorm before the q/k/v
+and gate/up products, SiLU(gate) * up before down, the residual add after o and down) is one more launch.
+
+Here one program owns BLOCK_N output columns and reads their weight rows whole, in BLOCK_K slices, so every
+weight byte is read once, contiguously, and the programs need no reduction across them. The neighbours:
+  - `norm=(gain, eps)`: x is first replaced by RMSNorm(x) (`gain * (x * rsqrt(mean(x^2) + eps))`, rounded to
+    the working dtype where transformers' Llama/Qwen norms round). The mean needs all of x's row: each program
+    reads it (a few KB, from L2) before its slice of W;
+  - `gated=True`: x is `[gate | up]` (2K wide); the product reads `silu(gate) * up` (rounded as torch does);
+  - `bias`, and `residual` (`y = residual + (x @ W.T + bias)`, rounded after the product as an add would).
+Rows are padded to a power of two (at most MAX_ROWS); masked loads never read outside any buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from attnforge.environment import triton_interpret
+
+MAX_ROWS = 16
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class GemvParams:
+    """Launch parameters: output columns per program, weight columns per loop step, warps."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+
+
+# One kernel body (~55 lines) with its prologues inline: Triton inlines helpers anyway.
+@triton.jit
+def _gemv_kernel(
+    X, W, Bias, Gain, Res, Y,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+):  # fmt: skip
+    dtype = Y.dtype.element_ty
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < M
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = X + rows[:, None] * stride_xm
+    inv = tl.zeros([ROWS], tl.float32)
+    if NORM:  # RMSNorm's scale per row: the mean of squares over the whole row
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+            squares += x.to(tl.float32) * x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < K
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)
+        if GATED:  # x holds [gate | up]: silu(gate) rounded, times up, rounded (torch's two ops)
+            up = tl.load(x_rows + K + kk[None, :], mask=x_ok, other=0.0)
+            gate = x.to(tl.float32)
+            x = (gate * tl.sigmoid(gate)).to(dtype)
+            x = (x.to(tl.float32) * up.to(tl.float32)).to(dtype)
+        if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
+            gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) * inv[:, None]).to(dtype)
+            x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
+        w_ok = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(W + cols[:, None] * stride_wn + kk[None, :], mask=w_ok, other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_RES:
+        res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0)
+        y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y, mask=out_ok)
+
+
+def default_params(rows: int, n: int, k: int) -> GemvParams:
+    """Launch parameters by shape: enough programs to fill the GPU several times over (small column blocks
+    balance the SMs; every program reads whole weight rows), and weight slices of 8-16 KB per step."""
+    if triton_interpret():
+        return GemvParams(block_n=8, block_k=32, num_warps=4)
+    block_n = 16 if n >= 4096 else 8
+    block_k = max(64, min(512, 4096 // (block_n * max(1, rows))))
+    return GemvParams(block_n=block_n, block_k=block_k, num_warps=4)
+
+
+def _check(x, weight, bias, gain, residual, gated) -> tuple[int, int, int]:
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; fused_linear supports {DTYPES}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    width = 2 * k if gated else k
+    if x.shape[-1] != width:
+        what = "2 * in_features ([gate | up])" if gated else "in_features"
+        raise ValueError(f"x's last dim {x.shape[-1]} must be {what} = {width}")
+    rows = x.numel() // width if width else 0
+    if rows > MAX_ROWS:
+        raise ValueError(f"fused_linear serves at most {MAX_ROWS} rows (decode steps); x has {rows}")
+    named = {"weight": weight, "bias": bias, "norm gain": gain, "residual": residual}
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype or tensor.device != x.device:
+            raise ValueError(f"{name} is {tensor.dtype} on {tensor.device}; x is {x.dtype} on {x.device}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if gain is not None and tuple(gain.shape) != (k,):
+        raise ValueError(f"norm gain must have shape ({k},), got {tuple(gain.shape)}")
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ValueError(f"residual must have shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
+    return rows, n, k
+
+
+@functools.lru_cache(maxsize=256)
+def _grid(n: int, block_n: int) -> tuple[int]:
+    return (triton.cdiv(n, block_n),)
+
+
+def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: GemvParams | None = None) -> None:
+    """Run the kernel into `out` (`[..., N]`); arguments as `fused_linear`, already checked."""
+    rows, n, k = out.numel() // max(out.shape[-1], 1), weight.shape[0], weight.shape[1]
+    if rows == 0 or n == 0:
+        return
+    x2, res2 = x.reshape(rows, x.shape[-1]), None if residual is None else residual.reshape(rows, n)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if res2 is not None and res2.stride(-1) != 1:
+        res2 = res2.contiguous()
+    y2 = out.view(rows, n)
+    p = params or default_params(rows, n, k)
+    dummy = w
+    _gemv_kernel[_grid(n, p.block_n)](
+        x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
+        dummy if res2 is None else res2, y2,
+        rows, n, k, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
+        float(eps),
+        ROWS=triton.next_power_of_2(rows), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
+        NORM=gain is not None, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
+        num_warps=p.num_warps,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("attnforge::fused_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor | None,
+               eps: float, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    launch_linear(x, weight, bias, gain, eps, gated, residual, out)
+    return out
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, gain, eps, gated, residual):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+    params: GemvParams | None = None,
+) -> torch.Tensor:
+    """`[..., K] -> [..., N]`: `residual + linear(prologue(x), weight, bias)` for at most MAX_ROWS rows.
+
+    Args:
+        x: `[..., K]` (`[..., 2K]` = `[gate | up]` when `gated`), at most MAX_ROWS rows in all.
+        weight: `[N, K]` (an nn.Linear's weight); bias: `[N]` or None.
+        norm: `(gain [K], eps)`: x goes through RMSNorm first (transformers' Llama/Qwen rounding).
+        gated: x is `[gate | up]`; the product reads `silu(gate) * up`.
+        residual: `[..., N]` added to the product (rounded as a separate add would be), or None.
+        params: launch parameters (default: `default_params` by shape); eager calls only.
+    """
+    if norm is not None and gated:
+        raise ValueError("norm and gated cannot be combined (no model layer has both before one product)")
+    gain, eps = norm if norm is not None else (None, 0.0)
+    _check(x, weight, bias, gain, residual, gated)
+    if torch.compiler.is_compiling():
+        if params is not None:
+            raise ValueError("params cannot be passed under torch.compile (the op uses default_params)")
+        return _linear_op(x, weight, bias, gain, float(eps), gated, residual)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    launch_linear(x, weight, bias, gain, eps, gated, residual, out, params)
+    return out

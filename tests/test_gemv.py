@@ -1,0 +1,139 @@
+"""kernels/gemv.py: the skinny linear with fused neighbours, against float64 and torch's own ops.
+
+On a GPU the kernel rounds as torch does (round to nearest even), so most outputs equal torch's ops bit for
+bit; the Triton interpreter truncates when it narrows to 16 bits, so on CPU the checks are relative errors.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnforge.kernels.gemv import MAX_ROWS, GemvParams, fused_linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _rms(x, gain, eps):
+    xf = x.float()
+    return gain * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _case(rows, n, k, dtype, seed, gated=False):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    x = make(rows, 2 * k if gated else k)
+    return (
+        x,
+        make(n, k) / k**0.5,
+        make(n),
+        torch.rand(k, generator=gen).add(0.5).to(DEVICE, dtype),
+        make(rows, n),
+    )
+
+
+def _rel(y, ref):
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+SIZES = [(1, 64, 64), (1, 40, 72), (3, 33, 100), (8, 128, 48), (16, 17, 200)]
+
+
+@pytest.mark.parametrize("rows,n,k", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_and_bias_match_float64(rows, n, k, dtype):
+    x, w, b, _, _ = _case(rows, n, k, dtype, seed=rows + n)
+    assert _rel(fused_linear(x, w), F.linear(x.double(), w.double())) < TOL[dtype]
+    assert _rel(fused_linear(x, w, b), F.linear(x.double(), w.double(), b.double())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rows,n,k", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_residual_match_torchs_ops(rows, n, k, dtype):
+    x, w, _, gain, res = _case(rows, n, k, dtype, seed=7 * rows + k)
+    y = fused_linear(x, w, norm=(gain, 1e-6), residual=res)
+    ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double())
+    assert _rel(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rows,n,k", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_input_reads_silu_gate_times_up(rows, n, k, dtype):
+    x, w, _, _, res = _case(rows, n, k, dtype, seed=n + k, gated=True)
+    y = fused_linear(x, w, gated=True, residual=res)
+    ref = res.double() + F.linear((F.silu(x[:, :k]) * x[:, k:]).double(), w.double())
+    assert _rel(y, ref) < TOL[dtype]
+
+
+def test_leading_dims_are_kept_and_strided_input_is_read_in_place():
+    x, w, _, gain, _ = _case(4, 24, 32, torch.float32, seed=3)
+    wide = torch.cat([x, x], dim=-1)[:, :32]  # rows 64 apart: a strided view, last dim contiguous
+    y = fused_linear(wide.view(2, 2, 32), w, norm=(gain, 1e-5))
+    assert y.shape == (2, 2, 24)
+    ref = F.linear(_rms(x, gain, 1e-5).double(), w.double()).view(2, 2, 24)
+    assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("params", [GemvParams(4, 16, 1), GemvParams(16, 64, 2), GemvParams(32, 256, 4)])
+def test_launch_parameters_do_not_change_the_result(params):
+    x, w, b, _, res = _case(2, 50, 90, torch.float32, seed=5)
+    y = fused_linear(x, w, b, residual=res, params=params)
+    assert _rel(y, res.double() + F.linear(x.double(), w.double(), b.double())) < 1e-5
+
+
+def test_fresh_inputs_give_fresh_outputs():
+    first, second = _case(1, 32, 64, torch.float32, seed=1), _case(1, 32, 64, torch.float32, seed=2)
+    for x, w, *_ in (first, second):
+        assert _rel(fused_linear(x, w), F.linear(x.double(), w.double())) < 1e-5
+
+
+BAD = [
+    (lambda x, w: fused_linear(x.int(), w), "x has dtype torch.int32"),
+    (lambda x, w: fused_linear(x, w[0]), "weight must be [out_features, in_features]"),
+    (lambda x, w: fused_linear(x[:, :8], w), "x's last dim 8 must be in_features = 16"),
+    (lambda x, w: fused_linear(x, w, gated=True), "must be 2 * in_features ([gate | up]) = 32"),
+    (lambda x, w: fused_linear(x.expand(MAX_ROWS + 1, 16), w), f"at most {MAX_ROWS} rows"),
+    (lambda x, w: fused_linear(x, w.double()), "weight is torch.float64"),
+    (lambda x, w: fused_linear(x, w, torch.zeros(3, device=x.device)), "bias must have shape (8,)"),
+    (
+        lambda x, w: fused_linear(x, w, norm=(torch.ones(5, device=x.device), 1e-6)),
+        "norm gain must have shape (16,)",
+    ),
+    (
+        lambda x, w: fused_linear(x, w, residual=torch.zeros(1, 9, device=x.device)),
+        "residual must have shape (1, 8)",
+    ),
+    (
+        lambda x, w: fused_linear(torch.zeros(1, 32, device=x.device), w, gated=True, norm=(w[0], 1e-6)),
+        "norm and gated cannot be combined",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,message", BAD)
+def test_bad_input_is_refused_with_the_reason(call, message):
+    x, w = torch.randn(1, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError) as error:
+        call(x, w)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("field,value,message", [("block_n", 3, "block_n=3 must be a power of two"),
+                                                 ("block_k", 0, "block_k=0 must be a power of two"),
+                                                 ("num_warps", 3, "num_warps=3 must be one of")])  # fmt: skip
+def test_bad_launch_parameters_are_refused(field, value, message):
+    values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        GemvParams(**values)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bit-level rounding: the interpreter truncates, GPUs round")
+def test_on_a_gpu_the_prologues_round_as_torchs_ops():
+    k = 256
+    eye = torch.eye(k, device=DEVICE, dtype=torch.bfloat16)
+    x, _, _, gain, _ = _case(4, k, k, torch.bfloat16, seed=11, gated=True)
+    gated = fused_linear(x, eye, gated=True)
+    assert (gated != F.silu(x[:, :k]) * x[:, k:]).float().mean() < 0.01
+    normed = fused_linear(x[:, :k], eye, norm=(gain, 1e-6))
+    assert (normed != _rms(x[:, :k], gain, 1e-6)).float().mean() < 0.01
