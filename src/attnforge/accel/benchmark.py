@@ -36,8 +36,15 @@ ROWS = (
     "transformers-dynamic",
     "attnforge-no-compile",
     "attnforge-tune",
+    "attnforge-torch-projections",
 )
-ACCELERATOR_VARIANTS = {"attnforge-no-compile": {"compile": False}, "attnforge-tune": {"tune": True}}
+# rows that are the accelerator with other options: no compile, inductor's coordinate-descent tuning, and the
+# model's own matmuls (cuBLAS) for the decode step's products instead of fused_linear
+ACCELERATOR_VARIANTS = {
+    "attnforge-no-compile": {"compile": False},
+    "attnforge-tune": {"tune": True},
+    "attnforge-torch-projections": {"projections": "torch"},
+}
 NEEDS_NO_PADDING = ("tight-loop", "tight-loop-cd")
 CPU_ROWS = ("attnforge", "tight-loop", "transformers-dynamic")  # no compiling on a CPU
 # the targets, checked in the report (tok/s at a prompt length; ratios to rows; % of the roofline)
