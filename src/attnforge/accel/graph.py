@@ -16,6 +16,9 @@ from attnforge.accel.forward import Walk
 from attnforge.accel.sampling import SamplerState
 
 WARMUP_STEPS = 3  # compiles (and autotunes) before capture: nothing may compile while a graph is captured
+# Every step of every accelerator in a process compiles the same function (`_logits`), once per batch size,
+# sampling plan and model: dynamo's default of 8 compiled versions per function would refuse the ninth.
+RECOMPILE_LIMIT = 256
 
 
 class DecodeStep:
@@ -49,7 +52,10 @@ class DecodeStep:
 
     def logits(self) -> torch.Tensor:
         """Logits `[b, vocab]` (float32) of `ids` at `positions`, writing their keys (positions unchanged)."""
-        return self._forward(self.ids, self.positions)
+        if self._forward is self._logits:
+            return self._logits(self.ids, self.positions)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._forward(self.ids, self.positions)
 
     def step(self) -> None:
         """One eager step (what the graph replays)."""

@@ -105,8 +105,8 @@ def default_params(rows: int, n: int, k: int) -> GemvParams:
     if triton_interpret():
         return GemvParams(block_n=8, block_k=32, num_warps=4)
     block_n = 16 if n >= 4096 else 8
-    block_k = max(64, min(512, 4096 // (block_n * max(1, rows))))
-    return GemvParams(block_n=block_n, block_k=block_k, num_warps=4)
+    per_row = 4096 // (block_n * triton.next_power_of_2(max(1, rows)))  # a power of two
+    return GemvParams(block_n=block_n, block_k=max(64, min(512, per_row)), num_warps=4)
 
 
 def _check(x, weight, bias, gain, residual, gated) -> tuple[int, int, int]:
