@@ -257,7 +257,8 @@ def test_calls_of_one_bucket_share_a_launch_and_short_caches_cap_the_splits():
 
 
 def test_captured_calls_merge_as_the_entry_says_and_the_first_plain_call_prepares_them(graph_merge_entry):
-    sizes = ((2, 8, 1, 64), 2, 300, False, False, torch.float32, torch.device(DEVICE))
+    device = torch.empty(0, device=DEVICE).device  # "cuda:0", as launch_decode sees it (not "cuda")
+    sizes = ((2, 8, 1, 64), 2, 300, False, False, torch.float32, device)
     plain, captured = (decode.decode_launch(*sizes, None, mode) for mode in (False, True))
     assert (plain.params["combine"], captured.params["combine"]) == ("kernel", "last")
     assert plain.twin is captured and captured.twin is None

@@ -1,13 +1,14 @@
 """The products of the walk (forward.py): the model's own modules, or attnforge's skinny linear for decode.
 
 A decode step is a few rows of hidden state against every weight matrix. `KernelProjections` runs those calls
-(at most gemv.MAX_ROWS rows) through `kernels.gemv.fused_linear`, which also takes each product's neighbours
-into the same launch: the RMSNorm before q/k/v, gate/up and the LM head, silu(gate) * up before down, and the
-residual adds after o and down - four launches per layer instead of eight or more. A neighbour is fused only
-where the model's module provably computes what the kernel does: each norm and the activation are probed once
-(`torch.equal` against the kernel's formula on the model's device and dtype); a module that differs (Gemma's
-`(1 + w)` norm, GELU) runs as itself before the product. Quantized projections, and calls with more rows
-(prefill), use the model's modules (`TorchProjections`).
+(at most gemv.FAST_ROWS rows: batch 1, where the kernel was measured faster than cuBLAS) through
+`kernels.gemv.fused_linear`, which also takes each product's neighbours into the same launch: the RMSNorm
+before q/k/v, gate/up and the LM head, silu(gate) * up before down, and the residual adds after o and down -
+four launches per layer instead of eight or more. A neighbour is fused only where the model's module provably
+computes what the kernel does: each norm and the activation are probed once (`torch.equal` against the
+kernel's formula on the model's device and dtype); a module that differs (Gemma's `(1 + w)` norm, GELU) runs
+as itself before the product. Quantized projections, and calls with more rows (prefill, batches), use the
+model's modules (`TorchProjections`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class KernelProjections(TorchProjections):
         self.lm_head = _linear(plan.lm_head)
 
     def _small(self, x: torch.Tensor) -> bool:
-        return x.numel() // x.shape[-1] <= self._gemv.MAX_ROWS
+        return x.numel() // x.shape[-1] <= self._gemv.FAST_ROWS
 
     def attention_in(self, index, layer, hidden):
         fused = self.layers[index]

@@ -28,6 +28,9 @@ import triton.language as tl
 from attnforge.environment import triton_interpret
 
 MAX_ROWS = 16
+# Where the kernel beats cuBLAS (H100, benchmarks/results/h100/gemv/): one row 1.07-1.34x on the plain product
+# (1.1-3.1x with its neighbours fused), eight rows 0.41-0.81x. Callers choosing a path use it up to FAST_ROWS.
+FAST_ROWS = 1
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -100,13 +103,12 @@ def _gemv_kernel(
 
 
 def default_params(rows: int, n: int, k: int) -> GemvParams:
-    """Launch parameters by shape: enough programs to fill the GPU several times over (small column blocks
-    balance the SMs; every program reads whole weight rows), and weight slices of 8-16 KB per step."""
+    """Launch parameters: 4 output columns per program (many programs, balanced over the SMs; each reads whole
+    weight rows) in 1024-column slices, 4 warps - the fastest of 32 sets for every Qwen3-0.6B and Llama-3-8B
+    product at 1 and 8 rows on an H100 (benchmarks/results/h100/gemv/); 16 rows: half slices (registers)."""
     if triton_interpret():
         return GemvParams(block_n=8, block_k=32, num_warps=4)
-    block_n = 16 if n >= 4096 else 8
-    per_row = 4096 // (block_n * triton.next_power_of_2(max(1, rows)))  # a power of two
-    return GemvParams(block_n=block_n, block_k=max(64, min(512, per_row)), num_warps=4)
+    return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
 def _check(x, weight, bias, gain, residual, gated) -> tuple[int, int, int]:
