@@ -77,3 +77,5 @@ def test_an_accelerated_generation_run_is_summarised_with_its_targets():
     index = performance.readme_markdown(RESULTS)
     assert "qwen3-0.6b: attnforge 718 (batch 1, prompt 128, 256 new)" in index
     assert "targets met 0 of 4" in index
+    # a file with only a variant of the accelerator (coordinate-descent tuning) is headed by that row
+    assert "qwen3-0.6b: attnforge-tune 945 (batch 1, prompt 128, 256 new)" in index

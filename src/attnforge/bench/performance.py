@@ -243,11 +243,13 @@ def _headline(doc: dict) -> str:
     if kind == "evolve-evaluate":
         score, reason = doc.get("metrics", {}).get("combined_score"), doc.get("artifacts", {}).get("reason")
         return f"score {score} ({reason})"
-    if kind == "accelerate":
+    if kind == "accelerate":  # the plain accelerator's row, else the first variant of it in the file
+        names = [row["row"] for row in doc["rows"] if row["row"].startswith("attnforge")]
+        name = "attnforge" if "attnforge" in names else next(iter(names), "attnforge")
         ours = [f"{row['decode_tok_s']:.0f} ({row['scenario']})" for row in doc["rows"]
-                if row["row"] == "attnforge" and row.get("decode_tok_s")]  # fmt: skip
+                if row["row"] == name and row.get("decode_tok_s")]  # fmt: skip
         met = sum(t["met"] for t in doc.get("targets", []))
-        return (f"{doc.get('model')}: attnforge {', '.join(ours) or 'not run'} tok/s per sequence; "
+        return (f"{doc.get('model')}: {name} {', '.join(ours) or 'not run'} tok/s per sequence; "
                 f"targets met {met} of {len(doc.get('targets', []))}")  # fmt: skip
     return KIND_TITLES.get(kind, kind)
 
