@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -42,6 +43,20 @@ def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
     if major < 8:
         return False, f"GPU compute capability {major}.{minor} is below 8.0 (Ampere), which the kernels need"
     return True, f"CUDA GPU {torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: a Hopper (sm90+) GPU, not the interpreter, and a Triton that has it."""
+    if triton_interpret() or device.type != "cuda":
+        return False
+    try:  # grid dependency control in the language, and the launch option
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    has_option = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return has_option and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def git_commit(root: Path | None = None) -> str | None:

@@ -29,7 +29,7 @@ from attnforge.config import (
     check_qkv,
     resolve_scale,
 )
-from attnforge.environment import triton_interpret
+from attnforge.environment import pdl_supported, triton_interpret
 from attnforge.kernels import temporary_workspaces, tuning, workspaces_are_temporary
 from attnforge.kernels.decode_params import (
     COMBINE_MODES,
@@ -38,7 +38,6 @@ from attnforge.kernels.decode_params import (
     complete_params,
     decode_bucket,  # noqa: F401 - the optimizer finds a kernel's buckets as `<kind>_bucket` in its module
     kv_bound,
-    pdl_supported,
 )
 
 try:  # grid dependency control (programmatic dependent launch), Hopper and later; newer Tritons only

@@ -9,7 +9,6 @@ import functools
 import torch
 import triton
 
-from attnforge.environment import triton_interpret
 from attnforge.kernels import tuning
 
 # Upper bound of the split count (the merge's unrolled chunks are sized for it).
@@ -126,17 +125,3 @@ def bucket_params(
 
 
 tuning.on_reload(bucket_params.cache_clear)
-
-
-@functools.cache
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: a Hopper (sm90+) GPU, not the interpreter, and a Triton that has it."""
-    if triton_interpret() or device.type != "cuda":
-        return False
-    try:  # grid dependency control in the language, and the launch option
-        from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except ImportError:
-        return False
-    has_option = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
-    return has_option and torch.cuda.get_device_capability(device)[0] >= 9

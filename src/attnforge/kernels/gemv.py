@@ -25,7 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from attnforge.environment import triton_interpret
+from attnforge.environment import pdl_supported, triton_interpret
+
+try:  # grid dependency control (programmatic dependent launch), Hopper and later; newer Tritons only
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gdc_launch_dependents = gdc_wait = None
 
 MAX_ROWS = 16
 # Where the kernel beats cuBLAS (H100, benchmarks/results/h100/gemv/): one row 1.07-1.34x on the plain product
@@ -36,11 +41,14 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class GemvParams:
-    """Launch parameters: output columns per program, weight columns per loop step, warps."""
+    """Launch parameters: output columns per program, weight columns per loop step, warps, and programmatic
+    dependent launch (where the GPU and Triton have it: the first weight slice is read under the previous
+    kernel's tail)."""
 
     block_n: int
     block_k: int
     num_warps: int
+    pdl: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -51,14 +59,17 @@ class GemvParams:
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
 
 
-# One kernel body (~55 lines) with its prologues inline: Triton inlines helpers anyway.
+# One kernel body (~60 lines) with its prologues inline: Triton inlines helpers anyway.
 @triton.jit
 def _gemv_kernel(
     X, W, Bias, Gain, Res, Y,
     M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
+        gdc_launch_dependents()
     dtype = Y.dtype.element_ty
     rows = tl.arange(0, ROWS)
     row_ok = rows < M
@@ -66,6 +77,12 @@ def _gemv_kernel(
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     x_rows = X + rows[:, None] * stride_xm
+    w_rows = W + cols[:, None] * stride_wn
+    # The first weight slice does not depend on the previous kernel: with PDL its read starts under that
+    # kernel's tail. What a predecessor wrote (x, the residual) is read, and anything stored, after the wait.
+    w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
     if NORM:  # RMSNorm's scale per row: the mean of squares over the whole row
         squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
@@ -89,8 +106,8 @@ def _gemv_kernel(
             gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
             x = (x.to(tl.float32) * inv[:, None]).to(dtype)
             x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
-        w_ok = col_ok[:, None] & k_ok[None, :]
-        w = tl.load(W + cols[:, None] * stride_wn + kk[None, :], mask=w_ok, other=0.0)
+        if k0 > 0:
+            w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -157,6 +174,7 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
         res2 = res2.contiguous()
     y2 = out.view(rows, n)
     p = params or default_params(rows, n, k)
+    pdl = p.pdl and pdl_supported(out.device)
     dummy = w
     _gemv_kernel[_grid(n, p.block_n)](
         x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
@@ -165,7 +183,7 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
         float(eps),
         ROWS=triton.next_power_of_2(rows), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         NORM=gain is not None, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
-        num_warps=p.num_warps,
+        USE_PDL=pdl, num_warps=p.num_warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 
