@@ -9,7 +9,8 @@ Run from the repository root with PYTHONPATH=src:
    share of outputs that differ from torch's own ops (RMSNorm module arithmetic, silu * up, add) in bf16.
 2. Per call inside a CUDA graph of one call per layer on distinct weights (what the decode step replays):
    F.linear alone, then each launch configuration of ours on the plain product; the best configuration per
-   shape; then the fused call (norm / gated / residual) against torch's unfused ops for the same work.
+   shape, and it without programmatic dependent launch (`best_no_pdl_us`; before commit b5c9eb9 the kernel
+   had no PDL); then the fused call (norm / gated / residual) against torch's unfused ops for the same work.
    Read GB/s and % of the read floor measured in the same run. JSON rewritten after every row.
 """
 
@@ -115,6 +116,8 @@ def shape_rows(name, n, k, kind, layers, rows, floor):
     bn, rest = best.split("x")
     bk, w = rest.split("w")
     bp = GemvParams(int(bn), int(bk), int(w))
+    nopdl = GemvParams(bp.block_n, bp.block_k, bp.num_warps, pdl=False)  # consecutive calls overlap with PDL
+    out["best_no_pdl_us"] = per_call(lambda i: lambda: fused_linear(x[..., :k], ws[i], params=nopdl), layers)
     out["torch_fused_us"] = per_call(lambda i: lambda: torch_fused(x, ws[i], g, res, kind), layers)
     out["ours_fused_us"] = per_call(lambda i: lambda: ours_fused(x, ws[i], g, res, kind, bp), layers)
     out["ours_fused_default_us"] = per_call(lambda i: lambda: ours_fused(x, ws[i], g, res, kind), layers)
