@@ -69,6 +69,8 @@ def _decode_kernel(
     # this split's keys, then the output or the partial and, with MERGE_LAST, the last program's merge.
     if USE_PDL:  # the combine kernel may start launching now; it waits for this grid before reading
         gdc_launch_dependents()
+        # this kernel is launched with PDL too: wait for the previous kernel's writes (q, the cache) to land
+        gdc_wait()
     split = tl.program_id(0)
     slot = tl.program_id(1)  # (batch, kv head, block of query rows)
     bh = slot // NUM_M_BLOCKS
