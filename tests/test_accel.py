@@ -146,13 +146,17 @@ def test_torch_projections_give_the_same_tokens(qwen3):
 
 @pytest.mark.parametrize(("model_type", "fused"), [("llama", True), ("qwen3", True), ("gemma", False)])
 def test_norms_and_activation_are_fused_only_where_probed_equal(model_type, fused):
-    from attnforge.accel.projections import KernelProjections
-
-    projections = KernelProjections(accelerate(tiny_model(model_type)).plan)
+    projections = accelerate(tiny_model(model_type)).walk.projections
     layer = projections.layers[0]
     # Gemma: (1 + w) norms and GELU run as the model's own modules before the kernel's product
     assert (layer.input_norm is not None, layer.post_norm is not None, layer.silu) == (fused, fused, fused)
     assert (projections.final_norm is not None) == fused
+    # every family here rotates the whole head the rotate-half way: one kernel for norms, RoPE and cache write
+    assert projections.rope is not None
+    q_norm, k_norm = projections.qk_norms[0]
+    assert (q_norm is not None, k_norm is not None) == (
+        (True, True) if model_type == "qwen3" else (False, False)
+    )
 
 
 def test_generation_stops_at_eos_as_transformers_does(qwen3):

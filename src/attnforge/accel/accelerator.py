@@ -153,8 +153,9 @@ class Accelerator:
         self.tune = tune
         if self.compile:
             self.cache.mark_static()
-        project = choose_projections(projections, self.plan, isinstance(attention_backend, KernelAttention))
         rope = self.plan.rope_table(self.max_seq_len)
+        kernels = isinstance(attention_backend, KernelAttention)
+        project = choose_projections(projections, self.plan, kernels, rope)
         self.walk = Walk(self.plan, self.cache, attention_backend, rope, project)
         self.sampler = SamplerState(max_batch_size, self.plan.vocab_size, self.device)
         self.weight_bytes = self.plan.weight_bytes_per_step()

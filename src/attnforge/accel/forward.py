@@ -148,23 +148,34 @@ class Walk:
 
     def _layer(self, index, layer: LayerPlan, hidden, cos, sin, positions, lengths):
         batch, length, _ = hidden.shape
-        plan = self.plan
         project = self.projections
-        q, k, v = project.attention_in(index, layer, hidden).split(layer.qkv_sizes, dim=-1)
-        q = q.view(batch, length, plan.num_heads, plan.head_dim)
-        k = k.view(batch, length, plan.num_kv_heads, plan.head_dim)
-        if layer.q_norm is not None:
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        q, k = plan.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        v = v.view(batch, length, plan.num_kv_heads, plan.head_dim).transpose(1, 2)
+        qkv = project.attention_in(index, layer, hidden)
         kv_lens, q_lens, extent, chunk = lengths
+        q = None  # a decode step: q/k norms, RoPE and the cache write in one kernel where that is exact
+        if length == 1 and chunk is None:
+            q = project.rotate_and_store(index, layer, qkv, positions, self.cache)
+        if q is None:
+            q, k, v = self._rotated(layer, qkv, cos, sin)
+            if chunk is None:
+                self.cache.write(index, k, v, positions)
         if chunk is not None:
             out = chunk.attend(self.attention, index, q, k, v, layer.scale)
         else:
-            self.cache.write(index, k, v, positions)
             keys, values = self.cache.keys[index][:batch], self.cache.values[index][:batch]
             out = self.attention(
                 q, keys, values, scale=layer.scale, kv_lens=kv_lens, q_lens=q_lens, extent=extent
             )
         hidden = project.attention_out(index, layer, out.transpose(1, 2).reshape(batch, length, -1), hidden)
         return project.mlp(index, layer, hidden)
+
+    def _rotated(self, layer: LayerPlan, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """q `[b, Hq, L, D]`, k, v `[b, Hkv, L, D]` from the fused product `[b, L, width]`: the model's own
+        q/k norms and its family's RoPE."""
+        plan, (batch, length, _) = self.plan, qkv.shape
+        q, k, v = qkv.split(layer.qkv_sizes, dim=-1)
+        q = q.view(batch, length, plan.num_heads, plan.head_dim)
+        k = k.view(batch, length, plan.num_kv_heads, plan.head_dim)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = plan.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q, k, v.view(batch, length, plan.num_kv_heads, plan.head_dim).transpose(1, 2)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnforge.accel.cache import StaticKVCache
 from attnforge.accel.layout import LayerPlan, ModelPlan
 
 PROJECTION_BACKENDS = ("auto", "kernels", "torch")
@@ -46,6 +47,11 @@ class TorchProjections:
         """Logits `[b, 1, vocab]` of the selected rows `[b, 1, hidden]` (final norm, LM head)."""
         return plan.lm_head(plan.final_norm(hidden))
 
+    def rotate_and_store(self, index: int, layer: LayerPlan, qkv, positions, cache) -> torch.Tensor | None:
+        """Rotated q `[b, Hq, 1, D]` of a decode step with its k/v stored in `cache`, or None: the walk does
+        it with the model's modules (here, always)."""
+        return None
+
 
 @dataclass
 class _Fused:
@@ -65,13 +71,15 @@ class KernelProjections(TorchProjections):
 
     name = "attnforge fused_linear (norm, silu * up and residual fused) for decode; torch matmuls otherwise"
 
-    def __init__(self, plan: ModelPlan) -> None:
-        from attnforge.kernels import gemv
+    def __init__(self, plan: ModelPlan, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+        from attnforge.kernels import gemv, rope_cache
 
-        self._gemv = gemv
+        self._gemv, self._rope = gemv, rope_cache
         self.layers = [_fused_layer(layer, plan.dtype, plan.device) for layer in plan.layers]
         self.final_norm = rms_norm_params(plan.final_norm, plan.dtype, plan.device)
         self.lm_head = _linear(plan.lm_head)
+        self.num_heads, self.rope = plan.num_heads, rope if rope_is_rotate_half(plan, rope) else None
+        self.qk_norms = [_qk_norms(layer, plan.dtype, plan.device) for layer in plan.layers]
 
     def _small(self, x: torch.Tensor) -> bool:
         return x.numel() // x.shape[-1] <= self._gemv.FAST_ROWS
@@ -103,6 +111,15 @@ class KernelProjections(TorchProjections):
         gate, up = gate_up.chunk(2, dim=-1)
         return self._gemv.fused_linear(layer.act(gate) * up, *fused.down, residual=hidden)
 
+    def rotate_and_store(self, index, layer, qkv, positions, cache):
+        norms = self.qk_norms[index]
+        if self.rope is None or norms is None or type(cache) is not StaticKVCache:
+            return None  # another RoPE, norms that differ from the kernel's, or a rotating cache
+        return self._rope.rope_and_store(
+            qkv, *self.rope, positions, cache.keys[index], cache.values[index], num_heads=self.num_heads,
+            q_norm=norms[0], k_norm=norms[1],
+        )  # fmt: skip
+
     def head(self, plan, hidden):
         if self.lm_head is None or not self._small(hidden):
             return super().head(plan, hidden)
@@ -111,15 +128,16 @@ class KernelProjections(TorchProjections):
         return self._gemv.fused_linear(hidden, *self.lm_head, norm=self.final_norm)
 
 
-def choose_projections(backend: str, plan: ModelPlan, attention_is_kernels: bool):
-    """The projection backend for `backend` ("auto": the kernel where attnforge's attention kernels run)."""
+def choose_projections(backend: str, plan: ModelPlan, attention_is_kernels: bool, rope: tuple):
+    """The projection backend for `backend` ("auto": the kernel where attnforge's attention kernels run);
+    `rope`: the walk's cos, sin tables `[max_seq_len, rotary_dim]`."""
     if backend not in PROJECTION_BACKENDS:
         raise ValueError(f"projections={backend!r} is not one of {PROJECTION_BACKENDS}")
     if backend == "kernels" and not attention_is_kernels:
         raise ValueError("projections='kernels' needs Triton (a CUDA GPU, or TRITON_INTERPRET=1)")
     if backend == "torch" or not attention_is_kernels:
         return TorchProjections()
-    return KernelProjections(plan)
+    return KernelProjections(plan, rope)
 
 
 def rms_norm_params(norm: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple | None:
@@ -134,6 +152,35 @@ def rms_norm_params(norm: nn.Module, dtype: torch.dtype, device: torch.device) -
     expected = gain * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
     with torch.no_grad():
         return (gain, eps) if torch.equal(norm(x), expected) else None
+
+
+def rope_is_rotate_half(plan: ModelPlan, rope: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether the family's `apply_rope` is `x * cos + rotate_half(x) * sin` over the whole head (bit for bit
+    on a probe, in the model's dtype): what `kernels.rope_cache` computes. Phi-3's partial rotary is not."""
+    cos_table, sin_table = rope
+    if cos_table.shape[-1] != plan.head_dim or cos_table.shape[0] < 2:
+        return False
+    q = _probe((1, plan.num_heads, 2, plan.head_dim), plan.dtype, plan.device)
+    k = _probe((1, plan.num_kv_heads, 2, plan.head_dim), plan.dtype, plan.device)
+    rows = torch.tensor([1, cos_table.shape[0] - 1], device=plan.device)
+    cos, sin = cos_table[rows][None], sin_table[rows][None]
+    with torch.no_grad():
+        got = plan.apply_rope(q, k, cos, sin)
+    half = plan.head_dim // 2
+    expected = [
+        x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None] for x in (q, k)
+    ]
+    return all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def _qk_norms(layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> tuple | None:
+    """(q norm, k norm) params for the kernel: (None, None) without them; None where they differ from it."""
+    if layer.q_norm is None:
+        return None, None
+    norms = rms_norm_params(layer.q_norm, dtype, device), rms_norm_params(layer.k_norm, dtype, device)
+    if None in norms or norms[0][1] != norms[1][1]:
+        return None
+    return norms
 
 
 def _fused_layer(layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> _Fused | None:
