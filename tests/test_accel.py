@@ -136,7 +136,7 @@ def test_torch_projections_give_the_same_tokens(qwen3):
     model, acc = qwen3
     torch_side = accelerate(model, projections="torch")
     assert torch_side.info["projections"].startswith("the model's modules")
-    for seed in (8, 9):  # one sequence: its decode steps' products go through fused_linear (FAST_ROWS = 1)
+    for seed in (8,):  # one sequence: its decode steps' products go through fused_linear (FAST_ROWS = 1)
         kernels = acc.generate(prompt(9 + seed, seed=seed), max_new_tokens=NEW, ignore_eos=True).tokens
         assert (
             torch_side.generate(prompt(9 + seed, seed=seed), max_new_tokens=NEW, ignore_eos=True).tokens

@@ -69,7 +69,11 @@ class _Fused:
 class KernelProjections(TorchProjections):
     """Decode calls through `fused_linear` (neighbours fused where probed equal); the rest as torch's."""
 
-    name = "attnforge fused_linear (norm, silu * up and residual fused) for decode; torch matmuls otherwise"
+    @property
+    def name(self) -> str:
+        rope = "the model's RoPE" if self.rope is None else "rope_and_store (q/k norms, RoPE, cache write)"
+        return (f"attnforge fused_linear (norm, silu * up and residual fused) for batch-1 decode, {rope} for "
+                "decode steps; torch matmuls otherwise")  # fmt: skip
 
     def __init__(self, plan: ModelPlan, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         from attnforge.kernels import gemv, rope_cache
