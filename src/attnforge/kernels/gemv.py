@@ -124,7 +124,7 @@ def default_params(rows: int, n: int, k: int) -> GemvParams:
     weight rows) in 1024-column slices, 4 warps - the fastest of 32 sets for every Qwen3-0.6B and Llama-3-8B
     product at 1 and 8 rows on an H100 (benchmarks/results/h100/gemv/); 16 rows: half slices (registers)."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
-        return GemvParams(block_n=64, block_k=128, num_warps=4)
+        return GemvParams(block_n=256, block_k=256, num_warps=4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
