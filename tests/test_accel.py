@@ -144,6 +144,14 @@ def test_torch_projections_give_the_same_tokens(qwen3):
         )
 
 
+def test_the_bench_row_with_torch_projections_uses_the_models_matmuls():
+    from attnforge.accel.benchmark import Contenders
+
+    contenders = Contenders(tiny_model(), 1, 64, on_gpu=False)
+    assert contenders.accelerator.info["projections"].startswith("attnforge fused_linear")
+    assert contenders.get("attnforge-torch-projections").info["projections"].startswith("the model's modules")
+
+
 @pytest.mark.parametrize(("model_type", "fused"), [("llama", True), ("qwen3", True), ("gemma", False)])
 def test_norms_and_activation_are_fused_only_where_probed_equal(model_type, fused):
     projections = accelerate(tiny_model(model_type)).walk.projections

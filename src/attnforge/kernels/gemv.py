@@ -121,14 +121,15 @@ def _gemv_kernel(
 
 def default_params(rows: int, n: int, k: int) -> GemvParams:
     """Launch parameters: 4 output columns per program (many programs, balanced over the SMs; each reads whole
-    weight rows) in 1024-column slices, 4 warps - the fastest of 32 sets for every Qwen3-0.6B and Llama-3-8B
-    product at 1 and 8 rows on an H100 (benchmarks/results/h100/gemv/); 16 rows: half slices (registers)."""
+    weight rows) in 1024-column slices, 4 warps - the fastest of 32 sets for the Qwen3-0.6B and Llama-3-8B
+    products at 1 and 8 rows on an H100 but one (Llama's q/k/v at one row: 8 columns, 7% faster;
+    benchmarks/results/h100/gemv/); 16 rows: half slices (registers)."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
-def _check(x, weight, bias, gain, residual, gated) -> tuple[int, int, int]:
+def _check(x, weight, bias, gain, residual, gated) -> None:
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; fused_linear supports {DTYPES}")
     if weight.dim() != 2:
@@ -153,7 +154,6 @@ def _check(x, weight, bias, gain, residual, gated) -> tuple[int, int, int]:
         raise ValueError(f"norm gain must have shape ({k},), got {tuple(gain.shape)}")
     if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n):
         raise ValueError(f"residual must have shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
-    return rows, n, k
 
 
 @functools.lru_cache(maxsize=256)

@@ -80,13 +80,13 @@ def _rope_cache_kernel(
         tl.store(CacheV + slot + half + i, tl.load(v_row + half + i, mask=ok, other=0.0), mask=store)
 
 
-def _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, num_kv_heads, gains) -> int:
+def _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, gains) -> None:
     if qkv.dtype not in DTYPES:
         raise ValueError(f"qkv has dtype {qkv.dtype}; rope_and_store supports {DTYPES}")
-    batch, kv_heads, max_seq, head_dim = cache_k.shape
-    if kv_heads != num_kv_heads or cache_v.shape != cache_k.shape:
+    if cache_k.dim() != 4 or cache_v.shape != cache_k.shape:
         raise ValueError(f"cache_k {tuple(cache_k.shape)} and cache_v {tuple(cache_v.shape)} must be "
-                         f"[batch, {num_kv_heads}, max_seq, head_dim] alike")  # fmt: skip
+                         "[batch, kv_heads, max_seq, head_dim] alike")  # fmt: skip
+    batch, num_kv_heads, _, head_dim = cache_k.shape
     width = (num_heads + 2 * num_kv_heads) * head_dim
     if qkv.dim() != 3 or qkv.shape[1] != 1 or qkv.shape[2] != width or qkv.shape[0] > batch:
         raise ValueError(f"qkv must be [b <= {batch}, 1, {width}] (one new token), got {tuple(qkv.shape)}")
@@ -105,7 +105,6 @@ def _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, num_kv_heads, 
     for name, gain in gains.items():
         if gain is not None and tuple(gain.shape) != (head_dim,):
             raise ValueError(f"{name} must have shape ({head_dim},), got {tuple(gain.shape)}")
-    return head_dim
 
 
 def launch_rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gain, eps, num_heads, q_out):
@@ -166,5 +165,5 @@ def rope_and_store(
     q_gain, k_gain = (None if n is None else n[0] for n in (q_norm, k_norm))
     eps = next((n[1] for n in (q_norm, k_norm) if n is not None), 0.0)
     gains = {"q_norm gain": q_gain, "k_norm gain": k_gain}
-    _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, cache_k.shape[1], gains)
+    _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, gains)
     return _rope_op(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gain, float(eps), num_heads)
