@@ -45,17 +45,18 @@ class DecodeStep:
                 self._logits, fullgraph=True, dynamic=False, options=compile_options
             )
 
-    def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cache = self.walk.cache
-        kv_lens = cache.valid_lengths(positions[:, 0] + 1)  # a rotating cache: capped at its size, on device
-        return self.walk.logits(ids, positions, kv_lens, None, cache.shape.max_seq_len)
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
+        return self.walk.logits(ids, positions, kv_lens, None, self.walk.cache.shape.max_seq_len)
 
     def logits(self) -> torch.Tensor:
         """Logits `[b, vocab]` (float32) of `ids` at `positions`, writing their keys (positions unchanged)."""
+        # The lengths are an input of the compiled forward, not computed inside it: inductor recomputed them
+        # before every layer's attention (one more kernel per layer). A rotating cache caps them at its size.
+        kv_lens = self.walk.cache.valid_lengths(self.positions[:, 0] + 1)
         if self._forward is self._logits:
-            return self._logits(self.ids, self.positions)
+            return self._logits(self.ids, self.positions, kv_lens)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return self._forward(self.ids, self.positions)
+            return self._forward(self.ids, self.positions, kv_lens)
 
     def step(self) -> None:
         """One eager step (what the graph replays)."""

@@ -29,7 +29,7 @@ from attnforge.config import (
     check_qkv,
     resolve_scale,
 )
-from attnforge.environment import pdl_supported, triton_interpret
+from attnforge.environment import triton_interpret
 from attnforge.kernels import temporary_workspaces, tuning, workspaces_are_temporary
 from attnforge.kernels.decode_params import (
     COMBINE_MODES,
@@ -39,11 +39,7 @@ from attnforge.kernels.decode_params import (
     decode_bucket,  # noqa: F401 - the optimizer finds a kernel's buckets as `<kind>_bucket` in its module
     kv_bound,
 )
-
-try:  # grid dependency control (programmatic dependent launch), Hopper and later; newer Tritons only
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gdc_launch_dependents = gdc_wait = None
+from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,7 +63,7 @@ def _decode_kernel(
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): load, the online-softmax loop over
     # this split's keys, then the output or the partial and, with MERGE_LAST, the last program's merge.
-    if USE_PDL:  # the combine kernel may start launching now; it waits for this grid before reading
+    if USE_PDL:  # the next kernel (the merge, or the caller's) may start launching; it waits for this grid
         gdc_launch_dependents()
         # this kernel is launched with PDL too: wait for the previous kernel's writes (q, the cache) to land
         gdc_wait()
@@ -377,7 +373,10 @@ class DecodeLaunch:
             raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
         splits, part_rows = p["num_splits"], p["part_rows"]
         d_block, splits_p2 = triton.next_power_of_2(head_dim), triton.next_power_of_2(splits)
-        use_pdl = combine == "kernel-pdl" and splits > 1 and pdl_supported(torch.device(device))
+        # PDL: "kernel-pdl" starts its merge kernel early; "last" lets the caller's next kernel (a decode
+        # step's output projection) start early and wait. Either way this kernel waits for its predecessor.
+        use_pdl = combine != "kernel" and pdl_supported(torch.device(device))
+        pdl_merge = use_pdl and combine == "kernel-pdl" and splits > 1
         self.params, self.num_kv_heads, self.splits = p, num_kv_heads, splits
         self.slots = batch * num_kv_heads * p["m_blocks"]  # programs per split, and arrival counters
         # Partials: (O, m repeated) per row, then (m, l) per row.
@@ -387,7 +386,7 @@ class DecodeLaunch:
         shared = {
             "GROUP": num_heads // num_kv_heads, "Q_LEN": q_len, "HEAD_DIM": head_dim, "D_BLOCK": d_block,
             "BLOCK_M": p["BLOCK_M"], "NUM_M_BLOCKS": p["m_blocks"], "SPLITS_P2": splits_p2,
-            "PART_ROWS": part_rows, "USE_PDL": use_pdl, **({"launch_pdl": True} if use_pdl else {}),
+            "PART_ROWS": part_rows,
         }  # fmt: skip
         self.constants = {
             **shared, "BLOCK_N": p["BLOCK_N"], "SPLIT": splits > 1, "HAS_KV_LENS": has_kv_lens,
@@ -396,12 +395,12 @@ class DecodeLaunch:
             "ALONE_TILES": p["alone_tiles"] if combine == "last" else -1,
             # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
             "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
-            "num_warps": p["num_warps"], "num_stages": p["num_stages"],
+            "num_warps": p["num_warps"], "num_stages": p["num_stages"], **pdl_options(use_pdl),
         }  # fmt: skip
         merged_apart = splits > 1 and combine != "last"
         self.combine_grid = (self.slots * part_rows,) if merged_apart else None
         self.combine_constants = {**shared, "S_CHUNK": min(splits_p2, MERGE_CHUNK), "num_warps": 4,
-                                  "num_stages": 2}  # fmt: skip
+                                  "num_stages": 2, **pdl_options(pdl_merge)}  # fmt: skip
         # The launch captured calls of this bucket use, where it differs (`decode_launch`): compiled by this
         # launch's first call, since nothing may compile while a CUDA graph is captured.
         self.twin: DecodeLaunch | None = None

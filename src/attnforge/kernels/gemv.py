@@ -25,12 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnforge.environment import pdl_supported, triton_interpret
-
-try:  # grid dependency control (programmatic dependent launch), Hopper and later; newer Tritons only
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gdc_launch_dependents = gdc_wait = None
+from attnforge.environment import triton_interpret
+from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
 
 MAX_ROWS = 16
 # Where the kernel beats cuBLAS (H100, benchmarks/results/h100/gemv/): one row 1.07-1.34x on the plain product
@@ -174,7 +170,6 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
         res2 = res2.contiguous()
     y2 = out.view(rows, n)
     p = params or default_params(rows, n, k)
-    pdl = p.pdl and pdl_supported(out.device)
     dummy = w
     _gemv_kernel[_grid(n, p.block_n)](
         x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
@@ -183,7 +178,7 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
         float(eps),
         ROWS=triton.next_power_of_2(rows), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         NORM=gain is not None, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
-        USE_PDL=pdl, num_warps=p.num_warps, **({"launch_pdl": True} if pdl else {}),
+        num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
     )  # fmt: skip
 
 

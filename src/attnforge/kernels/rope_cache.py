@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -48,8 +50,11 @@ def _rope_cache_kernel(
     stride_qkv_b, stride_cos, stride_qo_b, stride_qo_h, stride_cb, stride_ch, stride_cs,
     max_seq, eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # launched early (PDL): let the next kernel launch too, then wait for the q/k/v product
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     head = tl.program_id(1)  # query heads first, then key/value heads
     half = HEAD_DIM // 2
@@ -121,7 +126,7 @@ def launch_rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_
         cache_k.stride(2), cache_k.shape[2], float(eps),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF=triton.next_power_of_2(head_dim // 2), Q_NORM=q_gain is not None, K_NORM=k_gain is not None,
-        num_warps=1,
+        num_warps=1, **pdl_options(pdl_supported(qkv.device)),
     )  # fmt: skip
 
 
