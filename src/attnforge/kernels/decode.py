@@ -40,13 +40,12 @@ from attnforge.kernels.decode_params import (
     kv_bound,
 )
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
+from attnforge.kernels.split_kv import attend, combine_kernel, finish_split, split_range
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# One kernel body on purpose (~90 lines, over the 60-line rule): Triton inlines helpers anyway, and
-# keeping the split's loop, its partial write and the merge in one place keeps the pointer flow readable.
 @triton.jit
 def _decode_kernel(
     Q, K, V, Out, KvLens, KvStarts, PartO, Counters,
@@ -61,8 +60,9 @@ def _decode_kernel(
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
     MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
 ):  # fmt: skip
-    # One function on purpose (kernels are exempt from the 60-line rule): load, the online-softmax loop over
-    # this split's keys, then the output or the partial and, with MERGE_LAST, the last program's merge.
+    # Load q, share the valid keys between the splits, the online softmax over this split's keys, then the
+    # output or the partial and, with MERGE_LAST, the last program's merge (helpers below, shared with
+    # kernels/decode_step.py).
     if USE_PDL:  # the next kernel (the merge, or the caller's) may start launching; it waits for this grid
         gdc_launch_dependents()
         # this kernel is launched with PDL too: wait for the previous kernel's writes (q, the cache) to land
@@ -94,157 +94,15 @@ def _decode_kernel(
         first = tl.minimum(tl.maximum(tl.load(KvStarts + b), 0), end).to(tl.int32)
     else:
         first = 0
-    n_tiles = tl.cdiv(end - first, BLOCK_N)
-    alone = n_tiles <= ALONE_TILES  # a few valid keys: split 0 reads them all and writes the output, no merge
-    tiles_per_split = tl.where(alone, n_tiles, tl.cdiv(n_tiles, num_splits))
-    start = first + split * tiles_per_split * BLOCK_N
-    stop = tl.minimum(start + tiles_per_split * BLOCK_N, end)
+    alone, start, stop = split_range(first, end, split, num_splits, BLOCK_N, ALONE_TILES)
     last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
-
-    n_off = tl.arange(0, BLOCK_N)
-    # K is read as [D, BLOCK_N] (transposed pointers) so the dot needs no transpose; V as [BLOCK_N, D].
-    n_first = start.to(tl.int64) + n_off
-    kt_ptrs = K + b * stride_kb + h * stride_kh + d[:, None] * stride_kd + n_first[None, :] * stride_kn
-    v_ptrs = V + b * stride_vb + h * stride_vh + n_first[:, None] * stride_vn + d[None, :] * stride_vd
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
-    for n0 in range(start, stop, BLOCK_N):
-        n = n0 + n_off
-        n_ok = n < end
-        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if FP32_DOT:
-            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        qk = tl.where(n[None, :] <= last_visible[:, None], qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
+    k_head, v_head = K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
+    m_i, l_i, acc = attend(q, k_head, v_head, start, stop, end, last_visible, scale_log2, d, d_ok, stride_kn,
+                            stride_kd, stride_vn, stride_vd, BLOCK_M, D_BLOCK, BLOCK_N, FP32_DOT)  # fmt: skip
     o_ptrs = Out + b * stride_ob + head * stride_oh + token * stride_om  # [BLOCK_M]: each row's output
-    if not SPLIT:
-        _store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
-    elif alone:  # the other splits read nothing and write nothing; the slot's counter stays at zero
-        if split == 0:
-            _store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
-    else:
-        # Partials of the real rows only: [slot, split, PART_ROWS, (o, m), D_BLOCK] and
-        # [slot, split, (m, l), PART_ROWS].
-        r = tl.arange(0, BLOCK_M)
-        keep = r < PART_ROWS
-        PartML = PartO + ml_offset
-        part = slot.to(tl.int64) * num_splits + split
-        tl.store(PartML + part * 2 * PART_ROWS + r, m_i, mask=keep)
-        tl.store(PartML + part * 2 * PART_ROWS + PART_ROWS + r, l_i, mask=keep)
-        # Each partial row is its output followed by its max repeated over D (`_merge_rows` reads the two with
-        # the same layout: no per-split exchange between threads).
-        o_row = PartO + (part * PART_ROWS + r[:, None]) * (2 * D_BLOCK) + d[None, :]
-        tl.store(o_row, acc, mask=keep[:, None])
-        tl.store(o_row + D_BLOCK, tl.broadcast_to(m_i[:, None], [BLOCK_M, D_BLOCK]), mask=keep[:, None])
-        if MERGE_LAST:
-            _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
-                           stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
-                           PART_ROWS, S_CHUNK)  # fmt: skip
-
-
-@triton.jit
-def _store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od):
-    """Write the normalized output of the rows at `o_ptrs` (`[BLOCK_M]` row pointers; acc `[BLOCK_M, D]`)."""
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    mask = row_ok[:, None] & d_ok[None, :]
-    tl.store(o_ptrs[:, None] + d[None, :] * stride_od, out.to(o_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
-                   stride_om, stride_od, num_splits, GROUP: tl.constexpr, Q_LEN: tl.constexpr,
-                   D_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS_P2: tl.constexpr,
-                   PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
-    """Count this split's arrival; the program that arrives last merges the slot's partials into the output
-    and resets the counter (for the next launch and the next graph replay)."""
-    tl.debug_barrier()  # every thread's partial is written before the counter says so
-    arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        out = _merge_rows(PartO, PartML, slot.to(tl.int64) * num_splits, num_splits, tl.arange(0, PART_ROWS),
-                          PART_ROWS, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
-        part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
-        part_head = h * GROUP + part_rows // Q_LEN
-        part_token = part_rows % Q_LEN
-        o_ptrs = (
-            Out + b * stride_ob + part_head[:, None] * stride_oh + part_token[:, None] * stride_om
-            + d[None, :] * stride_od
-        )  # fmt: skip
-        o_mask = (part_rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
-        tl.store(Counters + slot, 0)
-
-
-@triton.jit
-def _combine_kernel(
-    Out, PartO, stride_ob, stride_oh, stride_om, stride_od, num_kv_heads, num_splits, ml_offset,
-    GROUP: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr,
-    S_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """The second launch of the two-kernel variant: one program per (slot, partial row) merges that row's
-    partials from every split (many programs: the merge is not one program's serial tail)."""
-    if USE_PDL:  # launched early (programmatic dependent launch): wait until the split kernel has finished
-        gdc_wait()
-    pid = tl.program_id(0)
-    slot, r = pid // PART_ROWS, pid % PART_ROWS
-    rows = (slot % NUM_M_BLOCKS) * BLOCK_M + r + tl.arange(0, 1)
-    bh = slot // NUM_M_BLOCKS
-    b, h = (bh // num_kv_heads).to(tl.int64), (bh % num_kv_heads).to(tl.int64)
-    base = slot.to(tl.int64) * num_splits
-    out = _merge_rows(PartO, PartO + ml_offset, base, num_splits, r + tl.arange(0, 1), 1, SPLITS_P2,
-                      PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
-    d = tl.arange(0, D_BLOCK)
-    o_ptrs = (
-        Out + b * stride_ob + (h * GROUP + rows // Q_LEN)[:, None] * stride_oh
-        + (rows % Q_LEN)[:, None] * stride_om + d[None, :] * stride_od
-    )  # fmt: skip
-    o_mask = (rows < GROUP * Q_LEN)[:, None] & (d < HEAD_DIM)[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
-
-
-@triton.jit
-def _merge_rows(PartO, PartML, base, num_splits, r, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                PART_ROWS: tl.constexpr, D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
-    """Combine partial rows `r` ([ROWS] indices < PART_ROWS) of the splits at `base`:
-    `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`, `[ROWS, D_BLOCK]`. Each thread accumulates its own
-    elements split after split, with S_CHUNK splits' loads in flight, reading each split's max from the copy
-    stored next to its output (same layout: nothing moves between threads per split; a reduction over a
-    tile's split axis compiled to thousands of shared-memory steps)."""
-    s_all = tl.arange(0, SPLITS_P2)
-    ml_all = (base + s_all[:, None]) * 2 * PART_ROWS + r[None, :]
-    s_ok = (s_all < num_splits)[:, None]
-    m_all = tl.load(PartML + ml_all, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-    l_all = tl.load(PartML + ml_all + PART_ROWS, mask=s_ok, other=0.0, cache_modifier=".cg")
-    m = tl.max(m_all, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l_total = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
-    row = r[:, None] * (2 * D_BLOCK) + tl.arange(0, D_BLOCK)[None, :]
-    acc = tl.zeros([ROWS, D_BLOCK], tl.float32)
-    for s0 in range(0, num_splits, S_CHUNK):
-        for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
-            # per row, not a scalar: the interpreter takes block masks only
-            ok = ((r < PART_ROWS) & (r * 0 + s0 + i < num_splits))[:, None]
-            o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * 2 * D_BLOCK) + row
-            o_s = tl.load(o_ptrs, mask=ok, other=0.0, cache_modifier=".cg")
-            m_s = tl.load(o_ptrs + D_BLOCK, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            acc += tl.exp2(m_s - m_safe[:, None]) * o_s
-    return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
+    finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot, b, h, m_block, d, d_ok,
+                 row_ok, stride_ob, stride_oh, stride_om, stride_od, num_splits, ml_offset, GROUP, Q_LEN,
+                 D_BLOCK, BLOCK_M, SPLIT, SPLITS_P2, PART_ROWS, S_CHUNK, MERGE_LAST)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -418,7 +276,7 @@ class DecodeLaunch:
                 self.ml_offset)  # fmt: skip
         _decode_kernel[self.grid](*args, **self.constants)
         if self.combine_grid is not None:
-            _combine_kernel[self.combine_grid](*self._combine_args(out, partials), **self.combine_constants)
+            combine_kernel[self.combine_grid](*self._combine_args(out, partials), **self.combine_constants)
         if self.twin is not None:
             self._warm_twin(args)
 
@@ -433,7 +291,7 @@ class DecodeLaunch:
         compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **twin.constants)]
         if twin.combine_grid is not None:
             combine_args = twin._combine_args(args[3], args[6])  # out, partials
-            compiled.append(_combine_kernel.warmup(*combine_args, grid=twin.combine_grid,
+            compiled.append(combine_kernel.warmup(*combine_args, grid=twin.combine_grid,
                                                    **twin.combine_constants))  # fmt: skip
         for kernel in compiled:
             _ = kernel.run  # the launcher property loads the module onto the GPU

@@ -23,25 +23,39 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _rotated(row, Gain, cos_row, sin_row, i, ok, half, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
-    """One head `row[0:D]`, normalized (NORM) and rotated; returns its two halves in the working dtype."""
+def rope_rows(rows, row_ok, Gain, cos_row, sin_row, d, d_ok, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
+    """Heads at row pointers `rows` `[M]` (valid where `row_ok`), columns `d` `[D_BLOCK]` (valid where
+    `d_ok`), normalized (NORM: RMSNorm over the head with gain `Gain`) and rotated by the tables' rows
+    `cos_row`, `sin_row`: `[M, D_BLOCK]` in the tables' dtype, 0 where masked. Rounded as torch's ops round in
+    that dtype: the norm's output, its product with the gain, each RoPE product and their sum."""
     dtype = cos_row.dtype.element_ty
-    x1 = tl.load(row + i, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(row + half + i, mask=ok, other=0.0).to(tl.float32)
-    if NORM:  # RMSNorm over the head: normalized, rounded, times the gain, rounded
-        inv = tl.rsqrt((tl.sum(x1 * x1) + tl.sum(x2 * x2)) / HEAD_DIM + eps)
-        g1 = tl.load(Gain + i, mask=ok, other=0.0).to(tl.float32)
-        g2 = tl.load(Gain + half + i, mask=ok, other=0.0).to(tl.float32)
-        x1 = ((x1 * inv).to(dtype).to(tl.float32) * g1).to(dtype).to(tl.float32)
-        x2 = ((x2 * inv).to(dtype).to(tl.float32) * g2).to(dtype).to(tl.float32)
-    c1 = tl.load(cos_row + i, mask=ok, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_row + half + i, mask=ok, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_row + i, mask=ok, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_row + half + i, mask=ok, other=0.0).to(tl.float32)
-    # x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]; each product and the sum rounded
-    y1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
-    y2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
-    return y1, y2
+    half = HEAD_DIM // 2
+    # x * cos + rotate_half(x) * sin, rotate_half(x)[d] = -x[d + half] below half, x[d - half] above
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    ok = row_ok[:, None] & d_ok[None, :]
+    x = tl.load(rows[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    xp = tl.load(rows[:, None] + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        inv = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
+        g = tl.load(Gain + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        gp = tl.load(Gain + partner, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        x = ((x * inv).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
+        xp = ((xp * inv).to(dtype).to(tl.float32) * gp).to(dtype).to(tl.float32)
+    c = tl.load(cos_row + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_row + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    y = (x * c).to(dtype).to(tl.float32) + (sign[None, :] * xp * s).to(dtype).to(tl.float32)
+    return y.to(dtype)
+
+
+@triton.jit
+def store_new_kv(CacheK, CacheV, slot, k, v_row, d, d_ok, pos, max_seq):
+    """Write the new key `k` `[1, D_BLOCK]` and the value at `v_row` into the caches at offset `slot`, if the
+    position `pos` lies in [0, max_seq) (a position outside the cache is not written)."""
+    at = d * 0 + pos  # a vector: the interpreter masks with vectors only
+    store = d_ok & (at >= 0) & (at < max_seq)
+    tl.store(CacheK + slot + d[None, :], k, mask=store[None, :])
+    tl.store(CacheV + slot + d, tl.load(v_row + d, mask=d_ok, other=0.0), mask=store)
 
 
 @triton.jit
@@ -49,7 +63,7 @@ def _rope_cache_kernel(
     QKV, Cos, Sin, Positions, QGain, KGain, QOut, CacheK, CacheV,
     stride_qkv_b, stride_cos, stride_qo_b, stride_qo_h, stride_cb, stride_ch, stride_cs,
     max_seq, eps,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # launched early (PDL): let the next kernel launch too, then wait for the q/k/v product
@@ -57,32 +71,24 @@ def _rope_cache_kernel(
         gdc_wait()
     b = tl.program_id(0)
     head = tl.program_id(1)  # query heads first, then key/value heads
-    half = HEAD_DIM // 2
-    i = tl.arange(0, HALF)
-    ok = i < half
+    d = tl.arange(0, D_BLOCK)
+    d_ok = d < HEAD_DIM
+    one = tl.arange(0, 1)
     pos = tl.load(Positions + b)
-    safe = tl.minimum(tl.maximum(pos, 0), max_seq - 1)  # the tables are read in range whatever pos is
+    safe = tl.minimum(tl.maximum(pos, 0), max_seq - 1)  # the tables have a row per cache position
     cos_row, sin_row = Cos + safe * stride_cos, Sin + safe * stride_cos
     qkv_row = QKV + b * stride_qkv_b
     if head < NUM_HEADS:
-        y1, y2 = _rotated(
-            qkv_row + head * HEAD_DIM, QGain, cos_row, sin_row, i, ok, half, eps, HEAD_DIM, Q_NORM
-        )
+        row = qkv_row + head * HEAD_DIM + one
+        q = rope_rows(row, one == 0, QGain, cos_row, sin_row, d, d_ok, eps, HEAD_DIM, Q_NORM)
         out = QOut + b * stride_qo_b + head * stride_qo_h
-        tl.store(out + i, y1, mask=ok)
-        tl.store(out + half + i, y2, mask=ok)
+        tl.store(out + d[None, :], q, mask=d_ok[None, :])
     else:
         kv_head = head - NUM_HEADS
         k_row = qkv_row + (NUM_HEADS + kv_head) * HEAD_DIM
-        y1, y2 = _rotated(k_row, KGain, cos_row, sin_row, i, ok, half, eps, HEAD_DIM, K_NORM)
-        at = i * 0 + pos  # a vector: the interpreter masks with vectors only
-        store = ok & (at >= 0) & (at < max_seq)  # a position outside the cache is not written
+        k = rope_rows(k_row + one, one == 0, KGain, cos_row, sin_row, d, d_ok, eps, HEAD_DIM, K_NORM)
         slot = b * stride_cb + kv_head * stride_ch + pos * stride_cs
-        tl.store(CacheK + slot + i, y1, mask=store)
-        tl.store(CacheK + slot + half + i, y2, mask=store)
-        v_row = k_row + NUM_KV_HEADS * HEAD_DIM
-        tl.store(CacheV + slot + i, tl.load(v_row + i, mask=ok, other=0.0), mask=store)
-        tl.store(CacheV + slot + half + i, tl.load(v_row + half + i, mask=ok, other=0.0), mask=store)
+        store_new_kv(CacheK, CacheV, slot, k, k_row + NUM_KV_HEADS * HEAD_DIM, d, d_ok, pos, max_seq)
 
 
 def _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, gains) -> None:
@@ -95,9 +101,14 @@ def _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, gains) -> None
     width = (num_heads + 2 * num_kv_heads) * head_dim
     if qkv.dim() != 3 or qkv.shape[1] != 1 or qkv.shape[2] != width or qkv.shape[0] > batch:
         raise ValueError(f"qkv must be [b <= {batch}, 1, {width}] (one new token), got {tuple(qkv.shape)}")
+    max_seq = cache_k.shape[2]
     if head_dim % 2 or cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
         raise ValueError(f"cos and sin must be [positions, {head_dim}] (even head_dim), got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
+    if cos.shape[0] < max_seq:
+        raise ValueError(
+            f"cos and sin have {cos.shape[0]} rows; they need one per cache position ({max_seq})"
+        )
     if tuple(positions.shape) != (qkv.shape[0], 1) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be integer [{qkv.shape[0]}, 1], got {tuple(positions.shape)}")
     for name, tensor in {"cos": cos, "sin": sin, "cache_k": cache_k, "cache_v": cache_v, **gains}.items():
@@ -125,7 +136,7 @@ def launch_rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_
         qkv.stride(0), cos.stride(0), q_out.stride(0), q_out.stride(1), cache_k.stride(0), cache_k.stride(1),
         cache_k.stride(2), cache_k.shape[2], float(eps),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HALF=triton.next_power_of_2(head_dim // 2), Q_NORM=q_gain is not None, K_NORM=k_gain is not None,
+        D_BLOCK=triton.next_power_of_2(head_dim), Q_NORM=q_gain is not None, K_NORM=k_gain is not None,
         num_warps=1, **pdl_options(pdl_supported(qkv.device)),
     )  # fmt: skip
 
