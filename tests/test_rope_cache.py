@@ -4,49 +4,13 @@ fp32 agrees to rounding (the interpreter and GPUs alike); bf16 on a GPU rounds a
 Triton interpreter truncates when it narrows to 16 bits, so on CPU bf16 is checked within one bf16 step.
 """
 
+import new_token_reference as ref
 import pytest
 import torch
 
 from attnforge.kernels.rope_cache import rope_and_store
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rotate_half(x):
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def _rms(x, gain, eps):
-    xf = x.float()
-    return gain * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _tables(positions, dim, dtype):
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
-    freqs = torch.outer(torch.arange(positions).float(), inv)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
-
-
-def _case(batch, heads, kv_heads, dim, dtype, seed, max_seq=24):
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, generator=gen).to(DEVICE, dtype)
-    cache_k = torch.randn(batch + 1, kv_heads, max_seq, dim, generator=gen).to(DEVICE, dtype)
-    gains = [(torch.rand(dim, generator=gen) + 0.5).to(DEVICE, dtype) for _ in range(2)]
-    positions = torch.randint(0, max_seq, (batch, 1), generator=gen).to(DEVICE)
-    return qkv, cache_k, cache_k.clone() * 2, gains, positions
-
-
-def _expected(qkv, heads, kv_heads, dim, cos, sin, positions, gains, eps):
-    batch = qkv.shape[0]
-    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q, k = q.view(batch, 1, heads, dim), k.view(batch, 1, kv_heads, dim)
-    if gains is not None:
-        q, k = _rms(q, gains[0], eps), _rms(k, gains[1], eps)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    c, s = cos[positions[:, 0]][:, None, None], sin[positions[:, 0]][:, None, None]
-    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v.view(batch, kv_heads, 1, dim)
+DEVICE = ref.DEVICE
 
 
 @pytest.mark.parametrize(
@@ -55,12 +19,12 @@ def _expected(qkv, heads, kv_heads, dim, cos, sin, positions, gains, eps):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", [False, True])
 def test_queries_and_the_cache_match_torchs_ops(batch, heads, kv_heads, dim, dtype, norm):
-    qkv, cache_k, cache_v, gains, positions = _case(batch, heads, kv_heads, dim, dtype, seed=batch + dim)
+    qkv, cache_k, cache_v, gains, positions = ref.case(batch, heads, kv_heads, dim, dtype, seed=batch + dim)
     before_k, before_v = cache_k.clone(), cache_v.clone()
-    cos, sin = _tables(24, dim, dtype)
+    cos, sin = ref.tables(24, dim, dtype)
     norms = {"q_norm": (gains[0], 1e-6), "k_norm": (gains[1], 1e-6)} if norm else {}
     q = rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, num_heads=heads, **norms)
-    eq, ek, ev = _expected(qkv, heads, kv_heads, dim, cos, sin, positions, gains if norm else None, 1e-6)
+    eq, ek, ev = ref.expected(qkv, heads, kv_heads, dim, cos, sin, positions, gains if norm else None, 1e-6)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.07, "rtol": 0.02}
     assert q.shape == (batch, heads, 1, dim) and q.is_contiguous()
     torch.testing.assert_close(q, eq, **tol)
@@ -74,9 +38,9 @@ def test_queries_and_the_cache_match_torchs_ops(batch, heads, kv_heads, dim, dty
 
 @pytest.mark.parametrize("position", [-1, 24, 10**6])
 def test_a_position_outside_the_cache_writes_nothing(position):
-    qkv, cache_k, cache_v, _, _ = _case(2, 2, 1, 64, torch.float32, seed=3)
+    qkv, cache_k, cache_v, _, _ = ref.case(2, 2, 1, 64, torch.float32, seed=3)
     before = cache_k.clone(), cache_v.clone()
-    cos, sin = _tables(24, 64, torch.float32)
+    cos, sin = ref.tables(24, 64, torch.float32)
     positions = torch.tensor([[position], [position]], device=DEVICE)
     q = rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, num_heads=2)
     assert torch.isfinite(q).all()
@@ -84,8 +48,8 @@ def test_a_position_outside_the_cache_writes_nothing(position):
 
 
 def _args():
-    qkv, cache_k, cache_v, gains, positions = _case(1, 2, 1, 64, torch.float32, seed=1)
-    cos, sin = _tables(24, 64, torch.float32)
+    qkv, cache_k, cache_v, gains, positions = ref.case(1, 2, 1, 64, torch.float32, seed=1)
+    cos, sin = ref.tables(24, 64, torch.float32)
     return dict(qkv=qkv, cos=cos, sin=sin, positions=positions, cache_k=cache_k, cache_v=cache_v, num_heads=2)
 
 
@@ -98,6 +62,11 @@ BAD = [
         "cache_k (2, 1, 24, 64) and cache_v (2, 1, 5, 64) must be",
     ),
     ({"cos": lambda a: a["cos"][:, :32]}, "cos and sin must be [positions, 64]"),
+    ({"cos": lambda a: a["cos"][:20], "sin": lambda a: a["sin"][:20]}, "cos and sin have 20 rows; they need"),
+    (
+        {"cache_v": lambda a: torch.zeros(2, 1, 30, 64, device=DEVICE)[:, :, :24]},
+        "cache_k and cache_v must have the same strides, got (1536, 1536, 64, 1) and (1920, 1920, 64, 1)",
+    ),
     ({"positions": lambda a: a["positions"].float()}, "positions must be integer [1, 1]"),
     ({"sin": lambda a: a["sin"].double()}, "sin is torch.float64"),
     ({"q_norm": lambda a: (torch.ones(3, device=DEVICE), 1e-6)}, "q_norm gain must have shape (64,)"),

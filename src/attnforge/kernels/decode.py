@@ -331,6 +331,20 @@ def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, 
 tuning.on_reload(_launch_for.cache_clear)
 
 
+@functools.lru_cache(maxsize=1024)
+def merged_in_kernel(shape: tuple, num_kv_heads: int, kv_len: int, dtype, device) -> DecodeLaunch:
+    """The launch of a call with kv_lens (its tuning entry's tiles and splits, or the heuristic's), merged by
+    the program that arrives last whatever merge the entry picked: a kernel that must stay one launch
+    (`decode_step.py`) takes its parameters from here."""
+    p = bucket_params(shape, num_kv_heads, kv_bound(kv_len), True, dtype, device)
+    splits = max(1, min(p["num_splits"], -(-kv_len // p["BLOCK_N"])))
+    return DecodeLaunch({**p, "num_splits": splits, "combine": "last"}, shape, num_kv_heads, dtype, device,
+                        True, False)  # fmt: skip
+
+
+tuning.on_reload(merged_in_kernel.cache_clear)
+
+
 def launch_decode(
     q, k, v, out, *, scale: float, kv_lens=None, kv_starts=None, params: dict | None = None, workspace=None
 ) -> None:

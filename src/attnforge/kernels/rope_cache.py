@@ -49,13 +49,13 @@ def rope_rows(rows, row_ok, Gain, cos_row, sin_row, d, d_ok, eps, HEAD_DIM: tl.c
 
 
 @triton.jit
-def store_new_kv(CacheK, CacheV, slot, k, v_row, d, d_ok, pos, max_seq):
-    """Write the new key `k` `[1, D_BLOCK]` and the value at `v_row` into the caches at offset `slot`, if the
-    position `pos` lies in [0, max_seq) (a position outside the cache is not written)."""
+def store_new_kv(CacheK, CacheV, slot, k, v, d, d_ok, pos, max_seq):
+    """Write the new key `k` `[1, D_BLOCK]` and value `v` `[D_BLOCK]` into the caches at offset `slot`, if
+    the position `pos` lies in [0, max_seq) (a position outside the cache is not written)."""
     at = d * 0 + pos  # a vector: the interpreter masks with vectors only
     store = d_ok & (at >= 0) & (at < max_seq)
     tl.store(CacheK + slot + d[None, :], k, mask=store[None, :])
-    tl.store(CacheV + slot + d, tl.load(v_row + d, mask=d_ok, other=0.0), mask=store)
+    tl.store(CacheV + slot + d, v, mask=store)
 
 
 @triton.jit
@@ -87,13 +87,14 @@ def _rope_cache_kernel(
         kv_head = head - NUM_HEADS
         k_row = qkv_row + (NUM_HEADS + kv_head) * HEAD_DIM
         k = rope_rows(k_row + one, one == 0, KGain, cos_row, sin_row, d, d_ok, eps, HEAD_DIM, K_NORM)
+        v = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + d, mask=d_ok, other=0.0)
         slot = b * stride_cb + kv_head * stride_ch + pos * stride_cs
-        store_new_kv(CacheK, CacheV, slot, k, k_row + NUM_KV_HEADS * HEAD_DIM, d, d_ok, pos, max_seq)
+        store_new_kv(CacheK, CacheV, slot, k, v, d, d_ok, pos, max_seq)
 
 
 def _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, gains) -> None:
     if qkv.dtype not in DTYPES:
-        raise ValueError(f"qkv has dtype {qkv.dtype}; rope_and_store supports {DTYPES}")
+        raise ValueError(f"qkv has dtype {qkv.dtype}; supported: {DTYPES}")
     if cache_k.dim() != 4 or cache_v.shape != cache_k.shape:
         raise ValueError(f"cache_k {tuple(cache_k.shape)} and cache_v {tuple(cache_v.shape)} must be "
                          "[batch, kv_heads, max_seq, head_dim] alike")  # fmt: skip
@@ -118,6 +119,9 @@ def _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, gains) -> None
             )
         if tensor is not None and tensor.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim")
+    if cache_v.stride() != cache_k.stride():
+        raise ValueError(f"cache_k and cache_v must have the same strides, got {cache_k.stride()} and "
+                         f"{cache_v.stride()}")  # fmt: skip
     for name, gain in gains.items():
         if gain is not None and tuple(gain.shape) != (head_dim,):
             raise ValueError(f"{name} must have shape ({head_dim},), got {tuple(gain.shape)}")
@@ -176,10 +180,19 @@ def rope_and_store(
         cache_k, cache_v: `[batch >= b, Hkv, max_seq, D]`, written at `[i, :, positions[i], :]`.
         num_heads: Hq. q_norm, k_norm: `(gain [D], eps)` RMSNorm per head before RoPE (Qwen3), or None.
     """
+    q_gain, k_gain, eps = check_new_token(
+        qkv, cos, sin, positions, cache_k, cache_v, num_heads, q_norm, k_norm
+    )
+    return _rope_op(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gain, eps, num_heads)
+
+
+def check_new_token(qkv, cos, sin, positions, cache_k, cache_v, num_heads, q_norm, k_norm) -> tuple:
+    """Validate a new token's inputs (as `rope_and_store`'s); returns (q gain, k gain, eps) for the kernel."""
     if q_norm is not None and k_norm is not None and q_norm[1] != k_norm[1]:
         raise ValueError(f"q_norm and k_norm must share eps, got {q_norm[1]} and {k_norm[1]}")
     q_gain, k_gain = (None if n is None else n[0] for n in (q_norm, k_norm))
     eps = next((n[1] for n in (q_norm, k_norm) if n is not None), 0.0)
-    gains = {"q_norm gain": q_gain, "k_norm gain": k_gain}
-    _check(qkv, cos, sin, positions, cache_k, cache_v, num_heads, gains)
-    return _rope_op(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gain, float(eps), num_heads)
+    _check(
+        qkv, cos, sin, positions, cache_k, cache_v, num_heads, {"q_norm gain": q_gain, "k_norm gain": k_gain}
+    )
+    return q_gain, k_gain, float(eps)
