@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 import attnforge as af  # noqa: E402
 from attnforge.accel import CacheTooLargeError, UnsupportedModelError, accelerate  # noqa: E402
 from attnforge.accel import cache as cache_module  # noqa: E402
-from attnforge.kernels import decode  # noqa: E402
+from attnforge.kernels import decode, decode_step, rope_cache  # noqa: E402
 
 VOCAB = 96
 NEW = 6
@@ -142,6 +142,31 @@ def test_torch_projections_give_the_same_tokens(qwen3):
             torch_side.generate(prompt(9 + seed, seed=seed), max_new_tokens=NEW, ignore_eos=True).tokens
             == kernels
         )
+
+
+def test_the_new_token_in_one_kernel_gives_the_two_kernel_tokens(qwen3, monkeypatch):
+    """A decode step's new token goes through decode_step_attention (q/k norms, RoPE, cache write and
+    attention in one launch); with `fuse_new_token` off, through rope_and_store then decode_attention."""
+    model, acc = qwen3
+    two = accelerate(model, max_batch_size=2)
+    two.walk.attention.fuse_new_token = False
+    calls = {"step": 0, "rope": 0}
+
+    def counted(key, launch):
+        def launch_and_count(*args):
+            calls[key] += 1
+            return launch(*args)
+
+        return launch_and_count
+
+    for module, name, key in ((decode_step, "launch_decode_step", "step"),
+                              (rope_cache, "launch_rope_and_store", "rope")):  # fmt: skip
+        monkeypatch.setattr(module, name, counted(key, getattr(module, name)))
+    prompts = [prompt(6, seed=2), prompt(11, seed=3)]
+    fused = acc.generate(prompts, max_new_tokens=NEW, ignore_eos=True).tokens
+    assert calls == {"step": (NEW - 1) * model.config.num_hidden_layers, "rope": 0}
+    assert two.generate(prompts, max_new_tokens=NEW, ignore_eos=True).tokens == fused
+    assert calls["rope"] == (NEW - 1) * model.config.num_hidden_layers
 
 
 def test_the_bench_row_with_torch_projections_uses_the_models_matmuls():
@@ -293,8 +318,12 @@ def test_the_decode_scratch_is_sized_before_the_step_is_compiled_or_captured():
     shape = (2, model.config.num_attention_heads, 1, model.config.head_dim)
     workspace = acc.walk.attention.workspaces[shape]
     keys = acc.cache.keys[0][:2]
-    needed = decode.workspace_size(torch.empty(shape, dtype=keys.dtype), keys, torch.ones(2))
-    assert (workspace.partials.numel(), workspace.counters.numel()) >= needed
+    sizes = (workspace.partials.numel(), workspace.counters.numel())
+    for needed in (
+        decode.workspace_size(torch.empty(shape, dtype=keys.dtype), keys, torch.ones(2)),
+        decode_step.workspace_size(2, shape[1], keys),  # the fused new-token kernel's
+    ):
+        assert all(have >= need for have, need in zip(sizes, needed, strict=True)), (sizes, needed)
 
 
 def test_kernels_without_triton_are_refused_with_the_reason(monkeypatch):

@@ -25,12 +25,15 @@ ATTENTION_BACKENDS = ("auto", "kernels", "torch")
 class KernelAttention:
     """attnforge's Triton kernels; decode calls use a caller-owned workspace and output buffer."""
 
-    name = "attnforge kernels (decode_attention, prefill_attention)"
+    name = "attnforge kernels (decode_step_attention, decode_attention, prefill_attention)"
+    # A decode step's new token: rotated, stored and attended in one launch (`decode_step_attention`); False
+    # runs rope_and_store, then decode_attention (two launches: what A/B measurements compare against).
+    fuse_new_token = True
 
     def __init__(self) -> None:
-        from attnforge.kernels import decode, prefill
+        from attnforge.kernels import decode, decode_step, prefill, rope_cache
 
-        self._decode, self._prefill = decode, prefill
+        self._decode, self._step, self._prefill, self._rope = decode, decode_step, prefill, rope_cache
         self.workspaces: dict[tuple, object] = {}
         self.outputs: dict[tuple, torch.Tensor] = {}
 
@@ -38,8 +41,27 @@ class KernelAttention:
         """Size the workspace and output for decode calls of this shape (before a CUDA graph is captured)."""
         key = tuple(q.shape)
         if key not in self.workspaces:
-            self.workspaces[key] = self._decode.DecodeWorkspace.for_call(q, keys, kv_lens)
+            needs = (self._decode.workspace_size(q, keys, kv_lens),
+                     self._step.workspace_size(q.shape[0], q.shape[1], keys))  # fmt: skip
+            self.workspaces[key] = self._decode.DecodeWorkspace(q.device, *map(max, *needs))
             self.outputs[key] = torch.empty_like(q)
+
+    def new_token(self, qkv, positions, keys, values, *, scale, kv_lens, rope):
+        """Attention `[b, Hq, 1, D]` of a decode step's new token from the q/k/v product `[b, 1, width]`, its
+        key and value stored in `keys`/`values` `[b, Hkv, S, D]` at `positions` `[b, 1]` on the way (`rope`:
+        a projections.NewTokenRope; kv_lens `[b]` = positions + 1)."""
+        norms = {"q_norm": rope.q_norm, "k_norm": rope.k_norm}
+        if not self.fuse_new_token:
+            q = self._rope.rope_and_store(qkv, rope.cos, rope.sin, positions, keys, values,
+                                          num_heads=rope.num_heads, **norms)  # fmt: skip
+            return self(q, keys, values, scale=scale, kv_lens=kv_lens, q_lens=None, extent=keys.shape[2])
+        shape = (qkv.shape[0], rope.num_heads, 1, keys.shape[3])
+        if not torch.compiler.is_compiling():
+            self.prepare_decode(keys.new_empty(shape), keys, kv_lens)
+        return self._step.decode_step_attention(
+            qkv, rope.cos, rope.sin, positions, keys, values, num_heads=rope.num_heads, scale=scale,
+            workspace=self.workspaces.get(shape), **norms,
+        )  # fmt: skip
 
     def __call__(self, q, keys, values, *, scale, kv_lens, q_lens, extent):
         if q.shape[2] == 1:
@@ -150,23 +172,35 @@ class Walk:
         batch, length, _ = hidden.shape
         project = self.projections
         qkv = project.attention_in(index, layer, hidden)
-        kv_lens, q_lens, extent, chunk = lengths
-        q = None  # a decode step: q/k norms, RoPE and the cache write in one kernel where that is exact
-        if length == 1 and chunk is None:
-            q = project.rotate_and_store(index, layer, qkv, positions, self.cache)
-        if q is None:
-            q, k, v = self._rotated(layer, qkv, cos, sin)
-            if chunk is None:
-                self.cache.write(index, k, v, positions)
-        if chunk is not None:
-            out = chunk.attend(self.attention, index, q, k, v, layer.scale)
-        else:
-            keys, values = self.cache.keys[index][:batch], self.cache.values[index][:batch]
-            out = self.attention(
-                q, keys, values, scale=layer.scale, kv_lens=kv_lens, q_lens=q_lens, extent=extent
-            )
+        out = self._new_token(index, layer, qkv, positions, lengths) if length == 1 else None
+        if out is None:
+            out = self._attend(index, layer, qkv, cos, sin, positions, lengths)
         hidden = project.attention_out(index, layer, out.transpose(1, 2).reshape(batch, length, -1), hidden)
         return project.mlp(index, layer, hidden)
+
+    def _new_token(self, index, layer: LayerPlan, qkv, positions, lengths):
+        """A decode step's attention with the new token's norms, RoPE and cache write in the attention kernel,
+        where that computes what the model's modules do; None elsewhere."""
+        kv_lens, _, _, chunk = lengths
+        new_token = getattr(self.attention, "new_token", None)
+        rope = self.projections.new_token_rope(index, self.cache)
+        if chunk is not None or new_token is None or rope is None:
+            return None
+        keys, values = self.cache.keys[index][: qkv.shape[0]], self.cache.values[index][: qkv.shape[0]]
+        return new_token(qkv, positions, keys, values, scale=layer.scale, kv_lens=kv_lens, rope=rope)
+
+    def _attend(self, index, layer: LayerPlan, qkv, cos, sin, positions, lengths):
+        """Attention `[b, Hq, L, D]` with the model's q/k norms and RoPE, the new keys written first (a
+        rotating cache's wrapping chunk attends through the chunk)."""
+        kv_lens, q_lens, extent, chunk = lengths
+        q, k, v = self._rotated(layer, qkv, cos, sin)
+        if chunk is not None:
+            return chunk.attend(self.attention, index, q, k, v, layer.scale)
+        self.cache.write(index, k, v, positions)
+        keys, values = self.cache.keys[index][: qkv.shape[0]], self.cache.values[index][: qkv.shape[0]]
+        return self.attention(
+            q, keys, values, scale=layer.scale, kv_lens=kv_lens, q_lens=q_lens, extent=extent
+        )
 
     def _rotated(self, layer: LayerPlan, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         """q `[b, Hq, L, D]`, k, v `[b, Hkv, L, D]` from the fused product `[b, L, width]`: the model's own

@@ -14,6 +14,7 @@ model's modules (`TorchProjections`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +48,22 @@ class TorchProjections:
         """Logits `[b, 1, vocab]` of the selected rows `[b, 1, hidden]` (final norm, LM head)."""
         return plan.lm_head(plan.final_norm(hidden))
 
-    def rotate_and_store(self, index: int, layer: LayerPlan, qkv, positions, cache) -> torch.Tensor | None:
-        """Rotated q `[b, Hq, 1, D]` of a decode step with its k/v stored in `cache`, or None: the walk does
-        it with the model's modules (here, always)."""
+    def new_token_rope(self, index: int, cache) -> NewTokenRope | None:
+        """How attnforge's kernels may rotate a decode step's new token in layer `index` (what the model's
+        modules compute, into a static cache), or None: the walk rotates it with the model's modules (here,
+        always)."""
         return None
+
+
+class NewTokenRope(NamedTuple):
+    """A layer's rotation of the new token, in the kernels' terms (`kernels.decode_step`, `rope_cache`):
+    RoPE tables `[max_seq_len, D]`, query heads, and the q/k RMSNorms `(gain [D], eps)` or None."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    num_heads: int
+    q_norm: tuple | None
+    k_norm: tuple | None
 
 
 @dataclass
@@ -71,14 +84,14 @@ class KernelProjections(TorchProjections):
 
     @property
     def name(self) -> str:
-        rope = "the model's RoPE" if self.rope is None else "rope_and_store (q/k norms, RoPE, cache write)"
+        rope = "the model's RoPE" if self.rope is None else "attention kernels (q/k norms, RoPE, cache write)"
         return (f"attnforge fused_linear (norm, silu * up and residual fused) for batch-1 decode, {rope} for "
-                "decode steps; torch matmuls otherwise")  # fmt: skip
+                "decode steps' new tokens; torch matmuls otherwise")  # fmt: skip
 
     def __init__(self, plan: ModelPlan, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
-        from attnforge.kernels import gemv, rope_cache
+        from attnforge.kernels import gemv
 
-        self._gemv, self._rope = gemv, rope_cache
+        self._gemv = gemv
         self.layers = [_fused_layer(layer, plan.dtype, plan.device) for layer in plan.layers]
         self.final_norm = rms_norm_params(plan.final_norm, plan.dtype, plan.device)
         self.lm_head = _linear(plan.lm_head)
@@ -115,14 +128,11 @@ class KernelProjections(TorchProjections):
         gate, up = gate_up.chunk(2, dim=-1)
         return self._gemv.fused_linear(layer.act(gate) * up, *fused.down, residual=hidden)
 
-    def rotate_and_store(self, index, layer, qkv, positions, cache):
+    def new_token_rope(self, index, cache):
         norms = self.qk_norms[index]
         if self.rope is None or norms is None or type(cache) is not StaticKVCache:
             return None  # another RoPE, norms that differ from the kernel's, or a rotating cache
-        return self._rope.rope_and_store(
-            qkv, *self.rope, positions, cache.keys[index], cache.values[index], num_heads=self.num_heads,
-            q_norm=norms[0], k_norm=norms[1],
-        )  # fmt: skip
+        return NewTokenRope(*self.rope, self.num_heads, *norms)
 
     def head(self, plan, hidden):
         if self.lm_head is None or not self._small(hidden):

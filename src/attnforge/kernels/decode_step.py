@@ -129,11 +129,17 @@ def workspace_size(batch: int, num_heads: int, cache_k: torch.Tensor) -> tuple[i
 )
 def _step_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
              cache_k: torch.Tensor, cache_v: torch.Tensor, q_gain: torch.Tensor | None,
-             k_gain: torch.Tensor | None, eps: float, num_heads: int, scale: float, partials: torch.Tensor,
-             counters: torch.Tensor) -> torch.Tensor:  # fmt: skip
+             k_gain: torch.Tensor | None, eps: float, num_heads: int, scale: float,
+             partials: torch.Tensor | None, counters: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """The kernel as an op (opaque to torch.compile): on the caller's workspace, or without one on a
+    temporary (allocated here, freed when the call returns)."""
     out = qkv.new_empty(qkv.shape[0], num_heads, 1, cache_k.shape[3])
+    if partials is None or counters is None:
+        workspace = DecodeWorkspace(qkv.device, *workspace_size(qkv.shape[0], num_heads, cache_k))
+    else:
+        workspace = DecodeWorkspace.over(partials, counters)
     launch_decode_step(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gain, eps, num_heads, scale, out,
-                       DecodeWorkspace.over(partials, counters))  # fmt: skip
+                       workspace)  # fmt: skip
     return out
 
 
@@ -185,8 +191,6 @@ def decode_step_attention(
         out = qkv.new_empty(qkv.shape[0], num_heads, 1, head_dim)
         launch_decode_step(*args, out, workspace)
         return out
-    if workspace is not None:
-        return _step_op(*args, workspace.partials, workspace.counters)
-    floats, counters = workspace_size(qkv.shape[0], num_heads, cache_k)  # a temporary in the compiled graph
-    partials = qkv.new_empty(floats, dtype=torch.float32)
-    return _step_op(*args, partials, qkv.new_zeros(counters, dtype=torch.int32))
+    if workspace is None:
+        return _step_op(*args, None, None)
+    return _step_op(*args, workspace.partials, workspace.counters)
