@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnforge.kernels.gemv import MAX_ROWS, GemvParams, fused_linear
+from attnforge.accel.quant.linear import dequantize_weight, quantize_weight
+from attnforge.kernels.gemv import MAX_ROWS, GemvParams, PackedWeight, fused_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -126,6 +127,88 @@ def test_bad_launch_parameters_are_refused(field, value, message):
     values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         GemvParams(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight-only quantized weights (accel.quant's format), dequantized in the kernel
+
+
+def _packed(w, bits, group):
+    codes, scales, zeros = quantize_weight(w, bits, group)
+    dense = dequantize_weight(codes, scales, zeros, bits, group, w.shape[1])  # torch's rounding, w's dtype
+    return PackedWeight(codes, scales, zeros, bits, group), dense
+
+
+PACKED_SIZES = [(1, 40, 128, 32), (3, 33, 192, 64), (16, 17, 256, 128), (2, 5, 64, 32)]
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("rows,n,k,group", PACKED_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_match_float64_over_their_dequantized_weight(bits, rows, n, k, group, dtype):
+    x, w, bias, gain, res = _case(rows, n, k, dtype, seed=bits + n + k)
+    packed, dense = _packed(w, bits, group)
+    y = fused_linear(x, packed, bias, norm=(gain, 1e-6), residual=res)
+    ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), dense.double(), bias.double())
+    assert y.shape == (rows, n) and _rel(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_packed_weights_with_the_gated_input(bits):
+    x, w, _, _, res = _case(2, 24, 64, torch.float32, seed=bits, gated=True)
+    packed, dense = _packed(w, bits, 32)
+    y = fused_linear(x, packed, gated=True, residual=res)
+    ref = res.double() + F.linear((F.silu(x[:, :64]) * x[:, 64:]).double(), dense.double())
+    assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("params", [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4)])
+def test_packed_slices_narrower_or_wider_than_a_group_give_the_same_result(params):
+    x, w, b, _, _ = _case(3, 50, 256, torch.float32, seed=11)
+    packed, dense = _packed(w, 5, 64)
+    assert (
+        _rel(fused_linear(x, packed, b, params=params), F.linear(x.double(), dense.double(), b.double()))
+        < 1e-5
+    )
+
+
+def test_packed_weights_under_torch_compile_equal_eager():
+    x, w, b, gain, _ = _case(1, 32, 128, torch.float32, seed=12)
+    packed, _ = _packed(w, 4, 32)
+    compiled = torch.compile(lambda x: fused_linear(x, packed, b, norm=(gain, 1e-6)), fullgraph=True)
+    assert torch.equal(compiled(x), fused_linear(x, packed, b, norm=(gain, 1e-6)))
+
+
+def _packed_with(change):
+    _, w, *_ = _case(1, 8, 64, torch.float32, seed=13)
+    packed, _ = _packed(w, 4, 32)
+    fields = {
+        "codes": packed.codes,
+        "scales": packed.scales,
+        "zeros": packed.zeros,
+        "bits": 4,
+        "group_size": 32,
+    }
+    return PackedWeight(**{**fields, **change(fields)})
+
+
+PACKED_BAD = [
+    (lambda f: {"bits": 3}, "bits=3 is not supported; accepted: (4, 5, 8)"),
+    (lambda f: {"codes": f["codes"].int()}, "codes must be uint8 [out, in * bits / 8]"),
+    (lambda f: {"group_size": 48}, "in divisible by group_size=48"),
+    (lambda f: {"zeros": f["zeros"].float()}, "scales and zeros (uint8) must be (8, 2)"),
+    (lambda f: {"scales": f["scales"][:, :1]}, "scales and zeros (uint8) must be (8, 2), got (8, 1)"),
+    (lambda f: {"scales": f["scales"].double()}, "scales are torch.float64"),
+    (lambda f: {"codes": f["codes"].t().contiguous().t()}, "contiguous in their last dim"),
+]
+
+
+@pytest.mark.parametrize("change,message", PACKED_BAD)
+def test_bad_packed_weights_are_refused_with_the_reason(change, message):
+    x = torch.randn(1, 64, device=DEVICE)
+    with pytest.raises(ValueError) as error:
+        fused_linear(x, _packed_with(change))
+    assert message in str(error.value)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bit-level rounding: the interpreter truncates, GPUs round")

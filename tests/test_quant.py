@@ -175,7 +175,8 @@ def test_a_predicate_chooses_per_layer():
         ({"predicate": lambda name, module: 3},
          "predicate returned 3 for layer 'model.layers.0.self_attn.q_proj'; "
          "accepted: True, False or bits (4, 5, 8)"),
-        ({"backend": "cuda-magic"}, "backend='cuda-magic' is not a registered matmul backend (torch)"),
+        ({"backend": "cuda-magic"},
+         "backend='cuda-magic' is not a registered matmul backend (torch, triton)"),
     ],
 )  # fmt: skip
 def test_bad_inputs_name_the_value_and_the_accepted_ones(kwargs, message):
@@ -262,6 +263,32 @@ def test_accelerator_gives_the_quantized_models_greedy_tokens(model_type, recipe
         q_proj = getattr(q_proj, "q_proj", None) or q_proj.qkv_proj
         assert layer.qkv_quantized.codes.data_ptr() == q_proj.codes.data_ptr()
     assert acc.weight_bytes < sum(p.numel() * 4 for p in tiny_model(model_type).parameters())
+
+
+@pytest.mark.parametrize("recipe", ["speed-4bit", "balanced-5bit", "quality-8bit"])
+def test_the_triton_backend_runs_decode_rows_in_the_kernel_and_gives_torchs_results(recipe, monkeypatch):
+    """backend="triton": calls of at most gemv.MAX_ROWS rows read the packed codes in `fused_linear` (the
+    torch backend's logits to fp32 rounding, its greedy tokens through the accelerator); longer calls
+    dequantize as the torch backend does."""
+    from attnforge.kernels import gemv
+
+    kernel, reference = tiny_model(), tiny_model()
+    af.quantize(kernel, recipe, 32, backend="triton")
+    af.quantize(reference, recipe, 32)
+    launches = []
+    launch = gemv.launch_linear
+    monkeypatch.setattr(gemv, "launch_linear", lambda *args, **kw: launches.append(1) or launch(*args, **kw))
+    with torch.no_grad():
+        for length, kernel_calls in ((5, 2 * 7 + 1), (gemv.MAX_ROWS + 3, 0)):
+            launches.clear()
+            got, want = kernel(ids(length)).logits, reference(ids(length)).logits
+            assert len(launches) == kernel_calls
+            assert ((got - want).norm() / want.norm()).item() < 1e-5
+    acc = af.accelerate(kernel, max_seq_len=64, attention="torch")
+    prompt = ids(11)
+    assert acc.generate(prompt[0].tolist(), max_new_tokens=4, ignore_eos=True).tokens == [
+        greedy(reference, prompt, 4)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,4 +378,5 @@ def test_bench_quant_commands_write_their_results_where_asked(tmp_path):
 
 def test_bench_quant_speed_refuses_an_unknown_backend_in_one_line():
     result = CliRunner().invoke(cli.app, ["bench", "quant-speed", "--backend", "gemlite"])
-    assert result.exit_code == 2 and "--backend 'gemlite' is not registered; accepted: torch" in result.output
+    assert result.exit_code == 2
+    assert "--backend 'gemlite' is not registered; accepted: torch, triton" in result.output

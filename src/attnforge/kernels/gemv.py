@@ -33,6 +33,7 @@ MAX_ROWS = 16
 # (1.1-3.1x with its neighbours fused), eight rows 0.41-0.81x. Callers choosing a path use it up to FAST_ROWS.
 FAST_ROWS = 1
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PACKED_BITS = (4, 5, 8)  # weight-only quantized codes the kernel reads (16: the weight as stored)
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,32 @@ class GemvParams:
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight-only quantized `[out_features, in_features]` matrix (the format of `accel.quant.linear`):
+    `codes` uint8 `[N, K * bits / 8]` (8 bits: a code a byte; 4: two a byte, element 2j low; 5: that 4-bit
+    plane then a plane of bit 4, element 8j+i in bit i of byte j), `scales` `[N, K / group_size]` in the
+    working dtype and `zeros` uint8 alike: `w = (q - zero) * scale` per group."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
+
+
 # One kernel body (~60 lines) with its prologues inline: Triton inlines helpers anyway.
 @triton.jit
 def _gemv_kernel(
-    X, W, Bias, Gain, Res, Y,
-    M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
+    X, W, Bias, Gain, Res, Y, Scales, Zeros,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, stride_sn, stride_zn, eps,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
         gdc_launch_dependents()
@@ -73,10 +92,10 @@ def _gemv_kernel(
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     x_rows = X + rows[:, None] * stride_xm
-    w_rows = W + cols[:, None] * stride_wn
     # The first weight slice does not depend on the previous kernel: with PDL its read starts under that
     # kernel's tail. What a predecessor wrote (x, the residual) is read, and anything stored, after the wait.
-    w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+    w = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn, stride_zn, BLOCK_K, BITS,
+                      GROUP, SPAN)  # fmt: skip
     if USE_PDL:
         gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
@@ -103,7 +122,8 @@ def _gemv_kernel(
             x = (x.to(tl.float32) * inv[:, None]).to(dtype)
             x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
         if k0 > 0:
-            w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn, BLOCK_K,
+                              BITS, GROUP, SPAN)  # fmt: skip
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -113,6 +133,43 @@ def _gemv_kernel(
         res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0)
         y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y, mask=out_ok)
+
+
+@triton.jit
+def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
+                  BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  SPAN: tl.constexpr):  # fmt: skip
+    """The weight's rows `cols` at input features [k0, k0 + BLOCK_K), `[BLOCK_N, BLOCK_K]` in the working
+    dtype: as stored (BITS 16) or dequantized from packed codes (4/5/8 bits, `PackedWeight`'s format),
+    `(q - zero) * scale` per group, rounded once as torch's dequantization rounds it. Codes are read as
+    contiguous bytes; SPAN = min(BLOCK_K, GROUP) features share a scale within the slice."""
+    n: tl.constexpr = cols.shape[0]
+    rows = W + cols[:, None] * stride_wn
+    if BITS == 16 or BITS == 8:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0)
+        if BITS == 16:
+            return q
+        q = q.to(tl.int32)
+    else:  # two codes a byte: element 2j in the low nibble, 2j+1 in the high one
+        pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(rows + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :], other=0)
+        even, odd = byte.to(tl.int32) & 15, byte.to(tl.int32) >> 4
+        if BITS == 5:  # bit 4 of element 8j+i is bit i of byte K/2 + j: pair 4j+i's bits 2i and 2i+1
+            j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            plane = tl.load(rows + K // 2 + j[None, :], mask=col_ok[:, None] & (j < K // 8)[None, :], other=0)
+            plane = tl.reshape(plane.to(tl.int32), [n, BLOCK_K // 8, 1])
+            shift = 2 * tl.arange(0, 4)[None, None, :]
+            even = even | (tl.reshape((plane >> shift) & 1, [n, BLOCK_K // 2]) << 4)
+            odd = odd | (tl.reshape((plane >> (shift + 1)) & 1, [n, BLOCK_K // 2]) << 4)
+        q = tl.interleave(even, odd)
+    g = k0 // GROUP + tl.arange(0, BLOCK_K // SPAN)
+    g_mask = col_ok[:, None] & (g < K // GROUP)[None, :]
+    scale = tl.load(Scales + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0)
+    zero = tl.load(Zeros + cols[:, None] * stride_zn + g[None, :], mask=g_mask, other=0).to(tl.float32)
+    w = tl.reshape(q.to(tl.float32), [n, BLOCK_K // SPAN, SPAN]) - zero[:, :, None]
+    w = (w * scale.to(tl.float32)[:, :, None]).to(scale.dtype)
+    return tl.reshape(w, [n, BLOCK_K])
 
 
 def default_params(rows: int, n: int, k: int) -> GemvParams:
@@ -128,7 +185,9 @@ def default_params(rows: int, n: int, k: int) -> GemvParams:
 def _check(x, weight, bias, gain, residual, gated) -> None:
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; fused_linear supports {DTYPES}")
-    if weight.dim() != 2:
+    if isinstance(weight, PackedWeight):
+        _check_packed(weight, x)
+    elif weight.dim() != 2:
         raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     width = 2 * k if gated else k
@@ -138,7 +197,8 @@ def _check(x, weight, bias, gain, residual, gated) -> None:
     rows = x.numel() // width if width else 0
     if rows > MAX_ROWS:
         raise ValueError(f"fused_linear serves at most {MAX_ROWS} rows (decode steps); x has {rows}")
-    named = {"weight": weight, "bias": bias, "norm gain": gain, "residual": residual}
+    dense = None if isinstance(weight, PackedWeight) else weight
+    named = {"weight": dense, "bias": bias, "norm gain": gain, "residual": residual}
     for name, tensor in named.items():
         if tensor is None:
             continue
@@ -152,6 +212,27 @@ def _check(x, weight, bias, gain, residual, gated) -> None:
         raise ValueError(f"residual must have shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
 
 
+def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
+    codes, scales, zeros = packed.codes, packed.scales, packed.zeros
+    if packed.bits not in PACKED_BITS:
+        raise ValueError(f"bits={packed.bits} is not supported; accepted: {PACKED_BITS}")
+    n, k = packed.shape
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or packed.group_size <= 0 or k % packed.group_size:
+        raise ValueError(f"codes must be uint8 [out, in * bits / 8] with in divisible by group_size="
+                         f"{packed.group_size}, got {codes.dtype} {tuple(codes.shape)}")  # fmt: skip
+    groups = (n, k // packed.group_size)
+    if tuple(scales.shape) != groups or tuple(zeros.shape) != groups or zeros.dtype != torch.uint8:
+        raise ValueError(f"scales and zeros (uint8) must be {groups}, got {tuple(scales.shape)} "
+                         f"{scales.dtype} and {tuple(zeros.shape)} {zeros.dtype}")  # fmt: skip
+    if scales.dtype != x.dtype or {t.device for t in (codes, scales, zeros)} != {x.device}:
+        raise ValueError(
+            f"scales are {scales.dtype}, codes/scales/zeros on "
+            f"{sorted({str(t.device) for t in (codes, scales, zeros)})}; x is {x.dtype} on {x.device}"
+        )
+    if any(t.stride(-1) != 1 for t in (codes, scales, zeros)):
+        raise ValueError("codes, scales and zeros must be contiguous in their last dim")
+
+
 @functools.lru_cache(maxsize=256)
 def _grid(n: int, block_n: int) -> tuple[int]:
     return (triton.cdiv(n, block_n),)
@@ -159,45 +240,58 @@ def _grid(n: int, block_n: int) -> tuple[int]:
 
 def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: GemvParams | None = None) -> None:
     """Run the kernel into `out` (`[..., N]`); arguments as `fused_linear`, already checked."""
-    rows, n, k = out.numel() // max(out.shape[-1], 1), weight.shape[0], weight.shape[1]
+    rows, (n, k) = out.numel() // max(out.shape[-1], 1), weight.shape
     if rows == 0 or n == 0:
         return
     x2, res2 = x.reshape(rows, x.shape[-1]), None if residual is None else residual.reshape(rows, n)
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    packed = weight if isinstance(weight, PackedWeight) else None
+    if packed is None:
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        scales = zeros = w
+    else:
+        w, scales, zeros = packed.codes, packed.scales, packed.zeros
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if res2 is not None and res2.stride(-1) != 1:
         res2 = res2.contiguous()
     y2 = out.view(rows, n)
     p = params or default_params(rows, n, k)
-    dummy = w
+    if packed is not None and p.block_k < 16:
+        raise ValueError(f"packed weights need block_k >= 16 (whole bytes of codes), got {p.block_k}")
+    dummy = y2
     _gemv_kernel[_grid(n, p.block_n)](
         x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
-        dummy if res2 is None else res2, y2,
+        dummy if res2 is None else res2, y2, scales, zeros,
         rows, n, k, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
-        float(eps),
+        scales.stride(0), zeros.stride(0), float(eps),
         ROWS=triton.next_power_of_2(rows), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         NORM=gain is not None, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
+        BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
+        SPAN=1 if packed is None else min(p.block_k, packed.group_size),
         num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
     )  # fmt: skip
 
 
 @torch.library.custom_op("attnforge::fused_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor | None,
-               eps: float, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+               eps: float, gated: bool, residual: torch.Tensor | None, scales: torch.Tensor | None,
+               zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:  # fmt: skip
+    """The kernel as an op; `weight` is the packed codes where `scales` are given (`bits`, `group_size`)."""
+    if scales is not None and zeros is not None:
+        weight = PackedWeight(weight, scales, zeros, bits, group_size)
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     launch_linear(x, weight, bias, gain, eps, gated, residual, out)
     return out
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, gain, eps, gated, residual):
+def _(x, weight, bias, gain, eps, gated, residual, scales, zeros, bits, group_size):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def fused_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | PackedWeight,
     bias: torch.Tensor | None = None,
     *,
     norm: tuple[torch.Tensor, float] | None = None,
@@ -209,7 +303,8 @@ def fused_linear(
 
     Args:
         x: `[..., K]` (`[..., 2K]` = `[gate | up]` when `gated`), at most MAX_ROWS rows in all.
-        weight: `[N, K]` (an nn.Linear's weight); bias: `[N]` or None.
+        weight: `[N, K]` (an nn.Linear's weight), or a PackedWeight (4/5/8-bit codes, dequantized in the
+            kernel as they are read); bias: `[N]` or None.
         norm: `(gain [K], eps)`: x goes through RMSNorm first (transformers' Llama/Qwen rounding).
         gated: x is `[gate | up]`; the product reads `silu(gate) * up`.
         residual: `[..., N]` added to the product (rounded as a separate add would be), or None.
@@ -222,7 +317,10 @@ def fused_linear(
     if torch.compiler.is_compiling():
         if params is not None:
             raise ValueError("params cannot be passed under torch.compile (the op uses default_params)")
-        return _linear_op(x, weight, bias, gain, float(eps), gated, residual)
+        if isinstance(weight, PackedWeight):
+            return _linear_op(x, weight.codes, bias, gain, float(eps), gated, residual, weight.scales,
+                              weight.zeros, weight.bits, weight.group_size)  # fmt: skip
+        return _linear_op(x, weight, bias, gain, float(eps), gated, residual, None, None, 16, 1)
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     launch_linear(x, weight, bias, gain, eps, gated, residual, out, params)
     return out

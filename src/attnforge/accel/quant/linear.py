@@ -105,9 +105,26 @@ def _torch_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, layer.dequantize(), layer.bias)
 
 
-# name -> function(layer, x [..., in]) -> [..., out]. GPU backends (gemlite, torchao, a Triton GEMV) plug in
-# here.
-MATMUL_BACKENDS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]] = {"torch": _torch_matmul}
+def _triton_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """attnforge's skinny linear on the packed codes (`kernels.gemv.fused_linear`, dequantized as they are
+    read: the weight's bytes are read once, at 4/5/8 bits) for calls of at most gemv.MAX_ROWS rows (decode
+    steps); longer calls (prefill) dequantize and run F.linear, as the torch backend does."""
+    from attnforge.environment import triton_status
+    from attnforge.kernels import gemv
+
+    if x.numel() // max(x.shape[-1], 1) > gemv.MAX_ROWS:
+        return _torch_matmul(layer, x)
+    ok, reason = triton_status(x.device)
+    if not ok:
+        raise RuntimeError(f"quantized matmul backend 'triton' cannot run here: {reason}")
+    return gemv.fused_linear(x, layer.packed(), layer.bias)
+
+
+# name -> function(layer, x [..., in]) -> [..., out]. Other GPU backends (gemlite, torchao) plug in here.
+MATMUL_BACKENDS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]] = {
+    "torch": _torch_matmul,
+    "triton": _triton_matmul,
+}
 
 
 def register_backend(name: str, function: Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]) -> None:
@@ -180,6 +197,12 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(
             self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features
         )
+
+    def packed(self):
+        """The codes, scales and zeros as `kernels.gemv.PackedWeight` (views, no copy)."""
+        from attnforge.kernels.gemv import PackedWeight
+
+        return PackedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return MATMUL_BACKENDS[self.backend](self, x)

@@ -1,0 +1,63 @@
+"""Issue 15 (scratch, kept with its output): compile `kernels/gemv.py`'s kernel for sm_90 on a machine without
+a GPU (Triton's bundled ptxas) for weights as stored (bf16) and packed at 4, 5 and 8 bits (group 64), one row,
+the launch the accelerator makes (4 columns a program, 1024-wide slices, PDL); print the registers and the
+global loads per program's slice. Run from the repository root:
+
+    PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/gemv-packed/compile_packed.py
+"""
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from attnforge.kernels import gemv
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+
+
+def compile_kernel(bits: int, norm: bool):
+    kernel = gemv._gemv_kernel
+    constants = dict(ROWS=1, BLOCK_N=4, BLOCK_K=1024, NORM=norm, GATED=False, HAS_BIAS=False, HAS_RES=False,
+                     USE_PDL=True, BITS=bits, GROUP=64 if bits != 16 else 1,
+                     SPAN=64 if bits != 16 else 1)  # fmt: skip
+    weight = "*bf16" if bits == 16 else "*u8"
+    types = {"X": "*bf16", "W": weight, "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
+             "Scales": "*bf16", "Zeros": "*u8" if bits != 16 else "*bf16"}  # fmt: skip
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = types.get(name, "fp32" if name == "eps" else "i32")
+        if signature[name].startswith("*") or name.startswith("stride_") or name in ("N", "K"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    options = {"num_warps": 4, "launch_pdl": True}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def registers(compiled) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
+        file.write(compiled.asm["cubin"])
+    out = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", file.name], capture_output=True,
+                         text=True).stdout  # fmt: skip
+    return " ".join(re.findall(r"REG:\d+|STACK:\d+|LOCAL:\d+", out))
+
+
+def main():
+    for bits in (16, 4, 5, 8):
+        for norm in (False, True):
+            compiled = compile_kernel(bits, norm)
+            loads = re.findall(r"ld\.global[\.\w]*", compiled.asm["ptx"])
+            kinds = {kind: loads.count(kind) for kind in sorted(set(loads))}
+            label = "bf16 as stored" if bits == 16 else f"{bits}-bit codes"
+            print(f"{label:15s} norm={norm!s:5s} {registers(compiled)}  global loads in the PTX: {kinds}")
+
+
+if __name__ == "__main__":
+    main()
