@@ -284,11 +284,13 @@ def test_the_triton_backend_runs_decode_rows_in_the_kernel_and_gives_torchs_resu
             got, want = kernel(ids(length)).logits, reference(ids(length)).logits
             assert len(launches) == kernel_calls
             assert ((got - want).norm() / want.norm()).item() < 1e-5
-    acc = af.accelerate(kernel, max_seq_len=64, attention="torch")
     prompt = ids(11)
-    assert acc.generate(prompt[0].tolist(), max_new_tokens=4, ignore_eos=True).tokens == [
-        greedy(reference, prompt, 4)
-    ]
+    expected = [greedy(reference, prompt, 4)]
+    for attention in ("torch", "kernels"):  # with the kernels, the step's products fuse their norms too
+        acc = af.accelerate(kernel, max_seq_len=64, attention=attention)
+        fused = getattr(acc.walk.projections, "layers", [None])[0]
+        assert (fused is not None) == (attention == "kernels")
+        assert acc.generate(prompt[0].tolist(), max_new_tokens=4, ignore_eos=True).tokens == expected
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ before q/k/v, gate/up and the LM head, silu(gate) * up before down, and the resi
 four launches per layer instead of eight or more. A neighbour is fused only where the model's module provably
 computes what the kernel does: each norm and the activation are probed once (`torch.equal` against the
 kernel's formula on the model's device and dtype); a module that differs (Gemma's `(1 + w)` norm, GELU) runs
-as itself before the product. Quantized projections, and calls with more rows (prefill, batches), use the
-model's modules (`TorchProjections`).
+as itself before the product. Quantized projections go through the kernel too where their backend is
+"triton" (`kernels.gemv.PackedWeight`: the codes dequantized as they are read); on another backend, of mixed
+bits, and calls with more rows (prefill, batches) use the model's modules (`TorchProjections`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from attnforge.accel.cache import StaticKVCache
 from attnforge.accel.layout import LayerPlan, ModelPlan
+from attnforge.accel.quant.linear import QuantizedLinear
 
 PROJECTION_BACKENDS = ("auto", "kernels", "torch")
 
@@ -94,7 +96,7 @@ class KernelProjections(TorchProjections):
         self._gemv = gemv
         self.layers = [_fused_layer(layer, plan.dtype, plan.device) for layer in plan.layers]
         self.final_norm = rms_norm_params(plan.final_norm, plan.dtype, plan.device)
-        self.lm_head = _linear(plan.lm_head)
+        self.lm_head = _product(plan.lm_head)
         self.num_heads, self.rope = plan.num_heads, rope if rope_is_rotate_half(plan, rope) else None
         self.qk_norms = [_qk_norms(layer, plan.dtype, plan.device) for layer in plan.layers]
 
@@ -198,24 +200,30 @@ def _qk_norms(layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> tup
 
 
 def _fused_layer(layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> _Fused | None:
-    o, down = _linear(layer.o_proj), _linear(layer.down_proj)
-    if layer.qkv_weight is None or layer.gate_up_weight is None or o is None or down is None:
-        return None  # quantized projections: the model's modules
+    qkv = _product(layer.qkv_quantized) if layer.qkv_weight is None else (layer.qkv_weight, layer.qkv_bias)
+    gate_up = (_product(layer.gate_up_quantized) if layer.gate_up_weight is None
+               else (layer.gate_up_weight, layer.gate_up_bias))  # fmt: skip
+    o, down = _product(layer.o_proj), _product(layer.down_proj)
+    if qkv is None or gate_up is None or o is None or down is None:
+        return None  # quantized projections on another backend, or of different bits: the model's modules
     gate = _probe((3, 64), dtype, device)
     with torch.no_grad():
         silu = torch.equal(layer.act(gate), F.silu(gate))
     return _Fused(
-        qkv=(layer.qkv_weight, layer.qkv_bias), o=o, gate_up=(layer.gate_up_weight, layer.gate_up_bias),
-        down=down, input_norm=rms_norm_params(layer.input_norm, dtype, device),
+        qkv=qkv, o=o, gate_up=gate_up, down=down, input_norm=rms_norm_params(layer.input_norm, dtype, device),
         post_norm=rms_norm_params(layer.post_norm, dtype, device), silu=silu,
     )  # fmt: skip
 
 
-def _linear(module: nn.Module) -> tuple | None:
-    """(weight, bias) of a plain nn.Linear; None for anything else (a quantized layer)."""
-    if type(module) is not nn.Linear:
-        return None
-    return module.weight, module.bias
+def _product(module: nn.Module | None) -> tuple | None:
+    """(weight, bias) for `fused_linear`: a plain nn.Linear's weight, or a quantized layer's packed codes
+    where its backend is attnforge's kernel ("triton"); None for anything else (another backend, mixed
+    bits)."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    if isinstance(module, QuantizedLinear) and module.backend == "triton":
+        return module.packed(), module.bias
+    return None
 
 
 def _probe(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
