@@ -94,8 +94,8 @@ def _gemv_kernel(
     x_rows = X + rows[:, None] * stride_xm
     # The first weight slice does not depend on the previous kernel: with PDL its read starts under that
     # kernel's tail. What a predecessor wrote (x, the residual) is read, and anything stored, after the wait.
-    w = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn, stride_zn, BLOCK_K, BITS,
-                      GROUP, SPAN)  # fmt: skip
+    w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn, stride_zn, BLOCK_K,
+                             BITS, GROUP, SPAN)  # fmt: skip
     if USE_PDL:
         gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
@@ -122,9 +122,9 @@ def _gemv_kernel(
             x = (x.to(tl.float32) * inv[:, None]).to(dtype)
             x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
         if k0 > 0:
-            w = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn, BLOCK_K,
-                              BITS, GROUP, SPAN)  # fmt: skip
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
+                                     BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
+        acc += _slice_product(x.to(tl.float32), w, scale, BITS, SPAN)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
@@ -139,37 +139,56 @@ def _gemv_kernel(
 def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
                   BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                   SPAN: tl.constexpr):  # fmt: skip
-    """The weight's rows `cols` at input features [k0, k0 + BLOCK_K), `[BLOCK_N, BLOCK_K]` in the working
-    dtype: as stored (BITS 16) or dequantized from packed codes (4/5/8 bits, `PackedWeight`'s format),
-    `(q - zero) * scale` per group, rounded once as torch's dequantization rounds it. Codes are read as
-    contiguous bytes; SPAN = min(BLOCK_K, GROUP) features share a scale within the slice."""
+    """The weight's rows `cols` at input features [k0, k0 + BLOCK_K): `(w, w)` with w `[BLOCK_N, BLOCK_K]` as
+    stored (BITS 16); for packed codes (4/5/8 bits, `PackedWeight`'s format, read as contiguous bytes)
+    `(q - zero, scale)`: the centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales
+    `[BLOCK_N, BLOCK_K // SPAN]` of the slice's groups (SPAN = min(BLOCK_K, GROUP) features a scale)."""
     n: tl.constexpr = cols.shape[0]
     rows = W + cols[:, None] * stride_wn
-    if BITS == 16 or BITS == 8:
+    if BITS == 16:
         kk = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0)
-        if BITS == 16:
-            return q
-        q = q.to(tl.int32)
-    else:  # two codes a byte: element 2j in the low nibble, 2j+1 in the high one
-        pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        byte = tl.load(rows + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :], other=0)
-        even, odd = byte.to(tl.int32) & 15, byte.to(tl.int32) >> 4
-        if BITS == 5:  # bit 4 of element 8j+i is bit i of byte K/2 + j: pair 4j+i's bits 2i and 2i+1
-            j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            plane = tl.load(rows + K // 2 + j[None, :], mask=col_ok[:, None] & (j < K // 8)[None, :], other=0)
-            plane = tl.reshape(plane.to(tl.int32), [n, BLOCK_K // 8, 1])
-            shift = 2 * tl.arange(0, 4)[None, None, :]
-            even = even | (tl.reshape((plane >> shift) & 1, [n, BLOCK_K // 2]) << 4)
-            odd = odd | (tl.reshape((plane >> (shift + 1)) & 1, [n, BLOCK_K // 2]) << 4)
-        q = tl.interleave(even, odd)
-    g = k0 // GROUP + tl.arange(0, BLOCK_K // SPAN)
-    g_mask = col_ok[:, None] & (g < K // GROUP)[None, :]
-    scale = tl.load(Scales + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0)
-    zero = tl.load(Zeros + cols[:, None] * stride_zn + g[None, :], mask=g_mask, other=0).to(tl.float32)
-    w = tl.reshape(q.to(tl.float32), [n, BLOCK_K // SPAN, SPAN]) - zero[:, :, None]
-    w = (w * scale.to(tl.float32)[:, :, None]).to(scale.dtype)
-    return tl.reshape(w, [n, BLOCK_K])
+        w = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
+        scale = w
+    else:
+        if BITS == 8:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            q = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+        else:  # two codes a byte: element 2j in the low nibble, 2j+1 in the high one
+            pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            byte = tl.load(rows + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :], other=0)
+            even, odd = byte.to(tl.int32) & 15, byte.to(tl.int32) >> 4
+            if BITS == 5:  # bit 4 of element 8j+i is bit i of byte K/2 + j: pair 4j+i's bits 2i and 2i+1
+                j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                plane_ok = col_ok[:, None] & (j < K // 8)[None, :]
+                plane = tl.load(rows + K // 2 + j[None, :], mask=plane_ok, other=0)
+                plane = tl.reshape(plane.to(tl.int32), [n, BLOCK_K // 8, 1])
+                shift = 2 * tl.arange(0, 4)[None, None, :]
+                even = even | (tl.reshape((plane >> shift) & 1, [n, BLOCK_K // 2]) << 4)
+                odd = odd | (tl.reshape((plane >> (shift + 1)) & 1, [n, BLOCK_K // 2]) << 4)
+            q = tl.interleave(even, odd)
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // SPAN)
+        g_mask = col_ok[:, None] & (g < K // GROUP)[None, :]
+        scale = tl.load(Scales + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0)
+        scale = scale.to(tl.float32)
+        zero = tl.load(Zeros + cols[:, None] * stride_zn + g[None, :], mask=g_mask, other=0).to(tl.int32)
+        centered = tl.reshape(q, [n, BLOCK_K // SPAN, SPAN]) - zero[:, :, None]  # integers: exact
+        w = tl.reshape(centered, [n, BLOCK_K]).to(tl.float32)
+    return w, scale
+
+
+@triton.jit
+def _slice_product(x, w, scale, BITS: tl.constexpr, SPAN: tl.constexpr):
+    """`[ROWS, BLOCK_N]`: x `[ROWS, BLOCK_K]` (float32) times the slice from `_weight_slice`; for packed
+    codes `sum over groups of scale * (x . (q - zero))` in float32 (the weight is never rounded to the
+    working dtype: no dequantized copy exists)."""
+    if BITS == 16:
+        return tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    rows: tl.constexpr = x.shape[0]
+    n: tl.constexpr = w.shape[0]
+    per: tl.constexpr = w.shape[1] // SPAN
+    x3 = tl.reshape(x, [rows, 1, per, SPAN])
+    dots = tl.sum(x3 * tl.reshape(w, [1, n, per, SPAN]), axis=3)  # [ROWS, BLOCK_N, groups]
+    return tl.sum(dots * scale[None, :, :], axis=2)
 
 
 def default_params(rows: int, n: int, k: int) -> GemvParams:
@@ -303,8 +322,8 @@ def fused_linear(
 
     Args:
         x: `[..., K]` (`[..., 2K]` = `[gate | up]` when `gated`), at most MAX_ROWS rows in all.
-        weight: `[N, K]` (an nn.Linear's weight), or a PackedWeight (4/5/8-bit codes, dequantized in the
-            kernel as they are read); bias: `[N]` or None.
+        weight: `[N, K]` (an nn.Linear's weight), or a PackedWeight (4/5/8-bit codes read as they are:
+            `scale * (x . (q - zero))` per group in float32, no dequantized weight); bias: `[N]` or None.
         norm: `(gain [K], eps)`: x goes through RMSNorm first (transformers' Llama/Qwen rounding).
         gated: x is `[gate | up]`; the product reads `silu(gate) * up`.
         residual: `[..., N]` added to the product (rounded as a separate add would be), or None.
