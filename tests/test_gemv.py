@@ -195,12 +195,21 @@ def _packed_with(change):
 PACKED_BAD = [
     (lambda f: {"bits": 3}, "bits=3 is not supported; accepted: (4, 5, 8)"),
     (lambda f: {"codes": f["codes"].int()}, "codes must be uint8 [out, in * bits / 8]"),
-    (lambda f: {"group_size": 48}, "in divisible by group_size=48"),
+    (lambda f: {"group_size": 48}, "in_features=64 is not divisible by group_size=48"),
+    (lambda f: {"codes": f["codes"][0]}, "codes must be uint8 [out, in * bits / 8], got torch.uint8 (32,)"),
     (lambda f: {"zeros": f["zeros"].float()}, "scales and zeros (uint8) must be (8, 2)"),
     (lambda f: {"scales": f["scales"][:, :1]}, "scales and zeros (uint8) must be (8, 2), got (8, 1)"),
     (lambda f: {"scales": f["scales"].double()}, "scales are torch.float64"),
     (lambda f: {"codes": f["codes"].t().contiguous().t()}, "contiguous in their last dim"),
 ]
+
+
+def test_packed_weights_need_slices_of_whole_code_bytes():
+    x, w, *_ = _case(1, 8, 64, torch.float32, seed=14)
+    packed, _ = _packed(w, 4, 32)
+    message = "packed weights need block_k >= 16 (whole bytes of codes), got 8"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fused_linear(x, packed, params=GemvParams(4, 8, 1))
 
 
 @pytest.mark.parametrize("change,message", PACKED_BAD)

@@ -293,6 +293,19 @@ def test_the_triton_backend_runs_decode_rows_in_the_kernel_and_gives_torchs_resu
         assert acc.generate(prompt[0].tolist(), max_new_tokens=4, ignore_eos=True).tokens == expected
 
 
+def test_the_triton_backend_traces_whole_and_says_where_it_cannot_run(monkeypatch):
+    from attnforge import environment
+
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), 4, 32, backend="triton")
+    x = torch.randn(1, 64)
+    compiled = torch.compile(layer, fullgraph=True)  # no graph break on the decode path
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(environment, "triton_status", lambda device: (False, "no CUDA GPU (test)"))
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: no CUDA GPU \\(test\\)"):
+        layer(x)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Quality measurement and the command line
 

@@ -56,7 +56,7 @@ class KernelAttention:
                                           num_heads=rope.num_heads, **norms)  # fmt: skip
             return self(q, keys, values, scale=scale, kv_lens=kv_lens, q_lens=None, extent=keys.shape[2])
         shape = (qkv.shape[0], rope.num_heads, 1, keys.shape[3])
-        if not torch.compiler.is_compiling():
+        if shape not in self.workspaces and not torch.compiler.is_compiling():
             self.prepare_decode(keys.new_empty(shape), keys, kv_lens)
         return self._step.decode_step_attention(
             qkv, rope.cos, rope.sin, positions, keys, values, num_heads=rope.num_heads, scale=scale,

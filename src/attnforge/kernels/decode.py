@@ -97,7 +97,7 @@ def _decode_kernel(
     alone, start, stop = split_range(first, end, split, num_splits, BLOCK_N, ALONE_TILES)
     last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
     m_i, l_i, acc = attend(q, k_head, v_head, start, stop, end, last_visible, scale_log2, d, d_ok, stride_kn,
-                            stride_kd, stride_vn, stride_vd, BLOCK_M, D_BLOCK, BLOCK_N, FP32_DOT)  # fmt: skip
+                           stride_kd, stride_vn, stride_vd, BLOCK_M, D_BLOCK, BLOCK_N, FP32_DOT)  # fmt: skip
     o_ptrs = Out + b * stride_ob + head * stride_oh + token * stride_om  # [BLOCK_M]: each row's output
     finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot, b, h, m_block, d, d_ok,
                  row_ok, stride_ob, stride_oh, stride_om, stride_od, num_splits, ml_offset, GROUP, Q_LEN,
@@ -309,7 +309,7 @@ class DecodeLaunch:
         if twin.combine_grid is not None:
             combine_args = twin._combine_args(args[3], args[6])  # out, partials
             compiled.append(combine_kernel.warmup(*combine_args, grid=twin.combine_grid,
-                                                   **twin.combine_constants))  # fmt: skip
+                                                  **twin.combine_constants))  # fmt: skip
         for kernel in compiled:
             _ = kernel.run  # the launcher property loads the module onto the GPU
 

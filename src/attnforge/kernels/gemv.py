@@ -235,10 +235,11 @@ def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
     codes, scales, zeros = packed.codes, packed.scales, packed.zeros
     if packed.bits not in PACKED_BITS:
         raise ValueError(f"bits={packed.bits} is not supported; accepted: {PACKED_BITS}")
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"codes must be uint8 [out, in * bits / 8], got {codes.dtype} {tuple(codes.shape)}")
     n, k = packed.shape
-    if codes.dtype != torch.uint8 or codes.dim() != 2 or packed.group_size <= 0 or k % packed.group_size:
-        raise ValueError(f"codes must be uint8 [out, in * bits / 8] with in divisible by group_size="
-                         f"{packed.group_size}, got {codes.dtype} {tuple(codes.shape)}")  # fmt: skip
+    if packed.group_size <= 0 or k % packed.group_size:
+        raise ValueError(f"in_features={k} is not divisible by group_size={packed.group_size}")
     groups = (n, k // packed.group_size)
     if tuple(scales.shape) != groups or tuple(zeros.shape) != groups or zeros.dtype != torch.uint8:
         raise ValueError(f"scales and zeros (uint8) must be {groups}, got {tuple(scales.shape)} "

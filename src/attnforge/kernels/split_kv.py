@@ -30,8 +30,8 @@ def split_range(first, end, split, num_splits, BLOCK_N: tl.constexpr, ALONE_TILE
 
 @triton.jit
 def attend(q, K, V, start, stop, end, last_visible, scale_log2, d, d_ok, stride_kn, stride_kd, stride_vn,
-            stride_vd, BLOCK_M: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-            FP32_DOT: tl.constexpr):  # fmt: skip
+           stride_vd, BLOCK_M: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+           FP32_DOT: tl.constexpr):  # fmt: skip
     """Online softmax (base 2) of q `[BLOCK_M, D_BLOCK]` over the keys [start, stop) of one head's K and V
     (pointers at its first key), keys at or beyond `end` masked and each row seeing keys up to its
     `last_visible` `[BLOCK_M]`: the running max `m`, sum `l` `[BLOCK_M]` and unnormalized output `acc`."""
@@ -98,8 +98,8 @@ def finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot
         tl.store(o_row + D_BLOCK, tl.broadcast_to(m_i[:, None], [BLOCK_M, D_BLOCK]), mask=keep[:, None])
         if MERGE_LAST:
             merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
-                           stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
-                           PART_ROWS, S_CHUNK)  # fmt: skip
+                          stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
+                          PART_ROWS, S_CHUNK)  # fmt: skip
 
 
 @triton.jit
@@ -121,7 +121,7 @@ def merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, st
     arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:
         out = merge_rows(PartO, PartML, slot.to(tl.int64) * num_splits, num_splits, tl.arange(0, PART_ROWS),
-                          PART_ROWS, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
+                         PART_ROWS, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
         part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
         part_head = h * GROUP + part_rows // Q_LEN
         part_token = part_rows % Q_LEN
@@ -152,7 +152,7 @@ def combine_kernel(
     b, h = (bh // num_kv_heads).to(tl.int64), (bh % num_kv_heads).to(tl.int64)
     base = slot.to(tl.int64) * num_splits
     out = merge_rows(PartO, PartO + ml_offset, base, num_splits, r + tl.arange(0, 1), 1, SPLITS_P2,
-                      PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
+                     PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
     d = tl.arange(0, D_BLOCK)
     o_ptrs = (
         Out + b * stride_ob + (h * GROUP + rows // Q_LEN)[:, None] * stride_oh
@@ -164,7 +164,7 @@ def combine_kernel(
 
 @triton.jit
 def merge_rows(PartO, PartML, base, num_splits, r, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                PART_ROWS: tl.constexpr, D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
+               PART_ROWS: tl.constexpr, D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
     """Combine partial rows `r` ([ROWS] indices < PART_ROWS) of the splits at `base`:
     `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`, `[ROWS, D_BLOCK]`. Each thread accumulates its own
     elements split after split, with S_CHUNK splits' loads in flight, reading each split's max from the copy
