@@ -83,6 +83,25 @@ def test_launch_parameters_do_not_change_the_result(params):
     assert _rel(y, res.double() + F.linear(x.double(), w.double(), b.double())) < 1e-5
 
 
+@pytest.mark.parametrize("pdl", [True, False])
+def test_the_pdl_parameter_decides_the_launch_where_the_gpu_has_it(monkeypatch, pdl):
+    """GemvParams.pdl: on a GPU with programmatic dependent launch (faked here), the kernel is launched with
+    it (and waits for its predecessor) only when asked."""
+    from attnforge.kernels import gemv
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **options: launches.append(options)
+
+    monkeypatch.setattr(gemv, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(gemv, "_gemv_kernel", Recorder())
+    x, w, *_ = _case(1, 8, 64, torch.float32, seed=15)
+    fused_linear(x, w, params=GemvParams(4, 64, 4, pdl=pdl))
+    assert launches[0]["USE_PDL"] is pdl and launches[0].get("launch_pdl", False) is pdl
+
+
 def test_fresh_inputs_give_fresh_outputs():
     first, second = _case(1, 32, 64, torch.float32, seed=1), _case(1, 32, 64, torch.float32, seed=2)
     for x, w, *_ in (first, second):
