@@ -24,6 +24,8 @@ VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=64,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
             bos_token_id=1, eos_token_id=VOCAB - 1, pad_token_id=0)  # fmt: skip
+# the triton backend's tests run where its kernel does: on the GPU when there is one, else the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative L2 error of a Gaussian weight, per bits (measured ~0.087 / 0.044 / 0.0053 at group 64)
 MAX_WEIGHT_ERROR = {4: 0.1, 5: 0.05, 8: 0.007}
 
@@ -236,7 +238,7 @@ def greedy(model, tokens: torch.Tensor, new: int) -> list[int]:
         for _ in range(new):
             token = int(model(tokens).logits[0, -1].argmax())
             out.append(token)
-            tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+            tokens = torch.cat([tokens, torch.tensor([[token]], device=tokens.device)], dim=1)
     return out
 
 
@@ -272,7 +274,7 @@ def test_the_triton_backend_runs_decode_rows_in_the_kernel_and_gives_torchs_resu
     dequantize as the torch backend does."""
     from attnforge.kernels import gemv
 
-    kernel, reference = tiny_model(), tiny_model()
+    kernel, reference = tiny_model().to(DEVICE), tiny_model().to(DEVICE)
     af.quantize(kernel, recipe, 32, backend="triton")
     af.quantize(reference, recipe, 32)
     launches = []
@@ -281,10 +283,11 @@ def test_the_triton_backend_runs_decode_rows_in_the_kernel_and_gives_torchs_resu
     with torch.no_grad():
         for length, kernel_calls in ((5, 2 * 7 + 1), (gemv.MAX_ROWS + 3, 0)):
             launches.clear()
-            got, want = kernel(ids(length)).logits, reference(ids(length)).logits
+            tokens = ids(length).to(DEVICE)
+            got, want = kernel(tokens).logits, reference(tokens).logits
             assert len(launches) == kernel_calls
             assert ((got - want).norm() / want.norm()).item() < 1e-5
-    prompt = ids(11)
+    prompt = ids(11).to(DEVICE)
     expected = [greedy(reference, prompt, 4)]
     for attention in ("torch", "kernels"):  # with the kernels, the step's products fuse their norms too
         acc = af.accelerate(kernel, max_seq_len=64, attention=attention)
@@ -296,14 +299,15 @@ def test_the_triton_backend_runs_decode_rows_in_the_kernel_and_gives_torchs_resu
 def test_the_triton_backend_traces_whole_and_says_where_it_cannot_run(monkeypatch):
     from attnforge import environment
 
-    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), 4, 32, backend="triton")
-    x = torch.randn(1, 64)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), 4, 32, backend="triton").to(DEVICE)
+    x = torch.randn(1, 64, device=DEVICE)
     compiled = torch.compile(layer, fullgraph=True)  # no graph break on the decode path
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+    # off a GPU the backend asks whether Triton can run there (CPU tensors, on any machine)
     monkeypatch.setattr(environment, "triton_status", lambda device: (False, "no CUDA GPU (test)"))
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: no CUDA GPU \\(test\\)"):
-        layer(x)
+        layer.cpu()(x.cpu())
 
 
 # ----------------------------------------------------------------------------------------------------------
