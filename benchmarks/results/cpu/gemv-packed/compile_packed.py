@@ -1,7 +1,8 @@
 """Issue 15 (scratch, kept with its output): compile `kernels/gemv.py`'s kernel for sm_90 on a machine without
 a GPU (Triton's bundled ptxas) for weights as stored (bf16) and packed at 4, 5 and 8 bits (group 64), one row,
-the launch the accelerator makes (4 columns a program, 1024-wide slices, PDL); print the registers and the
-global loads per program's slice. Run from the repository root:
+the launch the accelerator makes (4 columns a program, 1024-wide slices, PDL); print the registers, the
+global loads per program's slice and the SASS count of the instructions that turn codes into floats (I2F,
+quarter rate on Hopper; LOP3/FADD, full rate). Run from the repository root:
 
     PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/gemv-packed/compile_packed.py
 """
@@ -49,6 +50,15 @@ def registers(compiled) -> str:
     return " ".join(re.findall(r"REG:\d+|STACK:\d+|LOCAL:\d+", out))
 
 
+def sass_counts(compiled, ops=("I2F", "LOP3", "FADD", "FFMA", "BAR")) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
+        file.write(compiled.asm["cubin"])
+    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", file.name], capture_output=True,
+                          text=True).stdout  # fmt: skip
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return " ".join(f"{op}:{opcodes.count(op)}" for op in ops)
+
+
 def main():
     for bits in (16, 4, 5, 8):
         for norm in (False, True):
@@ -57,6 +67,7 @@ def main():
             kinds = {kind: loads.count(kind) for kind in sorted(set(loads))}
             label = "bf16 as stored" if bits == 16 else f"{bits}-bit codes"
             print(f"{label:15s} norm={norm!s:5s} {registers(compiled)}  global loads in the PTX: {kinds}")
+            print(f"{'':15s} SASS {sass_counts(compiled)}")
 
 
 if __name__ == "__main__":
