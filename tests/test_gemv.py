@@ -83,6 +83,35 @@ def test_launch_parameters_do_not_change_the_result(params):
     assert _rel(y, res.double() + F.linear(x.double(), w.double(), b.double())) < 1e-5
 
 
+@pytest.mark.parametrize(("rows", "k"), [(1, 1500), (1, 2048), (3, 1000)])
+def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
+    """A slice of 4096 columns (the default for one row against few outputs): K under it is masked, with the
+    norm before (its mean over the whole row) and the residual after."""
+    x, w, _, gain, res = _case(rows, 40, k, torch.float32, seed=k)
+    y = fused_linear(x, w, norm=(gain, 1e-5), residual=res, params=GemvParams(4, 4096, 8))
+    assert _rel(y, res.double() + F.linear(_rms(x, gain, 1e-5).double(), w.double())) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "packed", "expected"),
+    [
+        (1, 1024, 2048, False, GemvParams(4, 2048, 4)),  # Qwen3-0.6B's o: one slice
+        (1, 1024, 3072, False, GemvParams(4, 4096, 8)),  # its down
+        (1, 1024, 1024, False, GemvParams(4, 1024, 4)),  # one slice already
+        (1, 4096, 4096, False, GemvParams(4, 1024, 4)),  # many programs a SM hide the later slices
+        (1, 1024, 14336, False, GemvParams(4, 1024, 4)),  # too wide for one slice's registers
+        (1, 1024, 2048, True, GemvParams(4, 1024, 4)),  # packed codes: their own registers
+        (8, 1024, 2048, False, GemvParams(4, 1024, 4)),
+        (16, 1024, 2048, False, GemvParams(4, 512, 4)),
+    ],
+)
+def test_default_launch_parameters_by_shape(monkeypatch, rows, n, k, packed, expected):
+    from attnforge.kernels import gemv
+
+    monkeypatch.setattr(gemv, "triton_interpret", lambda: False)
+    assert gemv.default_params(rows, n, k, packed) == expected
+
+
 @pytest.mark.parametrize("pdl", [True, False])
 def test_the_pdl_parameter_decides_the_launch_where_the_gpu_has_it(monkeypatch, pdl):
     """GemvParams.pdl: on a GPU with programmatic dependent launch (faked here), the kernel is launched with

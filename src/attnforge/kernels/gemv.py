@@ -200,13 +200,24 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, SPAN: tl.constexpr):
     return tl.sum(dots * scale[None, :, :], axis=2)
 
 
-def default_params(rows: int, n: int, k: int) -> GemvParams:
+# One row against few output columns (N <= this) reads a K of up to 4096 in one slice.
+ONE_SLICE_MAX_N = 2048
+
+
+def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParams:
     """Launch parameters: 4 output columns per program (many programs, balanced over the SMs; each reads whole
     weight rows) in 1024-column slices, 4 warps - the fastest of 32 sets for the Qwen3-0.6B and Llama-3-8B
     products at 1 and 8 rows on an H100 but one (Llama's q/k/v at one row: 8 columns, 7% faster;
-    benchmarks/results/h100/gemv/); 16 rows: half slices (registers)."""
+    benchmarks/results/h100/gemv/); 16 rows: half slices (registers). One row of a bf16 product with few
+    outputs (N <= ONE_SLICE_MAX_N, K <= 4096: Qwen3-0.6B's o and down) reads its rows in one slice, all of it
+    asked for before the PDL wait: with 1024-wide slices those ran at 32-34% of the read floor where one-slice
+    products ran at 72-75% (each later slice is a round trip after the wait, and ~2 programs a SM cannot hide
+    it); `benchmarks/results/gpu/gemv/slice_ab.py` measures it."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
+    if rows == 1 and not packed and n <= ONE_SLICE_MAX_N and 1024 < k <= 4096:
+        block_k = triton.next_power_of_2(k)
+        return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
@@ -284,7 +295,7 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
     if res2 is not None and res2.stride(-1) != 1:
         res2 = res2.contiguous()
     y2 = out.view(rows, n)
-    p = params or default_params(rows, n, k)
+    p = params or default_params(rows, n, k, packed is not None)
     if packed is not None and p.block_k < 16:
         raise ValueError(f"packed weights need block_k >= 16 (whole bytes of codes), got {p.block_k}")
     dummy = y2
