@@ -40,6 +40,8 @@ SHAPES = {
     "llama3-8b down": (4096, 14336, "gated+residual", 8),
 }
 CONFIGS = [GemvParams(n, k, w) for n in (4, 8, 16, 32) for k in (128, 256, 512, 1024) for w in (4, 8)]
+# one slice of up to 4096 columns (the default for one row against few outputs since 8bcab9b: slice_ab.py)
+CONFIGS += [GemvParams(n, k, w) for n in (4, 8) for k in (2048, 4096) for w in (4, 8)]
 
 
 def rms(x, g, eps=1e-6):
