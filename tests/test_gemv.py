@@ -83,6 +83,19 @@ def test_launch_parameters_do_not_change_the_result(params):
     assert _rel(y, res.double() + F.linear(x.double(), w.double(), b.double())) < 1e-5
 
 
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 40, 70), (3, 33, 100), (8, 64, 96), (16, 20, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_tensor_core_product_matches_float64(rows, n, k, dtype):
+    """GemvParams(dot=True): the rows padded to 16 times each slice in one tl.dot, with every neighbour."""
+    x, w, b, gain, res = _case(rows, n, k, dtype, seed=rows + n)
+    y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res, params=GemvParams(16, 32, 4, dot=True))
+    ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double(), b.double())
+    assert _rel(y, ref) < TOL[dtype]
+    xg, *_ = _case(rows, n, k, dtype, seed=rows + n, gated=True)
+    y = fused_linear(xg, w, gated=True, params=GemvParams(32, 64, 4, dot=True))
+    assert _rel(y, F.linear((F.silu(xg[:, :k]) * xg[:, k:]).double(), w.double())) < TOL[dtype]
+
+
 @pytest.mark.parametrize(("rows", "k"), [(1, 1500), (1, 2048), (3, 1000)])
 def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
     """A slice of 4096 columns (the default for one row against few outputs): K under it is masked, with the
@@ -170,10 +183,12 @@ def test_bad_input_is_refused_with_the_reason(call, message):
 
 @pytest.mark.parametrize("field,value,message", [("block_n", 3, "block_n=3 must be a power of two"),
                                                  ("block_k", 0, "block_k=0 must be a power of two"),
-                                                 ("num_warps", 3, "num_warps=3 must be one of")])  # fmt: skip
+                                                 ("num_warps", 3, "num_warps=3 must be one of"),
+                                                 ("dot", True, "dot=True needs block_n and block_k >= 16 "
+                                                  "(tensor-core tiles), got 8 and 64")])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
     values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         GemvParams(**values)
 
 
@@ -258,6 +273,8 @@ def test_packed_weights_need_slices_of_whole_code_bytes():
     message = "packed weights need block_k >= 16 (whole bytes of codes), got 8"
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fused_linear(x, packed, params=GemvParams(4, 8, 1))
+    with pytest.raises(ValueError, match="dot=True multiplies weights as stored; packed weights take the"):
+        fused_linear(x, packed, params=GemvParams(16, 32, 4, dot=True))
 
 
 @pytest.mark.parametrize("change,message", PACKED_BAD)

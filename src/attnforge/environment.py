@@ -25,6 +25,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether a kernel's `tl.dot` on `dtype` inputs multiplies in full fp32 (`input_precision="ieee"`): fp32
+    inputs (not tf32), and bf16 under the CPU interpreter (triton 3.9), whose tl.dot reads bf16's raw bits as
+    integers; on a GPU bf16/fp16 always use the tensor cores."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
+
+
 def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether attnforge's Triton kernels can run on `device` (default: CUDA if present), and why."""
     if package_version("triton") is None:

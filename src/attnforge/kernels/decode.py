@@ -29,7 +29,7 @@ from attnforge.config import (
     check_qkv,
     resolve_scale,
 )
-from attnforge.environment import triton_interpret
+from attnforge.environment import fp32_dot, triton_interpret
 from attnforge.kernels import temporary_workspaces, tuning, workspaces_are_temporary
 from attnforge.kernels.decode_params import (
     COMBINE_MODES,
@@ -225,12 +225,6 @@ def default_workspace(device: torch.device, partial_floats: int, counters: int) 
     return workspace
 
 
-def _fp32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs multiply in full fp32 (not tf32). The CPU interpreter (triton 3.9) also needs it for bf16,
-    whose tl.dot there reads raw bits as integers; on a GPU bf16/fp16 always use the tensor cores."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
-
-
 class DecodeLaunch:
     """The kernel's launch for one call shape with everything but the tensors computed once (grid,
     compile-time constants, workspace sizes): each line of Python costs host time per call."""
@@ -262,7 +256,7 @@ class DecodeLaunch:
         }  # fmt: skip
         self.constants = {
             **shared, "BLOCK_N": p["BLOCK_N"], "SPLIT": splits > 1, "HAS_KV_LENS": has_kv_lens,
-            "HAS_KV_STARTS": has_kv_starts, "FP32_DOT": _fp32_dot(dtype), "MERGE_LAST": combine == "last",
+            "HAS_KV_STARTS": has_kv_starts, "FP32_DOT": fp32_dot(dtype), "MERGE_LAST": combine == "last",
             # the second merge kernel merges every split: there, no split may skip its partial
             "ALONE_TILES": p["alone_tiles"] if combine == "last" else -1,
             # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)

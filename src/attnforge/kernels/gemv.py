@@ -13,7 +13,8 @@ weight byte is read once, contiguously, and the programs need no reduction acros
     reads it (a few KB, from L2) before its slice of W;
   - `gated=True`: x is `[gate | up]` (2K wide); the product reads `silu(gate) * up` (rounded as torch does);
   - `bias`, and `residual` (`y = residual + (x @ W.T + bias)`, rounded after the product as an add would).
-Rows are padded to a power of two (at most MAX_ROWS); masked loads never read outside any buffer.
+Rows are padded to a power of two (at most MAX_ROWS; to 16 with `GemvParams.dot`, the tensor-core product for
+several rows); masked loads never read outside any buffer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnforge.environment import triton_interpret
+from attnforge.environment import fp32_dot, triton_interpret
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
 
 MAX_ROWS = 16
@@ -46,6 +47,7 @@ class GemvParams:
     block_k: int
     num_warps: int
     pdl: bool = True
+    dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -54,6 +56,9 @@ class GemvParams:
                 raise ValueError(f"{name}={value} must be a power of two")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+        if self.dot and min(self.block_n, self.block_k) < 16:
+            raise ValueError(f"dot=True needs block_n and block_k >= 16 (tensor-core tiles), got "
+                             f"{self.block_n} and {self.block_k}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ def _gemv_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr,
+    DOT: tl.constexpr, FP32_DOT: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
         gdc_launch_dependents()
@@ -124,7 +130,13 @@ def _gemv_kernel(
         if k0 > 0:
             w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
                                      BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
-        acc += _slice_product(x.to(tl.float32), w, scale, BITS, SPAN)
+        if DOT:  # [ROWS, BLOCK_K] x [BLOCK_K, BLOCK_N] on the tensor cores, accumulated in fp32
+            if FP32_DOT:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        else:
+            acc += _slice_product(x.to(tl.float32), w, scale, BITS, SPAN)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
@@ -298,16 +310,19 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
     p = params or default_params(rows, n, k, packed is not None)
     if packed is not None and p.block_k < 16:
         raise ValueError(f"packed weights need block_k >= 16 (whole bytes of codes), got {p.block_k}")
+    if packed is not None and p.dot:
+        raise ValueError("dot=True multiplies weights as stored; packed weights take the dot=False path")
     dummy = y2
     _gemv_kernel[_grid(n, p.block_n)](
         x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
         dummy if res2 is None else res2, y2, scales, zeros,
         rows, n, k, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
         scales.stride(0), zeros.stride(0), float(eps),
-        ROWS=triton.next_power_of_2(rows), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
+        ROWS=max(16 if p.dot else 1, triton.next_power_of_2(rows)), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         NORM=gain is not None, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
         SPAN=1 if packed is None else min(p.block_k, packed.group_size),
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype),
         num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
     )  # fmt: skip
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from attnforge.config import SUPPORTED_HEAD_DIMS, check_lengths, check_qkv, resolve_scale
-from attnforge.environment import triton_interpret
+from attnforge.environment import fp32_dot, triton_interpret
 from attnforge.kernels import tuning
 
 try:  # host-side TMA descriptors (triton >= 3.4)
@@ -304,12 +304,6 @@ def launch_params(q, k, *, has_lengths: bool = False, has_mask: bool = False) ->
     return params or heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
 
 
-def _fp32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs multiply in full fp32 (not tf32). The CPU interpreter (triton 3.9) also needs it for bf16,
-    whose tl.dot there reads raw bits as integers; on a GPU bf16/fp16 always use the tensor cores."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
-
-
 def tma_supported(k: torch.Tensor, v: torch.Tensor) -> bool:
     """K/V can be read through TMA descriptors: a Hopper GPU (not the interpreter), fp16/bf16, the last dim
     contiguous, the other strides and the base 16-byte aligned."""
@@ -354,7 +348,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_BLOCK=d_block,
         BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], CAUSAL=causal,
         HAS_KV_LENS=kv_lens is not None, HAS_Q_LENS=q_lens is not None, MASK_KIND=mask_kind,
-        USE_TMA=use_tma, FP32_DOT=_fp32_dot(q.dtype), num_warps=p["num_warps"], num_stages=p["num_stages"],
+        USE_TMA=use_tma, FP32_DOT=fp32_dot(q.dtype), num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip
 
 

@@ -42,6 +42,10 @@ SHAPES = {
 CONFIGS = [GemvParams(n, k, w) for n in (4, 8, 16, 32) for k in (128, 256, 512, 1024) for w in (4, 8)]
 # one slice of up to 4096 columns (the default for one row against few outputs since 8bcab9b: slice_ab.py)
 CONFIGS += [GemvParams(n, k, w) for n in (4, 8) for k in (2048, 4096) for w in (4, 8)]
+# the tensor-core product for several rows (GemvParams.dot; 8 rows: the accelerator's batch 8)
+CONFIGS += [
+    GemvParams(n, k, w, dot=True) for n, k, w in ((16, 256, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8))
+]
 
 
 def rms(x, g, eps=1e-6):
@@ -102,23 +106,21 @@ def shape_rows(name, n, k, kind, layers, rows, floor):
     out["torch_linear_us"] = per_call(lambda i: lambda: F.linear(x[..., :k], ws[i]), layers)
     configs = {}
     for p in CONFIGS:
-        if triton_next(rows) * p.block_n * p.block_k > 32768:
+        if (rows == 1 and p.dot) or (not p.dot and triton_next(rows) * p.block_n * p.block_k > 32768):
             continue
         try:
-            configs[f"{p.block_n}x{p.block_k}w{p.num_warps}"] = per_call(
+            configs[name_of(p)] = per_call(
                 lambda i, p=p: (lambda: fused_linear(x[..., :k], ws[i], params=p)), layers)  # fmt: skip
         except Exception as error:  # noqa: BLE001 - a configuration that fails to compile is skipped
-            configs[f"{p.block_n}x{p.block_k}w{p.num_warps}"] = repr(error)[:120]
+            configs[name_of(p)] = repr(error)[:120]
     timed = {c: t for c, t in configs.items() if isinstance(t, float)}
     best = min(timed, key=timed.get)
     d = default_params(rows, n, k)
     out.update(configs=configs, best=best, best_us=timed[best])
-    out["default"] = f"{d.block_n}x{d.block_k}w{d.num_warps}"
+    out["default"] = name_of(d)
     out["default_us"] = timed.get(out["default"])
-    bn, rest = best.split("x")
-    bk, w = rest.split("w")
-    bp = GemvParams(int(bn), int(bk), int(w))
-    nopdl = GemvParams(bp.block_n, bp.block_k, bp.num_warps, pdl=False)  # consecutive calls overlap with PDL
+    bp = next(p for p in CONFIGS if name_of(p) == best)
+    nopdl = GemvParams(bp.block_n, bp.block_k, bp.num_warps, pdl=False, dot=bp.dot)  # calls overlap with PDL
     out["best_no_pdl_us"] = per_call(lambda i: lambda: fused_linear(x[..., :k], ws[i], params=nopdl), layers)
     out["torch_fused_us"] = per_call(lambda i: lambda: torch_fused(x, ws[i], g, res, kind), layers)
     out["ours_fused_us"] = per_call(lambda i: lambda: ours_fused(x, ws[i], g, res, kind, bp), layers)
@@ -133,6 +135,11 @@ def shape_rows(name, n, k, kind, layers, rows, floor):
 def save(doc, path):
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
+
+
+def name_of(p: GemvParams) -> str:
+    """'4x1024w4': columns x slice, warps; 'd' for the tensor-core product."""
+    return f"{p.block_n}x{p.block_k}w{p.num_warps}" + ("d" if p.dot else "")
 
 
 def triton_next(v):
