@@ -1,7 +1,9 @@
 """Issue 11 diagnosis (scratch, kept with its results): where a decode step of the accelerator spends its GPU
-time. Qwen3-0.6B, random weights, bf16, batch 1; run from the repository root with PYTHONPATH=src:
+time. Qwen3-0.6B (or another bundled architecture), random weights, bf16, batch 1, optionally quantized with
+a recipe on the "triton" backend (issue 15); run from the repository root with PYTHONPATH=src:
 
-    python prof_accel.py OUT_DIR [PROMPT] [tune]    # tune: inductor's coordinate-descent tuning on
+    python prof_accel.py OUT_DIR [PROMPT] [tune] [model=llama3-8b] [recipe=speed-4bit]
+    # tune: inductor's coordinate-descent tuning on
 
 One warm-up generation (compiles, captures), then torch.profiler around a generation of 64 new tokens: the
 GPU kernels by total time, their count per decode step and the step's GPU time against its wall time.
@@ -21,8 +23,12 @@ from attnforge.accel import accelerate
 NEW = 64
 
 
-def main(out_dir, prompt_len, tune=False):
-    model = models.load_model("qwen3-0.6b", dtype=torch.bfloat16, attn_implementation="sdpa")
+def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None):
+    model = models.load_model(model_name, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if recipe:
+        import attnforge as af
+
+        af.quantize(model, recipe, 64, backend="triton")
     acc = accelerate(model, max_batch_size=1, max_seq_len=prompt_len + NEW + 8, tune=tune)
     prompt = [[(7 * i + 3) % model.config.vocab_size for i in range(prompt_len)]]
     acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
@@ -48,8 +54,9 @@ def main(out_dir, prompt_len, tune=False):
            "wall_s_unprofiled": wall, "gpu_kernel_us_total": total_us,
            "info": {k: str(v) for k, v in getattr(acc, "info", {}).items()},
            "kernels": [{"name": n[:160], "count": c, "total_us": t} for n, (c, t) in rows]}  # fmt: skip
-    doc["tune"] = tune
-    name = f"prof-accel-qwen3-0.6b-p{prompt_len}{'-tune' if tune else ''}.json"
+    doc.update(tune=tune, model=model_name, recipe=recipe)
+    quant = f"-{recipe}" if recipe else ""
+    name = f"prof-accel-{model_name}{quant}-p{prompt_len}{'-tune' if tune else ''}.json"
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump(doc, f, indent=1)
     print(f"decode {result.metrics.decode_tok_s:.1f} tok/s")
@@ -61,4 +68,6 @@ def main(out_dir, prompt_len, tune=False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 128, sys.argv[3:] == ["tune"])
+    options = dict(arg.split("=", 1) for arg in sys.argv[3:] if "=" in arg)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 128, "tune" in sys.argv[3:],
+         options.get("model", "qwen3-0.6b"), options.get("recipe"))  # fmt: skip
