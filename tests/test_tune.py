@@ -124,6 +124,20 @@ def test_captured_calls_merge_the_way_that_was_fastest_in_a_cuda_graph(combine_u
     assert {k: v for k, v in entry.items() if k.startswith("graph")} == expected
 
 
+@pytest.mark.parametrize(
+    "combine_us, expected",
+    [
+        ({"last": 11.0, "kernel": 14.0, "kernel-pdl": 13.0}, ("11.0 / 12.0", "1.09x (last)")),
+        ({"last": 12.9, "kernel": 14.0, "kernel-pdl": 13.0}, ("13.0 / 12.0", "0.92x")),
+    ],
+)
+def test_the_tables_show_the_graph_time_captured_calls_get(combine_us, expected):
+    """The Markdown's graph columns are the merge captured calls use (the entry's), not the plain winner's."""
+    row = _graph_row(combine_us)
+    assert tune.graph_columns(row) == expected
+    assert tune.graph_columns(_row("d128-m4-b1-kv4k", 1.3, {"x": 1})) == ("-", "-")
+
+
 def test_a_row_without_graph_timing_has_no_graph_fields():
     assert tune.graph_choice(_row("d128-m4-b1-kv4k", 1.3, {"x": 1})) == {}
 

@@ -86,7 +86,7 @@ def _tuning_summary(doc: dict) -> list[str]:
         if row.get("speedup") is None:
             table.append([row["label"], row["bucket"], "not timed", "", "", "", ""])
             continue
-        graph = row.get("graph_speedup")
+        _, graph = tune.graph_columns(row)
         table.append(
             [
                 row["label"],
@@ -95,7 +95,7 @@ def _tuning_summary(doc: dict) -> list[str]:
                 report._num(row["best_us"]),
                 f"{report._num(row['torch_us'])} ({row['best_torch']})",
                 f"{row['speedup']:.2f}x",
-                f"{graph:.2f}x" if graph else "",
+                "" if graph == "-" else graph,
             ]
         )
     lines = [_environment_line(doc), f"- Method: {doc['method']}", ""]

@@ -552,18 +552,27 @@ def _markdown_row(row: dict) -> str:
         failed = [f"{n}: {c.get('reason', c['status'])}" for n, c in row["candidates"].items()
                   if c["status"] != "correct"]  # fmt: skip
         return f"| {row['label']} | {row['bucket']} | not timed | | | | | | | {'; '.join(failed)[:200]} |"
-    best, floor = row["candidates"][row["best"]], row.get("floor_us")
+    floor = row.get("floor_us")
     torch_us = ", ".join(f"{n} {c['median_us']:.1f}" for n, c in row["torch"].items() if "median_us" in c)
     percent = f"{100 * floor / row['best_us']:.0f}%" if floor else "-"
-    graph = "-"
-    if "graph_median_us" in best and "graph_median_us" in row["torch"].get(row["best_torch"], {}):
-        graph = f"{best['graph_median_us']:.1f} / {row['torch'][row['best_torch']]['graph_median_us']:.1f}"
-    graph_speedup = f"{row['graph_speedup']:.2f}x" if row.get("graph_speedup") else "-"
+    graph, graph_speedup = graph_columns(row)
     heuristic = f"{row['heuristic_speedup']:.2f}x" if row.get("heuristic_speedup") else "-"
     why = disturbed(row)
     speedup = f"{row['speedup']:.2f}x" + (f" (disturbed: {why}; no entry)" if why else "")
     return (f"| {row['label']} | {row['bucket']} | {row['best']} | {row['best_us']:.1f} | {percent} | "
             f"{torch_us} | {speedup} | {graph} | {graph_speedup} | {heuristic} |")  # fmt: skip
+
+
+def graph_columns(row: dict) -> tuple[str, str]:
+    """('ours / torch us', 'speed-up') per call in a CUDA graph as captured calls get them: with the merge
+    `graph_choice` picked (named when it is not the plain winner's); ('-', '-') without graph timing."""
+    choice = graph_choice(row)
+    if not choice:
+        return "-", "-"
+    torch_us = row["torch"][row["best_torch"]]["graph_median_us"]
+    merge = f" ({choice['graph_combine']})" if "graph_combine" in choice else ""
+    ours_us = torch_us / choice["graph_speedup"]
+    return f"{ours_us:.1f} / {torch_us:.1f}", f"{choice['graph_speedup']:.2f}x{merge}"
 
 
 def save(doc: dict, out_dir, stem: str) -> list:
