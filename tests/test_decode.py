@@ -9,7 +9,6 @@ import torch
 
 from attnforge import verify
 from attnforge.config import AttentionConfig
-from attnforge.environment import pdl_supported
 from attnforge.kernels import decode, decode_params
 from attnforge.kernels.decode import decode_attention
 
@@ -109,31 +108,6 @@ def test_alone_tiles_must_not_be_negative():
         ValueError, match=r"alone_tiles=-1 must be >= 0 \(0: only empty sequences skip the merge\)"
     ):
         decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1, params=params)
-
-
-def test_prefetch_tiles_must_not_be_negative():
-    case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True), device=DEVICE)
-    params = {"BLOCK_N": 16, "num_splits": 2, "prefetch_tiles": -1}
-    with pytest.raises(ValueError, match=r"prefetch_tiles=-1 must be >= 0 \(0: no prefetch\)"):
-        decode.launch_decode(case.q, case.k, case.v, torch.empty_like(case.q), scale=0.1, params=params)
-
-
-@pytest.mark.parametrize("prefetch_tiles", [1, 2])
-def test_the_prefetch_before_the_pdl_wait_changes_nothing_but_timing(prefetch_tiles):
-    """Launched with PDL (a Hopper GPU), a split asks L2 for its first tiles before waiting; the output is the
-    oracle's either way. Elsewhere the launch has no PDL, and the prefetch is off."""
-    shape = config_of(2, 8, 2, 1, 300, 128, causal=True, dtype=torch.bfloat16)
-    case = verify.random_case(shape, device=DEVICE, kv_lens=torch.tensor([300, 77], device=DEVICE))
-    params = {"BLOCK_N": 32, "num_splits": 4, "combine": "last", "prefetch_tiles": prefetch_tiles}
-    q = case.q
-    launch = decode.decode_launch(tuple(q.shape), 2, 300, True, False, q.dtype, q.device, params)
-    pdl = launch.constants["USE_PDL"]
-    assert launch.constants["PREFETCH_TILES"] == (prefetch_tiles if pdl else 0)
-    assert pdl == pdl_supported(q.device)  # Hopper with a Triton that has PDL
-    out = torch.full_like(case.q, float("nan"))
-    decode.launch_decode(q, case.k, case.v, out, scale=128**-0.5, kv_lens=case.kv_lens, params=params)
-    want = verify.reference_attention(case.q, case.k, case.v, causal=True, kv_lens=case.kv_lens)
-    assert verify.relative_l2_per_slice(out, want).max() <= verify.tolerance_for(torch.bfloat16)
 
 
 def test_an_unknown_merge_is_refused():

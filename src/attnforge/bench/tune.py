@@ -119,8 +119,6 @@ def params_name(params: dict) -> str:
         parts.append(params["combine"])
     if "alone_tiles" in params:
         parts.append(f"alone{params['alone_tiles']}")
-    if params.get("prefetch_tiles"):
-        parts.append(f"prefetch{params['prefetch_tiles']}")
     return "-".join(parts) + ("-tma" if params.get("tma") else "")
 
 

@@ -40,7 +40,7 @@ from attnforge.kernels.decode_params import (
     kv_bound,
 )
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
-from attnforge.kernels.split_kv import attend, combine_kernel, finish_split, prefetch_split, split_range
+from attnforge.kernels.split_kv import attend, combine_kernel, finish_split, split_range
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,8 +58,7 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
-    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr, PREFETCH_TILES: tl.constexpr,
-    LINE: tl.constexpr,
+    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
 ):  # fmt: skip
     # Load q, share the valid keys between the splits, the online softmax over this split's keys, then the
     # output or the partial and, with MERGE_LAST, the last program's merge (helpers below, shared with
@@ -73,13 +72,7 @@ def _decode_kernel(
     k_head, v_head = K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
     if USE_PDL:  # the next kernel (the merge, or the caller's) may start launching; it waits for this grid
         gdc_launch_dependents()
-        if PREFETCH_TILES > 0:  # this split's first tiles into L2 meanwhile (lengths read now: a hint)
-            first, end = _valid_keys(KvLens, KvStarts, b, kv_len, HAS_KV_LENS, HAS_KV_STARTS, False)
-            _, start, stop = split_range(first, end, split, num_splits, BLOCK_N, ALONE_TILES)
-            prefetch_split(k_head, v_head, start, stop, stride_kn, stride_vn, HEAD_DIM, D_BLOCK, BLOCK_N,
-                           LINE, PREFETCH_TILES)  # fmt: skip
-        # this kernel is launched with PDL too: wait for the previous kernel's writes (q, the cache) to land
-        gdc_wait()
+        gdc_wait()  # launched with PDL too: the previous kernel's writes (q, the cache) have landed
 
     # Row = head_in_group * Q_LEN + token: the G heads times the Lq new tokens share one read of K and V.
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,8 +85,7 @@ def _decode_kernel(
         Q + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qm + d[None, :] * stride_qd
     )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # read again after the wait (volatile: not the early read's value)
-    first, end = _valid_keys(KvLens, KvStarts, b, kv_len, HAS_KV_LENS, HAS_KV_STARTS, USE_PDL)
+    first, end = _valid_keys(KvLens, KvStarts, b, kv_len, HAS_KV_LENS, HAS_KV_STARTS)
     alone, start, stop = split_range(first, end, split, num_splits, BLOCK_N, ALONE_TILES)
     last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
     m_i, l_i, acc = attend(q, k_head, v_head, start, stop, end, last_visible, scale_log2, d, d_ok, stride_kn,
@@ -105,15 +97,14 @@ def _decode_kernel(
 
 
 @triton.jit
-def _valid_keys(KvLens, KvStarts, b, kv_len, HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr,
-                VOLATILE: tl.constexpr):  # fmt: skip
+def _valid_keys(KvLens, KvStarts, b, kv_len, HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr):
     """Sequence b's valid keys [first, end), clamped on the device: never outside the cache."""
     if HAS_KV_LENS:  # noqa: SIM108 - clamped in its own dtype
-        end = tl.minimum(tl.maximum(tl.load(KvLens + b, volatile=VOLATILE), 0), kv_len).to(tl.int32)
+        end = tl.minimum(tl.maximum(tl.load(KvLens + b), 0), kv_len).to(tl.int32)
     else:
         end = kv_len
     if HAS_KV_STARTS:  # noqa: SIM108 - left padding: keys before the first valid one are never read
-        first = tl.minimum(tl.maximum(tl.load(KvStarts + b, volatile=VOLATILE), 0), end).to(tl.int32)
+        first = tl.minimum(tl.maximum(tl.load(KvStarts + b), 0), end).to(tl.int32)
     else:
         first = 0
     return first, end
@@ -262,9 +253,6 @@ class DecodeLaunch:
             # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
             "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
             "num_warps": p["num_warps"], "num_stages": p["num_stages"], **pdl_options(use_pdl),
-            # key tiles asked of L2 before the wait (only launched with PDL), one address per 128 bytes
-            "PREFETCH_TILES": p["prefetch_tiles"] if use_pdl else 0,
-            "LINE": 128 // torch.empty((), dtype=dtype).element_size(),
         }  # fmt: skip
         merged_apart = splits > 1 and combine != "last"
         self.combine_grid = (self.slots * part_rows,) if merged_apart else None

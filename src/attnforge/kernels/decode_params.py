@@ -26,9 +26,6 @@ ALONE_TILES = 2
 # with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
 # ("kernel-pdl"; without PDL support it runs as "kernel").
 COMBINE_MODES = ("last", "kernel", "kernel-pdl")
-# Key tiles of its split a program launched with PDL asks L2 to fetch before it waits for the previous kernel
-# (a hint: the keys are read after the wait; 0: none). Unmeasured on a GPU yet, so off by default.
-PREFETCH_TILES = 0
 
 
 def decode_bucket(
@@ -81,9 +78,9 @@ def default_block_m(rows: int) -> int:
 
 
 def complete_params(params: dict, rows: int, kv_len: int) -> dict:
-    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages; alone_tiles and
-    prefetch_tiles optional) plus what the launch derives: row blocks, splits within [1, tiles] (an entry may
-    come from a longer cache in its bucket), the partial rows per split."""
+    """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, alone_tiles optional)
+    plus what the launch derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache
+    in its bucket), the partial rows per split."""
     block_m = int(params.get("BLOCK_M") or default_block_m(rows))
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
@@ -92,12 +89,8 @@ def complete_params(params: dict, rows: int, kv_len: int) -> dict:
     alone = int(params.get("alone_tiles", ALONE_TILES))
     if alone < 0:
         raise ValueError(f"alone_tiles={alone} must be >= 0 (0: only empty sequences skip the merge)")
-    prefetch = int(params.get("prefetch_tiles", PREFETCH_TILES))
-    if prefetch < 0:
-        raise ValueError(f"prefetch_tiles={prefetch} must be >= 0 (0: no prefetch)")
     derived = {
         "alone_tiles": alone,
-        "prefetch_tiles": prefetch,
         "BLOCK_M": block_m,
         "m_blocks": triton.cdiv(rows, block_m),
         "rows": rows,

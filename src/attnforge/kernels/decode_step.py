@@ -23,7 +23,7 @@ from attnforge.config import SUPPORTED_HEAD_DIMS, resolve_scale
 from attnforge.kernels.decode import LOG2E, DecodeWorkspace, default_workspace, merged_in_kernel
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait
 from attnforge.kernels.rope_cache import check_new_token, rope_rows, store_new_kv
-from attnforge.kernels.split_kv import attend, finish_split, prefetch_split, split_range
+from attnforge.kernels.split_kv import attend, finish_split, split_range
 
 # Launch constants of decode's kernel that this one fixes (one new token, lengths from positions, one launch).
 _FIXED = ("Q_LEN", "HAS_KV_LENS", "HAS_KV_STARTS", "MERGE_LAST")
@@ -38,7 +38,6 @@ def _decode_step_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, Q_NORM: tl.constexpr,
     K_NORM: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
-    PREFETCH_TILES: tl.constexpr, LINE: tl.constexpr,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): the steps below are split_kv's and
     # rope_cache's device functions; what is left is the new token's part, which needs their values.
@@ -50,11 +49,6 @@ def _decode_step_kernel(
     cache_head = b * stride_cb + h * stride_ch
     if USE_PDL:  # launched early (PDL): let the next kernel launch too, then wait for the q/k/v product
         gdc_launch_dependents()
-        if PREFETCH_TILES > 0:  # this split's first cached tiles into L2 meanwhile (positions now: a hint)
-            hint = tl.minimum(tl.maximum(tl.load(Positions + b), 0), max_seq).to(tl.int32)
-            _, start, stop = split_range(0, hint, split, num_splits, BLOCK_N, ALONE_TILES)
-            prefetch_split(CacheK + cache_head, CacheV + cache_head, start, stop, stride_cn, stride_cn,
-                           HEAD_DIM, D_BLOCK, BLOCK_N, LINE, PREFETCH_TILES)  # fmt: skip
         gdc_wait()
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP
@@ -62,7 +56,7 @@ def _decode_step_kernel(
     d = tl.arange(0, D_BLOCK)
     d_ok = d < HEAD_DIM
 
-    pos = tl.load(Positions + b, volatile=USE_PDL)  # after the wait, not the early read's value
+    pos = tl.load(Positions + b)
     cached = tl.minimum(tl.maximum(pos, 0), max_seq).to(tl.int32)  # the keys before the new token
     table = tl.minimum(tl.maximum(pos, 0), max_seq - 1)  # the tables have a row per cache position
     cos_row, sin_row = Cos + table * stride_cos, Sin + table * stride_cos

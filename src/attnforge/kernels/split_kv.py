@@ -3,9 +3,7 @@
 A program serves the G query heads of one KV head over one slice ("split") of the valid keys: `split_range`
 shares the keys between the splits in whole tiles, `attend` runs the online softmax over a split's keys, and
 `finish_split` writes the output (one split) or the split's partial (max, sum, unnormalized output), which the
-program that arrives last merges (`merge_if_last`) or a second kernel merges (`combine_kernel`). A program
-launched with PDL may ask L2 for its first key tiles before it waits for the previous kernel
-(`prefetch_split`): the loads come after the wait, so what it asks for early can never be stale.
+program that arrives last merges (`merge_if_last`) or a second kernel merges (`combine_kernel`).
 """
 
 from __future__ import annotations
@@ -189,28 +187,3 @@ def merge_rows(PartO, PartML, base, num_splits, r, ROWS: tl.constexpr, SPLITS_P2
             m_s = tl.load(o_ptrs + D_BLOCK, mask=ok, other=float("-inf"), cache_modifier=".cg")
             acc += tl.exp2(m_s - m_safe[:, None]) * o_s
     return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 to fetch the lines at `ptrs` (any shape; addresses inside a buffer): a hint, no data comes back
-    and nothing waits. L2 is where global memory is coherent, so a line written after this is read fresh."""
-    addr = ptrs.to(tl.int64, bitcast=True)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
-                              is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit
-def prefetch_split(K, V, start, stop, stride_kn, stride_vn, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
-                   BLOCK_N: tl.constexpr, LINE: tl.constexpr, TILES: tl.constexpr):  # fmt: skip
-    """Ask L2 for the first TILES tiles of keys and values [start, stop) of one head (pointers at its first
-    key), one address per LINE elements (128 bytes) of each row, every address inside the rows."""
-    n_off = tl.arange(0, BLOCK_N)
-    col = tl.arange(0, D_BLOCK // LINE) * LINE
-    col = tl.where(col < HEAD_DIM, col, 0)
-    for t in tl.static_range(TILES):
-        rows = start + t * BLOCK_N + n_off
-        rows = tl.where(rows < stop, rows, start).to(tl.int64)  # past the range: its first row again
-        if start + t * BLOCK_N < stop:
-            prefetch_l2(K + rows[:, None] * stride_kn + col[None, :])
-            prefetch_l2(V + rows[:, None] * stride_vn + col[None, :])

@@ -4,6 +4,9 @@ grid-dependency wait and the loads in the PTX, and the registers each kernel tak
 Run from the repository root:
 
     PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/decode-prefetch/ptx_prefetch.py
+
+The prefetch lost on the GPU and was removed from the kernels after c61d822: this script runs against
+that commit only.
 """
 
 import os

@@ -10,6 +10,9 @@ B. The accelerator, Qwen3-0.6B random weights, batch 1, prompts 128 and 4096, 25
 
     python benchmarks/results/gpu/decode-prefetch/ab_prefetch.py OUT_DIR [A|B|AB]
 
+It ran at commit c61d822 (h100/decode-prefetch/); the prefetch lost and was removed from the kernels
+after it, so this script runs against that commit only.
+
 Writes OUT_DIR/ab-prefetch.json after every row and prints a table at the end.
 """
 

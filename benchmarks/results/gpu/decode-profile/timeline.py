@@ -46,10 +46,9 @@ def _timed_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
-    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr, PREFETCH_TILES: tl.constexpr,
-    LINE: tl.constexpr,
+    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
 ):  # fmt: skip
-    # decode.py's _decode_kernel without PDL, prefetch or kv_starts, with timestamps (Times: [programs, 7])
+    # decode.py's _decode_kernel without PDL or kv_starts, with timestamps (Times: [programs, 7])
     g0 = tl.extra.cuda.globaltimer()
     split = tl.program_id(0)
     slot = tl.program_id(1)
@@ -103,7 +102,7 @@ def _run(launch, q, k, v, lens, times):
             *v.stride(), *out.stride(), 128**-0.5 * decode.LOG2E, k.shape[2], launch.num_kv_heads,
             launch.splits, launch.ml_offset)  # fmt: skip
     constants = {key: value for key, value in launch.constants.items() if key != "launch_pdl"}
-    constants.update(USE_PDL=False, PREFETCH_TILES=0)
+    constants["USE_PDL"] = False
     return lambda: _timed_kernel[launch.grid](*args, **constants), out
 
 
