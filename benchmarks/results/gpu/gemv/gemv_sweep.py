@@ -11,7 +11,8 @@ Run from the repository root with PYTHONPATH=src:
    F.linear alone, then each launch configuration of ours on the plain product; the best configuration per
    shape, and it without programmatic dependent launch (`best_no_pdl_us`; before commit b5c9eb9 the kernel
    had no PDL); then the fused call (norm / gated / residual) against torch's unfused ops for the same work.
-   Read GB/s and % of the read floor measured in the same run. JSON rewritten after every row.
+   Read GB/s and % of the read floor measured in the same run. The fused call also for the fastest plain
+   configurations and a few wider ones (`fused_sweep`). JSON rewritten after every row.
 """
 
 import json
@@ -79,9 +80,9 @@ def inputs(n, k, kind, rows, layers, seed=0):
     return x, ws, g, res
 
 
-def check(n, k, kind, rows):
+def check(n, k, kind, rows, params=None):
     x, (w,), g, res = inputs(n, k, kind, rows, 1, seed=1)
-    ours = ours_fused(x, w, g, res, kind)
+    ours = ours_fused(x, w, g, res, kind, params)
     mine = torch_fused(x, w, g, res, kind)
     xd = x.double()
     if "gated" in kind:
@@ -125,11 +126,28 @@ def shape_rows(name, n, k, kind, layers, rows, floor):
     out["torch_fused_us"] = per_call(lambda i: lambda: torch_fused(x, ws[i], g, res, kind), layers)
     out["ours_fused_us"] = per_call(lambda i: lambda: ours_fused(x, ws[i], g, res, kind, bp), layers)
     out["ours_fused_default_us"] = per_call(lambda i: lambda: ours_fused(x, ws[i], g, res, kind), layers)
+    out.update(fused_sweep(x, ws, g, res, kind, layers, timed))
     for key in ("torch_linear_us", "best_us", "ours_fused_us"):
         out[key.replace("_us", "_pct_floor")] = 100 * wbytes / (out[key] * 1e-6) / floor
     out["speedup_linear"] = out["torch_linear_us"] / out["best_us"]
     out["speedup_fused"] = out["torch_fused_us"] / out["ours_fused_us"]
     return out
+
+
+# the fused prologue (RMSNorm's row, silu(gate) * up) is recomputed by every program: wider programs may win
+FUSED_EXTRA = ("16x512w4", "16x1024w4", "32x512w4", "32x1024w8", "16x256w4d", "32x256w4d", "32x512w8d")
+
+
+def fused_sweep(x, ws, g, res, kind, layers, timed):
+    """The fused call for the six fastest plain configurations and FUSED_EXTRA: {fused_configs, best_fused,
+    best_fused_us}."""
+    names = sorted(timed, key=timed.get)[:6] + [n for n in FUSED_EXTRA if n in timed]
+    fused = {}
+    for name in dict.fromkeys(names):
+        p = next(c for c in CONFIGS if name_of(c) == name)
+        fused[name] = per_call(lambda i, p=p: lambda: ours_fused(x, ws[i], g, res, kind, p), layers)
+    best = min(fused, key=fused.get)
+    return {"fused_configs": fused, "best_fused": best, "best_fused_us": fused[best]}
 
 
 def save(doc, path):
@@ -153,6 +171,8 @@ def main(path):
     for name, (n, k, kind, _) in SHAPES.items():
         for rows in (1, 8):
             doc["checks"].append({"shape": name, "rows": rows, **check(n, k, kind, rows)})
+        for p in (c for c in CONFIGS if c.dot):  # the tensor-core sets are timed at 8 rows: checked first
+            doc["checks"].append({"shape": name, "rows": 8, "params": name_of(p), **check(n, k, kind, 8, p)})
     for n, k, kind in ((1000, 1000, "norm"), (37, 200, "gated+residual"), (4099, 72, "residual")):
         doc["checks"].append({"shape": f"odd {n}x{k}", "rows": 3, **check(n, k, kind, 3)})
     save(doc, path)
@@ -164,10 +184,12 @@ def main(path):
             print(f"{name:20s} r{rows} torch {r['torch_linear_us']:7.2f} ours {r['best_us']:7.2f} "
                   f"({r['best']}, default {r['default_us']}) x{r['speedup_linear']:.2f} | fused torch "
                   f"{r['torch_fused_us']:7.2f} ours {r['ours_fused_us']:7.2f} x{r['speedup_fused']:.2f} | "
-                  f"floor% {r['torch_linear_pct_floor']:.0f} / {r['best_pct_floor']:.0f}",
+                  f"floor% {r['torch_linear_pct_floor']:.0f} / {r['best_pct_floor']:.0f} | best fused "
+                  f"{r['best_fused']} {r['best_fused_us']:.2f}",
                   flush=True)  # fmt: skip
-    for c in doc["checks"]:
-        print(c)
+    worst = max(doc["checks"], key=lambda c: c["rel_l2"])
+    finite = all(c["finite"] for c in doc["checks"])
+    print(f"checks: {len(doc['checks'])}, all finite {finite}, worst {worst}")
 
 
 if __name__ == "__main__":
