@@ -224,13 +224,19 @@ class _Evaluation:
             return
         if self.mode == "none":
             self.metrics["combined_score"] = 1.0
-            self.artifacts["timing"] = (
-                "no timing: no CUDA device (correctness only; a correct program scores 1.0)"
-            )
+            why = self._why_untimed()
+            self.artifacts["timing"] = f"no timing: {why} (correctness only; a correct program scores 1.0)"
             self.artifacts["reason"] = "correct; not timed"
             return
         runner.send("go3", str(self.stage_seed(3)))
         self._timing(runner)
+
+    def _why_untimed(self) -> str:
+        if not self.task.time_shapes:
+            return "the task has no timed shapes"
+        if self.task.timing == "none":
+            return "the task asks for none (timing='none')"
+        return "no CUDA device"
 
     def _correctness(self, stage: int, runner: _Runner) -> None:
         import json
