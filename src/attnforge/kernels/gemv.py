@@ -217,19 +217,27 @@ ONE_SLICE_MAX_N = 2048
 
 
 def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParams:
-    """Launch parameters: 4 output columns per program (many programs, balanced over the SMs; each reads whole
-    weight rows) in 1024-column slices, 4 warps - the fastest of 32 sets for the Qwen3-0.6B and Llama-3-8B
-    products at 1 and 8 rows on an H100 but one (Llama's q/k/v at one row: 8 columns, 7% faster;
-    benchmarks/results/h100/gemv/); 16 rows: half slices (registers). One row of a bf16 product with few
-    outputs (N <= ONE_SLICE_MAX_N, K <= 4096: Qwen3-0.6B's o and down) reads its rows in one slice, all of it
-    asked for before the PDL wait: with 1024-wide slices those ran at 32-34% of the read floor where one-slice
-    products ran at 72-75% (each later slice is a round trip after the wait, and ~2 programs a SM cannot hide
-    it); `benchmarks/results/gpu/gemv/slice_ab.py` measures it."""
+    """Launch parameters, from per-call times in 28-layer CUDA graphs on an H100 (GEMV sweeps under
+    benchmarks/results/h100/gemv/; the products of Qwen3-0.6B and Llama-3-8B as the accelerator calls them,
+    neighbours fused). By default 4 output columns per program (many programs, balanced over the SMs; each
+    reads whole weight rows) in 1024-column slices, 4 warps; 16 rows: half slices (registers). For one row of
+    unpacked weights:
+      - few outputs (N <= ONE_SLICE_MAX_N), 1024 < K <= 4096 (Qwen3-0.6B's o and down): the whole row in one
+        slice, all of it asked for before the PDL wait (1024-wide slices ran at 32-34% of the read floor where
+        one-slice products ran at 72-75%: each later slice is a round trip after the wait; `slice_ab.py`);
+      - other K > 1024 (Llama-3-8B's four products): 2048-column slices, 8 warps (q/k/v with its norm 23.3 ->
+        19.6 us, gate/up 78.9 -> 77.4, down with silu * up 47.5 -> 46.2, o equal; gemv-sweep-20261206c);
+      - K <= 1024 against 4096 < N <= 16384 (Qwen3-0.6B's gate/up): 16 columns a program (7.2 -> 6.4 us; its
+        q/k/v, N = 4096, and its LM head stay faster at 4)."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
-    if rows == 1 and not packed and n <= ONE_SLICE_MAX_N and 1024 < k <= 4096:
-        block_k = triton.next_power_of_2(k)
-        return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
+    if rows == 1 and not packed and k > 1024:
+        if n <= ONE_SLICE_MAX_N and k <= 4096:
+            block_k = triton.next_power_of_2(k)
+            return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
+        return GemvParams(block_n=4, block_k=2048, num_warps=8)
+    if rows == 1 and not packed and 4096 < n <= 16384:
+        return GemvParams(block_n=16, block_k=1024, num_warps=4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
