@@ -67,6 +67,42 @@ def test_gated_input_reads_silu_gate_times_up(rows, n, k, dtype):
     assert _rel(y, ref) < TOL[dtype]
 
 
+def _glu_ref(x, w, b=None, prologue=lambda x: x):
+    """silu(gate) * up of the fused gate_up product `[gate; up]`, in float64 after the prologue."""
+    gate, up = F.linear(prologue(x).double(), w.double(), None if b is None else b.double()).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 64, 64), (1, 74, 72), (3, 34, 100), (16, 18, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_glu_output_is_silu_gate_times_up_of_the_two_halves(rows, n, k, dtype):
+    """glu=True: weight `[gate; up]` (N rows, N / 2 outputs, odd halves included) with the norm before.
+    Five roundings to bf16 (the norm's two, the products, silu, the multiply): on the CPU the interpreter
+    truncates at each (2.3% at worst here against torch's 0.4%), hence twice the tolerance."""
+    tol = TOL[dtype] * (2 if dtype == torch.bfloat16 else 1)
+    x, w, b, gain, res = _case(rows, n, k, dtype, seed=rows + 3 * n)
+    y = fused_linear(x, w, b, norm=(gain, 1e-6), glu=True)
+    assert y.shape == (rows, n // 2)
+    assert _rel(y, _glu_ref(x, w, b, lambda x: _rms(x, gain, 1e-6))) < tol
+    y = fused_linear(x, w, glu=True, residual=res[:, : n // 2], params=GemvParams(2, 32, 1))
+    assert _rel(y, res[:, : n // 2].double() + _glu_ref(x, w)) < tol
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_glu_over_packed_weights_and_on_the_tensor_cores(bits):
+    x, w, _, gain, _ = _case(2, 48, 64, torch.float32, seed=bits)
+    packed, dense = _packed(w, bits, 32)
+    assert _rel(fused_linear(x, packed, glu=True), _glu_ref(x, dense)) < 1e-5
+    y = fused_linear(x, w, norm=(gain, 1e-6), glu=True, params=GemvParams(16, 32, 4, dot=True))
+    assert _rel(y, _glu_ref(x, w, prologue=lambda x: _rms(x, gain, 1e-6))) < 1e-5
+
+
+def test_glu_under_torch_compile_equals_eager():
+    x, w, b, gain, _ = _case(1, 32, 64, torch.float32, seed=21)
+    compiled = torch.compile(lambda x: fused_linear(x, w, b, norm=(gain, 1e-6), glu=True), fullgraph=True)
+    assert torch.equal(compiled(x), fused_linear(x, w, b, norm=(gain, 1e-6), glu=True))
+
+
 def test_leading_dims_are_kept_and_strided_input_is_read_in_place():
     x, w, _, gain, _ = _case(4, 24, 32, torch.float32, seed=3)
     wide = torch.cat([x, x], dim=-1)[:, :32]  # rows 64 apart: a strided view, last dim contiguous
@@ -174,7 +210,12 @@ BAD = [
         lambda x, w: fused_linear(torch.zeros(1, 32, device=x.device), w, gated=True, norm=(w[0], 1e-6)),
         "norm and gated cannot be combined",
     ),
-]
+    (lambda x, w: fused_linear(x, w[:7], glu=True), "glu=True needs the weight's rows to be [gate; up] (an "
+                                                    "even count), got 7"),
+    (lambda x, w: fused_linear(x, w, glu=True, residual=torch.zeros(1, 8, device=x.device)),
+     "residual must have shape (1, 4)"),
+    (lambda x, w: fused_linear(x, w, glu=True, params=GemvParams(1, 16, 1)), "glu=True needs block_n >= 2"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("call,message", BAD)
@@ -298,3 +339,5 @@ def test_on_a_gpu_the_prologues_round_as_torchs_ops():
     assert (gated != F.silu(x[:, :k]) * x[:, k:]).float().mean() < 0.01
     normed = fused_linear(x[:, :k], eye, norm=(gain, 1e-6))
     assert (normed != _rms(x[:, :k], gain, 1e-6)).float().mean() < 0.01
+    glu = fused_linear(x[:, :k], torch.cat([eye, eye]), glu=True)  # silu(x) * x, rounded as torch's ops
+    assert (glu != F.silu(x[:, :k]) * x[:, :k]).float().mean() < 0.01

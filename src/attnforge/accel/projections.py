@@ -3,7 +3,7 @@
 A decode step is a few rows of hidden state against every weight matrix. `KernelProjections` runs those calls
 (at most gemv.FAST_ROWS rows: batch 1, where the kernel was measured faster than cuBLAS) through
 `kernels.gemv.fused_linear`, which also takes each product's neighbours into the same launch: the RMSNorm
-before q/k/v, gate/up and the LM head, silu(gate) * up before down, and the residual adds after o and down -
+before q/k/v, gate/up and the LM head, silu(gate) * up after gate/up, and the residual adds after o and down -
 four launches per layer instead of eight or more. A neighbour is fused only where the model's module provably
 computes what the kernel does: each norm and the activation are probed once (`torch.equal` against the
 kernel's formula on the model's device and dtype); a module that differs (Gemma's `(1 + w)` norm, GELU) runs
@@ -121,13 +121,11 @@ class KernelProjections(TorchProjections):
         fused = self.layers[index]
         if fused is None or not self._small(hidden):
             return super().mlp(index, layer, hidden)
-        if fused.post_norm is None:
-            gate_up = self._gemv.fused_linear(layer.post_norm(hidden), *fused.gate_up)
-        else:
-            gate_up = self._gemv.fused_linear(hidden, *fused.gate_up, norm=fused.post_norm)
-        if fused.silu:
-            return self._gemv.fused_linear(gate_up, *fused.down, gated=True, residual=hidden)
-        gate, up = gate_up.chunk(2, dim=-1)
+        x, norm = (layer.post_norm(hidden), None) if fused.post_norm is None else (hidden, fused.post_norm)
+        if fused.silu:  # silu(gate) * up in the gate/up product's epilogue; down reads it as a plain row
+            act = self._gemv.fused_linear(x, *fused.gate_up, norm=norm, glu=True)
+            return self._gemv.fused_linear(act, *fused.down, residual=hidden)
+        gate, up = self._gemv.fused_linear(x, *fused.gate_up, norm=norm).chunk(2, dim=-1)
         return self._gemv.fused_linear(layer.act(gate) * up, *fused.down, residual=hidden)
 
     def new_token_rope(self, index, cache):

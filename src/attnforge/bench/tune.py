@@ -50,8 +50,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     base = decode.heuristic_params(target.batch, target.kv_len, target.num_kv_heads, rows, target.head_dim,
                                    element, sms)  # fmt: skip
 
-    def stages(block_n: int, budget: int = decode.SHARED_MEMORY_BUDGET) -> int:
-        return max(1, min(4, budget // (2 * block_n * row_bytes)))
+    def stages(block_n: int, budget: int = decode.SHARED_MEMORY_BUDGET, cap: int = 4) -> int:
+        return max(1, min(cap, budget // (2 * block_n * row_bytes)))
 
     def split_options(block_n: int, block_m: int) -> list[int]:
         units = target.batch * target.num_kv_heads * math.ceil(rows / block_m)
@@ -71,6 +71,11 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
             candidates += [dict(tile, num_splits=s) for s in split_options(block_n, block_m)]
     hopper_budget = 220 * 1024
     candidates += [dict(base, num_stages=s) for s in range(2, stages(base["BLOCK_N"], hopper_budget) + 1)]
+    # deeper pipelines of the half tile where Hopper's shared memory holds them (5-6 stages; 4 was the most
+    # tried before): at 16k keys and more a program streams 16+ tiles (docs/notes/decode.md, "fourth session")
+    half = dict(base, BLOCK_N=base["BLOCK_N"] // 2)
+    deep = range(stages(half["BLOCK_N"]) + 1, stages(half["BLOCK_N"], hopper_budget, cap=6) + 1)
+    candidates += [dict(half, num_stages=s) for s in deep if half["BLOCK_N"] >= 16]
     if base["num_splits"] > 1:  # the partials merged by a second kernel instead of the last program
         candidates += [dict(base, combine=mode) for mode in decode.COMBINE_MODES[1:]]
     if not quick:

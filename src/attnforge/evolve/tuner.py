@@ -33,7 +33,7 @@ from attnforge.evolve.tasks import Task, TaskShape, seed_for
 
 DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
                 "num_splits": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
-                "num_stages": (1, 2, 3, 4)}  # fmt: skip
+                "num_stages": (1, 2, 3, 4, 5, 6)}  # fmt: skip
 PREFILL_GENES = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8),
                  "num_stages": (2, 3, 4), "tma": (False, True)}  # fmt: skip
 SHARED_MEMORY = 220 * 1024  # per block on Hopper (227 KB), a little kept for the rest

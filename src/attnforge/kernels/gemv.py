@@ -12,6 +12,8 @@ weight byte is read once, contiguously, and the programs need no reduction acros
     the working dtype where transformers' Llama/Qwen norms round). The mean needs all of x's row: each program
     reads it (a few KB, from L2) before its slice of W;
   - `gated=True`: x is `[gate | up]` (2K wide); the product reads `silu(gate) * up` (rounded as torch does);
+  - `glu=True`, the other side of it: the weight is `[gate; up]` (the model's fused gate/up); a program reads
+    gate rows j and up rows N/2 + j together and writes `silu(gate) * up`, N/2 outputs (down's input);
   - `bias`, and `residual` (`y = residual + (x @ W.T + bias)`, rounded after the product as an add would).
 Rows are padded to a power of two (at most MAX_ROWS; to 16 with `GemvParams.dot`, the tensor-core product for
 several rows); masked loads never read outside any buffer.
@@ -79,7 +81,7 @@ class PackedWeight:
         return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
 
 
-# One kernel body (~60 lines) with its prologues inline: Triton inlines helpers anyway.
+# One kernel body (~70 lines) with its prologues and epilogues inline: Triton inlines helpers anyway.
 @triton.jit
 def _gemv_kernel(
     X, W, Bias, Gain, Res, Y, Scales, Zeros,
@@ -87,15 +89,23 @@ def _gemv_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr,
-    DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
         gdc_launch_dependents()
     dtype = Y.dtype.element_ty
     rows = tl.arange(0, ROWS)
     row_ok = rows < M
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pid = tl.program_id(0)
+    if GLU:  # weight rows: gate j and up N + j interleaved; BLOCK_N // 2 outputs a program
+        pairs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        cols = pairs + (tl.arange(0, BLOCK_N) % 2) * N
+        col_ok = pairs < N
+        out_cols = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    else:
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        out_cols = cols
     ks = tl.arange(0, BLOCK_K)
     x_rows = X + rows[:, None] * stride_xm
     # The first weight slice does not depend on the previous kernel: with PDL its read starts under that
@@ -120,9 +130,7 @@ def _gemv_kernel(
         x = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)
         if GATED:  # x holds [gate | up]: silu(gate) rounded, times up, rounded (torch's two ops)
             up = tl.load(x_rows + K + kk[None, :], mask=x_ok, other=0.0)
-            gate = x.to(tl.float32)
-            x = (gate * tl.sigmoid(gate)).to(dtype)
-            x = (x.to(tl.float32) * up.to(tl.float32)).to(dtype)
+            x = _silu_times(x, up)
         if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
             gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
             x = (x.to(tl.float32) * inv[:, None]).to(dtype)
@@ -140,11 +148,22 @@ def _gemv_kernel(
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
-    out_ok = row_ok[:, None] & col_ok[None, :]
+    if GLU:  # each product rounded (the model's gate_up output), then silu(gate) * up as torch rounds it
+        gate, up = tl.split(tl.reshape(y, [ROWS, BLOCK_N // 2, 2]))
+        y = _silu_times(gate, up)
+    out_ok = row_ok[:, None] & (out_cols < N)[None, :]
     if HAS_RES:
-        res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0)
+        res = tl.load(Res + rows[:, None] * stride_rm + out_cols[None, :], mask=out_ok, other=0.0)
         y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y, mask=out_ok)
+    tl.store(Y + rows[:, None] * stride_ym + out_cols[None, :], y, mask=out_ok)
+
+
+@triton.jit
+def _silu_times(gate, up):
+    """`silu(gate) * up` in their dtype, each op rounded to it (torch's `F.silu(gate) * up`)."""
+    g = gate.to(tl.float32)
+    h = (g * tl.sigmoid(g)).to(gate.dtype)
+    return (h.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 @triton.jit
@@ -241,7 +260,7 @@ def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParam
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
-def _check(x, weight, bias, gain, residual, gated) -> None:
+def _check(x, weight, bias, gain, residual, gated, glu=False) -> None:
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; fused_linear supports {DTYPES}")
     if isinstance(weight, PackedWeight):
@@ -253,6 +272,8 @@ def _check(x, weight, bias, gain, residual, gated) -> None:
     if x.shape[-1] != width:
         what = "2 * in_features ([gate | up])" if gated else "in_features"
         raise ValueError(f"x's last dim {x.shape[-1]} must be {what} = {width}")
+    if glu and n % 2:
+        raise ValueError(f"glu=True needs the weight's rows to be [gate; up] (an even count), got {n}")
     rows = x.numel() // width if width else 0
     if rows > MAX_ROWS:
         raise ValueError(f"fused_linear serves at most {MAX_ROWS} rows (decode steps); x has {rows}")
@@ -267,8 +288,9 @@ def _check(x, weight, bias, gain, residual, gated) -> None:
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if gain is not None and tuple(gain.shape) != (k,):
         raise ValueError(f"norm gain must have shape ({k},), got {tuple(gain.shape)}")
-    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n):
-        raise ValueError(f"residual must have shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
+    out = (*x.shape[:-1], n // 2 if glu else n)
+    if residual is not None and tuple(residual.shape) != out:
+        raise ValueError(f"residual must have shape {out}, got {tuple(residual.shape)}")
 
 
 def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
@@ -298,9 +320,12 @@ def _grid(n: int, block_n: int) -> tuple[int]:
     return (triton.cdiv(n, block_n),)
 
 
-def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: GemvParams | None = None) -> None:
-    """Run the kernel into `out` (`[..., N]`); arguments as `fused_linear`, already checked."""
-    rows, (n, k) = out.numel() // max(out.shape[-1], 1), weight.shape
+def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: GemvParams | None = None,
+                  glu: bool = False) -> None:  # fmt: skip
+    """Run the kernel into `out` (`[..., N]`, `[..., N / 2]` with `glu`); arguments as `fused_linear`, already
+    checked."""
+    rows, (n_weight, k) = out.numel() // max(out.shape[-1], 1), weight.shape
+    n = out.shape[-1]
     if rows == 0 or n == 0:
         return
     x2, res2 = x.reshape(rows, x.shape[-1]), None if residual is None else residual.reshape(rows, n)
@@ -315,13 +340,15 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
     if res2 is not None and res2.stride(-1) != 1:
         res2 = res2.contiguous()
     y2 = out.view(rows, n)
-    p = params or default_params(rows, n, k, packed is not None)
+    p = params or default_params(rows, n_weight, k, packed is not None)
+    if glu and p.block_n < 2:
+        raise ValueError(f"glu=True needs block_n >= 2 (a gate and an up row a program), got {p.block_n}")
     if packed is not None and p.block_k < 16:
         raise ValueError(f"packed weights need block_k >= 16 (whole bytes of codes), got {p.block_k}")
     if packed is not None and p.dot:
         raise ValueError("dot=True multiplies weights as stored; packed weights take the dot=False path")
     dummy = y2
-    _gemv_kernel[_grid(n, p.block_n)](
+    _gemv_kernel[_grid(n, p.block_n // 2 if glu else p.block_n)](
         x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
         dummy if res2 is None else res2, y2, scales, zeros,
         rows, n, k, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
@@ -330,7 +357,7 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
         NORM=gain is not None, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
         SPAN=1 if packed is None else min(p.block_k, packed.group_size),
-        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype),
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu,
         num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
     )  # fmt: skip
 
@@ -338,18 +365,19 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
 @torch.library.custom_op("attnforge::fused_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor | None,
                eps: float, gated: bool, residual: torch.Tensor | None, scales: torch.Tensor | None,
-               zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:  # fmt: skip
+               zeros: torch.Tensor | None, bits: int, group_size: int,
+               glu: bool) -> torch.Tensor:  # fmt: skip
     """The kernel as an op; `weight` is the packed codes where `scales` are given (`bits`, `group_size`)."""
     if scales is not None and zeros is not None:
         weight = PackedWeight(weight, scales, zeros, bits, group_size)
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    launch_linear(x, weight, bias, gain, eps, gated, residual, out)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if glu else weight.shape[0])
+    launch_linear(x, weight, bias, gain, eps, gated, residual, out, glu=glu)
     return out
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, gain, eps, gated, residual, scales, zeros, bits, group_size):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x, weight, bias, gain, eps, gated, residual, scales, zeros, bits, group_size, glu):
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if glu else weight.shape[0])
 
 
 def fused_linear(
@@ -360,6 +388,7 @@ def fused_linear(
     norm: tuple[torch.Tensor, float] | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    glu: bool = False,
     params: GemvParams | None = None,
 ) -> torch.Tensor:
     """`[..., K] -> [..., N]`: `residual + linear(prologue(x), weight, bias)` for at most MAX_ROWS rows.
@@ -370,20 +399,24 @@ def fused_linear(
             `scale * (x . (q - zero))` per group in float32, no dequantized weight); bias: `[N]` or None.
         norm: `(gain [K], eps)`: x goes through RMSNorm first (transformers' Llama/Qwen rounding).
         gated: x is `[gate | up]`; the product reads `silu(gate) * up`.
-        residual: `[..., N]` added to the product (rounded as a separate add would be), or None.
+        residual: `[..., N]` (`[..., N / 2]` with glu) added to the output (rounded as a separate add would
+            be), or None.
+        glu: the weight is `[gate; up]` (the model's fused gate_up, N = 2 * intermediate): the output is
+            `[..., N / 2]` = `silu(gate product) * up product`, each rounded as torch's ops would (down's
+            input).
         params: launch parameters (default: `default_params` by shape); eager calls only.
     """
     if norm is not None and gated:
         raise ValueError("norm and gated cannot be combined (no model layer has both before one product)")
     gain, eps = norm if norm is not None else (None, 0.0)
-    _check(x, weight, bias, gain, residual, gated)
+    _check(x, weight, bias, gain, residual, gated, glu)
     if torch.compiler.is_compiling():
         if params is not None:
             raise ValueError("params cannot be passed under torch.compile (the op uses default_params)")
         if isinstance(weight, PackedWeight):
             return _linear_op(x, weight.codes, bias, gain, float(eps), gated, residual, weight.scales,
-                              weight.zeros, weight.bits, weight.group_size)  # fmt: skip
-        return _linear_op(x, weight, bias, gain, float(eps), gated, residual, None, None, 16, 1)
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    launch_linear(x, weight, bias, gain, eps, gated, residual, out, params)
+                              weight.zeros, weight.bits, weight.group_size, glu)  # fmt: skip
+        return _linear_op(x, weight, bias, gain, float(eps), gated, residual, None, None, 16, 1, glu)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if glu else weight.shape[0])
+    launch_linear(x, weight, bias, gain, eps, gated, residual, out, params, glu)
     return out

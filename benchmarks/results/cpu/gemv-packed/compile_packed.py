@@ -24,8 +24,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 def compile_kernel(bits: int, norm: bool):
     kernel = gemv._gemv_kernel
     constants = dict(ROWS=1, BLOCK_N=4, BLOCK_K=1024, NORM=norm, GATED=False, HAS_BIAS=False, HAS_RES=False,
-                     USE_PDL=True, DOT=False, FP32_DOT=False, BITS=bits, GROUP=64 if bits != 16 else 1,
-                     SPAN=64 if bits != 16 else 1)  # fmt: skip
+                     USE_PDL=True, DOT=False, FP32_DOT=False, GLU=False, BITS=bits,
+                     GROUP=64 if bits != 16 else 1, SPAN=64 if bits != 16 else 1)  # fmt: skip
     weight = "*bf16" if bits == 16 else "*u8"
     types = {"X": "*bf16", "W": weight, "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
              "Scales": "*bf16", "Zeros": "*u8" if bits != 16 else "*bf16"}  # fmt: skip
