@@ -270,6 +270,26 @@ def test_captured_calls_merge_as_the_entry_says_and_the_first_plain_call_prepare
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
 
 
+def test_captured_calls_take_the_entrys_graph_launch_and_workspaces_fit_both(graph_launch_entry):
+    """An entry whose captured calls launch otherwise (other tiles, more splits): the plain launch holds it as
+    its twin, a workspace sized by `workspace_size` serves both, and both launches are correct."""
+    device = torch.empty(0, device=DEVICE).device
+    sizes = ((2, 8, 1, 64), 2, 300, False, False, torch.float32, device)
+    plain, captured = (decode.decode_launch(*sizes, None, mode) for mode in (False, True))
+    assert plain.twin is captured and (plain.splits, captured.splits) == (4, 8)
+    assert (plain.params["BLOCK_N"], captured.params["BLOCK_N"]) == (32, 16)
+    case = verify.needle_case(config_of(2, 8, 2, 1, 300, 64, causal=True), device=DEVICE)
+    floats, slots = decode.workspace_size(case.q, case.k)
+    assert (floats, slots) == (captured.floats, captured.slots) and captured.floats > plain.floats
+    workspace = decode.DecodeWorkspace(case.q.device, floats, slots)
+    tolerance = verify.tolerance_for(torch.float32)
+    for launch in (plain, captured):
+        out = torch.full_like(case.q, math.nan)
+        launch(case.q, case.k, case.v, out, 0.125, workspace=workspace)
+        assert verify.relative_l2_per_slice(out, case.reference()).max() <= tolerance
+    assert workspace.partials.numel() == floats  # neither launch had to grow it
+
+
 @pytest.mark.parametrize("sizes", [(1, 4, 2, 10, 64), (3, 8, 1, 37, 64), (2, 6, 6, 5, 80)])
 def test_a_prepared_decode_is_decode_attention_to_the_bit(sizes):
     batch, heads, kv_heads, kv_len, dim = sizes

@@ -138,6 +138,44 @@ def test_the_tables_show_the_graph_time_captured_calls_get(combine_us, expected)
     assert tune.graph_columns(_row("d128-m4-b1-kv4k", 1.3, {"x": 1})) == ("-", "-")
 
 
+RUNNER = {"BLOCK_M": 16, "BLOCK_N": 64, "num_splits": 16, "num_warps": 4, "num_stages": 4}
+
+
+@pytest.mark.parametrize(
+    "runners_us, expected, columns",
+    [
+        (
+            {"r": 10.0},
+            {"graph_params": RUNNER, "graph_speedup": 1.2},
+            ("10.0 / 12.0", "1.20x (m16-n64-s16-w4-st4)"),
+        ),
+        ({"r": 11.5}, {"graph_combine": "last", "graph_speedup": 1.091}, ("11.0 / 12.0", "1.09x (last)")),
+        ({"r": "RuntimeError: capture failed"}, {"graph_combine": "last", "graph_speedup": 1.091}, None),
+    ],
+)
+def test_captured_calls_take_a_runner_up_launch_fastest_in_a_cuda_graph(runners_us, expected, columns):
+    """The plain runners-up timed in the graph compete with the winner's merges: the fastest of all wins
+    (by GRAPH_MARGIN over the winner as it is); a runner-up that failed to capture is not a choice."""
+    row = _graph_row({"last": 11.0, "kernel": 14.0, "kernel-pdl": 13.0})
+    row["candidates"]["r"] = {"params": RUNNER}
+    row["graph_runners_up_us"] = runners_us
+    assert tune.graph_choice(row) == expected
+    if columns:
+        assert tune.graph_columns(row) == columns
+    entry = tune.entries(_doc([row]), "src")["decode"]["d128-m8-b1-kv4k"]
+    assert {k: v for k, v in entry.items() if k.startswith("graph")} == expected
+
+
+def test_launch_params_of_captured_calls_take_the_graph_launch(store, monkeypatch):
+    monkeypatch.setattr(tuning, "_device_keys", lambda device: ("h100", "sm90"))
+    params = {"BLOCK_N": 128, "num_splits": 16}
+    entry = {"params": params, "speedup": 1.1, "graph_params": RUNNER, "graph_speedup": 1.2}
+    tuning.write_entries("h100", "sm90", "decode", {"d128-m8-b1-kv4k": entry})
+    assert tuning.launch_params("decode", "cuda", "d128-m8-b1-kv4k") == params
+    assert tuning.launch_params("decode", "cuda", "d128-m8-b1-kv4k", captured=True) == RUNNER
+    assert tuning.lookup("decode", "cuda", "d128-m8-b1-kv4k").graph_params == RUNNER
+
+
 def test_a_row_without_graph_timing_has_no_graph_fields():
     assert tune.graph_choice(_row("d128-m4-b1-kv4k", 1.3, {"x": 1})) == {}
 

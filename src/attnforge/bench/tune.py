@@ -305,52 +305,44 @@ def tune_target(
 
 def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) -> None:
     """The best candidate and the fastest torch path per call inside one captured CUDA graph of `layers`
-    calls, each on its own buffers (what a graph-captured decode loop sees: L2 does not hold the cache)."""
+    calls, each on its own buffers (what a graph-captured decode loop sees: L2 does not hold the cache);
+    then the winner with each way of merging its splits, and the GRAPH_RUNNERS_UP next plain candidates."""
+    from attnforge.kernels.decode_params import COMBINE_MODES
+
     bytes_needed = layers * 3 * case.k.numel() * case.k.element_size()
     if bytes_needed > GRAPH_MAX_BYTES:
         row["graph"] = f"skipped: {layers} layers of buffers need {bytes_needed / 2**30:.0f} GiB"
         return
     buffers = [(torch.randn_like(case.q), torch.randn_like(case.k), torch.randn_like(case.v))
                for _ in range(layers)]  # fmt: skip
+
+    def kernel_at(params: dict) -> Callable[[int], Callable[[], object]]:
+        return lambda i: kernel_call(target, _layer_case(case, buffers[i]), params, torch.empty_like(case.q))
+
     params = row["candidates"][row["best"]]["params"]
-    makers = {
-        row["best"]: lambda i: kernel_call(target, _layer_case(case, buffers[i]), params,
-                                           torch.empty_like(case.q)),
-        row["best_torch"]: lambda i: torch_calls(_layer_case(case, buffers[i]))[row["best_torch"]],
-    }  # fmt: skip
-    for name, make in makers.items():
-        cell = row["candidates"].get(name) or row["torch"][name]
-        try:
-            samples = timing.time_graph_per_call(make, layers=layers, reps=20)
-        except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is reported, not fatal
-            cell["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            continue
-        cell["graph_median_us"] = timing.summarize(samples)["median_us"]
     best, torch_cell = row["candidates"][row["best"]], row["torch"][row["best_torch"]]
+    torch_call = lambda i: torch_calls(_layer_case(case, buffers[i]))[row["best_torch"]]  # noqa: E731
+    for cell, make in ((best, kernel_at(params)), (torch_cell, torch_call)):
+        us = _graph_median(make, layers)
+        cell["graph_median_us" if isinstance(us, float) else "graph_error"] = us
     if "graph_median_us" in best and "graph_median_us" in torch_cell:
         row["graph_speedup"] = torch_cell["graph_median_us"] / best["graph_median_us"]
     row["graph"] = f"CUDA graph of {layers} calls on distinct buffers, 20 replays, per-call median"
     if params.get("num_splits", 1) > 1:  # does merging in a second kernel (PDL) pay where launches are free?
-        row["graph_combine_us"] = _graph_combine_modes(target, case, buffers, params, layers)
+        row["graph_combine_us"] = {mode: _graph_median(kernel_at({**params, "combine": mode}), layers)
+                                   for mode in COMBINE_MODES}  # fmt: skip
+    timed = {name: cell["median_us"] for name, cell in row["candidates"].items() if "median_us" in cell}
+    runners_up = [name for name in sorted(timed, key=timed.get) if name != row["best"]][:GRAPH_RUNNERS_UP]
+    row["graph_runners_up_us"] = {name: _graph_median(kernel_at(row["candidates"][name]["params"]), layers)
+                                  for name in runners_up}  # fmt: skip
 
 
-def _graph_combine_modes(target: Target, case: verify.Case, buffers, params: dict, layers: int) -> dict:
-    """The winner's parameters with each way of merging the splits, per call in the same kind of graph:
-    {combine mode: median us, or the error}."""
-    from attnforge.kernels.decode_params import COMBINE_MODES
-
-    out: dict[str, float | str] = {}
-    for mode in COMBINE_MODES:
-        variant = dict(params, combine=mode)
-        make = lambda i, variant=variant: kernel_call(  # noqa: E731
-            target, _layer_case(case, buffers[i]), variant, torch.empty_like(case.q)
-        )
-        try:
-            samples = timing.time_graph_per_call(make, layers=layers, reps=20)
-            out[mode] = timing.summarize(samples)["median_us"]
-        except Exception as exc:  # noqa: BLE001 - reported, not fatal
-            out[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    return out
+def _graph_median(make: Callable[[int], Callable[[], object]], layers: int) -> float | str:
+    """Per call in a graph of `layers` calls (`make(i)` is layer i's): the median us, or why it failed."""
+    try:
+        return timing.summarize(timing.time_graph_per_call(make, layers=layers, reps=20))["median_us"]
+    except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is reported, not fatal
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
 def _layer_case(case: verify.Case, qkv: tuple) -> verify.Case:
@@ -463,15 +455,18 @@ def entries(doc: dict, source: str) -> dict[str, dict[str, dict]]:
     return out
 
 
-# How much faster (per call, in a CUDA graph) another way of merging the splits must be than the plain
-# winner's own for captured calls to use it: graph medians of one run moved ~1% between runs on an H100.
+# How much faster (per call, in a CUDA graph) another way of merging the splits, or another launch, must be
+# than the plain winner for captured calls to use it: graph medians of one run moved ~1% between runs (H100).
 GRAPH_MARGIN = 1.02
+# The plain runners-up also timed in the graph (the fastest launch there need not be the plain winner).
+GRAPH_RUNNERS_UP = 3
 
 
 def graph_choice(row: dict) -> dict:
-    """The entry's graph fields: `graph_speedup` (fastest torch path / the kernel per call in a CUDA graph)
-    and, where another merge of the splits was faster there by GRAPH_MARGIN, `graph_combine`; {} when the row
-    has no graph timing."""
+    """The entry's graph fields: `graph_speedup` (fastest torch path / the kernel per call in a CUDA graph),
+    and where something was faster there than the plain winner by GRAPH_MARGIN, the fastest of them: another
+    merge of the winner's splits (`graph_combine`) or a plain runner-up's whole launch (`graph_params`); {}
+    when the row has no graph timing."""
     torch_us = row.get("torch", {}).get(row.get("best_torch"), {}).get("graph_median_us")
     if not torch_us:
         return {}
@@ -481,10 +476,15 @@ def graph_choice(row: dict) -> dict:
     own_us = modes.get(own, row["candidates"][row["best"]].get("graph_median_us"))
     if own_us is None:
         return {}
-    fastest = min(modes, key=modes.get, default=own)
-    if fastest != own and modes[fastest] * GRAPH_MARGIN < own_us:
-        return {"graph_combine": fastest, "graph_speedup": round(torch_us / modes[fastest], 3)}
-    return {"graph_speedup": round(torch_us / own_us, 3)}
+    options = {("graph_combine", mode): us for mode, us in modes.items() if mode != own}
+    options |= {("graph_params", name): us for name, us in row.get("graph_runners_up_us", {}).items()
+                if isinstance(us, float)}  # fmt: skip
+    fastest = min(options, key=options.get, default=None)
+    if fastest is None or options[fastest] * GRAPH_MARGIN >= own_us:
+        return {"graph_speedup": round(torch_us / own_us, 3)}
+    field, name = fastest
+    value = name if field == "graph_combine" else row["candidates"][name]["params"]
+    return {field: value, "graph_speedup": round(torch_us / options[fastest], 3)}
 
 
 # The widest 95% interval of a median (high / low) an entry's timing may have: wider means the samples were
@@ -568,14 +568,17 @@ def _markdown_row(row: dict) -> str:
 
 def graph_columns(row: dict) -> tuple[str, str]:
     """('ours / torch us', 'speed-up') per call in a CUDA graph as captured calls get them: with the merge
-    `graph_choice` picked (named when it is not the plain winner's); ('-', '-') without graph timing."""
+    or launch `graph_choice` picked (named when not the plain winner's); ('-', '-') without graph timing."""
     choice = graph_choice(row)
     if not choice:
         return "-", "-"
     torch_us = row["torch"][row["best_torch"]]["graph_median_us"]
-    merge = f" ({choice['graph_combine']})" if "graph_combine" in choice else ""
+    if "graph_combine" in choice:
+        other = f" ({choice['graph_combine']})"
+    else:
+        other = f" ({params_name(choice['graph_params'])})" if "graph_params" in choice else ""
     ours_us = torch_us / choice["graph_speedup"]
-    return f"{ours_us:.1f} / {torch_us:.1f}", f"{choice['graph_speedup']:.2f}x{merge}"
+    return f"{ours_us:.1f} / {torch_us:.1f}", f"{choice['graph_speedup']:.2f}x{other}"
 
 
 def save(doc: dict, out_dir, stem: str) -> list:

@@ -191,10 +191,12 @@ class DecodeWorkspace:
 
 
 def workspace_size(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None = None) -> tuple[int, int]:
-    """(partial floats, counters) a call with q `[B, Hq, Lq, D]` and k `[B, Hkv, Lkv, D]` needs."""
+    """(partial floats, counters) a call with q `[B, Hq, Lq, D]` and k `[B, Hkv, Lkv, D]` needs, eager or
+    captured in a CUDA graph (whose launch may differ: the tuning entry's graph launch)."""
     has_lens = kv_lens is not None
-    launch = decode_launch(tuple(q.shape), k.shape[1], k.shape[2], has_lens, False, q.dtype, q.device)
-    return launch.floats, launch.slots
+    launches = [decode_launch(tuple(q.shape), k.shape[1], k.shape[2], has_lens, False, q.dtype, q.device,
+                              captured=captured) for captured in (False, True)]  # fmt: skip
+    return max(launch.floats for launch in launches), max(launch.slots for launch in launches)
 
 
 _DEFAULT_WORKSPACES: dict[tuple, DecodeWorkspace] = {}
@@ -287,6 +289,7 @@ class DecodeLaunch:
         twin, self.twin = self.twin, None
         if triton_interpret():  # the interpreter compiles nothing
             return
+        args = (*args[:-2], twin.splits, twin.ml_offset)  # its own (a split count of 1 compiles otherwise)
         compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **twin.constants)]
         if twin.combine_grid is not None:
             combine_args = twin._combine_args(args[3], args[6])  # out, partials
@@ -300,30 +303,38 @@ def decode_launch(shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: boo
                   dtype: torch.dtype, device, params: dict | None = None,
                   captured: bool = False) -> DecodeLaunch:  # fmt: skip
     """The launch for q of `shape` against `kv_len` keys: parameters from the tuning store or the heuristic
-    (cached per bucket and split count; with the entry's graph merge for calls `captured` in a CUDA graph),
-    or `params` (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, combine optional: for
-    tuning sweeps, built anew)."""
+    (cached per bucket and split count; with the entry's graph merge or launch for calls `captured` in a CUDA
+    graph), or `params` (keys BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, combine optional:
+    for tuning sweeps, built anew)."""
     bound = kv_bound(kv_len)
     if params is not None:
         p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
         p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
         return DecodeLaunch(p, shape, num_kv_heads, dtype, device, has_kv_lens, has_kv_starts)
-    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device)
-    splits = max(1, min(p["num_splits"], -(-kv_len // p["BLOCK_N"])))  # an entry may be for longer caches
-    return _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device,
-                       captured)  # fmt: skip
+    p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, captured)
+    twin = None if captured else bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, True)
+    twin_splits = 0 if twin is None or twin == p else _splits(twin, kv_len)
+    return _launch_for(shape, num_kv_heads, bound, _splits(p, kv_len), has_kv_lens, has_kv_starts, dtype,
+                       device, captured, twin_splits)  # fmt: skip
+
+
+def _splits(p: dict, kv_len: int) -> int:
+    """The bucket's split count for a call of `kv_len` keys: an entry may be for longer caches."""
+    return max(1, min(p["num_splits"], -(-kv_len // p["BLOCK_N"])))
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device, captured):
-    """One launch per bucket, split count and mode. Captured calls differ only in how the splits merge (the
-    entry's graph merge), so a plain launch holds the captured one as its twin, compiled at its first call."""
+def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device, captured,
+                twin_splits):  # fmt: skip
+    """One launch per bucket, split count and mode. Where captured calls launch otherwise (the entry's graph
+    merge, or its graph launch with `twin_splits` splits), a plain launch holds the captured one as its twin,
+    compiled at its first call."""
     p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, captured)
     launch = DecodeLaunch({**p, "num_splits": splits}, shape, num_kv_heads, dtype, device, has_kv_lens,
                           has_kv_starts)  # fmt: skip
-    if not captured and bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, True) != p:
-        launch.twin = _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype,
-                                  device, True)  # fmt: skip
+    if twin_splits:
+        launch.twin = _launch_for(shape, num_kv_heads, bound, twin_splits, has_kv_lens, has_kv_starts, dtype,
+                                  device, True, 0)  # fmt: skip
     return launch
 
 
@@ -336,9 +347,8 @@ def merged_in_kernel(shape: tuple, num_kv_heads: int, kv_len: int, dtype, device
     the program that arrives last whatever merge the entry picked: a kernel that must stay one launch
     (`decode_step.py`) takes its parameters from here."""
     p = bucket_params(shape, num_kv_heads, kv_bound(kv_len), True, dtype, device)
-    splits = max(1, min(p["num_splits"], -(-kv_len // p["BLOCK_N"])))
-    return DecodeLaunch({**p, "num_splits": splits, "combine": "last"}, shape, num_kv_heads, dtype, device,
-                        True, False)  # fmt: skip
+    p = {**p, "num_splits": _splits(p, kv_len), "combine": "last"}
+    return DecodeLaunch(p, shape, num_kv_heads, dtype, device, True, False)
 
 
 tuning.on_reload(merged_in_kernel.cache_clear)
@@ -362,7 +372,8 @@ def prepared_decode(query: torch.Size, key: torch.Size, dtype: torch.dtype, devi
     the current stream (or a temporary one while a CUDA graph is captured)."""
     plain, captured = (decode_launch(tuple(query), key[1], key[2], False, False, dtype, device, None, mode)
                        for mode in (False, True))  # fmt: skip
-    workspace = default_workspace(torch.device(device), plain.floats, plain.slots)  # the same sizes
+    workspace = default_workspace(torch.device(device), max(plain.floats, captured.floats),
+                                  max(plain.slots, captured.slots))  # fmt: skip
     default_scale = query[3] ** -0.5
     on_gpu = torch.device(device).type == "cuda"
 

@@ -110,8 +110,8 @@ def bucket_params(
     captured: bool = False,
 ) -> dict:  # fmt: skip
     """Complete launch parameters (`complete_params`) for q of `shape` against `kv_len` keys (a bucket's
-    bound, `kv_bound`): from the tuning store (with its graph merge for calls `captured` in a CUDA graph: the
-    same tiles and splits), else the heuristic; a call caps the splits by its length."""
+    bound, `kv_bound`): from the tuning store (for calls `captured` in a CUDA graph, its graph merge or graph
+    launch where it has one), else the heuristic; a call caps the splits by its length."""
     batch, num_heads, q_len, head_dim = shape
     rows = num_heads // num_kv_heads * q_len
     bucket = decode_bucket(batch, kv_len, num_heads // num_kv_heads, q_len, head_dim, has_kv_lens)

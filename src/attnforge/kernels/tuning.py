@@ -2,7 +2,8 @@
 
 Two tables with the same format, `{gpu: {"arch": "sm90", kernel: {bucket: entry}}}`, where an entry is
 `{"params": {...} | null, "speedup": float, "source": str}`, and for decode, measured per call in a CUDA graph
-too, `"graph_speedup": float` and, where another way of merging the splits won there, `"graph_combine"`:
+too, `"graph_speedup": float` and, where something else won there, `"graph_combine"` (another way of merging
+the same splits) or `"graph_params"` (another launch altogether):
   - the packaged table (tuning.json beside this file), written from committed benchmark results;
   - the user's table (`user_table_path()`: $ATTNFORGE_CACHE_DIR or ~/.cache/attnforge, tuning.json), written
     by `attnforge tune` on the user's own GPU; its entries win over the packaged ones.
@@ -37,7 +38,8 @@ class Entry:
     origin: str  # "this GPU" or "architecture sm90 (measured on h100)"
     user: bool  # from the user's table rather than the packaged one
     graph_combine: str | None = None  # how captured calls merge the splits, where it differs from `params`
-    graph_speedup: float | None = None  # measured per call inside a CUDA graph (with graph_combine)
+    graph_speedup: float | None = None  # measured per call inside a CUDA graph (as captured calls launch)
+    graph_params: dict | None = None  # captured calls' whole launch, where another one won in a CUDA graph
 
 
 def user_table_path() -> Path:
@@ -133,16 +135,18 @@ def lookup(
 
 def _entry(raw: dict, gpu: str, origin: str, user: bool) -> Entry:
     return Entry(raw.get("params"), raw.get("speedup"), raw.get("source", ""), gpu, origin, user,
-                 raw.get("graph_combine"), raw.get("graph_speedup"))  # fmt: skip
+                 raw.get("graph_combine"), raw.get("graph_speedup"), raw.get("graph_params"))  # fmt: skip
 
 
 def launch_params(
     kernel: str, device: torch.device | str | None, bucket: str, captured: bool = False
 ) -> dict | None:
     """Tuned launch parameters for `kernel` in `bucket` on this device (or its architecture), or None (use the
-    kernel's heuristic); for calls `captured` in a CUDA graph, with the entry's graph merge where it has one.
-    An entry may record a speed-up measured with the heuristic ("params": null)."""
+    kernel's heuristic); for calls `captured` in a CUDA graph, the entry's graph launch or merge where it has
+    one. An entry may record a speed-up measured with the heuristic ("params": null)."""
     entry = lookup(kernel, device, bucket)
+    if captured and entry is not None and entry.graph_params is not None:
+        return dict(entry.graph_params)
     if entry is None or entry.params is None:
         return None
     if captured and entry.graph_combine is not None:
