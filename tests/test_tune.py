@@ -69,6 +69,43 @@ def test_tune_target_checks_every_candidate_against_the_oracle():
     assert "speedup" not in row  # nothing is timed without a GPU
 
 
+def test_the_graph_timing_covers_the_winner_its_merges_and_the_runners_up(monkeypatch):
+    """`_time_in_graph` (GPU-only) with the graph timing faked on the CPU: each launch's median lands where
+    `graph_choice` reads it, and a runner-up that cannot be captured is reported, not fatal."""
+    target = targets.Target("decode", 1, 8, 2, 1, 300, 64, "float32")
+    case = tune.make_case(target, CPU, 0)
+    candidates = tune.candidates_for(target, CPU, quick=True)
+    names = [tune.params_name(p) for p in candidates]
+    cells = {
+        name: {"params": p, "median_us": 10.0 + i}
+        for i, (name, p) in enumerate(zip(names, candidates, strict=True))
+    }
+    row = {"best": names[0], "best_torch": "sdpa", "torch": {"sdpa": {"median_us": 9.0}}, "candidates": cells}
+    per_call = {names[0]: 10.0, names[1]: 8.0}  # the first runner-up is faster in the graph
+
+    def fake_call(target, case, params, out):
+        return tune.params_name(params) + ("/" + params["combine"] if "combine" in params else "")
+
+    def fake_graph(make, layers, reps):
+        label = make(0)
+        if label == names[2]:
+            raise RuntimeError("capture failed")
+        return [per_call.get(label, 11.0 if "/" in str(label) else 12.0)] * reps
+
+    monkeypatch.setattr(tune, "kernel_call", fake_call)
+    monkeypatch.setattr(tune, "torch_calls", lambda case: {"sdpa": "sdpa"})
+    monkeypatch.setattr(tune.timing, "time_graph_per_call", fake_graph)
+    tune._time_in_graph(row, target, case, layers=2)
+    assert (
+        row["candidates"][names[0]]["graph_median_us"] == 10.0
+        and row["torch"]["sdpa"]["graph_median_us"] == 12.0
+    )
+    assert row["graph_runners_up_us"][names[1]] == 8.0
+    assert row["graph_runners_up_us"][names[2]].startswith("RuntimeError: capture failed")
+    assert set(row["graph_combine_us"]) == set(decode_params.COMBINE_MODES)  # the winner splits its keys
+    assert tune.graph_choice(row) == {"graph_params": candidates[1], "graph_speedup": 1.5}
+
+
 def _doc(rows):
     env = {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     return {"what": "tuning", "environment": env, "rows": rows}
