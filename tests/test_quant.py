@@ -178,7 +178,7 @@ def test_a_predicate_chooses_per_layer():
          "predicate returned 3 for layer 'model.layers.0.self_attn.q_proj'; "
          "accepted: True, False or bits (4, 5, 8)"),
         ({"backend": "cuda-magic"},
-         "backend='cuda-magic' is not a registered matmul backend (torch, triton)"),
+         "backend='cuda-magic' is not a registered matmul backend (torch, triton, tinygemm)"),
     ],
 )  # fmt: skip
 def test_bad_inputs_name_the_value_and_the_accepted_ones(kwargs, message):
@@ -308,6 +308,87 @@ def test_the_triton_backend_traces_whole_and_says_where_it_cannot_run(monkeypatc
     monkeypatch.setattr(environment, "triton_status", lambda device: (False, "no CUDA GPU (test)"))
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: no CUDA GPU \\(test\\)"):
         layer.cpu()(x.cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tinygemm backend: core torch's int4 kernel (its CPU twin here, the CUDA kernel on a GPU)
+
+TINYGEMM_DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", TINYGEMM_DTYPES)
+def test_the_tinygemm_backend_gives_the_torch_backends_results(group, dtype):
+    """Its (q - 8) * scale + offset dequantization is the format's (q - zero) * scale up to the offset's
+    rounding to the scales' dtype: fp32 to its rounding, bf16 within bf16's."""
+    linear = torch.nn.Linear(256, 48).to(DEVICE, dtype)
+    tiny = QuantizedLinear.from_linear(linear, 4, group, backend="tinygemm")
+    reference = QuantizedLinear.from_linear(linear, 4, group)
+    x = torch.randn(3, 5, 256, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        got, want = tiny(x), reference(x)
+    assert got.shape == (3, 5, 48) and got.dtype == dtype
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < (
+        1e-5 if dtype == torch.float32 else 1e-2
+    )
+
+
+@pytest.mark.parametrize(("bits", "out_features"), [(8, 48), (5, 48), (4, 40)])
+def test_what_tinygemm_does_not_serve_goes_to_the_triton_backend(bits, out_features, monkeypatch):
+    """5 and 8 bits, and output counts its tiles do not divide (16 on the CPU, 8 on CUDA: 40 served there)."""
+    from attnforge.accel.quant import linear as quant_linear
+
+    calls = []
+    triton = quant_linear._triton_matmul
+    monkeypatch.setattr(quant_linear, "_triton_matmul", lambda *a: calls.append(1) or triton(*a))
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    layer = torch.nn.Linear(64, out_features).to(DEVICE, dtype)
+    tiny = QuantizedLinear.from_linear(layer, bits, 32, backend="tinygemm")
+    x = torch.randn(2, 64, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        got, want = tiny(x), QuantizedLinear.from_linear(layer, bits, 32)(x)
+    assert len(calls) == (0 if DEVICE == "cuda" and (bits, out_features) == (4, 40) else 1)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def test_tinygemms_weight_is_converted_once_and_again_when_the_codes_change():
+    dtype = TINYGEMM_DTYPES[0]
+    first, second = (torch.nn.Linear(64, 32).to(DEVICE, dtype) for _ in range(2))
+    layer = QuantizedLinear.from_linear(first, 4, 32, backend="tinygemm")
+    device = torch.device(DEVICE)
+    assert layer.tinygemm_weight(device) is layer.tinygemm_weight(device)
+    kept = layer.tinygemm_weight(device)
+    other = QuantizedLinear.from_linear(second, 4, 32)
+    with torch.no_grad():
+        for name in ("codes", "scales", "zeros", "bias"):
+            getattr(layer, name).copy_(getattr(other, name))
+    assert layer.tinygemm_weight(device) is not kept
+    x = torch.randn(2, 64, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        assert ((layer(x) - other(x)).float().norm() / other(x).float().norm()).item() < 1e-2
+
+
+def test_tinygemm_under_torch_compile_needs_its_weight_converted_first():
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), 4, 32, backend="tinygemm").to(DEVICE)
+    layer = layer.to(TINYGEMM_DTYPES[0])
+    x = torch.randn(1, 64, device=DEVICE, dtype=TINYGEMM_DTYPES[0])
+    with torch.no_grad(), pytest.raises(Exception, match="run the model once before torch.compile"):
+        torch.compile(layer, fullgraph=True)(x)
+    layer.prepare(torch.device(DEVICE))  # what the accelerator's plan does for every quantized layer
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_the_accelerator_runs_the_tinygemm_backend_and_gives_the_torch_backends_tokens():
+    model, reference = tiny_model().to(DEVICE), tiny_model().to(DEVICE)
+    af.quantize(model, "speed-4bit", 32, backend="tinygemm")
+    af.quantize(reference, "speed-4bit", 32)
+    prompt = ids(11).to(DEVICE)
+    acc = af.accelerate(model, max_seq_len=64, attention="torch")
+    assert getattr(acc.plan.layers[0].qkv_quantized, "_tinygemm", None) is not None  # converted by the plan
+    assert acc.generate(prompt[0].tolist(), max_new_tokens=4, ignore_eos=True).tokens == [
+        greedy(reference, prompt, 4)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------

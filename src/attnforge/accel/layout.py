@@ -176,7 +176,8 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def plan_model(model: nn.Module, max_seq_len: int) -> ModelPlan:
-    """Check `model` and build its plan; fuses its q/k/v and gate/up weights in place (same values).
+    """Check `model` and build its plan; fuses its q/k/v and gate/up weights in place (same values), and has
+    each quantized layer convert what its backend needs (`QuantizedLinear.prepare`) before compile or capture.
 
     Raises:
         UnsupportedModelError: not a causal LM of a family in FAMILIES, or a feature the walk does not do.
@@ -186,12 +187,17 @@ def plan_model(model: nn.Module, max_seq_len: int) -> ModelPlan:
     first = base.layers[0].self_attn
     num_heads = config.num_attention_heads
     parameter = next(model.parameters())
+    layers = [_plan_layer(layer) for layer in base.layers]
+    fused = [m for layer in layers for m in (layer.qkv_quantized, layer.gate_up_quantized) if m is not None]
+    for module in (m for root in (model, *fused) for m in root.modules()):
+        if isinstance(module, QuantizedLinear):  # what a backend converts, before compile and capture see it
+            module.prepare(parameter.device)
     return ModelPlan(
         model=model, model_type=config.model_type, embed=base.embed_tokens, final_norm=base.norm,
-        lm_head=lm_head, rotary=base.rotary_emb, apply_rope=_rope_function(first),
-        layers=[_plan_layer(layer) for layer in base.layers], num_heads=num_heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads, head_dim=first.head_dim,
-        vocab_size=lm_head.out_features, dtype=parameter.dtype, device=parameter.device,
+        lm_head=lm_head, rotary=base.rotary_emb, apply_rope=_rope_function(first), layers=layers,
+        num_heads=num_heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=first.head_dim, vocab_size=lm_head.out_features, dtype=parameter.dtype,
+        device=parameter.device,
     )  # fmt: skip
 
 

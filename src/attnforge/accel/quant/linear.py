@@ -121,10 +121,55 @@ def _triton_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return gemv.fused_linear(x, layer.packed(), layer.bias)
 
 
+def _tinygemm_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """Core torch's 4-bit kernel (tinygemm, `aten._weight_int4pack_mm`: what gpt-fast and torchao's int4
+    weight-only layers run; on the CPU its `_for_cpu` twin) for 4-bit layers with bf16 activations on CUDA or
+    any float activations on the CPU; anything else (5 and 8 bits, fp16/fp32 on CUDA) goes to the triton
+    backend, as do layers whose output count the kernel's tiles do not divide (8 on CUDA, 16 on the CPU). Its
+    dequantization is `(q - 8) * scale + offset` with `offset = (8 - zero) * scale` rounded to the scales'
+    dtype, within a rounding of the format's `(q - zero) * scale`."""
+    if not _tinygemm_serves(layer, x.device, x.dtype):
+        return _triton_matmul(layer, x)
+    packed, scales_and_offsets = layer.tinygemm_weight(x.device)
+    rows = x.reshape(-1, layer.in_features).contiguous()
+    if x.is_cuda:
+        y = torch.ops.aten._weight_int4pack_mm(rows, packed, layer.group_size, scales_and_offsets)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, layer.group_size,
+                                                       scales_and_offsets.to(rows.dtype))  # fmt: skip
+    y = y.reshape(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias
+
+
+def _tinygemm_serves(layer: QuantizedLinear, device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type == "cuda":
+        return layer.bits == 4 and layer.out_features % 8 == 0 and dtype == torch.bfloat16
+    return device.type == "cpu" and layer.bits == 4 and layer.out_features % 16 == 0
+
+
+def tinygemm_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """4-bit `codes`/`scales`/`zeros` (this module's format) in tinygemm's: the packed int4 tiles for
+    `device` and `[in / group, out, 2]` (scale, offset) pairs (`(q - 8) * scale + offset` = `(q - zero) *
+    scale`)."""
+    q = unpack_codes(codes, 4, in_features).to(device=device, dtype=torch.int32)
+    inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+    if device.type == "cuda":  # element 2j in the high nibble, 2j+1 in the low one
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8), inner_k_tiles
+        )
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
+    scale = scales.to(device)
+    offset = (8 - zeros.to(device=device, dtype=torch.float32)) * scale.float()
+    return packed, torch.stack([scale, offset.to(scale.dtype)], dim=-1).transpose(0, 1).contiguous()
+
+
 # name -> function(layer, x [..., in]) -> [..., out]. Other GPU backends (gemlite, torchao) plug in here.
 MATMUL_BACKENDS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]] = {
     "torch": _torch_matmul,
     "triton": _triton_matmul,
+    "tinygemm": _tinygemm_matmul,
 }
 
 
@@ -204,6 +249,29 @@ class QuantizedLinear(nn.Module):
         from attnforge.kernels.gemv import PackedWeight
 
         return PackedWeight(self.codes, self.scales, self.zeros, self.bits, self.group_size)
+
+    def tinygemm_weight(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 4-bit weight in tinygemm's format on `device` (`tinygemm_weight`), converted at the first call
+        and kept until the codes, scales or zeros change; under torch.compile only the kept one (convert
+        with one eager call first: torch.compile and CUDA graphs must not see the conversion)."""
+        kept = getattr(self, "_tinygemm", None)
+        if torch.compiler.is_compiling():
+            if kept is None:
+                raise RuntimeError("the tinygemm backend converts its 4-bit weight at the first eager call; "
+                                   "run the model once before torch.compile")  # fmt: skip
+            return kept[1]
+        key = (device, *[(t.data_ptr(), t._version) for t in (self.codes, self.scales, self.zeros)])
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        converted = tinygemm_weight(self.codes, self.scales, self.zeros, self.in_features, device)
+        self._tinygemm = (key, converted)
+        return converted
+
+    def prepare(self, device: torch.device) -> None:
+        """Convert, eagerly, what this layer's backend needs before torch.compile or a CUDA graph sees it
+        (tinygemm: its weight format; the other backends need nothing)."""
+        if self.backend == "tinygemm" and _tinygemm_serves(self, device, self.scales.dtype):
+            self.tinygemm_weight(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return MATMUL_BACKENDS[self.backend](self, x)
