@@ -112,7 +112,11 @@ def test_leading_dims_are_kept_and_strided_input_is_read_in_place():
     assert _rel(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("params", [GemvParams(4, 16, 1), GemvParams(16, 64, 2), GemvParams(32, 256, 4)])
+@pytest.mark.parametrize(
+    "params",
+    [GemvParams(4, 16, 1), GemvParams(16, 64, 2), GemvParams(32, 256, 4), GemvParams(4, 16, 1, ahead=True),
+     GemvParams(16, 32, 4, dot=True, ahead=True)],
+)  # fmt: skip
 def test_launch_parameters_do_not_change_the_result(params):
     x, w, b, _, res = _case(2, 50, 90, torch.float32, seed=5)
     y = fused_linear(x, w, b, residual=res, params=params)
@@ -270,7 +274,10 @@ def test_packed_weights_with_the_gated_input(bits):
     assert _rel(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("params", [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4)])
+@pytest.mark.parametrize(
+    "params",
+    [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4), GemvParams(8, 32, 2, ahead=True)],
+)
 def test_packed_slices_narrower_or_wider_than_a_group_give_the_same_result(params):
     x, w, b, _, _ = _case(3, 50, 256, torch.float32, seed=11)
     packed, dense = _packed(w, 5, 64)

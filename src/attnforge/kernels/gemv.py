@@ -50,6 +50,7 @@ class GemvParams:
     num_warps: int
     pdl: bool = True
     dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
+    ahead: bool = False  # each slice's read asked for one loop step before its product (two slices in flight)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -89,7 +90,7 @@ def _gemv_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr,
-    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr,
+    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
         gdc_launch_dependents()
@@ -124,6 +125,15 @@ def _gemv_kernel(
         inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
+            w_now, scale_now = w, scale
+            w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K, stride_wn, stride_sn,
+                                     stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
+        else:
+            if k0 > 0:
+                w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn,
+                                         stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
+            w_now, scale_now = w, scale
         kk = k0 + ks
         k_ok = kk < K
         x_ok = row_ok[:, None] & k_ok[None, :]
@@ -135,16 +145,13 @@ def _gemv_kernel(
             gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
             x = (x.to(tl.float32) * inv[:, None]).to(dtype)
             x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
-        if k0 > 0:
-            w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
-                                     BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
         if DOT:  # [ROWS, BLOCK_K] x [BLOCK_K, BLOCK_N] on the tensor cores, accumulated in fp32
             if FP32_DOT:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                acc += tl.dot(x.to(tl.float32), tl.trans(w_now.to(tl.float32)), input_precision="ieee")
             else:
-                acc += tl.dot(x, tl.trans(w))
+                acc += tl.dot(x, tl.trans(w_now))
         else:
-            acc += _slice_product(x.to(tl.float32), w, scale, BITS, SPAN)
+            acc += _slice_product(x.to(tl.float32), w_now, scale_now, BITS, SPAN)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
@@ -357,7 +364,7 @@ def launch_linear(x, weight, bias, gain, eps, gated, residual, out, params: Gemv
         NORM=gain is not None, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
         SPAN=1 if packed is None else min(p.block_k, packed.group_size),
-        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu,
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead,
         num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
     )  # fmt: skip
 

@@ -45,8 +45,12 @@ CONFIGS = [GemvParams(n, k, w) for n in (4, 8, 16, 32) for k in (128, 256, 512, 
 CONFIGS += [GemvParams(n, k, w) for n in (4, 8) for k in (2048, 4096) for w in (4, 8)]
 # the tensor-core product for several rows (GemvParams.dot; 8 rows: the accelerator's batch 8)
 CONFIGS += [
-    GemvParams(n, k, w, dot=True) for n, k, w in ((16, 256, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8))
+    GemvParams(n, k, w, dot=True, ahead=a)
+    for n, k, w in ((16, 256, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (16, 512, 4), (16, 1024, 8))
+    for a in (False, True)
 ]
+# the next slice's read asked for one loop step ahead (GemvParams.ahead): products of several slices
+CONFIGS += [GemvParams(n, k, w, ahead=True) for n, k, w in ((4, 1024, 4), (4, 2048, 8), (8, 1024, 8))]
 
 
 def rms(x, g, eps=1e-6):
@@ -121,7 +125,7 @@ def shape_rows(name, n, k, kind, layers, rows, floor):
     out["default"] = name_of(d)
     out["default_us"] = timed.get(out["default"])
     bp = next(p for p in CONFIGS if name_of(p) == best)
-    nopdl = GemvParams(bp.block_n, bp.block_k, bp.num_warps, pdl=False, dot=bp.dot)  # calls overlap with PDL
+    nopdl = GemvParams(bp.block_n, bp.block_k, bp.num_warps, pdl=False, dot=bp.dot, ahead=bp.ahead)
     out["best_no_pdl_us"] = per_call(lambda i: lambda: fused_linear(x[..., :k], ws[i], params=nopdl), layers)
     out["torch_fused_us"] = per_call(lambda i: lambda: torch_fused(x, ws[i], g, res, kind), layers)
     out["ours_fused_us"] = per_call(lambda i: lambda: ours_fused(x, ws[i], g, res, kind, bp), layers)
@@ -135,7 +139,8 @@ def shape_rows(name, n, k, kind, layers, rows, floor):
 
 
 # the fused prologue (RMSNorm's row, silu(gate) * up) is recomputed by every program: wider programs may win
-FUSED_EXTRA = ("16x512w4", "16x1024w4", "32x512w4", "32x1024w8", "16x256w4d", "32x256w4d", "32x512w8d")
+FUSED_EXTRA = ("16x512w4", "16x1024w4", "32x512w4", "32x1024w8", "16x256w4d", "32x256w4d", "32x512w8d",
+               "16x256w4da", "32x512w8da", "4x2048w8a")  # fmt: skip
 
 
 def fused_sweep(x, ws, g, res, kind, layers, timed):
@@ -156,8 +161,8 @@ def save(doc, path):
 
 
 def name_of(p: GemvParams) -> str:
-    """'4x1024w4': columns x slice, warps; 'd' for the tensor-core product."""
-    return f"{p.block_n}x{p.block_k}w{p.num_warps}" + ("d" if p.dot else "")
+    """'4x1024w4': columns x slice, warps; 'd' for the tensor-core product, 'a' for the slice read ahead."""
+    return f"{p.block_n}x{p.block_k}w{p.num_warps}" + ("d" if p.dot else "") + ("a" if p.ahead else "")
 
 
 def triton_next(v):
@@ -171,8 +176,11 @@ def main(path):
     for name, (n, k, kind, _) in SHAPES.items():
         for rows in (1, 8):
             doc["checks"].append({"shape": name, "rows": rows, **check(n, k, kind, rows)})
-        for p in (c for c in CONFIGS if c.dot):  # the tensor-core sets are timed at 8 rows: checked first
-            doc["checks"].append({"shape": name, "rows": 8, "params": name_of(p), **check(n, k, kind, 8, p)})
+        for p in (c for c in CONFIGS if c.dot or c.ahead):  # the newer sets, checked before they are timed
+            rows = 8 if p.dot else 1
+            doc["checks"].append(
+                {"shape": name, "rows": rows, "params": name_of(p), **check(n, k, kind, rows, p)}
+            )
     for n, k, kind in ((1000, 1000, "norm"), (37, 200, "gated+residual"), (4099, 72, "residual")):
         doc["checks"].append({"shape": f"odd {n}x{k}", "rows": 3, **check(n, k, kind, 3)})
     save(doc, path)
