@@ -55,7 +55,8 @@ DevicesOption = Annotated[
     typer.Option(
         metavar="SPEC",
         help="where candidates are evaluated, one pinned worker process per device: auto (every GPU if "
-        "2 or more, else this process), cuda, cuda:0,1 or, without a GPU, cpu:N",
+        "2 or more, else this process), cuda, cuda:0,1 or, without a GPU, cpu:N; over a Ray cluster "
+        "(RAY_ADDRESS, else one started here): ray (an actor per GPU) or ray:N (N CPU actors)",
     ),
 ]
 
@@ -109,7 +110,11 @@ def tune(
     stem = report.default_stem(f"evolve-tuning-{kernel}", model or "shapes")
     options = dict(out_dir=out, time_budget_s=time_budget, workers=workers, stem=stem,
                    devices=evaluation_devices)  # fmt: skip
-    if evaluation_devices:
+    if evaluation_devices and evaluation_devices[0].startswith("ray"):
+        console.print(
+            f"evaluating on Ray actors ({evaluation_devices[0]}: one a GPU of the cluster, or N CPU ones)"
+        )
+    elif evaluation_devices:
         console.print(f"evaluating on {len(evaluation_devices)} pinned worker processes: "
                       f"{', '.join(evaluation_devices)}")  # fmt: skip
     doc = _evolve_with_progress(f"evolve tune {kernel}", targets, settings, options)

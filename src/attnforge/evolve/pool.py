@@ -8,8 +8,8 @@ Candidates wait in a queue in the parent and go to whichever worker is idle; res
 candidate's position, so the caller sees them in its own order whatever order they finished in. A worker that
 dies (crash, `os._exit`, killed) is replaced on the same device and its candidate retried once; a second death
 scores it 0 with the reason. Anything with `evaluate(target, genomes, on_result)` can stand in for the pool
-(`Dispatcher`): `InlineDispatcher` evaluates in this process; a backend spreading over hosts (Ray) would be
-another implementation of the same method.
+(`Dispatcher`): `InlineDispatcher` evaluates in this process; `ray_pool.RayPool` spreads the candidates over
+the GPUs of a Ray cluster's hosts (`open_pool` picks it for `--devices ray`).
 """
 
 from __future__ import annotations
@@ -57,11 +57,16 @@ class InlineDispatcher:
 
 def parse_devices(spec: str, gpu_count: int) -> list[str]:
     """Worker devices from `--devices`: `auto` (every GPU when there are two or more, else [] = evaluate in
-    this process), `cuda` (every GPU), `cuda:0,2` (these GPUs), `cpu:N` (N CPU workers, only without GPUs)."""
+    this process), `cuda` (every GPU), `cuda:0,2` (these GPUs), `cpu:N` (N CPU workers, only without GPUs),
+    `ray` (one actor per GPU of a Ray cluster) or `ray:N` (N CPU actors on it): ["ray"] / ["ray:N"]."""
     text = spec.strip().lower()
     if text == "auto":
         return [f"cuda:{i}" for i in range(gpu_count)] if gpu_count >= 2 else []
     kind, _, rest = text.partition(":")
+    if kind == "ray":
+        if rest and (not rest.isdigit() or int(rest) < 1):
+            raise ValueError(f"--devices {spec!r}: ray:N needs a CPU actor count N >= 1")
+        return [text]
     if kind == "cuda":
         if gpu_count == 0:
             raise ValueError(f"--devices {spec!r}: this machine has no CUDA GPU (use cpu:N or auto)")
@@ -79,7 +84,7 @@ def parse_devices(spec: str, gpu_count: int) -> list[str]:
             raise ValueError(f"--devices {spec!r}: CPU workers are for machines without a GPU (this one has "
                              f"{gpu_count}); use cuda or cuda:0,1")  # fmt: skip
         return [f"cpu:{i}" for i in range(counts[0])]
-    raise ValueError(f"--devices {spec!r} is not one of auto, cuda, cuda:I[,J...], cpu:N")
+    raise ValueError(f"--devices {spec!r} is not one of auto, cuda, cuda:I[,J...], cpu:N, ray, ray:N")
 
 
 def _integers(spec: str, text: str) -> list[int]:
@@ -159,6 +164,7 @@ class LocalPool:
         if not devices:
             raise ValueError("LocalPool needs at least one device, e.g. ['cpu:0'] or ['cuda:0', 'cuda:1']")
         self.context = multiprocessing.get_context(start_method)
+        self.devices = list(devices)
         self.fitness_bytes = pickle.dumps(fitness)
         self.workers = [_Worker(self.context, device, self.fitness_bytes) for device in devices]
         self.replaced = 0  # workers that died and were started again
@@ -204,7 +210,7 @@ class LocalPool:
                     if deaths[index] < MAX_ATTEMPTS:
                         queue.appendleft(index)
                         continue
-                    outcome = _failed(worker.device, deaths[index], self.last_exit)
+                    outcome = failed_result(worker.device, deaths[index], self.last_exit)
                 results[index] = outcome
                 if on_result is not None:
                     on_result(index, outcome)
@@ -244,10 +250,23 @@ class LocalPool:
         self.replaced += 1
 
 
-def _failed(device: str, deaths: int, how: str) -> dict:
+def failed_result(device: str, deaths: int, how: str) -> dict:
+    """The score of a candidate whose evaluation worker died `deaths` times (the last one: `how`)."""
     return {"score": 0.0, "timed": False,
             "reason": f"the evaluation worker on {device} died {deaths} times evaluating this candidate "
                       f"(last: {how}); the worker was replaced each time"}  # fmt: skip
 
 
-__all__ = ["DEVICE_ENV", "Dispatcher", "InlineDispatcher", "LocalPool", "exit_text", "parse_devices"]
+def open_pool(fitness: Fitness, devices: list[str]):
+    """The dispatcher `parse_devices`' answer asks for (not empty): a `ray_pool.RayPool` for ["ray"] (one
+    actor per GPU of the cluster) or ["ray:N"] (N CPU actors), else a LocalPool over the devices."""
+    kind, _, count = devices[0].partition(":")
+    if kind == "ray":
+        from attnforge.evolve.ray_pool import RayPool
+
+        return RayPool(fitness, cpus=int(count) if count else None)
+    return LocalPool(fitness, devices)
+
+
+__all__ = ["DEVICE_ENV", "Dispatcher", "InlineDispatcher", "LocalPool", "exit_text", "failed_result",
+           "open_pool", "parse_devices"]  # fmt: skip

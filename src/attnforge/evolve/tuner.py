@@ -28,7 +28,7 @@ import torch
 from attnforge.bench import report
 from attnforge.bench import tune as bench_tune
 from attnforge.bench.targets import Target
-from attnforge.evolve.pool import Dispatcher, InlineDispatcher, LocalPool
+from attnforge.evolve.pool import Dispatcher, InlineDispatcher, open_pool
 from attnforge.evolve.tasks import Task, TaskShape, seed_for
 
 DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
@@ -317,10 +317,10 @@ def run(targets: list[Target], settings: Settings, *, fitness: Fitness | None = 
     if not devices:
         return _run(targets, settings, fitness, InlineDispatcher(fitness), out_dir, progress, time_budget_s,
                     workers, stem)  # fmt: skip
-    with LocalPool(fitness, devices) as pool:
+    with open_pool(fitness, devices) as pool:
         doc = _run(targets, settings, fitness, pool, out_dir, progress, time_budget_s, workers, stem)
-    # one worker process per device; replaced: workers that died and were started again
-    doc["evaluation_workers"] = {"devices": list(devices), "replaced": pool.replaced}
+    # one worker process (or Ray actor) per device; replaced: workers that died and were started again
+    doc["evaluation_workers"] = {"devices": list(pool.devices), "replaced": pool.replaced}
     if out_dir is not None:
         save(doc, out_dir)
     return doc
