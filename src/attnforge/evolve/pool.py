@@ -185,9 +185,7 @@ class LocalPool:
         """The fitness of every genome at `target`, in the order of `genomes` (whatever order they finish in).
         A fitness that raises in a worker raises RuntimeError here, with the worker's traceback, once the
         jobs already running have finished (so the pool stays usable)."""
-        queue = collections.deque(range(len(genomes)))
-        results: list[dict | None] = [None] * len(genomes)
-        deaths, errors = [0] * len(genomes), []
+        queue, outcomes = collections.deque(range(len(genomes))), Outcomes(len(genomes), on_result)
         while queue or any(w.job is not None for w in self.workers):
             for slot, worker in enumerate(self.workers):
                 if worker.job is None and queue:
@@ -201,22 +199,18 @@ class LocalPool:
                 index = worker.job
                 status, outcome = self._receive(slot)
                 if status == "error":
-                    where = f"the worker on {worker.device} (candidate {index})"
-                    errors.append(f"the fitness raised in {where}:\n{outcome}")
+                    outcomes.errors.append(f"the fitness raised in the worker on {worker.device} (candidate "
+                                           f"{index}):\n{outcome}")  # fmt: skip
                     queue.clear()
-                    continue
-                if status == "died":
-                    deaths[index] += 1
-                    if deaths[index] < MAX_ATTEMPTS:
-                        queue.appendleft(index)
-                        continue
-                    outcome = failed_result(worker.device, deaths[index], self.last_exit)
-                results[index] = outcome
-                if on_result is not None:
-                    on_result(index, outcome)
-        if errors:
-            raise RuntimeError(errors[0])
-        return [r for r in results if r is not None]
+                elif status == "died" and outcomes.retry(index):
+                    queue.appendleft(index)
+                elif status == "died":
+                    outcomes.record(
+                        index, failed_result(worker.device, outcomes.deaths[index], self.last_exit)
+                    )
+                else:
+                    outcomes.record(index, outcome)
+        return outcomes.finish()
 
     def _dispatch(self, slot: int, index: int, target: Any, genomes: list[dict], queue) -> None:
         """Send a job to the worker in `slot`, replacing it first if it died while idle."""
@@ -250,6 +244,31 @@ class LocalPool:
         self.replaced += 1
 
 
+class Outcomes:
+    """A generation's results by candidate position, the deaths of their evaluators and the fitness errors:
+    the bookkeeping every pool shares."""
+
+    def __init__(self, count: int, on_result: OnResult | None) -> None:
+        self.results: list[dict | None] = [None] * count
+        self.deaths, self.errors, self.on_result = [0] * count, [], on_result
+
+    def retry(self, index: int) -> bool:
+        """One more death of candidate `index`'s evaluator: whether it is evaluated again (MAX_ATTEMPTS)."""
+        self.deaths[index] += 1
+        return self.deaths[index] < MAX_ATTEMPTS
+
+    def record(self, index: int, outcome: dict) -> None:
+        self.results[index] = outcome
+        if self.on_result is not None:
+            self.on_result(index, outcome)
+
+    def finish(self) -> list[dict]:
+        """The results in the candidates' order; the first fitness error raised as RuntimeError."""
+        if self.errors:
+            raise RuntimeError(self.errors[0])
+        return [r for r in self.results if r is not None]
+
+
 def failed_result(device: str, deaths: int, how: str) -> dict:
     """The score of a candidate whose evaluation worker died `deaths` times (the last one: `how`)."""
     return {"score": 0.0, "timed": False,
@@ -268,5 +287,5 @@ def open_pool(fitness: Fitness, devices: list[str]):
     return LocalPool(fitness, devices)
 
 
-__all__ = ["DEVICE_ENV", "Dispatcher", "InlineDispatcher", "LocalPool", "exit_text", "failed_result",
-           "open_pool", "parse_devices"]  # fmt: skip
+__all__ = ["DEVICE_ENV", "Dispatcher", "InlineDispatcher", "LocalPool", "Outcomes", "exit_text",
+           "failed_result", "open_pool", "parse_devices"]  # fmt: skip

@@ -20,7 +20,7 @@ import pickle
 import traceback
 from typing import Any
 
-from attnforge.evolve.pool import DEVICE_ENV, MAX_ATTEMPTS, Fitness, OnResult, failed_result
+from attnforge.evolve.pool import DEVICE_ENV, Fitness, OnResult, Outcomes, failed_result
 
 
 class _Evaluator:
@@ -117,10 +117,9 @@ class RayPool:
         """The fitness of every genome at `target`, in the order of `genomes` (pool.Dispatcher)."""
         ray = _ray()
         queue, idle = collections.deque(range(len(genomes))), list(range(len(self.actors)))[::-1]
-        results: list[dict | None] = [None] * len(genomes)
-        deaths, errors, running = [0] * len(genomes), [], {}
+        outcomes, running = Outcomes(len(genomes), on_result), {}
         while queue or running:
-            while idle and queue and not errors:
+            while idle and queue and not outcomes.errors:
                 slot, index = idle.pop(), queue.popleft()
                 running[self.actors[slot].evaluate.remote(index, target, genomes[index])] = (slot, index)
             if not running:
@@ -132,22 +131,20 @@ class RayPool:
                 _, status, outcome = ray.get(ref)
             except ray.exceptions.RayActorError as error:
                 self._replace(slot, error)
-                deaths[index] += 1
-                if deaths[index] < MAX_ATTEMPTS:
+                if outcomes.retry(index):
                     queue.appendleft(index)
-                    continue
-                status, outcome = "ok", failed_result(self.devices[slot], deaths[index], self.last_exit)
-            if status == "error":
-                errors.append(f"the fitness raised in the actor for {self.devices[slot]} (candidate {index}):"
-                              f"\n{outcome}")  # fmt: skip
-                queue.clear()
+                else:
+                    outcomes.record(
+                        index, failed_result(self.devices[slot], outcomes.deaths[index], self.last_exit)
+                    )
                 continue
-            results[index] = outcome
-            if on_result is not None:
-                on_result(index, outcome)
-        if errors:
-            raise RuntimeError(errors[0])
-        return [r for r in results if r is not None]
+            if status == "error":
+                outcomes.errors.append(f"the fitness raised in the actor for {self.devices[slot]} (candidate "
+                                       f"{index}):\n{outcome}")  # fmt: skip
+                queue.clear()
+            else:
+                outcomes.record(index, outcome)
+        return outcomes.finish()
 
     def _replace(self, slot: int, error: Exception) -> None:
         _ray().kill(self.actors[slot])
