@@ -261,7 +261,7 @@ def test_captured_calls_merge_as_the_entry_says_and_the_first_plain_call_prepare
     sizes = ((2, 8, 1, 64), 2, 300, False, False, torch.float32, device)
     plain, captured = (decode.decode_launch(*sizes, None, mode) for mode in (False, True))
     assert (plain.params["combine"], captured.params["combine"]) == ("kernel", "last")
-    assert plain.twin is captured and captured.twin is None
+    assert plain.twin(300) is captured and captured.twin is None
     assert (plain.floats, plain.slots, plain.grid) == (captured.floats, captured.slots, captured.grid)
     case = verify.needle_case(config_of(2, 8, 2, 1, 300, 64, causal=True), device=DEVICE)
     out = torch.full_like(case.q, math.nan)
@@ -276,7 +276,7 @@ def test_captured_calls_take_the_entrys_graph_launch_and_workspaces_fit_both(gra
     device = torch.empty(0, device=DEVICE).device
     sizes = ((2, 8, 1, 64), 2, 300, False, False, torch.float32, device)
     plain, captured = (decode.decode_launch(*sizes, None, mode) for mode in (False, True))
-    assert plain.twin is captured and (plain.splits, captured.splits) == (4, 8)
+    assert plain.twin(300) is captured and (plain.splits, captured.splits) == (4, 8)
     assert (plain.params["BLOCK_N"], captured.params["BLOCK_N"]) == (32, 16)
     case = verify.needle_case(config_of(2, 8, 2, 1, 300, 64, causal=True), device=DEVICE)
     floats, slots = decode.workspace_size(case.q, case.k)

@@ -573,10 +573,9 @@ def graph_columns(row: dict) -> tuple[str, str]:
     if not choice:
         return "-", "-"
     torch_us = row["torch"][row["best_torch"]]["graph_median_us"]
-    if "graph_combine" in choice:
-        other = f" ({choice['graph_combine']})"
-    else:
-        other = f" ({params_name(choice['graph_params'])})" if "graph_params" in choice else ""
+    launch = choice.get("graph_params")
+    name = choice.get("graph_combine") or (params_name(launch) if launch else "")
+    other = f" ({name})" if name else ""
     ours_us = torch_us / choice["graph_speedup"]
     return f"{ours_us:.1f} / {torch_us:.1f}", f"{choice['graph_speedup']:.2f}x{other}"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 
 import torch
 import triton
@@ -260,9 +261,9 @@ class DecodeLaunch:
         self.combine_grid = (self.slots * part_rows,) if merged_apart else None
         self.combine_constants = {**shared, "S_CHUNK": min(splits_p2, MERGE_CHUNK), "num_warps": 4,
                                   "num_stages": 2, **pdl_options(pdl_merge)}  # fmt: skip
-        # The launch captured calls of this bucket use, where it differs (`decode_launch`): compiled by this
-        # launch's first call, since nothing may compile while a CUDA graph is captured.
-        self.twin: DecodeLaunch | None = None
+        # The launch captured calls of this bucket use for kv_len keys, where it differs (`_launch_for`):
+        # compiled by this launch's first call, since nothing may compile while a CUDA graph is captured.
+        self.twin: Callable[[int], DecodeLaunch] | None = None
 
     def __call__(self, q, k, v, out, scale: float, kv_lens=None, kv_starts=None, workspace=None) -> None:
         """Launch on validated inputs of the prepared shape (q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` with
@@ -279,16 +280,17 @@ class DecodeLaunch:
         if self.combine_grid is not None:
             combine_kernel[self.combine_grid](*self._combine_args(out, partials), **self.combine_constants)
         if self.twin is not None:
-            self._warm_twin(args)
+            self._warm_twin(args, k.shape[2])
 
     def _combine_args(self, out, partials) -> tuple:
         return (out, partials, *out.stride(), self.num_kv_heads, self.splits, self.ml_offset)
 
-    def _warm_twin(self, args: tuple) -> None:
+    def _warm_twin(self, args: tuple, kv_len: int) -> None:
         """Compile and load the twin's kernels for these arguments, without running them (once)."""
-        twin, self.twin = self.twin, None
+        make, self.twin = self.twin, None
         if triton_interpret():  # the interpreter compiles nothing
             return
+        twin = make(kv_len)
         args = (*args[:-2], twin.splits, twin.ml_offset)  # its own (a split count of 1 compiles otherwise)
         compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **twin.constants)]
         if twin.combine_grid is not None:
@@ -312,10 +314,8 @@ def decode_launch(shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: boo
         p = complete_params({**p, **params, "BLOCK_M": params.get("BLOCK_M")}, p["rows"], kv_len)
         return DecodeLaunch(p, shape, num_kv_heads, dtype, device, has_kv_lens, has_kv_starts)
     p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, captured)
-    twin = None if captured else bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, True)
-    twin_splits = 0 if twin is None or twin == p else _splits(twin, kv_len)
     return _launch_for(shape, num_kv_heads, bound, _splits(p, kv_len), has_kv_lens, has_kv_starts, dtype,
-                       device, captured, twin_splits)  # fmt: skip
+                       device, captured)  # fmt: skip
 
 
 def _splits(p: dict, kv_len: int) -> int:
@@ -324,17 +324,17 @@ def _splits(p: dict, kv_len: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device, captured,
-                twin_splits):  # fmt: skip
+def _launch_for(shape, num_kv_heads, bound, splits, has_kv_lens, has_kv_starts, dtype, device, captured):
     """One launch per bucket, split count and mode. Where captured calls launch otherwise (the entry's graph
-    merge, or its graph launch with `twin_splits` splits), a plain launch holds the captured one as its twin,
-    compiled at its first call."""
+    merge, or its graph launch), a plain launch holds the captured one as its twin (for its first call's
+    length: a static cache's), compiled at that call; nothing is added to later calls."""
     p = bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, captured)
     launch = DecodeLaunch({**p, "num_splits": splits}, shape, num_kv_heads, dtype, device, has_kv_lens,
                           has_kv_starts)  # fmt: skip
-    if twin_splits:
-        launch.twin = _launch_for(shape, num_kv_heads, bound, twin_splits, has_kv_lens, has_kv_starts, dtype,
-                                  device, True, 0)  # fmt: skip
+    twin = None if captured else bucket_params(shape, num_kv_heads, bound, has_kv_lens, dtype, device, True)
+    if twin is not None and twin != p:
+        launch.twin = lambda kv_len: _launch_for(shape, num_kv_heads, bound, _splits(twin, kv_len),
+                                                 has_kv_lens, has_kv_starts, dtype, device, True)  # fmt: skip
     return launch
 
 
