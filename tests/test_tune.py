@@ -56,6 +56,8 @@ def test_candidates_start_with_the_heuristic_and_are_unique():
         assert names[0] == "m16-n128-s16-w4-st2" and len(set(names)) == len(names)
     assert len(quick) < len(full)
     assert {c.get("combine", "last") for c in quick} == {"last", "kernel", "kernel-pdl"}
+    # 5-6 stages of the half tile, where 220 KB of shared memory holds them (64 keys x d128 x bf16 x K and V)
+    assert {c["num_stages"] for c in quick if c["BLOCK_N"] == 64 and c["num_stages"] > 4} == {5, 6}
 
 
 def test_tune_target_checks_every_candidate_against_the_oracle():
