@@ -105,11 +105,23 @@ CHEATS = {
         def attention(q, k, v, **kw):
             out = torch.full_like(q, float("nan"))
             def later():
-                time.sleep(0.01)
+                time.sleep(0.1)  # after the evaluator's look: it reads the NaNs
                 out.copy_(honest(q, k, v, **kw))
             threading.Thread(target=later).start()
             return out""",
         "non-finite",
+    ),
+    "keeps-writing-after-return": (
+        """
+        def attention(q, k, v, **kw):
+            out = honest(q, k, v, **kw)
+            def later():
+                for _ in range(200):
+                    time.sleep(0.001)
+                    out.add_(1.0)
+            threading.Thread(target=later, daemon=True).start()
+            return out""",
+        "the output changed after the call returned",
     ),
     "writes-into-its-inputs": (
         """

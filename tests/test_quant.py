@@ -379,15 +379,15 @@ def test_tinygemm_under_torch_compile_needs_its_weight_converted_first():
         assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
 
 
-def test_the_accelerator_runs_the_tinygemm_backend_and_gives_the_torch_backends_tokens():
-    model, reference = tiny_model().to(DEVICE), tiny_model().to(DEVICE)
+def test_the_accelerator_runs_the_tinygemm_backend_and_gives_its_eager_tokens():
+    """bf16 on CUDA (the kernel serves no other activations there; fp32 would go to the triton backend)."""
+    model = tiny_model().to(DEVICE, TINYGEMM_DTYPES[0])
     af.quantize(model, "speed-4bit", 32, backend="tinygemm")
-    af.quantize(reference, "speed-4bit", 32)
     prompt = ids(11).to(DEVICE)
     acc = af.accelerate(model, max_seq_len=64, attention="torch")
     assert getattr(acc.plan.layers[0].qkv_quantized, "_tinygemm", None) is not None  # converted by the plan
     assert acc.generate(prompt[0].tolist(), max_new_tokens=4, ignore_eos=True).tokens == [
-        greedy(reference, prompt, 4)
+        greedy(model, prompt, 4)
     ]
 
 

@@ -252,7 +252,9 @@ def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParam
         slice, all of it asked for before the PDL wait (1024-wide slices ran at 32-34% of the read floor where
         one-slice products ran at 72-75%: each later slice is a round trip after the wait; `slice_ab.py`);
       - other K > 1024 (Llama-3-8B's four products): 2048-column slices, 8 warps (q/k/v with its norm 23.3 ->
-        19.6 us, gate/up 78.9 -> 77.4, down with silu * up 47.5 -> 46.2, o equal; gemv-sweep-20261206c);
+        19.6 us, gate/up 78.9 -> 77.4, down with silu * up 47.5 -> 46.2, o equal; gemv-sweep-20261206c),
+        each slice asked for one loop step ahead (plain products: q/k/v 19.4 -> 18.4 us, o 13.8 -> 13.0,
+        gate/up 78.9 -> 76.9, down 47.2 -> 40.8; fused with their norms equal; gemv-sweep-20261206d);
       - K <= 1024 against 4096 < N <= 16384 (Qwen3-0.6B's gate/up): 16 columns a program (7.2 -> 6.4 us; its
         q/k/v, N = 4096, and its LM head stay faster at 4)."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
@@ -261,7 +263,7 @@ def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParam
         if n <= ONE_SLICE_MAX_N and k <= 4096:
             block_k = triton.next_power_of_2(k)
             return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
-        return GemvParams(block_n=4, block_k=2048, num_warps=8)
+        return GemvParams(block_n=4, block_k=2048, num_warps=8, ahead=True)
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
