@@ -221,6 +221,7 @@ def attention(q, k, v, **kw):
     with torch.cuda.stream(stream):
         torch.cuda._sleep(5_000_000)
         out.copy_(answer)
+    answer.record_stream(stream)  # else its memory is reused on the default stream before the copy reads it
     return out"""
 
 

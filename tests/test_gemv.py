@@ -151,9 +151,9 @@ def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
         (1, 1024, 2048, False, GemvParams(4, 2048, 4)),  # Qwen3-0.6B's o: one slice
         (1, 1024, 3072, False, GemvParams(4, 4096, 8)),  # its down
         (1, 1024, 1024, False, GemvParams(4, 1024, 4)),  # one slice already
-        (1, 6144, 4096, False, GemvParams(4, 2048, 8, ahead=True)),  # Llama-3-8B's q/k/v: 2048-wide slices, read ahead
+        (1, 6144, 4096, False, GemvParams(4, 2048, 8, ahead=True)),  # Llama-3-8B q/k/v: read ahead
         (1, 4096, 14336, False, GemvParams(4, 2048, 8, ahead=True)),  # its down
-        (1, 1024, 14336, False, GemvParams(4, 2048, 8, ahead=True)),  # too wide for one slice's registers
+        (1, 1024, 14336, False, GemvParams(4, 2048, 8, ahead=True)),  # too wide for one slice
         (1, 6144, 1024, False, GemvParams(16, 1024, 4)),  # Qwen3-0.6B's gate/up: 16 columns a program
         (1, 4096, 1024, False, GemvParams(4, 1024, 4)),  # its q/k/v
         (1, 151936, 1024, False, GemvParams(4, 1024, 4)),  # its LM head

@@ -251,39 +251,49 @@ def _problems_markdown(doc: dict) -> list[str]:
 
 
 def kernel_plot(doc: dict, path: Path) -> Path:
-    """Speed-up of attnforge's kernel over each baseline vs sequence length (B=1 GQA 32:8 d128 series)."""
+    """Speed-up of attnforge's kernel over the fastest correct torch path against the sequence length, one
+    panel per phase in the result and one line per head pattern and head dim (plain bf16 rows: no ragged or
+    padded batches; prefill rows square, whatever their batch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, phase in zip(axes, ("decode", "prefill"), strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
-        for row in doc["rows"]:
-            c = row["config"]
-            main = (c["batch"], c["num_heads"], c["num_kv_heads"], c["head_dim"]) == (1, 32, 8, 128)
-            plain = c["mask"] in ("causal", "none" if phase == "decode" else "causal") and not c["ragged"]
-            square = phase == "decode" or c["q_len"] == c["kv_len"]
-            if c["phase"] != phase or not (main and plain and square and c["dtype"] == "bfloat16"):
-                continue
-            for baseline, value in row.get("speedups", {}).get(row["kernel"], {}).items():
-                if baseline != "best-torch-name":
-                    series.setdefault(baseline, []).append((c["kv_len"], value))
-        for baseline, points in sorted(series.items()):
+    series = _plot_series(doc)
+    phases = sorted({phase for phase, _ in series}) or ["decode"]
+    fig, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4.5), squeeze=False)
+    for axis, phase in zip(axes[0], phases, strict=True):
+        for (_, name), points in sorted((key, p) for key, p in series.items() if key[0] == phase):
             points.sort()
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"vs {baseline}")
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         axis.axhline(1.0, color="gray", linewidth=0.8)
         axis.set_xscale("log", base=2)
-        axis.set_xlabel("KV length" if phase == "decode" else "sequence length")
-        axis.set_ylabel("speed-up (baseline time / attnforge time)")
-        axis.set_title(f"{phase}: B=1, GQA 32:8, d=128, bf16")
-        if series:
+        axis.set_xlabel("KV length" if phase == "decode" else "sequence length (batch x length fixed)")
+        axis.set_ylabel("speed-up over the fastest torch path")
+        axis.set_title(f"{phase}, bf16")
+        if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_series(doc: dict) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(phase, "B1 GQA-4:1 d128") -> [(length, speed-up over the best torch path)] for the plottable rows."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for row in doc["rows"]:
+        c = row["config"]
+        value = row.get("speedups", {}).get(row["kernel"], {}).get("best-torch")
+        square = c["phase"] == "decode" or c["q_len"] == c["kv_len"]
+        if value is None or c["ragged"] or c.get("padded") or not square or c["dtype"] != "bfloat16":
+            continue
+        batch = f"B{c['batch']} " if c["phase"] == "decode" else ""
+        name = f"{batch}{c['num_heads']}:{c['num_kv_heads']} d{c['head_dim']}"
+        if c["phase"] == "decode" and c["q_len"] > 1:
+            name += f" Lq={c['q_len']}"
+        series.setdefault((c["phase"], name), []).append((c["kv_len"], value))
+    return series
 
 
 # ----------------------------------------------------------------------------------------------------------
