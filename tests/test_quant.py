@@ -178,7 +178,7 @@ def test_a_predicate_chooses_per_layer():
          "predicate returned 3 for layer 'model.layers.0.self_attn.q_proj'; "
          "accepted: True, False or bits (4, 5, 8)"),
         ({"backend": "cuda-magic"},
-         "backend='cuda-magic' is not a registered matmul backend (torch, triton, tinygemm)"),
+         "backend='cuda-magic' is not a registered matmul backend (auto, torch, triton, tinygemm)"),
     ],
 )  # fmt: skip
 def test_bad_inputs_name_the_value_and_the_accepted_ones(kwargs, message):
@@ -323,7 +323,7 @@ def test_the_tinygemm_backend_gives_the_torch_backends_results(group, dtype):
     rounding to the scales' dtype: fp32 to its rounding, bf16 within bf16's."""
     linear = torch.nn.Linear(256, 48).to(DEVICE, dtype)
     tiny = QuantizedLinear.from_linear(linear, 4, group, backend="tinygemm")
-    reference = QuantizedLinear.from_linear(linear, 4, group)
+    reference = QuantizedLinear.from_linear(linear, 4, group, backend="torch")
     x = torch.randn(3, 5, 256, device=DEVICE, dtype=dtype)
     with torch.no_grad():
         got, want = tiny(x), reference(x)
@@ -346,7 +346,7 @@ def test_what_tinygemm_does_not_serve_goes_to_the_triton_backend(bits, out_featu
     tiny = QuantizedLinear.from_linear(layer, bits, 32, backend="tinygemm")
     x = torch.randn(2, 64, device=DEVICE, dtype=dtype)
     with torch.no_grad():
-        got, want = tiny(x), QuantizedLinear.from_linear(layer, bits, 32)(x)
+        got, want = tiny(x), QuantizedLinear.from_linear(layer, bits, 32, backend="torch")(x)
     assert len(calls) == (0 if DEVICE == "cuda" and (bits, out_features) == (4, 40) else 1)
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
@@ -358,7 +358,7 @@ def test_tinygemms_weight_is_converted_once_and_again_when_the_codes_change():
     device = torch.device(DEVICE)
     assert layer.tinygemm_weight(device) is layer.tinygemm_weight(device)
     kept = layer.tinygemm_weight(device)
-    other = QuantizedLinear.from_linear(second, 4, 32)
+    other = QuantizedLinear.from_linear(second, 4, 32, backend="torch")
     with torch.no_grad():
         for name in ("codes", "scales", "zeros", "bias"):
             getattr(layer, name).copy_(getattr(other, name))
@@ -377,6 +377,36 @@ def test_tinygemm_under_torch_compile_needs_its_weight_converted_first():
     layer.prepare(torch.device(DEVICE))  # what the accelerator's plan does for every quantized layer
     with torch.no_grad():
         assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    ("backend", "bits", "dtype", "device", "tinygemm", "packed"),
+    [
+        ("auto", 4, torch.bfloat16, "cuda", True, False),  # core torch's int4 kernel
+        ("auto", 8, torch.bfloat16, "cuda", False, True),  # attnforge's packed GEMV for the other bits
+        ("auto", 4, torch.float16, "cuda", False, True),  # the int4 kernel takes bf16 only on CUDA
+        ("auto", 4, torch.float32, "cpu", False, False),  # off a GPU: the torch reference
+        ("tinygemm", 4, torch.float32, "cpu", True, False),  # its CPU twin
+        ("tinygemm", 8, torch.float32, "cpu", False, True),
+        ("triton", 4, torch.bfloat16, "cuda", False, True),
+        ("torch", 4, torch.bfloat16, "cuda", False, False),
+    ],
+)
+def test_which_kernel_a_layer_runs_follows_its_backend_bits_dtype_and_device(
+    backend, bits, dtype, device, tinygemm, packed
+):
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 32).to(dtype), bits, 32, backend=backend)
+    assert layer.runs_tinygemm(torch.device(device)) is tinygemm
+    assert layer.runs_packed_gemv(torch.device(device)) is packed
+
+
+def test_auto_is_the_default_backend_and_the_torch_reference_off_a_gpu():
+    model = tiny_model()
+    assert af.quantize(model, "speed-4bit", 32).backend == "auto"
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        assert torch.equal(layer(x), MATMUL_BACKENDS["torch"](layer, x))
 
 
 def test_the_accelerator_runs_the_tinygemm_backend_and_gives_its_eager_tokens():
@@ -479,4 +509,4 @@ def test_bench_quant_commands_write_their_results_where_asked(tmp_path):
 def test_bench_quant_speed_refuses_an_unknown_backend_in_one_line():
     result = CliRunner().invoke(cli.app, ["bench", "quant-speed", "--backend", "gemlite"])
     assert result.exit_code == 2
-    assert "--backend 'gemlite' is not registered; accepted: torch, triton" in result.output
+    assert "--backend 'gemlite' is not registered; accepted: auto, torch, triton, tinygemm" in result.output

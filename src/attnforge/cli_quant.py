@@ -144,7 +144,7 @@ def bench_quant_speed(
     model: Annotated[str, typer.Option(help="A bundled architecture (random weights).")] = "llama3-8b",
     recipes: Annotated[str, typer.Option(help="Comma-separated recipes (default: all).")] = "",
     group_size: Annotated[int, typer.Option(help="Input features per scale: 32, 64 or 128.")] = 64,
-    backend: Annotated[str, typer.Option(help="The quantized matmul backend (MATMUL_BACKENDS).")] = "torch",
+    backend: Annotated[str, typer.Option(help="The quantized matmul backend (MATMUL_BACKENDS).")] = "auto",
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length in tokens.")] = 128,
     new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per timed generation.")] = 256,
     runs: Annotated[int, typer.Option(min=1, help="Timed generations per row (median).")] = 3,

@@ -7,9 +7,10 @@ before q/k/v, gate/up and the LM head, silu(gate) * up after gate/up, and the re
 four launches per layer instead of eight or more. A neighbour is fused only where the model's module provably
 computes what the kernel does: each norm and the activation are probed once (`torch.equal` against the
 kernel's formula on the model's device and dtype); a module that differs (Gemma's `(1 + w)` norm, GELU) runs
-as itself before the product. Quantized projections go through the kernel too where their backend is
-"triton" (`kernels.gemv.PackedWeight`: the codes dequantized as they are read); on another backend, of mixed
-bits, and calls with more rows (prefill, batches) use the model's modules (`TorchProjections`).
+as itself before the product. Quantized projections go through the kernel too where their backend runs
+attnforge's packed GEMV (`kernels.gemv.PackedWeight`: the codes dequantized as they are read); on another
+backend, of mixed bits, and calls with more rows (prefill, batches) use the model's modules
+(`TorchProjections`).
 """
 
 from __future__ import annotations
@@ -215,11 +216,12 @@ def _fused_layer(layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> 
 
 def _product(module: nn.Module | None) -> tuple | None:
     """(weight, bias) for `fused_linear`: a plain nn.Linear's weight, or a quantized layer's packed codes
-    where its backend is attnforge's kernel ("triton"); None for anything else (another backend, mixed
-    bits)."""
+    where its products run attnforge's kernel (`runs_packed_gemv`: the "triton" backend, and "auto" /
+    "tinygemm" for what core torch's int4 kernel does not serve); None for anything else (another backend,
+    mixed bits)."""
     if type(module) is nn.Linear:
         return module.weight, module.bias
-    if isinstance(module, QuantizedLinear) and module.backend == "triton":
+    if isinstance(module, QuantizedLinear) and module.runs_packed_gemv(module.codes.device):
         return module.packed(), module.bias
     return None
 

@@ -165,8 +165,17 @@ def tinygemm_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return packed, torch.stack([scale, offset.to(scale.dtype)], dim=-1).transpose(0, 1).contiguous()
 
 
+def _auto_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The default: the backend measured fastest for the call. On CUDA, core torch's int4 kernel where it
+    serves (Llama-3-8B decode on an H100, speed-4bit: 2.03x bf16 with it, 1.18x with the triton backend;
+    benchmarks/results/h100/quant-speed-llama3-8b-*-20261206.md), attnforge's packed GEMV for the other bits;
+    off a GPU the torch reference (exact to its rounding, and no interpreter needed)."""
+    return _tinygemm_matmul(layer, x) if x.is_cuda else _torch_matmul(layer, x)
+
+
 # name -> function(layer, x [..., in]) -> [..., out]. Other GPU backends (gemlite, torchao) plug in here.
 MATMUL_BACKENDS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]] = {
+    "auto": _auto_matmul,
     "torch": _torch_matmul,
     "triton": _triton_matmul,
     "tinygemm": _tinygemm_matmul,
@@ -203,7 +212,7 @@ class QuantizedLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device=None,
-        backend: str = "torch",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         _check_bits(bits)
@@ -220,14 +229,14 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def shaped_like(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "torch"):
+    def shaped_like(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "auto"):
         """An empty (zero-filled) layer of `linear`'s shapes, dtype and device, to load a checkpoint into."""
         weight = linear.weight
         return cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
                    dtype=weight.dtype, device=weight.device, backend=backend)  # fmt: skip
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "torch"):
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, backend: str = "auto"):
         """Quantize `linear` (its weight `[out, in]`); scales take the weight's dtype, the bias is kept."""
         layer = cls.shaped_like(linear, bits, group_size, backend)
         codes, scales, zeros = quantize_weight(linear.weight, bits, group_size)
@@ -267,10 +276,24 @@ class QuantizedLinear(nn.Module):
         self._tinygemm = (key, converted)
         return converted
 
+    def runs_tinygemm(self, device: torch.device) -> bool:
+        """Whether its products on `device` run core torch's int4 kernel (by its backend, bits, dtype)."""
+        if self.backend == "auto" and device.type != "cuda":
+            return False
+        return self.backend in ("tinygemm", "auto") and _tinygemm_serves(self, device, self.scales.dtype)
+
+    def runs_packed_gemv(self, device: torch.device) -> bool:
+        """Whether its decode-sized products on `device` run attnforge's packed GEMV (`packed()`)."""
+        if self.backend == "triton":
+            return True
+        if self.backend == "tinygemm":
+            return not self.runs_tinygemm(device)
+        return self.backend == "auto" and device.type == "cuda" and not self.runs_tinygemm(device)
+
     def prepare(self, device: torch.device) -> None:
         """Convert, eagerly, what this layer's backend needs before torch.compile or a CUDA graph sees it
         (tinygemm: its weight format; the other backends need nothing)."""
-        if self.backend == "tinygemm" and _tinygemm_serves(self, device, self.scales.dtype):
+        if self.runs_tinygemm(device):
             self.tinygemm_weight(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

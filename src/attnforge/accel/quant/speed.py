@@ -33,7 +33,7 @@ class SpeedSettings:
     """What one speed run measures (see the module docstring); layers/vocab shrink the model (smoke tests)."""
 
     group_size: int = 64
-    backend: str = "torch"
+    backend: str = "auto"
     prompt_tokens: int = 128
     new_tokens: int = 256
     runs: int = 3
