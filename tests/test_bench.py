@@ -195,6 +195,16 @@ def test_timing_only_ever_sees_correct_providers(monkeypatch):
     assert cells["sdpa-math"]["median_us"] == 2.0 and cells["sdpa-math"]["pct_of_floor"] == 50.0
 
 
+def test_the_optimizer_row_is_correct_on_a_ragged_batch_with_poisoned_padding():
+    """Its torch fallback is torch's masked path: it gets the zeroed padding torch's rows get (on an H100 the
+    fallback read the NaN-poisoned padding: every output element non-finite)."""
+    providers = select(default_providers(), ["optimizer", "sdpa-math"])
+    cfg = BenchConfig(3, 4, 2, 1, 40, 16, dtype="float32", mask="causal", ragged=True)
+    row = kernels.run_row(cfg, providers, torch.device("cpu"), ceilings=None)
+    assert row["kv_lens"] is not None and min(row["kv_lens"]) < 40
+    assert [cell["status"] for cell in row["providers"].values()] == ["correct", "correct"], row["providers"]
+
+
 def test_unsupported_rows_are_na_with_a_reason():
     providers = select(default_providers(), ["attnforge-decode", "sdpa-flash", "sdpa-cudnn"])
     cfg = BenchConfig(1, 4, 4, 40, 40, 64, dtype="float32", mask="bool")

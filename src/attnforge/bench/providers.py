@@ -459,6 +459,9 @@ def _optimizer_call(
     optimizer = optimizer_class()
     lens = None if kv_lens is None else kv_lens.to(device=q.device, dtype=torch.int32)
     qlens = None if q_lens is None else q_lens.to(device=q.device, dtype=torch.int32)
+    # Where it falls back it is torch's masked path, whose callers keep zeros in the padding (as torch's rows
+    # get them); the kernels' own rows are what checks the poisoned padding.
+    k, v = zero_padding(k, kv_lens), zero_padding(v, kv_lens)
     return lambda: optimizer.attention(
         q, k, v, scale=scale, causal=causal, kv_lens=lens, q_lens=qlens, attn_mask=attn_mask
     )

@@ -292,7 +292,9 @@ class AttentionOptimizer:
             q: `[B, Hq, Lq, D]`; k, v: `[B, Hkv, Lkv, D]` (Hq % Hkv == 0; any strides).
             scale: softmax scale, default 1/sqrt(D).
             causal: bottom-right aligned (query i sees keys `<= kv_lens[b] - Lq + i`).
-            kv_lens: int `[B]`: keys at or beyond `kv_lens[b]` are ignored (static cache, padded batch).
+            kv_lens: int `[B]`: keys at or beyond `kv_lens[b]` are ignored (static cache, padded batch). The
+                kernels never read them; torch's masked path (the fallback) multiplies them by 0, so there
+                they must be finite (transformers' caches hold zeros).
             q_lens: int `[B]`: query rows at or beyond `q_lens[b]` are padding and come out as 0.
             attn_mask: bool (True = attend) or additive float mask broadcastable to `[B, Hq, Lq, Lkv]`,
                 applied on top of `causal` and the lengths.
