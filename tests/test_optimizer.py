@@ -353,6 +353,24 @@ def test_torch_fallback_honours_every_option_on_cpu():
     assert verify.relative_l2_per_slice(out, expected).max() <= 1e-5
 
 
+@pytest.mark.parametrize(("heads", "q_len", "kv_len"), [((8, 2), 4, 30), ((6, 6), 2, 17), ((7, 1), 16, 129)])
+def test_a_causal_chunk_against_a_cache_falls_back_to_torchs_lower_right_bias(
+    monkeypatch, heads, q_len, kv_len
+):
+    """No lengths or mask: torch's `causal_lower_right` (no mask tensor is built), equal to the oracle."""
+    from attnforge.kernels import reference
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("a bool mask was built")
+
+    monkeypatch.setattr(reference, "visibility_mask", no_mask)
+    (hq, hkv), d = heads, 32
+    q, k, v = torch.randn(2, hq, q_len, d), torch.randn(2, hkv, kv_len, d), torch.randn(2, hkv, kv_len, d)
+    out = runtime.torch_fallback(q, k, v, causal=True, scale=0.3)
+    expected = verify.reference_attention(q, k, v, causal=True, scale=0.3)
+    assert out.shape == (2, hq, q_len, d) and verify.relative_l2_per_slice(out, expected).max() <= 1e-5
+
+
 @pytest.fixture
 def user_table(monkeypatch, tmp_path):
     """An empty user tuning table in a temporary cache directory, on a machine that pretends to have Triton
