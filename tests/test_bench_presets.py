@@ -126,41 +126,50 @@ def test_bad_preset_is_refused(tmp_path):
     assert result.exit_code == 2 and "huge" in result.output and "--preset" in result.output
 
 
-def _fake_varlen(real):
-    """varlen_attn with the installed signature (a wrong call form raises TypeError, as torch's does),
-    computing each packed sequence with the float64 oracle (the real one needs a CUDA GPU)."""
-    signature = inspect.signature(real)
+def _older_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """The form of earlier torch releases: `is_causal`, no `scale`, no `enable_gqa`."""
+
+
+def _fake_varlen(signature: inspect.Signature):
+    """varlen_attn with `signature` (a wrong call form raises TypeError, as torch's does), computing each
+    packed sequence with the float64 oracle (the real one needs a CUDA GPU)."""
 
     def fake(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
         q, k, v = arguments["query"], arguments["key"], arguments["value"]
         cu_q, cu_k = arguments["cu_seq_q"].tolist(), arguments["cu_seq_k"].tolist()
-        assert arguments["enable_gqa"] is True and arguments["window_size"] in ((-1, 0), (-1, -1))
+        if "window_size" in signature.parameters:
+            assert arguments["enable_gqa"] is True and arguments["window_size"] in ((-1, 0), (-1, -1))
+            causal = arguments["window_size"] == (-1, 0)
+        else:
+            assert k.shape[1] == q.shape[1], "no enable_gqa: K/V must come with Hq heads"
+            causal = arguments.get("is_causal", False)
         out = torch.empty_like(q)
         for i in range(len(cu_q) - 1):
             rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
             qs, ks, vs = (t[part].transpose(0, 1)[None] for t, part in ((q, rows), (k, keys), (v, keys)))
-            ref = verify.reference_attention(
-                qs, ks, vs, causal=arguments["window_size"] == (-1, 0), scale=arguments.get("scale")
-            )
+            ref = verify.reference_attention(qs, ks, vs, causal=causal, scale=arguments.get("scale"))
             out[rows] = ref[0].transpose(0, 1).to(q.dtype)
         return out
 
+    fake.__signature__ = signature
     return fake
 
 
-def test_varlen_provider_uses_the_installed_call_form(monkeypatch):
+@pytest.mark.parametrize("form", ["installed", "older"])
+def test_varlen_provider_uses_the_installed_call_form(monkeypatch, form):
     varlen = pytest.importorskip("torch.nn.attention.varlen")
-    signature = inspect.signature(varlen.varlen_attn)
-    with pytest.raises(TypeError):  # the form the last GPU run used (issue 14): no is_causal keyword
-        signature.bind(*[None] * 7, is_causal=True)
-    monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen(varlen.varlen_attn))
+    signature = inspect.signature(varlen.varlen_attn if form == "installed" else _older_varlen)
+    monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen(signature))
     monkeypatch.setattr(prefill_providers, "varlen_status", lambda device: (True, ""))
     providers = select(default_providers(), ["torch-varlen"])
     for cfg in (BenchConfig(3, 4, 2, 20, 20, 64, dtype="float32", padded=True),
                 BenchConfig(2, 4, 1, 7, 30, 64, dtype="float32")):  # fmt: skip
         row = kernels.run_row(cfg, providers, torch.device("cpu"), ceilings=None)
         assert row["providers"]["torch-varlen"]["status"] == "correct", row["providers"]
+    q, k = torch.randn(1, 4, 5, 64), torch.randn(1, 2, 9, 64)
+    call = prefill_providers._varlen_call(q, k, k.clone(), causal=True)  # the note the timed cell keeps
+    assert ("repeated to Hq heads" in getattr(call, "note", "")) is (form == "older")
 
 
 def test_chunked_oracle_handles_padded_queries():

@@ -110,8 +110,8 @@ def varlen_status(device: torch.device) -> tuple[bool, str]:
     except ImportError:
         return False, f"unsupported: torch {torch.__version__} has no torch.nn.attention.varlen"
     params = inspect.signature(varlen.varlen_attn).parameters
-    if "window_size" not in params or "enable_gqa" not in params:
-        return False, "unsupported: this torch's varlen_attn takes no window_size/enable_gqa"
+    if "window_size" not in params and "is_causal" not in params:
+        return False, "unsupported: this torch's varlen_attn takes neither window_size nor is_causal"
     if device.type != "cuda":
         return False, f"unsupported: varlen_attn runs torch's CUDA flash kernel (device {device.type})"
     return True, ""
@@ -133,24 +133,29 @@ def _pack(t: torch.Tensor, lens: list[int]) -> torch.Tensor:
 def _varlen_call(
     q, k, v, *, causal=True, scale=None, kv_lens=None, q_lens=None, attn_mask=None, out=None
 ) -> Call:
-    """`varlen_attn(q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seq_q [B+1], cu_seq_k [B+1], max_q, max_k,
-    window_size=(-1, 0) (causal) or (-1, -1), enable_gqa=True, scale=)`: the call returns packed tokens
-    `[Tq, Hq, D]`; `unpack` turns them into `[B, Hq, Lq, D]` (padded rows 0)."""
+    """`varlen_attn(q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seq_q [B+1], cu_seq_k [B+1], max_q, max_k, ...)` in
+    the installed form (`_varlen_options`): the call returns packed tokens `[Tq, Hq, D]`; `unpack` turns them
+    into `[B, Hq, Lq, D]` (padded rows 0)."""
     from torch.nn.attention.varlen import varlen_attn
 
     if attn_mask is not None:
         raise ValueError("varlen_attn takes no attn_mask")
+    params = inspect.signature(varlen_attn).parameters
+    options, expand = _varlen_options(params, causal, scale)
+    if scale is not None and "scale" not in options:  # its default 1/sqrt(D) on a rescaled query
+        q = q * (scale * q.shape[-1] ** 0.5)
+    group = q.shape[1] // k.shape[1]
+    if expand and group > 1:  # no enable_gqa: K/V repeated to Hq heads, once, outside the timed call
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     batch, _, q_len, _ = q.shape
     q_list = q_lens.tolist() if q_lens is not None else [q_len] * batch
     k_list = kv_lens.tolist() if kv_lens is not None else [k.shape[2]] * batch
     packed = _pack(q, q_list), _pack(k, k_list), _pack(v, k_list)
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=q.device)
                   for n in (q_list, k_list))  # fmt: skip
-    window = (-1, 0) if causal else (-1, -1)
 
     def call() -> torch.Tensor:
-        return varlen_attn(*packed, cu_q, cu_k, max(q_list), max(k_list), scale=scale, window_size=window,
-                           enable_gqa=True)  # fmt: skip
+        return varlen_attn(*packed, cu_q, cu_k, max(q_list), max(k_list), **options)
 
     def unpack(tokens: torch.Tensor) -> torch.Tensor:
         result = torch.zeros_like(q)
@@ -159,7 +164,19 @@ def _varlen_call(
         return result
 
     call.unpack = unpack
+    if expand and group > 1:
+        call.note = "this torch's varlen_attn takes no enable_gqa: K/V repeated to Hq heads, outside the call"
     return call
+
+
+def _varlen_options(params, causal: bool, scale: float | None) -> tuple[dict, bool]:
+    """varlen_attn's keyword arguments for this torch, and whether K/V must be expanded to Hq heads first.
+    torch 2.13: `window_size=(-1, 0)` (causal, bottom-right) or `(-1, -1)`, `enable_gqa`, `scale`; earlier
+    releases: `is_causal`, no GQA, `scale` only where the signature has it (else the caller scales q)."""
+    if "window_size" in params:
+        return {"window_size": (-1, 0) if causal else (-1, -1), "enable_gqa": True, "scale": scale}, False
+    options = {"is_causal": causal, **({"scale": scale} if "scale" in params else {})}
+    return options, "enable_gqa" not in params
 
 
 # ----------------------------------------------------------------------------------------------------------
