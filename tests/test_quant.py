@@ -409,6 +409,18 @@ def test_auto_is_the_default_backend_and_the_torch_reference_off_a_gpu():
         assert torch.equal(layer(x), MATMUL_BACKENDS["torch"](layer, x))
 
 
+def test_a_quantized_model_compiles_without_an_eager_call_first():
+    """quantize converts each layer's weight for its backend at once (tinygemm's format here)."""
+    model = tiny_model().to(DEVICE, TINYGEMM_DTYPES[0])
+    af.quantize(model, "speed-4bit", 32, backend="tinygemm")
+    assert getattr(model.model.layers[0].mlp.down_proj, "_tinygemm", None) is not None
+    prompt = ids(7).to(DEVICE)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=False)(prompt).logits  # before any eager call
+        eager = model(prompt).logits
+    assert ((compiled - eager).float().norm() / eager.float().norm()).item() < 1e-2
+
+
 def test_the_accelerator_runs_the_tinygemm_backend_and_gives_its_eager_tokens():
     """bf16 on CUDA (the kernel serves no other activations there; fp32 would go to the triton backend)."""
     model = tiny_model().to(DEVICE, TINYGEMM_DTYPES[0])

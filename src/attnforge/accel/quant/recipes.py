@@ -147,6 +147,7 @@ def quantize(
         if bits is not None:
             with torch.no_grad():
                 layer = QuantizedLinear.from_linear(linear, bits, group_size, backend)
+                layer.prepare(layer.codes.device)  # a backend's own format now, not inside torch.compile
             _replace(model, name, layer)
             after = layer.nbytes()
         report.layers.append(
