@@ -70,9 +70,12 @@ def test_row_blocks_must_be_powers_of_two():
 
 @pytest.mark.parametrize("combine", decode_params.COMBINE_MODES)
 @pytest.mark.parametrize("kv_lens", [None, [300, 5]])
-def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens):
-    """The last program merging, or a second kernel (with programmatic dependent launch where supported)."""
-    case = verify.needle_case(config_of(2, 8, 2, 3, 300, 64, causal=True), kv_lens=kv_lens, device=DEVICE)
+@pytest.mark.parametrize("heads, q_len", [((8, 2), 3), ((10, 2), 1)], ids=["4:1-Lq3", "5:1-Lq1"])
+def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens, heads, q_len):
+    """The last program merging, or a second kernel (with programmatic dependent launch where supported);
+    12 and 5 real rows of 16- and 8-row partials (the padding rows are neither written nor read)."""
+    shape = config_of(2, *heads, q_len, 300, 64, causal=True)
+    case = verify.needle_case(shape, kv_lens=kv_lens, device=DEVICE)
     out = torch.full_like(case.q, math.nan)
     params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "combine": combine}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)

@@ -81,10 +81,10 @@ def finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot
         if split == 0:
             store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
     else:
-        # Partials of the real rows only: [slot, split, PART_ROWS, (o, m), D_BLOCK] and
-        # [slot, split, (m, l), PART_ROWS].
+        # Partials in [slot, split, PART_ROWS, (o, m), D_BLOCK] and [slot, split, (m, l), PART_ROWS], written
+        # for the real rows only (5 of 8 for GQA 5:1; the merge reads no more).
         r = tl.arange(0, BLOCK_M)
-        keep = r < PART_ROWS
+        keep = (r < PART_ROWS) & row_ok
         PartML = PartO + ml_offset
         part = slot.to(tl.int64) * num_splits + split
         tl.store(PartML + part * 2 * PART_ROWS + r, m_i, mask=keep)
@@ -118,8 +118,9 @@ def merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, st
     tl.debug_barrier()  # every thread's partial is written before the counter says so
     arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:
+        real = GROUP * Q_LEN - m_block * BLOCK_M  # this block's real rows (more than PART_ROWS: all)
         out = merge_rows(PartO, PartML, slot.to(tl.int64) * num_splits, num_splits, tl.arange(0, PART_ROWS),
-                         PART_ROWS, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
+                         real, PART_ROWS, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
         part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
         part_head = h * GROUP + part_rows // Q_LEN
         part_token = part_rows % Q_LEN
@@ -149,7 +150,8 @@ def combine_kernel(
     bh = slot // NUM_M_BLOCKS
     b, h = (bh // num_kv_heads).to(tl.int64), (bh % num_kv_heads).to(tl.int64)
     base = slot.to(tl.int64) * num_splits
-    out = merge_rows(PartO, PartO + ml_offset, base, num_splits, r + tl.arange(0, 1), 1, SPLITS_P2,
+    real = GROUP * Q_LEN - (slot % NUM_M_BLOCKS) * BLOCK_M
+    out = merge_rows(PartO, PartO + ml_offset, base, num_splits, r + tl.arange(0, 1), real, 1, SPLITS_P2,
                      PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
     d = tl.arange(0, D_BLOCK)
     o_ptrs = (
@@ -161,16 +163,17 @@ def combine_kernel(
 
 
 @triton.jit
-def merge_rows(PartO, PartML, base, num_splits, r, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr,
+def merge_rows(PartO, PartML, base, num_splits, r, real, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr,
                PART_ROWS: tl.constexpr, D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
-    """Combine partial rows `r` ([ROWS] indices < PART_ROWS) of the splits at `base`:
+    """Combine partial rows `r` ([ROWS] indices < PART_ROWS) of the splits at `base`, reading those below
+    `real` (the rows the splits wrote; the others come out 0):
     `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`, `[ROWS, D_BLOCK]`. Each thread accumulates its own
     elements split after split, with S_CHUNK splits' loads in flight, reading each split's max from the copy
     stored next to its output (same layout: nothing moves between threads per split; a reduction over a
     tile's split axis compiled to thousands of shared-memory steps)."""
     s_all = tl.arange(0, SPLITS_P2)
     ml_all = (base + s_all[:, None]) * 2 * PART_ROWS + r[None, :]
-    s_ok = (s_all < num_splits)[:, None]
+    s_ok = (s_all < num_splits)[:, None] & (r < real)[None, :]
     m_all = tl.load(PartML + ml_all, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
     l_all = tl.load(PartML + ml_all + PART_ROWS, mask=s_ok, other=0.0, cache_modifier=".cg")
     m = tl.max(m_all, 0)
@@ -181,7 +184,7 @@ def merge_rows(PartO, PartML, base, num_splits, r, ROWS: tl.constexpr, SPLITS_P2
     for s0 in range(0, num_splits, S_CHUNK):
         for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
             # per row, not a scalar: the interpreter takes block masks only
-            ok = ((r < PART_ROWS) & (r * 0 + s0 + i < num_splits))[:, None]
+            ok = ((r < PART_ROWS) & (r < real) & (r * 0 + s0 + i < num_splits))[:, None]
             o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * 2 * D_BLOCK) + row
             o_s = tl.load(o_ptrs, mask=ok, other=0.0, cache_modifier=".cg")
             m_s = tl.load(o_ptrs + D_BLOCK, mask=ok, other=float("-inf"), cache_modifier=".cg")
