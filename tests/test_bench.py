@@ -356,30 +356,6 @@ def test_report_writers(tmp_path, make_doc, stem):
         assert messages == ["plots skipped: matplotlib is not installed (pip install 'attnforge[plots]')"]
 
 
-def _plot_row(phase, q_len, kv_len, speedup, batch=1, ragged=False, padded=False, dtype="bfloat16"):
-    config = dict(phase=phase, batch=batch, num_heads=32, num_kv_heads=8, head_dim=128, q_len=q_len,
-                  kv_len=kv_len, ragged=ragged, padded=padded, dtype=dtype)  # fmt: skip
-    speedups = {} if speedup is None else {"k": {"best-torch": speedup, "best-torch-name": "sdpa-auto"}}
-    return {"config": config, "kernel": "k", "speedups": speedups}
-
-
-def test_the_plot_draws_one_line_per_pattern_and_phase_from_plain_rows():
-    rows = [
-        _plot_row("decode", 1, 1024, 1.2), _plot_row("decode", 1, 4096, 1.1),
-        _plot_row("decode", 1, 4096, 1.5, batch=8), _plot_row("decode", 4, 4096, 1.8),
-        _plot_row("decode", 1, 4096, 2.0, ragged=True), _plot_row("decode", 1, 4096, None),  # never timed
-        _plot_row("prefill", 512, 512, 0.6, batch=32), _plot_row("prefill", 2048, 2048, 0.8, batch=8),
-        _plot_row("prefill", 512, 4608, 1.6), _plot_row("prefill", 1024, 1024, 3.0, batch=16, padded=True),
-        _plot_row("prefill", 1024, 1024, 0.9, dtype="float16"),
-    ]  # fmt: skip
-    assert report._plot_series({"rows": rows}) == {
-        ("decode", "B1 32:8 d128"): [(1024, 1.2), (4096, 1.1)],
-        ("decode", "B8 32:8 d128"): [(4096, 1.5)],
-        ("decode", "B1 32:8 d128 Lq=4"): [(4096, 1.8)],
-        ("prefill", "32:8 d128"): [(512, 0.6), (2048, 0.8)],  # square rows whatever their batch
-    }
-
-
 def test_json_has_no_nan(tmp_path):
     doc = _kernel_doc()
     doc["rows"][0]["providers"]["planted"]["max_rel_l2"] = math.inf

@@ -79,3 +79,27 @@ def test_an_accelerated_generation_run_is_summarised_with_its_targets():
     assert "targets met 0 of 4" in index
     # a file with only a variant of the accelerator (coordinate-descent tuning) is headed by that row
     assert "qwen3-0.6b: attnforge-tune 945 (batch 1, prompt 128, 256 new)" in index
+
+
+def _plot_row(phase, q_len, kv_len, speedup, batch=1, ragged=False, padded=False, dtype="bfloat16"):
+    config = dict(phase=phase, batch=batch, num_heads=32, num_kv_heads=8, head_dim=128, q_len=q_len,
+                  kv_len=kv_len, ragged=ragged, padded=padded, dtype=dtype)  # fmt: skip
+    speedups = {} if speedup is None else {"k": {"best-torch": speedup, "best-torch-name": "sdpa-auto"}}
+    return {"config": config, "kernel": "k", "speedups": speedups}
+
+
+def test_the_plot_draws_one_line_per_pattern_and_phase_from_plain_rows():
+    rows = [
+        _plot_row("decode", 1, 1024, 1.2), _plot_row("decode", 1, 4096, 1.1),
+        _plot_row("decode", 1, 4096, 1.5, batch=8), _plot_row("decode", 4, 4096, 1.8),
+        _plot_row("decode", 1, 4096, 2.0, ragged=True), _plot_row("decode", 1, 4096, None),  # never timed
+        _plot_row("prefill", 512, 512, 0.6, batch=32), _plot_row("prefill", 2048, 2048, 0.8, batch=8),
+        _plot_row("prefill", 512, 4608, 1.6), _plot_row("prefill", 1024, 1024, 3.0, batch=16, padded=True),
+        _plot_row("prefill", 1024, 1024, 0.9, dtype="float16"),
+    ]  # fmt: skip
+    assert report._plot_series({"rows": rows}) == {
+        ("decode", "B1 32:8 d128"): [(1024, 1.2), (4096, 1.1)],
+        ("decode", "B8 32:8 d128"): [(4096, 1.5)],
+        ("decode", "B1 32:8 d128 Lq=4"): [(4096, 1.8)],
+        ("prefill", "32:8 d128"): [(512, 0.6), (2048, 0.8)],  # square rows whatever their batch
+    }
