@@ -121,15 +121,11 @@ def _triton_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return gemv.fused_linear(x, layer.packed(), layer.bias)
 
 
-def _tinygemm_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+def _int4pack_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """Core torch's 4-bit kernel (tinygemm, `aten._weight_int4pack_mm`: what gpt-fast and torchao's int4
-    weight-only layers run; on the CPU its `_for_cpu` twin) for 4-bit layers with bf16 activations on CUDA or
-    any float activations on the CPU; anything else (5 and 8 bits, fp16/fp32 on CUDA) goes to the triton
-    backend, as do layers whose output count the kernel's tiles do not divide (8 on CUDA, 16 on the CPU). Its
+    weight-only layers run; on the CPU its `_for_cpu` twin), for the calls `_route` gives it. Its
     dequantization is `(q - 8) * scale + offset` with `offset = (8 - zero) * scale` rounded to the scales'
     dtype, within a rounding of the format's `(q - zero) * scale`."""
-    if not _tinygemm_serves(layer, x.device, x.dtype):
-        return _triton_matmul(layer, x)
     packed, scales_and_offsets = layer.tinygemm_weight(x.device)
     rows = x.reshape(-1, layer.in_features).contiguous()
     if x.is_cuda:
@@ -142,9 +138,26 @@ def _tinygemm_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _tinygemm_serves(layer: QuantizedLinear, device: torch.device, dtype: torch.dtype) -> bool:
+    """4-bit layers with bf16 activations on CUDA, any float activations on the CPU, and an output count the
+    kernel's tiles divide (8 on CUDA, 16 on the CPU)."""
     if device.type == "cuda":
         return layer.bits == 4 and layer.out_features % 8 == 0 and dtype == torch.bfloat16
     return device.type == "cpu" and layer.bits == 4 and layer.out_features % 16 == 0
+
+
+def _route(layer: QuantizedLinear, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel a layer's products run on `device` with `dtype` activations: "tinygemm", "triton" (the
+    packed GEMV), "torch", or the name of another registered backend. "tinygemm" layers take the packed
+    GEMV for what core torch's kernel does not serve (5 and 8 bits, fp16/fp32 on CUDA, output counts its
+    tiles do not divide); "auto" layers do the same on CUDA and take the torch reference off it."""
+    backend = layer.backend
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        backend = "tinygemm"
+    if backend == "tinygemm":
+        return "tinygemm" if _tinygemm_serves(layer, device, dtype) else "triton"
+    return backend
 
 
 def tinygemm_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
@@ -165,20 +178,24 @@ def tinygemm_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return packed, torch.stack([scale, offset.to(scale.dtype)], dim=-1).transpose(0, 1).contiguous()
 
 
-def _auto_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """The default: the backend measured fastest for the call. On CUDA, core torch's int4 kernel where it
-    serves (Llama-3-8B decode on an H100, speed-4bit: 2.03x bf16 with it, 1.18x with the triton backend;
+def _routed_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The "auto" (the default) and "tinygemm" backends: the kernel `_route` picks for the call. "auto" is
+    what was measured fastest: on CUDA core torch's int4 kernel where it serves (Llama-3-8B decode on an H100,
+    speed-4bit: 2.03x bf16 with it, 1.18x with the triton backend;
     benchmarks/results/h100/quant-speed-llama3-8b-*-20261206.md), attnforge's packed GEMV for the other bits;
     off a GPU the torch reference (exact to its rounding, and no interpreter needed)."""
-    return _tinygemm_matmul(layer, x) if x.is_cuda else _torch_matmul(layer, x)
+    route = _route(layer, x.device, x.dtype)
+    if route == "tinygemm":
+        return _int4pack_matmul(layer, x)
+    return _triton_matmul(layer, x) if route == "triton" else _torch_matmul(layer, x)
 
 
 # name -> function(layer, x [..., in]) -> [..., out]. Other GPU backends (gemlite, torchao) plug in here.
 MATMUL_BACKENDS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]] = {
-    "auto": _auto_matmul,
+    "auto": _routed_matmul,
     "torch": _torch_matmul,
     "triton": _triton_matmul,
-    "tinygemm": _tinygemm_matmul,
+    "tinygemm": _routed_matmul,
 }
 
 
@@ -277,18 +294,13 @@ class QuantizedLinear(nn.Module):
         return converted
 
     def runs_tinygemm(self, device: torch.device) -> bool:
-        """Whether its products on `device` run core torch's int4 kernel (by its backend, bits, dtype)."""
-        if self.backend == "auto" and device.type != "cuda":
-            return False
-        return self.backend in ("tinygemm", "auto") and _tinygemm_serves(self, device, self.scales.dtype)
+        """Whether its products on `device` run core torch's int4 kernel (`_route`, activations in the
+        scales' dtype)."""
+        return _route(self, device, self.scales.dtype) == "tinygemm"
 
     def runs_packed_gemv(self, device: torch.device) -> bool:
         """Whether its decode-sized products on `device` run attnforge's packed GEMV (`packed()`)."""
-        if self.backend == "triton":
-            return True
-        if self.backend == "tinygemm":
-            return not self.runs_tinygemm(device)
-        return self.backend == "auto" and device.type == "cuda" and not self.runs_tinygemm(device)
+        return _route(self, device, self.scales.dtype) == "triton"
 
     def prepare(self, device: torch.device) -> None:
         """Convert, eagerly, what this layer's backend needs before torch.compile or a CUDA graph sees it
