@@ -145,7 +145,8 @@ def _varlen_call(
     if scale is not None and "scale" not in options:  # its default 1/sqrt(D) on a rescaled query
         q = q * (scale * q.shape[-1] ** 0.5)
     group = q.shape[1] // k.shape[1]
-    if expand and group > 1:  # no enable_gqa: K/V repeated to Hq heads, once, outside the timed call
+    repeat = expand and group > 1
+    if repeat:  # no enable_gqa: K/V repeated to Hq heads, once, outside the timed call
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     batch, _, q_len, _ = q.shape
     q_list = q_lens.tolist() if q_lens is not None else [q_len] * batch
@@ -164,7 +165,7 @@ def _varlen_call(
         return result
 
     call.unpack = unpack
-    if expand and group > 1:
+    if repeat:
         call.note = "this torch's varlen_attn takes no enable_gqa: K/V repeated to Hq heads, outside the call"
     return call
 
