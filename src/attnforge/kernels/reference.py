@@ -11,7 +11,6 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 def fused_sdpa_unsafe(t: torch.Tensor) -> str | None:
@@ -142,6 +141,10 @@ def sdpa(
     square_causal = plain_causal and q_len == kv_len
     mask = bias = None  # mask: a tensor mask, whose rows that see no key come out as 0 below
     if plain_causal and 1 < q_len < kv_len:  # every row sees keys: nothing to zero
+        # imported here: at import time it pulls in Triton before the CLI has set TRITON_INTERPRET on a
+        # CPU-only machine, and the kernels then refuse to run in the interpreter (`attnforge demo`)
+        from torch.nn.attention.bias import causal_lower_right
+
         bias = causal_lower_right(q_len, kv_len)
     elif not square_causal:
         visible = visibility_mask(
