@@ -130,6 +130,11 @@ def _older_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal
     """The form of earlier torch releases: `is_causal`, no `scale`, no `enable_gqa`."""
 
 
+def _windowed_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):  # fmt: skip
+    """torch 2.11's form (as the H100 run found it): `window_size` and `scale`, but no `enable_gqa`."""
+
+
 def _fake_varlen(signature: inspect.Signature):
     """varlen_attn with `signature` (a wrong call form raises TypeError, as torch's does), computing each
     packed sequence with the float64 oracle (the real one needs a CUDA GPU)."""
@@ -138,11 +143,14 @@ def _fake_varlen(signature: inspect.Signature):
         arguments = signature.bind(*args, **kwargs).arguments
         q, k, v = arguments["query"], arguments["key"], arguments["value"]
         cu_q, cu_k = arguments["cu_seq_q"].tolist(), arguments["cu_seq_k"].tolist()
-        if "window_size" in signature.parameters:
-            assert arguments["enable_gqa"] is True and arguments["window_size"] in ((-1, 0), (-1, -1))
-            causal = arguments["window_size"] == (-1, 0)
+        if "enable_gqa" in signature.parameters:
+            assert arguments["enable_gqa"] is True
         else:
             assert k.shape[1] == q.shape[1], "no enable_gqa: K/V must come with Hq heads"
+        if "window_size" in signature.parameters:
+            assert arguments["window_size"] in ((-1, 0), (-1, -1))
+            causal = arguments["window_size"] == (-1, 0)
+        else:
             causal = arguments.get("is_causal", False)
         out = torch.empty_like(q)
         for i in range(len(cu_q) - 1):
@@ -156,10 +164,11 @@ def _fake_varlen(signature: inspect.Signature):
     return fake
 
 
-@pytest.mark.parametrize("form", ["installed", "older"])
+@pytest.mark.parametrize("form", ["installed", "windowed", "older"])
 def test_varlen_provider_uses_the_installed_call_form(monkeypatch, form):
     varlen = pytest.importorskip("torch.nn.attention.varlen")
-    signature = inspect.signature(varlen.varlen_attn if form == "installed" else _older_varlen)
+    forms = {"installed": varlen.varlen_attn, "windowed": _windowed_varlen, "older": _older_varlen}
+    signature = inspect.signature(forms[form])
     monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen(signature))
     monkeypatch.setattr(prefill_providers, "varlen_status", lambda device: (True, ""))
     providers = select(default_providers(), ["torch-varlen"])
@@ -169,7 +178,7 @@ def test_varlen_provider_uses_the_installed_call_form(monkeypatch, form):
         assert row["providers"]["torch-varlen"]["status"] == "correct", row["providers"]
     q, k = torch.randn(1, 4, 5, 64), torch.randn(1, 2, 9, 64)
     call = prefill_providers._varlen_call(q, k, k.clone(), causal=True)  # the note the timed cell keeps
-    assert ("repeated to Hq heads" in getattr(call, "note", "")) is (form == "older")
+    assert ("repeated to Hq heads" in getattr(call, "note", "")) is (form != "installed")
 
 
 def test_chunked_oracle_handles_padded_queries():

@@ -172,11 +172,17 @@ def _varlen_call(
 
 def _varlen_options(params, causal: bool, scale: float | None) -> tuple[dict, bool]:
     """varlen_attn's keyword arguments for this torch, and whether K/V must be expanded to Hq heads first.
-    torch 2.13: `window_size=(-1, 0)` (causal, bottom-right) or `(-1, -1)`, `enable_gqa`, `scale`; earlier
-    releases: `is_causal`, no GQA, `scale` only where the signature has it (else the caller scales q)."""
+    Each option only where the signature has it: causality as `window_size=(-1, 0)` (bottom-right) or
+    `(-1, -1)`, else `is_causal`; `enable_gqa` (torch 2.11 has window_size but not it: K/V are repeated);
+    `scale` (else the caller scales q)."""
     if "window_size" in params:
-        return {"window_size": (-1, 0) if causal else (-1, -1), "enable_gqa": True, "scale": scale}, False
-    options = {"is_causal": causal, **({"scale": scale} if "scale" in params else {})}
+        options = {"window_size": (-1, 0) if causal else (-1, -1)}
+    else:
+        options = {"is_causal": causal}
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    if "scale" in params:
+        options["scale"] = scale
     return options, "enable_gqa" not in params
 
 
