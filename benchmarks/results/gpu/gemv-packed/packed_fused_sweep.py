@@ -1,0 +1,149 @@
+"""Issue 15 (scratch, for the GPU): launch sets for the packed skinny linear in the forms the accelerator
+calls (Llama-3-8B, one row): q/k/v with its RMSNorm, o with the residual, gate/up with its norm and silu * up
+(`glu`), down with the residual; 8-bit (quality-8bit, target 1.4x bf16) and 5-bit codes, group 64.
+Run from the repository root with PYTHONPATH=src:
+
+    python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json
+
+The 8-bit step ran at 0.95x bf16 (161.9 tok/s, H100, dc4d36c) with `default_params`' packed choice
+(4 x 1024, 4 warps, no read-ahead) where the plain-product sweep (packed-sweep-20261206-cd6290d.json) had
+other sets 10-25% faster on o and down. Each set is checked against the float64 product over the dequantized
+weight (relative L2), then timed per call in a CUDA graph of one call per layer on distinct weights; % of the
+read bandwidth measured in the same run. JSON rewritten after every row; a short table at the end.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from attnforge.accel.quant.linear import dequantize_weight, quantize_weight
+from attnforge.bench import timing
+from attnforge.environment import environment_report
+from attnforge.kernels.gemv import GemvParams, PackedWeight, default_params, fused_linear
+
+DEV = "cuda"
+GROUP = 64
+EPS = 1e-5
+# name: (N of the weight, K, layers in the graph, form)
+SHAPES = {
+    "qkv+norm": (6144, 4096, 16, "norm"),
+    "o+residual": (4096, 4096, 16, "residual"),
+    "gate_up+norm+glu": (28672, 4096, 6, "glu"),
+    "down+residual": (4096, 14336, 8, "residual"),
+}
+SETS = [(4, 1024, 4, False), (8, 1024, 4, False), (8, 512, 4, False), (16, 512, 8, False),
+        (4, 1024, 4, True), (8, 1024, 4, True), (8, 512, 4, True), (4, 2048, 8, True), (8, 2048, 8, True),
+        (16, 1024, 8, True), (4, 512, 2, True), (2, 2048, 4, True)]  # fmt: skip
+
+
+def packed_layers(n, k, bits, layers, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    out = []
+    for _ in range(layers):
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16, generator=gen) / k**0.5
+        out.append(PackedWeight(*quantize_weight(w, bits, GROUP), bits, GROUP))
+    return out
+
+
+def nbytes(packed: PackedWeight) -> int:
+    return sum(t.numel() * t.element_size() for t in (packed.codes, packed.scales, packed.zeros))
+
+
+def call_for(form, x, packed, gain, res, params):
+    if form == "norm":
+        return lambda: fused_linear(x, packed, norm=(gain, EPS), params=params)
+    if form == "glu":
+        return lambda: fused_linear(x, packed, norm=(gain, EPS), glu=True, params=params)
+    return lambda: fused_linear(x, packed, residual=res, params=params)
+
+
+def expected(form, x, packed, gain, res):
+    k = x.shape[-1]
+    dense = dequantize_weight(packed.codes, packed.scales, packed.zeros, packed.bits, GROUP, k).double()
+    xin = x
+    if form in ("norm", "glu"):
+        xin = gain * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+    y = F.linear(xin.double(), dense)
+    if form == "glu":
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return y + res.double() if form == "residual" else y
+
+
+def shape_row(name, n, k, layers, form, bits, floor):
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16, generator=gen)
+    gain = torch.rand(k, device=DEV, dtype=torch.bfloat16, generator=gen) + 0.5
+    out_n = n // 2 if form == "glu" else n
+    res = torch.randn(1, out_n, device=DEV, dtype=torch.bfloat16, generator=gen)
+    packed = packed_layers(n, k, bits, layers, seed=bits)
+    ref = expected(form, x, packed[0], gain, res)
+    default = default_params(1, n, k, packed=True)
+    row = {
+        "shape": name,
+        "bits": bits,
+        "N": n,
+        "K": k,
+        "mb": nbytes(packed[0]) / 1e6,
+        "sets": {},
+        "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}",
+    }
+    for bn, bk, warps, ahead in SETS:
+        label = f"{bn}x{bk}w{warps}{'a' if ahead else ''}"
+        p = GemvParams(bn, bk, warps, ahead=ahead)
+        try:
+            y = call_for(form, x, packed[0], gain, res, p)()
+            rel = ((y.double() - ref).norm() / ref.norm()).item()
+            if not (rel < 2e-2 and y.isfinite().all()):
+                row["sets"][label] = f"incorrect (rel L2 {rel:.2e})"
+                continue
+            us = statistics.median(
+                timing.time_graph_per_call(
+                    lambda i, p=p: call_for(form, x, packed[i], gain, res, p), layers=layers, reps=40
+                )
+            )
+            row["sets"][label] = {
+                "us": us,
+                "rel_l2": rel,
+                "pct_floor": 100 * row["mb"] * 1e6 / (us * 1e-6) / floor,
+            }
+        except Exception as error:  # noqa: BLE001 - a set that fails to compile or launch is reported
+            row["sets"][label] = repr(error)[:160]
+    return row
+
+
+def main(path):
+    doc = {"environment": environment_report(), "read_gbps": timing.measure_read_bandwidth() / 1e9,
+           "group_size": GROUP, "rows": []}  # fmt: skip
+    floor = doc["read_gbps"] * 1e9
+    for bits in (8, 5):
+        for name, (n, k, layers, form) in SHAPES.items():
+            row = shape_row(name, n, k, layers, form, bits, floor)
+            doc["rows"].append(row)
+            with open(path, "w") as f:
+                json.dump(doc, f, indent=1)
+            timed = {s: c["us"] for s, c in row["sets"].items() if isinstance(c, dict)}
+            if not timed:
+                print(f"{bits}bit {name}: no set timed", flush=True)
+                continue
+            best = min(timed, key=timed.get)
+            cells = " ".join(f"{s} {t:.1f}" for s, t in timed.items())
+            default_us = timed.get(row["default"], float("nan"))
+            pct = row["sets"][best]["pct_floor"]
+            print(f"{bits}bit {name:18s} default {row['default']} {default_us:.1f} | best {best} "
+                  f"{timed[best]:.1f} ({pct:.0f}%) | {cells}", flush=True)  # fmt: skip
+    bad = [(r["shape"], r["bits"], s, c) for r in doc["rows"] for s, c in r["sets"].items()
+           if not isinstance(c, dict)]  # fmt: skip
+    print("not timed:", bad)
+
+
+if __name__ == "__main__":
+    main(
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.join(os.environ.get("OUT", "."), "packed-fused-sweep.json")
+    )
