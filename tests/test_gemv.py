@@ -20,10 +20,10 @@ def _rms(x, gain, eps):
     return gain * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _case(rows, n, k, dtype, seed, gated=False):
+def _case(rows, n, k, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     make = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
-    x = make(rows, 2 * k if gated else k)
+    x = make(rows, k)
     return (
         x,
         make(n, k) / k**0.5,
@@ -55,15 +55,6 @@ def test_norm_and_residual_match_torchs_ops(rows, n, k, dtype):
     x, w, _, gain, res = _case(rows, n, k, dtype, seed=7 * rows + k)
     y = fused_linear(x, w, norm=(gain, 1e-6), residual=res)
     ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double())
-    assert _rel(y, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("rows,n,k", SIZES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_input_reads_silu_gate_times_up(rows, n, k, dtype):
-    x, w, _, _, res = _case(rows, n, k, dtype, seed=n + k, gated=True)
-    y = fused_linear(x, w, gated=True, residual=res)
-    ref = res.double() + F.linear((F.silu(x[:, :k]) * x[:, k:]).double(), w.double())
     assert _rel(y, ref) < TOL[dtype]
 
 
@@ -131,9 +122,6 @@ def test_the_tensor_core_product_matches_float64(rows, n, k, dtype):
     y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res, params=GemvParams(16, 32, 4, dot=True))
     ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double(), b.double())
     assert _rel(y, ref) < TOL[dtype]
-    xg, *_ = _case(rows, n, k, dtype, seed=rows + n, gated=True)
-    y = fused_linear(xg, w, gated=True, params=GemvParams(32, 64, 4, dot=True))
-    assert _rel(y, F.linear((F.silu(xg[:, :k]) * xg[:, k:]).double(), w.double())) < TOL[dtype]
 
 
 @pytest.mark.parametrize(("rows", "k"), [(1, 1500), (1, 2048), (3, 1000)])
@@ -198,7 +186,6 @@ BAD = [
     (lambda x, w: fused_linear(x.int(), w), "x has dtype torch.int32"),
     (lambda x, w: fused_linear(x, w[0]), "weight must be [out_features, in_features]"),
     (lambda x, w: fused_linear(x[:, :8], w), "x's last dim 8 must be in_features = 16"),
-    (lambda x, w: fused_linear(x, w, gated=True), "must be 2 * in_features ([gate | up]) = 32"),
     (lambda x, w: fused_linear(x.expand(MAX_ROWS + 1, 16), w), f"at most {MAX_ROWS} rows"),
     (lambda x, w: fused_linear(x, w.double()), "weight is torch.float64"),
     (lambda x, w: fused_linear(x, w, torch.zeros(3, device=x.device)), "bias must have shape (8,)"),
@@ -209,10 +196,6 @@ BAD = [
     (
         lambda x, w: fused_linear(x, w, residual=torch.zeros(1, 9, device=x.device)),
         "residual must have shape (1, 8)",
-    ),
-    (
-        lambda x, w: fused_linear(torch.zeros(1, 32, device=x.device), w, gated=True, norm=(w[0], 1e-6)),
-        "norm and gated cannot be combined",
     ),
     (lambda x, w: fused_linear(x, w[:7], glu=True), "glu=True needs the weight's rows to be [gate; up] (an "
                                                     "even count), got 7"),
@@ -263,15 +246,6 @@ def test_packed_weights_match_float64_over_their_dequantized_weight(bits, rows, 
     y = fused_linear(x, packed, bias, norm=(gain, 1e-6), residual=res)
     ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), dense.double(), bias.double())
     assert y.shape == (rows, n) and _rel(y, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("bits", [4, 5, 8])
-def test_packed_weights_with_the_gated_input(bits):
-    x, w, _, _, res = _case(2, 24, 64, torch.float32, seed=bits, gated=True)
-    packed, dense = _packed(w, bits, 32)
-    y = fused_linear(x, packed, gated=True, residual=res)
-    ref = res.double() + F.linear((F.silu(x[:, :64]) * x[:, 64:]).double(), dense.double())
-    assert _rel(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -341,10 +315,8 @@ def test_bad_packed_weights_are_refused_with_the_reason(change, message):
 def test_on_a_gpu_the_prologues_round_as_torchs_ops():
     k = 256
     eye = torch.eye(k, device=DEVICE, dtype=torch.bfloat16)
-    x, _, _, gain, _ = _case(4, k, k, torch.bfloat16, seed=11, gated=True)
-    gated = fused_linear(x, eye, gated=True)
-    assert (gated != F.silu(x[:, :k]) * x[:, k:]).float().mean() < 0.01
-    normed = fused_linear(x[:, :k], eye, norm=(gain, 1e-6))
-    assert (normed != _rms(x[:, :k], gain, 1e-6)).float().mean() < 0.01
-    glu = fused_linear(x[:, :k], torch.cat([eye, eye]), glu=True)  # silu(x) * x, rounded as torch's ops
-    assert (glu != F.silu(x[:, :k]) * x[:, :k]).float().mean() < 0.01
+    x, _, _, gain, _ = _case(4, k, k, torch.bfloat16, seed=11)
+    normed = fused_linear(x, eye, norm=(gain, 1e-6))
+    assert (normed != _rms(x, gain, 1e-6)).float().mean() < 0.01
+    glu = fused_linear(x, torch.cat([eye, eye]), glu=True)  # silu(x) * x, rounded as torch's ops
+    assert (glu != F.silu(x) * x).float().mean() < 0.01

@@ -6,7 +6,7 @@ Run from the repository root with PYTHONPATH=src:
     python benchmarks/results/gpu/gemv-packed/packed_sweep.py OUT.json
 
 1. Correctness: relative L2 against float64 over each packed weight's dequantized values (4/5/8 bits, group
-   64), with the norm / gated / residual neighbours; NaN-free.
+   64), with the norm / glu / residual neighbours; NaN-free.
 2. Per call inside a CUDA graph of one call per layer on distinct weights: cuBLAS bf16, ours bf16, ours packed
    at 4/5/8 bits for a few launch configurations, the torch backend; bytes read per call (codes + scales +
    zeros, or the bf16 weight) and their % of the read bandwidth measured in the same run. The issue's rule:
@@ -64,14 +64,14 @@ def check(bits):
     x = torch.randn(1, 2 * k, device=DEV, dtype=torch.bfloat16, generator=gen)
     gain = torch.rand(k, device=DEV, dtype=torch.bfloat16, generator=gen) + 0.5
     res = torch.randn(1, n, device=DEV, dtype=torch.bfloat16, generator=gen)
-    xs = x[:, :k]
+    xs = x[:, :k]  # n = 1000 outputs, or 500 of silu(gate) * up
     normed = gain * (xs.float() * torch.rsqrt(xs.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
-    gated = F.silu(x[:, :k]) * x[:, k:]
+    gate, up = F.linear(xs.double(), dense).chunk(2, dim=-1)
     cases = {
         "plain": (fused_linear(xs, packed), F.linear(xs.double(), dense)),
         "norm": (fused_linear(xs, packed, norm=(gain, 1e-6)), F.linear(normed.double(), dense)),
-        "gated+residual": (fused_linear(x, packed, gated=True, residual=res),
-                           res.double() + F.linear(gated.double(), dense)),
+        "residual": (fused_linear(xs, packed, residual=res), res.double() + F.linear(xs.double(), dense)),
+        "glu": (fused_linear(xs, packed, glu=True), F.silu(gate) * up),
     }  # fmt: skip
     return {name: {"rel_l2": ((y.double() - ref).norm() / ref.norm()).item(),
                    "finite": bool(y.isfinite().all())} for name, (y, ref) in cases.items()}  # fmt: skip

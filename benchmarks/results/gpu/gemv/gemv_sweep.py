@@ -10,7 +10,7 @@ Run from the repository root with PYTHONPATH=src:
 2. Per call inside a CUDA graph of one call per layer on distinct weights (what the decode step replays):
    F.linear alone, then each launch configuration of ours on the plain product; the best configuration per
    shape, and it without programmatic dependent launch (`best_no_pdl_us`; before commit b5c9eb9 the kernel
-   had no PDL); then the fused call (norm / gated / residual) against torch's unfused ops for the same work.
+   had no PDL); then the fused call (norm / residual) against torch's unfused ops for the same work.
    Read GB/s and % of the read floor measured in the same run. The fused call also for the fastest plain
    configurations and a few wider ones (`fused_sweep`). JSON rewritten after every row.
 """
@@ -33,12 +33,12 @@ SHAPES = {
     "qwen3-0.6b qkv": (4096, 1024, "norm", 28),
     "qwen3-0.6b o": (1024, 2048, "residual", 28),
     "qwen3-0.6b gate_up": (6144, 1024, "norm", 28),
-    "qwen3-0.6b down": (1024, 3072, "gated+residual", 28),
+    "qwen3-0.6b down": (1024, 3072, "residual", 28),
     "qwen3-0.6b lm_head": (151936, 1024, "norm", 2),
     "llama3-8b qkv": (6144, 4096, "norm", 16),
     "llama3-8b o": (4096, 4096, "residual", 16),
     "llama3-8b gate_up": (28672, 4096, "norm", 8),
-    "llama3-8b down": (4096, 14336, "gated+residual", 8),
+    "llama3-8b down": (4096, 14336, "residual", 8),
 }
 CONFIGS = [GemvParams(n, k, w) for n in (4, 8, 16, 32) for k in (128, 256, 512, 1024) for w in (4, 8)]
 # one slice of up to 4096 columns (the default for one row against few outputs since 8bcab9b: slice_ab.py)
@@ -60,9 +60,6 @@ def rms(x, g, eps=1e-6):
 
 def torch_fused(x, w, g, res, kind):
     """torch's own ops for the same work (what the unfused step runs)."""
-    if "gated" in kind:
-        k = w.shape[1]
-        x = F.silu(x[..., :k]) * x[..., k:]
     if kind == "norm":
         x = rms(x, g)
     y = F.linear(x, w)
@@ -70,14 +67,13 @@ def torch_fused(x, w, g, res, kind):
 
 
 def ours_fused(x, w, g, res, kind, params=None):
-    return fused_linear(x, w, norm=(g, 1e-6) if kind == "norm" else None, gated="gated" in kind,
+    return fused_linear(x, w, norm=(g, 1e-6) if kind == "norm" else None,
                         residual=res if "residual" in kind else None, params=params)  # fmt: skip
 
 
 def inputs(n, k, kind, rows, layers, seed=0):
     gen = torch.Generator(device=DEV).manual_seed(seed)
-    width = 2 * k if "gated" in kind else k
-    x = torch.randn(rows, width, device=DEV, dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16, generator=gen)
     ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16, generator=gen) / k**0.5 for _ in range(layers)]
     g = torch.rand(k, device=DEV, dtype=torch.bfloat16, generator=gen) + 0.5
     res = torch.randn(rows, n, device=DEV, dtype=torch.bfloat16, generator=gen)
@@ -89,8 +85,6 @@ def check(n, k, kind, rows, params=None):
     ours = ours_fused(x, w, g, res, kind, params)
     mine = torch_fused(x, w, g, res, kind)
     xd = x.double()
-    if "gated" in kind:
-        xd = (F.silu(x[..., :k]) * x[..., k:]).double()
     if kind == "norm":
         xd = rms(x, g).double()
     ref = F.linear(xd, w.double()) + (res.double() if "residual" in kind else 0)
@@ -181,7 +175,7 @@ def main(path):
             doc["checks"].append(
                 {"shape": name, "rows": rows, "params": name_of(p), **check(n, k, kind, rows, p)}
             )
-    for n, k, kind in ((1000, 1000, "norm"), (37, 200, "gated+residual"), (4099, 72, "residual")):
+    for n, k, kind in ((1000, 1000, "norm"), (37, 200, "residual"), (4099, 72, "residual")):
         doc["checks"].append({"shape": f"odd {n}x{k}", "rows": 3, **check(n, k, kind, 3)})
     save(doc, path)
     for name, (n, k, kind, layers) in SHAPES.items():

@@ -10,6 +10,10 @@ Per layer (the two calls) in a CUDA graph of distinct weights, A and B interleav
 checked against float64 first, and A against B bit for bit (the same roundings in the same order).
 
     python benchmarks/results/gpu/gemv/glu_ab.py OUT.json
+
+Ran last at dc4d36c (H100, read-ahead in down): B won on both models (Qwen3-0.6B 10.97 -> 10.60 us, Llama-3-8B
+123.9 -> 120.5; `h100/gemv/glu-ab-20261206-dc4d36c.json`), so `gated` was removed from `fused_linear` after
+that commit: variant A runs at dc4d36c or earlier only.
 """
 
 import json
