@@ -112,8 +112,11 @@ def _gemv_kernel(
     x_rows = X + rows[:, None] * stride_xm
     # The first weight slice does not depend on the previous kernel: with PDL its read starts under that
     # kernel's tail. What a predecessor wrote (x, the residual) is read, and anything stored, after the wait.
-    w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn, stride_zn, BLOCK_K,
-                             BITS, GROUP, SPAN)  # fmt: skip
+    # The slice travels through the loop as read (bytes of codes, scales, zeros), decoded where it is used:
+    # a decoded float32 slice carried across iterations was re-laid out through shared memory (with
+    # barriers) every step (sm_90 SASS, triton 3.6).
+    w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn,
+                                          stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
     if USE_PDL:
         gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
@@ -127,14 +130,16 @@ def _gemv_kernel(
     acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
-            w_now, scale_now = w, scale
-            w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K, stride_wn, stride_sn,
-                                     stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
+            w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K,
+                                                  stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
+                                                  SPAN)  # fmt: skip
         else:
             if k0 > 0:
-                w, scale = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn,
-                                         stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
-            w_now, scale_now = w, scale
+                w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn,
+                                                      stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
+                                                      SPAN)  # fmt: skip
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
         kk = k0 + ks
         k_ok = kk < K
         x_ok = row_ok[:, None] & k_ok[None, :]
@@ -175,44 +180,66 @@ def _silu_times(gate, up):
 def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
                   BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                   SPAN: tl.constexpr):  # fmt: skip
-    """The weight's rows `cols` at input features [k0, k0 + BLOCK_K): `(w, w)` with w `[BLOCK_N, BLOCK_K]` as
-    stored (BITS 16); for packed codes (4/5/8 bits, `PackedWeight`'s format, read as contiguous bytes)
-    `(q - zero, scale)`: the centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales
-    `[BLOCK_N, BLOCK_K // SPAN]` of the slice's groups (SPAN = min(BLOCK_K, GROUP) features a scale)."""
-    n: tl.constexpr = cols.shape[0]
+    """The weight's rows `cols` at input features [k0, k0 + BLOCK_K), as stored: `(w, w, w, w)` with w
+    `[BLOCK_N, BLOCK_K]` (BITS 16); for packed codes (`PackedWeight`'s format, contiguous bytes) `(codes,
+    plane, scale, zero)`: the code bytes (`[BLOCK_N, BLOCK_K]` at 8 bits, two a byte `[BLOCK_N, BLOCK_K / 2]`
+    at 4 and 5), the bytes of 5-bit codes' bit 4 (`[BLOCK_N, BLOCK_K / 8]`; the codes again otherwise), and
+    the slice's groups' scales and zeros `[BLOCK_N, BLOCK_K // SPAN]` (SPAN = min(BLOCK_K, GROUP) features a
+    scale). `_decode_slice` turns them into numbers."""
     rows = W + cols[:, None] * stride_wn
     if BITS == 16:
         kk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
-        scale = w
+        codes = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
+        plane = codes
+        scale = codes
+        zero = codes
     else:
         if BITS == 8:
             kk = k0 + tl.arange(0, BLOCK_K)
-            q = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+            codes = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0)
+            plane = codes
         else:  # two codes a byte: element 2j in the low nibble, 2j+1 in the high one
             pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            byte = tl.load(rows + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :], other=0)
-            even, odd = byte.to(tl.int32) & 15, byte.to(tl.int32) >> 4
-            if BITS == 5:  # bit 4 of element 8j+i is bit i of byte K/2 + j: pair 4j+i's bits 2i and 2i+1
+            codes = tl.load(rows + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :], other=0)
+            plane = codes
+            if BITS == 5:  # bit 4 of element 8j+i is bit i of byte K/2 + j
                 j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 plane_ok = col_ok[:, None] & (j < K // 8)[None, :]
                 plane = tl.load(rows + K // 2 + j[None, :], mask=plane_ok, other=0)
-                plane = tl.reshape(plane.to(tl.int32), [n, BLOCK_K // 8, 1])
-                shift = 2 * tl.arange(0, 4)[None, None, :]
-                even = even | (tl.reshape((plane >> shift) & 1, [n, BLOCK_K // 2]) << 4)
-                odd = odd | (tl.reshape((plane >> (shift + 1)) & 1, [n, BLOCK_K // 2]) << 4)
-            q = tl.interleave(even, odd)
         g = k0 // GROUP + tl.arange(0, BLOCK_K // SPAN)
         g_mask = col_ok[:, None] & (g < K // GROUP)[None, :]
         scale = tl.load(Scales + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0)
-        scale = scale.to(tl.float32)
-        zero = tl.load(Zeros + cols[:, None] * stride_zn + g[None, :], mask=g_mask, other=0).to(tl.int32)
+        zero = tl.load(Zeros + cols[:, None] * stride_zn + g[None, :], mask=g_mask, other=0)
+    return codes, plane, scale, zero
+
+
+@triton.jit
+def _decode_slice(codes, plane, scale, zero, BITS: tl.constexpr, SPAN: tl.constexpr):
+    """`_weight_slice`'s raw slice as numbers: `(w, w)` as stored (BITS 16), else `(q - zero, scale)`: the
+    centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales `[BLOCK_N, groups]`."""
+    if BITS == 16:
+        w, w_scale = codes, codes
+    else:
+        n: tl.constexpr = codes.shape[0]
+        if BITS == 8:
+            q = codes.to(tl.int32)
+        else:
+            even, odd = codes.to(tl.int32) & 15, codes.to(tl.int32) >> 4
+            if BITS == 5:  # pair 4j+i's high bits are bits 2i and 2i+1 of plane byte j
+                half: tl.constexpr = codes.shape[1]
+                bits4 = tl.reshape(plane.to(tl.int32), [n, half // 4, 1])
+                shift = 2 * tl.arange(0, 4)[None, None, :]
+                even = even | (tl.reshape((bits4 >> shift) & 1, [n, half]) << 4)
+                odd = odd | (tl.reshape((bits4 >> (shift + 1)) & 1, [n, half]) << 4)
+            q = tl.interleave(even, odd)
+        width: tl.constexpr = q.shape[1]
         # q - zero, exact, without an int-to-float conversion per code (a quarter-rate instruction on Hopper,
         # which bounded the packed kernel): a code c < 2^23 OR-ed into 2^23's bits is the float 2^23 + c,
         # so (2^23 + q) - (2^23 + zero) is q - zero in one float subtraction.
-        codes = tl.reshape(_magic_float(q), [n, BLOCK_K // SPAN, SPAN])
-        w = tl.reshape(codes - _magic_float(zero)[:, :, None], [n, BLOCK_K])
-    return w, scale
+        centered = tl.reshape(_magic_float(q), [n, width // SPAN, SPAN])
+        centered = centered - _magic_float(zero.to(tl.int32))[:, :, None]
+        w, w_scale = tl.reshape(centered, [n, width]), scale.to(tl.float32)
+    return w, w_scale
 
 
 @triton.jit

@@ -10,6 +10,8 @@ The 8-bit step ran at 0.95x bf16 (161.9 tok/s, H100, dc4d36c) with `default_para
 other sets 10-25% faster on o and down. Each set is checked against the float64 product over the dequantized
 weight (relative L2), then timed per call in a CUDA graph of one call per layer on distinct weights; % of the
 read bandwidth measured in the same run. JSON rewritten after every row; a short table at the end.
+`gemv_6017f1f.py` beside it is the kernel before the packed slice was carried through the loop as read
+(decoded where used): its sets in BEFORE are timed in the same process, cells named `before <set>`.
 """
 
 import json
@@ -25,6 +27,9 @@ from attnforge.bench import timing
 from attnforge.environment import environment_report
 from attnforge.kernels.gemv import GemvParams, PackedWeight, default_params, fused_linear
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gemv_6017f1f as before  # noqa: E402 - the kernel before, beside this script
+
 DEV = "cuda"
 GROUP = 64
 EPS = 1e-5
@@ -38,6 +43,7 @@ SHAPES = {
 SETS = [(4, 1024, 4, False), (8, 1024, 4, False), (8, 512, 4, False), (16, 512, 8, False),
         (4, 1024, 4, True), (8, 1024, 4, True), (8, 512, 4, True), (4, 2048, 8, True), (8, 2048, 8, True),
         (16, 1024, 8, True), (4, 512, 2, True), (2, 2048, 4, True)]  # fmt: skip
+BEFORE = [(4, 1024, 4, False), (8, 1024, 4, False), (8, 512, 4, False), (16, 512, 8, False)]
 
 
 def packed_layers(n, k, bits, layers, seed=0):
@@ -53,12 +59,12 @@ def nbytes(packed: PackedWeight) -> int:
     return sum(t.numel() * t.element_size() for t in (packed.codes, packed.scales, packed.zeros))
 
 
-def call_for(form, x, packed, gain, res, params):
+def call_for(form, x, packed, gain, res, params, linear=fused_linear):
     if form == "norm":
-        return lambda: fused_linear(x, packed, norm=(gain, EPS), params=params)
+        return lambda: linear(x, packed, norm=(gain, EPS), params=params)
     if form == "glu":
-        return lambda: fused_linear(x, packed, norm=(gain, EPS), glu=True, params=params)
-    return lambda: fused_linear(x, packed, residual=res, params=params)
+        return lambda: linear(x, packed, norm=(gain, EPS), glu=True, params=params)
+    return lambda: linear(x, packed, residual=res, params=params)
 
 
 def expected(form, x, packed, gain, res):
@@ -92,18 +98,24 @@ def shape_row(name, n, k, layers, form, bits, floor):
         "sets": {},
         "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}",
     }
-    for bn, bk, warps, ahead in SETS:
-        label = f"{bn}x{bk}w{warps}{'a' if ahead else ''}"
-        p = GemvParams(bn, bk, warps, ahead=ahead)
+    runs = [(s, fused_linear, GemvParams, "") for s in SETS]
+    runs += [(s, before.fused_linear, before.GemvParams, "before ") for s in BEFORE]
+    for (bn, bk, warps, ahead), linear, params_type, tag in runs:
+        label = f"{tag}{bn}x{bk}w{warps}{'a' if ahead else ''}"
+        p = params_type(bn, bk, warps, ahead=ahead)
+        if tag:  # the earlier kernel reads the earlier PackedWeight type
+            packed = [before.PackedWeight(w.codes, w.scales, w.zeros, w.bits, w.group_size) for w in packed]
         try:
-            y = call_for(form, x, packed[0], gain, res, p)()
+            y = call_for(form, x, packed[0], gain, res, p, linear)()
             rel = ((y.double() - ref).norm() / ref.norm()).item()
             if not (rel < 2e-2 and y.isfinite().all()):
                 row["sets"][label] = f"incorrect (rel L2 {rel:.2e})"
                 continue
             us = statistics.median(
                 timing.time_graph_per_call(
-                    lambda i, p=p: call_for(form, x, packed[i], gain, res, p), layers=layers, reps=40
+                    lambda i, p=p, f=linear, ws=packed: call_for(form, x, ws[i], gain, res, p, f),
+                    layers=layers,
+                    reps=40,
                 )
             )
             row["sets"][label] = {
@@ -120,7 +132,7 @@ def main(path):
     doc = {"environment": environment_report(), "read_gbps": timing.measure_read_bandwidth() / 1e9,
            "group_size": GROUP, "rows": []}  # fmt: skip
     floor = doc["read_gbps"] * 1e9
-    for bits in (8, 5):
+    for bits in (8,):
         for name, (n, k, layers, form) in SHAPES.items():
             row = shape_row(name, n, k, layers, form, bits, floor)
             doc["rows"].append(row)
