@@ -127,7 +127,10 @@ def _gemv_kernel(
             x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
             squares += x.to(tl.float32) * x.to(tl.float32)
         inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
-    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    if BITS == 16:
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    else:  # a sum per group of the slice, added up once after the loop (not across warps every step)
+        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // SPAN], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
             w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
@@ -155,6 +158,8 @@ def _gemv_kernel(
                 acc += tl.dot(x, tl.trans(w_now))
         else:
             acc += _slice_product(x.to(tl.float32), w_now, scale_now, BITS, SPAN)
+    if BITS != 16:
+        acc = tl.sum(acc, axis=2)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
@@ -250,17 +255,19 @@ def _magic_float(c):
 
 @triton.jit
 def _slice_product(x, w, scale, BITS: tl.constexpr, SPAN: tl.constexpr):
-    """`[ROWS, BLOCK_N]`: x `[ROWS, BLOCK_K]` (float32) times the slice from `_weight_slice`; for packed
-    codes `sum over groups of scale * (x . (q - zero))` in float32 (the weight is never rounded to the
-    working dtype: no dequantized copy exists)."""
+    """`[ROWS, BLOCK_N]`: x `[ROWS, BLOCK_K]` (float32) times the slice from `_decode_slice`; for packed
+    codes `[ROWS, BLOCK_N, groups]`: `scale * (x . (q - zero))` per group in float32 (the weight is never
+    rounded to the working dtype: no dequantized copy exists)."""
     if BITS == 16:
-        return tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    rows: tl.constexpr = x.shape[0]
-    n: tl.constexpr = w.shape[0]
-    per: tl.constexpr = w.shape[1] // SPAN
-    x3 = tl.reshape(x, [rows, 1, per, SPAN])
-    dots = tl.sum(x3 * tl.reshape(w, [1, n, per, SPAN]), axis=3)  # [ROWS, BLOCK_N, groups]
-    return tl.sum(dots * scale[None, :, :], axis=2)
+        product = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        rows: tl.constexpr = x.shape[0]
+        n: tl.constexpr = w.shape[0]
+        per: tl.constexpr = w.shape[1] // SPAN
+        x3 = tl.reshape(x, [rows, 1, per, SPAN])
+        dots = tl.sum(x3 * tl.reshape(w, [1, n, per, SPAN]), axis=3)  # [ROWS, BLOCK_N, groups]
+        product = dots * scale[None, :, :]
+    return product
 
 
 # One row against few output columns (N <= this) reads a K of up to 4096 in one slice.
