@@ -125,7 +125,39 @@ def shape_row(name, n, k, layers, form, bits, floor):
             }
         except Exception as error:  # noqa: BLE001 - a set that fails to compile or launch is reported
             row["sets"][label] = repr(error)[:160]
+    row["plain_products"] = plain_products(x, n, k, layers, floor)
     return row
+
+
+def plain_products(x, n, k, layers, floor):
+    """Unfused references for the same weight shape: cuBLAS bf16, and core torch's int8 weight-only product
+    (`torch._weight_int8pack_mm`: per-output-channel scales, no groups), per call in the same graphs."""
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    dense = [
+        torch.randn(n, k, device=DEV, dtype=torch.bfloat16, generator=gen) / k**0.5 for _ in range(layers)
+    ]
+    codes = [
+        torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8, generator=gen) for _ in range(layers)
+    ]
+    scales = [torch.rand(n, device=DEV, dtype=torch.bfloat16, generator=gen) / 127 for _ in range(layers)]
+    cells = {
+        "cublas_bf16": (lambda i: lambda: F.linear(x, dense[i]), n * k * 2),
+        "torch_int8pack": (
+            lambda i: lambda: torch._weight_int8pack_mm(x, codes[i], scales[i]),
+            n * k + 2 * n,
+        ),
+    }
+    out = {}
+    for name, (make, nbytes) in cells.items():
+        try:
+            us = statistics.median(timing.time_graph_per_call(make, layers=layers, reps=40))
+            out[name] = {"us": us, "pct_floor": 100 * nbytes / (us * 1e-6) / floor}
+        except Exception as error:  # noqa: BLE001 - a path this torch does not run on this GPU is reported
+            out[name] = repr(error)[:160]
+    ref = (x.double() @ codes[0].double().T) * scales[0].double()
+    got = torch._weight_int8pack_mm(x, codes[0], scales[0]).double()
+    out["torch_int8pack_rel_l2"] = ((got - ref).norm() / ref.norm()).item()
+    return out
 
 
 def main(path):
@@ -146,6 +178,7 @@ def main(path):
             cells = " ".join(f"{s} {t:.1f}" for s, t in timed.items())
             default_us = timed.get(row["default"], float("nan"))
             pct = row["sets"][best]["pct_floor"]
+            print(f"   unfused: {row['plain_products']}", flush=True)
             print(f"{bits}bit {name:18s} default {row['default']} {default_us:.1f} | best {best} "
                   f"{timed[best]:.1f} ({pct:.0f}%) | {cells}", flush=True)  # fmt: skip
     bad = [(r["shape"], r["bits"], s, c) for r in doc["rows"] for s, c in r["sets"].items()
