@@ -23,7 +23,7 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 
 def compile_kernel(bits: int, norm: bool):
     kernel = gemv._gemv_kernel
-    constants = dict(ROWS=1, BLOCK_N=4, BLOCK_K=1024, NORM=norm, GATED=False, HAS_BIAS=False, HAS_RES=False,
+    constants = dict(ROWS=1, BLOCK_N=4, BLOCK_K=1024, NORM=norm, HAS_BIAS=False, HAS_RES=False,
                      USE_PDL=True, DOT=False, FP32_DOT=False, GLU=False, AHEAD=False, BITS=bits,
                      GROUP=64 if bits != 16 else 1, SPAN=64 if bits != 16 else 1)  # fmt: skip
     weight = "*bf16" if bits == 16 else "*u8"

@@ -29,7 +29,7 @@ def compile_kernel(rows, block_n, block_k, warps, bits=16, dot=False, ahead=Fals
     kernel = gemv._gemv_kernel
     packed = bits != 16
     constants = dict(ROWS=max(16 if dot else 1, rows), BLOCK_N=block_n, BLOCK_K=block_k, NORM=False,
-                     GATED=False, HAS_BIAS=False, HAS_RES=False, USE_PDL=True, DOT=dot, FP32_DOT=False,
+                     HAS_BIAS=False, HAS_RES=False, USE_PDL=True, DOT=dot, FP32_DOT=False,
                      GLU=False, AHEAD=ahead, BITS=bits, GROUP=64 if packed else 1,
                      SPAN=64 if packed else 1)  # fmt: skip
     types = {"X": "*bf16", "W": "*u8" if packed else "*bf16", "Bias": "*bf16", "Gain": "*bf16",
@@ -67,7 +67,9 @@ def loop_counts(compiled) -> list[tuple[int, collections.Counter]]:
 CASES = [  # (label, rows, block_n, block_k, warps, bits, dot, ahead)
     ("bf16, 1 row", 1, 4, 2048, 8, 16, False, False),
     ("4-bit, 1 row", 1, 4, 1024, 4, 4, False, False),
+    ("5-bit, 1 row", 1, 4, 1024, 4, 5, False, False),
     ("8-bit, 1 row", 1, 4, 1024, 4, 8, False, False),
+    ("8-bit, 1 row, ahead", 1, 8, 1024, 4, 8, False, True),
     ("bf16, 8 rows", 8, 4, 1024, 4, 16, False, False),
     ("bf16, 8 rows, tensor cores", 8, 32, 512, 8, 16, True, False),
     ("bf16, 8 rows, tensor cores, ahead", 8, 32, 512, 8, 16, True, True),
