@@ -3,7 +3,10 @@
 instructions between the loop's backward branch and its target, over the weights a thread handles per loop
 step. Run from the repository root:
 
-    PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/gemv-packed/sass_loop.py
+    PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/gemv-packed/sass_loop.py [--packed-only]
+
+With another commit's `src` first on PYTHONPATH it counts that commit's kernel (constants the kernel does not
+take are left out; an older kernel's `GATED` is set False); `--packed-only`: the 8-bit one-row case only.
 """
 
 import collections
@@ -31,7 +34,8 @@ def compile_kernel(rows, block_n, block_k, warps, bits=16, dot=False, ahead=Fals
     constants = dict(ROWS=max(16 if dot else 1, rows), BLOCK_N=block_n, BLOCK_K=block_k, NORM=False,
                      HAS_BIAS=False, HAS_RES=False, USE_PDL=True, DOT=dot, FP32_DOT=False,
                      GLU=False, AHEAD=ahead, BITS=bits, GROUP=64 if packed else 1,
-                     SPAN=64 if packed else 1)  # fmt: skip
+                     SPAN=64 if packed else 1, GATED=False)  # fmt: skip
+    constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     types = {"X": "*bf16", "W": "*u8" if packed else "*bf16", "Bias": "*bf16", "Gain": "*bf16",
              "Res": "*bf16", "Y": "*bf16", "Scales": "*bf16",
              "Zeros": "*u8" if packed else "*bf16"}  # fmt: skip
@@ -77,13 +81,14 @@ CASES = [  # (label, rows, block_n, block_k, warps, bits, dot, ahead)
 
 
 def main():
-    for label, rows, block_n, block_k, warps, bits, dot, ahead in CASES:
+    cases = [case for case in CASES if case[0] == "8-bit, 1 row"] if "--packed-only" in sys.argv else CASES
+    for label, rows, block_n, block_k, warps, bits, dot, ahead in cases:
         compiled = compile_kernel(rows, block_n, block_k, warps, bits, dot, ahead)
         weights = block_n * block_k / (32 * warps)
         for count, ops in loop_counts(compiled):
             print(f"{label:36s} {block_n}x{block_k}w{warps} {registers(compiled)}: loop {count} instr., "
                   f"{weights:.0f} weights a thread -> {count / weights:.1f} a weight; "
-                  f"{', '.join(f'{op} {n}' for op, n in ops.most_common(8))}")  # fmt: skip
+                  f"{', '.join(f'{op} {n}' for op, n in ops.most_common(12))}")  # fmt: skip
 
 
 if __name__ == "__main__":
