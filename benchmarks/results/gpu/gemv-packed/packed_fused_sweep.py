@@ -5,13 +5,13 @@ Run from the repository root with PYTHONPATH=src:
 
     python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json
 
-The 8-bit step ran at 0.95x bf16 (161.9 tok/s, H100, dc4d36c) with `default_params`' packed choice
-(4 x 1024, 4 warps, no read-ahead) where the plain-product sweep (packed-sweep-20261206-cd6290d.json) had
-other sets 10-25% faster on o and down. Each set is checked against the float64 product over the dequantized
-weight (relative L2), then timed per call in a CUDA graph of one call per layer on distinct weights; % of the
-read bandwidth measured in the same run. JSON rewritten after every row; a short table at the end.
-`gemv_6017f1f.py` beside it is the kernel before the packed slice was carried through the loop as read
-(decoded where used): its sets in BEFORE are timed in the same process, cells named `before <set>`.
+Each set is checked against the float64 product over the dequantized weight (relative L2), then timed per
+call in a CUDA graph of one call per layer on distinct weights; % of the read bandwidth measured in the same
+run. JSON rewritten after every row; a short table at the end. 8-bit sets read the codes as 32-bit words
+(`GemvParams.words`, one row); those labelled `bytes` read them a byte at a time, as the kernel did at
+7a4b8b9 (`packed-fused-sweep-20261206-7a4b8b9.json`: there 8 x 1024 with read-ahead was the fastest set on
+all four products, 54-62% of the read floor). Unfused references per shape: cuBLAS bf16 and core torch's
+int8 weight-only product.
 """
 
 import json
@@ -27,9 +27,6 @@ from attnforge.bench import timing
 from attnforge.environment import environment_report
 from attnforge.kernels.gemv import GemvParams, PackedWeight, default_params, fused_linear
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gemv_6017f1f as before  # noqa: E402 - the kernel before, beside this script
-
 DEV = "cuda"
 GROUP = 64
 EPS = 1e-5
@@ -40,10 +37,14 @@ SHAPES = {
     "gate_up+norm+glu": (28672, 4096, 6, "glu"),
     "down+residual": (4096, 14336, 8, "residual"),
 }
-SETS = [(4, 1024, 4, False), (8, 1024, 4, False), (8, 512, 4, False), (16, 512, 8, False),
-        (4, 1024, 4, True), (8, 1024, 4, True), (8, 512, 4, True), (4, 2048, 8, True), (8, 2048, 8, True),
-        (16, 1024, 8, True), (4, 512, 2, True), (2, 2048, 4, True)]  # fmt: skip
-BEFORE = [(4, 1024, 4, False), (8, 1024, 4, False), (8, 512, 4, False), (16, 512, 8, False)]
+W, B = True, False  # codes read as 32-bit words / a byte at a time
+SETS = {  # bits: (block_n, block_k, warps, ahead, words)
+    8: [(8, 1024, 4, True, W), (4, 1024, 4, False, W), (4, 1024, 4, True, W), (8, 1024, 4, False, W),
+        (16, 1024, 4, True, W), (4, 2048, 8, True, W), (8, 2048, 8, True, W), (8, 512, 4, True, W),
+        (16, 512, 4, True, W), (2, 2048, 4, True, W), (16, 1024, 8, True, W),
+        (8, 1024, 4, True, B), (4, 1024, 4, False, B)],
+    5: [(8, 1024, 4, True, W), (4, 1024, 4, False, W), (4, 1024, 4, True, W), (8, 1024, 4, False, W)],
+}  # fmt: skip
 
 
 def packed_layers(n, k, bits, layers, seed=0):
@@ -59,12 +60,12 @@ def nbytes(packed: PackedWeight) -> int:
     return sum(t.numel() * t.element_size() for t in (packed.codes, packed.scales, packed.zeros))
 
 
-def call_for(form, x, packed, gain, res, params, linear=fused_linear):
+def call_for(form, x, packed, gain, res, params):
     if form == "norm":
-        return lambda: linear(x, packed, norm=(gain, EPS), params=params)
+        return lambda: fused_linear(x, packed, norm=(gain, EPS), params=params)
     if form == "glu":
-        return lambda: linear(x, packed, norm=(gain, EPS), glu=True, params=params)
-    return lambda: linear(x, packed, residual=res, params=params)
+        return lambda: fused_linear(x, packed, norm=(gain, EPS), glu=True, params=params)
+    return lambda: fused_linear(x, packed, residual=res, params=params)
 
 
 def expected(form, x, packed, gain, res):
@@ -96,24 +97,21 @@ def shape_row(name, n, k, layers, form, bits, floor):
         "K": k,
         "mb": nbytes(packed[0]) / 1e6,
         "sets": {},
-        "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}",
+        "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}"
+        + ("" if default.words else " bytes"),
     }
-    runs = [(s, fused_linear, GemvParams, "") for s in SETS]
-    runs += [(s, before.fused_linear, before.GemvParams, "before ") for s in BEFORE]
-    for (bn, bk, warps, ahead), linear, params_type, tag in runs:
-        label = f"{tag}{bn}x{bk}w{warps}{'a' if ahead else ''}"
-        p = params_type(bn, bk, warps, ahead=ahead)
-        if tag:  # the earlier kernel reads the earlier PackedWeight type
-            packed = [before.PackedWeight(w.codes, w.scales, w.zeros, w.bits, w.group_size) for w in packed]
+    for bn, bk, warps, ahead, words in SETS[bits]:
+        label = f"{bn}x{bk}w{warps}{'a' if ahead else ''}{'' if words else ' bytes'}"
+        p = GemvParams(bn, bk, warps, ahead=ahead, words=words)
         try:
-            y = call_for(form, x, packed[0], gain, res, p, linear)()
+            y = call_for(form, x, packed[0], gain, res, p)()
             rel = ((y.double() - ref).norm() / ref.norm()).item()
             if not (rel < 2e-2 and y.isfinite().all()):
                 row["sets"][label] = f"incorrect (rel L2 {rel:.2e})"
                 continue
             us = statistics.median(
                 timing.time_graph_per_call(
-                    lambda i, p=p, f=linear, ws=packed: call_for(form, x, ws[i], gain, res, p, f),
+                    lambda i, p=p: call_for(form, x, packed[i], gain, res, p),
                     layers=layers,
                     reps=40,
                 )
@@ -125,7 +123,8 @@ def shape_row(name, n, k, layers, form, bits, floor):
             }
         except Exception as error:  # noqa: BLE001 - a set that fails to compile or launch is reported
             row["sets"][label] = repr(error)[:160]
-    row["plain_products"] = plain_products(x, n, k, layers, floor)
+    if bits == 8:
+        row["plain_products"] = plain_products(x, n, k, layers, floor)
     return row
 
 
@@ -164,7 +163,7 @@ def main(path):
     doc = {"environment": environment_report(), "read_gbps": timing.measure_read_bandwidth() / 1e9,
            "group_size": GROUP, "rows": []}  # fmt: skip
     floor = doc["read_gbps"] * 1e9
-    for bits in (8,):
+    for bits in (8, 5):
         for name, (n, k, layers, form) in SHAPES.items():
             row = shape_row(name, n, k, layers, form, bits, floor)
             doc["rows"].append(row)
@@ -178,7 +177,7 @@ def main(path):
             cells = " ".join(f"{s} {t:.1f}" for s, t in timed.items())
             default_us = timed.get(row["default"], float("nan"))
             pct = row["sets"][best]["pct_floor"]
-            print(f"   unfused: {row['plain_products']}", flush=True)
+            print(f"   unfused: {row.get('plain_products')}", flush=True)
             print(f"{bits}bit {name:18s} default {row['default']} {default_us:.1f} | best {best} "
                   f"{timed[best]:.1f} ({pct:.0f}%) | {cells}", flush=True)  # fmt: skip
     bad = [(r["shape"], r["bits"], s, c) for r in doc["rows"] for s, c in r["sets"].items()
