@@ -4,8 +4,6 @@ On a GPU the kernel rounds as torch does (round to nearest even), so most output
 bit; the Triton interpreter truncates when it narrows to 16 bits, so on CPU the checks are relative errors.
 """
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,27 +135,28 @@ def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
 
 
 @pytest.mark.parametrize(
-    ("rows", "n", "k", "packed", "expected"),
+    ("rows", "n", "k", "bits", "expected"),
     [
-        (1, 1024, 2048, False, GemvParams(4, 2048, 4)),  # Qwen3-0.6B's o: one slice
-        (1, 1024, 3072, False, GemvParams(4, 4096, 8)),  # its down
-        (1, 1024, 1024, False, GemvParams(4, 1024, 4)),  # one slice already
-        (1, 6144, 4096, False, GemvParams(4, 2048, 8, ahead=True)),  # Llama-3-8B q/k/v: read ahead
-        (1, 4096, 14336, False, GemvParams(4, 2048, 8, ahead=True)),  # its down
-        (1, 1024, 14336, False, GemvParams(4, 2048, 8, ahead=True)),  # too wide for one slice
-        (1, 6144, 1024, False, GemvParams(16, 1024, 4)),  # Qwen3-0.6B's gate/up: 16 columns a program
-        (1, 4096, 1024, False, GemvParams(4, 1024, 4)),  # its q/k/v
-        (1, 151936, 1024, False, GemvParams(4, 1024, 4)),  # its LM head
-        (1, 1024, 2048, True, GemvParams(8, 1024, 4, ahead=True)),  # packed codes, one row
-        (2, 1024, 2048, True, GemvParams(4, 1024, 4)),  # several rows: their own registers
-        (8, 1024, 2048, False, GemvParams(4, 1024, 4)),
-        (16, 1024, 2048, False, GemvParams(4, 512, 4)),
+        (1, 1024, 2048, 16, GemvParams(4, 2048, 4)),  # Qwen3-0.6B's o: one slice
+        (1, 1024, 3072, 16, GemvParams(4, 4096, 8)),  # its down
+        (1, 1024, 1024, 16, GemvParams(4, 1024, 4)),  # one slice already
+        (1, 6144, 4096, 16, GemvParams(4, 2048, 8, ahead=True)),  # Llama-3-8B q/k/v: read ahead
+        (1, 4096, 14336, 16, GemvParams(4, 2048, 8, ahead=True)),  # its down
+        (1, 1024, 14336, 16, GemvParams(4, 2048, 8, ahead=True)),  # too wide for one slice
+        (1, 6144, 1024, 16, GemvParams(16, 1024, 4)),  # Qwen3-0.6B's gate/up: 16 columns a program
+        (1, 4096, 1024, 16, GemvParams(4, 1024, 4)),  # its q/k/v
+        (1, 151936, 1024, 16, GemvParams(4, 1024, 4)),  # its LM head
+        (1, 1024, 2048, 8, GemvParams(8, 1024, 4, ahead=True)),  # packed codes, one row
+        (1, 1024, 2048, 5, GemvParams(4, 1024, 4, ahead=True)),
+        (1, 1024, 2048, 4, GemvParams(4, 1024, 4)),
+        (2, 1024, 2048, 8, GemvParams(4, 1024, 4)),  # several rows: their own registers
+        (8, 1024, 2048, 16, GemvParams(4, 1024, 4)),
+        (16, 1024, 2048, 16, GemvParams(4, 512, 4)),
     ],
 )
-def test_default_launch_parameters_by_shape(monkeypatch, rows, n, k, packed, expected):
-
+def test_default_launch_parameters_by_shape(monkeypatch, rows, n, k, bits, expected):
     monkeypatch.setattr(gemv, "triton_interpret", lambda: False)
-    assert gemv.default_params(rows, n, k, packed) == expected
+    assert gemv.default_params(rows, n, k, bits) == expected
 
 
 @pytest.mark.parametrize("pdl", [True, False])
@@ -248,38 +247,6 @@ def test_packed_weights_match_float64_over_their_dequantized_weight(bits, rows, 
     y = fused_linear(x, packed, bias, norm=(gain, 1e-6), residual=res)
     ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), dense.double(), bias.double())
     assert y.shape == (rows, n) and _rel(y, ref) < TOL[dtype]
-
-
-WORD_PARAMS = [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(2, 256, 4, ahead=True),
-               GemvParams(16, 32, 4, ahead=True)]  # fmt: skip
-
-
-@pytest.mark.parametrize("params", WORD_PARAMS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_rows_8bit_codes_read_as_words_match_float64_and_the_byte_path(params, dtype):
-    """One row of 8-bit codes is read as 32-bit words (four codes each): with its norm and residual, and as
-    glu; slices narrower than a group and wider than K (192: the last slice runs past it, masked)."""
-    x, w, b, gain, res = _case(1, 42, 192, dtype, seed=5)
-    packed, dense = _packed(w, 8, 64)
-    y = fused_linear(x, packed, b, norm=(gain, 1e-6), residual=res, params=params)
-    ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), dense.double(), b.double())
-    assert _rel(y, ref) < TOL[dtype]
-    in_bytes = dataclasses.replace(params, words=False)
-    bytes_y = fused_linear(x, packed, b, norm=(gain, 1e-6), residual=res, params=in_bytes)
-    assert _rel(y, bytes_y.double()) < TOL[dtype]
-    glu = fused_linear(x, packed, norm=(gain, 1e-6), glu=True, params=params)
-    assert _rel(glu, _glu_ref(x, dense, prologue=lambda x: _rms(x, gain, 1e-6))) < TOL[dtype]
-
-
-def test_8bit_codes_off_a_4_byte_boundary_are_read_a_byte_at_a_time():
-    x, w, b, _, _ = _case(1, 24, 128, torch.float32, seed=6)
-    packed, dense = _packed(w, 8, 32)
-    shifted = torch.empty(packed.codes.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:].view(24, 128)
-    shifted.copy_(packed.codes)
-    assert gemv._word_aligned(packed.codes, 32) and not gemv._word_aligned(shifted, 32)
-    assert not gemv._word_aligned(packed.codes, 2)  # a group of two codes is half a word
-    moved = dataclasses.replace(packed, codes=shifted)
-    assert _rel(fused_linear(x, moved, b), F.linear(x.double(), dense.double(), b.double())) < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,6 @@ class GemvParams:
     pdl: bool = True
     dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
     ahead: bool = False  # each slice's read asked for one loop step before its product (two slices in flight)
-    words: bool = True  # 8-bit codes, one row: read and decoded as 32-bit words (False: a byte at a time)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -92,7 +91,7 @@ def _gemv_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr,
-    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr, AHEAD: tl.constexpr, WORDS: tl.constexpr,
+    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
         gdc_launch_dependents()
@@ -117,7 +116,7 @@ def _gemv_kernel(
     # a decoded float32 slice carried across iterations was re-laid out through shared memory (with
     # barriers) every step (sm_90 SASS, triton 3.6).
     w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn,
-                                          stride_zn, BLOCK_K, BITS, GROUP, SPAN, WORDS)  # fmt: skip
+                                          stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
     if USE_PDL:
         gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
@@ -130,30 +129,36 @@ def _gemv_kernel(
         inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
     if BITS == 16:
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-    elif WORDS:  # a sum per 4 codes, added up once after the loop
-        acc = tl.zeros([BLOCK_N, BLOCK_K // SPAN, SPAN // 4], tl.float32)
     else:  # a sum per group of the slice, added up once after the loop (not across warps every step)
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // SPAN], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
-            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, WORDS)
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
             w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K,
                                                   stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
-                                                  SPAN, WORDS)  # fmt: skip
+                                                  SPAN)  # fmt: skip
         else:
             if k0 > 0:
                 w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn,
                                                       stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
-                                                      SPAN, WORDS)  # fmt: skip
-            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, WORDS)
-        if WORDS:  # one row; x read as the words' four byte planes ([1, groups, SPAN / 4, 4])
-            acc += _words_product(X, Gain, k0, K, inv, w_now, scale_now, NORM, BLOCK_K, SPAN)
+                                                      SPAN)  # fmt: skip
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
+        kk = k0 + ks
+        k_ok = kk < K
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)
+        if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
+            gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) * inv[:, None]).to(dtype)
+            x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
+        if DOT:  # [ROWS, BLOCK_K] x [BLOCK_K, BLOCK_N] on the tensor cores, accumulated in fp32
+            if FP32_DOT:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w_now.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w_now))
         else:
-            acc += _rows_product(x_rows, Gain, k0, K, ks, row_ok, inv, w_now, scale_now, NORM, DOT, FP32_DOT,
-                                 BITS, SPAN)  # fmt: skip
-    if WORDS:
-        acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), [1, BLOCK_N])
-    elif BITS != 16:
+            acc += _slice_product(x.to(tl.float32), w_now, scale_now, BITS, SPAN)
+    if BITS != 16:
         acc = tl.sum(acc, axis=2)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -177,76 +182,17 @@ def _silu_times(gate, up):
 
 
 @triton.jit
-def _rows_product(x_rows, Gain, k0, K, ks, row_ok, inv, w, scale, NORM: tl.constexpr, DOT: tl.constexpr,
-                  FP32_DOT: tl.constexpr, BITS: tl.constexpr, SPAN: tl.constexpr):  # fmt: skip
-    """The rows of x at [k0, k0 + BLOCK_K) (RMSNorm-ed with `inv` where NORM) times a decoded slice:
-    `[ROWS, BLOCK_N]` (BITS 16) or `[ROWS, BLOCK_N, groups]` (packed; `_slice_product`)."""
-    dtype = x_rows.dtype.element_ty
-    kk = k0 + ks
-    k_ok = kk < K
-    x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
-        gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
-        x = (x.to(tl.float32) * inv[:, None]).to(dtype)
-        x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
-    if DOT:  # [ROWS, BLOCK_K] x [BLOCK_K, BLOCK_N] on the tensor cores, accumulated in fp32
-        if FP32_DOT:
-            product = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            product = tl.dot(x, tl.trans(w))
-    else:
-        product = _slice_product(x.to(tl.float32), w, scale, BITS, SPAN)
-    return product
-
-
-@triton.jit
-def _words_product(X, Gain, k0, K, inv, centered, scale, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPAN: tl.constexpr):  # fmt: skip
-    """One row of x at [k0, k0 + BLOCK_K) (RMSNorm-ed with `inv` where NORM) times `_decode_slice`'s words
-    slice: `[BLOCK_N, groups, SPAN / 4]`, the scaled sums over each word's 4 codes. x is read in the words'
-    shape `[1, groups, SPAN / 4, 4]`, so nothing is re-laid out but the code words."""
-    dtype = X.dtype.element_ty
-    kk = k0 + _word_offsets(BLOCK_K, SPAN)[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]
-    k_ok = kk < K
-    x = tl.load(X + kk, mask=k_ok, other=0.0)
-    if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
-        gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
-        x = (x.to(tl.float32) * tl.reshape(inv, [1, 1, 1, 1])).to(dtype)
-        x = (x.to(tl.float32) * gain.to(tl.float32)).to(dtype)
-    return tl.sum(centered * x.to(tl.float32), axis=3) * scale
-
-
-@triton.jit
-def _word_offsets(BLOCK_K: tl.constexpr, SPAN: tl.constexpr):
-    """`[1, groups, SPAN / 4]`: the index of each 32-bit word of codes in a BLOCK_K-wide slice."""
-    per: tl.constexpr = SPAN // 4
-    return tl.arange(0, BLOCK_K // SPAN)[None, :, None] * per + tl.arange(0, per)[None, None, :]
-
-
-@triton.jit
 def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
                   BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  SPAN: tl.constexpr, WORDS: tl.constexpr):  # fmt: skip
+                  SPAN: tl.constexpr):  # fmt: skip
     """The weight's rows `cols` at input features [k0, k0 + BLOCK_K), as stored: `(w, w, w, w)` with w
     `[BLOCK_N, BLOCK_K]` (BITS 16); for packed codes (`PackedWeight`'s format, contiguous bytes) `(codes,
     plane, scale, zero)`: the code bytes (`[BLOCK_N, BLOCK_K]` at 8 bits, two a byte `[BLOCK_N, BLOCK_K / 2]`
     at 4 and 5), the bytes of 5-bit codes' bit 4 (`[BLOCK_N, BLOCK_K / 8]`; the codes again otherwise), and
     the slice's groups' scales and zeros `[BLOCK_N, BLOCK_K // SPAN]` (SPAN = min(BLOCK_K, GROUP) features a
-    scale). WORDS (8 bits): the codes as 32-bit words `[BLOCK_N, groups, SPAN / 4]` (four codes each, the
-    first in the low byte), scales and zeros `[BLOCK_N, groups, 1]`. `_decode_slice` turns them into
-    numbers."""
+    scale). `_decode_slice` turns them into numbers."""
     rows = W + cols[:, None] * stride_wn
-    if WORDS:
-        cols3, ok3 = cols[:, None, None], col_ok[:, None, None]
-        at = k0 // 4 + _word_offsets(BLOCK_K, SPAN)
-        words = W.to(tl.pointer_type(tl.uint32)) + cols3 * (stride_wn // 4) + at
-        codes = tl.load(words, mask=ok3 & (at < K // 4), other=0)
-        plane = codes
-        g = k0 // GROUP + tl.arange(0, BLOCK_K // SPAN)[None, :, None]
-        g_mask = ok3 & (g < K // GROUP)
-        scale = tl.load(Scales + cols3 * stride_sn + g, mask=g_mask, other=0.0)
-        zero = tl.load(Zeros + cols3 * stride_zn + g, mask=g_mask, other=0)
-    elif BITS == 16:
+    if BITS == 16:
         kk = k0 + tl.arange(0, BLOCK_K)
         codes = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
         plane = codes
@@ -273,16 +219,10 @@ def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, s
 
 
 @triton.jit
-def _decode_slice(codes, plane, scale, zero, BITS: tl.constexpr, SPAN: tl.constexpr, WORDS: tl.constexpr):
+def _decode_slice(codes, plane, scale, zero, BITS: tl.constexpr, SPAN: tl.constexpr):
     """`_weight_slice`'s raw slice as numbers: `(w, w)` as stored (BITS 16), else `(q - zero, scale)`: the
-    centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales `[BLOCK_N, groups]`
-    (WORDS: `[BLOCK_N, groups, SPAN / 4, 4]`, each word's codes in byte order, and `[BLOCK_N, groups, 1]`)."""
-    if WORDS:
-        shifts = 8 * tl.arange(0, 4)[None, None, None, :]
-        q = (codes.to(tl.int32, bitcast=True)[:, :, :, None] >> shifts) & 0xFF
-        w = _magic_float(q) - _magic_float(zero.to(tl.int32))[:, :, :, None]
-        w_scale = scale.to(tl.float32)
-    elif BITS == 16:
+    centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales `[BLOCK_N, groups]`."""
+    if BITS == 16:
         w, w_scale = codes, codes
     else:
         n: tl.constexpr = codes.shape[0]
@@ -334,7 +274,7 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, SPAN: tl.constexpr):
 ONE_SLICE_MAX_N = 2048
 
 
-def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParams:
+def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
     """Launch parameters, from per-call times in 28-layer CUDA graphs on an H100 (GEMV sweeps under
     benchmarks/results/h100/gemv/; the products of Qwen3-0.6B and Llama-3-8B as the accelerator calls them,
     neighbours fused). By default 4 output columns per program (many programs, balanced over the SMs; each
@@ -349,11 +289,16 @@ def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParam
         gate/up 78.9 -> 76.9, down 47.2 -> 40.8; fused with their norms equal; gemv-sweep-20261206d);
       - K <= 1024 against 4096 < N <= 16384 (Qwen3-0.6B's gate/up): 16 columns a program (7.2 -> 6.4 us; its
         q/k/v, N = 4096, and its LM head stay faster at 4).
-    One row of packed codes: 8 columns a program, each slice asked for one step ahead (8-bit, Llama-3-8B's
-    four fused products read a byte at a time: 4 x 1024's 17.7 / 11.7 / 71.9 / 37.0 us -> 16.0 / 10.6 / 66.1
-    / 32.0; `gemv-packed/packed-fused-sweep-20261206-7a4b8b9.json`)."""
+    One row of packed codes (`bits` < 16), each slice asked for one step ahead: 8-bit codes 8 columns a
+    program (Llama-3-8B's four fused products 4 x 1024's 17.7 / 11.7 / 71.9 / 37.0 us -> 16.0 / 10.6 / 66.1
+    / 32.0), 5-bit 4 (19.8 / 13.9 / 81.6 / 45.1 -> 19.0 / 11.8 / 81.0 / 37.1; `gemv-packed/packed-fused-
+    sweep-20261206-*.json`). 4-bit codes (the triton backend's; "auto" gives them to core torch's kernel)
+    keep 4 x 1024, not measured otherwise."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
+    packed = bits != 16
+    if rows == 1 and bits in (5, 8):
+        return GemvParams(block_n=8 if bits == 8 else 4, block_k=1024, num_warps=4, ahead=True)
     if rows == 1 and not packed and k > 1024:
         if n <= ONE_SLICE_MAX_N and k <= 4096:
             block_k = triton.next_power_of_2(k)
@@ -361,8 +306,6 @@ def default_params(rows: int, n: int, k: int, packed: bool = False) -> GemvParam
         return GemvParams(block_n=4, block_k=2048, num_warps=8, ahead=True)
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
-    if rows == 1 and packed:
-        return GemvParams(block_n=8, block_k=1024, num_warps=4, ahead=True)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
@@ -419,12 +362,6 @@ def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
         raise ValueError("codes, scales and zeros must be contiguous in their last dim")
 
 
-def _word_aligned(codes: torch.Tensor, span: int) -> bool:
-    """Whether 8-bit codes can be read as 32-bit words: rows and start on 4-byte boundaries, whole words a
-    group."""
-    return codes.data_ptr() % 4 == 0 and codes.stride(0) % 4 == 0 and span % 4 == 0
-
-
 @functools.lru_cache(maxsize=256)
 def _grid(n: int, block_n: int) -> tuple[int]:
     return (triton.cdiv(n, block_n),)
@@ -450,15 +387,13 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
     if res2 is not None and res2.stride(-1) != 1:
         res2 = res2.contiguous()
     y2 = out.view(rows, n)
-    p = params or default_params(rows, n_weight, k, packed is not None)
+    p = params or default_params(rows, n_weight, k, 16 if packed is None else packed.bits)
     if glu and p.block_n < 2:
         raise ValueError(f"glu=True needs block_n >= 2 (a gate and an up row a program), got {p.block_n}")
     if packed is not None and p.block_k < 16:
         raise ValueError(f"packed weights need block_k >= 16 (whole bytes of codes), got {p.block_k}")
     if packed is not None and p.dot:
         raise ValueError("dot=True multiplies weights as stored; packed weights take the dot=False path")
-    span = 1 if packed is None else min(p.block_k, packed.group_size)
-    words = p.words and rows == 1 and packed is not None and packed.bits == 8 and _word_aligned(w, span)
     dummy = y2
     _gemv_kernel[_grid(n, p.block_n // 2 if glu else p.block_n)](
         x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
@@ -468,7 +403,8 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         ROWS=max(16 if p.dot else 1, triton.next_power_of_2(rows)), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         NORM=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
-        SPAN=span, DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead, WORDS=words,
+        SPAN=1 if packed is None else min(p.block_k, packed.group_size),
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead,
         num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
     )  # fmt: skip
 

@@ -7,11 +7,12 @@ Run from the repository root with PYTHONPATH=src:
 
 Each set is checked against the float64 product over the dequantized weight (relative L2), then timed per
 call in a CUDA graph of one call per layer on distinct weights; % of the read bandwidth measured in the same
-run. JSON rewritten after every row; a short table at the end. 8-bit sets read the codes as 32-bit words
-(`GemvParams.words`, one row); those labelled `bytes` read them a byte at a time, as the kernel did at
-7a4b8b9 (`packed-fused-sweep-20261206-7a4b8b9.json`: there 8 x 1024 with read-ahead was the fastest set on
-all four products, 54-62% of the read floor). Unfused references per shape: cuBLAS bf16 and core torch's
-int8 weight-only product.
+run. JSON rewritten after every row; a short table at the end. Unfused references per 8-bit shape: cuBLAS
+bf16 and core torch's int8 weight-only product. What it found (H100): at 7a4b8b9 against the kernel before
+(`packed-fused-sweep-20261206-7a4b8b9.json`: the slice carried as read is 1.1-1.4x faster; 8 x 1024 with
+read-ahead the fastest 8-bit set on all four products, 54-62% of the read floor); at 20542e6 codes read as
+32-bit words (`packed-fused-sweep-20261206-20542e6.json`: slower than bytes on q/k/v and o, at most 9%
+faster on down, though 30% fewer instructions a loop step offline; dropped) and the 5-bit sets.
 """
 
 import json
@@ -37,13 +38,10 @@ SHAPES = {
     "gate_up+norm+glu": (28672, 4096, 6, "glu"),
     "down+residual": (4096, 14336, 8, "residual"),
 }
-W, B = True, False  # codes read as 32-bit words / a byte at a time
-SETS = {  # bits: (block_n, block_k, warps, ahead, words)
-    8: [(8, 1024, 4, True, W), (4, 1024, 4, False, W), (4, 1024, 4, True, W), (8, 1024, 4, False, W),
-        (16, 1024, 4, True, W), (4, 2048, 8, True, W), (8, 2048, 8, True, W), (8, 512, 4, True, W),
-        (16, 512, 4, True, W), (2, 2048, 4, True, W), (16, 1024, 8, True, W),
-        (8, 1024, 4, True, B), (4, 1024, 4, False, B)],
-    5: [(8, 1024, 4, True, W), (4, 1024, 4, False, W), (4, 1024, 4, True, W), (8, 1024, 4, False, W)],
+SETS = {  # bits: (block_n, block_k, warps, ahead)
+    8: [(8, 1024, 4, True), (4, 1024, 4, False), (4, 1024, 4, True), (16, 1024, 4, True), (16, 512, 4, True),
+        (8, 512, 4, True)],
+    5: [(4, 1024, 4, True), (8, 1024, 4, True), (4, 1024, 4, False), (2, 1024, 4, True)],
 }  # fmt: skip
 
 
@@ -89,7 +87,7 @@ def shape_row(name, n, k, layers, form, bits, floor):
     res = torch.randn(1, out_n, device=DEV, dtype=torch.bfloat16, generator=gen)
     packed = packed_layers(n, k, bits, layers, seed=bits)
     ref = expected(form, x, packed[0], gain, res)
-    default = default_params(1, n, k, packed=True)
+    default = default_params(1, n, k, bits)
     row = {
         "shape": name,
         "bits": bits,
@@ -97,12 +95,11 @@ def shape_row(name, n, k, layers, form, bits, floor):
         "K": k,
         "mb": nbytes(packed[0]) / 1e6,
         "sets": {},
-        "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}"
-        + ("" if default.words else " bytes"),
+        "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}",
     }
-    for bn, bk, warps, ahead, words in SETS[bits]:
-        label = f"{bn}x{bk}w{warps}{'a' if ahead else ''}{'' if words else ' bytes'}"
-        p = GemvParams(bn, bk, warps, ahead=ahead, words=words)
+    for bn, bk, warps, ahead in SETS[bits]:
+        label = f"{bn}x{bk}w{warps}{'a' if ahead else ''}"
+        p = GemvParams(bn, bk, warps, ahead=ahead)
         try:
             y = call_for(form, x, packed[0], gain, res, p)()
             rel = ((y.double() - ref).norm() / ref.norm()).item()
