@@ -71,11 +71,29 @@ def test_tune_target_checks_every_candidate_against_the_oracle():
     assert "speedup" not in row  # nothing is timed without a GPU
 
 
+def test_a_padded_batch_of_prompts_is_tuned_with_its_lengths_and_torchs_paths_for_it():
+    """Padded prompts (q_lens = kv_lens, drawn as the bench draws them; poisoned padding): the kernel and
+    torch's paths checked on them, the padded rows torch leaves undefined zeroed for its check."""
+    grid = [t for t in targets.prefill_grid() if t.padded]
+    assert {t.bucket for t in grid} == {"d128-rows512k-kv2k-lens", "d128-rows512k-kv1k-lens"}
+    target = targets.Target("prefill", 3, 4, 2, 40, 40, 64, "float32", padded=True)
+    case = targets.make_case(target, CPU, 0)
+    assert case.q_lens.tolist() == case.kv_lens.tolist() and case.q_lens[0] == 40 and min(case.q_lens) < 40
+    assert target.bucket.endswith("-lens") and target.label.endswith("padded")
+    assert torch.isnan(case.k[1, :, case.kv_lens[1] :]).any()  # poisoned beyond the valid keys
+    row = tune.tune_target(target, tune.candidates_for(target, CPU, quick=True)[:1], CPU)
+    assert [c["status"] for c in row["candidates"].values()] == ["correct"]
+    assert {c["status"] for c in row["torch"].values()} == {"correct"}
+    assert "flash-per-sequence" in row["torch"]
+    zeros = targets.zero_case(target, CPU)
+    assert zeros.q_lens.tolist() == zeros.kv_lens.tolist() == [40] * 3
+
+
 def test_the_graph_timing_covers_the_winner_its_merges_and_the_runners_up(monkeypatch):
     """`_time_in_graph` (GPU-only) with the graph timing faked on the CPU: each launch's median lands where
     `graph_choice` reads it, and a runner-up that cannot be captured is reported, not fatal."""
     target = targets.Target("decode", 1, 8, 2, 1, 300, 64, "float32")
-    case = tune.make_case(target, CPU, 0)
+    case = targets.make_case(target, CPU, 0)
     candidates = tune.candidates_for(target, CPU, quick=True)
     names = [tune.params_name(p) for p in candidates]
     cells = {

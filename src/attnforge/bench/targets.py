@@ -1,15 +1,19 @@
-"""What `attnforge tune` measures: `Target` (one representative call per tuning bucket) and the target lists
-(a model's buckets, or a preset grid: decode-grid, decode-lens, prefill-grid)."""
+"""What `attnforge tune` measures: `Target` (one representative call per tuning bucket), the target lists
+(a model's buckets, or a preset grid: decode-grid, decode-lens, prefill-grid), and each target's inputs and
+calls: the needle case, the kernel's launch, torch's paths for the same call, the check against the oracle."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from attnforge import verify
 from attnforge.bench import presets
-from attnforge.bench.providers import DTYPES
+from attnforge.bench.providers import DTYPES, BenchConfig, zero_padded_rows
 from attnforge.config import AttentionConfig
 
 # 8k: the accelerator's static cache at a 4k prompt (4k valid keys of a buffer in the 8k bucket).
@@ -20,7 +24,8 @@ MODEL_PROMPTS = (128, 512, 2048)
 @dataclass(frozen=True)
 class Target:
     """One call to tune: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]`; `valid` = kv_lens (a static cache or a
-    ragged batch: keys beyond them hold NaN/Inf), else every key is valid."""
+    ragged batch: keys beyond them hold NaN/Inf), else every key is valid; `padded`: a padded batch of prompts
+    (Lq == Lkv), whose lengths (q_lens = kv_lens) the case draws as `attnforge bench kernels` does."""
 
     kind: str
     batch: int
@@ -31,6 +36,7 @@ class Target:
     head_dim: int
     dtype: str = "bfloat16"
     valid: tuple[int, ...] | None = None
+    padded: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -43,7 +49,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        lens = "" if self.valid is None else f" valid={_lens_text(self.valid)}"
+        lens = " padded" if self.padded else "" if self.valid is None else f" valid={_lens_text(self.valid)}"
         return (f"{self.kind} B={self.batch} {self.num_heads}:{self.num_kv_heads} Lq={self.q_len} "
                 f"Lkv={self.kv_len} d{self.head_dim} {self.dtype}{lens}")  # fmt: skip
 
@@ -57,8 +63,14 @@ class Target:
             return decode_bucket(self.batch, self.kv_len, group, self.q_len, self.head_dim, lens)
         from attnforge.kernels.prefill import prefill_bucket
 
+        lens = self.valid is not None or self.padded
         return prefill_bucket(self.batch, self.num_heads, self.q_len, self.kv_len, self.head_dim,
-                              self.torch_dtype, self.valid is not None)  # fmt: skip
+                              self.torch_dtype, lens, self.padded)  # fmt: skip
+
+    def bench_config(self) -> BenchConfig:
+        """The same call as a row of `attnforge bench kernels` (its protocol cases)."""
+        sizes = (self.batch, self.num_heads, self.num_kv_heads, self.q_len, self.kv_len, self.head_dim)
+        return BenchConfig(*sizes, dtype=self.dtype, ragged=self.valid is not None, padded=self.padded)
 
 
 def _lens_text(lens: tuple[int, ...]) -> str:
@@ -107,10 +119,13 @@ def decode_lens_grid() -> list[Target]:
 
 
 def prefill_grid() -> list[Target]:
-    """The causal and chunked rows of `attnforge bench kernels --preset prefill` (issue 14) as targets."""
-    rows = [c for c in presets.prefill_grid() if not c.padded]
+    """The rows of `attnforge bench kernels --preset prefill` (issue 14) as targets: causal, chunked against a
+    cache, padded batches of prompts."""
     return [
-        Target("prefill", c.batch, c.num_heads, c.num_kv_heads, c.q_len, c.kv_len, c.head_dim) for c in rows
+        Target(
+            "prefill", c.batch, c.num_heads, c.num_kv_heads, c.q_len, c.kv_len, c.head_dim, padded=c.padded
+        )
+        for c in presets.prefill_grid()
     ]
 
 
@@ -119,3 +134,113 @@ PRESETS: dict[str, Callable[[], list[Target]]] = {
     "decode-lens": decode_lens_grid,
     "prefill-grid": prefill_grid,
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs, calls, correctness
+
+
+def make_case(target: Target, device, seed: int) -> verify.Case:
+    """The target's needle case (the needle at the last visible key); keys beyond `valid` are NaN/Inf. A
+    padded batch: `attnforge bench kernels`' needle case of the row (lengths drawn from `seed`, the padding
+    poisoned)."""
+    if target.padded:
+        from attnforge.bench.kernels import row_cases
+
+        return row_cases(target.bench_config(), device, seed=seed, kinds=("needle",))[0]
+    generator = torch.Generator().manual_seed(seed)
+    lens = None if target.valid is None else list(target.valid)
+    case = verify.needle_case(target.attention_config(), position="last", device=device, kv_lens=lens,
+                              generator=generator)  # fmt: skip
+    if case.kv_lens is not None:
+        for b, end in enumerate(case.kv_lens.tolist()):
+            case.k[b, :, end:] = math.nan
+            case.v[b, :, end:] = math.inf
+    return case
+
+
+def without_poison(case: verify.Case) -> verify.Case:
+    """The case with zeros beyond the valid lengths, as a real static cache holds (torch's masked paths read
+    those keys, so NaN there would poison them); the same case when every key is valid."""
+    if case.kv_lens is None:
+        return case
+    k, v = case.k.clone(), case.v.clone()
+    for b, end in enumerate(case.kv_lens.tolist()):
+        k[b, :, end:] = 0
+        v[b, :, end:] = 0
+    return dataclasses.replace(case, k=k, v=v)
+
+
+def zero_case(target: Target, device) -> verify.Case:
+    """Zeros of the target's shapes, with lengths where it has them (what compilation needs)."""
+    dtype = target.torch_dtype
+    q = torch.zeros(target.batch, target.num_heads, target.q_len, target.head_dim, dtype=dtype, device=device)
+    kv = (target.batch, target.num_kv_heads, target.kv_len, target.head_dim)
+    k, v = torch.zeros(kv, dtype=dtype, device=device), torch.zeros(kv, dtype=dtype, device=device)
+    lens = None if target.valid is None else torch.tensor(target.valid, dtype=torch.int32, device=device)
+    if target.padded:
+        lens = torch.full((target.batch,), target.q_len, dtype=torch.int32, device=device)
+    return verify.Case("zeros", q, k, v, causal=True, kv_lens=lens, q_lens=lens if target.padded else None)
+
+
+def kernel_call(target: Target, case: verify.Case, params: dict, out: torch.Tensor) -> Callable[[], object]:
+    """A zero-argument launch of the kernel with these launch parameters, writing `out`."""
+    scale = target.head_dim**-0.5
+    if target.kind == "decode":
+        from attnforge.kernels.decode import launch_decode
+
+        return lambda: launch_decode(case.q, case.k, case.v, out, scale=scale, kv_lens=case.kv_lens,
+                                     params=params)  # fmt: skip
+    from attnforge.kernels.prefill import _prefill_into
+
+    lens = (case.kv_lens, case.q_lens)
+    return lambda: _prefill_into(case.q, case.k, case.v, out, scale, True, *lens, None, params)
+
+
+def torch_calls(case: verify.Case) -> dict[str, Callable[[], object]]:
+    """torch's paths for the same call: SDPA with enable_gqa (torch's own backend choice, masked where the
+    call needs a mask), transformers' sdpa path (K/V repeated per call), and the bench's other torch paths
+    where they serve the call (`prefill_providers`: bottom-right causal for a chunk against a cache, flash
+    once per sequence and torch's varlen API for a padded batch); masks are built outside. A call may return
+    its own layout (`unpack`) and leave padded query rows undefined: `check` takes care of both."""
+    from attnforge.bench.prefill_providers import prefill_baselines
+    from attnforge.bench.providers import repeat_kv_call, sdpa_call
+
+    q, k, v = case.q, case.k, case.v
+    options = dict(causal=case.causal, scale=case.scale, kv_lens=case.kv_lens, q_lens=case.q_lens)
+    calls = {
+        "sdpa-gqa": sdpa_call(None)(q, k, v, **options),
+        "hf-repeat_kv": repeat_kv_call(q, k, v, **options),
+    }
+    row = _bench_row(case)
+    for provider in prefill_baselines():
+        if provider.role == "baseline" and provider.supports(row, q.device)[0]:
+            calls[provider.name] = provider.make_call(q, k, v, **options)
+    return calls
+
+
+def _bench_row(case: verify.Case) -> BenchConfig:
+    """The case's call as a bench row (what the bench's providers say they support)."""
+    (batch, heads, q_len, head_dim), (kv_heads, kv_len) = case.q.shape, case.k.shape[1:3]
+    dtype = next(name for name, value in DTYPES.items() if value == case.q.dtype)
+    padded = case.q_lens is not None
+    mask, ragged = "causal" if case.causal else "none", case.kv_lens is not None and not padded
+    return BenchConfig(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype=dtype, mask=mask, ragged=ragged,
+                       padded=padded)  # fmt: skip
+
+
+def check(call: Callable[[], object], out: torch.Tensor, expected: torch.Tensor, dtype, padded_rows=None):
+    """Run a call into a NaN-filled `out`; (passed, max per-slice relative L2 against `expected`). A call's
+    own layout is unpacked; `padded_rows` (q_lens: torch's calls leave those rows undefined) are zeroed as
+    attnforge writes them."""
+    out.fill_(math.nan)
+    result = call()
+    result = out if result is None else result
+    if getattr(call, "unpack", None) is not None:
+        result = call.unpack(result)
+    if padded_rows is not None:
+        result = zero_padded_rows(result, padded_rows)
+    if not torch.isfinite(result).all():
+        return False, math.inf
+    error = float(verify.relative_l2_per_slice(result, expected).max())
+    return error <= verify.tolerance_for(dtype), error

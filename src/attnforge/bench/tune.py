@@ -15,6 +15,7 @@ cache then serves the timing process).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -28,7 +29,15 @@ import torch
 from attnforge import verify
 from attnforge.bench import report, timing
 from attnforge.bench.kernels import chunked_reference
-from attnforge.bench.targets import Target
+from attnforge.bench.targets import (
+    Target,
+    check,
+    kernel_call,
+    make_case,
+    torch_calls,
+    without_poison,
+    zero_case,
+)
 
 GRAPH_MAX_BYTES = 12 * 2**30
 
@@ -129,91 +138,6 @@ def params_name(params: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Inputs, calls, correctness
-
-
-def make_case(target: Target, device, seed: int) -> verify.Case:
-    """The target's needle case (the needle at the last visible key); keys beyond `valid` are NaN/Inf."""
-    generator = torch.Generator().manual_seed(seed)
-    lens = None if target.valid is None else list(target.valid)
-    case = verify.needle_case(target.attention_config(), position="last", device=device, kv_lens=lens,
-                              generator=generator)  # fmt: skip
-    if case.kv_lens is not None:
-        for b, end in enumerate(case.kv_lens.tolist()):
-            case.k[b, :, end:] = math.nan
-            case.v[b, :, end:] = math.inf
-    return case
-
-
-def _without_poison(case: verify.Case) -> verify.Case:
-    """The case with zeros beyond the valid lengths, as a real static cache holds (torch's masked paths read
-    those keys, so NaN there would poison them); the same case when every key is valid."""
-    if case.kv_lens is None:
-        return case
-    k, v = case.k.clone(), case.v.clone()
-    for b, end in enumerate(case.kv_lens.tolist()):
-        k[b, :, end:] = 0
-        v[b, :, end:] = 0
-    return verify.Case(case.name, case.q, k, v, case.scale, case.causal, case.kv_lens)
-
-
-def kernel_call(target: Target, case: verify.Case, params: dict, out: torch.Tensor) -> Callable[[], object]:
-    """A zero-argument launch of the kernel with these launch parameters, writing `out`."""
-    scale = target.head_dim**-0.5
-    if target.kind == "decode":
-        from attnforge.kernels.decode import launch_decode
-
-        return lambda: launch_decode(case.q, case.k, case.v, out, scale=scale, kv_lens=case.kv_lens,
-                                     params=params)  # fmt: skip
-    from attnforge.kernels.prefill import _prefill_into
-
-    return lambda: _prefill_into(case.q, case.k, case.v, out, scale, True, case.kv_lens, None, None, params)
-
-
-def torch_calls(case: verify.Case) -> dict[str, Callable[[], object]]:
-    """torch's paths for the same call: SDPA with enable_gqa (torch's own backend choice, masked where the
-    call needs a mask), transformers' sdpa path (K/V repeated per call) and, for a few new tokens against a
-    cache, torch's own bottom-right causal attention; masks are built outside."""
-    from attnforge.bench.providers import repeat_kv_call, sdpa_call
-
-    q, k, v = case.q, case.k, case.v
-    options = dict(causal=case.causal, scale=case.scale, kv_lens=case.kv_lens)
-    calls = {
-        "sdpa-gqa": sdpa_call(None)(q, k, v, **options),
-        "hf-repeat_kv": repeat_kv_call(q, k, v, **options),
-    }
-    if case.kv_lens is None and case.causal and 1 < q.shape[2] < k.shape[2]:
-        calls["sdpa-lower-right"] = _lower_right_call(q, k, v, case.scale)
-    return calls
-
-
-def _lower_right_call(q, k, v, scale) -> Callable[[], object]:
-    """torch's own bottom-right causal attention (`causal_lower_right`), K/V repeated once outside the call
-    where torch refuses GQA with it: the strongest torch path for a few new tokens against a cache."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    bias = causal_lower_right(q.shape[2], k.shape[2])
-    group = q.shape[1] // k.shape[1]
-    keys, values = (
-        (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)) if group > 1 else (k, v)
-    )
-    return lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, keys, values, attn_mask=bias, scale=scale
-    )
-
-
-def check(call: Callable[[], object], out: torch.Tensor, expected: torch.Tensor, dtype) -> tuple:
-    """Run a call into a NaN-filled `out`; (passed, max per-slice relative L2 against `expected`)."""
-    out.fill_(math.nan)
-    result = call()
-    result = out if result is None else result
-    if not torch.isfinite(result).all():
-        return False, math.inf
-    error = float(verify.relative_l2_per_slice(result, expected).max())
-    return error <= verify.tolerance_for(dtype), error
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Compilation in parallel
 
 
@@ -225,7 +149,7 @@ def _compile_worker(jobs: list[tuple[dict, list[dict]]]) -> int:
     for target_fields, params_list in jobs:
         valid = target_fields["valid"]
         target = Target(**{**target_fields, "valid": None if valid is None else tuple(valid)})
-        case = _zero_case(target, device)
+        case = zero_case(target, device)
         out = torch.empty_like(case.q)
         for params in params_list:
             try:
@@ -235,15 +159,6 @@ def _compile_worker(jobs: list[tuple[dict, list[dict]]]) -> int:
                 pass
         torch.cuda.synchronize()
     return done
-
-
-def _zero_case(target: Target, device) -> verify.Case:
-    dtype = target.torch_dtype
-    q = torch.zeros(target.batch, target.num_heads, target.q_len, target.head_dim, dtype=dtype, device=device)
-    kv = (target.batch, target.num_kv_heads, target.kv_len, target.head_dim)
-    k, v = torch.zeros(kv, dtype=dtype, device=device), torch.zeros(kv, dtype=dtype, device=device)
-    lens = None if target.valid is None else torch.tensor(target.valid, dtype=torch.int32, device=device)
-    return verify.Case("zeros", q, k, v, causal=True, kv_lens=lens)
 
 
 def precompile(plan: list[tuple[Target, list[dict]]], workers: int) -> float:
@@ -287,10 +202,10 @@ def tune_target(
         if passed:
             calls[name] = call
     baselines = {}
-    for name, call in torch_calls(_without_poison(case)).items():
+    for name, call in torch_calls(without_poison(case)).items():
         out = torch.empty_like(case.q)
         try:
-            passed, error = check(call, out, expected, case.q.dtype)
+            passed, error = check(call, out, expected, case.q.dtype, padded_rows=case.q_lens)
         except RuntimeError as exc:
             row["torch"][name] = {"status": "n/a", "reason": str(exc).splitlines()[0][:200]}
             continue
@@ -347,7 +262,8 @@ def _graph_median(make: Callable[[int], Callable[[], object]], layers: int) -> f
 
 
 def _layer_case(case: verify.Case, qkv: tuple) -> verify.Case:
-    return verify.Case(case.name, *qkv, case.scale, case.causal, case.kv_lens)
+    q, k, v = qkv
+    return dataclasses.replace(case, q=q, k=k, v=v)
 
 
 def _time(row: dict, calls: dict, baselines: dict, reps: int) -> None:

@@ -280,7 +280,7 @@ def _baselines(task: tasks.Task, case) -> dict:
     options = {"kv_lens": case.kv_lens} if case.kv_lens is not None else {}
     calls = {"attnforge": lambda: kernel(case.q, case.k, case.v, **options)}
     if case.q.device.type == "cuda":
-        from attnforge.bench.tune import torch_calls
+        from attnforge.bench.targets import torch_calls
 
         for name, call in torch_calls(case).items():
             try:
