@@ -54,7 +54,13 @@ def test_the_generated_docs_hold_no_absolute_path_and_cover_every_result_file():
     assert str(ROOT) not in text and "/tmp" not in text
     for path in RESULTS.glob("*/*.json"):
         assert f"`{path.parent.name}/{path.name}`" in text, path
-    assert "h100/prefill-20261122.json" in text and "legacy, not regenerated" in text
+
+
+def test_a_json_file_that_is_not_a_result_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "h100").mkdir()
+    (tmp_path / "h100" / "old.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="old.json has no 'what' field: not a result file of"):
+        performance.performance_markdown(tmp_path)
 
 
 def test_the_committed_docs_are_up_to_date():
