@@ -61,6 +61,13 @@ DevicesOption = Annotated[
 ]
 
 
+def _say_where_it_evaluates(devices: list[str]) -> None:
+    if devices and devices[0].startswith("ray"):
+        console.print(f"evaluating on Ray actors ({devices[0]}: one a GPU of the cluster, or N CPU ones)")
+    elif devices:
+        console.print(f"evaluating on {len(devices)} pinned worker processes: {', '.join(devices)}")
+
+
 @evolve_app.command()
 def tune(
     kernel: Annotated[str, typer.Option(metavar="KIND", help="decode or prefill")] = "decode",
@@ -110,13 +117,7 @@ def tune(
     stem = report.default_stem(f"evolve-tuning-{kernel}", model or "shapes")
     options = dict(out_dir=out, time_budget_s=time_budget, workers=workers, stem=stem,
                    devices=evaluation_devices)  # fmt: skip
-    if evaluation_devices and evaluation_devices[0].startswith("ray"):
-        console.print(
-            f"evaluating on Ray actors ({evaluation_devices[0]}: one a GPU of the cluster, or N CPU ones)"
-        )
-    elif evaluation_devices:
-        console.print(f"evaluating on {len(evaluation_devices)} pinned worker processes: "
-                      f"{', '.join(evaluation_devices)}")  # fmt: skip
+    _say_where_it_evaluates(evaluation_devices)
     doc = _evolve_with_progress(f"evolve tune {kernel}", targets, settings, options)
     console.print(_tune_table(doc))
     console.print("wrote " + ", ".join(str(p) for p in tuner.save(doc, out, stem)))

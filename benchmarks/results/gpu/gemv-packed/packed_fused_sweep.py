@@ -3,7 +3,7 @@ calls (Llama-3-8B, one row): q/k/v with its RMSNorm, o with the residual, gate/u
 (`glu`), down with the residual; 8-bit (quality-8bit, target 1.4x bf16) and 5-bit codes, group 64.
 Run from the repository root with PYTHONPATH=src:
 
-    python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json
+    python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json [--defaults-only]
 
 Each set is checked against the float64 product over the dequantized weight (relative L2), then timed per
 call in a CUDA graph of one call per layer on distinct weights; % of the read bandwidth measured in the same
@@ -38,10 +38,11 @@ SHAPES = {
     "gate_up+norm+glu": (28672, 4096, 6, "glu"),
     "down+residual": (4096, 14336, 8, "residual"),
 }
-SETS = {  # bits: (block_n, block_k, warps, ahead)
-    8: [(8, 1024, 4, True), (4, 1024, 4, False), (4, 1024, 4, True), (16, 1024, 4, True), (16, 512, 4, True),
-        (8, 512, 4, True)],
-    5: [(4, 1024, 4, True), (8, 1024, 4, True), (4, 1024, 4, False), (2, 1024, 4, True)],
+SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params`' choice. Small programs
+    # (2 warps, 2-4 columns) test the occupancy argument: more of them resident per SM, more bytes in flight.
+    8: [(8, 1024, 4, True), (4, 1024, 4, True), (16, 1024, 4, True), (4, 512, 2, True), (2, 512, 2, True),
+        (4, 256, 2, True), (2, 1024, 2, True), (8, 512, 2, True)],
+    5: [(4, 1024, 4, True), (8, 1024, 4, True), (4, 512, 2, True), (2, 512, 2, True), (2, 1024, 2, True)],
 }  # fmt: skip
 
 
@@ -79,7 +80,7 @@ def expected(form, x, packed, gain, res):
     return y + res.double() if form == "residual" else y
 
 
-def shape_row(name, n, k, layers, form, bits, floor):
+def shape_row(name, n, k, layers, form, bits, floor, sets):
     gen = torch.Generator(device=DEV).manual_seed(2)
     x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16, generator=gen)
     gain = torch.rand(k, device=DEV, dtype=torch.bfloat16, generator=gen) + 0.5
@@ -97,7 +98,7 @@ def shape_row(name, n, k, layers, form, bits, floor):
         "sets": {},
         "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}",
     }
-    for bn, bk, warps, ahead in SETS[bits]:
+    for bn, bk, warps, ahead in sets:
         label = f"{bn}x{bk}w{warps}{'a' if ahead else ''}"
         p = GemvParams(bn, bk, warps, ahead=ahead)
         try:
@@ -156,13 +157,15 @@ def plain_products(x, n, k, layers, floor):
     return out
 
 
-def main(path):
+def main(path, defaults_only=False):
+    """Every set of SETS per shape and bits; `defaults_only`: the first (the default) alone (a profiler)."""
     doc = {"environment": environment_report(), "read_gbps": timing.measure_read_bandwidth() / 1e9,
            "group_size": GROUP, "rows": []}  # fmt: skip
     floor = doc["read_gbps"] * 1e9
     for bits in (8, 5):
         for name, (n, k, layers, form) in SHAPES.items():
-            row = shape_row(name, n, k, layers, form, bits, floor)
+            sets = SETS[bits][:1] if defaults_only else SETS[bits]
+            row = shape_row(name, n, k, layers, form, bits, floor, sets)
             doc["rows"].append(row)
             with open(path, "w") as f:
                 json.dump(doc, f, indent=1)
@@ -183,8 +186,8 @@ def main(path):
 
 
 if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if a != "--defaults-only"]
     main(
-        sys.argv[1]
-        if len(sys.argv) > 1
-        else os.path.join(os.environ.get("OUT", "."), "packed-fused-sweep.json")
+        args[0] if args else os.path.join(os.environ.get("OUT", "."), "packed-fused-sweep.json"),
+        defaults_only="--defaults-only" in sys.argv,
     )
