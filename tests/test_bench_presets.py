@@ -191,12 +191,12 @@ def test_chunked_oracle_handles_padded_queries():
 
 def test_tune_prefill_preset_targets_the_prefill_presets_buckets():
     grid = targets.PRESETS["prefill-grid"]()
-    rows = [c for c in presets.build_grid("prefill") if not c.padded]
-    assert [(t.batch, t.num_heads, t.num_kv_heads, t.q_len, t.kv_len, t.head_dim) for t in grid] == [
-        (c.batch, c.num_heads, c.num_kv_heads, c.q_len, c.kv_len, c.head_dim) for c in rows
-    ]
+    rows = presets.build_grid("prefill")
+    fields = ("batch", "num_heads", "num_kv_heads", "q_len", "kv_len", "head_dim", "padded")
+    assert [[getattr(t, f) for f in fields] for t in grid] == [[getattr(c, f) for f in fields] for c in rows]
     buckets = {t.bucket for t in grid}
-    assert any(b.endswith("-chunk") for b in buckets) and len(buckets) > 10
+    assert any(b.endswith("-chunk") for b in buckets) and len(buckets) == len(grid) > 10
+    assert sum(b.endswith("-lens") for b in buckets) == 2  # the padded batches
 
 
 def test_only_picks_rows_by_label_and_each_row_is_checkpointed(tmp_path):
