@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.markup import escape
 
+from attnforge.bench import accel_tables
+
 console = Console(highlight=False)
 ResultsOption = Annotated[
     Path | None, typer.Option(help="Result folder (default: the cache's results/<device> folder).")
@@ -102,7 +104,7 @@ def bench_quant(
     except ValueError as error:
         raise _fail(str(error)) from None
     doc = quality.quality_document(name, what, rows, ids.shape[1], torch.float32, text)
-    console.print(Markdown(quality.quality_markdown(doc)))  # rendered, not raw Markdown
+    console.print(Markdown(accel_tables.quality_markdown(doc)))  # rendered, not raw Markdown
     console.print("wrote " + ", ".join(str(p) for p in quality.write_quality(doc, out, stem)))
 
 
@@ -178,6 +180,6 @@ def bench_quant_speed(
         doc = speed.run(model, chosen, settings, on_row=save)
     except ValueError as error:
         raise _fail(str(error)) from None
-    console.print(Markdown(speed.markdown(doc)))
+    console.print(Markdown(accel_tables.speed_markdown(doc)))
     if doc["note"]:
         console.print(f"[yellow]{escape(doc['note'])}")

@@ -393,63 +393,12 @@ def _check(scenario: str, target: str, measured: float, wanted: float) -> dict:
 # Saving
 
 
-def markdown(doc: dict) -> str:
-    """A table per scenario, then the targets (GPU) or the agreement (CPU)."""
-    from attnforge.bench.report import environment_lines, markdown_table
-
-    lines = [f"# attnforge bench accel: {doc['model']} ({doc['weights']} weights, {doc['dtype']})", ""]
-    lines += environment_lines({"environment": doc["environment"], "created": doc["created"]})
-    lines += [f"- Method: {doc['method']}", ""]
-    if doc.get("roofline_tok_s"):
-        read, weights = doc["ceilings"]["read_gbps"], doc["weight_bytes"] / 1e9
-        lines += [f"Read bandwidth {read:.0f} GB/s; weights {weights:.3f} GB per step: weights-only roofline "
-                  f"{doc['roofline_tok_s']:.0f} tok/s.", ""]  # fmt: skip
-    if "tokens_match" in doc:
-        table = [[r["scenario"], r["row"], r["status"], r.get("first_tokens", "")] for r in doc["rows"]]
-        lines += [markdown_table(["scenario", "row", "status", "greedy tokens"], table), ""]
-        lines.append(f"Greedy tokens of every row identical: {'yes' if doc['tokens_match'] else 'NO'}")
-        return "\n".join(lines) + "\n"
-    header = ["row", "tok/s per seq", "total tok/s", "TTFT ms", "GB/s", "% roofline", "attnforge vs it",
-              "diverges from transformers at"]  # fmt: skip
-    for label in dict.fromkeys(r["scenario"] for r in doc["rows"]):
-        table = []
-        rows = [r for r in doc["rows"] if r["scenario"] == label]
-        ours = next((r for r in rows if r["row"] == "attnforge" and r["status"] == "ok"), None)
-        for r in rows:
-            if r["status"] != "ok":
-                table.append([r["row"], r["status"], "", "", "", "", "", ""])
-                continue
-            versus = ours["speedup_vs"].get(r["row"]) if ours is not None else None
-            table.append([
-                r["row"], _num(r.get("decode_tok_s")), _num(r.get("total_tok_s")), _num(r["ttft_ms"]),
-                _num(r.get("bandwidth_gb_s")), _num(r.get("pct_of_roofline")),
-                f"{versus:.2f}x" if versus else "", _divergences(r),
-            ])  # fmt: skip
-        lines += [f"## {label}", "", markdown_table(header, table), ""]
-    if doc.get("targets"):
-        table = [[t["scenario"], t["target"], _num(t["measured"], 2), "met" if t["met"] else "NOT met"]
-                 for t in doc["targets"]]  # fmt: skip
-        lines += ["## Targets", "", markdown_table(["scenario", "target", "measured", ""], table), ""]
-    if doc["skipped"]:
-        skipped = "; ".join(f"{s['row']} ({s['scenario']}): {s['reason']}" for s in doc["skipped"])
-        lines += ["", f"Skipped: {skipped}"]
-    return "\n".join(lines) + "\n"
-
-
-def _num(value, digits: int = 1) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
-def _divergences(row: dict) -> str:
-    found = row.get("first_divergence_from", {})
-    return ", ".join(f"{k}: {'never' if v is None else v}" for k, v in found.items())
-
-
 def save(doc: dict, out_dir: Path | str, stem: str) -> list[Path]:
     """`<stem>.json` and `<stem>.md` under out_dir."""
+    from attnforge.bench.accel_tables import accel_markdown
     from attnforge.bench.report import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(markdown(doc))
+    (out / f"{stem}.md").write_text(accel_markdown(doc))
     return [write_json(doc, out / f"{stem}.json"), out / f"{stem}.md"]

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from attnforge.bench import report, tune
+from attnforge.bench import accel_tables, report, tune
 
 README_START = report.README_START
 README_END = report.README_END
@@ -255,12 +255,19 @@ def file_kinds(results_dir: Path | str) -> list[tuple[str, str]]:
     return [(_relative(path, results_dir), doc["what"]) for path, doc in load_results(results_dir)]
 
 
-PER_FILE_MARKDOWN: dict[str, Callable[[dict], str]] = {"e2e": report.e2e_markdown, "tuning": tune.markdown}
+PER_FILE_MARKDOWN: dict[str, Callable[[dict], str]] = {
+    "e2e": report.e2e_markdown,
+    "tuning": tune.markdown,
+    "kernels": report.kernel_markdown,
+    "accelerate": accel_tables.accel_markdown,
+    "quant-decode": accel_tables.speed_markdown,
+    "quant-quality": accel_tables.quality_markdown,
+}
 
 
 def file_tables(results_dir: Path | str) -> dict[Path, str]:
-    """The per-run Markdown each JSON's kind writes beside it ({<stem>.md path: text}), for kinds that have
-    one (e2e, tuning)."""
+    """The per-run Markdown each JSON's kind writes beside it ({<stem>.md path: text}), for every kind that
+    has one (PER_FILE_MARKDOWN: all but the overhead and evolve kinds)."""
     tables = {}
     for path, doc in load_results(results_dir):
         writer = PER_FILE_MARKDOWN.get(doc["what"])
@@ -270,7 +277,7 @@ def file_tables(results_dir: Path | str) -> dict[Path, str]:
 
 
 def regenerate_file_tables(results_dir: Path | str) -> list[Path]:
-    """Rewrite each `<stem>.md` beside an e2e or tuning JSON; returns the files whose text changed."""
+    """Rewrite each `<stem>.md` beside a result JSON (`file_tables`); returns the files whose text changed."""
     changed = []
     for path, text in file_tables(results_dir).items():
         if not path.exists() or path.read_text() != text:

@@ -116,47 +116,6 @@ def quality_document(
     }
 
 
-def quality_markdown(doc: dict) -> str:
-    """A markdown table of one quality document."""
-    from attnforge.bench.report import environment_lines, markdown_table
-
-    header = [
-        "recipe",
-        "group",
-        "perplexity",
-        "logit rel L2",
-        "KL nats/token",
-        "top-1 agreement",
-        "weights MB",
-    ]
-    rows = [
-        [
-            r["recipe"],
-            r["group_size"] or "-",
-            f"{r['perplexity']:.3f}",
-            f"{r['rel_l2']:.4f}",
-            _kl(r),
-            f"{r['top1_agreement'] * 100:.1f}%",
-            f"{r['weight_bytes'] / 1e6:.1f}",
-        ]
-        for r in doc["rows"]
-    ]
-    lines = [
-        f"# Quantization quality: {doc['model']} ({doc['weights']})",
-        "",
-        f"- Text: {doc['text']}, {doc['tokens']} tokens; dtype {doc['dtype']}",
-        *environment_lines(doc),
-        "",
-        markdown_table(header, rows),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _kl(row: dict) -> str:
-    return "-" if row.get("kl") is None else f"{row['kl']:.4f}"
-
-
 def write_quality(doc: dict, folder: str | Path, stem: str) -> list[Path]:
     """Write `<stem>.json` and `<stem>.md` under `folder`."""
     from attnforge.bench.report import write_json
@@ -164,5 +123,7 @@ def write_quality(doc: dict, folder: str | Path, stem: str) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / f"{stem}.md"
+    from attnforge.bench.accel_tables import quality_markdown
+
     markdown.write_text(quality_markdown(doc))
     return [write_json(doc, folder / f"{stem}.json"), markdown]

@@ -23,9 +23,8 @@ import torch
 from attnforge import models
 from attnforge.accel.accelerator import accelerate
 from attnforge.accel.quant.recipes import quantize
-from attnforge.bench.report import markdown_table, run_environment, write_json
-
-TARGETS = {"speed-4bit": 1.8, "quality-8bit": 1.4}  # issue 15: decode tok/s over the unquantized model
+from attnforge.bench.accel_tables import speed_markdown
+from attnforge.bench.report import run_environment, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,29 +102,8 @@ def run(model_name: str, recipes: list[str], settings: SpeedSettings,
     return doc
 
 
-def markdown(doc: dict) -> str:
-    """The result as a Markdown report (one row per recipe, the targets beside them)."""
-    header = ["recipe", "group", "backend", "tok/s", "x unquantized", "GB/s", "weights GB/step", "target"]
-    rows = [[r["recipe"], r["group_size"] or "-", r["backend"] or "-", f"{r['decode_tok_s']:.1f}",
-             f"{r['ratio']:.2f}", f"{r['bandwidth_gb_s']:.0f}", f"{r['weight_bytes'] / 1e9:.2f}",
-             TARGETS.get(r["recipe"], "")] for r in doc["rows"]]  # fmt: skip
-    env, settings = doc["environment"], doc["settings"]
-    device = env.get("gpu") or "CPU only (smoke test: numbers mean nothing)"
-    return "\n".join([
-        f"# Decode per quantization recipe: {doc['model']} (random weights), batch 1",
-        "",
-        f"- Device: {device}; torch {env.get('torch')}, triton {env.get('triton')}, transformers "
-        f"{env.get('transformers')}; commit {env.get('git_commit')}",
-        f"- Prompt {settings['prompt_tokens']}, {settings['new_tokens']} new tokens, median of "
-        f"{settings['runs']} runs; read bandwidth measured in this run: {doc.get('read_gbps') or '-'} GB/s",
-        "",
-        markdown_table(header, rows),
-        "",
-    ])  # fmt: skip
-
-
 def write(doc: dict, folder: Path, stem: str) -> list[Path]:
     """`<stem>.json` and `<stem>.md` under `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.md").write_text(markdown(doc))
+    (folder / f"{stem}.md").write_text(speed_markdown(doc))
     return [write_json(doc, folder / f"{stem}.json"), folder / f"{stem}.md"]
