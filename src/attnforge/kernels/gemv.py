@@ -289,12 +289,11 @@ def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
         gate/up 78.9 -> 76.9, down 47.2 -> 40.8; fused with their norms equal; gemv-sweep-20261206d);
       - K <= 1024 against 4096 < N <= 16384 (Qwen3-0.6B's gate/up): 16 columns a program (7.2 -> 6.4 us; its
         q/k/v, N = 4096, and its LM head stay faster at 4).
-    `bits`: 16 for weights as stored (any dtype), 4/5/8 for packed codes. One row of packed codes, each
-    slice asked for one step ahead: 8-bit codes 8 columns a
-    program (Llama-3-8B's four fused products 4 x 1024's 17.7 / 11.7 / 71.9 / 37.0 us -> 16.0 / 10.6 / 66.1
-    / 32.0), 5-bit 4 (19.8 / 13.9 / 81.6 / 45.1 -> 19.0 / 11.8 / 81.0 / 37.1; `gemv-packed/packed-fused-
-    sweep-20261206-*.json`). 4-bit codes (the triton backend's; "auto" gives them to core torch's kernel)
-    keep 4 x 1024, not measured otherwise."""
+    `bits`: 16 for weights as stored (any dtype), 4/5/8 for packed codes. One row of packed codes, each slice
+    asked for one step ahead: 8-bit codes 8 columns a program (Llama-3-8B's four fused products at 4 x 1024
+    17.7 / 11.7 / 71.9 / 37.0 us -> 16.0 / 10.6 / 66.1 / 32.0), 5-bit 4 (19.8 / 13.9 / 81.6 / 45.1 -> 19.0 /
+    11.8 / 81.0 / 37.1; `gemv-packed/packed-fused-sweep-20261206-*.json`). 4-bit codes (the triton backend's;
+    "auto" gives them to core torch's kernel) keep 4 x 1024, not measured otherwise."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
