@@ -67,11 +67,6 @@ class Target:
         return prefill_bucket(self.batch, self.num_heads, self.q_len, self.kv_len, self.head_dim,
                               self.torch_dtype, lens, self.padded)  # fmt: skip
 
-    def bench_config(self) -> BenchConfig:
-        """The same call as a row of `attnforge bench kernels` (its protocol cases)."""
-        sizes = (self.batch, self.num_heads, self.num_kv_heads, self.q_len, self.kv_len, self.head_dim)
-        return BenchConfig(*sizes, dtype=self.dtype, ragged=self.valid is not None, padded=self.padded)
-
 
 def _lens_text(lens: tuple[int, ...]) -> str:
     return str(lens[0]) if len(set(lens)) == 1 else f"{min(lens)}..{max(lens)}"
@@ -147,7 +142,10 @@ def make_case(target: Target, device, seed: int) -> verify.Case:
     if target.padded:
         from attnforge.bench.kernels import row_cases
 
-        return row_cases(target.bench_config(), device, seed=seed, kinds=("needle",))[0]
+        t = target
+        sizes = (t.batch, t.num_heads, t.num_kv_heads, t.q_len, t.kv_len, t.head_dim)
+        row = BenchConfig(*sizes, dtype=t.dtype, padded=True)
+        return row_cases(row, device, seed=seed, kinds=("needle",))[0]
     generator = torch.Generator().manual_seed(seed)
     lens = None if target.valid is None else list(target.valid)
     case = verify.needle_case(target.attention_config(), position="last", device=device, kv_lens=lens,
@@ -178,9 +176,10 @@ def zero_case(target: Target, device) -> verify.Case:
     kv = (target.batch, target.num_kv_heads, target.kv_len, target.head_dim)
     k, v = torch.zeros(kv, dtype=dtype, device=device), torch.zeros(kv, dtype=dtype, device=device)
     lens = None if target.valid is None else torch.tensor(target.valid, dtype=torch.int32, device=device)
-    if target.padded:
-        lens = torch.full((target.batch,), target.q_len, dtype=torch.int32, device=device)
-    return verify.Case("zeros", q, k, v, causal=True, kv_lens=lens, q_lens=lens if target.padded else None)
+    q_lens = None
+    if target.padded:  # every prompt full: compilation sees that lengths exist, not their values
+        lens = q_lens = torch.full((target.batch,), target.q_len, dtype=torch.int32, device=device)
+    return verify.Case("zeros", q, k, v, causal=True, kv_lens=lens, q_lens=q_lens)
 
 
 def kernel_call(target: Target, case: verify.Case, params: dict, out: torch.Tensor) -> Callable[[], object]:

@@ -3,7 +3,7 @@ calls (Llama-3-8B, one row): q/k/v with its RMSNorm, o with the residual, gate/u
 (`glu`), down with the residual; 8-bit (quality-8bit, target 1.4x bf16) and 5-bit codes, group 64.
 Run from the repository root with PYTHONPATH=src:
 
-    python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json [--defaults-only]
+    python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json
 
 Each set is checked against the float64 product over the dequantized weight (relative L2), then timed per
 call in a CUDA graph of one call per layer on distinct weights; % of the read bandwidth measured in the same
@@ -12,7 +12,8 @@ bf16 and core torch's int8 weight-only product. What it found (H100): at 7a4b8b9
 (`packed-fused-sweep-20261206-7a4b8b9.json`: the slice carried as read is 1.1-1.4x faster; 8 x 1024 with
 read-ahead the fastest 8-bit set on all four products, 54-62% of the read floor); at 20542e6 codes read as
 32-bit words (`packed-fused-sweep-20261206-20542e6.json`: slower than bytes on q/k/v and o, at most 9%
-faster on down, though 30% fewer instructions a loop step offline; dropped) and the 5-bit sets.
+faster on down, though 28% fewer instructions a loop step offline, cpu/gemv-packed/sass-loop-20261206c.txt;
+dropped) and the 5-bit sets.
 """
 
 import json
@@ -157,15 +158,13 @@ def plain_products(x, n, k, layers, floor):
     return out
 
 
-def main(path, defaults_only=False):
-    """Every set of SETS per shape and bits; `defaults_only`: the first (the default) alone (a profiler)."""
+def main(path):
     doc = {"environment": environment_report(), "read_gbps": timing.measure_read_bandwidth() / 1e9,
            "group_size": GROUP, "rows": []}  # fmt: skip
     floor = doc["read_gbps"] * 1e9
     for bits in (8, 5):
         for name, (n, k, layers, form) in SHAPES.items():
-            sets = SETS[bits][:1] if defaults_only else SETS[bits]
-            row = shape_row(name, n, k, layers, form, bits, floor, sets)
+            row = shape_row(name, n, k, layers, form, bits, floor, SETS[bits])
             doc["rows"].append(row)
             with open(path, "w") as f:
                 json.dump(doc, f, indent=1)
@@ -186,8 +185,8 @@ def main(path, defaults_only=False):
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--defaults-only"]
     main(
-        args[0] if args else os.path.join(os.environ.get("OUT", "."), "packed-fused-sweep.json"),
-        defaults_only="--defaults-only" in sys.argv,
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.join(os.environ.get("OUT", "."), "packed-fused-sweep.json")
     )
