@@ -253,9 +253,10 @@ def test_packed_weights_match_float64_over_their_dequantized_weight(bits, rows, 
     "params",
     [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4), GemvParams(8, 32, 2, ahead=True)],
 )
-def test_packed_slices_narrower_or_wider_than_a_group_give_the_same_result(params):
+@pytest.mark.parametrize("bits", [5, 8])
+def test_packed_slices_narrower_or_wider_than_a_group_give_the_same_result(params, bits):
     x, w, b, _, _ = _case(3, 50, 256, torch.float32, seed=11)
-    packed, dense = _packed(w, 5, 64)
+    packed, dense = _packed(w, bits, 64)
     assert (
         _rel(fused_linear(x, packed, b, params=params), F.linear(x.double(), dense.double(), b.double()))
         < 1e-5
@@ -302,6 +303,24 @@ def test_packed_weights_need_slices_of_whole_code_bytes():
         fused_linear(x, packed, params=GemvParams(4, 8, 1))
     with pytest.raises(ValueError, match="dot=True multiplies weights as stored; packed weights take the"):
         fused_linear(x, packed, params=GemvParams(16, 32, 4, dot=True))
+
+
+def test_8bit_codes_are_read_as_words_from_any_view():
+    x, w, b, _, _ = _case(2, 24, 128, torch.float32, seed=15)
+    packed, dense = _packed(w, 8, 32)
+    wider = torch.zeros(24, 131, dtype=torch.uint8, device=DEVICE)
+    wider[:, 3:] = packed.codes  # rows 131 bytes apart, starting 3 bytes in: not 32-bit aligned
+    view = PackedWeight(wider[:, 3:], packed.scales, packed.zeros, 8, 32)
+    assert torch.equal(fused_linear(x, view, b), fused_linear(x, packed, b))
+    assert _rel(fused_linear(x, view, b), F.linear(x.double(), dense.double(), b.double())) < 1e-5
+
+
+def test_8bit_codes_need_whole_words_per_row():
+    codes = torch.zeros(4, 6, dtype=torch.uint8, device=DEVICE)
+    scales, zeros = torch.ones(4, 3, device=DEVICE), torch.zeros(4, 3, dtype=torch.uint8, device=DEVICE)
+    message = "8-bit codes are read as 32-bit words: in_features=6 must be a multiple of 4"
+    with pytest.raises(ValueError, match=message):
+        fused_linear(torch.randn(1, 6, device=DEVICE), PackedWeight(codes, scales, zeros, 8, 2))
 
 
 @pytest.mark.parametrize("change,message", PACKED_BAD)

@@ -90,8 +90,8 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, stride_sn, stride_zn, eps,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr,
-    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr, AHEAD: tl.constexpr,
+    USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
         gdc_launch_dependents()
@@ -129,11 +129,11 @@ def _gemv_kernel(
         inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
     if BITS == 16:
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-    else:  # a sum per group of the slice, added up once after the loop (not across warps every step)
-        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // SPAN], tl.float32)
+    else:  # a sum per CHUNK features (one thread's) of the slice, added up once after the loop
+        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
-            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, CHUNK, ASM)
             w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K,
                                                   stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
                                                   SPAN)  # fmt: skip
@@ -142,7 +142,7 @@ def _gemv_kernel(
                 w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn,
                                                       stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
                                                       SPAN)  # fmt: skip
-            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, CHUNK, ASM)
         kk = k0 + ks
         k_ok = kk < K
         x_ok = row_ok[:, None] & k_ok[None, :]
@@ -157,7 +157,7 @@ def _gemv_kernel(
             else:
                 acc += tl.dot(x, tl.trans(w_now))
         else:
-            acc += _slice_product(x.to(tl.float32), w_now, scale_now, BITS, SPAN)
+            acc += _slice_product(x.to(tl.float32), w_now, scale_now, BITS, CHUNK)
     if BITS != 16:
         acc = tl.sum(acc, axis=2)
     if HAS_BIAS:
@@ -187,10 +187,10 @@ def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, s
                   SPAN: tl.constexpr):  # fmt: skip
     """The weight's rows `cols` at input features [k0, k0 + BLOCK_K), as stored: `(w, w, w, w)` with w
     `[BLOCK_N, BLOCK_K]` (BITS 16); for packed codes (`PackedWeight`'s format, contiguous bytes) `(codes,
-    plane, scale, zero)`: the code bytes (`[BLOCK_N, BLOCK_K]` at 8 bits, two a byte `[BLOCK_N, BLOCK_K / 2]`
-    at 4 and 5), the bytes of 5-bit codes' bit 4 (`[BLOCK_N, BLOCK_K / 8]`; the codes again otherwise), and
-    the slice's groups' scales and zeros `[BLOCK_N, BLOCK_K // SPAN]` (SPAN = min(BLOCK_K, GROUP) features a
-    scale). `_decode_slice` turns them into numbers."""
+    plane, scale, zero)`: the codes (at 8 bits four a 32-bit word, int32 `[BLOCK_N, BLOCK_K / 4]`; at 4 and
+    5 bits two a byte `[BLOCK_N, BLOCK_K / 2]`), the bytes of 5-bit codes' bit 4 (`[BLOCK_N, BLOCK_K / 8]`;
+    the codes again otherwise), and the slice's groups' scales and zeros `[BLOCK_N, BLOCK_K // SPAN]` (SPAN =
+    min(BLOCK_K, GROUP) features a scale). `_decode_slice` turns them into numbers."""
     rows = W + cols[:, None] * stride_wn
     if BITS == 16:
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -200,8 +200,14 @@ def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, s
         zero = codes
     else:
         if BITS == 8:
-            kk = k0 + tl.arange(0, BLOCK_K)
-            codes = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0)
+            # four codes a 32-bit word, two adjacent words a thread (the contiguity Triton infers for kw):
+            # eight codes, the eight elements of x a thread reads in one 16-byte load, so the slice and x get
+            # the same layout (a 16-byte read of codes made Triton move the decoded slice through shared
+            # memory to x's layout every step; sm_90 TTGIR, triton 3.6)
+            w4 = tl.arange(0, BLOCK_K // 4)
+            kw = k0 // 4 + w4 // 2 * 2 + w4 % 2
+            words = W.to(tl.pointer_type(tl.int32)) + cols[:, None] * (stride_wn // 4) + kw[None, :]
+            codes = tl.load(words, mask=col_ok[:, None] & (kw < K // 4)[None, :], other=0)
             plane = codes
         else:  # two codes a byte: element 2j in the low nibble, 2j+1 in the high one
             pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -219,15 +225,18 @@ def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, s
 
 
 @triton.jit
-def _decode_slice(codes, plane, scale, zero, BITS: tl.constexpr, SPAN: tl.constexpr):
+def _decode_slice(
+    codes, plane, scale, zero, BITS: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr
+):
     """`_weight_slice`'s raw slice as numbers: `(w, w)` as stored (BITS 16), else `(q - zero, scale)`: the
-    centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales `[BLOCK_N, groups]`."""
+    centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales repeated for each CHUNK
+    features `[BLOCK_N, BLOCK_K / CHUNK]` (the product sums CHUNK features in one thread, then scales)."""
     if BITS == 16:
         w, w_scale = codes, codes
     else:
         n: tl.constexpr = codes.shape[0]
         if BITS == 8:
-            q = codes.to(tl.int32)
+            q = codes  # words
         else:
             even, odd = codes.to(tl.int32) & 15, codes.to(tl.int32) >> 4
             if BITS == 5:  # pair 4j+i's high bits are bits 2i and 2i+1 of plane byte j
@@ -237,13 +246,18 @@ def _decode_slice(codes, plane, scale, zero, BITS: tl.constexpr, SPAN: tl.conste
                 even = even | (tl.reshape((bits4 >> shift) & 1, [n, half]) << 4)
                 odd = odd | (tl.reshape((bits4 >> (shift + 1)) & 1, [n, half]) << 4)
             q = tl.interleave(even, odd)
-        width: tl.constexpr = q.shape[1]
+        width: tl.constexpr = q.shape[1] * 4 if BITS == 8 else q.shape[1]
         # q - zero, exact, without an int-to-float conversion per code (a quarter-rate instruction on Hopper,
         # which bounded the packed kernel): a code c < 2^23 OR-ed into 2^23's bits is the float 2^23 + c,
         # so (2^23 + q) - (2^23 + zero) is q - zero in one float subtraction.
-        centered = tl.reshape(_magic_float(q), [n, width // SPAN, SPAN])
-        centered = centered - _magic_float(zero.to(tl.int32))[:, :, None]
-        w, w_scale = tl.reshape(centered, [n, width]), scale.to(tl.float32)
+        magic = _magic_words(q, ASM) if BITS == 8 else _magic_float(q)
+        groups: tl.constexpr = width // SPAN
+        chunks: tl.constexpr = width // CHUNK
+        per: tl.constexpr = SPAN // CHUNK
+        zeros = tl.reshape(tl.broadcast_to(_magic_float(zero.to(tl.int32))[:, :, None], [n, groups, per]),
+                           [n, chunks])  # fmt: skip
+        w = tl.reshape(tl.reshape(magic, [n, chunks, CHUNK]) - zeros[:, :, None], [n, width])
+        w_scale = tl.reshape(tl.broadcast_to(scale.to(tl.float32)[:, :, None], [n, groups, per]), [n, chunks])
     return w, w_scale
 
 
@@ -254,18 +268,52 @@ def _magic_float(c):
 
 
 @triton.jit
-def _slice_product(x, w, scale, BITS: tl.constexpr, SPAN: tl.constexpr):
+def _magic_words(words, ASM: tl.constexpr):
+    """`[R, 4 W]` float32 2^23 + code (`_magic_float`) of the four uint8 codes in each int32 of `words`
+    `[R, W]` (code 4i + j in byte j of word i). ASM (compiled for a GPU; the interpreter runs no PTX): one
+    byte permute a code, its byte placed under 2^23's exponent byte (`prmt` of the word and 0x4B000000),
+    where shifts and masks took 5.2 instructions a code (sm_90 SASS, cpu/gemv-packed/)."""
+    if ASM:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 m;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, $4, m, 0x7440;
+            prmt.b32 $1, $4, m, 0x7441;
+            prmt.b32 $2, $4, m, 0x7442;
+            prmt.b32 $3, $4, m, 0x7443;
+            }""",
+            constraints="=r,=r,=r,=r,r",
+            args=[words],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        b0 = _magic_float(words & 255)
+        b1 = _magic_float((words >> 8) & 255)
+        b2 = _magic_float((words >> 16) & 255)
+        b3 = _magic_float((words >> 24) & 255)
+    rows: tl.constexpr = words.shape[0]
+    # [R, W, 2, 2] holding b(2q + p) at [., i, q, p]: flattened, code 4i + 2q + p
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [rows, 4 * words.shape[1]])
+
+
+@triton.jit
+def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
     """`[ROWS, BLOCK_N]`: x `[ROWS, BLOCK_K]` (float32) times the slice from `_decode_slice`; for packed
-    codes `[ROWS, BLOCK_N, groups]`: `scale * (x . (q - zero))` per group in float32 (the weight is never
-    rounded to the working dtype: no dequantized copy exists)."""
+    codes `[ROWS, BLOCK_N, BLOCK_K / CHUNK]`: `scale * (x . (q - zero))` per CHUNK features in float32 (the
+    weight is never rounded to the working dtype: no dequantized copy exists)."""
     if BITS == 16:
         product = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
         rows: tl.constexpr = x.shape[0]
         n: tl.constexpr = w.shape[0]
-        per: tl.constexpr = w.shape[1] // SPAN
-        x3 = tl.reshape(x, [rows, 1, per, SPAN])
-        dots = tl.sum(x3 * tl.reshape(w, [1, n, per, SPAN]), axis=3)  # [ROWS, BLOCK_N, groups]
+        chunks: tl.constexpr = w.shape[1] // CHUNK
+        if rows == 1:  # [1, K] * [N, K]: x follows the weight's layout (no slice-sized re-layout)
+            dots = tl.sum(tl.reshape(x * w, [n, chunks, CHUNK]), axis=2)[None, :, :]
+        else:
+            dots = tl.sum(tl.reshape(x[:, None, :] * w[None, :, :], [rows, n, chunks, CHUNK]), axis=3)
         product = dots * scale[None, :, :]
     return product
 
@@ -360,6 +408,8 @@ def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
         )
     if any(t.stride(-1) != 1 for t in (codes, scales, zeros)):
         raise ValueError("codes, scales and zeros must be contiguous in their last dim")
+    if packed.bits == 8 and k % 4:
+        raise ValueError(f"8-bit codes are read as 32-bit words: in_features={k} must be a multiple of 4")
 
 
 @functools.lru_cache(maxsize=256)
@@ -382,6 +432,8 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         scales = zeros = w
     else:
         w, scales, zeros = packed.codes, packed.scales, packed.zeros
+        if packed.bits == 8 and (w.stride(0) % 4 or w.data_ptr() % 4):  # rows read as 32-bit words
+            w = w.clone(memory_format=torch.contiguous_format)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if res2 is not None and res2.stride(-1) != 1:
@@ -404,7 +456,8 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         NORM=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
         SPAN=1 if packed is None else min(p.block_k, packed.group_size),
-        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead,
+        CHUNK=1 if packed is None else min(8, p.block_k, packed.group_size),
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead, ASM=not triton_interpret(),
         num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
     )  # fmt: skip
 

@@ -33,8 +33,8 @@ def compile_kernel(rows, block_n, block_k, warps, bits=16, dot=False, ahead=Fals
     packed = bits != 16
     constants = dict(ROWS=max(16 if dot else 1, rows), BLOCK_N=block_n, BLOCK_K=block_k, NORM=False,
                      HAS_BIAS=False, HAS_RES=False, USE_PDL=True, DOT=dot, FP32_DOT=False,
-                     GLU=False, AHEAD=ahead, BITS=bits, GROUP=64 if packed else 1,
-                     SPAN=64 if packed else 1, GATED=False)  # fmt: skip
+                     GLU=False, AHEAD=ahead, ASM=True, BITS=bits, GROUP=64 if packed else 1,
+                     SPAN=64 if packed else 1, CHUNK=8 if packed else 1, GATED=False)  # fmt: skip
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     types = {"X": "*bf16", "W": "*u8" if packed else "*bf16", "Bias": "*bf16", "Gain": "*bf16",
              "Res": "*bf16", "Y": "*bf16", "Scales": "*bf16",

@@ -29,6 +29,9 @@ from attnforge.bench import timing
 from attnforge.environment import environment_report
 from attnforge.kernels.gemv import GemvParams, PackedWeight, default_params, fused_linear
 
+sys.path.insert(0, os.path.dirname(__file__))
+import gemv_f637038 as before  # noqa: E402 - the kernel before the 8-bit words path
+
 DEV = "cuda"
 GROUP = 64
 EPS = 1e-5
@@ -39,12 +42,21 @@ SHAPES = {
     "gate_up+norm+glu": (28672, 4096, 6, "glu"),
     "down+residual": (4096, 14336, 8, "residual"),
 }
-SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params`' choice. Small programs
-    # (2 warps, 2-4 columns) test the occupancy argument: more of them resident per SM, more bytes in flight.
-    8: [(8, 1024, 4, True), (4, 1024, 4, True), (16, 1024, 4, True), (4, 512, 2, True), (2, 512, 2, True),
-        (4, 256, 2, True), (2, 1024, 2, True), (8, 512, 2, True)],
-    5: [(4, 1024, 4, True), (8, 1024, 4, True), (4, 512, 2, True), (2, 512, 2, True), (2, 1024, 2, True)],
-}  # fmt: skip
+SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params`' choice
+    8: [
+        (8, 1024, 4, True),
+        (4, 1024, 4, True),
+        (16, 1024, 4, True),
+        (8, 2048, 8, True),
+        (16, 2048, 8, True),
+        (8, 1024, 4, False),
+        (8, 512, 2, True),
+        (4, 512, 2, True),
+        (8, 2048, 4, True),
+    ],
+    5: [(4, 1024, 4, True), (8, 1024, 4, True), (2, 1024, 2, True)],
+}
+BEFORE = {8: (8, 1024, 4, True), 5: (4, 1024, 4, True)}  # f637038's defaults, timed with its kernel
 
 
 def packed_layers(n, k, bits, layers, seed=0):
@@ -60,12 +72,12 @@ def nbytes(packed: PackedWeight) -> int:
     return sum(t.numel() * t.element_size() for t in (packed.codes, packed.scales, packed.zeros))
 
 
-def call_for(form, x, packed, gain, res, params):
+def call_for(form, x, packed, gain, res, params, linear=fused_linear):
     if form == "norm":
-        return lambda: fused_linear(x, packed, norm=(gain, EPS), params=params)
+        return lambda: linear(x, packed, norm=(gain, EPS), params=params)
     if form == "glu":
-        return lambda: fused_linear(x, packed, norm=(gain, EPS), glu=True, params=params)
-    return lambda: fused_linear(x, packed, residual=res, params=params)
+        return lambda: linear(x, packed, norm=(gain, EPS), glu=True, params=params)
+    return lambda: linear(x, packed, residual=res, params=params)
 
 
 def expected(form, x, packed, gain, res):
@@ -99,18 +111,20 @@ def shape_row(name, n, k, layers, form, bits, floor, sets):
         "sets": {},
         "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}",
     }
-    for bn, bk, warps, ahead in sets:
-        label = f"{bn}x{bk}w{warps}{'a' if ahead else ''}"
-        p = GemvParams(bn, bk, warps, ahead=ahead)
+    runs = [(s, fused_linear, GemvParams, "") for s in sets] + [(BEFORE[bits], before.fused_linear,
+                                                                before.GemvParams, "before ")]  # fmt: skip
+    for (bn, bk, warps, ahead), linear, params_type, tag in runs:
+        label = f"{tag}{bn}x{bk}w{warps}{'a' if ahead else ''}"
+        p = params_type(bn, bk, warps, ahead=ahead)
         try:
-            y = call_for(form, x, packed[0], gain, res, p)()
+            y = call_for(form, x, packed[0], gain, res, p, linear)()
             rel = ((y.double() - ref).norm() / ref.norm()).item()
             if not (rel < 2e-2 and y.isfinite().all()):
                 row["sets"][label] = f"incorrect (rel L2 {rel:.2e})"
                 continue
             us = statistics.median(
                 timing.time_graph_per_call(
-                    lambda i, p=p: call_for(form, x, packed[i], gain, res, p),
+                    lambda i, p=p, linear=linear: call_for(form, x, packed[i], gain, res, p, linear),
                     layers=layers,
                     reps=40,
                 )

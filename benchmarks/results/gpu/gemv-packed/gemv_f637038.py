@@ -1,0 +1,420 @@
+"""Issue 15 (scratch, the sweep's baseline): kernels/gemv.py at f637038, its op registration removed.
+
+Skinny linear layers for decode steps: `y = x @ W.T` for a few rows of x, with the neighbours fused in.
+
+A decode step multiplies one token's hidden state (a few rows at batch > 1) by every weight matrix of the
+model: each product reads a few MB of weights and does almost no arithmetic, so its time is the weight read
+plus the launch. cuBLAS's kernels for one row reach about half the read bandwidth on 4-12 MB matrices (a
+profile of the accelerator's step on an H100, docs/accel.md), and each neighbour (RMSNorm before the q/k/v
+and gate/up products, SiLU(gate) * up before down, the residual add after o and down) is one more launch.
+
+Here one program owns BLOCK_N output columns and reads their weight rows whole, in BLOCK_K slices, so every
+weight byte is read once, contiguously, and the programs need no reduction across them. The neighbours:
+  - `norm=(gain, eps)`: x is first replaced by RMSNorm(x) (`gain * (x * rsqrt(mean(x^2) + eps))`, rounded to
+    the working dtype where transformers' Llama/Qwen norms round). The mean needs all of x's row: each program
+    reads it (a few KB, from L2) before its slice of W;
+  - `glu=True`: the weight is `[gate; up]` (the model's fused gate/up); a program reads gate rows j and up
+    rows N/2 + j together and writes `silu(gate) * up` (rounded as torch's ops round), N/2 outputs: down's
+    input (faster than recomputing it inside down's read of `[gate | up]`, which every down program did:
+    Qwen3-0.6B's MLP 10.97 -> 10.60 us, Llama-3-8B's 123.9 -> 120.5, `gemv/glu-ab-20261206-dc4d36c.json`);
+  - `bias`, and `residual` (`y = residual + (x @ W.T + bias)`, rounded after the product as an add would).
+Rows are padded to a power of two (at most MAX_ROWS; to 16 with `GemvParams.dot`, the tensor-core product for
+several rows); masked loads never read outside any buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from attnforge.environment import fp32_dot, triton_interpret
+from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
+
+MAX_ROWS = 16
+# Where the kernel beats cuBLAS (H100, benchmarks/results/h100/gemv/): one row 1.07-1.34x on the plain product
+# (1.1-3.1x with its neighbours fused), eight rows 0.41-0.81x. Callers choosing a path use it up to FAST_ROWS.
+FAST_ROWS = 1
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PACKED_BITS = (4, 5, 8)  # weight-only quantized codes the kernel reads (16: the weight as stored)
+
+
+@dataclass(frozen=True)
+class GemvParams:
+    """Launch parameters: output columns per program, weight columns per loop step, warps, and programmatic
+    dependent launch (where the GPU and Triton have it: the first weight slice is read under the previous
+    kernel's tail)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    pdl: bool = True
+    dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
+    ahead: bool = False  # each slice's read asked for one loop step before its product (two slices in flight)
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+        if self.dot and min(self.block_n, self.block_k) < 16:
+            raise ValueError(f"dot=True needs block_n and block_k >= 16 (tensor-core tiles), got "
+                             f"{self.block_n} and {self.block_k}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight-only quantized `[out_features, in_features]` matrix (the format of `accel.quant.linear`):
+    `codes` uint8 `[N, K * bits / 8]` (8 bits: a code a byte; 4: two a byte, element 2j low; 5: that 4-bit
+    plane then a plane of bit 4, element 8j+i in bit i of byte j), `scales` `[N, K / group_size]` in the
+    working dtype and `zeros` uint8 alike: `w = (q - zero) * scale` per group."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
+
+
+# One kernel body (~70 lines) with its prologues and epilogues inline: Triton inlines helpers anyway.
+@triton.jit
+def _gemv_kernel(
+    X, W, Bias, Gain, Res, Y, Scales, Zeros,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, stride_sn, stride_zn, eps,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr,
+    DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr, AHEAD: tl.constexpr,
+):  # fmt: skip
+    if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
+        gdc_launch_dependents()
+    dtype = Y.dtype.element_ty
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < M
+    pid = tl.program_id(0)
+    if GLU:  # weight rows: gate j and up N + j interleaved; BLOCK_N // 2 outputs a program
+        pairs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        cols = pairs + (tl.arange(0, BLOCK_N) % 2) * N
+        col_ok = pairs < N
+        out_cols = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    else:
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        out_cols = cols
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = X + rows[:, None] * stride_xm
+    # The first weight slice does not depend on the previous kernel: with PDL its read starts under that
+    # kernel's tail. What a predecessor wrote (x, the residual) is read, and anything stored, after the wait.
+    # The slice travels through the loop as read (bytes of codes, scales, zeros), decoded where it is used:
+    # a decoded float32 slice carried across iterations was re-laid out through shared memory (with
+    # barriers) every step (sm_90 SASS, triton 3.6).
+    w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn,
+                                          stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
+    if USE_PDL:
+        gdc_wait()
+    inv = tl.zeros([ROWS], tl.float32)
+    if NORM:  # RMSNorm's scale per row: the mean of squares over the whole row
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+            squares += x.to(tl.float32) * x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    if BITS == 16:
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    else:  # a sum per group of the slice, added up once after the loop (not across warps every step)
+        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // SPAN], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
+            w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K,
+                                                  stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
+                                                  SPAN)  # fmt: skip
+        else:
+            if k0 > 0:
+                w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn,
+                                                      stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
+                                                      SPAN)  # fmt: skip
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN)
+        kk = k0 + ks
+        k_ok = kk < K
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)
+        if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
+            gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) * inv[:, None]).to(dtype)
+            x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
+        if DOT:  # [ROWS, BLOCK_K] x [BLOCK_K, BLOCK_N] on the tensor cores, accumulated in fp32
+            if FP32_DOT:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w_now.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w_now))
+        else:
+            acc += _slice_product(x.to(tl.float32), w_now, scale_now, BITS, SPAN)
+    if BITS != 16:
+        acc = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if GLU:  # each product rounded (the model's gate_up output), then silu(gate) * up as torch rounds it
+        gate, up = tl.split(tl.reshape(y, [ROWS, BLOCK_N // 2, 2]))
+        y = _silu_times(gate, up)
+    out_ok = row_ok[:, None] & (out_cols < N)[None, :]
+    if HAS_RES:
+        res = tl.load(Res + rows[:, None] * stride_rm + out_cols[None, :], mask=out_ok, other=0.0)
+        y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
+    tl.store(Y + rows[:, None] * stride_ym + out_cols[None, :], y, mask=out_ok)
+
+
+@triton.jit
+def _silu_times(gate, up):
+    """`silu(gate) * up` in their dtype, each op rounded to it (torch's `F.silu(gate) * up`)."""
+    g = gate.to(tl.float32)
+    h = (g * tl.sigmoid(g)).to(gate.dtype)
+    return (h.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, stride_zn,
+                  BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  SPAN: tl.constexpr):  # fmt: skip
+    """The weight's rows `cols` at input features [k0, k0 + BLOCK_K), as stored: `(w, w, w, w)` with w
+    `[BLOCK_N, BLOCK_K]` (BITS 16); for packed codes (`PackedWeight`'s format, contiguous bytes) `(codes,
+    plane, scale, zero)`: the code bytes (`[BLOCK_N, BLOCK_K]` at 8 bits, two a byte `[BLOCK_N, BLOCK_K / 2]`
+    at 4 and 5), the bytes of 5-bit codes' bit 4 (`[BLOCK_N, BLOCK_K / 8]`; the codes again otherwise), and
+    the slice's groups' scales and zeros `[BLOCK_N, BLOCK_K // SPAN]` (SPAN = min(BLOCK_K, GROUP) features a
+    scale). `_decode_slice` turns them into numbers."""
+    rows = W + cols[:, None] * stride_wn
+    if BITS == 16:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        codes = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
+        plane = codes
+        scale = codes
+        zero = codes
+    else:
+        if BITS == 8:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            codes = tl.load(rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0)
+            plane = codes
+        else:  # two codes a byte: element 2j in the low nibble, 2j+1 in the high one
+            pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            codes = tl.load(rows + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :], other=0)
+            plane = codes
+            if BITS == 5:  # bit 4 of element 8j+i is bit i of byte K/2 + j
+                j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                plane_ok = col_ok[:, None] & (j < K // 8)[None, :]
+                plane = tl.load(rows + K // 2 + j[None, :], mask=plane_ok, other=0)
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // SPAN)
+        g_mask = col_ok[:, None] & (g < K // GROUP)[None, :]
+        scale = tl.load(Scales + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0)
+        zero = tl.load(Zeros + cols[:, None] * stride_zn + g[None, :], mask=g_mask, other=0)
+    return codes, plane, scale, zero
+
+
+@triton.jit
+def _decode_slice(codes, plane, scale, zero, BITS: tl.constexpr, SPAN: tl.constexpr):
+    """`_weight_slice`'s raw slice as numbers: `(w, w)` as stored (BITS 16), else `(q - zero, scale)`: the
+    centered codes, exact, as float32 `[BLOCK_N, BLOCK_K]`, and the float32 scales `[BLOCK_N, groups]`."""
+    if BITS == 16:
+        w, w_scale = codes, codes
+    else:
+        n: tl.constexpr = codes.shape[0]
+        if BITS == 8:
+            q = codes.to(tl.int32)
+        else:
+            even, odd = codes.to(tl.int32) & 15, codes.to(tl.int32) >> 4
+            if BITS == 5:  # pair 4j+i's high bits are bits 2i and 2i+1 of plane byte j
+                half: tl.constexpr = codes.shape[1]
+                bits4 = tl.reshape(plane.to(tl.int32), [n, half // 4, 1])
+                shift = 2 * tl.arange(0, 4)[None, None, :]
+                even = even | (tl.reshape((bits4 >> shift) & 1, [n, half]) << 4)
+                odd = odd | (tl.reshape((bits4 >> (shift + 1)) & 1, [n, half]) << 4)
+            q = tl.interleave(even, odd)
+        width: tl.constexpr = q.shape[1]
+        # q - zero, exact, without an int-to-float conversion per code (a quarter-rate instruction on Hopper,
+        # which bounded the packed kernel): a code c < 2^23 OR-ed into 2^23's bits is the float 2^23 + c,
+        # so (2^23 + q) - (2^23 + zero) is q - zero in one float subtraction.
+        centered = tl.reshape(_magic_float(q), [n, width // SPAN, SPAN])
+        centered = centered - _magic_float(zero.to(tl.int32))[:, :, None]
+        w, w_scale = tl.reshape(centered, [n, width]), scale.to(tl.float32)
+    return w, w_scale
+
+
+@triton.jit
+def _magic_float(c):
+    """2^23 + c as float32, exactly, for integer codes 0 <= c < 2^23 (int32): c in the mantissa of 2^23."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slice_product(x, w, scale, BITS: tl.constexpr, SPAN: tl.constexpr):
+    """`[ROWS, BLOCK_N]`: x `[ROWS, BLOCK_K]` (float32) times the slice from `_decode_slice`; for packed
+    codes `[ROWS, BLOCK_N, groups]`: `scale * (x . (q - zero))` per group in float32 (the weight is never
+    rounded to the working dtype: no dequantized copy exists)."""
+    if BITS == 16:
+        product = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        rows: tl.constexpr = x.shape[0]
+        n: tl.constexpr = w.shape[0]
+        per: tl.constexpr = w.shape[1] // SPAN
+        x3 = tl.reshape(x, [rows, 1, per, SPAN])
+        dots = tl.sum(x3 * tl.reshape(w, [1, n, per, SPAN]), axis=3)  # [ROWS, BLOCK_N, groups]
+        product = dots * scale[None, :, :]
+    return product
+
+
+# One row against few output columns (N <= this) reads a K of up to 4096 in one slice.
+ONE_SLICE_MAX_N = 2048
+
+
+def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
+    """Launch parameters, from per-call times in 28-layer CUDA graphs on an H100 (GEMV sweeps under
+    benchmarks/results/h100/gemv/; the products of Qwen3-0.6B and Llama-3-8B as the accelerator calls them,
+    neighbours fused). By default 4 output columns per program (many programs, balanced over the SMs; each
+    reads whole weight rows) in 1024-column slices, 4 warps; 16 rows: half slices (registers). For one row of
+    unpacked weights:
+      - few outputs (N <= ONE_SLICE_MAX_N), 1024 < K <= 4096 (Qwen3-0.6B's o and down): the whole row in one
+        slice, all of it asked for before the PDL wait (1024-wide slices ran at 32-34% of the read floor where
+        one-slice products ran at 72-75%: each later slice is a round trip after the wait; `slice_ab.py`);
+      - other K > 1024 (Llama-3-8B's four products): 2048-column slices, 8 warps (q/k/v with its norm 23.3 ->
+        19.6 us, gate/up 78.9 -> 77.4, down with silu * up 47.5 -> 46.2, o equal; gemv-sweep-20261206c),
+        each slice asked for one loop step ahead (plain products: q/k/v 19.4 -> 18.4 us, o 13.8 -> 13.0,
+        gate/up 78.9 -> 76.9, down 47.2 -> 40.8; fused with their norms equal; gemv-sweep-20261206d);
+      - K <= 1024 against 4096 < N <= 16384 (Qwen3-0.6B's gate/up): 16 columns a program (7.2 -> 6.4 us; its
+        q/k/v, N = 4096, and its LM head stay faster at 4).
+    `bits`: 16 for weights as stored (any dtype), 4/5/8 for packed codes. One row of packed codes, each slice
+    asked for one step ahead: 8-bit codes 8 columns a program (Llama-3-8B's four fused products at 4 x 1024
+    17.7 / 11.7 / 71.9 / 37.0 us -> 16.0 / 10.6 / 66.1 / 32.0), 5-bit 4 (19.8 / 13.9 / 81.6 / 45.1 -> 19.0 /
+    11.8 / 81.0 / 37.1; `gemv-packed/packed-fused-sweep-20261206-*.json`). 4-bit codes (the triton backend's;
+    "auto" gives them to core torch's kernel) keep 4 x 1024, not measured otherwise."""
+    if triton_interpret():  # the interpreter's cost is per program: few, wide ones
+        return GemvParams(block_n=256, block_k=256, num_warps=4)
+    packed = bits != 16
+    if rows == 1 and bits in (5, 8):
+        return GemvParams(block_n=8 if bits == 8 else 4, block_k=1024, num_warps=4, ahead=True)
+    if rows == 1 and not packed and k > 1024:
+        if n <= ONE_SLICE_MAX_N and k <= 4096:
+            block_k = triton.next_power_of_2(k)
+            return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
+        return GemvParams(block_n=4, block_k=2048, num_warps=8, ahead=True)
+    if rows == 1 and not packed and 4096 < n <= 16384:
+        return GemvParams(block_n=16, block_k=1024, num_warps=4)
+    return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
+
+
+def _check(x, weight, bias, gain, residual, glu=False) -> None:
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; fused_linear supports {DTYPES}")
+    if isinstance(weight, PackedWeight):
+        _check_packed(weight, x)
+    elif weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim {x.shape[-1]} must be in_features = {k}")
+    if glu and n % 2:
+        raise ValueError(f"glu=True needs the weight's rows to be [gate; up] (an even count), got {n}")
+    rows = x.numel() // k if k else 0
+    if rows > MAX_ROWS:
+        raise ValueError(f"fused_linear serves at most {MAX_ROWS} rows (decode steps); x has {rows}")
+    dense = None if isinstance(weight, PackedWeight) else weight
+    named = {"weight": dense, "bias": bias, "norm gain": gain, "residual": residual}
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype or tensor.device != x.device:
+            raise ValueError(f"{name} is {tensor.dtype} on {tensor.device}; x is {x.dtype} on {x.device}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if gain is not None and tuple(gain.shape) != (k,):
+        raise ValueError(f"norm gain must have shape ({k},), got {tuple(gain.shape)}")
+    out = (*x.shape[:-1], n // 2 if glu else n)
+    if residual is not None and tuple(residual.shape) != out:
+        raise ValueError(f"residual must have shape {out}, got {tuple(residual.shape)}")
+
+
+def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
+    codes, scales, zeros = packed.codes, packed.scales, packed.zeros
+    if packed.bits not in PACKED_BITS:
+        raise ValueError(f"bits={packed.bits} is not supported; accepted: {PACKED_BITS}")
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"codes must be uint8 [out, in * bits / 8], got {codes.dtype} {tuple(codes.shape)}")
+    n, k = packed.shape
+    if packed.group_size <= 0 or k % packed.group_size:
+        raise ValueError(f"in_features={k} is not divisible by group_size={packed.group_size}")
+    groups = (n, k // packed.group_size)
+    if tuple(scales.shape) != groups or tuple(zeros.shape) != groups or zeros.dtype != torch.uint8:
+        raise ValueError(f"scales and zeros (uint8) must be {groups}, got {tuple(scales.shape)} "
+                         f"{scales.dtype} and {tuple(zeros.shape)} {zeros.dtype}")  # fmt: skip
+    if scales.dtype != x.dtype or {t.device for t in (codes, scales, zeros)} != {x.device}:
+        raise ValueError(
+            f"scales are {scales.dtype}, codes/scales/zeros on "
+            f"{sorted({str(t.device) for t in (codes, scales, zeros)})}; x is {x.dtype} on {x.device}"
+        )
+    if any(t.stride(-1) != 1 for t in (codes, scales, zeros)):
+        raise ValueError("codes, scales and zeros must be contiguous in their last dim")
+
+
+@functools.lru_cache(maxsize=256)
+def _grid(n: int, block_n: int) -> tuple[int]:
+    return (triton.cdiv(n, block_n),)
+
+
+def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams | None = None,
+                  glu: bool = False) -> None:  # fmt: skip
+    """Run the kernel into `out` (`[..., N]`, `[..., N / 2]` with `glu`); arguments as `fused_linear`, already
+    checked."""
+    rows, (n_weight, k) = out.numel() // max(out.shape[-1], 1), weight.shape
+    n = out.shape[-1]
+    if rows == 0 or n == 0:
+        return
+    x2, res2 = x.reshape(rows, x.shape[-1]), None if residual is None else residual.reshape(rows, n)
+    packed = weight if isinstance(weight, PackedWeight) else None
+    if packed is None:
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        scales = zeros = w
+    else:
+        w, scales, zeros = packed.codes, packed.scales, packed.zeros
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if res2 is not None and res2.stride(-1) != 1:
+        res2 = res2.contiguous()
+    y2 = out.view(rows, n)
+    p = params or default_params(rows, n_weight, k, 16 if packed is None else packed.bits)
+    if glu and p.block_n < 2:
+        raise ValueError(f"glu=True needs block_n >= 2 (a gate and an up row a program), got {p.block_n}")
+    if packed is not None and p.block_k < 16:
+        raise ValueError(f"packed weights need block_k >= 16 (whole bytes of codes), got {p.block_k}")
+    if packed is not None and p.dot:
+        raise ValueError("dot=True multiplies weights as stored; packed weights take the dot=False path")
+    dummy = y2
+    _gemv_kernel[_grid(n, p.block_n // 2 if glu else p.block_n)](
+        x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
+        dummy if res2 is None else res2, y2, scales, zeros,
+        rows, n, k, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
+        scales.stride(0), zeros.stride(0), float(eps),
+        ROWS=max(16 if p.dot else 1, triton.next_power_of_2(rows)), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
+        NORM=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
+        BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
+        SPAN=1 if packed is None else min(p.block_k, packed.group_size),
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead,
+        num_warps=p.num_warps, **pdl_options(p.pdl and pdl_supported(out.device)),
+    )  # fmt: skip
+
+
+def fused_linear(x, weight, bias=None, *, norm=None, residual=None, glu=False, params=None):
+    """The kernel as it was at f637038 (eager only; the sweep's baseline)."""
+    gain, eps = norm if norm is not None else (None, 0.0)
+    _check(x, weight, bias, gain, residual, glu)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if glu else weight.shape[0])
+    launch_linear(x, weight, bias, gain, eps, residual, out, params, glu)
+    return out
