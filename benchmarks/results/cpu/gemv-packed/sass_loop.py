@@ -29,12 +29,14 @@ OPCODE = re.compile(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def compile_kernel(rows, block_n, block_k, warps, bits=16, dot=False, ahead=False):
+    span = min(block_k, 64) if bits != 16 else block_k  # group 64
+    chunk = min(8, span) if rows == 1 else span  # as gemv._chunk
     kernel = gemv._gemv_kernel
     packed = bits != 16
     constants = dict(ROWS=max(16 if dot else 1, rows), BLOCK_N=block_n, BLOCK_K=block_k, NORM=False,
                      HAS_BIAS=False, HAS_RES=False, USE_PDL=True, DOT=dot, FP32_DOT=False,
                      GLU=False, AHEAD=ahead, ASM=True, BITS=bits, GROUP=64 if packed else 1,
-                     SPAN=64 if packed else 1, CHUNK=8 if packed else 1, GATED=False)  # fmt: skip
+                     SPAN=64 if packed else 1, CHUNK=chunk, GATED=False)  # fmt: skip
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     types = {"X": "*bf16", "W": "*u8" if packed else "*bf16", "Bias": "*bf16", "Gain": "*bf16",
              "Res": "*bf16", "Y": "*bf16", "Scales": "*bf16",
@@ -75,6 +77,7 @@ CASES = [  # (label, rows, block_n, block_k, warps, bits, dot, ahead)
     ("8-bit, 1 row", 1, 4, 1024, 4, 8, False, False),
     ("8-bit, 1 row, ahead", 1, 8, 1024, 4, 8, False, True),
     ("bf16, 8 rows", 8, 4, 1024, 4, 16, False, False),
+    ("8-bit, 8 rows", 8, 4, 1024, 4, 8, False, False),
     ("bf16, 8 rows, tensor cores", 8, 32, 512, 8, 16, True, False),
     ("bf16, 8 rows, tensor cores, ahead", 8, 32, 512, 8, 16, True, True),
 ]

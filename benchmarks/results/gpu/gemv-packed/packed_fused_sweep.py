@@ -1,6 +1,7 @@
 """Issue 15 (scratch, for the GPU): launch sets for the packed skinny linear in the forms the accelerator
 calls (Llama-3-8B, one row): q/k/v with its RMSNorm, o with the residual, gate/up with its norm and silu * up
-(`glu`), down with the residual; 8-bit (quality-8bit, target 1.4x bf16) and 5-bit codes, group 64.
+(`glu`), down with the residual; 8-bit (quality-8bit, target 1.4x bf16) and 5-bit codes, group 64, and the
+bf16 weights as stored (the unquantized accelerator's calls), each against f637038's kernel at its default.
 Run from the repository root with PYTHONPATH=src:
 
     python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json
@@ -54,9 +55,11 @@ SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params
         (4, 512, 2, True),
         (8, 2048, 4, True),
     ],
+    16: [(4, 2048, 8, True), (8, 2048, 8, True), (4, 1024, 4, True), (8, 1024, 4, True), (2, 2048, 8, True)],
     5: [(4, 1024, 4, True), (8, 1024, 4, True), (2, 1024, 2, True)],
 }
-BEFORE = {8: (8, 1024, 4, True), 5: (4, 1024, 4, True)}  # f637038's defaults, timed with its kernel
+# f637038's defaults, timed with its kernel (16: the weight as stored, bf16: the unquantized accelerator's)
+BEFORE = {8: (8, 1024, 4, True), 16: (4, 2048, 8, True), 5: (4, 1024, 4, True)}
 
 
 def packed_layers(n, k, bits, layers, seed=0):
@@ -64,11 +67,13 @@ def packed_layers(n, k, bits, layers, seed=0):
     out = []
     for _ in range(layers):
         w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16, generator=gen) / k**0.5
-        out.append(PackedWeight(*quantize_weight(w, bits, GROUP), bits, GROUP))
+        out.append(w if bits == 16 else PackedWeight(*quantize_weight(w, bits, GROUP), bits, GROUP))
     return out
 
 
-def nbytes(packed: PackedWeight) -> int:
+def nbytes(packed) -> int:
+    if isinstance(packed, torch.Tensor):
+        return packed.numel() * packed.element_size()
     return sum(t.numel() * t.element_size() for t in (packed.codes, packed.scales, packed.zeros))
 
 
@@ -82,7 +87,10 @@ def call_for(form, x, packed, gain, res, params, linear=fused_linear):
 
 def expected(form, x, packed, gain, res):
     k = x.shape[-1]
-    dense = dequantize_weight(packed.codes, packed.scales, packed.zeros, packed.bits, GROUP, k).double()
+    if isinstance(packed, torch.Tensor):
+        dense = packed.double()
+    else:
+        dense = dequantize_weight(packed.codes, packed.scales, packed.zeros, packed.bits, GROUP, k).double()
     xin = x
     if form in ("norm", "glu"):
         xin = gain * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
@@ -176,7 +184,7 @@ def main(path):
     doc = {"environment": environment_report(), "read_gbps": timing.measure_read_bandwidth() / 1e9,
            "group_size": GROUP, "rows": []}  # fmt: skip
     floor = doc["read_gbps"] * 1e9
-    for bits in (8, 5):
+    for bits in (8, 16, 5):
         for name, (n, k, layers, form) in SHAPES.items():
             row = shape_row(name, n, k, layers, form, bits, floor, SETS[bits])
             doc["rows"].append(row)
