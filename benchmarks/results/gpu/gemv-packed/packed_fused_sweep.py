@@ -124,6 +124,8 @@ def shape_row(name, n, k, layers, form, bits, floor, sets):
     for (bn, bk, warps, ahead), linear, params_type, tag in runs:
         label = f"{tag}{bn}x{bk}w{warps}{'a' if ahead else ''}"
         p = params_type(bn, bk, warps, ahead=ahead)
+        if tag and not isinstance(packed[0], torch.Tensor):  # the kernel before takes its own PackedWeight
+            packed = [before.PackedWeight(w.codes, w.scales, w.zeros, w.bits, w.group_size) for w in packed]
         try:
             y = call_for(form, x, packed[0], gain, res, p, linear)()
             rel = ((y.double() - ref).norm() / ref.norm()).item()
@@ -132,7 +134,9 @@ def shape_row(name, n, k, layers, form, bits, floor, sets):
                 continue
             us = statistics.median(
                 timing.time_graph_per_call(
-                    lambda i, p=p, linear=linear: call_for(form, x, packed[i], gain, res, p, linear),
+                    lambda i, p=p, linear=linear, packed=packed: call_for(
+                        form, x, packed[i], gain, res, p, linear
+                    ),
                     layers=layers,
                     reps=40,
                 )
@@ -184,7 +188,7 @@ def main(path):
     doc = {"environment": environment_report(), "read_gbps": timing.measure_read_bandwidth() / 1e9,
            "group_size": GROUP, "rows": []}  # fmt: skip
     floor = doc["read_gbps"] * 1e9
-    for bits in (8, 16, 5):
+    for bits in [int(b) for b in os.environ.get("SWEEP_BITS", "8,16,5").split(",")]:
         for name, (n, k, layers, form) in SHAPES.items():
             row = shape_row(name, n, k, layers, form, bits, floor, SETS[bits])
             doc["rows"].append(row)
