@@ -308,12 +308,12 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
     n: tl.constexpr = w.shape[0]
     chunks: tl.constexpr = w.shape[1] // CHUNK
     w = w.to(tl.float32)
-    if rows == 1:  # [1, K] * [N, K] (x takes the weight's layout), summed in each thread: no shuffles
+    if rows == 1 and (BITS == 16 or BITS == 8):  # [1, K] * [N, K]: x takes the weight's layout
         dots = tl.sum(tl.reshape(x * w, [n, chunks, CHUNK]), axis=2)[None, :, :]
         product = dots if BITS == 16 else dots * scale[None, :, :]
     elif BITS == 16:
         product = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    else:  # several rows: CHUNK is the group (fewer, wider sums)
+    else:  # several rows, or 4/5-bit codes: CHUNK is the group (fewer, wider sums)
         x4 = tl.reshape(x, [rows, 1, chunks, CHUNK])
         product = tl.sum(x4 * tl.reshape(w, [1, n, chunks, CHUNK]), axis=3) * scale[None, :, :]
     return product
@@ -346,8 +346,10 @@ def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
-    if rows == 1 and bits in (5, 8):
-        return GemvParams(block_n=8 if bits == 8 else 4, block_k=1024, num_warps=4, ahead=True)
+    if rows == 1 and bits == 8:
+        return GemvParams(block_n=8, block_k=2048 if n <= 4096 else 1024, num_warps=4, ahead=True)
+    if rows == 1 and bits == 5:
+        return GemvParams(block_n=4, block_k=1024, num_warps=4, ahead=True)
     if rows == 1 and not packed and k > 1024:
         if n <= ONE_SLICE_MAX_N and k <= 4096:
             block_k = triton.next_power_of_2(k)
@@ -416,9 +418,11 @@ def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
 def _chunk(rows: int, block_k: int, packed: PackedWeight | None) -> int:
     """Features a partial sum covers: 8 for one row (one thread's 16-byte read of x: summed without
     crossing threads, sm_90 SASS 7.3 -> 4.6 instructions a bf16 weight, 9.4 -> 4.8 an 8-bit one with words;
-    cpu/gemv-packed/sass-loop-20261206d.txt), a group for several rows (their 8-wide sums took 2-3x more)."""
+    cpu/gemv-packed/sass-loop-20261206d.txt), a group for several rows (their 8-wide sums took 2-3x more) and
+    for 4/5-bit codes (8-wide: 5-bit o and down 11.8 -> 13.5 and 36.8 -> 42.2 us on an H100,
+    gemv-packed/packed-fused-sweep-20261206-972ecc4.json)."""
     span = block_k if packed is None else min(block_k, packed.group_size)
-    return min(8, span) if rows == 1 else span
+    return min(8, span) if rows == 1 and (packed is None or packed.bits == 8) else span
 
 
 @functools.lru_cache(maxsize=256)

@@ -30,7 +30,7 @@ OPCODE = re.compile(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 def compile_kernel(rows, block_n, block_k, warps, bits=16, dot=False, ahead=False):
     span = min(block_k, 64) if bits != 16 else block_k  # group 64
-    chunk = min(8, span) if rows == 1 else span  # as gemv._chunk
+    chunk = min(8, span) if rows == 1 and bits in (8, 16) else span  # as gemv._chunk
     kernel = gemv._gemv_kernel
     packed = bits != 16
     constants = dict(ROWS=max(16 if dot else 1, rows), BLOCK_N=block_n, BLOCK_K=block_k, NORM=False,

@@ -46,6 +46,7 @@ SHAPES = {
 SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params`' choice
     8: [
         (8, 1024, 4, True),
+        (8, 2048, 4, True),
         (4, 1024, 4, True),
         (16, 1024, 4, True),
         (8, 2048, 8, True),
@@ -53,7 +54,6 @@ SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params
         (8, 1024, 4, False),
         (8, 512, 2, True),
         (4, 512, 2, True),
-        (8, 2048, 4, True),
     ],
     16: [(4, 2048, 8, True), (8, 2048, 8, True), (4, 1024, 4, True), (8, 1024, 4, True), (2, 2048, 8, True)],
     5: [(4, 1024, 4, True), (8, 1024, 4, True), (2, 1024, 2, True)],
