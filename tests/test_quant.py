@@ -411,7 +411,10 @@ def test_auto_is_the_default_backend_and_the_torch_reference_off_a_gpu():
 
 
 def test_a_quantized_model_compiles_without_an_eager_call_first():
-    """quantize converts each layer's weight for its backend at once (tinygemm's format here)."""
+    """quantize converts each layer's weight for its backend at once (tinygemm's format here). Compiled and
+    eager logits differ by bf16 rounding in fused kernels: on an H100 1.24% here and 1.27% for the same
+    model unquantized (h100/gpu-tests-gemv-quant-accel-20261206-3355df7.log), so the bound is the larger of
+    1% and twice the unquantized model's own gap; a wrong conversion is off by far more."""
     model = tiny_model().to(DEVICE, TINYGEMM_DTYPES[0])
     plain = copy.deepcopy(model)
     af.quantize(model, "speed-4bit", 32, backend="tinygemm")
@@ -420,10 +423,9 @@ def test_a_quantized_model_compiles_without_an_eager_call_first():
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=False)(prompt).logits  # before any eager call
         eager = model(prompt).logits
-        # what compiling does to the same model unquantized (bf16 rounding in fused kernels), for the record
         plain_gap = _rel_gap(torch.compile(plain, fullgraph=False)(prompt).logits, plain(prompt).logits)
     gap = _rel_gap(compiled, eager)
-    assert gap < 1e-2, f"compiled vs eager {gap:.2e} (unquantized model: {plain_gap:.2e})"
+    assert gap < max(1e-2, 2 * plain_gap), f"compiled vs eager {gap:.2e} (unquantized model: {plain_gap:.2e})"
 
 
 def _rel_gap(a, b):
