@@ -141,7 +141,7 @@ def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
         (1, 1024, 3072, 16, GemvParams(4, 4096, 8)),  # its down
         (1, 1024, 1024, 16, GemvParams(4, 1024, 4)),  # one slice already
         (1, 6144, 4096, 16, GemvParams(4, 2048, 8, ahead=True)),  # Llama-3-8B q/k/v: read ahead
-        (1, 4096, 14336, 16, GemvParams(4, 2048, 8, ahead=True)),  # its down
+        (1, 4096, 14336, 16, GemvParams(8, 2048, 8, ahead=True)),  # its down: 8 columns a program
         (1, 1024, 14336, 16, GemvParams(4, 2048, 8, ahead=True)),  # too wide for one slice
         (1, 6144, 1024, 16, GemvParams(16, 1024, 4)),  # Qwen3-0.6B's gate/up: 16 columns a program
         (1, 4096, 1024, 16, GemvParams(4, 1024, 4)),  # its q/k/v

@@ -335,14 +335,16 @@ def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
       - other K > 1024 (Llama-3-8B's four products): 2048-column slices, 8 warps (q/k/v with its norm 23.3 ->
         19.6 us, gate/up 78.9 -> 77.4, down with silu * up 47.5 -> 46.2, o equal; gemv-sweep-20261206c),
         each slice asked for one loop step ahead (plain products: q/k/v 19.4 -> 18.4 us, o 13.8 -> 13.0,
-        gate/up 78.9 -> 76.9, down 47.2 -> 40.8; fused with their norms equal; gemv-sweep-20261206d);
+        gate/up 78.9 -> 76.9, down 47.2 -> 40.8; fused with their norms equal; gemv-sweep-20261206d); K >
+        8192 against N >= 4096 (Llama-3-8B's down) 8 columns a program (40.0 -> 38.3 us);
       - K <= 1024 against 4096 < N <= 16384 (Qwen3-0.6B's gate/up): 16 columns a program (7.2 -> 6.4 us; its
         q/k/v, N = 4096, and its LM head stay faster at 4).
     `bits`: 16 for weights as stored (any dtype), 4/5/8 for packed codes. One row of packed codes, each slice
-    asked for one step ahead: 8-bit codes 8 columns a program (Llama-3-8B's four fused products at 4 x 1024
-    17.7 / 11.7 / 71.9 / 37.0 us -> 16.0 / 10.6 / 66.1 / 32.0), 5-bit 4 (19.8 / 13.9 / 81.6 / 45.1 -> 19.0 /
-    11.8 / 81.0 / 37.1; `gemv-packed/packed-fused-sweep-20261206-*.json`). 4-bit codes (the triton backend's;
-    "auto" gives them to core torch's kernel) keep 4 x 1024, not measured otherwise."""
+    asked for one step ahead: 8-bit codes 8 columns a program in 1024-column slices, 2048 where N <= 4096
+    (Llama-3-8B's four fused products 11.3 / 8.0 / 44.9 / 24.7 us, 70-88% of the read floor), 5-bit 4 x 1024
+    (19.0 / 11.8 / 81.0 / 37.1); `gemv-packed/packed-fused-sweep-20261206-*.json`, `...-3355df7.json` for the
+    bf16 down. 4-bit codes (the triton backend's; "auto" gives them to core torch's kernel) keep 4 x 1024, not
+    measured otherwise."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
@@ -354,7 +356,7 @@ def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
         if n <= ONE_SLICE_MAX_N and k <= 4096:
             block_k = triton.next_power_of_2(k)
             return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
-        return GemvParams(block_n=4, block_k=2048, num_warps=8, ahead=True)
+        return GemvParams(block_n=8 if k > 8192 and n >= 4096 else 4, block_k=2048, num_warps=8, ahead=True)
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
