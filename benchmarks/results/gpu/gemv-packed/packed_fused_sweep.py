@@ -1,8 +1,11 @@
 """Issue 15 (scratch, for the GPU): launch sets for the packed skinny linear in the forms the accelerator
 calls (Llama-3-8B, one row): q/k/v with its RMSNorm, o with the residual, gate/up with its norm and silu * up
 (`glu`), down with the residual; 8-bit (quality-8bit, target 1.4x bf16) and 5-bit codes, group 64, and the
-bf16 weights as stored (the unquantized accelerator's calls), each against f637038's kernel at its default.
-Run from the repository root with PYTHONPATH=src:
+bf16 weights as stored (the unquantized accelerator's calls), each against f637038's kernel at its default
+where a copy of it sits beside this file (the eighth session's runs had one; make it again with
+`git show f637038:src/attnforge/kernels/gemv.py`, its `_linear_op` registration and the op's fake removed
+and `fused_linear` eager only). Run from the repository root with PYTHONPATH=src (SWEEP_BITS=8,16,5 by
+default):
 
     python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json
 
@@ -14,7 +17,9 @@ bf16 and core torch's int8 weight-only product. What it found (H100): at 7a4b8b9
 read-ahead the fastest 8-bit set on all four products, 54-62% of the read floor); at 20542e6 codes read as
 32-bit words (`packed-fused-sweep-20261206-20542e6.json`: slower than bytes on q/k/v and o, at most 9%
 faster on down, though 28% fewer instructions a loop step offline, cpu/gemv-packed/sass-loop-20261206c.txt;
-dropped) and the 5-bit sets.
+dropped) and the 5-bit sets; at 3355df7-28ea064 the codes read as int32 words in x's layout, one `prmt` a
+code (`...-{3355df7,972ecc4,28ea064}.json`: 8-bit 1.2-1.5x faster than f637038's kernel, 70-88% of the
+floor; bf16 1-8% faster, 89-99%; 5-bit equal once it kept its group-wide sums).
 """
 
 import json
@@ -31,7 +36,10 @@ from attnforge.environment import environment_report
 from attnforge.kernels.gemv import GemvParams, PackedWeight, default_params, fused_linear
 
 sys.path.insert(0, os.path.dirname(__file__))
-import gemv_f637038 as before  # noqa: E402 - the kernel before the 8-bit words path
+try:  # the kernel before the 8-bit words path, timed beside this one where its copy is here (see above)
+    import gemv_f637038 as before  # noqa: E402
+except ImportError:
+    before = None
 
 DEV = "cuda"
 GROUP = 64
@@ -119,8 +127,9 @@ def shape_row(name, n, k, layers, form, bits, floor, sets):
         "sets": {},
         "default": f"{default.block_n}x{default.block_k}w{default.num_warps}{'a' if default.ahead else ''}",
     }
-    runs = [(s, fused_linear, GemvParams, "") for s in sets] + [(BEFORE[bits], before.fused_linear,
-                                                                before.GemvParams, "before ")]  # fmt: skip
+    runs = [(s, fused_linear, GemvParams, "") for s in sets]
+    if before is not None:
+        runs.append((BEFORE[bits], before.fused_linear, before.GemvParams, "before "))
     for (bn, bk, warps, ahead), linear, params_type, tag in runs:
         label = f"{tag}{bn}x{bk}w{warps}{'a' if ahead else ''}"
         p = params_type(bn, bk, warps, ahead=ahead)
