@@ -301,9 +301,10 @@ def _magic_words(words, ASM: tl.constexpr):
 
 @triton.jit
 def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
-    """`[ROWS, BLOCK_N]`: x `[ROWS, BLOCK_K]` (float32) times the slice from `_decode_slice`; for packed
-    codes `[ROWS, BLOCK_N, BLOCK_K / CHUNK]`: `scale * (x . (q - zero))` per CHUNK features in float32 (the
-    weight is never rounded to the working dtype: no dequantized copy exists)."""
+    """x `[ROWS, BLOCK_K]` (float32) times the slice from `_decode_slice`, summed per CHUNK features:
+    `[ROWS, BLOCK_N, BLOCK_K / CHUNK]` (one row, or packed codes: `scale * (x . (q - zero))` in float32, the
+    weight never rounded to the working dtype: no dequantized copy exists), or summed whole `[ROWS,
+    BLOCK_N]` (several rows of weights as stored). The caller's `acc` has the same shape (`gemv._chunk`)."""
     rows: tl.constexpr = x.shape[0]
     n: tl.constexpr = w.shape[0]
     chunks: tl.constexpr = w.shape[1] // CHUNK
