@@ -306,22 +306,26 @@ def test_packed_weights_need_slices_of_whole_code_bytes():
         fused_linear(x, packed, params=GemvParams(16, 32, 4, dot=True))
 
 
-def test_8bit_codes_are_read_as_words_from_any_view():
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_packed_codes_are_read_as_words_from_any_view(bits):
     x, w, b, _, _ = _case(2, 24, 128, torch.float32, seed=15)
-    packed, dense = _packed(w, 8, 32)
-    wider = torch.zeros(24, 131, dtype=torch.uint8, device=DEVICE)
-    wider[:, 3:] = packed.codes  # rows 131 bytes apart, starting 3 bytes in: not 32-bit aligned
-    view = PackedWeight(wider[:, 3:], packed.scales, packed.zeros, 8, 32)
+    packed, dense = _packed(w, bits, 32)
+    width = packed.codes.shape[1]
+    wider = torch.zeros(24, width + 3, dtype=torch.uint8, device=DEVICE)
+    wider[:, 3:] = packed.codes  # rows width + 3 bytes apart, starting 3 bytes in: not 32-bit aligned
+    view = PackedWeight(wider[:, 3:], packed.scales, packed.zeros, bits, 32)
     assert torch.equal(fused_linear(x, view, b), fused_linear(x, packed, b))
     assert _rel(fused_linear(x, view, b), F.linear(x.double(), dense.double(), b.double())) < 1e-5
 
 
-def test_8bit_codes_need_whole_words_per_row():
-    codes = torch.zeros(4, 6, dtype=torch.uint8, device=DEVICE)
-    scales, zeros = torch.ones(4, 3, device=DEVICE), torch.zeros(4, 3, dtype=torch.uint8, device=DEVICE)
-    message = "8-bit codes are read as 32-bit words: in_features=6 must be a multiple of 4"
+@pytest.mark.parametrize(("bits", "k", "multiple"), [(8, 6, 4), (4, 12, 8), (5, 16, 32)])
+def test_packed_codes_need_whole_words_per_row(bits, k, multiple):
+    codes = torch.zeros(4, k * bits // 8, dtype=torch.uint8, device=DEVICE)
+    scales = torch.ones(4, k // 2, device=DEVICE)
+    zeros = torch.zeros(4, k // 2, dtype=torch.uint8, device=DEVICE)
+    message = f"{bits}-bit codes are read as 32-bit words: in_features={k} must be a multiple of {multiple}"
     with pytest.raises(ValueError, match=message):
-        fused_linear(torch.randn(1, 6, device=DEVICE), PackedWeight(codes, scales, zeros, 8, 2))
+        fused_linear(torch.randn(1, k, device=DEVICE), PackedWeight(codes, scales, zeros, bits, 2))
 
 
 @pytest.mark.parametrize("change,message", PACKED_BAD)

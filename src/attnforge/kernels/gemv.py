@@ -38,6 +38,8 @@ MAX_ROWS = 16
 FAST_ROWS = 1
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PACKED_BITS = (4, 5, 8)  # weight-only quantized codes the kernel reads (16: the weight as stored)
+# Packed rows are read as 32-bit words: in_features a multiple of this (a 5-bit row is 5K/8 bytes)
+WORD_FEATURES = {4: 8, 5: 32, 8: 4}
 
 
 @dataclass(frozen=True)
@@ -209,14 +211,17 @@ def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, s
             words = W.to(tl.pointer_type(tl.int32)) + cols[:, None] * (stride_wn // 4) + kw[None, :]
             codes = tl.load(words, mask=col_ok[:, None] & (kw < K // 4)[None, :], other=0)
             plane = codes
-        else:  # two codes a byte: element 2j in the low nibble, 2j+1 in the high one
-            pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            codes = tl.load(rows + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :], other=0)
+        else:  # eight nibbles a 32-bit word (element 8j + i at bit 4i of word j), one word a thread
+            # ([words, rows] pointers, then transposed: Triton then lays the words out along the threads,
+            # one a thread, so a word's eight codes meet the eight elements of x a thread reads)
+            kw = k0 // 8 + (tl.arange(0, BLOCK_K // 8) * 2) // 2
+            kw_ok = (kw < K // 8)[:, None] & col_ok[None, :]
+            words = W.to(tl.pointer_type(tl.int32)) + cols[None, :] * (stride_wn // 4) + kw[:, None]
+            codes = tl.trans(tl.load(words, mask=kw_ok, other=0))
             plane = codes
             if BITS == 5:  # bit 4 of element 8j+i is bit i of byte K/2 + j
-                j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-                plane_ok = col_ok[:, None] & (j < K // 8)[None, :]
-                plane = tl.load(rows + K // 2 + j[None, :], mask=plane_ok, other=0)
+                plane = tl.trans(tl.load(W + cols[None, :] * stride_wn + K // 2 + kw[:, None], mask=kw_ok,
+                                         other=0))  # fmt: skip
         g = k0 // GROUP + tl.arange(0, BLOCK_K // SPAN)
         g_mask = col_ok[:, None] & (g < K // GROUP)[None, :]
         scale = tl.load(Scales + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0)
@@ -235,22 +240,11 @@ def _decode_slice(
         w, w_scale = codes, codes
     else:
         n: tl.constexpr = codes.shape[0]
-        if BITS == 8:
-            q = codes  # words
-        else:
-            even, odd = codes.to(tl.int32) & 15, codes.to(tl.int32) >> 4
-            if BITS == 5:  # pair 4j+i's high bits are bits 2i and 2i+1 of plane byte j
-                half: tl.constexpr = codes.shape[1]
-                bits4 = tl.reshape(plane.to(tl.int32), [n, half // 4, 1])
-                shift = 2 * tl.arange(0, 4)[None, None, :]
-                even = even | (tl.reshape((bits4 >> shift) & 1, [n, half]) << 4)
-                odd = odd | (tl.reshape((bits4 >> (shift + 1)) & 1, [n, half]) << 4)
-            q = tl.interleave(even, odd)
-        width: tl.constexpr = q.shape[1] * 4 if BITS == 8 else q.shape[1]
+        width: tl.constexpr = codes.shape[1] * (4 if BITS == 8 else 8)
         # q - zero, exact, without an int-to-float conversion per code (a quarter-rate instruction on Hopper,
         # which bounded the packed kernel): a code c < 2^23 OR-ed into 2^23's bits is the float 2^23 + c,
         # so (2^23 + q) - (2^23 + zero) is q - zero in one float subtraction.
-        magic = _magic_words(q, ASM) if BITS == 8 else _magic_float(q)
+        magic = _magic_words(codes, ASM) if BITS == 8 else _magic_nibbles(codes, plane, BITS)
         groups: tl.constexpr = width // SPAN
         chunks: tl.constexpr = width // CHUNK
         per: tl.constexpr = SPAN // CHUNK
@@ -300,6 +294,30 @@ def _magic_words(words, ASM: tl.constexpr):
 
 
 @triton.jit
+def _magic_nibbles(words, plane, BITS: tl.constexpr):
+    """`[R, 8 W]` float32 2^23 + code of the eight 4-bit codes in each int32 of `words` `[R, W]` (code 8j + i
+    at bit 4i of word j); at 5 bits, code 8j + i's bit 4 is bit i of `plane` `[R, W]` (uint8)."""
+    high = plane.to(tl.uint32)
+    words = words.to(tl.uint32, bitcast=True)  # logical shifts
+    rows: tl.constexpr = words.shape[0]
+    # [R, W, 2, 2, 2] holding code 4p + 2q + r at [., j, p, q, r]: flattened, code 8j + 4p + 2q + r
+    evens = tl.join(tl.join(_nibble(words, high, 0, BITS), _nibble(words, high, 4, BITS)),
+                    tl.join(_nibble(words, high, 2, BITS), _nibble(words, high, 6, BITS)))  # fmt: skip
+    odds = tl.join(tl.join(_nibble(words, high, 1, BITS), _nibble(words, high, 5, BITS)),
+                   tl.join(_nibble(words, high, 3, BITS), _nibble(words, high, 7, BITS)))  # fmt: skip
+    return tl.reshape(tl.join(evens, odds), [rows, 8 * words.shape[1]])
+
+
+@triton.jit
+def _nibble(words, high, i: tl.constexpr, BITS: tl.constexpr):
+    """2^23 + code i of each word (`_magic_nibbles`)."""
+    code = (words >> (4 * i)) & 15
+    if BITS == 5:
+        code = code | (((high >> i) & 1) << 4)
+    return (code | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
     """x `[ROWS, BLOCK_K]` (float32) times the slice from `_decode_slice`, summed per CHUNK features:
     `[ROWS, BLOCK_N, BLOCK_K / CHUNK]` (one row, or packed codes: `scale * (x . (q - zero))` in float32, the
@@ -309,12 +327,12 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
     n: tl.constexpr = w.shape[0]
     chunks: tl.constexpr = w.shape[1] // CHUNK
     w = w.to(tl.float32)
-    if rows == 1 and (BITS == 16 or BITS == 8):  # [1, K] * [N, K]: x takes the weight's layout
+    if rows == 1:  # [1, K] * [N, K]: x takes the weight's layout
         dots = tl.sum(tl.reshape(x * w, [n, chunks, CHUNK]), axis=2)[None, :, :]
         product = dots if BITS == 16 else dots * scale[None, :, :]
     elif BITS == 16:
         product = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    else:  # several rows, or 4/5-bit codes: CHUNK is the group (fewer, wider sums)
+    else:  # several rows: CHUNK is the group (fewer, wider sums)
         x4 = tl.reshape(x, [rows, 1, chunks, CHUNK])
         product = tl.sum(x4 * tl.reshape(w, [1, n, chunks, CHUNK]), axis=3) * scale[None, :, :]
     return product
@@ -414,8 +432,10 @@ def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
         )
     if any(t.stride(-1) != 1 for t in (codes, scales, zeros)):
         raise ValueError("codes, scales and zeros must be contiguous in their last dim")
-    if packed.bits == 8 and k % 4:
-        raise ValueError(f"8-bit codes are read as 32-bit words: in_features={k} must be a multiple of 4")
+    words = WORD_FEATURES[packed.bits]
+    if k % words:
+        raise ValueError(f"{packed.bits}-bit codes are read as 32-bit words: in_features={k} must be a "
+                         f"multiple of {words}")  # fmt: skip
 
 
 def _chunk(rows: int, block_k: int, packed: PackedWeight | None) -> int:
@@ -425,7 +445,7 @@ def _chunk(rows: int, block_k: int, packed: PackedWeight | None) -> int:
     for 4/5-bit codes (8-wide: 5-bit o and down 11.8 -> 13.5 and 36.8 -> 42.2 us on an H100,
     gemv-packed/packed-fused-sweep-20261206-972ecc4.json)."""
     span = block_k if packed is None else min(block_k, packed.group_size)
-    return min(8, span) if rows == 1 and (packed is None or packed.bits == 8) else span
+    return min(8, span) if rows == 1 else span
 
 
 @functools.lru_cache(maxsize=256)
@@ -448,7 +468,7 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         scales = zeros = w
     else:
         w, scales, zeros = packed.codes, packed.scales, packed.zeros
-        if packed.bits == 8 and (w.stride(0) % 4 or w.data_ptr() % 4):  # rows read as 32-bit words
+        if w.stride(0) % 4 or w.data_ptr() % 4:  # rows read as 32-bit words
             w = w.clone(memory_format=torch.contiguous_format)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -30,7 +30,7 @@ OPCODE = re.compile(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 def compile_kernel(rows, block_n, block_k, warps, bits=16, dot=False, ahead=False):
     span = min(block_k, 64) if bits != 16 else block_k  # group 64
-    chunk = min(8, span) if rows == 1 and bits in (8, 16) else span  # as gemv._chunk
+    chunk = min(8, span) if rows == 1 else span  # as gemv._chunk
     kernel = gemv._gemv_kernel
     packed = bits != 16
     constants = dict(ROWS=max(16 if dot else 1, rows), BLOCK_N=block_n, BLOCK_K=block_k, NORM=False,
@@ -74,10 +74,12 @@ CASES = [  # (label, rows, block_n, block_k, warps, bits, dot, ahead)
     ("bf16, 1 row", 1, 4, 2048, 8, 16, False, False),
     ("4-bit, 1 row", 1, 4, 1024, 4, 4, False, False),
     ("5-bit, 1 row", 1, 4, 1024, 4, 5, False, False),
+    ("5-bit, 1 row, ahead", 1, 4, 1024, 4, 5, False, True),
     ("8-bit, 1 row", 1, 4, 1024, 4, 8, False, False),
     ("8-bit, 1 row, ahead", 1, 8, 1024, 4, 8, False, True),
     ("bf16, 8 rows", 8, 4, 1024, 4, 16, False, False),
     ("8-bit, 8 rows", 8, 4, 1024, 4, 8, False, False),
+    ("5-bit, 8 rows", 8, 4, 1024, 4, 5, False, False),
     ("bf16, 8 rows, tensor cores", 8, 32, 512, 8, 16, True, False),
     ("bf16, 8 rows, tensor cores, ahead", 8, 32, 512, 8, 16, True, True),
 ]

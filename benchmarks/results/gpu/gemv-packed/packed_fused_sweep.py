@@ -1,11 +1,11 @@
 """Issue 15 (scratch, for the GPU): launch sets for the packed skinny linear in the forms the accelerator
 calls (Llama-3-8B, one row): q/k/v with its RMSNorm, o with the residual, gate/up with its norm and silu * up
 (`glu`), down with the residual; 8-bit (quality-8bit, target 1.4x bf16) and 5-bit codes, group 64, and the
-bf16 weights as stored (the unquantized accelerator's calls), each against f637038's kernel at its default
-where a copy of it sits beside this file (the eighth session's runs had one; make it again with
-`git show f637038:src/attnforge/kernels/gemv.py`, its `_linear_op` registration and the op's fake removed
-and `fused_linear` eager only). Run from the repository root with PYTHONPATH=src (SWEEP_BITS=8,16,5 by
-default):
+bf16 weights as stored (the unquantized accelerator's calls), each against an earlier kernel at its default
+where a copy of it sits beside this file as `gemv_before.py` (make it with `git show
+<commit>:src/attnforge/kernels/gemv.py`, its `_linear_op` registration and the op's fake removed and
+`fused_linear` eager only: the eighth session compared f637038's; the 4/5-bit words path is compared with
+28ea064's). Run from the repository root with PYTHONPATH=src (SWEEP_BITS=8,16,5 by default):
 
     python benchmarks/results/gpu/gemv-packed/packed_fused_sweep.py OUT.json
 
@@ -36,8 +36,8 @@ from attnforge.environment import environment_report
 from attnforge.kernels.gemv import GemvParams, PackedWeight, default_params, fused_linear
 
 sys.path.insert(0, os.path.dirname(__file__))
-try:  # the kernel before the 8-bit words path, timed beside this one where its copy is here (see above)
-    import gemv_f637038 as before  # noqa: E402
+try:  # an earlier kernel, timed beside this one where its copy is here (see above)
+    import gemv_before as before  # noqa: E402
 except ImportError:
     before = None
 
@@ -66,7 +66,7 @@ SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params
     16: [(4, 2048, 8, True), (8, 2048, 8, True), (4, 1024, 4, True), (8, 1024, 4, True), (2, 2048, 8, True)],
     5: [(4, 1024, 4, True), (8, 1024, 4, True), (2, 1024, 2, True)],
 }
-# f637038's defaults, timed with its kernel (16: the weight as stored, bf16: the unquantized accelerator's)
+# the earlier kernel's launch per bits (f637038's defaults; 16: the weight as stored, the unquantized step's)
 BEFORE = {8: (8, 1024, 4, True), 16: (4, 2048, 8, True), 5: (4, 1024, 4, True)}
 
 
