@@ -85,7 +85,7 @@ class PackedWeight:
         return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
 
 
-# One kernel body (~70 lines) with its prologues and epilogues inline: Triton inlines helpers anyway.
+# One kernel body (~85 lines) with its prologues and epilogues inline: Triton inlines helpers anyway.
 @triton.jit
 def _gemv_kernel(
     X, W, Bias, Gain, Res, Y, Scales, Zeros,
