@@ -411,10 +411,10 @@ def test_auto_is_the_default_backend_and_the_torch_reference_off_a_gpu():
 
 
 def test_a_quantized_model_compiles_without_an_eager_call_first():
-    """quantize converts each layer's weight for its backend at once (tinygemm's format here). Compiled and
-    eager logits differ by bf16 rounding in fused kernels: on an H100 1.24% here and 1.27% for the same
-    model unquantized (h100/gpu-tests-gemv-quant-accel-20261206-3355df7.log), so the bound is the larger of
-    1% and twice the unquantized model's own gap; a wrong conversion is off by far more."""
+    """quantize converts each layer's weight for its backend at once (tinygemm's format here). On an H100
+    this fails its 1% bound: compiled vs eager 1.24%, and 1.27% for the same model unquantized
+    (h100/gpu-tests-gemv-quant-accel-20261206-3355df7.log), so the gap is bf16 rounding in inductor's fused
+    kernels, not the conversion; the bound is kept, the message reports both gaps."""
     model = tiny_model().to(DEVICE, TINYGEMM_DTYPES[0])
     plain = copy.deepcopy(model)
     af.quantize(model, "speed-4bit", 32, backend="tinygemm")
@@ -425,7 +425,7 @@ def test_a_quantized_model_compiles_without_an_eager_call_first():
         eager = model(prompt).logits
         plain_gap = _rel_gap(torch.compile(plain, fullgraph=False)(prompt).logits, plain(prompt).logits)
     gap = _rel_gap(compiled, eager)
-    assert gap < max(1e-2, 2 * plain_gap), f"compiled vs eager {gap:.2e} (unquantized model: {plain_gap:.2e})"
+    assert gap < 1e-2, f"compiled vs eager {gap:.2e} (unquantized model: {plain_gap:.2e})"
 
 
 def _rel_gap(a, b):

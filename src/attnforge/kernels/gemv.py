@@ -129,7 +129,8 @@ def _gemv_kernel(
             x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
             squares += x.to(tl.float32) * x.to(tl.float32)
         inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
-    if DOT or (BITS == 16 and ROWS > 1):
+    whole: tl.constexpr = DOT or (BITS == 16 and ROWS > 1)  # acc without a CHUNK axis (_slice_product)
+    if whole:
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
     else:  # a sum per CHUNK features of the slice, added up once after the loop
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
@@ -160,7 +161,7 @@ def _gemv_kernel(
                 acc += tl.dot(x, tl.trans(w_now))
         else:
             acc += _slice_product(x.to(tl.float32), w_now, scale_now, BITS, CHUNK)
-    if not (DOT or (BITS == 16 and ROWS > 1)):
+    if not whole:
         acc = tl.sum(acc, axis=2)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -189,10 +190,10 @@ def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, s
                   SPAN: tl.constexpr):  # fmt: skip
     """The weight's rows `cols` at input features [k0, k0 + BLOCK_K), as stored: `(w, w, w, w)` with w
     `[BLOCK_N, BLOCK_K]` (BITS 16); for packed codes (`PackedWeight`'s format, contiguous bytes) `(codes,
-    plane, scale, zero)`: the codes (at 8 bits four a 32-bit word, int32 `[BLOCK_N, BLOCK_K / 4]`; at 4 and
-    5 bits two a byte `[BLOCK_N, BLOCK_K / 2]`), the bytes of 5-bit codes' bit 4 (`[BLOCK_N, BLOCK_K / 8]`;
-    the codes again otherwise), and the slice's groups' scales and zeros `[BLOCK_N, BLOCK_K // SPAN]` (SPAN =
-    min(BLOCK_K, GROUP) features a scale). `_decode_slice` turns them into numbers."""
+    plane, scale, zero)`: the codes as int32 words (8 bits: four a word, `[BLOCK_N, BLOCK_K / 4]`; 4 and 5
+    bits: eight nibbles a word, `[BLOCK_N, BLOCK_K / 8]`), the bytes of 5-bit codes' bit 4 (`[BLOCK_N,
+    BLOCK_K / 8]`; the codes again otherwise), and the slice's groups' scales and zeros `[BLOCK_N,
+    BLOCK_K // SPAN]` (SPAN = min(BLOCK_K, GROUP) features a scale). `_decode_slice` makes them numbers."""
     rows = W + cols[:, None] * stride_wn
     if BITS == 16:
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -441,9 +442,9 @@ def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
 def _chunk(rows: int, block_k: int, packed: PackedWeight | None) -> int:
     """Features a partial sum covers: 8 for one row (one thread's 16-byte read of x: summed without
     crossing threads, sm_90 SASS 7.3 -> 4.6 instructions a bf16 weight, 9.4 -> 4.8 an 8-bit one with words;
-    cpu/gemv-packed/sass-loop-20261206d.txt), a group for several rows (their 8-wide sums took 2-3x more) and
-    for 4/5-bit codes (8-wide: 5-bit o and down 11.8 -> 13.5 and 36.8 -> 42.2 us on an H100,
-    gemv-packed/packed-fused-sweep-20261206-972ecc4.json)."""
+    cpu/gemv-packed/sass-loop-20261206d.txt; 4/5-bit codes since they are read as words too, unmeasured on a
+    GPU: 8-wide sums over their byte layout had slowed 5-bit o and down, 972ecc4's sweep), a group for
+    several rows (their 8-wide sums took 2-3x more instructions)."""
     span = block_k if packed is None else min(block_k, packed.group_size)
     return min(8, span) if rows == 1 else span
 

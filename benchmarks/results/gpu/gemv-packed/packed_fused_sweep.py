@@ -18,8 +18,8 @@ read-ahead the fastest 8-bit set on all four products, 54-62% of the read floor)
 32-bit words (`packed-fused-sweep-20261206-20542e6.json`: slower than bytes on q/k/v and o, at most 9%
 faster on down, though 28% fewer instructions a loop step offline, cpu/gemv-packed/sass-loop-20261206c.txt;
 dropped) and the 5-bit sets; at 3355df7-28ea064 the codes read as int32 words in x's layout, one `prmt` a
-code (`...-{3355df7,972ecc4,28ea064}.json`: 8-bit 1.2-1.5x faster than f637038's kernel, 70-88% of the
-floor; bf16 1-8% faster, 89-99%; 5-bit equal once it kept its group-wide sums).
+code (`...-{3355df7,972ecc4,28ea064}.json`: 8-bit 1.3-1.5x faster than f637038's kernel at 28ea064's
+launches, 70-88% of the floor; bf16 0.5-8% faster, 89-99%; 5-bit equal once it kept its group-wide sums).
 """
 
 import json
