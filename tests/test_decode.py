@@ -82,6 +82,20 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens,
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
 
 
+def test_mqa_splits_merged_by_a_second_kernel_agree_with_the_oracle():
+    """32 query rows of one KV head over 11 tiles: the heuristic's 11 splits hold 352 partial rows, more than
+    the last program merges (MERGE_ROWS), so a second kernel merges them; a one-launch merge (the decode step's)
+    takes fewer splits instead."""
+    p = decode_params.heuristic_params(1, 1300, 1, 32, 64, 4, 132)
+    assert (p["num_splits"], p["combine"]) == (11, "kernel-pdl")
+    case = verify.needle_case(config_of(1, 32, 1, 1, 1300, 64, causal=True), device=DEVICE)
+    out = torch.full_like(case.q, math.nan)
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, params=p)
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
+    one = decode.merged_in_kernel((1, 32, 1, 64), 1, 1300, torch.float32, torch.device("cpu"))
+    assert one.params["combine"] == "last" and one.splits == decode_params.MERGE_ROWS // 32
+
+
 @pytest.mark.parametrize("alone_tiles", [0, 2, 8])
 @pytest.mark.parametrize("combine", ["last", "kernel"])
 def test_short_sequences_read_by_one_split_agree_with_the_oracle_call_after_call(alone_tiles, combine):

@@ -148,7 +148,7 @@ def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
         (1, 151936, 1024, 16, GemvParams(4, 1024, 4)),  # its LM head
         (1, 1024, 2048, 8, GemvParams(8, 2048, 4, ahead=True)),  # 8-bit codes, one row, few outputs
         (1, 6144, 4096, 8, GemvParams(8, 1024, 4, ahead=True)),  # 8-bit codes, one row, many outputs
-        (1, 1024, 2048, 5, GemvParams(4, 1024, 4, ahead=True)),
+        (1, 1024, 2048, 5, GemvParams(8, 1024, 4, ahead=True)),
         (1, 1024, 2048, 4, GemvParams(4, 1024, 4)),
         (2, 1024, 2048, 8, GemvParams(4, 1024, 4)),  # several rows: their own registers
         (8, 1024, 2048, 16, GemvParams(4, 1024, 4)),

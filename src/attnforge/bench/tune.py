@@ -49,7 +49,8 @@ GRAPH_MAX_BYTES = 12 * 2**30
 def decode_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
     """Launch configurations to try: the heuristic's, then tile sizes x split counts around it, then
     pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile, and, where the
-    query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`)."""
+    query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`); where the
+    splits' partial rows pass what the last program merges (MERGE_ROWS), each also merged by a second kernel."""
     from attnforge.kernels import decode_params as decode
     from attnforge.kernels import tuning
 
@@ -76,9 +77,13 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     candidates = [base]
     block_ms = [base["BLOCK_M"]] + ([16] if base["BLOCK_M"] > 16 else [])
     for block_m in block_ms:
+        part_rows = min(block_m, 1 << (rows - 1).bit_length())
         for block_n in (base["BLOCK_N"] // 2, base["BLOCK_N"]):
-            tile = dict(base, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages(block_n))
-            candidates += [dict(tile, num_splits=s) for s in split_options(block_n, block_m)]
+            tile = dict(_merged(base, "last"), BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages(block_n))
+            for s in split_options(block_n, block_m):
+                candidates.append(dict(tile, num_splits=s))
+                if s * part_rows > decode.MERGE_ROWS:  # a long merge for the last program: a second kernel
+                    candidates.append(dict(_merged(tile, "kernel-pdl"), num_splits=s))
     hopper_budget = 220 * 1024
     candidates += [dict(base, num_stages=s) for s in range(2, stages(base["BLOCK_N"], hopper_budget) + 1)]
     # deeper pipelines of the half tile where Hopper's shared memory holds them (5-6 stages; 4 was the most
@@ -86,8 +91,18 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     half = dict(base, BLOCK_N=base["BLOCK_N"] // 2)
     deep = range(stages(half["BLOCK_N"]) + 1, stages(half["BLOCK_N"], hopper_budget, cap=6) + 1)
     candidates += [dict(half, num_stages=s) for s in deep if half["BLOCK_N"] >= 16]
-    if base["num_splits"] > 1:  # the partials merged by a second kernel instead of the last program
-        candidates += [dict(base, combine=mode) for mode in decode.COMBINE_MODES[1:]]
+    if not quick:  # two programs an SM (each pipeline in half of Hopper's shared memory), 2-4x the splits
+        # of one wave: DRAM serves the SMs unevenly (programs of equal work end up to 15% apart at 64k keys,
+        # docs/notes/decode.md), and more, smaller programs let the faster SMs take more of the keys
+        two = dict(half, num_stages=stages(half["BLOCK_N"], hopper_budget // 2))
+        more = {min(f * base["num_splits"], decode.MAX_SPLITS, math.ceil(target.kv_len / two["BLOCK_N"]))
+                for f in (2, 4)}  # fmt: skip
+        base_rows = min(base["BLOCK_M"], 1 << (rows - 1).bit_length())
+        for n in sorted(more):
+            c = dict(_merged(two, "last"), num_splits=n)
+            candidates.append(c if n * base_rows <= decode.MERGE_ROWS else _merged(c, "kernel-pdl"))
+    if base["num_splits"] > 1:  # the partials merged by the last program or by a second kernel
+        candidates += [_merged(base, mode) for mode in decode.COMBINE_MODES]
     if not quick:
         candidates += [dict(base, num_warps=8), dict(base, num_warps=2)]
     return _unique(candidates)
@@ -106,6 +121,12 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         candidates += [dict(c, tma=True) for c in candidates[:3]]
     return _unique(candidates)
+
+
+def _merged(params: dict, combine: str) -> dict:
+    """`params` merged by `combine` (no key for "last", the default: one name per launch)."""
+    out = {k: v for k, v in params.items() if k != "combine"}
+    return out if combine == "last" else {**out, "combine": combine}
 
 
 def _unique(candidates: list[dict]) -> list[dict]:

@@ -35,6 +35,7 @@ from attnforge.kernels import temporary_workspaces, tuning, workspaces_are_tempo
 from attnforge.kernels.decode_params import (
     COMBINE_MODES,
     MERGE_CHUNK,
+    MERGE_ROWS,
     bucket_params,
     complete_params,
     decode_bucket,  # noqa: F401 - the optimizer finds a kernel's buckets as `<kind>_bucket` in its module
@@ -344,10 +345,11 @@ tuning.on_reload(_launch_for.cache_clear)
 @functools.lru_cache(maxsize=1024)
 def merged_in_kernel(shape: tuple, num_kv_heads: int, kv_len: int, dtype, device) -> DecodeLaunch:
     """The launch of a call with kv_lens (its tuning entry's tiles and splits, or the heuristic's), merged by
-    the program that arrives last whatever merge the entry picked: a kernel that must stay one launch
-    (`decode_step.py`) takes its parameters from here."""
+    the program that arrives last whatever merge the entry picked (its splits then hold at most MERGE_ROWS
+    partial rows): a kernel that must stay one launch (`decode_step.py`) takes its parameters from here."""
     p = bucket_params(shape, num_kv_heads, kv_bound(kv_len), True, dtype, device)
-    p = {**p, "num_splits": _splits(p, kv_len), "combine": "last"}
+    splits = max(1, min(_splits(p, kv_len), MERGE_ROWS // p["part_rows"]))
+    p = {**p, "num_splits": splits, "combine": "last"}
     return DecodeLaunch(p, shape, num_kv_heads, dtype, device, True, False)
 
 

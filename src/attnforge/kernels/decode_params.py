@@ -53,8 +53,11 @@ def heuristic_params(
     batch: int, kv_len: int, num_kv_heads: int, rows: int, head_dim: int, elem_bytes: int, sms: int
 ) -> dict:
     """Launch parameters without a tuning entry: 128-key tiles (fewer where a K+V tile would pass 64 KB),
-    as many pipeline stages (up to 3) as fit in 160 KB of shared memory, and splits that fill one wave,
-    capped so that the last program merges at most MERGE_ROWS partial rows (the merge is its tail)."""
+    as many pipeline stages (up to 3) as fit in 160 KB of shared memory, and splits that fill one wave. The
+    program that arrives last merges at most MERGE_ROWS partial rows (the merge is its tail); where the
+    splits hold more (many rows a KV head: MQA), a second kernel merges them, one program per row
+    ("kernel-pdl"), rather than fewer splits leaving most SMs idle (MQA at 16k keys ran 8 programs: 0.34x
+    torch's SDPA on the H100, `tuning-decode-grid-20261206d.md`)."""
     row_bytes = triton.next_power_of_2(head_dim) * elem_bytes
     block_n = max(16, min(128, 32768 // row_bytes))
     stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
@@ -62,14 +65,8 @@ def heuristic_params(
     part_rows = min(block_m, triton.next_power_of_2(rows))
     units = batch * num_kv_heads * triton.cdiv(rows, block_m)
     splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)
-    splits = max(1, min(splits, MERGE_ROWS // part_rows))
-    return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "num_splits": splits,
-        "num_warps": 4,
-        "num_stages": stages,
-    }
+    params = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": stages}
+    return {**params, "combine": "kernel-pdl"} if splits * part_rows > MERGE_ROWS else params
 
 
 def default_block_m(rows: int) -> int:

@@ -361,17 +361,17 @@ def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
         q/k/v, N = 4096, and its LM head stay faster at 4).
     `bits`: 16 for weights as stored (any dtype), 4/5/8 for packed codes. One row of packed codes, each slice
     asked for one step ahead: 8-bit codes 8 columns a program in 1024-column slices, 2048 where N <= 4096
-    (Llama-3-8B's four fused products 11.3 / 8.0 / 44.9 / 24.7 us, 70-88% of the read floor), 5-bit 4 x 1024
-    (19.0 / 11.8 / 81.0 / 37.1); `gemv-packed/packed-fused-sweep-20261206-*.json`, `...-3355df7.json` for the
-    bf16 down. 4-bit codes (the triton backend's; "auto" gives them to core torch's kernel) keep 4 x 1024, not
-    measured otherwise."""
+    (Llama-3-8B's four fused products 11.3 / 8.0 / 44.9 / 24.7 us, 70-88% of the read floor), 5-bit 8 x 1024
+    (14.6 / 11.2 / 58.6 / 34.9 us where 4 x 1024 took 17.1 / 11.9 / 74.5 / 36.1, `...-548b9c4.json`);
+    `gemv-packed/packed-fused-sweep-20261206-*.json`, `...-3355df7.json` for the bf16 down. 4-bit codes (the
+    triton backend's; "auto" gives them to core torch's kernel) keep 4 x 1024, not measured otherwise."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
     if rows == 1 and bits == 8:
         return GemvParams(block_n=8, block_k=2048 if n <= 4096 else 1024, num_warps=4, ahead=True)
     if rows == 1 and bits == 5:
-        return GemvParams(block_n=4, block_k=1024, num_warps=4, ahead=True)
+        return GemvParams(block_n=8, block_k=1024, num_warps=4, ahead=True)
     if rows == 1 and not packed and k > 1024:
         if n <= ONE_SLICE_MAX_N and k <= 4096:
             block_k = triton.next_power_of_2(k)

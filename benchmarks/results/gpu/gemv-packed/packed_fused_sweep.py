@@ -19,7 +19,10 @@ read-ahead the fastest 8-bit set on all four products, 54-62% of the read floor)
 faster on down, though 28% fewer instructions a loop step offline, cpu/gemv-packed/sass-loop-20261206c.txt;
 dropped) and the 5-bit sets; at 3355df7-28ea064 the codes read as int32 words in x's layout, one `prmt` a
 code (`...-{3355df7,972ecc4,28ea064}.json`: 8-bit 1.3-1.5x faster than f637038's kernel at 28ea064's
-launches, 70-88% of the floor; bf16 0.5-8% faster, 89-99%; 5-bit equal once it kept its group-wide sums).
+launches, 70-88% of the floor; bf16 0.5-8% faster, 89-99%; 5-bit equal once it kept its group-wide sums);
+at 548b9c4 the 4/5-bit codes read as int32 words of eight nibbles against 28ea064's kernel
+(`...-548b9c4.json`: 5-bit 4 x 1024 0.99-1.11x, 8 x 1024 1.06-1.38x the kernel before on the four products:
+the new default; 8-bit equal to before).
 """
 
 import json
@@ -64,7 +67,7 @@ SETS = {  # bits: (block_n, block_k, warps, ahead); the first is `default_params
         (4, 512, 2, True),
     ],
     16: [(4, 2048, 8, True), (8, 2048, 8, True), (4, 1024, 4, True), (8, 1024, 4, True), (2, 2048, 8, True)],
-    5: [(4, 1024, 4, True), (8, 1024, 4, True), (2, 1024, 2, True)],
+    5: [(8, 1024, 4, True), (4, 1024, 4, True), (16, 1024, 4, True), (2, 1024, 2, True)],
 }
 # the earlier kernel's launch per bits (f637038's defaults; 16: the weight as stored, the unquantized step's)
 BEFORE = {8: (8, 1024, 4, True), 16: (4, 2048, 8, True), 5: (4, 1024, 4, True)}
