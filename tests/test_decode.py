@@ -84,8 +84,8 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens,
 
 def test_mqa_splits_merged_by_a_second_kernel_agree_with_the_oracle():
     """32 query rows of one KV head over 11 tiles: the heuristic's 11 splits hold 352 partial rows, more than
-    the last program merges (MERGE_ROWS), so a second kernel merges them; a one-launch merge (the decode step's)
-    takes fewer splits instead."""
+    the last program merges (MERGE_ROWS), so a second kernel merges them; a one-launch merge (the decode
+    step's) takes fewer splits instead."""
     p = decode_params.heuristic_params(1, 1300, 1, 32, 64, 4, 132)
     assert (p["num_splits"], p["combine"]) == (11, "kernel-pdl")
     case = verify.needle_case(config_of(1, 32, 1, 1, 1300, 64, causal=True), device=DEVICE)

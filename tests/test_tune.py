@@ -73,8 +73,8 @@ def test_mqa_candidates_merge_many_splits_in_a_second_kernel():
     candidates = tune.candidates_for(target, CPU, quick=False)
     names = [tune.params_name(c) for c in candidates]
     assert len(set(names)) == len(names) and names[0] == "m32-n128-s128-w4-st2-kernel-pdl"
-    long_merges = [c for c in candidates if c["num_splits"] * min(c["BLOCK_M"], 32) > decode_params.MERGE_ROWS]
-    assert {c.get("combine") for c in long_merges} >= {None, "kernel-pdl"}  # both, to be timed against each other
+    long = [c for c in candidates if c["num_splits"] * min(c["BLOCK_M"], 32) > decode_params.MERGE_ROWS]
+    assert {c.get("combine") for c in long} >= {None, "kernel-pdl"}  # both, timed against each other
     assert "m32-n128-s64-w4-st2-kernel-pdl" in names and "m32-n128-s64-w4-st2" in names
 
 

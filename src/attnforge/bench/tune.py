@@ -50,7 +50,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     """Launch configurations to try: the heuristic's, then tile sizes x split counts around it, then
     pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile, and, where the
     query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`); where the
-    splits' partial rows pass what the last program merges (MERGE_ROWS), each also merged by a second kernel."""
+    splits' partial rows pass what the last program merges (MERGE_ROWS), each also merged by a second
+    kernel."""
     from attnforge.kernels import decode_params as decode
     from attnforge.kernels import tuning
 

@@ -65,7 +65,8 @@ def heuristic_params(
     part_rows = min(block_m, triton.next_power_of_2(rows))
     units = batch * num_kv_heads * triton.cdiv(rows, block_m)
     splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)
-    params = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": stages}
+    params = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_splits": splits, "num_warps": 4,
+              "num_stages": stages}  # fmt: skip
     return {**params, "combine": "kernel-pdl"} if splits * part_rows > MERGE_ROWS else params
 
 
