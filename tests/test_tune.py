@@ -110,7 +110,7 @@ def test_a_padded_batch_of_prompts_is_tuned_with_its_lengths_and_torchs_paths_fo
 def test_the_graph_timing_covers_the_winner_its_merges_and_the_runners_up(monkeypatch):
     """`_time_in_graph` (GPU-only) with the graph timing faked on the CPU: each launch's median lands where
     `graph_choice` reads it, and a runner-up that cannot be captured is reported, not fatal."""
-    target = targets.Target("decode", 1, 8, 2, 1, 300, 64, "float32")
+    target = targets.Target("decode", 1, 8, 2, 1, 300, 64, "bfloat16")
     case = targets.make_case(target, CPU, 0)
     candidates = tune.candidates_for(target, CPU, quick=True)
     names = [tune.params_name(p) for p in candidates]
@@ -140,6 +140,10 @@ def test_the_graph_timing_covers_the_winner_its_merges_and_the_runners_up(monkey
     )
     assert row["graph_runners_up_us"][names[1]] == 8.0
     assert row["graph_runners_up_us"][names[2]].startswith("RuntimeError: capture failed")
+    # the three next plain candidates, then the fastest other whose tiles fit twice on an SM
+    extra = [name for name in row["graph_runners_up_us"] if names.index(name) > tune.GRAPH_RUNNERS_UP]
+    half = [n for n in names[4:] if tune.pipeline_bytes(cells[n]["params"], target) <= tune.HALF_SM_BYTES]
+    assert len(row["graph_runners_up_us"]) == tune.GRAPH_RUNNERS_UP + 1 and extra == half[:1] != []
     assert set(row["graph_combine_us"]) == set(decode_params.COMBINE_MODES)  # the winner splits its keys
     assert tune.graph_choice(row) == {"graph_params": candidates[1], "graph_speedup": 1.5}
 

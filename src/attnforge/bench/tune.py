@@ -244,7 +244,8 @@ def tune_target(
 def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) -> None:
     """The best candidate and the fastest torch path per call inside one captured CUDA graph of `layers`
     calls, each on its own buffers (what a graph-captured decode loop sees: L2 does not hold the cache);
-    then the winner with each way of merging its splits, and the GRAPH_RUNNERS_UP next plain candidates."""
+    then the winner with each way of merging its splits, the GRAPH_RUNNERS_UP next plain candidates and the
+    fastest other whose tiles fit twice on an SM."""
     from attnforge.kernels.decode_params import COMBINE_MODES
 
     bytes_needed = layers * 3 * case.k.numel() * case.k.element_size()
@@ -270,9 +271,26 @@ def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) ->
         row["graph_combine_us"] = {mode: _graph_median(kernel_at({**params, "combine": mode}), layers)
                                    for mode in COMBINE_MODES}  # fmt: skip
     timed = {name: cell["median_us"] for name, cell in row["candidates"].items() if "median_us" in cell}
-    runners_up = [name for name in sorted(timed, key=timed.get) if name != row["best"]][:GRAPH_RUNNERS_UP]
+    ranked = [name for name in sorted(timed, key=timed.get) if name != row["best"]]
+    runners_up = ranked[:GRAPH_RUNNERS_UP]
+    # and the fastest whose pipeline fits twice on an SM: with PDL, the next call's programs can then wait
+    # on the SMs while this call's programs run, instead of launching after them
+    halves = [n for n in ranked[GRAPH_RUNNERS_UP:] if pipeline_bytes(row["candidates"][n]["params"], target)
+              <= HALF_SM_BYTES]  # fmt: skip
+    runners_up += halves[:1]
     row["graph_runners_up_us"] = {name: _graph_median(kernel_at(row["candidates"][name]["params"]), layers)
                                   for name in runners_up}  # fmt: skip
+
+
+# Shared memory of half a Hopper SM (227 KB a block at most, 228 KB an SM).
+HALF_SM_BYTES = 112 * 1024
+
+
+def pipeline_bytes(params: dict, target: Target) -> int:
+    """Shared memory a decode launch's tiles take: q's block and `num_stages` K/V tiles."""
+    element = torch.empty((), dtype=target.torch_dtype).element_size()
+    row = (1 << (target.head_dim - 1).bit_length()) * element
+    return (params.get("BLOCK_M", 16) + params["num_stages"] * 2 * params["BLOCK_N"]) * row
 
 
 def _graph_median(make: Callable[[int], Callable[[], object]], layers: int) -> float | str:

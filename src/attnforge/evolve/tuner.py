@@ -91,9 +91,7 @@ def key(genome: dict) -> str:
 
 def fits(genome: dict, target: Target) -> bool:
     """Whether the pipelined tiles fit in shared memory (what cannot compile is not worth an evaluation)."""
-    element = torch.empty((), dtype=target.torch_dtype).element_size()
-    row = (1 << (target.head_dim - 1).bit_length()) * element
-    return (genome["BLOCK_M"] + genome["num_stages"] * 2 * genome["BLOCK_N"]) * row <= SHARED_MEMORY
+    return bench_tune.pipeline_bytes(genome, target) <= SHARED_MEMORY
 
 
 def _repair(genome: dict, target: Target, space: dict) -> dict:
