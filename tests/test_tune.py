@@ -303,6 +303,15 @@ def test_tune_from_results_stores_a_saved_run(store, tmp_path):
     assert json.loads(table.read_text())["h100"]["decode"]["d64-m2-b1-kv1k"]["speedup"] == 1.5
 
 
+def test_tune_only_keeps_the_targets_whose_label_contains_the_text():
+    from attnforge import cli
+
+    kept = cli._only(targets.decode_grid(), "32:1 ")
+    found = [(t.num_kv_heads, t.head_dim, t.kv_len) for t in kept]
+    assert found == [(1, 128, 4096), (1, 128, 16384), (1, 64, 4096)]
+    assert cli._only(kept, None) == kept
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -310,6 +319,7 @@ def test_tune_from_results_stores_a_saved_run(store, tmp_path):
         (["--model", "qwen3-0.6b", "--preset", "decode-grid"], "give exactly one"),
         (["--preset", "everything"], "--preset 'everything' is not one of"),
         (["--model", "qwen3-0.6b", "--kernels", "flash"], "accepted kinds are decode, prefill"),
+        (["--preset", "decode-grid", "--only", "99:1"], "--only '99:1' matches none of the"),
     ],
 )
 def test_tune_refuses_bad_arguments_with_a_reason(args, message):

@@ -293,6 +293,9 @@ def tune(
     time_budget: Annotated[
         float | None, typer.Option(metavar="SECONDS", help="start no target after this many seconds")
     ] = None,
+    only: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="only the targets whose label contains TEXT")
+    ] = None,
     from_results: Annotated[
         Path | None, typer.Option(metavar="FILE", help="store the entries of a saved tuning result (no GPU)")
     ] = None,
@@ -305,7 +308,7 @@ def tune(
         doc = json.loads(from_results.read_text())
         console.print(f"wrote the entries of {from_results} to {tuner.store(doc, from_results.name, table)}")
         return
-    targets = _tune_targets(model, preset, kernels, batch)
+    targets = _only(_tune_targets(model, preset, kernels, batch), only)
     if not torch.cuda.is_available():
         console.print("[yellow]No CUDA GPU: correctness only (Triton interpreter); nothing is stored.")
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -327,6 +330,17 @@ def tune(
     if torch.cuda.is_available():
         source = f"attnforge tune {model or preset} ({doc['created'][:10]})"
         console.print(f"stored the entries in {tuner.store(doc, source, table)}")
+
+
+def _only(targets: list, text: str | None) -> list:
+    """The targets whose label contains `text` (all without it); none is refused, with what there is."""
+    if text is None:
+        return targets
+    kept = [t for t in targets if text in t.label]
+    if not kept:
+        labels = "; ".join(t.label for t in targets[:3])
+        raise typer.BadParameter(f"--only {text!r} matches none of the {len(targets)} targets, e.g. {labels}")
+    return kept
 
 
 def _tune_targets(model, preset, kernels, batch) -> list:
