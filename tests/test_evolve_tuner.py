@@ -28,13 +28,24 @@ def flat(target, params):
 def test_the_genes_hold_the_heuristic_and_every_genome_fits():
     space = tuner.gene_space(TARGET, CPU)
     heuristic = tuner.heuristic_genome(TARGET, CPU)
-    assert heuristic == {"BLOCK_M": 16, "BLOCK_N": 128, "num_splits": 16, "num_warps": 4, "num_stages": 2}
+    assert heuristic == {"BLOCK_M": 16, "BLOCK_N": 128, "num_splits": 16, "num_warps": 4, "num_stages": 2,
+                         "combine": "last"}  # fmt: skip
     assert all(heuristic[name] in values for name, values in space.items())
     population = tuner.initial_population(TARGET, CPU, tuner.Settings(population=8), space)
     assert population[0] == heuristic and len({tuner.key(g) for g in population}) == 8
     assert all(g[name] in values for g in population for name, values in space.items())
     assert all(tuner.fits(g, TARGET) for g in population)
     assert not tuner.fits({**heuristic, "num_stages": 4}, Target("decode", 1, 8, 8, 1, 4096, 256, "float32"))
+
+
+def test_mqa_genomes_start_from_the_heuristics_second_kernel_merge():
+    mqa = Target("decode", 1, 32, 1, 1, 16384, 128)
+    space = tuner.gene_space(mqa, CPU)
+    heuristic = tuner.heuristic_genome(mqa, CPU)
+    assert (heuristic["num_splits"], heuristic["combine"]) == (128, "kernel-pdl")
+    assert set(space["combine"]) >= {"last", "kernel-pdl"}
+    population = tuner.initial_population(mqa, CPU, tuner.Settings(population=8), space)
+    assert population[0] == heuristic and all(set(g) == set(space) for g in population)
 
 
 def test_the_search_is_reproducible_and_elitism_keeps_the_best():

@@ -33,9 +33,11 @@ from attnforge.evolve.tasks import Task, TaskShape, seed_for
 
 DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
                 "num_splits": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
-                "num_stages": (1, 2, 3, 4, 5, 6)}  # fmt: skip
+                "num_stages": (1, 2, 3, 4, 5, 6), "combine": ("last", "kernel-pdl")}  # fmt: skip
 PREFILL_GENES = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8),
                  "num_stages": (2, 3, 4), "tma": (False, True)}  # fmt: skip
+# A gene a configuration leaves out takes the kernel's default.
+GENE_DEFAULTS = {"combine": "last", "tma": False}
 SHARED_MEMORY = 220 * 1024  # per block on Hopper (227 KB), a little kept for the rest
 # A tuned configuration replaces the heuristic only if, both re-measured, it was at least this much faster.
 MIN_GAIN = 1.02
@@ -74,15 +76,21 @@ def gene_space(target: Target, device: torch.device) -> dict[str, tuple]:
         device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     ):
         genes["tma"] = (False,)
-    seeds = bench_tune.candidates_for(target, device, quick=True)
-    return {name: tuple(sorted(set(values) | {seed.get(name, values[0]) for seed in seeds}))
+    seeds = [as_genome(seed, genes) for seed in bench_tune.candidates_for(target, device, quick=True)]
+    return {name: tuple(sorted(set(values) | {seed[name] for seed in seeds}))
             for name, values in genes.items()}  # fmt: skip
+
+
+def as_genome(params: dict, genes: dict) -> dict:
+    """`params` with every gene: those it leaves out at the kernel's default (GENE_DEFAULTS, else the first
+    value)."""
+    return {name: params.get(name, GENE_DEFAULTS.get(name, values[0])) for name, values in genes.items()}
 
 
 def heuristic_genome(target: Target, device: torch.device) -> dict:
     """The configuration the kernel picks without a tuning entry."""
-    genome = bench_tune.candidates_for(target, device, quick=True)[0]
-    return {**genome, "tma": False} if target.kind == "prefill" else dict(genome)
+    genes = DECODE_GENES if target.kind == "decode" else PREFILL_GENES
+    return as_genome(bench_tune.candidates_for(target, device, quick=True)[0], genes)
 
 
 def key(genome: dict) -> str:
@@ -130,14 +138,12 @@ def _tournament(scored: list[tuple[float, dict]], rng: random.Random, size: int 
 def initial_population(target: Target, device, settings: Settings, space: dict) -> list[dict]:
     """The heuristic's configuration, `attnforge tune`'s candidates, then random genomes, all distinct."""
     rng = random.Random(seed_for(settings.seed, target.label, "initial"))
-    seeds = [heuristic_genome(target, device)]
-    seeds += [{**c, "tma": c.get("tma", False)} if target.kind == "prefill" else c
-              for c in bench_tune.candidates_for(target, device, quick=True)[1:]]  # fmt: skip
+    seeds = [heuristic_genome(target, device)] + bench_tune.candidates_for(target, device, quick=True)[1:]
     population, seen = [], set()
     for genome in seeds + [
         {n: rng.choice(v) for n, v in space.items()} for _ in range(20 * settings.population)
     ]:
-        genome = _repair({n: genome.get(n, v[0]) for n, v in space.items()}, target, space)
+        genome = _repair(as_genome(genome, space), target, space)
         if key(genome) not in seen and fits(genome, target):
             seen.add(key(genome))
             population.append(genome)
