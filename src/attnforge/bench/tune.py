@@ -78,13 +78,12 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     candidates = [base]
     block_ms = [base["BLOCK_M"]] + ([16] if base["BLOCK_M"] > 16 else [])
     for block_m in block_ms:
-        part_rows = min(block_m, 1 << (rows - 1).bit_length())
+        part_rows = decode.partial_rows(block_m, rows)
         for block_n in (base["BLOCK_N"] // 2, base["BLOCK_N"]):
             tile = dict(_merged(base, "last"), BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages(block_n))
             for s in split_options(block_n, block_m):
-                candidates.append(dict(tile, num_splits=s))
-                if s * part_rows > decode.MERGE_ROWS:  # a long merge for the last program: a second kernel
-                    candidates.append(dict(_merged(tile, "kernel-pdl"), num_splits=s))
+                merge = decode.merge_for(s, part_rows)  # a long merge for the last program: both, timed
+                candidates += [dict(_merged(tile, m), num_splits=s) for m in dict.fromkeys(("last", merge))]
     hopper_budget = 220 * 1024
     candidates += [dict(base, num_stages=s) for s in range(2, stages(base["BLOCK_N"], hopper_budget) + 1)]
     # deeper pipelines of the half tile where Hopper's shared memory holds them (5-6 stages; 4 was the most
@@ -98,10 +97,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
         two = dict(half, num_stages=stages(half["BLOCK_N"], hopper_budget // 2))
         more = {min(f * base["num_splits"], decode.MAX_SPLITS, math.ceil(target.kv_len / two["BLOCK_N"]))
                 for f in (2, 4)}  # fmt: skip
-        base_rows = min(base["BLOCK_M"], 1 << (rows - 1).bit_length())
-        for n in sorted(more):
-            c = dict(_merged(two, "last"), num_splits=n)
-            candidates.append(c if n * base_rows <= decode.MERGE_ROWS else _merged(c, "kernel-pdl"))
+        part_rows = decode.partial_rows(base["BLOCK_M"], rows)
+        candidates += [dict(_merged(two, decode.merge_for(n, part_rows)), num_splits=n) for n in sorted(more)]
     if base["num_splits"] > 1:  # the partials merged by the last program or by a second kernel
         candidates += [_merged(base, mode) for mode in decode.COMBINE_MODES]
     if not quick:
@@ -287,7 +284,8 @@ HALF_SM_BYTES = 112 * 1024
 
 
 def pipeline_bytes(params: dict, target: Target) -> int:
-    """Shared memory a decode launch's tiles take: q's block and `num_stages` K/V tiles."""
+    """Shared memory a launch's tiles take (decode or prefill; an upper bound): q's block and `num_stages`
+    K/V tiles."""
     element = torch.empty((), dtype=target.torch_dtype).element_size()
     row = (1 << (target.head_dim - 1).bit_length()) * element
     return (params.get("BLOCK_M", 16) + params["num_stages"] * 2 * params["BLOCK_N"]) * row

@@ -62,12 +62,23 @@ def heuristic_params(
     block_n = max(16, min(128, 32768 // row_bytes))
     stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
     block_m = default_block_m(rows)
-    part_rows = min(block_m, triton.next_power_of_2(rows))
     units = batch * num_kv_heads * triton.cdiv(rows, block_m)
     splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)
     params = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_splits": splits, "num_warps": 4,
               "num_stages": stages}  # fmt: skip
-    return {**params, "combine": "kernel-pdl"} if splits * part_rows > MERGE_ROWS else params
+    merge = merge_for(splits, partial_rows(block_m, rows))
+    return params if merge == "last" else {**params, "combine": merge}
+
+
+def partial_rows(block_m: int, rows: int) -> int:
+    """Rows a split's partial holds: its block's, at most the next power of two of the real `rows`."""
+    return min(block_m, triton.next_power_of_2(rows))
+
+
+def merge_for(splits: int, part_rows: int) -> str:
+    """How a launch's splits are best merged by default: by the program that arrives last while that is at
+    most MERGE_ROWS partial rows, else by a second kernel ("kernel-pdl")."""
+    return "last" if splits * part_rows <= MERGE_ROWS else "kernel-pdl"
 
 
 def default_block_m(rows: int) -> int:
@@ -83,7 +94,7 @@ def complete_params(params: dict, rows: int, kv_len: int) -> dict:
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
     splits = max(1, min(int(params["num_splits"]), triton.cdiv(kv_len, params["BLOCK_N"]), MAX_SPLITS))
-    part_rows = min(block_m, triton.next_power_of_2(rows))
+    part_rows = partial_rows(block_m, rows)
     alone = int(params.get("alone_tiles", ALONE_TILES))
     if alone < 0:
         raise ValueError(f"alone_tiles={alone} must be >= 0 (0: only empty sequences skip the merge)")

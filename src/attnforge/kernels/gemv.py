@@ -215,6 +215,10 @@ def _weight_slice(W, Scales, Zeros, cols, col_ok, k0, K, stride_wn, stride_sn, s
         else:  # eight nibbles a 32-bit word (element 8j + i at bit 4i of word j), one word a thread
             # ([words, rows] pointers, then transposed: Triton then lays the words out along the threads,
             # one a thread, so a word's eight codes meet the eight elements of x a thread reads)
+            # (* 2 // 2 hides kw's contiguity: without it Triton vectorizes the load along the words and
+            # converts its layout through shared memory every step; sm_90 offline, one row of 4-bit codes
+            # at 8 x 1024: 36 barriers a loop and 118 registers, against none and 56 with it;
+            # cpu/gemv-packed/kw-contiguity-20261206.txt)
             kw = k0 // 8 + (tl.arange(0, BLOCK_K // 8) * 2) // 2
             kw_ok = (kw < K // 8)[:, None] & col_ok[None, :]
             words = W.to(tl.pointer_type(tl.int32)) + cols[None, :] * (stride_wn // 4) + kw[:, None]
@@ -442,9 +446,9 @@ def _check_packed(packed: PackedWeight, x: torch.Tensor) -> None:
 def _chunk(rows: int, block_k: int, packed: PackedWeight | None) -> int:
     """Features a partial sum covers: 8 for one row (one thread's 16-byte read of x: summed without
     crossing threads, sm_90 SASS 7.3 -> 4.6 instructions a bf16 weight, 9.4 -> 4.8 an 8-bit one with words;
-    cpu/gemv-packed/sass-loop-20261206d.txt; 4/5-bit codes since they are read as words too, unmeasured on a
-    GPU: 8-wide sums over their byte layout had slowed 5-bit o and down, 972ecc4's sweep), a group for
-    several rows (their 8-wide sums took 2-3x more instructions)."""
+    cpu/gemv-packed/sass-loop-20261206d.txt; 4/5-bit codes since they are read as words too: 5-bit at 8 x 1024
+    1.06-1.38x 28ea064's byte codes on the H100, `gemv-packed/packed-fused-sweep-20261206-548b9c4.json`), a
+    group for several rows (their 8-wide sums took 2-3x more instructions)."""
     span = block_k if packed is None else min(block_k, packed.group_size)
     return min(8, span) if rows == 1 else span
 
