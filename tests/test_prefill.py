@@ -87,31 +87,6 @@ def test_tma_load_path(monkeypatch):
             _assert_passes(case)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize(
-    "shape",
-    [
-        config_of(2, 4, 2, 65, 65, 64, causal=True),  # full blocks, then the diagonal
-        config_of(1, 2, 1, 7, 100, 80, causal=True),  # a chunk against a cache, head_dim padded
-        config_of(2, 2, 2, 31, 31, 64, causal=True),  # the first row block has no full block (empty range)
-        config_of(1, 3, 1, 40, 129, 64),  # not causal: one key past the full blocks
-    ],
-)
-def test_overlapped_softmax_path(shape, tma, monkeypatch):
-    """`overlap` (the softmax of block j beside block j-1's P@V, a tuning-table choice) computes the same
-    function with either load path (fp16: the interpreter multiplies bf16 in fp32, which takes the plain
-    stage); the peeled first block and the last P@V after the loop are where it
-    could go wrong, an empty key range among them."""
-    monkeypatch.setattr(prefill_mod, "tma_supported", lambda k, v: tma)
-    params = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "overlap": True, "tma": tma}
-    monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
-    kinds = ("random", "needle", "poisoned", "large")
-    for case in verify.protocol_cases(
-        dataclasses.replace(shape, dtype=torch.float16), device=DEVICE, kinds=kinds
-    ):
-        _assert_passes(case)
-
-
 def test_tma_guard_rejects_unaligned_and_cpu_tensors():
     k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
     assert not prefill_mod.tma_supported(k, k)
