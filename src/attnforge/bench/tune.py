@@ -29,7 +29,6 @@ import torch
 from attnforge import verify
 from attnforge.bench import report, timing
 from attnforge.bench.kernels import chunked_reference
-from attnforge.bench.prefill_providers import HOPPER_SHARED_MEMORY
 from attnforge.bench.targets import (
     Target,
     check,
@@ -119,11 +118,7 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
     candidates = [base] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in grid]
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         candidates += [dict(c, tma=True) for c in candidates[:3]]
-    # The softmax overlapping the previous block's P@V (16-bit inputs; the extra tiles must fit).
-    overlapped = [dict(c, overlap=True) for c in candidates
-                  if target.torch_dtype != torch.float32 and pipeline_bytes(dict(c, overlap=True), target)
-                  <= HOPPER_SHARED_MEMORY]  # fmt: skip
-    return _unique(candidates + (overlapped[:3] if quick else overlapped))
+    return _unique(candidates)
 
 
 def _merged(params: dict, combine: str) -> dict:
@@ -158,7 +153,7 @@ def params_name(params: dict) -> str:
         parts.append(params["combine"])
     if "alone_tiles" in params:
         parts.append(f"alone{params['alone_tiles']}")
-    return "-".join(parts) + ("-tma" if params.get("tma") else "") + ("-ov" if params.get("overlap") else "")
+    return "-".join(parts) + ("-tma" if params.get("tma") else "")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,11 +285,10 @@ HALF_SM_BYTES = 112 * 1024
 
 def pipeline_bytes(params: dict, target: Target) -> int:
     """Shared memory a launch's tiles take (decode or prefill; an upper bound): q's block and `num_stages`
-    K/V tiles (two more for prefill's `overlap`: its peeled first K and last V tiles, compiled on sm_90)."""
+    K/V tiles."""
     element = torch.empty((), dtype=target.torch_dtype).element_size()
     row = (1 << (target.head_dim - 1).bit_length()) * element
-    tiles = params["num_stages"] * 2 + (2 if params.get("overlap") else 0)
-    return (params.get("BLOCK_M", 16) + tiles * params["BLOCK_N"]) * row
+    return (params.get("BLOCK_M", 16) + params["num_stages"] * 2 * params["BLOCK_N"]) * row
 
 
 def _graph_median(make: Callable[[int], Callable[[], object]], layers: int) -> float | str:

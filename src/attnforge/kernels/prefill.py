@@ -108,49 +108,6 @@ def _attn_stage(
     return acc, l_i, m_i
 
 
-@triton.jit
-def _attn_stage_overlap(
-    acc, l_i, m_i, q, k_src, v_src, b, kv_head, d_ok, lo, hi, stride_kn, stride_vn, scale_log2,
-    BLOCK_N: tl.constexpr, D_BLOCK: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
-):  # fmt: skip
-    """The lean stage (every key in [lo, hi) visible to every row, no attn_mask) with the softmax of block j
-    overlapping the P@V product of block j - 1 (FlashAttention-3's intra-warpgroup overlap, in source
-    order): block j's Q@K^T is issued and waited, then block j - 1's P@V is issued and left in flight while
-    the exponentials of block j run. `acc`, `l_i`, `m_i` must be the initial state (zeros, -inf). The
-    first block is peeled (masked: [lo, hi) may be empty), the last P@V runs after the loop."""
-    offs_n = tl.arange(0, BLOCK_N)
-    n = lo + offs_n
-    live = n < hi
-    k = _load_kv(k_src, b, kv_head, lo, n, hi, d_ok, BLOCK_N, D_BLOCK, True, PAD_D, USE_TMA)
-    qk = tl.where(live[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-    m_i = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    p = tl.math.exp2(qk - m_safe[:, None])
-    l_i = tl.sum(p, 1)
-    alpha = tl.full([qk.shape[0]], 1.0, tl.float32)
-    v_prev = v_src
-    for n0 in range(lo + BLOCK_N, hi, BLOCK_N):
-        n0 = tl.multiple_of(n0, BLOCK_N)
-        if not USE_TMA:
-            k_src += BLOCK_N * stride_kn
-        k = _load_kv(k_src, b, kv_head, n0, n0 + offs_n, hi, d_ok, BLOCK_N, D_BLOCK, False, PAD_D, USE_TMA)
-        qk = tl.dot(q, tl.trans(k))
-        v = _load_kv(v_prev, b, kv_head, n0 - BLOCK_N, n0 - BLOCK_N + offs_n, hi, d_ok, BLOCK_N, D_BLOCK,
-                     False, PAD_D, USE_TMA)  # fmt: skip
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # block j - 1, in flight during the softmax
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-        p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        if not USE_TMA:
-            v_prev += BLOCK_N * stride_vn
-    last = lo + tl.maximum(hi - lo - 1, 0) // BLOCK_N * BLOCK_N
-    v = _load_kv(v_prev, b, kv_head, last, last + offs_n, hi, d_ok, BLOCK_N, D_BLOCK, True, PAD_D, USE_TMA)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_i
-
-
 # One kernel body on purpose (~90 lines, over the 60-line rule): the per-stage loop is already factored into
 # _attn_stage; what remains (pointers, the two stages, the store) reads best in one place.
 @triton.jit
@@ -165,7 +122,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, MASK_KIND: tl.constexpr, USE_TMA: tl.constexpr,
-    FP32_DOT: tl.constexpr, OVERLAP: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)  # (batch, query head); the heads of one KV head are neighbours
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # last (heaviest under causal) blocks first
@@ -226,17 +183,11 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
     pad_d: tl.constexpr = D_BLOCK != HEAD_DIM
     b32, kvh32 = b.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
-    if OVERLAP and MASK_KIND == 0 and not FP32_DOT:
-        acc, l_i, m_i = _attn_stage_overlap(
-            acc, l_i, m_i, q, k_src, v_src, b32, kvh32, d_ok, 0, full_hi, stride_kn, stride_vn, scale_log2,
-            BLOCK_N, D_BLOCK, pad_d, USE_TMA,
-        )  # fmt: skip
-    else:
-        acc, l_i, m_i = _attn_stage(
-            acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, full_hi, end,
-            stride_kn, stride_vn, stride_mn, scale_log2,
-            BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT,
-        )  # fmt: skip
+    acc, l_i, m_i = _attn_stage(
+        acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, full_hi, end,
+        stride_kn, stride_vn, stride_mn, scale_log2,
+        BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT,
+    )  # fmt: skip
     if MASK_KIND != 0:
         mask_ptrs += full_hi.to(tl.int64) * stride_mn
     acc, l_i, m_i = _attn_stage(
@@ -397,8 +348,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_BLOCK=d_block,
         BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], CAUSAL=causal,
         HAS_KV_LENS=kv_lens is not None, HAS_Q_LENS=q_lens is not None, MASK_KIND=mask_kind,
-        USE_TMA=use_tma, FP32_DOT=fp32_dot(q.dtype), OVERLAP=bool(p.get("overlap")),
-        num_warps=p["num_warps"], num_stages=p["num_stages"],
+        USE_TMA=use_tma, FP32_DOT=fp32_dot(q.dtype), num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip
 
 
