@@ -83,17 +83,26 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens,
 
 
 def test_mqa_splits_merged_by_a_second_kernel_agree_with_the_oracle():
-    """32 query rows of one KV head over 11 tiles: the heuristic's 11 splits hold 352 partial rows, more than
-    the last program merges (MERGE_ROWS), so a second kernel merges them; a one-launch merge (the decode
-    step's) takes fewer splits instead."""
-    p = decode_params.heuristic_params(1, 1300, 1, 32, 64, 4, 132)
-    assert (p["num_splits"], p["combine"]) == (11, "kernel-pdl")
-    case = verify.needle_case(config_of(1, 32, 1, 1, 1300, 64, causal=True), device=DEVICE)
+    """32 query rows of one KV head over 18 tiles: the heuristic takes them in two 16-row blocks (few KV
+    heads) and 18 splits, whose 288 partial rows are more than the last program merges (MERGE_ROWS), so a
+    second kernel merges them; a one-launch merge (the decode step's) takes fewer splits instead."""
+    p = decode_params.heuristic_params(1, 2200, 1, 32, 64, 4, 132)
+    assert (p["BLOCK_M"], p["num_splits"], p["combine"]) == (16, 18, "kernel-pdl")
+    case = verify.needle_case(config_of(1, 32, 1, 1, 2200, 64, causal=True), device=DEVICE)
     out = torch.full_like(case.q, math.nan)
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, params=p)
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
-    one = decode.merged_in_kernel((1, 32, 1, 64), 1, 1300, torch.float32, torch.device("cpu"))
-    assert one.params["combine"] == "last" and one.splits == decode_params.MERGE_ROWS // 32
+    one = decode.merged_in_kernel((1, 32, 1, 64), 1, 2200, torch.float32, torch.device("cpu"))
+    assert one.params["combine"] == "last" and one.splits == decode_params.MERGE_ROWS // 16
+
+
+def test_heuristic_splits_the_rows_of_few_kv_heads_only():
+    """Rows in 16-row blocks where the batch has at most sms / FEW_HEADS_PER_SM KV heads (MQA); GQA's 8 KV
+    heads keep one block for all of a head's rows (Lq 8: 32 rows)."""
+    assert decode_params.heuristic_params(1, 4096, 1, 32, 128, 2, 132)["BLOCK_M"] == 16
+    assert decode_params.heuristic_params(4, 4096, 1, 32, 128, 2, 132)["BLOCK_M"] == 16
+    assert decode_params.heuristic_params(1, 4096, 8, 32, 128, 2, 132)["BLOCK_M"] == 32
+    assert decode_params.heuristic_params(5, 4096, 1, 64, 128, 2, 132)["BLOCK_M"] == 64
 
 
 @pytest.mark.parametrize("alone_tiles", [0, 2, 8])

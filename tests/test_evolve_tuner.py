@@ -42,7 +42,7 @@ def test_mqa_genomes_start_from_the_heuristics_second_kernel_merge():
     mqa = Target("decode", 1, 32, 1, 1, 16384, 128)
     space = tuner.gene_space(mqa, CPU)
     heuristic = tuner.heuristic_genome(mqa, CPU)
-    assert (heuristic["num_splits"], heuristic["combine"]) == (128, "kernel-pdl")
+    assert (heuristic["BLOCK_M"], heuristic["num_splits"], heuristic["combine"]) == (16, 66, "kernel-pdl")
     assert set(space["combine"]) >= {"last", "kernel-pdl"}
     population = tuner.initial_population(mqa, CPU, tuner.Settings(population=8), space)
     assert population[0] == heuristic and all(set(g) == set(space) for g in population)

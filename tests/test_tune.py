@@ -60,11 +60,12 @@ def test_candidates_start_with_the_heuristic_and_are_unique():
     assert {c["num_stages"] for c in quick if c["BLOCK_N"] == 64 and c["num_stages"] > 4} == {5, 6}
 
 
-@pytest.mark.parametrize("kv_len, splits", [(4096, 32), (16384, 128)])
+@pytest.mark.parametrize("kv_len, splits", [(4096, 32), (16384, 66)])
 def test_mqa_splits_fill_the_gpu_and_a_second_kernel_merges_them(kv_len, splits):
-    # 32 query rows of one KV head: 8 splits (what the last program may merge) left 124 SMs idle (0.34x SDPA)
+    # 32 query rows of one KV head: 8 splits (what the last program may merge) left 124 SMs idle (0.34x SDPA);
+    # two blocks of 16 rows, each with the splits that fill the GPU, merged by a second kernel
     p = decode_params.heuristic_params(1, kv_len, 1, 32, 128, 2, 132)
-    assert (p["BLOCK_M"], p["num_splits"], p["combine"]) == (32, splits, "kernel-pdl")
+    assert (p["BLOCK_M"], p["num_splits"], p["combine"]) == (16, splits, "kernel-pdl")
     assert "combine" not in decode_params.heuristic_params(1, kv_len, 8, 4, 128, 2, 132)  # GQA 32:8: last
 
 
@@ -72,7 +73,7 @@ def test_mqa_candidates_merge_many_splits_in_a_second_kernel():
     target = targets.Target("decode", 1, 32, 1, 1, 16384, 128)
     candidates = tune.candidates_for(target, CPU, quick=False)
     names = [tune.params_name(c) for c in candidates]
-    assert len(set(names)) == len(names) and names[0] == "m32-n128-s128-w4-st2-kernel-pdl"
+    assert len(set(names)) == len(names) and names[0] == "m16-n128-s66-w4-st2-kernel-pdl"
     long = [c for c in candidates if c["num_splits"] * min(c["BLOCK_M"], 32) > decode_params.MERGE_ROWS]
     assert {c.get("combine") for c in long} >= {None, "kernel-pdl"}  # both, timed against each other
     assert "m32-n128-s64-w4-st2-kernel-pdl" in names and "m32-n128-s64-w4-st2" in names

@@ -76,7 +76,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
         return sorted(s for s in options if s <= tiles)
 
     candidates = [base]
-    block_ms = [base["BLOCK_M"]] + ([16] if base["BLOCK_M"] > 16 else [])
+    # the heuristic's row block, all of a KV head's rows in one block, and blocks of 16
+    block_ms = list(dict.fromkeys((base["BLOCK_M"], decode.default_block_m(rows), 16)))
     for block_m in block_ms:
         part_rows = decode.partial_rows(block_m, rows)
         for block_n in (base["BLOCK_N"] // 2, base["BLOCK_N"]):
