@@ -70,7 +70,7 @@ def heuristic_params(
     stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
     block_m = default_block_m(rows)
     if batch * num_kv_heads * FEW_HEADS_PER_SM <= sms:
-        block_m = 16  # few KV heads (MQA): their rows in blocks of 16, twice the programs a split count
+        block_m = 16  # few KV heads (MQA): rows in blocks of 16, more programs at each split count
     units = batch * num_kv_heads * triton.cdiv(rows, block_m)
     splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)
     params = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_splits": splits, "num_warps": 4,
