@@ -8,7 +8,8 @@ PYTHONPATH=src:
 
 One warm-up generation (compiles, captures), then torch.profiler around a generation of 64 new tokens: the
 GPU kernels by total time, their count per decode step, the step's GPU time against its wall time, and its
-shares (products, attention, the rest) per step.
+shares (products, attention, the rest) per step: as the profiler gives each kernel's duration, and on the
+GPU timeline with nothing counted twice (kernels launched early with PDL wait inside themselves).
 """
 
 import json
@@ -39,6 +40,17 @@ def shares(kernels: dict, steps: int) -> dict:
     return out
 
 
+def exclusive_us(intervals: list[tuple[float, float, str]]) -> dict:
+    """Per kernel name, the time of the GPU timeline it alone accounts for: kernels sorted by start, each
+    counted from where the ones before it ended (a kernel launched early with PDL waits inside itself for
+    the one before; its own duration would count that wait twice)."""
+    out, reached = {}, float("-inf")
+    for start, end, name in sorted(intervals):
+        out[name] = out.get(name, 0.0) + max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return out
+
+
 def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, backend="triton"):
     model = models.load_model(model_name, dtype=torch.bfloat16, attn_implementation="sdpa")
     if recipe:
@@ -55,12 +67,14 @@ def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
         torch.cuda.synchronize()
-    kernels = {}
+    kernels, intervals = {}, []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             k = kernels.setdefault(e.name, [0, 0.0])
             k[0] += 1
             k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            intervals.append((e.time_range.start, e.time_range.end, e.name))
+    alone = exclusive_us(intervals)
     steps = NEW - 1
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
     total_us = sum(v[1] for v in kernels.values())
@@ -71,7 +85,10 @@ def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, 
            "info": {k: str(v) for k, v in getattr(acc, "info", {}).items()},
            "kernels": [{"name": n[:160], "count": c, "total_us": t} for n, (c, t) in rows]}  # fmt: skip
     doc.update(tune=tune, model=model_name, recipe=recipe, backend=backend if recipe else None,
-               shares_us_per_step=shares(kernels, steps))  # fmt: skip
+               shares_us_per_step=shares(kernels, steps),
+               shares_exclusive_us_per_step=shares({n: (0, t) for n, t in alone.items()}, steps),
+               exclusive_us={n[:160]: t for n, t in sorted(alone.items(), key=lambda kv: -kv[1])},
+               )  # fmt: skip
     quant = f"-{recipe}-{backend}" if recipe else ""
     name = f"prof-accel-{model_name}{quant}-p{prompt_len}{'-tune' if tune else ''}.json"
     with open(os.path.join(out_dir, name), "w") as f:
@@ -81,6 +98,8 @@ def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, 
           f"{sum(v[0] for v in kernels.values())} kernels ({sum(v[0] for v in kernels.values()) / steps:.0f}"
           f" per step if all were decode)")  # fmt: skip
     print("us per step: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["shares_us_per_step"].items()))
+    print("us per step, timeline (no overlap counted twice): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in doc["shares_exclusive_us_per_step"].items()))  # fmt: skip
     for name, (count, t) in rows[:45]:
         print(f"{t / steps:8.1f} us/step {count / steps:6.1f}/step {t / max(count, 1):7.2f} us  {name[:110]}")
 
