@@ -97,8 +97,8 @@ def test_mqa_splits_merged_by_a_second_kernel_agree_with_the_oracle():
 
 
 def test_heuristic_splits_the_rows_of_few_kv_heads_only():
-    """Rows in 16-row blocks where the batch has at most sms / FEW_HEADS_PER_SM KV heads (MQA); GQA's 8 KV
-    heads keep one block for all of a head's rows (Lq 8: 32 rows)."""
+    """Rows in 16-row blocks where each KV head of the batch has ROW_SPLIT_SMS_PER_HEAD SMs or more (MQA);
+    8 KV heads keep one block for all of a head's rows (Lq 8: 32 rows)."""
     assert decode_params.heuristic_params(1, 4096, 1, 32, 128, 2, 132)["BLOCK_M"] == 16
     assert decode_params.heuristic_params(4, 4096, 1, 32, 128, 2, 132)["BLOCK_M"] == 16
     assert decode_params.heuristic_params(1, 4096, 8, 32, 128, 2, 132)["BLOCK_M"] == 32

@@ -25,12 +25,11 @@ from attnforge.bench.providers import (
     prepared_mask,
     zero_padding,
 )
-from attnforge.kernels import reference
+from attnforge.kernels import reference, tuning
 
 # The launch-parameter sets the `sweep` preset times: BLOCK_M, BLOCK_N, num_warps, num_stages, TMA loads.
 LAUNCH_SETS = ((128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 128, 8, 2, True), (64, 64, 4, 3, False),
                (64, 64, 4, 3, True))  # fmt: skip
-HOPPER_SHARED_MEMORY = 220 * 1024
 
 
 def _has_lengths(cfg: BenchConfig) -> bool:
@@ -221,11 +220,10 @@ def _launch_supports(params: dict):
             device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
         ):
             return False, "TMA loads need a Hopper (sm_90+) GPU"
-        d_block = 1 << (cfg.head_dim - 1).bit_length()
-        element = 4 if cfg.dtype == "float32" else 2
-        tiles = params["BLOCK_M"] * d_block + params["num_stages"] * 2 * params["BLOCK_N"] * d_block
-        if device.type == "cuda" and element * tiles > HOPPER_SHARED_MEMORY:
-            return False, f"{element * tiles // 1024} KiB of shared memory for d{cfg.head_dim} (> 220 KiB)"
+        needed = tuning.pipeline_bytes(params, cfg.head_dim, 4 if cfg.dtype == "float32" else 2)
+        if device.type == "cuda" and needed > tuning.HOPPER_SHARED_MEMORY:
+            limit = tuning.HOPPER_SHARED_MEMORY // 1024
+            return False, f"{needed // 1024} KiB of shared memory for d{cfg.head_dim} (> {limit} KiB)"
         return prefill_supports(cfg, device)
 
     return supports

@@ -85,7 +85,7 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
             for s in split_options(block_n, block_m):
                 merge = decode.merge_for(s, part_rows)  # a long merge for the last program: both, timed
                 candidates += [dict(_merged(tile, m), num_splits=s) for m in dict.fromkeys(("last", merge))]
-    hopper_budget = 220 * 1024
+    hopper_budget = tuning.HOPPER_SHARED_MEMORY
     candidates += [dict(base, num_stages=s) for s in range(2, stages(base["BLOCK_N"], hopper_budget) + 1)]
     # deeper pipelines of the half tile where Hopper's shared memory holds them (5-6 stages; 4 was the most
     # tried before): at 16k keys and more a program streams 16+ tiles (docs/notes/decode.md, "fourth session")
@@ -280,16 +280,16 @@ def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) ->
                                   for name in runners_up}  # fmt: skip
 
 
-# Shared memory of half a Hopper SM (227 KB a block at most, 228 KB an SM).
+# Shared memory of half a Hopper SM (228 KB an SM).
 HALF_SM_BYTES = 112 * 1024
 
 
 def pipeline_bytes(params: dict, target: Target) -> int:
-    """Shared memory a launch's tiles take (decode or prefill; an upper bound): q's block and `num_stages`
-    K/V tiles."""
+    """`tuning.pipeline_bytes` of a launch for `target`."""
+    from attnforge.kernels import tuning
+
     element = torch.empty((), dtype=target.torch_dtype).element_size()
-    row = (1 << (target.head_dim - 1).bit_length()) * element
-    return (params.get("BLOCK_M", 16) + params["num_stages"] * 2 * params["BLOCK_N"]) * row
+    return tuning.pipeline_bytes(params, target.head_dim, element)
 
 
 def _graph_median(make: Callable[[int], Callable[[], object]], layers: int) -> float | str:

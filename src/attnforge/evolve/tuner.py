@@ -30,6 +30,7 @@ from attnforge.bench import tune as bench_tune
 from attnforge.bench.targets import Target
 from attnforge.evolve.pool import Dispatcher, InlineDispatcher, open_pool
 from attnforge.evolve.tasks import Task, TaskShape, seed_for
+from attnforge.kernels import tuning
 
 DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
                 "num_splits": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
@@ -38,7 +39,6 @@ PREFILL_GENES = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps"
                  "num_stages": (2, 3, 4), "tma": (False, True)}  # fmt: skip
 # A gene a configuration leaves out takes the kernel's default.
 GENE_DEFAULTS = {"combine": "last", "tma": False}
-SHARED_MEMORY = 220 * 1024  # per block on Hopper (227 KB), a little kept for the rest
 # A tuned configuration replaces the heuristic only if, both re-measured, it was at least this much faster.
 MIN_GAIN = 1.02
 
@@ -99,7 +99,7 @@ def key(genome: dict) -> str:
 
 def fits(genome: dict, target: Target) -> bool:
     """Whether the pipelined tiles fit in shared memory (what cannot compile is not worth an evaluation)."""
-    return bench_tune.pipeline_bytes(genome, target) <= SHARED_MEMORY
+    return bench_tune.pipeline_bytes(genome, target) <= tuning.HOPPER_SHARED_MEMORY
 
 
 def _repair(genome: dict, target: Target, space: dict) -> dict:

@@ -17,12 +17,12 @@ MAX_SPLITS = 128
 SHARED_MEMORY_BUDGET = 160 * 1024
 # Partial rows (splits x real rows) the heuristic lets the last program of a slot merge.
 MERGE_ROWS = 256
-# With at most sms / FEW_HEADS_PER_SM KV heads in the batch, the heuristic splits their rows into blocks
+# With at least this many SMs for each KV head of the batch, the heuristic splits the heads' rows into blocks
 # of 16 (more programs; each reads its head's K/V, the second read mostly from L2). MQA 32:1 at B1 on the
 # H100 (`tuning-decode-grid-20261206e.json`): at equal splits and tiles two 16-row blocks ran 0.98-1.51x the
 # speed of one 32-row block (median 1.19-1.29x; best of each 11.4 / 12.7 us at 4k keys, 17.6 / 18.0 at 16k,
 # d64 4k 10.9 / 11.1). GQA's 8 KV heads with Lq 8-16 ran slower so (`...20261206f.json`, "-lq8").
-FEW_HEADS_PER_SM = 32
+ROW_SPLIT_SMS_PER_HEAD = 32
 # Splits a merge step unrolls (their loads in flight together); more would only grow the code.
 MERGE_CHUNK = 16
 # Valid keys of a sequence that fit in this many tiles are read by split 0 alone, which writes the output:
@@ -63,13 +63,13 @@ def heuristic_params(
     program that arrives last merges at most MERGE_ROWS partial rows (the merge is its tail); where the
     splits hold more (many rows a KV head: MQA), a second kernel merges them, one program per row
     ("kernel-pdl"), rather than fewer splits leaving most SMs idle (MQA at 16k keys ran 8 programs: 0.34x
-    torch's SDPA on the H100, `tuning-decode-grid-20261206d.md`). Few KV heads (FEW_HEADS_PER_SM) take
-    16-row blocks."""
+    torch's SDPA on the H100, `tuning-decode-grid-20261206d.md`). Few KV heads take
+    16-row blocks (ROW_SPLIT_SMS_PER_HEAD)."""
     row_bytes = triton.next_power_of_2(head_dim) * elem_bytes
     block_n = max(16, min(128, 32768 // row_bytes))
     stages = max(2, min(3, SHARED_MEMORY_BUDGET // (2 * block_n * row_bytes)))
     block_m = default_block_m(rows)
-    if batch * num_kv_heads * FEW_HEADS_PER_SM <= sms:
+    if batch * num_kv_heads * ROW_SPLIT_SMS_PER_HEAD <= sms:
         block_m = 16  # few KV heads (MQA): rows in blocks of 16, more programs at each split count
     units = batch * num_kv_heads * triton.cdiv(rows, block_m)
     splits = heuristic_splits(units, triton.cdiv(kv_len, block_n), sms)

@@ -104,6 +104,18 @@ def gpu_key_from_name(name: str) -> str:
     return next((key for key in _KNOWN_GPUS if key in name), name.replace("nvidia ", "").replace(" ", "-"))
 
 
+# Shared memory a block's tiles may take on Hopper (227 KB a block at most), a little kept for the rest.
+HOPPER_SHARED_MEMORY = 220 * 1024
+
+
+def pipeline_bytes(params: dict, head_dim: int, element_size: int) -> int:
+    """Shared memory a launch's tiles take (decode or prefill; an upper bound): q's block (BLOCK_M rows, 16
+    where the launch leaves it out) and `num_stages` K and V tiles of BLOCK_N rows, head_dim padded to a
+    power of two."""
+    row = (1 << (head_dim - 1).bit_length()) * element_size
+    return (params.get("BLOCK_M", 16) + params["num_stages"] * 2 * params["BLOCK_N"]) * row
+
+
 def sm_count(device: torch.device | str | None = None) -> int:
     """Streaming multiprocessors of the CUDA device (132 on an H100 SXM); 132 when there is none."""
     device = _as_device(device)
