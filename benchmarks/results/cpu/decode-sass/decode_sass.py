@@ -10,12 +10,8 @@ from the repository root:
 import os
 import sys
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gemv-packed"))
-from compile_packed import registers  # noqa: E402
+from compile_packed import compile_sm90, registers  # noqa: E402
 from sass_loop import loop_counts  # noqa: E402
 
 from attnforge.kernels import decode  # noqa: E402
@@ -36,14 +32,7 @@ def compile_case(block_n, stages, warps, lens):
                      SPLIT=True, SPLITS_P2=16, PART_ROWS=4, S_CHUNK=4, HAS_KV_LENS=lens, HAS_KV_STARTS=False,
                      FP32_DOT=False, MERGE_LAST=True, USE_PDL=False, ALONE_TILES=1, stride_qd=1, stride_kd=1,
                      stride_vd=1, stride_od=1)  # fmt: skip
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        signature[name] = "constexpr" if name in constants else TYPES.get(name, "i32")
-        if signature[name].startswith("*") or (name.startswith("stride_") and name not in constants):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    return compile_sm90(kernel, constants, TYPES, {"num_warps": warps, "num_stages": stages})
 
 
 def main():

@@ -13,12 +13,8 @@ import subprocess
 import sys
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gemv-packed"))
-from compile_packed import BIN, registers  # noqa: E402
+from compile_packed import BIN, compile_sm90, registers  # noqa: E402
 
 from attnforge.kernels import prefill  # noqa: E402
 
@@ -32,13 +28,7 @@ def compile_case(overlap: bool):
     constants = dict(GROUP=4, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=128, BLOCK_N=64, CAUSAL=True,
                      HAS_KV_LENS=False, HAS_Q_LENS=False, MASK_KIND=0, USE_TMA=False, FP32_DOT=False,
                      OVERLAP=overlap, stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)  # fmt: skip
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        signature[name] = "constexpr" if name in constants else TYPES.get(name, "i32")
-        if signature[name].startswith("*") or (name.startswith("stride_") and name not in constants):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    return compile_sm90(kernel, constants, TYPES, {"num_warps": 8, "num_stages": 3})
 
 
 def order(compiled) -> list[str]:
