@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnforge.kernels.argmax import argmax_rows
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -108,7 +110,7 @@ class SamplerState:
             keep = kept_tokens(scores, self.top_k, self.top_p)
             token = draw(scores, keep)
         else:
-            token = logits.argmax(dim=-1)
+            token = first_max(logits)
         seen.scatter_(1, token[:, None], True)
         return token
 
@@ -142,4 +144,10 @@ def draw(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """One token per row among `keep`, with probability softmax(scores) renormalized over the kept set."""
     probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     race = probs / torch.empty_like(probs).exponential_(1.0)
-    return race.masked_fill(~keep, -1.0).argmax(dim=-1)
+    return first_max(race.masked_fill(~keep, -1.0))
+
+
+def first_max(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(dim=-1)` of `[b, vocab]`: on a GPU through `kernels.argmax` (torch's reduction read a
+    128k row with one block: 26.6 us a step on an H100 for Llama-3-8B's vocab, `h100/argmax/`)."""
+    return argmax_rows(scores) if scores.is_cuda else scores.argmax(dim=-1)

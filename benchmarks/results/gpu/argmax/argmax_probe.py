@@ -1,7 +1,8 @@
 """Issue 11 probe (scratch, kept with its results): the greedy step's `logits.argmax(-1)` over a batch-1 vocab
 took 28 us a step for Llama-3-8B under the profiler (`h100/accel-profile/prof-accel-llama3-8b-p4096-
 2c52130.json`), 0.5% of the step. Is a two-stage argmax (chunk maxima, then the first chunk holding the
-maximum) faster, and equal? Per call inside a CUDA graph of 28 calls on distinct buffers (cold-ish L2), fp32
+maximum) faster, and equal? And `kernels.argmax.argmax_rows` (Triton, two launches), added after the first
+run. Per call inside a CUDA graph of 28 calls on distinct buffers (cold-ish L2), fp32
 logits [1, V]; writes JSON to the path given:
 
     PYTHONPATH=src python benchmarks/results/gpu/argmax/argmax_probe.py OUT.json
@@ -15,6 +16,7 @@ import torch
 
 from attnforge.bench import timing
 from attnforge.environment import environment_report
+from attnforge.kernels.argmax import argmax_rows
 
 
 def two_stage(logits: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -35,8 +37,10 @@ def main(path: str) -> None:
         tied = torch.zeros(1, vocab, device="cuda")
         tied[0, [7, vocab - 3]] = 1.0
         equal_on_ties = bool(torch.equal(two_stage(tied, 128), tied.argmax(-1)))
+        for logits in buffers[:4] + [tied]:
+            assert torch.equal(argmax_rows(logits), logits.argmax(-1))
         variants = {"argmax": lambda x: x.argmax(-1), "two-stage-128": lambda x: two_stage(x, 128),
-                    "two-stage-64": lambda x: two_stage(x, 64)}  # fmt: skip
+                    "two-stage-64": lambda x: two_stage(x, 64), "kernels.argmax": argmax_rows}  # fmt: skip
         for name, fn in variants.items():
             calls = [functools.partial(fn, logits) for logits in buffers]
             samples = timing.time_graph_per_call(calls.__getitem__, layers=28, reps=50)
