@@ -109,8 +109,8 @@ def test_leading_dims_are_kept_and_strided_input_is_read_in_place():
 @pytest.mark.parametrize(
     "params",
     [GemvParams(4, 16, 1), GemvParams(16, 64, 2), GemvParams(32, 256, 4), GemvParams(4, 16, 1, ahead=True),
-     GemvParams(16, 32, 4, dot=True, ahead=True), GemvParams(4, 32, 4, prefetch=4096),
-     GemvParams(8, 64, 8, ahead=True, prefetch=10**9)],
+     GemvParams(16, 32, 4, dot=True, ahead=True), GemvParams(4, 16, 2, ahead=2),
+     GemvParams(4, 32, 4, prefetch=4096), GemvParams(8, 64, 8, ahead=True, prefetch=10**9)],
 )  # fmt: skip
 def test_launch_parameters_do_not_change_the_result(params):
     x, w, b, _, res = _case(2, 50, 90, torch.float32, seed=5)
@@ -240,6 +240,7 @@ def test_bad_input_is_refused_with_the_reason(call, message):
                                                  ("block_k", 0, "block_k=0 must be a power of two"),
                                                  ("num_warps", 3, "num_warps=3 must be one of"),
                                                  ("prefetch", -16, "prefetch=-16 must be >= 0"),
+                                                 ("ahead", 3, "ahead=3 must be 0, 1 or 2"),
                                                  ("dot", True, "dot=True needs block_n and block_k >= 16 "
                                                   "(tensor-core tiles), got 8 and 64")])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
@@ -274,8 +275,9 @@ def test_packed_weights_match_float64_over_their_dequantized_weight(bits, rows, 
 
 @pytest.mark.parametrize(
     "params",
-    [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4), GemvParams(8, 32, 2, ahead=True)],
-)
+    [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4), GemvParams(8, 32, 2, ahead=True),
+     GemvParams(8, 32, 2, ahead=2)],
+)  # fmt: skip
 @pytest.mark.parametrize("bits", [5, 8])
 def test_packed_slices_narrower_or_wider_than_a_group_give_the_same_result(params, bits):
     x, w, b, _, _ = _case(3, 50, 256, torch.float32, seed=11)

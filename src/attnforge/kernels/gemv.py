@@ -54,7 +54,9 @@ class GemvParams:
     num_warps: int
     pdl: bool = True
     dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
-    ahead: bool = False  # each slice's read asked for one loop step before its product (two slices in flight)
+    # Loop steps before its product that each slice's read is asked for: 0, 1 (two slices in flight), 2
+    # (three; the first two asked for before the PDL wait)
+    ahead: int = 0
     # Bytes of the weight, from its start, that the first programs ask L2 for before the PDL wait (0: none;
     # a hint with PDL on a GPU, see `_prefetch_to_l2`).
     prefetch: int = 0
@@ -64,6 +66,8 @@ class GemvParams:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two")
+        if self.ahead not in (0, 1, 2):
+            raise ValueError(f"ahead={self.ahead} must be 0, 1 or 2 (loop steps a slice is read ahead)")
         if self.prefetch < 0:
             raise ValueError(f"prefetch={self.prefetch} must be >= 0 (bytes of the weight asked of L2)")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -126,6 +130,10 @@ def _gemv_kernel(
     # barriers) every step (sm_90 SASS, triton 3.6).
     w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn,
                                           stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
+    if AHEAD == 2:  # the second slice before the wait too
+        w2, plane2, scale2, zero2 = _weight_slice(W, Scales, Zeros, cols, col_ok, BLOCK_K, K, stride_wn,
+                                                  stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
+                                                  SPAN)  # fmt: skip
     if PREFETCH_THREADS > 0:  # while the previous kernel finishes, its idle DRAM time fills L2 for the waves
         _prefetch_to_l2(W, prefetch_bytes, prefetch_programs, PREFETCH_THREADS)
     if USE_PDL:
@@ -144,7 +152,13 @@ def _gemv_kernel(
     else:  # a sum per CHUNK features of the slice, added up once after the loop
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
+        if AHEAD == 2:  # this slice was asked for two steps ago; ask for the one after next now
+            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, CHUNK, ASM)
+            w, plane, scale, zero = w2, plane2, scale2, zero2
+            w2, plane2, scale2, zero2 = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + 2 * BLOCK_K, K,
+                                                      stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
+                                                      SPAN)  # fmt: skip
+        elif AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
             w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, CHUNK, ASM)
             w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K,
                                                   stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
@@ -420,14 +434,14 @@ def default_tiles(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
     if rows == 1 and bits == 8:
-        return GemvParams(block_n=8, block_k=2048 if n <= 4096 else 1024, num_warps=4, ahead=True)
+        return GemvParams(block_n=8, block_k=2048 if n <= 4096 else 1024, num_warps=4, ahead=1)
     if rows == 1 and bits == 5:
-        return GemvParams(block_n=8, block_k=1024, num_warps=4, ahead=True)
+        return GemvParams(block_n=8, block_k=1024, num_warps=4, ahead=1)
     if rows == 1 and not packed and k > 1024:
         if n <= ONE_SLICE_MAX_N and k <= 4096:
             block_k = triton.next_power_of_2(k)
             return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
-        return GemvParams(block_n=8 if k > 8192 and n >= 4096 else 4, block_k=2048, num_warps=8, ahead=True)
+        return GemvParams(block_n=8 if k > 8192 and n >= 4096 else 4, block_k=2048, num_warps=8, ahead=1)
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
@@ -547,7 +561,7 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
         SPAN=1 if packed is None else min(p.block_k, packed.group_size),
         CHUNK=_chunk(rows, p.block_k, packed),
-        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead, ASM=not triton_interpret(),
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=int(p.ahead), ASM=not triton_interpret(),
         PREFETCH_THREADS=threads, num_warps=p.num_warps, **pdl_options(pdl),
     )  # fmt: skip
 

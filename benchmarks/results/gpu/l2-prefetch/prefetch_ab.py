@@ -1,18 +1,18 @@
-"""Issue 11 probe (scratch, kept with its results): the decode step with each product's first programs asking
-L2 for the first bytes of its weight before their PDL wait (`GemvParams.prefetch`, `gemv.PREFETCH_BYTES`),
-while the kernel before it (attention: DRAM mostly idle at 4k keys; or the previous product's tail) runs.
-And the greedy argmax through `kernels.argmax` against torch's reduction.
+"""Issue 11 probe (scratch, kept with its results): decode-step variants of the products' launches, A/B in
+one process on one model (random weights, bf16, batch 1):
+  - "base": the defaults; "torch-argmax": the greedy argmax by torch's reduction, not `kernels.argmax`;
+  - "all<MiB>": every product's first programs ask L2 for the first <MiB> of its weight before their PDL wait
+    (`GemvParams.prefetch`), while the kernel before it runs; "o<MiB>": only the product after attention
+    (o_proj, which waits while attention leaves DRAM mostly idle at 4k keys);
+  - "ahead2": products that read slices one step ahead read them two steps ahead, the first two slices
+    before the PDL wait (`GemvParams(ahead=2)`).
+One accelerator per variant, each capturing its decode graph with its setting; then generations interleaved
+round by round after a warm-up round (prompts 128 and 4096, 256 new tokens): per variant and prompt the
+median decode tok/s, and whether the greedy tokens equal the first variant's (none may change them).
 
-One process, one model (random weights, bf16, batch 1); one accelerator per variant, each capturing its
-decode graph with its setting; then generations interleaved round by round (prompts 128 and 4096, 256 new
-tokens): per variant and prompt the median decode tok/s, and whether the greedy tokens equal the first
-variant's (a prefetch is a hint: they must).
+    PYTHONPATH=src python prefetch_ab.py OUT.json [model=llama3-8b] [variants=torch-argmax,base,all8] [runs=3]
 
-    PYTHONPATH=src python prefetch_ab.py OUT.json [model=llama3-8b] [budgets=0,8,16,32] [runs=3] [only=o]
-
-Budgets in MiB; `only=o`: the prefetch only in the product after attention (o_proj, whose kernel runs while
-DRAM is mostly idle), the other products without. Variants: "torch-argmax" (budget 0, torch's argmax) then
-"prefetch-<MiB>" for each budget.
+The first run (commit 307a653, variants torch-argmax,all0,all8,all16,all32) wrote budgets as "prefetch-<MiB>".
 Writes OUT.json after every round and prints a table at the end.
 """
 
@@ -33,18 +33,26 @@ NEW = 256
 PROMPTS = (128, 4096)
 
 
-def build(model, budget_mib: int, torch_argmax: bool, max_seq_len: int, only: tuple | None):
-    """An accelerator whose decode graph was captured with `budget_mib` of prefetch (only for products of
-    (out, in) features `only` where given) and torch's argmax where asked."""
-    original, defaults = sampling.first_max, gemv.default_params
+def tiles_for(variant: str, o_proj: tuple[int, int]):
+    """The variant's launch parameters: `gemv.default_tiles` changed as the variant says."""
 
     def params(rows, n, k, bits=16):
         tiles = gemv.default_tiles(rows, n, k, bits)
-        wanted = budget_mib and (only is None or (n, k) == only)
-        return replace(tiles, prefetch=budget_mib << 20) if wanted else tiles
+        if variant == "ahead2" and tiles.ahead:
+            return replace(tiles, ahead=2)
+        for prefix, wanted in (("all", True), ("o", (n, k) == o_proj)):
+            if variant.startswith(prefix) and variant[len(prefix) :].isdigit() and wanted:
+                return replace(tiles, prefetch=int(variant[len(prefix) :]) << 20)
+        return tiles
 
-    gemv.default_params = params
-    if torch_argmax:
+    return params
+
+
+def build(model, variant: str, max_seq_len: int, o_proj: tuple[int, int]):
+    """An accelerator whose decode graph was captured with the variant's settings."""
+    original, defaults = sampling.first_max, gemv.default_params
+    gemv.default_params = tiles_for(variant, o_proj)
+    if variant == "torch-argmax":
         sampling.first_max = lambda scores: scores.argmax(dim=-1)
     try:
         acc = accelerate(model, max_batch_size=1, max_seq_len=max_seq_len)
@@ -54,22 +62,18 @@ def build(model, budget_mib: int, torch_argmax: bool, max_seq_len: int, only: tu
     return acc
 
 
-def main(path: str, model_name: str, budgets: list[int], runs: int, only_o: bool) -> None:
+def main(path: str, model_name: str, variants: list[str], runs: int) -> None:
     model = models.load_model(model_name, dtype=torch.bfloat16, attn_implementation="sdpa")
     config = model.config
-    vocab, head_dim = config.vocab_size, getattr(config, "head_dim", None)
-    head_dim = head_dim or config.hidden_size // config.num_attention_heads
-    only = (config.hidden_size, config.num_attention_heads * head_dim) if only_o else None  # o_proj
-    variants = {"torch-argmax": (0, True)} | {f"prefetch-{b}": (b, False) for b in budgets}
-    accs = {name: build(model, b, t, max(PROMPTS) + NEW, only) for name, (b, t) in variants.items()}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    o_proj = (config.hidden_size, config.num_attention_heads * head_dim)
+    accs = {name: build(model, name, max(PROMPTS) + NEW, o_proj) for name in variants}
     doc = {"environment": environment_report(), "commit": os.environ.get("ATTNFORGE_GIT_COMMIT"),
-           "model": model_name, "new_tokens": NEW, "only_o_proj": only_o, "runs": {},
-           "variants": {n: {"prefetch_mib": b, "torch_argmax": t}
-                        for n, (b, t) in variants.items()}}  # fmt: skip
+           "model": model_name, "new_tokens": NEW, "variants": variants, "runs": {}}  # fmt: skip
     first_tokens = {}
     for r in range(-1, runs):  # round -1 warms up (the first prefill of each length compiles)
         for prompt_len in PROMPTS:
-            prompt = [[(7 * i + 3) % vocab for i in range(prompt_len)]]
+            prompt = [[(7 * i + 3) % config.vocab_size for i in range(prompt_len)]]
             for name, acc in accs.items():
                 result = acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
                 if r < 0:
@@ -82,7 +86,7 @@ def main(path: str, model_name: str, budgets: list[int], runs: int, only_o: bool
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)
     for prompt_len in PROMPTS:
-        base = statistics.median(doc["runs"][f"torch-argmax p{prompt_len}"]["tok_s"])
+        base = statistics.median(doc["runs"][f"{variants[0]} p{prompt_len}"]["tok_s"])
         for name in accs:
             cell = doc["runs"][f"{name} p{prompt_len}"]
             cell["median_tok_s"] = med = statistics.median(cell["tok_s"])
@@ -96,6 +100,5 @@ def main(path: str, model_name: str, budgets: list[int], runs: int, only_o: bool
 
 if __name__ == "__main__":
     options = dict(arg.split("=", 1) for arg in sys.argv[2:] if "=" in arg)
-    main(sys.argv[1], options.get("model", "llama3-8b"),
-         [int(b) for b in options.get("budgets", "0,8,16,32").split(",")],
-         int(options.get("runs", 3)), "only=o" in sys.argv[2:])  # fmt: skip
+    variants = options.get("variants", "torch-argmax,base,all8").split(",")
+    main(sys.argv[1], options.get("model", "llama3-8b"), variants, int(options.get("runs", 3)))
