@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from attnforge import cli as cli_module
 from attnforge.bench import targets, tune
 from attnforge.cli import app
 from attnforge.kernels import decode_params, tuning
@@ -158,6 +159,26 @@ def test_the_graph_timing_covers_the_winner_its_merges_and_the_runners_up(monkey
     assert len(row["graph_runners_up_us"]) == tune.GRAPH_RUNNERS_UP + 1 and extra == half[:1] != []
     assert set(row["graph_combine_us"]) == set(decode_params.COMBINE_MODES)  # the winner splits its keys
     assert tune.graph_choice(row) == {"graph_params": candidates[1], "graph_speedup": 1.5}
+    tune._time_in_graph(row, target, case, layers=2, runners_up=5)  # `tune --graph-candidates 5`
+    first = [name for name in row["graph_runners_up_us"] if names.index(name) <= 5]
+    assert first == names[1:6] and len(row["graph_runners_up_us"]) <= 6 + 1
+
+
+def test_tune_passes_graph_candidates_to_the_run(monkeypatch):
+    seen = {}
+
+    def fake_run(targets, **options):
+        seen.update(options, labels=[t.label for t in targets])
+        return {"rows": [], "not_run": []}
+
+    monkeypatch.setattr(tune, "run", fake_run)
+    monkeypatch.setattr(cli_module, "_tune_table", lambda doc: "")
+    only = "32:1 ,B=1 16:8 Lq=1 Lkv=1024 "  # any of the parts
+    args = ["--preset", "decode-grid", "--only", only, "--graph-layers", "4", "--graph-candidates", "9"]
+    result = CliRunner().invoke(app, ["tune", *args])
+    assert result.exit_code == 0, result.output
+    assert seen["graph_layers"] == 4 and seen["graph_runners_up"] == 9
+    assert [label.split()[2] for label in seen["labels"]] == ["16:8", "32:1", "32:1", "32:1"]
 
 
 def _doc(rows):

@@ -290,11 +290,16 @@ def tune(
     graph_layers: Annotated[
         int, typer.Option(min=0, metavar="N", help="also time decode winners in a CUDA graph of N layers")
     ] = 0,
+    graph_candidates: Annotated[
+        int | None,
+        typer.Option(min=0, metavar="N", help="with --graph-layers: plain runners-up also timed there (3)"),
+    ] = None,
     time_budget: Annotated[
         float | None, typer.Option(metavar="SECONDS", help="start no target after this many seconds")
     ] = None,
     only: Annotated[
-        str | None, typer.Option(metavar="TEXT", help="only the targets whose label contains TEXT")
+        str | None,
+        typer.Option(metavar="TEXT", help="only the targets whose label contains TEXT (or a part of A,B)"),
     ] = None,
     from_results: Annotated[
         Path | None, typer.Option(metavar="FILE", help="store the entries of a saved tuning result (no GPU)")
@@ -322,7 +327,8 @@ def tune(
             tuner.save(doc, out, stem)
 
     console.print(f"compiling the candidates of {len(targets)} targets (worker processes) ...")
-    options = dict(quick=quick, graph_layers=graph_layers, time_budget_s=time_budget)
+    options = dict(quick=quick, graph_layers=graph_layers, graph_runners_up=graph_candidates,
+                   time_budget_s=time_budget)  # fmt: skip
     doc = tuner.run(targets, progress=progress, checkpoint=checkpoint, **options)
     console.print(_tune_table(doc))
     if out is not None:
@@ -333,10 +339,11 @@ def tune(
 
 
 def _only(targets: list, text: str | None) -> list:
-    """The targets whose label contains `text` (all without it); none is refused, with what there is."""
+    """The targets whose label contains `text`, or one of its comma-separated parts (all without it); none is
+    refused, with what there is."""
     if text is None:
         return targets
-    kept = [t for t in targets if text in t.label]
+    kept = [t for t in targets if any(part in t.label for part in text.split(","))]
     if not kept:
         labels = "; ".join(t.label for t in targets[:3])
         raise typer.BadParameter(f"--only {text!r} matches none of the {len(targets)} targets, e.g. {labels}")

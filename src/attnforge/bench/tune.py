@@ -200,10 +200,12 @@ def precompile(plan: list[tuple[Target, list[dict]]], workers: int) -> float:
 
 
 def tune_target(
-    target: Target, candidates: list[dict], device, *, reps: int = 30, seed: int = 0, graph_layers: int = 0
-) -> dict:
+    target: Target, candidates: list[dict], device, *, reps: int = 30, seed: int = 0, graph_layers: int = 0,
+    graph_runners_up: int | None = None,
+) -> dict:  # fmt: skip
     """Check every candidate, time the correct ones against torch's paths, pick the fastest; with
-    `graph_layers`, also time the winner and the fastest torch path inside a CUDA graph."""
+    `graph_layers`, also time the winner, the `graph_runners_up` next (default GRAPH_RUNNERS_UP) and the
+    fastest torch path inside a CUDA graph."""
     case = make_case(target, device, seed)
     expected = chunked_reference(case)  # big prefill rows: the oracle in slices (bounded memory)
     row = {"target": asdict(target), "label": target.label, "bucket": target.bucket, "seed": seed,
@@ -235,15 +237,16 @@ def tune_target(
     if device.type == "cuda" and calls and baselines:
         _time(row, calls, baselines, reps)
         if target.kind == "decode" and graph_layers:
-            _time_in_graph(row, target, case, graph_layers)
+            _time_in_graph(row, target, case, graph_layers, graph_runners_up)
     return row
 
 
-def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) -> None:
+def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int,
+                   runners_up: int | None = None) -> None:  # fmt: skip
     """The best candidate and the fastest torch path per call inside one captured CUDA graph of `layers`
     calls, each on its own buffers (what a graph-captured decode loop sees: L2 does not hold the cache);
-    then the winner with each way of merging its splits, the GRAPH_RUNNERS_UP next plain candidates and the
-    fastest other whose tiles fit twice on an SM."""
+    then the winner with each way of merging its splits, the `runners_up` (default GRAPH_RUNNERS_UP) next
+    plain candidates and the fastest other whose tiles fit twice on an SM."""
     from attnforge.kernels.decode_params import COMBINE_MODES
 
     bytes_needed = layers * 3 * case.k.numel() * case.k.element_size()
@@ -270,14 +273,15 @@ def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int) ->
                                    for mode in COMBINE_MODES}  # fmt: skip
     timed = {name: cell["median_us"] for name, cell in row["candidates"].items() if "median_us" in cell}
     ranked = [name for name in sorted(timed, key=timed.get) if name != row["best"]]
-    runners_up = ranked[:GRAPH_RUNNERS_UP]
+    count = GRAPH_RUNNERS_UP if runners_up is None else runners_up
+    names = ranked[:count]
     # and the fastest whose pipeline fits twice on an SM: with PDL, the next call's programs can then wait
     # on the SMs while this call's programs run, instead of launching after them
-    halves = [n for n in ranked[GRAPH_RUNNERS_UP:] if pipeline_bytes(row["candidates"][n]["params"], target)
+    halves = [n for n in ranked[count:] if pipeline_bytes(row["candidates"][n]["params"], target)
               <= HALF_SM_BYTES]  # fmt: skip
-    runners_up += halves[:1]
+    names += halves[:1]
     row["graph_runners_up_us"] = {name: _graph_median(kernel_at(row["candidates"][name]["params"]), layers)
-                                  for name in runners_up}  # fmt: skip
+                                  for name in names}  # fmt: skip
 
 
 # Shared memory of half a Hopper SM (228 KB an SM).
@@ -325,10 +329,11 @@ def _time(row: dict, calls: dict, baselines: dict, reps: int) -> None:
 
 
 def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: int | None = None,
-        graph_layers: int = 0, progress: Callable[[int, str], None] | None = None,
-        checkpoint: Callable[[dict], None] | None = None,
+        graph_layers: int = 0, graph_runners_up: int | None = None,
+        progress: Callable[[int, str], None] | None = None, checkpoint: Callable[[dict], None] | None = None,
         time_budget_s: float | None = None) -> dict:  # fmt: skip
     """Tune every target (GPU: correctness, then timing; CPU: correctness only); the result document.
+    `graph_layers` / `graph_runners_up`: `tune_target`'s.
 
     `checkpoint(doc)` is called after every row with the document so far (a run cut short keeps its rows);
     no target is started after `time_budget_s` seconds (they are listed in `not_run`).
@@ -359,7 +364,8 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
             break  # the rest stay in doc["not_run"]
         if progress is not None:
             progress(index, target.label)
-        row = tune_target(target, candidates, device, reps=reps, seed=index, graph_layers=graph_layers)
+        row = tune_target(target, candidates, device, reps=reps, seed=index, graph_layers=graph_layers,
+                          graph_runners_up=graph_runners_up)  # fmt: skip
         if ceilings is not None and target.kind == "decode":
             row["floor_us"] = read_bytes(target) / (ceilings["read_gbps"] * 1e3)
         rows.append(row)
