@@ -9,7 +9,8 @@ PYTHONPATH=src:
 One warm-up generation (compiles, captures), then torch.profiler around a generation of 64 new tokens: the
 GPU kernels by total time, their count per decode step, the step's GPU time against its wall time, and its
 shares (products, attention, the rest) per step: as the profiler gives each kernel's duration, and on the
-GPU timeline with nothing counted twice (kernels launched early with PDL wait inside themselves).
+GPU timeline with nothing counted twice (kernels launched early with PDL wait inside themselves); and each
+kernel of a step by its position there (which product, which layer: `step_positions`).
 """
 
 import json
@@ -51,6 +52,32 @@ def exclusive_us(intervals: list[tuple[float, float, str]]) -> dict:
     return out
 
 
+# a decode step ends with its greedy choice: torch's argmax reduction or `kernels.argmax`'s second launch
+STEP_END = ("ArgMax", "_pick_kernel")
+
+
+def by_position(intervals: list[tuple[float, float, str]]) -> list[dict]:
+    """The decode steps' kernels by their position in a step (steps split after each STEP_END kernel; only
+    steps with the most common kernel count, whose positions line up): per position the kernel's name, its
+    mean duration and its mean exclusive time (as `exclusive_us`: what it alone adds to the timeline), us."""
+    steps, current, reached = [], [], float("-inf")
+    for start, end, name in sorted(intervals):
+        current.append((name, end - start, max(0.0, end - max(start, reached))))
+        reached = max(reached, end)
+        if any(part in name for part in STEP_END):
+            steps.append(current)
+            current = []
+    if not steps:
+        return []
+    counts = [len(step) for step in steps]
+    common = max(set(counts), key=counts.count)
+    steps = [step for step in steps if len(step) == common]
+    return [{"position": i, "name": steps[0][i][0][:80], "steps": len(steps),
+             "mean_us": sum(step[i][1] for step in steps) / len(steps),
+             "mean_exclusive_us": sum(step[i][2] for step in steps) / len(steps)}
+            for i in range(common)]  # fmt: skip
+
+
 def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, backend="triton"):
     model = models.load_model(model_name, dtype=torch.bfloat16, attn_implementation="sdpa")
     if recipe:
@@ -88,7 +115,7 @@ def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, 
                shares_us_per_step=shares(kernels, steps),
                shares_exclusive_us_per_step=shares({n: (0, t) for n, t in alone.items()}, steps),
                exclusive_us={n[:160]: t for n, t in sorted(alone.items(), key=lambda kv: -kv[1])},
-               )  # fmt: skip
+               step_positions=by_position(intervals))  # fmt: skip
     quant = f"-{recipe}-{backend}" if recipe else ""
     name = f"prof-accel-{model_name}{quant}-p{prompt_len}{'-tune' if tune else ''}.json"
     with open(os.path.join(out_dir, name), "w") as f:
@@ -102,6 +129,31 @@ def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, 
           + ", ".join(f"{k} {v:.1f}" for k, v in doc["shares_exclusive_us_per_step"].items()))  # fmt: skip
     for name, (count, t) in rows[:45]:
         print(f"{t / steps:8.1f} us/step {count / steps:6.1f}/step {t / max(count, 1):7.2f} us  {name[:110]}")
+    positions = doc["step_positions"]
+    if positions:
+        print(f"a step's {len(positions)} kernels by position ({positions[0]['steps']} steps), mean us and "
+              "mean exclusive us; per layer, from each attention kernel on:")  # fmt: skip
+        for offset, (mean, alone, name) in layer_slots(positions).items():
+            print(f"  +{offset} {mean:8.2f} {alone:8.2f}  {name}")
+        for row in positions[-4:]:
+            mean, alone = row["mean_us"], row["mean_exclusive_us"]
+            print(f"  {row['position']:4d} {mean:8.2f} {alone:8.2f}  {row['name']}")
+
+
+def layer_slots(positions: list[dict]) -> dict:
+    """`by_position`'s rows averaged over the layers but the last (whose period ends in the LM head): offset
+    from each attention ("decode") kernel (the period: the distance between the first two) -> (mean us, mean
+    exclusive us, name)."""
+    starts = [row["position"] for row in positions if "decode" in row["name"]]
+    if len(starts) < 2:
+        return {}
+    period = starts[1] - starts[0]
+    slots = {}
+    for offset in range(period):
+        rows = [positions[s + offset] for s in starts[:-1]]
+        slots[offset] = (sum(r["mean_us"] for r in rows) / len(rows),
+                         sum(r["mean_exclusive_us"] for r in rows) / len(rows), rows[0]["name"])  # fmt: skip
+    return slots
 
 
 if __name__ == "__main__":
