@@ -240,8 +240,8 @@ class DecodeLaunch:
         pdl_merge = use_pdl and combine == "kernel-pdl" and splits > 1
         self.params, self.num_kv_heads, self.splits = p, num_kv_heads, splits
         self.slots = batch * num_kv_heads * p["m_blocks"]  # programs per split, and arrival counters
-        # Partials: (O, m repeated) per row, then (m, l) per row.
-        self.ml_offset = self.slots * splits * part_rows * 2 * d_block
+        # Partials: O per row, then (m, l) per row.
+        self.ml_offset = self.slots * splits * part_rows * d_block
         self.floats = 1 if splits == 1 else self.ml_offset + self.slots * splits * part_rows * 2
         self.grid = (splits, self.slots)
         shared = {
@@ -254,8 +254,10 @@ class DecodeLaunch:
             "HAS_KV_STARTS": has_kv_starts, "FP32_DOT": fp32_dot(dtype), "MERGE_LAST": combine == "last",
             # the second merge kernel merges every split: there, no split may skip its partial
             "ALONE_TILES": p["alone_tiles"] if combine == "last" else -1,
-            # splits whose partials one merge step loads at once: at most 64 floats per thread (4 warps)
-            "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 4096 // (part_rows * d_block))),
+            # splits whose partials one merge step loads at once (each step one round trip to L2): at most
+            # 128 floats of output rows a thread (4 warps), which the registers of the key loop hold (sm_90:
+            # no launch of the grid spilled; GQA 5:1 took 4 steps for 16 splits where it now takes 1)
+            "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 16384 // (part_rows * d_block))),
             "num_warps": p["num_warps"], "num_stages": p["num_stages"], **pdl_options(use_pdl),
         }  # fmt: skip
         merged_apart = splits > 1 and combine != "last"

@@ -81,19 +81,16 @@ def finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot
         if split == 0:
             store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
     else:
-        # Partials in [slot, split, PART_ROWS, (o, m), D_BLOCK] and [slot, split, (m, l), PART_ROWS], written
-        # for the real rows only (5 of 8 for GQA 5:1; the merge reads no more).
+        # Partials in [slot, split, PART_ROWS, D_BLOCK] (the unnormalized output) and [slot, split, (m, l),
+        # PART_ROWS], written for the real rows only (5 of 8 for GQA 5:1; the merge reads no more).
         r = tl.arange(0, BLOCK_M)
         keep = (r < PART_ROWS) & row_ok
         PartML = PartO + ml_offset
         part = slot.to(tl.int64) * num_splits + split
         tl.store(PartML + part * 2 * PART_ROWS + r, m_i, mask=keep)
         tl.store(PartML + part * 2 * PART_ROWS + PART_ROWS + r, l_i, mask=keep)
-        # Each partial row is its output followed by its max repeated over D (`merge_rows` reads the two with
-        # the same layout: no per-split exchange between threads).
-        o_row = PartO + (part * PART_ROWS + r[:, None]) * (2 * D_BLOCK) + d[None, :]
+        o_row = PartO + (part * PART_ROWS + r[:, None]) * D_BLOCK + d[None, :]
         tl.store(o_row, acc, mask=keep[:, None])
-        tl.store(o_row + D_BLOCK, tl.broadcast_to(m_i[:, None], [BLOCK_M, D_BLOCK]), mask=keep[:, None])
         if MERGE_LAST:
             merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                           stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
@@ -168,9 +165,9 @@ def merge_rows(PartO, PartML, base, num_splits, r, real, ROWS: tl.constexpr, SPL
     """Combine partial rows `r` ([ROWS] indices < PART_ROWS) of the splits at `base`, reading those below
     `real` (the rows the splits wrote; the others come out 0):
     `sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s`, `[ROWS, D_BLOCK]`. Each thread accumulates its own
-    elements split after split, with S_CHUNK splits' loads in flight, reading each split's max from the copy
-    stored next to its output (same layout: nothing moves between threads per split; a reduction over a
-    tile's split axis compiled to thousands of shared-memory steps)."""
+    elements split after split, with S_CHUNK splits' loads in flight (each a round trip to L2), reading each
+    split's max per row beside its output rows (a reduction over a tile's split axis compiled to thousands
+    of shared-memory steps)."""
     s_all = tl.arange(0, SPLITS_P2)
     ml_all = (base + s_all[:, None]) * 2 * PART_ROWS + r[None, :]
     s_ok = (s_all < num_splits)[:, None] & (r < real)[None, :]
@@ -179,14 +176,15 @@ def merge_rows(PartO, PartML, base, num_splits, r, real, ROWS: tl.constexpr, SPL
     m = tl.max(m_all, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_total = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
-    row = r[:, None] * (2 * D_BLOCK) + tl.arange(0, D_BLOCK)[None, :]
+    row = r[:, None] * D_BLOCK + tl.arange(0, D_BLOCK)[None, :]
     acc = tl.zeros([ROWS, D_BLOCK], tl.float32)
     for s0 in range(0, num_splits, S_CHUNK):
         for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
             # per row, not a scalar: the interpreter takes block masks only
-            ok = ((r < PART_ROWS) & (r < real) & (r * 0 + s0 + i < num_splits))[:, None]
-            o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * 2 * D_BLOCK) + row
-            o_s = tl.load(o_ptrs, mask=ok, other=0.0, cache_modifier=".cg")
-            m_s = tl.load(o_ptrs + D_BLOCK, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            ok = (r < PART_ROWS) & (r < real) & (r * 0 + s0 + i < num_splits)
+            o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * D_BLOCK) + row
+            o_s = tl.load(o_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+            m_s = tl.load(PartML + (base + s0 + i) * 2 * PART_ROWS + r[:, None], mask=ok[:, None],
+                          other=float("-inf"), cache_modifier=".cg")  # fmt: skip
             acc += tl.exp2(m_s - m_safe[:, None]) * o_s
     return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
