@@ -23,7 +23,7 @@ several rows); masked loads never read outside any buffer.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -397,18 +397,7 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
 ONE_SLICE_MAX_N = 2048
 
 
-# Bytes of a product's weight that its first programs ask L2 for while the kernel before it finishes
-# (`GemvParams.prefetch`; launches with PDL on a GPU only).
-PREFETCH_BYTES = 0
-
-
 def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
-    """`default_tiles` with PREFETCH_BYTES of L2 prefetch."""
-    tiles = default_tiles(rows, n, k, bits)
-    return replace(tiles, prefetch=PREFETCH_BYTES) if PREFETCH_BYTES else tiles
-
-
-def default_tiles(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
     """Launch parameters, from per-call times in 28-layer CUDA graphs on an H100 (GEMV sweeps under
     benchmarks/results/h100/gemv/; the products of Qwen3-0.6B and Llama-3-8B as the accelerator calls them,
     neighbours fused). By default 4 output columns per program (many programs, balanced over the SMs; each

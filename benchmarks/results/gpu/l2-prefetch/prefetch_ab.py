@@ -33,11 +33,11 @@ NEW = 256
 PROMPTS = (128, 4096)
 
 
-def tiles_for(variant: str, o_proj: tuple[int, int]):
-    """The variant's launch parameters: `gemv.default_tiles` changed as the variant says."""
+def tiles_for(variant: str, o_proj: tuple[int, int], defaults=gemv.default_params):
+    """The variant's launch parameters: `gemv.default_params`' changed as the variant says."""
 
     def params(rows, n, k, bits=16):
-        tiles = gemv.default_tiles(rows, n, k, bits)
+        tiles = defaults(rows, n, k, bits)
         if variant == "ahead2" and tiles.ahead:
             return replace(tiles, ahead=2)
         for prefix, wanted in (("all", True), ("o", (n, k) == o_proj)):
