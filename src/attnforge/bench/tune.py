@@ -38,6 +38,7 @@ from attnforge.bench.targets import (
     without_poison,
     zero_case,
 )
+from attnforge.kernels import tuning
 
 GRAPH_MAX_BYTES = 12 * 2**30
 
@@ -53,7 +54,6 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     splits' partial rows pass what the last program merges (MERGE_ROWS), each also merged by a second
     kernel."""
     from attnforge.kernels import decode_params as decode
-    from attnforge.kernels import tuning
 
     rows = target.num_heads // target.num_kv_heads * target.q_len
     element = torch.empty((), dtype=target.torch_dtype).element_size()
@@ -290,8 +290,6 @@ HALF_SM_BYTES = 112 * 1024
 
 def pipeline_bytes(params: dict, target: Target) -> int:
     """`tuning.pipeline_bytes` of a launch for `target`."""
-    from attnforge.kernels import tuning
-
     element = torch.empty((), dtype=target.torch_dtype).element_size()
     return tuning.pipeline_bytes(params, target.head_dim, element)
 
@@ -478,8 +476,6 @@ def _bucket_of(row: dict) -> str:
 
 def store(doc: dict, source: str, table=None) -> str:
     """Write the document's entries into a tuning table (default: the user's); returns its path."""
-    from attnforge.kernels import tuning
-
     env = doc["environment"]
     gpu = tuning.gpu_key() if env.get("device") == "cuda" and torch.cuda.is_available() else None
     gpu = gpu or tuning.gpu_key_from_name(env.get("gpu", ""))
