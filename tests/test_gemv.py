@@ -4,8 +4,6 @@ On a GPU the kernel rounds as torch does (round to nearest even), so most output
 bit; the Triton interpreter truncates when it narrows to 16 bits, so on CPU the checks are relative errors.
 """
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,8 +107,7 @@ def test_leading_dims_are_kept_and_strided_input_is_read_in_place():
 @pytest.mark.parametrize(
     "params",
     [GemvParams(4, 16, 1), GemvParams(16, 64, 2), GemvParams(32, 256, 4), GemvParams(4, 16, 1, ahead=True),
-     GemvParams(16, 32, 4, dot=True, ahead=True), GemvParams(4, 16, 2, ahead=2),
-     GemvParams(4, 32, 4, prefetch=4096), GemvParams(8, 64, 8, ahead=True, prefetch=10**9)],
+     GemvParams(16, 32, 4, dot=True, ahead=True), GemvParams(8, 64, 8, ahead=True)],
 )  # fmt: skip
 def test_launch_parameters_do_not_change_the_result(params):
     x, w, b, _, res = _case(2, 50, 90, torch.float32, seed=5)
@@ -181,24 +178,6 @@ def test_the_pdl_parameter_decides_the_launch_where_the_gpu_has_it(monkeypatch, 
     assert launches[0]["USE_PDL"] is pdl and launches[0].get("launch_pdl", False) is pdl
 
 
-def test_the_l2_prefetch_is_asked_for_with_pdl_on_a_gpu_only_and_within_the_weight(monkeypatch):
-    """`_prefetch_args`: (bytes, programs, threads) of `_prefetch_to_l2` (the PTX itself runs on a GPU only:
-    the GPU run of the tests above covers it): at most the weight's bytes, in whole 16 bytes, one program a
-    SM at most; off without PDL, under the interpreter, or for a weight that is not one aligned block."""
-    monkeypatch.setattr(gemv, "triton_interpret", lambda: False)
-    w = torch.zeros(100, 30, dtype=torch.bfloat16)  # 6000 bytes
-    p = GemvParams(4, 32, 8, prefetch=10**6)
-    assert gemv._prefetch_args(p, w, 25, pdl=True) == (6000, 25, 256)
-    assert gemv._prefetch_args(replace(p, prefetch=1000), w, 500, pdl=True) == (992, 132, 256)
-    assert gemv._prefetch_args(p, w, 25, pdl=False) == (0, 1, 0)
-    assert gemv._prefetch_args(replace(p, prefetch=0), w, 25, pdl=True) == (0, 1, 0)
-    assert gemv._prefetch_args(p, w.t(), 25, pdl=True) == (0, 1, 0)  # not one block
-    unaligned = torch.zeros(3001, dtype=torch.bfloat16)[1:].view(100, 30)
-    assert gemv._prefetch_args(p, unaligned, 25, pdl=True) == (0, 1, 0)
-    monkeypatch.setattr(gemv, "triton_interpret", lambda: True)
-    assert gemv._prefetch_args(p, w, 25, pdl=True) == (0, 1, 0)
-
-
 def test_fresh_inputs_give_fresh_outputs():
     first, second = _case(1, 32, 64, torch.float32, seed=1), _case(1, 32, 64, torch.float32, seed=2)
     for x, w, *_ in (first, second):
@@ -239,8 +218,7 @@ def test_bad_input_is_refused_with_the_reason(call, message):
 @pytest.mark.parametrize("field,value,message", [("block_n", 3, "block_n=3 must be a power of two"),
                                                  ("block_k", 0, "block_k=0 must be a power of two"),
                                                  ("num_warps", 3, "num_warps=3 must be one of"),
-                                                 ("prefetch", -16, "prefetch=-16 must be >= 0"),
-                                                 ("ahead", 3, "ahead=3 must be 0, 1 or 2"),
+                                                 ("ahead", 2, "ahead=2 must be 0 or 1"),
                                                  ("dot", True, "dot=True needs block_n and block_k >= 16 "
                                                   "(tensor-core tiles), got 8 and 64")])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
@@ -275,8 +253,7 @@ def test_packed_weights_match_float64_over_their_dequantized_weight(bits, rows, 
 
 @pytest.mark.parametrize(
     "params",
-    [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4), GemvParams(8, 32, 2, ahead=True),
-     GemvParams(8, 32, 2, ahead=2)],
+    [GemvParams(4, 16, 1), GemvParams(8, 64, 2), GemvParams(32, 256, 4), GemvParams(8, 32, 2, ahead=True)],
 )  # fmt: skip
 @pytest.mark.parametrize("bits", [5, 8])
 def test_packed_slices_narrower_or_wider_than_a_group_give_the_same_result(params, bits):

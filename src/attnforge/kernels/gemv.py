@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from attnforge.environment import fp32_dot, triton_interpret
-from attnforge.kernels import tuning
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
 
 MAX_ROWS = 16
@@ -54,22 +53,16 @@ class GemvParams:
     num_warps: int
     pdl: bool = True
     dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
-    # Loop steps before its product that each slice's read is asked for: 0, 1 (two slices in flight), 2
-    # (three; the first two asked for before the PDL wait)
+    # Loop steps before its product that each slice's read is asked for: 0, or 1 (two slices in flight)
     ahead: int = 0
-    # Bytes of the weight, from its start, that the first programs ask L2 for before the PDL wait (0: none;
-    # a hint with PDL on a GPU, see `_prefetch_to_l2`).
-    prefetch: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two")
-        if self.ahead not in (0, 1, 2):
-            raise ValueError(f"ahead={self.ahead} must be 0, 1 or 2 (loop steps a slice is read ahead)")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch={self.prefetch} must be >= 0 (bytes of the weight asked of L2)")
+        if self.ahead not in (0, 1):
+            raise ValueError(f"ahead={self.ahead} must be 0 or 1 (loop steps a slice is read ahead)")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
         if self.dot and min(self.block_n, self.block_k) < 16:
@@ -99,12 +92,11 @@ class PackedWeight:
 @triton.jit
 def _gemv_kernel(
     X, W, Bias, Gain, Res, Y, Scales, Zeros,
-    M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, stride_sn, stride_zn, eps, prefetch_bytes,
-    prefetch_programs, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, stride_sn, stride_zn, eps,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     USE_PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     DOT: tl.constexpr, FP32_DOT: tl.constexpr, GLU: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr,
-    PREFETCH_THREADS: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # the next kernel launched with PDL may start now; it waits for this grid before reading
         gdc_launch_dependents()
@@ -130,12 +122,6 @@ def _gemv_kernel(
     # barriers) every step (sm_90 SASS, triton 3.6).
     w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, 0, K, stride_wn, stride_sn,
                                           stride_zn, BLOCK_K, BITS, GROUP, SPAN)  # fmt: skip
-    if AHEAD == 2:  # the second slice before the wait too
-        w2, plane2, scale2, zero2 = _weight_slice(W, Scales, Zeros, cols, col_ok, BLOCK_K, K, stride_wn,
-                                                  stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
-                                                  SPAN)  # fmt: skip
-    if PREFETCH_THREADS > 0:  # while the previous kernel finishes, its idle DRAM time fills L2 for the waves
-        _prefetch_to_l2(W, prefetch_bytes, prefetch_programs, PREFETCH_THREADS)
     if USE_PDL:
         gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
@@ -152,13 +138,7 @@ def _gemv_kernel(
     else:  # a sum per CHUNK features of the slice, added up once after the loop
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if AHEAD == 2:  # this slice was asked for two steps ago; ask for the one after next now
-            w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, CHUNK, ASM)
-            w, plane, scale, zero = w2, plane2, scale2, zero2
-            w2, plane2, scale2, zero2 = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + 2 * BLOCK_K, K,
-                                                      stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
-                                                      SPAN)  # fmt: skip
-        elif AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
+        if AHEAD:  # this slice was asked for one step ago; ask for the next one now (masked off past K)
             w_now, scale_now = _decode_slice(w, plane, scale, zero, BITS, SPAN, CHUNK, ASM)
             w, plane, scale, zero = _weight_slice(W, Scales, Zeros, cols, col_ok, k0 + BLOCK_K, K,
                                                   stride_wn, stride_sn, stride_zn, BLOCK_K, BITS, GROUP,
@@ -205,33 +185,6 @@ def _silu_times(gate, up):
     g = gate.to(tl.float32)
     h = (g * tl.sigmoid(g)).to(gate.dtype)
     return (h.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-
-
-@triton.jit
-def _prefetch_to_l2(W, nbytes, programs, THREADS: tl.constexpr):
-    """Ask L2 for this program's share of the first `nbytes` bytes at W (16-byte aligned, a multiple of 16):
-    programs 0..programs-1 take a 16-byte-aligned chunk each, spread over THREADS threads, one bulk prefetch
-    (`cp.async.bulk.prefetch.L2`, sm_90) a thread. A hint: nothing is waited for or read into registers."""
-    pid = tl.program_id(0)
-    chunk = tl.cdiv(tl.cdiv(nbytes, programs), 16) * 16
-    piece = tl.cdiv(tl.cdiv(chunk, THREADS), 16) * 16
-    first = pid * chunk
-    start = first + tl.arange(0, THREADS) * piece
-    stop = tl.minimum(tl.minimum(start + piece, first + chunk), nbytes)
-    size = tl.where(pid < programs, stop - start, 0)  # <= 0: this thread asks for nothing
-    tl.inline_asm_elementwise(
-        asm="""{
-        .reg .pred p;
-        setp.gt.s32 p, $2, 0;
-        @p cp.async.bulk.prefetch.L2.global [$1], $2;
-        mov.u32 $0, 0;
-        }""",
-        constraints="=r,l,r",
-        args=[W.to(tl.pointer_type(tl.int8)) + start, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
 
 
 @triton.jit
@@ -539,32 +492,19 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         raise ValueError("dot=True multiplies weights as stored; packed weights take the dot=False path")
     dummy, grid = y2, _grid(n, p.block_n // 2 if glu else p.block_n)
     pdl = p.pdl and pdl_supported(out.device)
-    prefetch_bytes, programs, threads = _prefetch_args(p, w, grid[0], pdl)
     _gemv_kernel[grid](
         x2, w, dummy if bias is None else bias, dummy if gain is None else gain,
         dummy if res2 is None else res2, y2, scales, zeros,
         rows, n, k, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
-        scales.stride(0), zeros.stride(0), float(eps), prefetch_bytes, programs,
+        scales.stride(0), zeros.stride(0), float(eps),
         ROWS=max(16 if p.dot else 1, triton.next_power_of_2(rows)), BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         NORM=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res2 is not None,
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
         SPAN=1 if packed is None else min(p.block_k, packed.group_size),
         CHUNK=_chunk(rows, p.block_k, packed),
         DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=int(p.ahead), ASM=not triton_interpret(),
-        PREFETCH_THREADS=threads, num_warps=p.num_warps, **pdl_options(pdl),
+        num_warps=p.num_warps, **pdl_options(pdl),
     )  # fmt: skip
-
-
-def _prefetch_args(p: GemvParams, w: torch.Tensor, grid: int, pdl: bool) -> tuple[int, int, int]:
-    """The L2 prefetch of a launch (`_prefetch_to_l2`): bytes of `w` from its start (at most `p.prefetch`, a
-    multiple of 16), the programs sharing them (one a SM, at most the grid) and threads a program; (0, 1, 0)
-    without PDL on a GPU (nothing to overlap), under the interpreter (no PTX) or for a weight that is not
-    one 16-byte-aligned block."""
-    if not (p.prefetch and pdl) or triton_interpret() or not w.is_contiguous() or w.data_ptr() % 16:
-        return 0, 1, 0
-    nbytes = min(p.prefetch, w.numel() * w.element_size(), 2**31 - 16) // 16 * 16
-    programs = min(grid, tuning.sm_count(w.device))
-    return (nbytes, programs, 32 * p.num_warps) if nbytes else (0, 1, 0)
 
 
 @torch.library.custom_op("attnforge::fused_linear", mutates_args=())

@@ -1,18 +1,18 @@
-"""Issue 11 probe (scratch, kept with its results): decode-step variants of the products' launches, A/B in
-one process on one model (random weights, bf16, batch 1):
+"""Issue 11 probe (scratch, kept with its results): decode-step variants, A/B in one process on one model
+(random weights, bf16, batch 1):
   - "base": the defaults; "torch-argmax": the greedy argmax by torch's reduction, not `kernels.argmax`;
-  - "all<MiB>": every product's first programs ask L2 for the first <MiB> of its weight before their PDL wait
-    (`GemvParams.prefetch`), while the kernel before it runs; "o<MiB>": only the product after attention
-    (o_proj, which waits while attention leaves DRAM mostly idle at 4k keys);
-  - "ahead2": products that read slices one step ahead read them two steps ahead, the first two slices
-    before the PDL wait (`GemvParams(ahead=2)`).
+  - "kv-prefetch": each program of the decode step's attention asks L2 for the first keys of its split (K and
+    V) before its PDL wait, while the q/k/v product before it runs (the "prefetch" launch of
+    `kernels.decode`, `split_kv.prefetch_split`), whatever the tuning entries say.
 One accelerator per variant, each capturing its decode graph with its setting; then generations interleaved
 round by round after a warm-up round (prompts 128 and 4096, 256 new tokens): per variant and prompt the
 median decode tok/s, and whether the greedy tokens equal the first variant's (none may change them).
 
-    PYTHONPATH=src python prefetch_ab.py OUT.json [model=llama3-8b] [variants=torch-argmax,base,all8] [runs=3]
+    PYTHONPATH=src python prefetch_ab.py OUT.json [model=llama3-8b] [variants=base,kv-prefetch] [runs=3]
 
-The first run (commit 307a653, variants torch-argmax,all0,all8,all16,all32) wrote budgets as "prefetch-<MiB>".
+Earlier runs timed the products' own L2 prefetch and slices read two steps ahead (`GemvParams.prefetch`,
+`ahead=2`; commits 307a653 and ba98f76, variants "all<MiB>", "o<MiB>", "ahead2"): they lost on the H100 and
+the H200 and were removed from the kernel after ba98f76; those variants run at that commit only.
 Writes OUT.json after every round and prints a table at the end.
 """
 
@@ -20,54 +20,47 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import replace
 
 import torch
 
 from attnforge import models
 from attnforge.accel import accelerate, sampling
 from attnforge.environment import environment_report
-from attnforge.kernels import gemv
+from attnforge.kernels import decode, decode_step
 
 NEW = 256
 PROMPTS = (128, 4096)
 
 
-def tiles_for(variant: str, o_proj: tuple[int, int], defaults=gemv.default_params):
-    """The variant's launch parameters: `gemv.default_params`' changed as the variant says."""
+def prefetching(merged_in_kernel):
+    """`decode.merged_in_kernel` (the decode step's launch) with the prefetch before the PDL wait on."""
 
-    def params(rows, n, k, bits=16):
-        tiles = defaults(rows, n, k, bits)
-        if variant == "ahead2" and tiles.ahead:
-            return replace(tiles, ahead=2)
-        for prefix, wanted in (("all", True), ("o", (n, k) == o_proj)):
-            if variant.startswith(prefix) and variant[len(prefix) :].isdigit() and wanted:
-                return replace(tiles, prefetch=int(variant[len(prefix) :]) << 20)
-        return tiles
+    def launch(shape, num_kv_heads, kv_len, dtype, device):
+        p = {**merged_in_kernel(shape, num_kv_heads, kv_len, dtype, device).params, "prefetch": True}
+        return decode.DecodeLaunch(p, shape, num_kv_heads, dtype, device, True, False)
 
-    return params
+    return launch
 
 
-def build(model, variant: str, max_seq_len: int, o_proj: tuple[int, int]):
+def build(model, variant: str, max_seq_len: int):
     """An accelerator whose decode graph was captured with the variant's settings."""
-    original, defaults = sampling.first_max, gemv.default_params
-    gemv.default_params = tiles_for(variant, o_proj)
+    original, merged = sampling.first_max, decode_step.merged_in_kernel
+    if variant == "kv-prefetch":
+        decode_step.merged_in_kernel = prefetching(merged)
     if variant == "torch-argmax":
         sampling.first_max = lambda scores: scores.argmax(dim=-1)
     try:
         acc = accelerate(model, max_batch_size=1, max_seq_len=max_seq_len)
         acc.generate([[1, 2, 3]], max_new_tokens=8, ignore_eos=True)  # compiles and captures
     finally:
-        gemv.default_params, sampling.first_max = defaults, original
+        decode_step.merged_in_kernel, sampling.first_max = merged, original
     return acc
 
 
 def main(path: str, model_name: str, variants: list[str], runs: int) -> None:
     model = models.load_model(model_name, dtype=torch.bfloat16, attn_implementation="sdpa")
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    o_proj = (config.hidden_size, config.num_attention_heads * head_dim)
-    accs = {name: build(model, name, max(PROMPTS) + NEW, o_proj) for name in variants}
+    accs = {name: build(model, name, max(PROMPTS) + NEW) for name in variants}
     doc = {"environment": environment_report(), "commit": os.environ.get("ATTNFORGE_GIT_COMMIT"),
            "model": model_name, "new_tokens": NEW, "variants": variants, "runs": {}}  # fmt: skip
     first_tokens = {}
@@ -100,5 +93,5 @@ def main(path: str, model_name: str, variants: list[str], runs: int) -> None:
 
 if __name__ == "__main__":
     options = dict(arg.split("=", 1) for arg in sys.argv[2:] if "=" in arg)
-    variants = options.get("variants", "torch-argmax,base,all8").split(",")
+    variants = options.get("variants", "base,kv-prefetch").split(",")
     main(sys.argv[1], options.get("model", "llama3-8b"), variants, int(options.get("runs", 3)))
