@@ -76,6 +76,22 @@ def test_candidates_start_with_the_heuristic_and_are_unique():
     assert not any(c.get("prefetch") for c in quick)
 
 
+def test_prefill_candidates_on_hopper_each_also_read_k_and_v_through_tma(monkeypatch):
+    """A full sweep pairs every launch with its TMA twin on sm_90 (a quick one, the first three launches');
+    without Hopper none reads through TMA."""
+    monkeypatch.setattr(tuning, "sm_count", lambda device=None: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    target = targets.Target("prefill", 1, 32, 8, 2048, 2048, 128)
+    full = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=False)]
+    plain = [n for n in full if not n.endswith("-tma")]
+    assert len(set(full)) == len(full) and sorted(full) == sorted(plain + [n + "-tma" for n in plain])
+    assert "m128-n128-w8-st3" in plain
+    quick = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=True)]
+    # the heuristic's launch is also the grid's first: two distinct twins
+    assert [n for n in quick if n.endswith("-tma")] == ["m128-n64-w8-st3-tma", "m128-n128-w8-st2-tma"]
+    assert not any(c.get("tma") for c in tune.candidates_for(target, CPU, quick=False))
+
+
 @pytest.mark.parametrize("kv_len, splits", [(4096, 32), (16384, 66)])
 def test_mqa_splits_fill_the_gpu_and_a_second_kernel_merges_them(kv_len, splits):
     # 32 query rows of one KV head: 8 splits (what the last program may merge) left 124 SMs idle (0.34x SDPA);

@@ -110,17 +110,18 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
 
 
 def prefill_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
-    """The heuristic's configuration and the usual tile / warp / stage alternatives (TMA on Hopper)."""
+    """The heuristic's configuration and the usual tile / warp / stage alternatives, on Hopper each also with
+    K/V through TMA (the first three only if `quick`)."""
     from attnforge.kernels import prefill
 
     base = prefill.heuristic_params(target.batch, target.num_heads, target.q_len, target.head_dim,
                                     target.torch_dtype, device)  # fmt: skip
     grid = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)]
     if not quick:
-        grid += [(128, 64, 8, 4), (64, 128, 4, 2), (128, 32, 4, 4)]
+        grid += [(128, 64, 8, 4), (64, 128, 4, 2), (128, 32, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)]
     candidates = [base] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in grid]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        candidates += [dict(c, tma=True) for c in candidates[:3]]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:  # K/V through TMA too
+        candidates += [dict(c, tma=True) for c in (candidates if not quick else candidates[:3])]
     return _unique(candidates)
 
 
