@@ -195,6 +195,46 @@ def test_timing_only_ever_sees_correct_providers(monkeypatch):
     assert cells["sdpa-math"]["median_us"] == 2.0 and cells["sdpa-math"]["pct_of_floor"] == 50.0
 
 
+def test_several_graphs_are_replayed_in_turn_and_one_that_fails_to_capture_is_reported(monkeypatch):
+    """`time_graphs_per_call`: every graph captured first, then one replay of each per round (a, b, a, b,
+    ...), so that no launch is timed under other clocks or another L2 than the rest; a capture that raises
+    gives its reason, and the others still get their samples."""
+    replays = []
+
+    def fake_graph(make, layers):
+        label = make(0)
+        if label == "broken":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return ("graph", label)
+
+    def fake_replay(graph, layers):
+        replays.append(graph[1])
+        return float(len(replays))
+
+    monkeypatch.setattr(timing, "_layer_graph", fake_graph)
+    monkeypatch.setattr(timing, "_replay_us", fake_replay)
+    makers = {name: (lambda i, name=name: name) for name in ("a", "broken", "b")}
+    samples = timing.time_graphs_per_call(makers, layers=2, reps=3)
+    assert replays == ["a", "b"] * 3
+    assert samples["a"] == [1.0, 3.0, 5.0] and samples["b"] == [2.0, 4.0, 6.0]
+    assert samples["broken"] == "RuntimeError: operation not permitted when stream is capturing"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphs_timed_in_turn_on_a_gpu_give_positive_per_call_times():
+    x = torch.randn(1 << 20, device="cuda")
+
+    def refuses_capture():
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        return x.add(1)
+
+    makers = {"add": lambda i: lambda: x.add(i), "refuses": lambda i: refuses_capture}
+    samples = timing.time_graphs_per_call(makers, layers=3, reps=4)
+    assert len(samples["add"]) == 4 and all(us > 0 for us in samples["add"])
+    assert samples["refuses"] == "RuntimeError: not capturable"
+
+
 def test_the_optimizer_row_is_correct_on_a_ragged_batch_with_poisoned_padding():
     """Its torch fallback is torch's masked path: it gets the zeroed padding torch's rows get (on an H100 the
     fallback read the NaN-poisoned padding: every output element non-finite)."""

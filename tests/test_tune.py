@@ -157,16 +157,21 @@ def test_the_graph_timing_covers_the_winner_its_merges_and_the_runners_up(monkey
     def fake_call(target, case, params, out):
         return tune.params_name(params) + ("/" + params["combine"] if "combine" in params else "")
 
-    def fake_graph(make, layers, reps):
-        label = make(0)
-        if label == names[2]:
-            raise RuntimeError("capture failed")
-        return [per_call.get(label, 11.0 if "/" in str(label) else 12.0)] * reps
+    rounds = []
+
+    def fake_graphs(makers, layers, reps):  # one interleaved timing of every launch and torch's
+        rounds.append(len(makers))
+        labels = {key: make(0) for key, make in makers.items()}
+        return {key: "RuntimeError: capture failed" if label == names[2]
+                else [per_call.get(label, 11.0 if "/" in str(label) else 12.0)] * reps
+                for key, label in labels.items()}  # fmt: skip
 
     monkeypatch.setattr(tune, "kernel_call", fake_call)
     monkeypatch.setattr(tune, "torch_calls", lambda case: {"sdpa": "sdpa"})
-    monkeypatch.setattr(tune.timing, "time_graph_per_call", fake_graph)
+    monkeypatch.setattr(tune.timing, "time_graphs_per_call", fake_graphs)
     tune._time_in_graph(row, target, case, layers=2)
+    # the winner, torch, the winner's 3 merges, 3 runners-up and a half-SM launch, in one timing
+    assert rounds == [2 + len(decode_params.COMBINE_MODES) + tune.GRAPH_RUNNERS_UP + 1]
     assert (
         row["candidates"][names[0]]["graph_median_us"] == 10.0
         and row["torch"]["sdpa"]["graph_median_us"] == 12.0

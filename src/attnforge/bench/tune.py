@@ -248,10 +248,10 @@ def tune_target(
 
 def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int,
                    runners_up: int | None = None) -> None:  # fmt: skip
-    """The best candidate and the fastest torch path per call inside one captured CUDA graph of `layers`
-    calls, each on its own buffers (what a graph-captured decode loop sees: L2 does not hold the cache);
-    then the winner with each way of merging its splits, the `runners_up` (default GRAPH_RUNNERS_UP) next
-    plain candidates and the fastest other whose tiles fit twice on an SM."""
+    """The best candidate and the fastest torch path per call inside a captured CUDA graph of `layers` calls,
+    each on its own buffers (what a graph-captured decode loop sees: L2 does not hold the cache), with the
+    winner merging its splits each way and the runners-up (`_graph_runners_up`): every launch's graph and
+    torch's replayed in turn, round after round (`timing.time_graphs_per_call`)."""
     from attnforge.kernels.decode_params import COMBINE_MODES
 
     bytes_needed = layers * 3 * case.k.numel() * case.k.element_size()
@@ -265,28 +265,37 @@ def _time_in_graph(row: dict, target: Target, case: verify.Case, layers: int,
         return lambda i: kernel_call(target, _layer_case(case, buffers[i]), params, torch.empty_like(case.q))
 
     params = row["candidates"][row["best"]]["params"]
+    makers = {"best": kernel_at(params),
+              "torch": lambda i: torch_calls(_layer_case(case, buffers[i]))[row["best_torch"]]}  # fmt: skip
+    modes = COMBINE_MODES if params.get("num_splits", 1) > 1 else ()  # does a second kernel pay in a graph?
+    makers |= {f"combine {mode}": kernel_at({**params, "combine": mode}) for mode in modes}
+    names = _graph_runners_up(row, target, runners_up)
+    makers |= {f"runner {name}": kernel_at(row["candidates"][name]["params"]) for name in names}
+    timed = timing.time_graphs_per_call(makers, layers=layers, reps=GRAPH_ROUNDS)
+    us = {key: samples if isinstance(samples, str) else timing.summarize(samples)["median_us"]
+          for key, samples in timed.items()}  # fmt: skip
     best, torch_cell = row["candidates"][row["best"]], row["torch"][row["best_torch"]]
-    torch_call = lambda i: torch_calls(_layer_case(case, buffers[i]))[row["best_torch"]]  # noqa: E731
-    for cell, make in ((best, kernel_at(params)), (torch_cell, torch_call)):
-        us = _graph_median(make, layers)
-        cell["graph_median_us" if isinstance(us, float) else "graph_error"] = us
+    for cell, key in ((best, "best"), (torch_cell, "torch")):
+        cell["graph_median_us" if isinstance(us[key], float) else "graph_error"] = us[key]
     if "graph_median_us" in best and "graph_median_us" in torch_cell:
         row["graph_speedup"] = torch_cell["graph_median_us"] / best["graph_median_us"]
-    row["graph"] = f"CUDA graph of {layers} calls on distinct buffers, 20 replays, per-call median"
-    if params.get("num_splits", 1) > 1:  # does merging in a second kernel (PDL) pay where launches are free?
-        row["graph_combine_us"] = {mode: _graph_median(kernel_at({**params, "combine": mode}), layers)
-                                   for mode in COMBINE_MODES}  # fmt: skip
+    row["graph"] = (f"CUDA graph of {layers} calls on distinct buffers, each launch's and torch's replayed "
+                    f"in turn, {GRAPH_ROUNDS} rounds, per-call median")  # fmt: skip
+    if modes:
+        row["graph_combine_us"] = {mode: us[f"combine {mode}"] for mode in modes}
+    row["graph_runners_up_us"] = {name: us[f"runner {name}"] for name in names}
+
+
+def _graph_runners_up(row: dict, target: Target, runners_up: int | None) -> list[str]:
+    """The `runners_up` (default GRAPH_RUNNERS_UP) fastest plain candidates after the winner, and the fastest
+    other whose pipeline fits twice on an SM: with PDL, the next call's programs can then wait on the SMs
+    while this call's programs run, instead of launching after them."""
     timed = {name: cell["median_us"] for name, cell in row["candidates"].items() if "median_us" in cell}
     ranked = [name for name in sorted(timed, key=timed.get) if name != row["best"]]
     count = GRAPH_RUNNERS_UP if runners_up is None else runners_up
-    names = ranked[:count]
-    # and the fastest whose pipeline fits twice on an SM: with PDL, the next call's programs can then wait
-    # on the SMs while this call's programs run, instead of launching after them
     halves = [n for n in ranked[count:] if pipeline_bytes(row["candidates"][n]["params"], target)
               <= HALF_SM_BYTES]  # fmt: skip
-    names += halves[:1]
-    row["graph_runners_up_us"] = {name: _graph_median(kernel_at(row["candidates"][name]["params"]), layers)
-                                  for name in names}  # fmt: skip
+    return ranked[:count] + halves[:1]
 
 
 # Shared memory of half a Hopper SM (228 KB an SM).
@@ -297,14 +306,6 @@ def pipeline_bytes(params: dict, target: Target) -> int:
     """`tuning.pipeline_bytes` of a launch for `target`."""
     element = torch.empty((), dtype=target.torch_dtype).element_size()
     return tuning.pipeline_bytes(params, target.head_dim, element)
-
-
-def _graph_median(make: Callable[[int], Callable[[], object]], layers: int) -> float | str:
-    """Per call in a graph of `layers` calls (`make(i)` is layer i's): the median us, or why it failed."""
-    try:
-        return timing.summarize(timing.time_graph_per_call(make, layers=layers, reps=20))["median_us"]
-    except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is reported, not fatal
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
 def _layer_case(case: verify.Case, qkv: tuple) -> verify.Case:
@@ -425,6 +426,8 @@ def entries(doc: dict, source: str) -> dict[str, dict[str, dict]]:
 GRAPH_MARGIN = 1.02
 # The plain runners-up also timed in the graph (the fastest launch there need not be the plain winner).
 GRAPH_RUNNERS_UP = 3
+# Rounds of graph replays (one of each launch's graph a round).
+GRAPH_ROUNDS = 20
 
 
 def graph_choice(row: dict) -> dict:
