@@ -218,7 +218,6 @@ def test_bad_input_is_refused_with_the_reason(call, message):
 @pytest.mark.parametrize("field,value,message", [("block_n", 3, "block_n=3 must be a power of two"),
                                                  ("block_k", 0, "block_k=0 must be a power of two"),
                                                  ("num_warps", 3, "num_warps=3 must be one of"),
-                                                 ("ahead", 2, "ahead=2 must be 0 or 1"),
                                                  ("dot", True, "dot=True needs block_n and block_k >= 16 "
                                                   "(tensor-core tiles), got 8 and 64")])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):

@@ -53,16 +53,13 @@ class GemvParams:
     num_warps: int
     pdl: bool = True
     dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
-    # Loop steps before its product that each slice's read is asked for: 0, or 1 (two slices in flight)
-    ahead: int = 0
+    ahead: bool = False  # each slice's read asked for one loop step before its product (two slices in flight)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two")
-        if self.ahead not in (0, 1):
-            raise ValueError(f"ahead={self.ahead} must be 0 or 1 (loop steps a slice is read ahead)")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
         if self.dot and min(self.block_n, self.block_k) < 16:
@@ -376,14 +373,14 @@ def default_params(rows: int, n: int, k: int, bits: int = 16) -> GemvParams:
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
     if rows == 1 and bits == 8:
-        return GemvParams(block_n=8, block_k=2048 if n <= 4096 else 1024, num_warps=4, ahead=1)
+        return GemvParams(block_n=8, block_k=2048 if n <= 4096 else 1024, num_warps=4, ahead=True)
     if rows == 1 and bits == 5:
-        return GemvParams(block_n=8, block_k=1024, num_warps=4, ahead=1)
+        return GemvParams(block_n=8, block_k=1024, num_warps=4, ahead=True)
     if rows == 1 and not packed and k > 1024:
         if n <= ONE_SLICE_MAX_N and k <= 4096:
             block_k = triton.next_power_of_2(k)
             return GemvParams(block_n=4, block_k=block_k, num_warps=8 if block_k == 4096 else 4)
-        return GemvParams(block_n=8 if k > 8192 and n >= 4096 else 4, block_k=2048, num_warps=8, ahead=1)
+        return GemvParams(block_n=8 if k > 8192 and n >= 4096 else 4, block_k=2048, num_warps=8, ahead=True)
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
@@ -502,7 +499,7 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         BITS=16 if packed is None else packed.bits, GROUP=1 if packed is None else packed.group_size,
         SPAN=1 if packed is None else min(p.block_k, packed.group_size),
         CHUNK=_chunk(rows, p.block_k, packed),
-        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=int(p.ahead), ASM=not triton_interpret(),
+        DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead, ASM=not triton_interpret(),
         num_warps=p.num_warps, **pdl_options(pdl),
     )  # fmt: skip
 
