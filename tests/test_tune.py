@@ -83,13 +83,35 @@ def test_prefill_candidates_on_hopper_each_also_read_k_and_v_through_tma(monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     target = targets.Target("prefill", 1, 32, 8, 2048, 2048, 128)
     full = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=False)]
+    ws = [n for n in full if n.endswith("-ws")]
+    assert ws == ["m128-n128-w4-st2-ws", "m128-n64-w4-st2-ws", "m128-n64-w4-st3-ws"]
+    full = [n for n in full if n not in ws]
     plain = [n for n in full if not n.endswith("-tma")]
     assert len(set(full)) == len(full) and sorted(full) == sorted(plain + [n + "-tma" for n in plain])
     assert "m128-n128-w8-st3" in plain
     quick = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=True)]
     # the heuristic's launch is also the grid's first: two distinct twins
     assert [n for n in quick if n.endswith("-tma")] == ["m128-n64-w8-st3-tma", "m128-n128-w8-st2-tma"]
-    assert not any(c.get("tma") for c in tune.candidates_for(target, CPU, quick=False))
+    assert not any(c.get("tma") or c.get("ws") for c in tune.candidates_for(target, CPU, quick=False))
+
+
+@pytest.mark.parametrize(
+    "target, device_major, expected",
+    [
+        (targets.Target("prefill", 1, 32, 32, 1024, 1024, 64), 9, 4),  # d64: 128x128 tiles with 3 stages fit
+        (targets.Target("prefill", 8, 32, 8, 2048, 2048, 128, padded=True), 9, 0),  # kv_lens: no "ws"
+        (targets.Target("prefill", 1, 32, 8, 512, 4608, 128, valid=(4000,)), 9, 0),
+        (targets.Target("prefill", 1, 32, 8, 2048, 2048, 96), 9, 0),  # head_dim not a power of two
+        (targets.Target("prefill", 1, 32, 8, 2048, 2048, 128), 10, 0),  # Triton partitions it on sm_90 only
+    ],
+)
+def test_warp_specialized_candidates_only_where_the_calls_take_them(target, device_major, expected,
+                                                                     monkeypatch):  # fmt: skip
+    monkeypatch.setattr(tuning, "sm_count", lambda device=None: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (device_major, 0))
+    full = tune.candidates_for(target, torch.device("cuda"), quick=False)
+    assert sum(bool(c.get("ws")) for c in full) == expected
+    assert not any(c.get("ws") for c in tune.candidates_for(target, torch.device("cuda"), quick=True))
 
 
 @pytest.mark.parametrize("kv_len, splits", [(4096, 32), (16384, 66)])

@@ -111,7 +111,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
 
 def prefill_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
     """The heuristic's configuration and the usual tile / warp / stage alternatives, on Hopper each also with
-    K/V through TMA (the first three only if `quick`)."""
+    K/V through TMA (the first three only if `quick`); on sm_90, unless `quick`, the warp-specialized
+    launches ("ws") where the target's calls can take them."""
     from attnforge.kernels import prefill
 
     base = prefill.heuristic_params(target.batch, target.num_heads, target.q_len, target.head_dim,
@@ -120,9 +121,20 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
     if not quick:
         grid += [(128, 64, 8, 4), (64, 128, 4, 2), (128, 32, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)]
     candidates = [base] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in grid]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:  # K/V through TMA too
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    if major >= 9:  # K/V through TMA too
         candidates += [dict(c, tma=True) for c in (candidates if not quick else candidates[:3])]
+    if major == 9 and not quick and _warp_spec_target(target):
+        ws = [(128, 128, 2), (128, 64, 2), (128, 64, 3)] + ([(128, 128, 3)] if target.head_dim <= 64 else [])
+        candidates += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=s, ws=True) for m, n, s in ws]
     return _unique(candidates)
+
+
+def _warp_spec_target(target: Target) -> bool:
+    """The calls of `target` can take the warp-specialized launch (`prefill.warp_spec_supported`): no kv_lens,
+    half precision, a power-of-two head_dim; the GPU is checked by the caller."""
+    pow2 = target.head_dim & (target.head_dim - 1) == 0
+    return target.valid is None and not target.padded and target.dtype != "float32" and pow2
 
 
 def _merged(params: dict, combine: str) -> dict:
@@ -147,7 +159,7 @@ def candidates_for(target: Target, device: torch.device, quick: bool = False) ->
 
 
 def params_name(params: dict) -> str:
-    """'m16-n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' (prefill)."""
+    """'m16-n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' / 'm128-n128-w4-st2-ws' (prefill)."""
     parts = [f"m{params['BLOCK_M']}"] if "BLOCK_M" in params else []
     parts.append(f"n{params['BLOCK_N']}")
     if "num_splits" in params:
@@ -159,7 +171,7 @@ def params_name(params: dict) -> str:
         parts.append(f"alone{params['alone_tiles']}")
     if params.get("prefetch"):
         parts.append("pf")
-    return "-".join(parts) + ("-tma" if params.get("tma") else "")
+    return "-".join(parts) + ("-tma" if params.get("tma") else "") + ("-ws" if params.get("ws") else "")
 
 
 # ----------------------------------------------------------------------------------------------------------

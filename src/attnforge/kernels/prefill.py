@@ -56,15 +56,17 @@ def _attn_stage(
     stride_kn, stride_vn, stride_mn, scale_log2,
     BLOCK_N: tl.constexpr, D_BLOCK: tl.constexpr, DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, FP32_DOT: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors). DIAGONAL:
     mask keys past `end` and, with CAUSAL, past each row's last visible key. Off-diagonal blocks without an
     attn_mask take the lean path (every logit finite)."""
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
+    zero_tail: tl.constexpr = DIAGONAL and not WARP_SPEC  # warp-specialized: TMA zero-fills past Lkv
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n0 = tl.multiple_of(n0, BLOCK_N)
         n = n0 + offs_n
-        k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
+        k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, zero_tail, PAD_D, USE_TMA)
         if FP32_DOT:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -94,7 +96,7 @@ def _attn_stage(
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
+        v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, zero_tail, PAD_D, USE_TMA)
         if FP32_DOT:
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -122,7 +124,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, MASK_KIND: tl.constexpr, USE_TMA: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)  # (batch, query head); the heads of one KV head are neighbours
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # last (heaviest under causal) blocks first
@@ -144,11 +146,15 @@ def _prefill_kernel(
     d = tl.arange(0, D_BLOCK)
     d_ok = d < HEAD_DIM
     rows64 = rows.to(tl.int64)
-    q_ptrs = Q + b * stride_qb + head * stride_qh + rows64[:, None] * stride_qm + d[None, :] * stride_qd
-    if D_BLOCK == HEAD_DIM:
-        q = tl.load(q_ptrs, mask=(rows < q_len)[:, None], other=0.0)
+    b32, head32, kvh32 = b.to(tl.int32), head.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
+    if WARP_SPEC:  # Q is a descriptor too: Triton 3.6 partitions the kernel only if its loads are all TMA
+        q = Q.load([b32, head32, m0, 0]).reshape(BLOCK_M, D_BLOCK)
     else:
-        q = tl.load(q_ptrs, mask=(rows < q_len)[:, None] & d_ok[None, :], other=0.0)
+        q_ptrs = Q + b * stride_qb + head * stride_qh + rows64[:, None] * stride_qm + d[None, :] * stride_qd
+        if D_BLOCK == HEAD_DIM:
+            q = tl.load(q_ptrs, mask=(rows < q_len)[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=(rows < q_len)[:, None] & d_ok[None, :], other=0.0)
 
     # Key ranges: [0, full_hi) is visible to every row of the block; [full_hi, diag_hi) needs masks.
     shift = end - qlen  # query i sees keys <= shift + i
@@ -182,19 +188,25 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
     pad_d: tl.constexpr = D_BLOCK != HEAD_DIM
-    b32, kvh32 = b.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
-    acc, l_i, m_i = _attn_stage(
-        acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, full_hi, end,
-        stride_kn, stride_vn, stride_mn, scale_log2,
-        BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT,
-    )  # fmt: skip
-    if MASK_KIND != 0:
-        mask_ptrs += full_hi.to(tl.int64) * stride_mn
-    acc, l_i, m_i = _attn_stage(
-        acc, l_i, m_i, q, k_diag, v_diag, mask_ptrs, b32, kvh32, d_ok, last_visible, full_hi, diag_hi, end,
-        stride_kn, stride_vn, stride_mn, scale_log2,
-        BLOCK_N, D_BLOCK, True, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT,
-    )  # fmt: skip
+    if WARP_SPEC:  # one loop, masked throughout: Triton 3.6 partitions a kernel of one loop only
+        acc, l_i, m_i = _attn_stage(
+            acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, diag_hi, end,
+            stride_kn, stride_vn, stride_mn, scale_log2,
+            BLOCK_N, D_BLOCK, True, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, True,
+        )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attn_stage(
+            acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, full_hi, end,
+            stride_kn, stride_vn, stride_mn, scale_log2,
+            BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, False,
+        )  # fmt: skip
+        if MASK_KIND != 0:
+            mask_ptrs += full_hi.to(tl.int64) * stride_mn
+        acc, l_i, m_i = _attn_stage(
+            acc, l_i, m_i, q, k_diag, v_diag, mask_ptrs, b32, kvh32, d_ok, last_visible, full_hi, diag_hi,
+            end, stride_kn, stride_vn, stride_mn, scale_log2,
+            BLOCK_N, D_BLOCK, True, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, False,
+        )  # fmt: skip
 
     # Rows with no visible key (l == 0) and padded rows (>= q_lens[b]) are written as 0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -304,9 +316,10 @@ def launch_params(q, k, *, has_lengths: bool = False, has_mask: bool = False) ->
     return params or heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
 
 
-def tma_supported(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """K/V can be read through TMA descriptors: a Hopper GPU (not the interpreter), fp16/bf16, the last dim
-    contiguous, the other strides and the base 16-byte aligned."""
+def tma_supported(*tensors: torch.Tensor) -> bool:
+    """The `[B, H, L, D]` tensors can be read through TMA descriptors: a Hopper GPU (not the interpreter),
+    fp16/bf16, the last dim contiguous, the other strides and the base 16-byte aligned."""
+    k = tensors[0]
     if triton_interpret() or TensorDescriptor is None or not k.is_cuda or k.dtype == torch.float32:
         return False
     if torch.cuda.get_device_capability(k.device)[0] < 9:
@@ -314,8 +327,17 @@ def tma_supported(k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(
         t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0
                                                             for s in t.stride()[:3])
-        for t in (k, v)
+        for t in tensors
     )  # fmt: skip
+
+
+def warp_spec_supported(q, k, v, kv_lens, attn_mask) -> bool:
+    """The warp-specialized launch (params "ws") takes this call: Q, K and V through TMA, a Hopper GPU (Triton
+    3.6 partitions for sm_90 only), a power-of-two head_dim, no attn_mask, and no kv_lens (its one loop
+    zeroes no tail, so padding past kv_lens would reach P@V; TMA zero-fills only past the buffer)."""
+    if kv_lens is not None or attn_mask is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
+        return False
+    return tma_supported(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, attn_mask, params=None) -> None:
@@ -325,14 +347,19 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         return
     has_lengths = kv_lens is not None or q_lens is not None
     p = params or launch_params(q, k, has_lengths=has_lengths, has_mask=attn_mask is not None)
-    k_strides, v_strides = k.stride(), v.stride()
+    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, kv_lens, attn_mask)
+    if p.get("ws") and not warp_spec:  # its 4-warp tiles would spill without the partitions
+        p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
+    q_strides, k_strides, v_strides, dot32 = q.stride(), k.stride(), v.stride(), fp32_dot(q.dtype)
     d_block = triton.next_power_of_2(head_dim)
-    use_tma = bool(p.get("tma")) and tma_supported(k, v)
+    use_tma = warp_spec or (bool(p.get("tma")) and tma_supported(k, v))
     if use_tma:
         block = [1, 1, p["BLOCK_N"], d_block]
         k = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
         v = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
-    mask_kind, mask, mask_strides = MASK_NONE, q, (0, 0, 0, 0)  # q: any pointer, unread without a mask
+    if warp_spec:
+        q = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, p["BLOCK_M"], d_block])
+    mask_kind, mask, mask_strides = MASK_NONE, out, (0, 0, 0, 0)  # any pointer, unread without a mask
     if attn_mask is not None:
         mask = attn_mask.expand(batch, num_heads, q_len, kv_len)
         mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
@@ -342,13 +369,14 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
     q_lens = q_lens.contiguous() if q_lens is not None else None
     grid = (batch * num_heads, triton.cdiv(q_len, p["BLOCK_M"]))
     _prefill_kernel[grid](
-        q, k, v, out, kv_lens if kv_lens is not None else q, q_lens if q_lens is not None else q, mask,
-        *q.stride(), *k_strides, *v_strides, *out.stride(), *mask_strides,
+        q, k, v, out, kv_lens if kv_lens is not None else out, q_lens if q_lens is not None else out, mask,
+        *q_strides, *k_strides, *v_strides, *out.stride(), *mask_strides,
         scale * LOG2E, q_len, kv_len, num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_BLOCK=d_block,
         BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], CAUSAL=causal,
         HAS_KV_LENS=kv_lens is not None, HAS_Q_LENS=q_lens is not None, MASK_KIND=mask_kind,
-        USE_TMA=use_tma, FP32_DOT=fp32_dot(q.dtype), num_warps=p["num_warps"], num_stages=p["num_stages"],
+        USE_TMA=use_tma, FP32_DOT=dot32, WARP_SPEC=warp_spec, num_warps=p["num_warps"],
+        num_stages=p["num_stages"],
     )  # fmt: skip
 
 
