@@ -60,17 +60,23 @@ def _attn_stage(
 ):  # fmt: skip
     """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors). DIAGONAL:
     mask keys past `end` and, with CAUSAL, past each row's last visible key. Off-diagonal blocks without an
-    attn_mask take the lean path (every logit finite)."""
+    attn_mask take the lean path (every logit finite). WARP_SPEC (TMA only, no kv_lens, no attn_mask): every
+    block of [0, diagonal) in one loop, Triton's warp specialization on it; each block masked, the lean
+    softmax after (TMA zero-fills keys past Lkv)."""
     offs_n = tl.arange(0, BLOCK_N)
-    zero_tail: tl.constexpr = DIAGONAL and not WARP_SPEC  # warp-specialized: TMA zero-fills past Lkv
     for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n0 = tl.multiple_of(n0, BLOCK_N)
         n = n0 + offs_n
-        k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, zero_tail, PAD_D, USE_TMA)
+        k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
+        if WARP_SPEC:  # shift >= 0 without kv_lens: every row sees key 0, so no row's max stays -inf
+            if CAUSAL:
+                qk = tl.where(n[None, :] <= last_visible[:, None], qk, float("-inf"))
+            else:
+                qk = tl.where((n < end)[None, :], qk, float("-inf"))
         if DIAGONAL or MASK_KIND != 0:
             qk = qk * scale_log2
             if MASK_KIND == 1:
@@ -96,7 +102,7 @@ def _attn_stage(
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, zero_tail, PAD_D, USE_TMA)
+        v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -192,7 +198,7 @@ def _prefill_kernel(
         acc, l_i, m_i = _attn_stage(
             acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, diag_hi, end,
             stride_kn, stride_vn, stride_mn, scale_log2,
-            BLOCK_N, D_BLOCK, True, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, True,
+            BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, True,
         )  # fmt: skip
     else:
         acc, l_i, m_i = _attn_stage(
