@@ -2,7 +2,9 @@
 without a GPU (Triton's bundled ptxas), pointer path (no TMA), causal, bf16, d128, GQA 4:1, for the launch
 sets the tuner tries, and count per kernel the registers, spills, Hopper's asynchronous tensor-core
 instructions (HGMMA, what wgmma compiles to) against the older synchronous ones (HMMA), and the shared-memory
-barriers. Run from the repository root:
+barriers. With `ws`, the warp-specialized launch (Q/K/V through TMA descriptors, one loop): whether Triton
+partitioned it (the warps it launches, the registers each partition asks for, SETMAXNREG in the SASS).
+Run from the repository root:
 
     PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/prefill-sass/sass_prefill.py
 """
@@ -23,16 +25,18 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s")
 
 
-def compile_kernel(block_m, block_n, warps, stages):
+def compile_kernel(block_m, block_n, warps, stages, ws=False):
     kernel = prefill._prefill_kernel
     constants = dict(GROUP=4, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True,
-                     HAS_KV_LENS=False, HAS_Q_LENS=False, MASK_KIND=prefill.MASK_NONE, USE_TMA=False,
-                     FP32_DOT=False)  # fmt: skip
+                     HAS_KV_LENS=False, HAS_Q_LENS=False, MASK_KIND=prefill.MASK_NONE, USE_TMA=ws,
+                     FP32_DOT=False, WARP_SPEC=ws)  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constants or (name.startswith("stride_") and name.endswith("d")):
             constants.setdefault(name, 1)
             signature[name] = "constexpr"
+        elif name in ("Q", "K", "V") and ws:  # host-side descriptors of [B, H, L, D], one tile a load
+            signature[name] = f"tensordesc<bf16[1,1,{block_m if name == 'Q' else block_n},128]>"
         elif name in ("Q", "K", "V", "Out"):
             signature[name] = "*bf16"
         elif name in ("KvLens", "QLens", "Mask"):
@@ -59,9 +63,12 @@ def report(compiled) -> str:
     )  # fmt: skip
     usage_match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     regs, stack, shared, local = usage_match.groups() if usage_match else ("?",) * 4
+    partitions = re.findall(r"requestedRegisters = array<i32: ([^>]*)>", compiled.asm["ttgir"])
     return (f"REG {regs} STACK {stack} LOCAL {local} SHARED {shared}; {sum(ops.values())} instructions, "
             f"HGMMA {ops['HGMMA']}, HMMA {ops['HMMA']}, BAR {ops['BAR']}, LDS {ops['LDS'] + ops['LDSM']}, "
-            f"STL/LDL {ops['STL'] + ops['LDL']}")  # fmt: skip
+            f"STL/LDL {ops['STL'] + ops['LDL']}; warps launched {compiled.metadata.num_warps}, partitions' "
+            f"registers {partitions or 'none'}, SETMAXNREG {ops['USETMAXREG'] + ops['SETMAXNREG']}, "
+            f"shared memory {compiled.metadata.shared} B")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -71,4 +78,11 @@ if __name__ == "__main__":
         print(
             f"BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages}: "
             f"{report(compile_kernel(block_m, block_n, warps, stages))}"
+        )
+    print("warp-specialized launch (ws): Q/K/V through TMA, one loop")
+    for block_m, block_n, warps, stages in [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3),
+                                            (128, 64, 8, 3)]:  # fmt: skip
+        print(
+            f"BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages} ws: "
+            f"{report(compile_kernel(block_m, block_n, warps, stages, ws=True))}"
         )
