@@ -48,6 +48,17 @@ def test_mqa_genomes_start_from_the_heuristics_second_kernel_merge():
     assert population[0] == heuristic and all(set(g) == set(space) for g in population)
 
 
+@pytest.mark.parametrize("major, padded, expected", [(9, False, (False, True)), (9, True, (False,)),
+                                                     (10, False, (False,))])  # fmt: skip
+def test_the_warp_specialized_gene_only_where_the_calls_take_it(major, padded, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(tuner.tuning, "sm_count", lambda device=None: 132)
+    target = Target("prefill", 4, 32, 8, 2048, 2048, 128, padded=padded)
+    space = tuner.gene_space(target, torch.device("cuda"))
+    assert space["ws"] == expected and space["tma"] == (False, True)
+    assert tuner.gene_space(target, CPU)["ws"] == (False,)
+
+
 def test_the_search_is_reproducible_and_elitism_keeps_the_best():
     settings = tuner.Settings(population=6, budget=30, seed=3)
     first = tuner.search(TARGET, peaked, settings, device=CPU)

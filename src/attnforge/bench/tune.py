@@ -124,13 +124,13 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
     if major >= 9:  # K/V through TMA too
         candidates += [dict(c, tma=True) for c in (candidates if not quick else candidates[:3])]
-    if major == 9 and not quick and _warp_spec_target(target):
+    if major == 9 and not quick and warp_spec_target(target):
         ws = [(128, 128, 2), (128, 64, 2), (128, 64, 3)] + ([(128, 128, 3)] if target.head_dim <= 64 else [])
         candidates += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=s, ws=True) for m, n, s in ws]
     return _unique(candidates)
 
 
-def _warp_spec_target(target: Target) -> bool:
+def warp_spec_target(target: Target) -> bool:
     """The calls of `target` can take the warp-specialized launch (`prefill.warp_spec_supported`): no kv_lens,
     half precision, a power-of-two head_dim; the GPU is checked by the caller."""
     pow2 = target.head_dim & (target.head_dim - 1) == 0

@@ -36,9 +36,9 @@ DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
                 "num_splits": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
                 "num_stages": (1, 2, 3, 4, 5, 6), "combine": ("last", "kernel-pdl")}  # fmt: skip
 PREFILL_GENES = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8),
-                 "num_stages": (2, 3, 4), "tma": (False, True)}  # fmt: skip
+                 "num_stages": (2, 3, 4), "tma": (False, True), "ws": (False, True)}  # fmt: skip
 # A gene a configuration leaves out takes the kernel's default.
-GENE_DEFAULTS = {"combine": "last", "tma": False}
+GENE_DEFAULTS = {"combine": "last", "tma": False, "ws": False}
 # A tuned configuration replaces the heuristic only if, both re-measured, it was at least this much faster.
 MIN_GAIN = 1.02
 
@@ -72,10 +72,11 @@ def gene_space(target: Target, device: torch.device) -> dict[str, tuple]:
     """The values each gene may take for `target` (those of the heuristic and of `attnforge tune`'s candidates
     always included)."""
     genes = dict(DECODE_GENES if target.kind == "decode" else PREFILL_GENES)
-    if target.kind == "prefill" and not (
-        device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    ):
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    if target.kind == "prefill" and major < 9:
         genes["tma"] = (False,)
+    if target.kind == "prefill" and not (major == 9 and bench_tune.warp_spec_target(target)):
+        genes["ws"] = (False,)  # the warp-specialized launch: sm_90, and calls that can take it
     seeds = [as_genome(seed, genes) for seed in bench_tune.candidates_for(target, device, quick=True)]
     return {name: tuple(sorted(set(values) | {seed[name] for seed in seeds}))
             for name, values in genes.items()}  # fmt: skip
