@@ -16,7 +16,7 @@ for step in $steps; do
         -k "warp or tma" 2>&1 | tail -6 | tee "$R/pytest-prefill-ws.txt"
       ;;
     1)  # issue 14: every prefill bucket, the "-ws" launches among the candidates
-      timeout 400 python3 -m attnforge.cli tune --preset prefill-grid --full --out "$R" 2>&1 | tail -34
+      timeout 400 python3 -m attnforge.cli tune --preset prefill-grid --full --time-budget 300 --out "$R" 2>&1 | tail -34
       ;;
   esac
   save
