@@ -405,3 +405,11 @@ def test_tune_only_keeps_the_targets_whose_label_contains_the_text():
 def test_tune_refuses_bad_arguments_with_a_reason(args, message):
     result = CliRunner().invoke(app, ["tune", *args])
     assert result.exit_code != 0 and message in result.output
+
+
+def test_a_warp_specialized_candidate_the_call_cannot_take_is_an_error_not_the_heuristics_timing():
+    target = targets.Target("prefill", 1, 2, 1, 16, 16, 64)
+    params = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "ws": True}
+    row = tune.tune_target(target, [params], CPU)
+    cell = row["candidates"]["m16-n16-w4-st2-ws"]
+    assert cell["status"] == "error" and "warp-specialized launch cannot take this call" in cell["reason"]
