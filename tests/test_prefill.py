@@ -90,7 +90,7 @@ def test_tma_load_path(monkeypatch):
 def test_tma_guard_rejects_unaligned_and_cpu_tensors():
     k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
     assert not prefill_mod.tma_supported(k, k)
-    assert not prefill_mod.warp_spec_supported(k, k, k, None, None)
+    assert not prefill_mod.warp_spec_supported(k, k, k, None)
 
 
 WS_PARAMS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "ws": True}
@@ -98,11 +98,11 @@ WS_PARAMS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "ws"
 
 def _lift_warp_spec_guard(monkeypatch, params=WS_PARAMS) -> list:
     """The warp-specialized launch in the interpreter (its guard asks for a Hopper GPU): the guard keeps its
-    input rules (no kv_lens, no attn_mask, a power-of-two head_dim); the calls that took it are recorded."""
+    input rules (no attn_mask, a power-of-two head_dim); the calls that took it are recorded."""
     taken = []
 
-    def guard(q, k, v, kv_lens, attn_mask):
-        ok = kv_lens is None and attn_mask is None and q.shape[3] & (q.shape[3] - 1) == 0
+    def guard(q, k, v, attn_mask):
+        ok = attn_mask is None and q.shape[3] & (q.shape[3] - 1) == 0
         taken.append(ok)
         return ok
 
@@ -115,65 +115,68 @@ def _lift_warp_spec_guard(monkeypatch, params=WS_PARAMS) -> list:
 @pytest.mark.parametrize("sizes", [(2, 4, 2, 65, 65, 64), (1, 2, 1, 7, 70, 128), (1, 3, 3, 40, 40, 64)])
 def test_warp_specialized_path(sizes, causal, monkeypatch):
     """The warp-specialized launch ("ws": one loop over every visible key block, masked throughout, Q/K/V
-    through TMA) computes the same function: odd lengths, a chunk against a cache, GQA/MQA/MHA."""
+    through descriptors made on the device) computes the same function: odd lengths, a chunk against a cache,
+    GQA/MQA/MHA, NaN/Inf past kv_lens (the K/V descriptors end there)."""
     taken = _lift_warp_spec_guard(monkeypatch)
     shape = dataclasses.replace(config_of(*sizes), dtype=torch.bfloat16, causal=causal)
-    for case in verify.protocol_cases(shape, device=DEVICE, kinds=("random", "needle", "large")):
+    for case in verify.protocol_cases(shape, device=DEVICE, kinds=("random", "needle", "large", "poisoned")):
         _assert_passes(case)
     assert taken and all(taken)
 
 
-def test_warp_specialized_path_with_q_lens(monkeypatch):
-    """q_lens alone keeps the warp-specialized launch: rows past q_lens[b] are 0, the others bottom-right."""
+@pytest.mark.parametrize("kv_lens", [None, [50, 31, 3]])
+def test_warp_specialized_path_with_lengths(kv_lens, monkeypatch):
+    """q_lens (and kv_lens) keep the warp-specialized launch: rows past q_lens[b] are 0, the others see keys
+    <= kv_lens[b] - q_lens[b] + i; where kv_lens[b] < q_lens[b] the first rows see no key and are 0."""
     taken = _lift_warp_spec_guard(monkeypatch)
-    case = verify.random_case(config_of(3, 4, 2, 37, 37, 64, dtype=torch.float16, causal=True), device=DEVICE)
-    case.q_lens = torch.tensor([37, 5, 0], dtype=torch.int32, device=DEVICE)
-    out = prefill_attention(case.q, case.k, case.v, causal=True, q_lens=case.q_lens)
+    case = verify.random_case(config_of(3, 4, 2, 20, 50, 64, dtype=torch.float16, causal=True), device=DEVICE)
+    case.q_lens = torch.tensor([20, 5, 7], dtype=torch.int32, device=DEVICE)
+    if kv_lens is not None:
+        case.kv_lens = torch.tensor(kv_lens, dtype=torch.int64, device=DEVICE)
+        for bi, end in enumerate(kv_lens):
+            case.k[bi, :, end:] = math.nan
+            case.v[bi, :, end:] = math.inf
+    _assert_passes(case)
     assert taken == [True]
-    shift = 37 - case.q_lens.cpu()
-    for b in range(3):
-        n = int(case.q_lens[b])
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            case.q[b : b + 1, :, :n].double(), case.k[b : b + 1].double().repeat_interleave(2, 1),
-            case.v[b : b + 1].double().repeat_interleave(2, 1),
-            attn_mask=torch.ones(n, 37, dtype=torch.bool).tril(int(shift[b])).to(case.q.device),
-        )  # fmt: skip
-        assert verify.relative_l2_per_slice(out[b : b + 1, :, :n], ref).max() < 1e-2
-        assert (out[b, :, n:] == 0).all()
+    if kv_lens is not None:
+        out = prefill_attention(case.q, case.k, case.v, kv_lens=case.kv_lens, q_lens=case.q_lens)
+        assert (
+            torch.all(out[1, :, 5:] == 0) and torch.all(out[2, :, :4] == 0) and torch.all(out[2, :, 7:] == 0)
+        )
 
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+WS_SIZES = [(2, 32, 8, 1000, 1000, 128), (1, 16, 8, 300, 1300, 128), (2, 8, 8, 777, 777, 64)]
 
 
 @pytest.mark.skipif(not SM90, reason="Triton partitions the warp-specialized launch on sm_90 GPUs only")
 @pytest.mark.parametrize("tiles", [(128, 128, 2), (128, 64, 3)])
-@pytest.mark.parametrize(
-    "sizes", [(2, 32, 8, 1000, 1000, 128), (1, 16, 8, 300, 1300, 128), (2, 8, 8, 777, 777, 64)]
-)
+@pytest.mark.parametrize("sizes", WS_SIZES)
 def test_warp_specialized_partitions_on_the_gpu(sizes, tiles, monkeypatch):
     """The launches `attnforge tune` tries on sm_90 (128-row tiles in two consumer warpgroups and a TMA
-    producer), through the real guard: causal and not, odd lengths, a chunk, GQA and MHA."""
+    producer), through the real guard: causal and not, odd lengths, a chunk, GQA and MHA, poisoned padding."""
     params = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "num_warps": 4, "num_stages": tiles[2], "ws": True}
     monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
     for causal in (True, False):
         shape = dataclasses.replace(config_of(*sizes), dtype=torch.bfloat16, causal=causal)
-        for case in verify.protocol_cases(shape, device=DEVICE, kinds=("random", "needle", "large")):
-            assert prefill_mod.warp_spec_supported(case.q, case.k, case.v, None, None)
+        for case in verify.protocol_cases(
+            shape, device=DEVICE, kinds=("random", "needle", "large", "poisoned")
+        ):
+            assert prefill_mod.warp_spec_supported(case.q, case.k, case.v, None)
             _assert_passes(case)
 
 
 def test_warp_specialized_entry_falls_back_on_what_it_cannot_take(monkeypatch):
-    """A "ws" entry on a call with kv_lens or an attn_mask (padding would reach P@V) runs the heuristic's
-    launch instead, and stays correct on poisoned padding."""
+    """A "ws" entry on a call with an attn_mask runs the heuristic's launch instead."""
     taken = _lift_warp_spec_guard(monkeypatch)
     launched = []
-    kernel = prefill_mod._prefill_kernel
-    monkeypatch.setattr(prefill_mod, "_prefill_kernel", _Recorder(kernel, launched))
-    shape = config_of(2, 4, 2, 20, 50, 64, dtype=torch.float16, causal=True)
-    _assert_passes(verify.poisoned_case(shape, device=DEVICE))
+    monkeypatch.setattr(prefill_mod, "_prefill_kernel", _Recorder(prefill_mod._prefill_kernel, launched))
+    case = verify.random_case(config_of(2, 4, 2, 20, 50, 64, dtype=torch.float16, causal=True), device=DEVICE)
+    case.attn_mask = torch.rand(2, 1, 20, 50, device=DEVICE) > 0.3
+    _assert_passes(case)
     assert taken == [False]
-    assert launched[-1]["WARP_SPEC"] is False and launched[-1]["num_warps"] == prefill_mod.heuristic_params(
-        2, 4, 20, 64, torch.float16, DEVICE)["num_warps"]  # fmt: skip
+    heuristic = prefill_mod.heuristic_params(2, 4, 20, 64, torch.float16, DEVICE)
+    assert launched[-1]["WARP_SPEC"] is False and launched[-1]["num_warps"] == heuristic["num_warps"]
 
 
 class _Recorder:

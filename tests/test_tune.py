@@ -99,8 +99,8 @@ def test_prefill_candidates_on_hopper_each_also_read_k_and_v_through_tma(monkeyp
     "target, device_major, expected",
     [
         (targets.Target("prefill", 1, 32, 32, 1024, 1024, 64), 9, 4),  # d64: 128x128 tiles with 3 stages fit
-        (targets.Target("prefill", 8, 32, 8, 2048, 2048, 128, padded=True), 9, 0),  # kv_lens: no "ws"
-        (targets.Target("prefill", 1, 32, 8, 512, 4608, 128, valid=(4000,)), 9, 0),
+        (targets.Target("prefill", 8, 32, 8, 2048, 2048, 128, padded=True), 9, 3),  # kv_lens and q_lens
+        (targets.Target("prefill", 1, 32, 8, 512, 4608, 128, "float32"), 9, 0),
         (targets.Target("prefill", 1, 32, 8, 2048, 2048, 96), 9, 0),  # head_dim not a power of two
         (targets.Target("prefill", 1, 32, 8, 2048, 2048, 128), 10, 0),  # Triton partitions it on sm_90 only
     ],
@@ -408,6 +408,7 @@ def test_tune_refuses_bad_arguments_with_a_reason(args, message):
 
 
 def test_a_warp_specialized_candidate_the_call_cannot_take_is_an_error_not_the_heuristics_timing():
+    # on the CPU no call can take it (the guard asks for an sm_90 GPU)
     target = targets.Target("prefill", 1, 2, 1, 16, 16, 64)
     params = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "ws": True}
     row = tune.tune_target(target, [params], CPU)

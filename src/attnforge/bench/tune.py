@@ -131,10 +131,9 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
 
 
 def warp_spec_target(target: Target) -> bool:
-    """The calls of `target` can take the warp-specialized launch (`prefill.warp_spec_supported`): no kv_lens,
-    half precision, a power-of-two head_dim; the GPU is checked by the caller."""
-    pow2 = target.head_dim & (target.head_dim - 1) == 0
-    return target.valid is None and not target.padded and target.dtype != "float32" and pow2
+    """The calls of `target` can take the warp-specialized launch (`prefill.warp_spec_supported`): half
+    precision, a power-of-two head_dim (targets have no attn_mask); the GPU is checked by the caller."""
+    return target.dtype != "float32" and target.head_dim & (target.head_dim - 1) == 0
 
 
 def _merged(params: dict, combine: str) -> dict:

@@ -60,24 +60,31 @@ def _attn_stage(
 ):  # fmt: skip
     """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors). DIAGONAL:
     mask keys past `end` and, with CAUSAL, past each row's last visible key. Off-diagonal blocks without an
-    attn_mask take the lean path (every logit finite). WARP_SPEC (TMA only, no kv_lens, no attn_mask): every
-    block of [0, diagonal) in one loop, Triton's warp specialization on it; each block masked, the lean
-    softmax after (TMA zero-fills keys past Lkv)."""
+    attn_mask take the lean path (every logit finite). WARP_SPEC (no attn_mask): every block of [0, diagonal)
+    in one loop under Triton's warp specialization, k_src/v_src 2-d descriptors of this sequence's valid keys
+    (TMA zero-fills past them), each block masked."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n0 = tl.multiple_of(n0, BLOCK_N)
         n = n0 + offs_n
-        k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
+        if WARP_SPEC:
+            k = k_src.load([n0, 0])
+        else:
+            k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        if WARP_SPEC:  # shift >= 0 without kv_lens: every row sees key 0, so no row's max stays -inf
+        if WARP_SPEC:
             if CAUSAL:
                 qk = tl.where(n[None, :] <= last_visible[:, None], qk, float("-inf"))
             else:
                 qk = tl.where((n < end)[None, :], qk, float("-inf"))
-        if DIAGONAL or MASK_KIND != 0:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays 0
+            p = tl.math.exp2(qk * scale_log2 - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        elif DIAGONAL or MASK_KIND != 0:
             qk = qk * scale_log2
             if MASK_KIND == 1:
                 keep = tl.load(mask_ptrs, mask=(n < end)[None, :], other=0)
@@ -102,13 +109,16 @@ def _attn_stage(
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
+        if WARP_SPEC:
+            v = v_src.load([n0, 0])
+        else:
+            v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
-        if not USE_TMA:
+        if not (USE_TMA or WARP_SPEC):
             k_src += BLOCK_N * stride_kn
             v_src += BLOCK_N * stride_vn
         if MASK_KIND != 0:
@@ -152,9 +162,15 @@ def _prefill_kernel(
     d = tl.arange(0, D_BLOCK)
     d_ok = d < HEAD_DIM
     rows64 = rows.to(tl.int64)
-    b32, head32, kvh32 = b.to(tl.int32), head.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
-    if WARP_SPEC:  # Q is a descriptor too: Triton 3.6 partitions the kernel only if its loads are all TMA
-        q = Q.load([b32, head32, m0, 0]).reshape(BLOCK_M, D_BLOCK)
+    b32, kvh32 = b.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
+    if WARP_SPEC:  # Q through TMA too: Triton 3.6 partitions the kernel only if its loads all are
+        q_desc = tl.make_tensor_descriptor(
+            Q + b * stride_qb + head * stride_qh,
+            shape=[q_len, D_BLOCK],
+            strides=[stride_qm, 1],
+            block_shape=[BLOCK_M, D_BLOCK],
+        )
+        q = q_desc.load([m0, 0])
     else:
         q_ptrs = Q + b * stride_qb + head * stride_qh + rows64[:, None] * stride_qm + d[None, :] * stride_qd
         if D_BLOCK == HEAD_DIM:
@@ -177,7 +193,21 @@ def _prefill_kernel(
     diag_hi = tl.where(block_live, tl.maximum(diag_hi, full_hi), 0)
 
     offs_n = tl.arange(0, BLOCK_N)
-    if USE_TMA:  # K and V are descriptors
+    if WARP_SPEC:  # descriptors of this sequence's valid keys, made on the device (2-d, TMA zero-fills past)
+        k_src = tl.make_tensor_descriptor(
+            K + b * stride_kb + kv_head * stride_kh,
+            shape=[tl.maximum(end, 1), D_BLOCK],
+            strides=[stride_kn, 1],
+            block_shape=[BLOCK_N, D_BLOCK],
+        )
+        v_src = tl.make_tensor_descriptor(
+            V + b * stride_vb + kv_head * stride_vh,
+            shape=[tl.maximum(end, 1), D_BLOCK],
+            strides=[stride_vn, 1],
+            block_shape=[BLOCK_N, D_BLOCK],
+        )
+        k_diag, v_diag = k_src, v_src
+    elif USE_TMA:  # K and V are host-side descriptors of [B, Hkv, Lkv, D]
         k_src, v_src, k_diag, v_diag = K, V, K, V
     else:
         k_src = K + b * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + d[None, :] * stride_kd
@@ -337,13 +367,25 @@ def tma_supported(*tensors: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-def warp_spec_supported(q, k, v, kv_lens, attn_mask) -> bool:
-    """The warp-specialized launch (params "ws") takes this call: Q, K and V through TMA, a Hopper GPU (Triton
-    3.6 partitions for sm_90 only), a power-of-two head_dim, no attn_mask, and no kv_lens (its one loop
-    zeroes no tail, so padding past kv_lens would reach P@V; TMA zero-fills only past the buffer)."""
-    if kv_lens is not None or attn_mask is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
+def warp_spec_supported(q, k, v, attn_mask) -> bool:
+    """The warp-specialized launch (params "ws") takes this call: Q, K and V readable through TMA, a Hopper
+    GPU (Triton 3.6 partitions for sm_90 only), a power-of-two head_dim, no attn_mask."""
+    if attn_mask is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
         return False
     return tma_supported(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the TMA descriptors a kernel makes on the device (Triton asks per launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-made descriptors need Triton's allocator; one the caller set is kept."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_scratch)
 
 
 def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, attn_mask, params=None) -> None:
@@ -353,19 +395,19 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         return
     has_lengths = kv_lens is not None or q_lens is not None
     p = params or launch_params(q, k, has_lengths=has_lengths, has_mask=attn_mask is not None)
-    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, kv_lens, attn_mask)
+    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask)
     if p.get("ws") and not warp_spec:  # its 4-warp tiles would spill without the partitions
         p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
-    q_strides, k_strides, v_strides, dot32 = q.stride(), k.stride(), v.stride(), fp32_dot(q.dtype)
+    if warp_spec:
+        _ensure_allocator()
+    k_strides, v_strides = k.stride(), v.stride()
     d_block = triton.next_power_of_2(head_dim)
-    use_tma = warp_spec or (bool(p.get("tma")) and tma_supported(k, v))
+    use_tma = not warp_spec and bool(p.get("tma")) and tma_supported(k, v)
     if use_tma:
         block = [1, 1, p["BLOCK_N"], d_block]
         k = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
         v = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
-    if warp_spec:
-        q = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, p["BLOCK_M"], d_block])
-    mask_kind, mask, mask_strides = MASK_NONE, out, (0, 0, 0, 0)  # any pointer, unread without a mask
+    mask_kind, mask, mask_strides = MASK_NONE, q, (0, 0, 0, 0)  # q: any pointer, unread without a mask
     if attn_mask is not None:
         mask = attn_mask.expand(batch, num_heads, q_len, kv_len)
         mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
@@ -375,13 +417,13 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
     q_lens = q_lens.contiguous() if q_lens is not None else None
     grid = (batch * num_heads, triton.cdiv(q_len, p["BLOCK_M"]))
     _prefill_kernel[grid](
-        q, k, v, out, kv_lens if kv_lens is not None else out, q_lens if q_lens is not None else out, mask,
-        *q_strides, *k_strides, *v_strides, *out.stride(), *mask_strides,
+        q, k, v, out, kv_lens if kv_lens is not None else q, q_lens if q_lens is not None else q, mask,
+        *q.stride(), *k_strides, *v_strides, *out.stride(), *mask_strides,
         scale * LOG2E, q_len, kv_len, num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_BLOCK=d_block,
         BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], CAUSAL=causal,
         HAS_KV_LENS=kv_lens is not None, HAS_Q_LENS=q_lens is not None, MASK_KIND=mask_kind,
-        USE_TMA=use_tma, FP32_DOT=dot32, WARP_SPEC=warp_spec, num_warps=p["num_warps"],
+        USE_TMA=use_tma, FP32_DOT=fp32_dot(q.dtype), WARP_SPEC=warp_spec, num_warps=p["num_warps"],
         num_stages=p["num_stages"],
     )  # fmt: skip
 

@@ -2,9 +2,9 @@
 without a GPU (Triton's bundled ptxas), pointer path (no TMA), causal, bf16, d128, GQA 4:1, for the launch
 sets the tuner tries, and count per kernel the registers, spills, Hopper's asynchronous tensor-core
 instructions (HGMMA, what wgmma compiles to) against the older synchronous ones (HMMA), and the shared-memory
-barriers. With `ws`, the warp-specialized launch (Q/K/V through TMA descriptors, one loop): whether Triton
-partitioned it (the warps it launches, the registers each partition asks for, SETMAXNREG in the SASS).
-Run from the repository root:
+barriers. With `ws`, the warp-specialized launch (Q/K/V through TMA descriptors made on the device, one
+loop; with `lens`, kv_lens and q_lens too): whether Triton partitioned it (the warps it launches, the
+registers each partition asks for, SETMAXNREG in the SASS). Run from the repository root:
 
     PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/prefill-sass/sass_prefill.py
 """
@@ -25,22 +25,22 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s")
 
 
-def compile_kernel(block_m, block_n, warps, stages, ws=False):
+def compile_kernel(block_m, block_n, warps, stages, ws=False, lens=False):
     kernel = prefill._prefill_kernel
     constants = dict(GROUP=4, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True,
-                     HAS_KV_LENS=False, HAS_Q_LENS=False, MASK_KIND=prefill.MASK_NONE, USE_TMA=ws,
+                     HAS_KV_LENS=lens, HAS_Q_LENS=lens, MASK_KIND=prefill.MASK_NONE, USE_TMA=False,
                      FP32_DOT=False, WARP_SPEC=ws)  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constants or (name.startswith("stride_") and name.endswith("d")):
             constants.setdefault(name, 1)
             signature[name] = "constexpr"
-        elif name in ("Q", "K", "V") and ws:  # host-side descriptors of [B, H, L, D], one tile a load
-            signature[name] = f"tensordesc<bf16[1,1,{block_m if name == 'Q' else block_n},128]>"
         elif name in ("Q", "K", "V", "Out"):
             signature[name] = "*bf16"
-        elif name in ("KvLens", "QLens", "Mask"):
-            signature[name] = "*bf16"  # unread: no lengths, no mask
+        elif name in ("KvLens", "QLens"):
+            signature[name] = "*i32"
+        elif name == "Mask":
+            signature[name] = "*bf16"  # unread: no mask
         else:
             signature[name] = "fp32" if name == "scale_log2" else "i32"
         if signature[name].startswith("*") or name.startswith("stride_") or name in ("q_len", "kv_len"):
@@ -79,10 +79,12 @@ if __name__ == "__main__":
             f"BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages}: "
             f"{report(compile_kernel(block_m, block_n, warps, stages))}"
         )
-    print("warp-specialized launch (ws): Q/K/V through TMA, one loop")
-    for block_m, block_n, warps, stages in [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3),
-                                            (128, 64, 8, 3)]:  # fmt: skip
+    print("warp-specialized launch (ws): Q/K/V through descriptors made on the device, one loop")
+    for block_m, block_n, warps, stages, lens in [(128, 128, 4, 2, False), (128, 64, 4, 2, False),
+                                                  (128, 64, 4, 3, False), (128, 64, 8, 3, False),
+                                                  (128, 128, 4, 2, True)]:  # fmt: skip
         print(
-            f"BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages} ws: "
-            f"{report(compile_kernel(block_m, block_n, warps, stages, ws=True))}"
+            f"BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages} ws"
+            f"{' kv_lens q_lens' * lens}: "
+            f"{report(compile_kernel(block_m, block_n, warps, stages, ws=True, lens=lens))}"
         )
