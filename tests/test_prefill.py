@@ -1,12 +1,14 @@
 """prefill_attention against the float64 oracle (CPU, TRITON_INTERPRET=1, small shapes): the protocol cases,
 odd sizes, every head_dim and dtype, GQA/MQA/MHA, chunked prefill, padding, masks, and each input error."""
 
+import contextvars
 import dataclasses
 import functools
 import math
 
 import pytest
 import torch
+import triton
 
 from attnforge import verify
 from attnforge.config import AttentionConfig
@@ -177,6 +179,22 @@ def test_warp_specialized_entry_falls_back_on_what_it_cannot_take(monkeypatch):
     assert taken == [False]
     heuristic = prefill_mod.heuristic_params(2, 4, 20, 64, torch.float16, DEVICE)
     assert launched[-1]["WARP_SPEC"] is False and launched[-1]["num_warps"] == heuristic["num_warps"]
+
+
+def test_descriptor_allocator_is_set_where_none_is_and_a_callers_is_kept():
+    """Descriptors made on the device need Triton's allocator: the launch sets one where the default (none)
+    is in place, and leaves one the caller set."""
+    from triton.runtime import _allocation
+
+    def run():
+        prefill_mod._ensure_allocator()
+        assert _allocation._allocator.get() is prefill_mod._descriptor_scratch
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)
+        triton.set_allocator(mine)
+        prefill_mod._ensure_allocator()
+        assert _allocation._allocator.get() is mine
+
+    contextvars.Context().run(run)  # a fresh context starts from Triton's default
 
 
 class _Recorder:
