@@ -7,8 +7,11 @@ bottom-right aligned; per program the key range splits into full blocks every ro
 blocks on the diagonal or at the valid-length edge (masked), and blocks above the diagonal are never loaded.
 The heaviest query blocks (the last ones under a causal mask) are launched first to shorten the tail.
 On Hopper, K/V tiles can come through TMA descriptors instead of pointer loads (a tuning-table choice, used
-only when the strides allow it). Tile sizes, warps, pipeline depth and TMA come from kernels/tuning.json
-per shape bucket (`attnforge tune --preset prefill-grid` measures them), else from a heuristic.
+only when the strides allow it). On sm_90 a launch can also be warp-specialized ("ws"): one loop over every
+visible key block, each masked, Q/K/V through descriptors made on the device, which Triton 3.6 splits into
+a TMA producer warp and two consumer warpgroups (it splits no kernel with two loops or a pointer load of Q).
+Tile sizes, warps, pipeline depth, TMA and "ws" come from kernels/tuning.json per shape bucket (`attnforge
+tune --preset prefill-grid` measures them), else from a heuristic.
 """
 
 from __future__ import annotations
