@@ -10,7 +10,8 @@ or a preset grid), in this order:
   3. the entry: the fastest candidate's parameters and its speed-up over the fastest torch path.
 Entries go to the user's tuning table (`tuning.user_table_path()`) unless another is named. Compilation
 dominates such a run, so every candidate is compiled first by a pool of worker processes (Triton's on-disk
-cache then serves the timing process).
+cache then serves the timing process; `bench/precompile.py`: a candidate whose first launch never ends is
+reported as hung there and never launched here).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import torch
@@ -29,6 +29,7 @@ import torch
 from attnforge import verify
 from attnforge.bench import report, timing
 from attnforge.bench.kernels import chunked_reference
+from attnforge.bench.precompile import HUNG, precompile
 from attnforge.bench.targets import (
     Target,
     check,
@@ -36,7 +37,6 @@ from attnforge.bench.targets import (
     make_case,
     torch_calls,
     without_poison,
-    zero_case,
 )
 from attnforge.kernels import tuning
 
@@ -175,54 +175,17 @@ def params_name(params: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Compilation in parallel
-
-
-def _compile_worker(jobs: list[tuple[dict, list[dict]]]) -> int:
-    """In a worker process: launch each (target, params) once on zero inputs of the target's shapes, so Triton
-    compiles it into its disk cache (values do not matter to compilation; shapes and strides do)."""
-    device = torch.device("cuda")
-    done = 0
-    for target_fields, params_list in jobs:
-        valid = target_fields["valid"]
-        target = Target(**{**target_fields, "valid": None if valid is None else tuple(valid)})
-        case = zero_case(target, device)
-        out = torch.empty_like(case.q)
-        for params in params_list:
-            try:
-                kernel_call(target, case, params, out)()
-                done += 1
-            except Exception:  # noqa: BLE001 - the timing process reports the error for this candidate
-                pass
-        torch.cuda.synchronize()
-    return done
-
-
-def precompile(plan: list[tuple[Target, list[dict]]], workers: int) -> float:
-    """Compile every candidate of every target in `workers` processes; returns seconds spent."""
-    started = time.monotonic()
-    if workers <= 1 or not torch.cuda.is_available():
-        return 0.0
-    jobs = sorted(((asdict(t), params) for t, params in plan), key=lambda job: -len(job[1]))
-    chunks = [jobs[i::workers] for i in range(workers)]  # whole targets per worker: one allocation each
-    import multiprocessing
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_compile_worker, [c for c in chunks if c]))
-    return time.monotonic() - started
-
-
-# ----------------------------------------------------------------------------------------------------------
 # One target
 
 
 def tune_target(
     target: Target, candidates: list[dict], device, *, reps: int = 30, seed: int = 0, graph_layers: int = 0,
-    graph_runners_up: int | None = None,
+    graph_runners_up: int | None = None, hung: frozenset[str] = frozenset(),
 ) -> dict:  # fmt: skip
     """Check every candidate, time the correct ones against torch's paths, pick the fastest; with
     `graph_layers`, also time the winner, the `graph_runners_up` next (default GRAPH_RUNNERS_UP) and the
-    fastest torch path inside a CUDA graph."""
+    fastest torch path inside a CUDA graph. Candidates named in `hung` (their first launch never ended in
+    the precompile) are reported, never launched."""
     case = make_case(target, device, seed)
     expected = chunked_reference(case)  # big prefill rows: the oracle in slices (bounded memory)
     row = {"target": asdict(target), "label": target.label, "bucket": target.bucket, "seed": seed,
@@ -231,6 +194,9 @@ def tune_target(
     for params in candidates:
         name, out = params_name(params), torch.empty_like(case.q)
         cell = row["candidates"][name] = {"params": params}
+        if name in hung:
+            cell.update(status="hung", reason=HUNG)
+            continue
         try:
             call = kernel_call(target, case, params, out)
             passed, error = check(call, out, expected, case.q.dtype)
@@ -358,11 +324,14 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
     started = time.monotonic()
     plan = [(t, candidates_for(t, device, quick)) for t in targets]
     workers = workers if workers is not None else min(16, max(1, (os.cpu_count() or 2) - 2))
-    compile_s = precompile(plan, workers)
+    compile_s, hung = precompile(plan, workers, params_name)
     if (
         device.type == "cuda" and plan
     ):  # a first pass, discarded: the first target's samples once scattered 3x
-        tune_target(plan[0][0], plan[0][1], device, reps=reps)
+        first = plan[0][0]
+        tune_target(
+            first, plan[0][1], device, reps=reps, hung=frozenset(n for t, n in hung if t == first.label)
+        )
     ceilings = {"read_gbps": timing.measure_read_bandwidth() / 1e9} if device.type == "cuda" else None
     rows = []
     doc = {
@@ -373,6 +342,7 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
         "ceilings": ceilings,
         "rows": rows,
         "compile_s": compile_s,
+        "hung": sorted(f"{label}: {name}" for label, name in hung),
         "not_run": [t.label for t in targets],
     }
     for index, (target, candidates) in enumerate(plan):
@@ -381,7 +351,7 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
         if progress is not None:
             progress(index, target.label)
         row = tune_target(target, candidates, device, reps=reps, seed=index, graph_layers=graph_layers,
-                          graph_runners_up=graph_runners_up)  # fmt: skip
+                          graph_runners_up=graph_runners_up, hung=_names(hung, target))  # fmt: skip
         if ceilings is not None and target.kind == "decode":
             row["floor_us"] = read_bytes(target) / (ceilings["read_gbps"] * 1e3)
         rows.append(row)
@@ -392,6 +362,11 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return doc
+
+
+def _names(hung: set[tuple[str, str]], target: Target) -> frozenset[str]:
+    """The names of `target`'s candidates among the precompile's hung (label, name) pairs."""
+    return frozenset(name for label, name in hung if label == target.label)
 
 
 def read_bytes(target: Target) -> int:
@@ -516,7 +491,12 @@ def markdown(doc: dict) -> str:
         f"triton {env.get('triton')}, transformers {env.get('transformers')}; "
         f"commit {env.get('git_commit')}.",
         f"Ceilings measured in this run: {doc.get('ceilings')}. Compilation {doc.get('compile_s', 0):.0f} s, "
-        f"whole run {doc.get('elapsed_s', 0):.0f} s.",
+        f"whole run {doc.get('elapsed_s', 0):.0f} s."
+        + (
+            f" Hung in the precompile (never launched after): {'; '.join(doc['hung'])}."
+            if doc.get("hung")
+            else ""
+        ),
         "",
         f"Method: {doc['method']}",
         "",

@@ -27,6 +27,7 @@ import torch
 
 from attnforge.bench import report
 from attnforge.bench import tune as bench_tune
+from attnforge.bench.precompile import HUNG, precompile
 from attnforge.bench.targets import Target
 from attnforge.evolve.pool import Dispatcher, InlineDispatcher, open_pool
 from attnforge.evolve.tasks import Task, TaskShape, seed_for
@@ -176,11 +177,12 @@ def next_generation(state: dict, space: dict, settings: Settings, target: Target
 def search(target: Target, fitness: Fitness, settings: Settings, *, device: torch.device,
            checkpoint: Path | None = None, progress: Callable[[dict], None] | None = None,
            deadline: float | None = None,
-           prepare: Callable[[Target, list[dict]], None] | None = None,
+           prepare: Callable[[Target, list[dict]], set[str] | None] | None = None,
            dispatcher: Dispatcher | None = None) -> dict:  # fmt: skip
     """Evolve launch configurations for `target` until `settings.budget` evaluations (or `deadline`, a
     time.monotonic() value) are spent; resumes from `checkpoint` if it exists and saves it every generation.
-    `prepare(target, genomes)` runs before each generation's evaluations (e.g. compiles them in parallel).
+    `prepare(target, genomes)` runs before each generation's evaluations (e.g. compiles them in parallel) and
+    may name genomes (by `key`) whose first launch hung: they score 0 and are never evaluated.
     `dispatcher` (default: `fitness` in this process) evaluates each generation's new genomes, e.g. a
     pool.LocalPool over several GPUs; results are taken in population order, so the search is the same."""
     space = gene_space(target, device)
@@ -193,7 +195,8 @@ def search(target: Target, fitness: Fitness, settings: Settings, *, device: torc
     while state["evaluations"] < settings.budget and (deadline is None or time.monotonic() < deadline):
         started = time.monotonic()
         if prepare is not None:
-            prepare(target, [g for g in state["population"] if key(g) not in state["scores"]])
+            hung = prepare(target, [g for g in state["population"] if key(g) not in state["scores"]]) or set()
+            _record_hung(state, hung, settings)
         _evaluate_generation(state, target, settings, dispatcher or InlineDispatcher(fitness), progress)
         state["population"] = [g for g in state["population"] if key(g) in state["scores"]]
         best = max(state["scores"].values(), key=lambda s: s["score"])
@@ -205,6 +208,15 @@ def search(target: Target, fitness: Fitness, settings: Settings, *, device: torc
         state["population"] = next_generation(state, space, settings, target)
         _save_state(checkpoint, state)
     return state
+
+
+def _record_hung(state: dict, hung: set[str], settings: Settings) -> None:
+    """Genomes whose first launch never ended (`prepare`'s answer) score 0 unevaluated, each an evaluation."""
+    for genome in state["population"]:
+        name = key(genome)
+        if name in hung and name not in state["scores"] and state["evaluations"] < settings.budget:
+            state["scores"][name] = {"params": genome, "score": 0.0, "timed": False, "reason": HUNG}
+            state["evaluations"] += 1
 
 
 def _evaluate_generation(state: dict, target: Target, settings: Settings, dispatcher: Dispatcher,
@@ -368,11 +380,14 @@ def _rate(rows: list[dict]) -> float | None:
     return round(60.0 * sum(row["evaluations"] for row in rows) / seconds, 2) if seconds > 0 else None
 
 
-def _precompile(target: Target, genomes: list[dict], workers: int) -> None:
-    """Compile a generation's configurations in parallel worker processes (bench/tune.py's pool), so the
-    evaluator's processes find them in Triton's cache."""
-    if genomes:
-        bench_tune.precompile([(target, [genome]) for genome in genomes], min(workers, len(genomes)))
+def _precompile(target: Target, genomes: list[dict], workers: int) -> set[str]:
+    """Compile a generation's configurations in parallel worker processes (bench/precompile.py), so the
+    evaluator's processes find them in Triton's cache; returns the keys of those whose first launch hung."""
+    if not genomes:
+        return set()
+    plan = [(target, [genome]) for genome in genomes]
+    _, hung = precompile(plan, min(workers, len(genomes)), key)
+    return {name for _, name in hung}
 
 
 def _slug(target: Target) -> str:
