@@ -248,7 +248,7 @@ def _prefill_kernel(
         )  # fmt: skip
 
     # Rows with no visible key (l == 0) and padded rows (>= q_lens[b]) are written as 0.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]  # one division a row, not an element
     out = tl.where((rows < qlen)[:, None], out, 0.0)
     o_ptrs = Out + b * stride_ob + head * stride_oh + rows64[:, None] * stride_om + d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < q_len)[:, None] & d_ok[None, :])
