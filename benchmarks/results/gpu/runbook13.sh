@@ -3,7 +3,7 @@
 # the GPU, first alone under `timeout` (a partitioned kernel that deadlocks never returns), then the tests,
 # then the prefill grid with it among the candidates. Everything goes into one tarball under $OUT.
 # On the device, from the repository root, after the wheels prefix of the runbook:
-#     bash benchmarks/results/gpu/runbook13.sh [0|1|2 ...]   (default: 0 1 2; about 7 minutes in all)
+#     bash benchmarks/results/gpu/runbook13.sh [0|1|2 ...]   (default: 0 1 2; about 8 minutes in all)
 R=/tmp/runbook13
 mkdir -p "$R"
 save() { tar czf "$OUT/runbook13.tgz" -C /tmp runbook13; }
@@ -18,6 +18,7 @@ for step in $steps; do
         echo "[$m] rc=${PIPESTATUS[0]}"
       done | tee "$R/ws-probe.txt"
       if grep -q "^\[ours 1 128 2\] rc=124" "$R/ws-probe.txt"; then save; echo "ws launch hangs: stop"; exit 1; fi
+      timeout 90 python3 benchmarks/results/gpu/prefill-ws/ws_probe.py time 2>&1 | tail -8 | tee "$R/ws-time.txt"
       ;;
     1)  # the warp-specialized launch against the oracle (partitioned tiles, odd sizes, poisoned padding)
       timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_prefill.py \

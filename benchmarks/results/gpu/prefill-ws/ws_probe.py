@@ -1,9 +1,12 @@
 """Issue 14 probe (scratch): does the warp-specialized prefill launch compile and finish on the GPU? Run each
 mode in its own process under `timeout` (a partitioned kernel that deadlocks never returns):
-    python ws_probe.py ours <causal 0|1> <BLOCK_N> <stages> [lens] | tutorial
+    python ws_probe.py ours <causal 0|1> <BLOCK_N> <stages> [lens] | tutorial | time
 "ours": prefill's "ws" launch (`lens`: with kv_lens, all keys valid); "tutorial": a minimal non-causal
 warp-specialized attention loop with descriptors made on the device. Prints the seconds to the first
-finished call (compile included) and the error against SDPA. Results: benchmarks/results/h100/prefill-ws/."""
+finished call (compile included) and the error against SDPA. "time": a first speed reading, causal GQA 32:8
+d128 bf16 (B=2 L=8192, B=8 L=2048): the "ws" launches, the stored launch and SDPA with enable_gqa,
+interleaved after an L2 flush (the grid is the measurement that counts). Results: benchmarks/results/h100/
+prefill-ws/."""
 
 import sys
 import time
@@ -51,9 +54,39 @@ def _tutorial(
     tl.store(o, (acc / l_i[:, None]).to(tl.bfloat16))
 
 
+def row_calls(q, k, v, out) -> dict:
+    """The calls timed for one row: the stored launch, SDPA with enable_gqa and two "ws" launches."""
+    from attnforge.kernels.prefill import _prefill_into, prefill_attention
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {"stored": lambda: prefill_attention(q, k, v, causal=True, out=out),
+             "sdpa-gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)}  # fmt: skip
+    for n, st in ((128, 2), (64, 3)):
+        p = {"BLOCK_M": 128, "BLOCK_N": n, "num_warps": 4, "num_stages": st, "ws": True}
+        calls[f"ws-n{n}-st{st}"] = lambda p=p: _prefill_into(
+            q, k, v, out, 128**-0.5, True, None, None, None, p
+        )
+    return calls
+
+
+def time_rows() -> None:
+    from attnforge.bench.timing import summarize, time_interleaved
+
+    for batch, length in ((2, 8192), (8, 2048)):
+        q = torch.randn(batch, 32, length, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, 8, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        flops = 4 * batch * 32 * length * length / 2 * 128
+        for name, samples in time_interleaved(row_calls(q, k, v, torch.empty_like(q)), reps=20).items():
+            us = summarize(samples)["median_us"]
+            print(f"B={batch} L={length} {name}: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s", flush=True)
+
+
 def main():
     torch.manual_seed(0)
     mode = sys.argv[1]
+    if mode == "time":
+        time_rows()
+        return
     q, k, v = (torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = torch.empty_like(q)
     start = time.time()
