@@ -12,6 +12,7 @@ by fresh workers.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 
 from attnforge.bench.targets import Target, kernel_call, zero_case
 
-HANG_S = 180.0  # one candidate's first launch, compilation included; the slowest seen took ~40 s
+HANG_S = 180.0  # one candidate's first launch, compilation included
 HUNG = f"its first launch did not end in {HANG_S:.0f} s (precompile)"  # the reason a hung candidate gets
 Job = tuple[dict, list[dict]]  # a target's fields, its candidates' parameters
 Key = tuple[str, str]  # (target label, parameters' name)
@@ -97,8 +98,6 @@ def compile_round(
 def compile_worker(chunk: list[Job], name: Callable[[dict], str], messages) -> None:
     """In a worker process: launch each candidate once on zeros of its target's shapes (values do not matter
     to compilation; shapes and strides do) and wait for it, reporting ("start" | "end", pid, key)."""
-    import os
-
     device = torch.device("cuda")
     for fields, params_list in chunk:
         target = _target(fields)

@@ -328,10 +328,7 @@ def run(targets: list[Target], *, quick: bool = False, reps: int = 30, workers: 
     if (
         device.type == "cuda" and plan
     ):  # a first pass, discarded: the first target's samples once scattered 3x
-        first = plan[0][0]
-        tune_target(
-            first, plan[0][1], device, reps=reps, hung=frozenset(n for t, n in hung if t == first.label)
-        )
+        tune_target(plan[0][0], plan[0][1], device, reps=reps, hung=_names(hung, plan[0][0]))
     ceilings = {"read_gbps": timing.measure_read_bandwidth() / 1e9} if device.type == "cuda" else None
     rows = []
     doc = {
