@@ -63,15 +63,15 @@ def _attn_stage(
 ):  # fmt: skip
     """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors). DIAGONAL:
     mask keys past `end` and, with CAUSAL, past each row's last visible key. Off-diagonal blocks without an
-    attn_mask take the lean path (every logit finite). WARP_SPEC (no attn_mask): every block of [0, diagonal)
-    in one loop under Triton's warp specialization, k_src/v_src 2-d descriptors of this sequence's valid keys
-    (TMA zero-fills past them), each block masked."""
+    attn_mask take the lean path (every logit finite). WARP_SPEC (no attn_mask, no kv_lens): every block of
+    [0, diagonal) in one loop under Triton's warp specialization, k_src/v_src 4-d descriptors of K and V (TMA
+    zero-fills past Lkv), each block masked."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n0 = tl.multiple_of(n0, BLOCK_N)
         n = n0 + offs_n
-        if WARP_SPEC:
-            k = k_src.load([n0, 0])
+        if WARP_SPEC:  # TMA zero-fills past Lkv; the mask below takes those keys out
+            k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, False, PAD_D, True)
         else:
             k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
@@ -113,7 +113,7 @@ def _attn_stage(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if WARP_SPEC:
-            v = v_src.load([n0, 0])
+            v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, False, PAD_D, True)
         else:
             v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
@@ -169,12 +169,12 @@ def _prefill_kernel(
     b32, kvh32 = b.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
     if WARP_SPEC:  # Q through TMA too: Triton 3.6 partitions the kernel only if its loads all are
         q_desc = tl.make_tensor_descriptor(
-            Q + b * stride_qb + head * stride_qh,
-            shape=[q_len, D_BLOCK],
-            strides=[stride_qm, 1],
-            block_shape=[BLOCK_M, D_BLOCK],
+            Q,
+            shape=[tl.num_programs(0) // num_heads, num_heads, q_len, D_BLOCK],
+            strides=[stride_qb, stride_qh, stride_qm, 1],
+            block_shape=[1, 1, BLOCK_M, D_BLOCK],
         )
-        q = q_desc.load([m0, 0])
+        q = q_desc.load([b32, head.to(tl.int32), m0, 0]).reshape(BLOCK_M, D_BLOCK)
     else:
         q_ptrs = Q + b * stride_qb + head * stride_qh + rows64[:, None] * stride_qm + d[None, :] * stride_qd
         if D_BLOCK == HEAD_DIM:
@@ -197,18 +197,20 @@ def _prefill_kernel(
     diag_hi = tl.where(block_live, tl.maximum(diag_hi, full_hi), 0)
 
     offs_n = tl.arange(0, BLOCK_N)
-    if WARP_SPEC:  # descriptors of this sequence's valid keys, made on the device (2-d, TMA zero-fills past)
+    if WARP_SPEC:  # 4-d descriptors of the whole K and V, the same in every program: made per program
+        # (its sequence and head), Triton 3.6's partitioned loop read wrong rows (h100/prefill-ws/README.md)
+        kv_shape = [tl.num_programs(0) // num_heads, num_heads // GROUP, kv_len, D_BLOCK]
         k_src = tl.make_tensor_descriptor(
-            K + b * stride_kb + kv_head * stride_kh,
-            shape=[tl.maximum(end, 1), D_BLOCK],
-            strides=[stride_kn, 1],
-            block_shape=[BLOCK_N, D_BLOCK],
+            K,
+            shape=kv_shape,
+            strides=[stride_kb, stride_kh, stride_kn, 1],
+            block_shape=[1, 1, BLOCK_N, D_BLOCK],
         )
         v_src = tl.make_tensor_descriptor(
-            V + b * stride_vb + kv_head * stride_vh,
-            shape=[tl.maximum(end, 1), D_BLOCK],
-            strides=[stride_vn, 1],
-            block_shape=[BLOCK_N, D_BLOCK],
+            V,
+            shape=kv_shape,
+            strides=[stride_vb, stride_vh, stride_vn, 1],
+            block_shape=[1, 1, BLOCK_N, D_BLOCK],
         )
         k_diag, v_diag = k_src, v_src
     elif USE_TMA:  # K and V are host-side descriptors of [B, Hkv, Lkv, D]
@@ -371,10 +373,12 @@ def tma_supported(*tensors: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-def warp_spec_supported(q, k, v, attn_mask) -> bool:
+def warp_spec_supported(q, k, v, attn_mask, kv_lens) -> bool:
     """The warp-specialized launch (params "ws") takes this call: Q, K and V readable through TMA, a Hopper
-    GPU (Triton 3.6 partitions for sm_90 only), a power-of-two head_dim, no attn_mask."""
-    if attn_mask is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
+    GPU (Triton 3.6 partitions for sm_90 only), a power-of-two head_dim, no attn_mask and no kv_lens (its
+    descriptors span the whole buffer, and keys past kv_lens may hold NaN/Inf that a masked logit does not
+    keep out of the P @ V product; zeroing V there would take it out of shared memory)."""
+    if attn_mask is not None or kv_lens is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
         return False
     return tma_supported(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
 
@@ -399,7 +403,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         return
     has_lengths = kv_lens is not None or q_lens is not None
     p = params or launch_params(q, k, has_lengths=has_lengths, has_mask=attn_mask is not None)
-    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask)
+    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask, kv_lens)
     if p.get("ws") and not warp_spec:  # its 4-warp tiles would spill without the partitions
         p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
     if warp_spec:

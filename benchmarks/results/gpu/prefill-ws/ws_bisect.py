@@ -15,14 +15,24 @@ import triton
 import triton.language as tl
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1, a check of the script
-FLAGS = ("PER_HEAD", "GRID_SWAP", "REV", "MASK", "CAUSAL", "SAFE", "EPI", "HI_RT", "MULTOF", "TRANS")
+FLAGS = ("DESC", "GRID_SWAP", "REV", "MASK", "CAUSAL", "SAFE", "EPI", "HI_RT", "MULTOF", "TRANS")
+
+
+@triton.jit
+def _tile(desc, bh, row, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
+    if DESC == 3:
+        return desc.load([0, bh, row, 0]).reshape(ROWS, HEAD_DIM)
+    elif DESC == 4:
+        return desc.load([bh, row, 0]).reshape(ROWS, HEAD_DIM)
+    else:
+        return desc.load([row, 0])
 
 
 @triton.jit
 def _bisect(
     Q, K, V, Out, scale_log2, N_CTX, num_heads,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PER_HEAD: tl.constexpr, GRID_SWAP: tl.constexpr, REV: tl.constexpr, MASK: tl.constexpr,
+    DESC: tl.constexpr, GRID_SWAP: tl.constexpr, REV: tl.constexpr, MASK: tl.constexpr,
     CAUSAL: tl.constexpr, SAFE: tl.constexpr, EPI: tl.constexpr, HI_RT: tl.constexpr,
     MULTOF: tl.constexpr, TRANS: tl.constexpr,
 ):  # fmt: skip
@@ -38,7 +48,9 @@ def _bisect(
             m_block = tl.num_programs(0) - 1 - m_block
     m0 = m_block * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
-    if PER_HEAD:
+    bh32 = bh.to(tl.int32)
+    off = 0
+    if DESC == 1:  # per program: its head's base pointer
         base = bh.to(tl.int64) * N_CTX * HEAD_DIM
         dq = tl.make_tensor_descriptor(Q + base, shape=[N_CTX, HEAD_DIM], strides=[HEAD_DIM, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])  # fmt: skip
@@ -47,16 +59,39 @@ def _bisect(
                                        block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
         dv = tl.make_tensor_descriptor(V + base, shape=[kv_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
-        off = 0
-    else:
+    elif DESC >= 3:  # the same in every program: 4-d [1, H, N, D] or 3-d [H, N, D]
+        st4 = [num_heads * N_CTX * HEAD_DIM, N_CTX * HEAD_DIM, HEAD_DIM, 1]
+        if DESC == 3:
+            dq = tl.make_tensor_descriptor(Q, shape=[1, num_heads, N_CTX, HEAD_DIM],
+                                           strides=st4,
+                                           block_shape=[1, 1, BLOCK_M, HEAD_DIM])  # fmt: skip
+            dk = tl.make_tensor_descriptor(K, shape=[1, num_heads, N_CTX, HEAD_DIM],
+                                           strides=st4,
+                                           block_shape=[1, 1, BLOCK_N, HEAD_DIM])  # fmt: skip
+            dv = tl.make_tensor_descriptor(V, shape=[1, num_heads, N_CTX, HEAD_DIM],
+                                           strides=st4,
+                                           block_shape=[1, 1, BLOCK_N, HEAD_DIM])  # fmt: skip
+        else:
+            dq = tl.make_tensor_descriptor(Q, shape=[num_heads, N_CTX, HEAD_DIM],
+                                           strides=[N_CTX * HEAD_DIM, HEAD_DIM, 1],
+                                           block_shape=[1, BLOCK_M, HEAD_DIM])  # fmt: skip
+            dk = tl.make_tensor_descriptor(K, shape=[num_heads, N_CTX, HEAD_DIM],
+                                           strides=[N_CTX * HEAD_DIM, HEAD_DIM, 1],
+                                           block_shape=[1, BLOCK_N, HEAD_DIM])  # fmt: skip
+            dv = tl.make_tensor_descriptor(V, shape=[num_heads, N_CTX, HEAD_DIM],
+                                           strides=[N_CTX * HEAD_DIM, HEAD_DIM, 1],
+                                           block_shape=[1, BLOCK_N, HEAD_DIM])  # fmt: skip
+    else:  # flattened rows [H * N, D], offsets in the coordinates; DESC 2: the shape ends at this head
+        off = bh * N_CTX
         y_dim = tl.num_programs(1 - GRID_SWAP) * N_CTX
+        if DESC == 2:
+            y_dim = off + N_CTX
         dq = tl.make_tensor_descriptor(Q, shape=[y_dim, HEAD_DIM], strides=[HEAD_DIM, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])  # fmt: skip
         dk = tl.make_tensor_descriptor(K, shape=[y_dim, HEAD_DIM], strides=[HEAD_DIM, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
         dv = tl.make_tensor_descriptor(V, shape=[y_dim, HEAD_DIM], strides=[HEAD_DIM, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])  # fmt: skip
-        off = bh * N_CTX
     end = N_CTX
     last_visible = rows
     if HI_RT:
@@ -70,13 +105,13 @@ def _bisect(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    q = dq.load([off + m0, 0])
+    q = _tile(dq, bh32, off + m0, BLOCK_M, HEAD_DIM, DESC)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=True):
         if MULTOF:
             n0 = tl.multiple_of(n0, BLOCK_N)
         n = n0 + offs_n
-        k = dk.load([off + n0, 0])
+        k = _tile(dk, bh32, off + n0, BLOCK_N, HEAD_DIM, DESC)
         qk = tl.dot(q, tl.trans(k)) if TRANS else tl.dot(q, k.T)
         if MASK:
             if CAUSAL:
@@ -89,7 +124,7 @@ def _bisect(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(Q.dtype.element_ty), dv.load([off + n0, 0]), acc)
+        acc = tl.dot(p.to(Q.dtype.element_ty), _tile(dv, bh32, off + n0, BLOCK_N, HEAD_DIM, DESC), acc)
         m_i = m_new
     o = Out + (bh * N_CTX + rows).to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     if EPI:
@@ -126,7 +161,8 @@ def run(flags: dict, q, k, v, block_n: int, stages: int) -> dict:
 
 
 def variants():
-    """(name, flags, BLOCK_N, stages): each feature alone on the minimal loop, then all cumulatively."""
+    """(name, flags, BLOCK_N, stages): each feature alone on the minimal loop, each descriptor form, then
+    prefill's features together with the descriptor forms the same in every program."""
     base = dict.fromkeys(FLAGS, 0)
     rows = [("minimal", dict(base), 128, 2)]
     for f in FLAGS:
@@ -134,11 +170,23 @@ def variants():
             rows.append(("+CAUSAL(mask)", {**base, "CAUSAL": 1, "MASK": 1}, 128, 2))
         else:
             rows.append((f"+{f}", {**base, f: 1}, 128, 2))
-    cum = dict(base)
-    for f in FLAGS:
-        cum[f] = 1
-        rows.append((f"cum..{f}", dict(cum), 128, 2))
-    rows.append(("all n64 st3", dict(cum), 64, 3))
+    for desc in (2, 3, 4):
+        rows.append((f"DESC={desc}", {**base, "DESC": desc}, 128, 2))
+    ours = {
+        **base,
+        "GRID_SWAP": 1,
+        "REV": 1,
+        "MASK": 1,
+        "CAUSAL": 1,
+        "SAFE": 1,
+        "EPI": 1,
+        "HI_RT": 1,
+        "MULTOF": 1,
+    }
+    for desc in (0, 3, 4):
+        rows.append((f"ours DESC={desc}", {**ours, "DESC": desc}, 128, 2))
+        rows.append((f"ours DESC={desc} n64", {**ours, "DESC": desc}, 64, 3))
+        rows.append((f"ours nc DESC={desc}", {**ours, "CAUSAL": 0, "DESC": desc}, 128, 2))
     return rows
 
 
