@@ -48,16 +48,12 @@ def test_mqa_genomes_start_from_the_heuristics_second_kernel_merge():
     assert population[0] == heuristic and all(set(g) == set(space) for g in population)
 
 
-@pytest.mark.parametrize("major, head_dim, padded, expected", [
-    (9, 128, False, (False, True)), (9, 96, False, (False,)), (10, 128, False, (False,)),
-    (9, 128, True, (False,)),  # a padded batch has kv_lens
-])  # fmt: skip
-def test_the_warp_specialized_gene_only_where_the_calls_take_it(
-    major, head_dim, padded, expected, monkeypatch
-):
+@pytest.mark.parametrize("major, head_dim, expected", [(9, 128, (False, True)), (9, 96, (False,)),
+                                                       (10, 128, (False,))])  # fmt: skip
+def test_the_warp_specialized_gene_only_where_the_calls_take_it(major, head_dim, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
     monkeypatch.setattr(tuner.tuning, "sm_count", lambda device=None: 132)
-    target = Target("prefill", 4, 32, 8, 2048, 2048, head_dim, padded=padded)
+    target = Target("prefill", 4, 32, 8, 2048, 2048, head_dim, padded=True)
     space = tuner.gene_space(target, torch.device("cuda"))
     assert space["ws"] == expected and space["tma"] == (False, True)
     assert tuner.gene_space(target, CPU)["ws"] == (False,)

@@ -92,7 +92,7 @@ def test_tma_load_path(monkeypatch):
 def test_tma_guard_rejects_unaligned_and_cpu_tensors():
     k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
     assert not prefill_mod.tma_supported(k, k)
-    assert not prefill_mod.warp_spec_supported(k, k, k, None, None)
+    assert not prefill_mod.warp_spec_supported(k, k, k, None)
 
 
 WS_PARAMS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "ws": True}
@@ -100,11 +100,13 @@ WS_PARAMS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "ws"
 
 def _lift_warp_spec_guard(monkeypatch, params=WS_PARAMS) -> list:
     """The warp-specialized launch in the interpreter (its guard asks for a Hopper GPU): the guard keeps its
-    input rules (no attn_mask, no kv_lens, a power-of-two head_dim); the calls that took it are recorded."""
+    input rules (no attn_mask, a power-of-two head_dim, rows that flatten); the calls that took it are
+    recorded."""
     taken = []
 
-    def guard(q, k, v, attn_mask, kv_lens):
-        ok = attn_mask is None and kv_lens is None and q.shape[3] & (q.shape[3] - 1) == 0
+    def guard(q, k, v, attn_mask):
+        ok = attn_mask is None and q.shape[3] & (q.shape[3] - 1) == 0
+        ok = ok and all(prefill_mod.rows_flatten(t) for t in (q, k, v))
         taken.append(ok)
         return ok
 
@@ -117,20 +119,19 @@ def _lift_warp_spec_guard(monkeypatch, params=WS_PARAMS) -> list:
 @pytest.mark.parametrize("sizes", [(2, 4, 2, 65, 65, 64), (1, 2, 1, 7, 70, 128), (1, 3, 3, 40, 40, 64)])
 def test_warp_specialized_path(sizes, causal, monkeypatch):
     """The warp-specialized launch ("ws": one loop over every visible key block, masked throughout, Q/K/V
-    through 4-d descriptors made on the device) computes the same function: odd lengths, a chunk against a
-    cache, GQA/MQA/MHA; the poisoned case (NaN/Inf past kv_lens) runs the other launch, and right."""
+    through descriptors made on the device) computes the same function: odd lengths, a chunk against a cache,
+    GQA/MQA/MHA, NaN/Inf past kv_lens (the K/V descriptors end there)."""
     taken = _lift_warp_spec_guard(monkeypatch)
     shape = dataclasses.replace(config_of(*sizes), dtype=torch.bfloat16, causal=causal)
     for case in verify.protocol_cases(shape, device=DEVICE, kinds=("random", "needle", "large", "poisoned")):
         _assert_passes(case)
-    assert taken == [True, True, True, False]
+    assert taken and all(taken)
 
 
 @pytest.mark.parametrize("kv_lens", [None, [50, 31, 3]])
 def test_warp_specialized_path_with_lengths(kv_lens, monkeypatch):
-    """q_lens keep the warp-specialized launch: rows past q_lens[b] are 0, the others see keys <= Lkv -
-    q_lens[b] + i. kv_lens (NaN/Inf past them) take the other launch: keys <= kv_lens[b] - q_lens[b] + i, and
-    where kv_lens[b] < q_lens[b] the first rows see no key and are 0."""
+    """q_lens (and kv_lens) keep the warp-specialized launch: rows past q_lens[b] are 0, the others see keys
+    <= kv_lens[b] - q_lens[b] + i; where kv_lens[b] < q_lens[b] the first rows see no key and are 0."""
     taken = _lift_warp_spec_guard(monkeypatch)
     case = verify.random_case(config_of(3, 4, 2, 20, 50, 64, dtype=torch.float16, causal=True), device=DEVICE)
     case.q_lens = torch.tensor([20, 5, 7], dtype=torch.int32, device=DEVICE)
@@ -140,7 +141,7 @@ def test_warp_specialized_path_with_lengths(kv_lens, monkeypatch):
             case.k[bi, :, end:] = math.nan
             case.v[bi, :, end:] = math.inf
     _assert_passes(case)
-    assert taken == [kv_lens is None]
+    assert taken == [True]
     if kv_lens is not None:
         out = prefill_attention(case.q, case.k, case.v, kv_lens=case.kv_lens, q_lens=case.q_lens)
         assert (
@@ -157,8 +158,7 @@ WS_SIZES = [(2, 32, 8, 1000, 1000, 128), (1, 16, 8, 300, 1300, 128), (2, 8, 8, 7
 @pytest.mark.parametrize("sizes", WS_SIZES)
 def test_warp_specialized_partitions_on_the_gpu(sizes, tiles, monkeypatch):
     """The launches `attnforge tune` tries on sm_90 (128-row tiles in two consumer warpgroups and a TMA
-    producer), through the real guard: causal and not, odd lengths, a chunk, GQA and MHA; the poisoned case
-    (kv_lens) takes the other launch."""
+    producer), through the real guard: causal and not, odd lengths, a chunk, GQA and MHA, poisoned padding."""
     params = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "num_warps": 4, "num_stages": tiles[2], "ws": True}
     monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
     for causal in (True, False):
@@ -166,9 +166,32 @@ def test_warp_specialized_partitions_on_the_gpu(sizes, tiles, monkeypatch):
         for case in verify.protocol_cases(
             shape, device=DEVICE, kinds=("random", "needle", "large", "poisoned")
         ):
-            taken = prefill_mod.warp_spec_supported(case.q, case.k, case.v, None, case.kv_lens)
-            assert taken == (case.kv_lens is None)
+            assert prefill_mod.warp_spec_supported(case.q, case.k, case.v, None)
             _assert_passes(case)
+
+
+def test_rows_flatten_where_batch_and_head_strides_are_whole_rows():
+    """The warp-specialized launch reads Q/K/V as rows of one 2-d tensor (one base pointer for every
+    program): a contiguous tensor and a slice of a longer cache flatten; transformers' [B, L, H, D] layout
+    seen as [B, H, L, D] (heads interleaved in a row) does not."""
+    cache = torch.zeros(2, 4, 100, 64)
+    assert prefill_mod.rows_flatten(cache) and prefill_mod.rows_flatten(cache[:, :, :37])
+    assert not prefill_mod.rows_flatten(torch.zeros(2, 37, 4, 64).transpose(1, 2))
+    assert not prefill_mod.rows_flatten(torch.zeros(1, 4, 1, 64).expand(3, 4, 5, 64))  # a row stride of 0
+
+
+def test_warp_specialized_path_on_cache_slices_and_interleaved_heads(monkeypatch):
+    """K/V slices of a longer cache take the launch (their rows start at each head's row in the buffer); a
+    query in transformers' layout (heads interleaved) runs the other launch, and right."""
+    taken = _lift_warp_spec_guard(monkeypatch)
+    case = verify.random_case(config_of(2, 4, 2, 21, 45, 64, dtype=torch.float16, causal=True), device=DEVICE)
+    k_buf, v_buf = (torch.full((2, 2, 64, 64), math.nan, dtype=torch.float16, device=DEVICE) for _ in range(2))
+    k_buf[:, :, :45], v_buf[:, :, :45] = case.k, case.v
+    case.k, case.v = k_buf[:, :, :45], v_buf[:, :, :45]
+    _assert_passes(case)
+    case.q = case.q.transpose(1, 2).contiguous().transpose(1, 2)
+    _assert_passes(case)
+    assert taken == [True, False]
 
 
 def test_warp_specialized_entry_falls_back_on_what_it_cannot_take(monkeypatch):

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The fourteenth session's runbook (docs/notes/gpu-runbook.md): issue 14's warp-specialized prefill launch
-# with descriptors that are the same in every program (runbook13 found the per-program ones read wrong rows
-# under Triton 3.6's partitioned loop: ws_bisect.py). Everything goes into one tarball under $OUT.
+# through 2-d descriptors with one base pointer for every program (runbook13 found per-program bases read
+# wrong rows under Triton 3.6's partitioned loop, and 4-d descriptors neither compile nor finish: ws_bisect.py). Everything goes into one tarball under $OUT.
 # On the device, from the repository root, after the wheels prefix of the runbook:
 #     bash benchmarks/results/gpu/runbook14.sh [0|1|2 ...]   (default: 0 1 2; about 8 minutes in all)
 R=/tmp/runbook14
@@ -12,17 +12,16 @@ cat "$R/gpu.txt"
 steps=${*:-0 1 2}
 for step in $steps; do
   case $step in
-    0)  # which descriptor forms the partitioned loop reads right; then the "ws" launch itself
-      timeout 150 python3 benchmarks/results/gpu/prefill-ws/ws_bisect.py "$R/ws-bisect.json" 2>&1 | tail -40 \
-        | tee "$R/ws-bisect.txt"
-      for m in "ours 1 128 2" "ours 0 128 2" "ours 1 64 3"; do
+    0)  # does the "ws" launch finish, and right? (ws_bisect.py, which found the descriptor forms that work,
+        # ran on 6b148aa: h100/prefill-ws/README.md)
+      for m in "ours 1 128 2" "ours 0 128 2" "ours 1 64 3" "ours 1 128 2 lens"; do
         timeout 40 python3 benchmarks/results/gpu/prefill-ws/ws_probe.py $m 2>&1 | tail -2
         echo "[$m] rc=${PIPESTATUS[0]}"
       done | tee "$R/ws-probe.txt"
       ;;
     1)  # the warp-specialized launch against the oracle, then a first speed reading
       timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_prefill.py \
-        -k "warp or tma" 2>&1 | tail -6 | tee "$R/pytest-prefill-ws.txt"
+        -k "warp or tma or flatten" 2>&1 | tail -6 | tee "$R/pytest-prefill-ws.txt"
       if ! grep -q " passed" "$R/pytest-prefill-ws.txt" || grep -q "failed" "$R/pytest-prefill-ws.txt"; then
         save; echo "the ws launch fails its tests: no grid"; exit 1
       fi

@@ -133,11 +133,8 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
 
 def warp_spec_target(target: Target) -> bool:
     """The calls of `target` can take the warp-specialized launch (`prefill.warp_spec_supported`): half
-    precision, a power-of-two head_dim, no kv_lens (no valid lengths, no padded batch; targets have no
-    attn_mask); the GPU is checked by the caller."""
-    if target.dtype == "float32" or target.valid is not None or target.padded:
-        return False
-    return target.head_dim & (target.head_dim - 1) == 0
+    precision, a power-of-two head_dim (targets have no attn_mask); the GPU is checked by the caller."""
+    return target.dtype != "float32" and target.head_dim & (target.head_dim - 1) == 0
 
 
 def _merged(params: dict, combine: str) -> dict:

@@ -55,23 +55,25 @@ def _load_kv(src, b, h, n0, n, end, d_ok, BLOCK_N: tl.constexpr, D_BLOCK: tl.con
 
 @triton.jit
 def _attn_stage(
-    acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b, kv_head, d_ok, last_visible, lo, hi, end,
+    acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b, kv_head, k_row0, v_row0, d_ok, last_visible, lo, hi, end,
     stride_kn, stride_vn, stride_mn, scale_log2,
     BLOCK_N: tl.constexpr, D_BLOCK: tl.constexpr, DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, FP32_DOT: tl.constexpr,
     WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
-    """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors). DIAGONAL:
+    """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors; k_row0/v_row0:
+    the row of key 0 in WARP_SPEC's 2-d descriptors). DIAGONAL:
     mask keys past `end` and, with CAUSAL, past each row's last visible key. Off-diagonal blocks without an
-    attn_mask take the lean path (every logit finite). WARP_SPEC (no attn_mask, no kv_lens): every block of
-    [0, diagonal) in one loop under Triton's warp specialization, k_src/v_src 4-d descriptors of K and V (TMA
-    zero-fills past Lkv), each block masked."""
+    attn_mask take the lean path (every logit finite). WARP_SPEC (no attn_mask): every block of [0, diagonal)
+    in one loop under Triton's warp specialization, k_src/v_src 2-d descriptors over the rows of K and V (this
+    sequence and head's at k_row0/v_row0) that end at its valid keys (TMA zero-fills past them), each block
+    masked."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n0 = tl.multiple_of(n0, BLOCK_N)
         n = n0 + offs_n
-        if WARP_SPEC:  # TMA zero-fills past Lkv; the mask below takes those keys out
-            k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, False, PAD_D, True)
+        if WARP_SPEC:  # TMA zero-fills past the valid keys; the mask below takes them out
+            k = k_src.load([k_row0 + n0, 0])
         else:
             k = _load_kv(k_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
@@ -113,7 +115,7 @@ def _attn_stage(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if WARP_SPEC:
-            v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, False, PAD_D, True)
+            v = v_src.load([v_row0 + n0, 0])
         else:
             v = _load_kv(v_src, b, kv_head, n0, n, end, d_ok, BLOCK_N, D_BLOCK, DIAGONAL, PAD_D, USE_TMA)
         if FP32_DOT:
@@ -168,13 +170,15 @@ def _prefill_kernel(
     rows64 = rows.to(tl.int64)
     b32, kvh32 = b.to(tl.int32), kv_head.to(tl.int32)  # TMA coordinates
     if WARP_SPEC:  # Q through TMA too: Triton 3.6 partitions the kernel only if its loads all are
+        # 2-d descriptors over the rows of the whole tensor ([B, H, L] flattened: the host checks that the
+        # strides allow it), the same base pointer in every program: with a base per sequence and head,
+        # Triton 3.6's partitioned loop read wrong rows (h100/prefill-ws/README.md). Each ends at the last
+        # row this program may read; TMA zero-fills past it.
+        q_row0 = (b * (stride_qb // stride_qm) + head * (stride_qh // stride_qm)).to(tl.int32)
         q_desc = tl.make_tensor_descriptor(
-            Q,
-            shape=[tl.num_programs(0) // num_heads, num_heads, q_len, D_BLOCK],
-            strides=[stride_qb, stride_qh, stride_qm, 1],
-            block_shape=[1, 1, BLOCK_M, D_BLOCK],
+            Q, shape=[q_row0 + q_len, D_BLOCK], strides=[stride_qm, 1], block_shape=[BLOCK_M, D_BLOCK]
         )
-        q = q_desc.load([b32, head.to(tl.int32), m0, 0]).reshape(BLOCK_M, D_BLOCK)
+        q = q_desc.load([q_row0 + m0, 0])
     else:
         q_ptrs = Q + b * stride_qb + head * stride_qh + rows64[:, None] * stride_qm + d[None, :] * stride_qd
         if D_BLOCK == HEAD_DIM:
@@ -197,21 +201,18 @@ def _prefill_kernel(
     diag_hi = tl.where(block_live, tl.maximum(diag_hi, full_hi), 0)
 
     offs_n = tl.arange(0, BLOCK_N)
-    if WARP_SPEC:  # 4-d descriptors of the whole K and V, the same in every program: made per program
-        # (its sequence and head), Triton 3.6's partitioned loop read wrong rows (h100/prefill-ws/README.md)
-        kv_shape = [tl.num_programs(0) // num_heads, num_heads // GROUP, kv_len, D_BLOCK]
+    k_row0, v_row0 = 0, 0  # TMA row coordinates of this sequence's and head's first key (WARP_SPEC)
+    if WARP_SPEC:  # K/V descriptors end at this sequence's valid keys (kv_lens served: never read past)
+        k_row0 = (b * (stride_kb // stride_kn) + kv_head * (stride_kh // stride_kn)).to(tl.int32)
+        v_row0 = (b * (stride_vb // stride_vn) + kv_head * (stride_vh // stride_vn)).to(tl.int32)
         k_src = tl.make_tensor_descriptor(
-            K,
-            shape=kv_shape,
-            strides=[stride_kb, stride_kh, stride_kn, 1],
-            block_shape=[1, 1, BLOCK_N, D_BLOCK],
-        )
+            K, shape=[tl.maximum(k_row0 + end, 1), D_BLOCK], strides=[stride_kn, 1],
+            block_shape=[BLOCK_N, D_BLOCK],
+        )  # fmt: skip
         v_src = tl.make_tensor_descriptor(
-            V,
-            shape=kv_shape,
-            strides=[stride_vb, stride_vh, stride_vn, 1],
-            block_shape=[1, 1, BLOCK_N, D_BLOCK],
-        )
+            V, shape=[tl.maximum(v_row0 + end, 1), D_BLOCK], strides=[stride_vn, 1],
+            block_shape=[BLOCK_N, D_BLOCK],
+        )  # fmt: skip
         k_diag, v_diag = k_src, v_src
     elif USE_TMA:  # K and V are host-side descriptors of [B, Hkv, Lkv, D]
         k_src, v_src, k_diag, v_diag = K, V, K, V
@@ -232,21 +233,21 @@ def _prefill_kernel(
     pad_d: tl.constexpr = D_BLOCK != HEAD_DIM
     if WARP_SPEC:  # one loop, masked throughout: Triton 3.6 partitions a kernel of one loop only
         acc, l_i, m_i = _attn_stage(
-            acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, diag_hi, end,
-            stride_kn, stride_vn, stride_mn, scale_log2,
+            acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, k_row0, v_row0, d_ok, last_visible, 0,
+            diag_hi, end, stride_kn, stride_vn, stride_mn, scale_log2,
             BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, True,
         )  # fmt: skip
     else:
         acc, l_i, m_i = _attn_stage(
-            acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, d_ok, last_visible, 0, full_hi, end,
+            acc, l_i, m_i, q, k_src, v_src, mask_ptrs, b32, kvh32, 0, 0, d_ok, last_visible, 0, full_hi, end,
             stride_kn, stride_vn, stride_mn, scale_log2,
             BLOCK_N, D_BLOCK, False, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, False,
         )  # fmt: skip
         if MASK_KIND != 0:
             mask_ptrs += full_hi.to(tl.int64) * stride_mn
         acc, l_i, m_i = _attn_stage(
-            acc, l_i, m_i, q, k_diag, v_diag, mask_ptrs, b32, kvh32, d_ok, last_visible, full_hi, diag_hi,
-            end, stride_kn, stride_vn, stride_mn, scale_log2,
+            acc, l_i, m_i, q, k_diag, v_diag, mask_ptrs, b32, kvh32, 0, 0, d_ok, last_visible, full_hi,
+            diag_hi, end, stride_kn, stride_vn, stride_mn, scale_log2,
             BLOCK_N, D_BLOCK, True, CAUSAL, MASK_KIND, pad_d, USE_TMA, FP32_DOT, False,
         )  # fmt: skip
 
@@ -373,14 +374,25 @@ def tma_supported(*tensors: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-def warp_spec_supported(q, k, v, attn_mask, kv_lens) -> bool:
-    """The warp-specialized launch (params "ws") takes this call: Q, K and V readable through TMA, a Hopper
-    GPU (Triton 3.6 partitions for sm_90 only), a power-of-two head_dim, no attn_mask and no kv_lens (its
-    descriptors span the whole buffer, and keys past kv_lens may hold NaN/Inf that a masked logit does not
-    keep out of the P @ V product; zeroing V there would take it out of shared memory)."""
-    if attn_mask is not None or kv_lens is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
+def warp_spec_supported(q, k, v, attn_mask) -> bool:
+    """The warp-specialized launch (params "ws") takes this call: Q, K and V readable through TMA as rows of
+    one 2-d tensor (`rows_flatten`), a Hopper GPU (Triton 3.6 partitions for sm_90 only), a power-of-two
+    head_dim, no attn_mask."""
+    if attn_mask is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
+        return False
+    if not all(rows_flatten(t) for t in (q, k, v)):
         return False
     return tma_supported(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+def rows_flatten(t: torch.Tensor) -> bool:
+    """`t` `[B, H, L, D]` reads as rows of one `[rows, D]` tensor with row stride `t.stride(2)`: the batch and
+    head strides are whole rows, and every row index (int32 in a TMA coordinate) stays below 2^31."""
+    b, h, n, _ = t.shape
+    sb, sh, sn, _ = t.stride()
+    if sn <= 0 or sb % sn or sh % sn:
+        return False
+    return (b - 1) * (sb // sn) + (h - 1) * (sh // sn) + n < 2**31
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -403,7 +415,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         return
     has_lengths = kv_lens is not None or q_lens is not None
     p = params or launch_params(q, k, has_lengths=has_lengths, has_mask=attn_mask is not None)
-    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask, kv_lens)
+    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask)
     if p.get("ws") and not warp_spec:  # its 4-warp tiles would spill without the partitions
         p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
     if warp_spec:
