@@ -1,7 +1,8 @@
 #!/bin/bash
 # The fourteenth session's runbook (docs/notes/gpu-runbook.md): issue 14's warp-specialized prefill launch
 # through 2-d descriptors with one base pointer for every program (runbook13 found per-program bases read
-# wrong rows under Triton 3.6's partitioned loop, and 4-d descriptors neither compile nor finish: ws_bisect.py). Everything goes into one tarball under $OUT.
+# wrong rows under Triton 3.6's partitioned loop, and 4-d descriptors neither compiled nor finished:
+# ws_bisect.py). Everything goes into one tarball under $OUT.
 # On the device, from the repository root, after the wheels prefix of the runbook:
 #     bash benchmarks/results/gpu/runbook14.sh [0|1|2 ...]   (default: 0 1 2; about 8 minutes in all)
 R=/tmp/runbook14
@@ -18,6 +19,7 @@ for step in $steps; do
         timeout 40 python3 benchmarks/results/gpu/prefill-ws/ws_probe.py $m 2>&1 | tail -2
         echo "[$m] rc=${PIPESTATUS[0]}"
       done | tee "$R/ws-probe.txt"
+      if grep -q "rc=124" "$R/ws-probe.txt"; then save; echo "the ws launch does not finish: stop"; exit 1; fi
       ;;
     1)  # the warp-specialized launch against the oracle, then a first speed reading
       timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_prefill.py \
