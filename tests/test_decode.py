@@ -96,50 +96,6 @@ def test_mqa_splits_merged_by_a_second_kernel_agree_with_the_oracle():
     assert one.params["combine"] == "last" and one.splits == decode_params.MERGE_ROWS // 16
 
 
-@pytest.mark.parametrize("kv_lens", [None, [300, 5]])
-@pytest.mark.parametrize("layout", ["back to back", "strided"])
-def test_the_prefetch_before_the_wait_leaves_every_output_as_it_was(kv_lens, layout):
-    """A "prefetch" launch (each program asks L2 for its split's first keys before its PDL wait; on a Hopper
-    GPU only, for K/V whose rows lie back to back) computes exactly what the launch without it does."""
-    case = verify.needle_case(config_of(2, 8, 2, 1, 300, 64, causal=True), kv_lens=kv_lens, device=DEVICE)
-    k, v = case.k, case.v
-    if layout == "strided":  # [B, Lkv, Hkv, D] storage: each head's rows Hkv x D elements apart
-        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
-    assert decode.rows_back_to_back(k, v) is (layout == "back to back")
-    outs = []
-    for prefetch in (False, True):
-        out = torch.full_like(case.q, math.nan)
-        params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "prefetch": prefetch}
-        decode.launch_decode(case.q, k, v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    errors = verify.relative_l2_per_slice(outs[1], case.reference())
-    assert errors.max() <= verify.tolerance_for(torch.float32)
-
-
-@pytest.mark.parametrize(
-    "block_n, programs, l2, keys",
-    [
-        (64, 128, 50 * 2**20, 384),
-        (128, 128, 50 * 2**20, 384),
-        (64, 1024, 50 * 2**20, 64),
-        (128, 8, 2**20, 128),
-    ],
-)
-def test_a_prefetch_asks_for_whole_tiles_within_half_the_l2(block_n, programs, l2, keys):
-    """K and V rows of 256 bytes (d128 bf16): 25 MiB over 128 programs is 400 keys each, in whole tiles; at
-    least one tile however many programs there are."""
-    assert decode_params.prefetch_keys(block_n, programs, 256, l2) == keys
-    device = torch.device(DEVICE)
-    launch = decode.decode_launch((1, 32, 1, 128), 8, 4096, False, False, torch.bfloat16, device,
-                                  params={"BLOCK_N": 64, "num_splits": 16, "prefetch": True})  # fmt: skip
-    if decode.pdl_supported(device):  # 16 splits x 8 KV heads: 128 programs
-        want = decode_params.prefetch_keys(64, 128, 256, decode.tuning.l2_bytes(DEVICE))
-        assert launch.prefetch_constants["PREFETCH_KEYS"] == want
-    else:  # nothing to overlap and no bulk prefetch: the launch is the plain one
-        assert launch.prefetch_constants is None and launch.constants["PREFETCH_KEYS"] == 0
-
-
 def test_heuristic_splits_the_rows_of_few_kv_heads_only():
     """Rows in 16-row blocks where each KV head of the batch has ROW_SPLIT_SMS_PER_HEAD SMs or more (MQA);
     8 KV heads keep one block for all of a head's rows (Lq 8: 32 rows)."""

@@ -19,9 +19,9 @@ def splits(monkeypatch):
     """Decode's tuning entry for every bucket: 16-key tiles in `n` splits, each merge mode's entry alike (the
     fused kernel merges in the kernel whatever the entry says)."""
 
-    def use(n, combine="kernel", alone_tiles=2, prefetch=False):
+    def use(n, combine="kernel", alone_tiles=2):
         entry = {"BLOCK_N": 16, "num_splits": n, "num_warps": 4, "num_stages": 2, "combine": combine,
-                 "alone_tiles": alone_tiles, "prefetch": prefetch}  # fmt: skip
+                 "alone_tiles": alone_tiles}  # fmt: skip
         monkeypatch.setattr(decode_params.tuning, "launch_params", lambda *args, **kwargs: entry)
         decode_params.bucket_params.cache_clear()
         decode.merged_in_kernel.cache_clear()
@@ -85,11 +85,9 @@ def test_the_step_agrees_with_the_oracle_and_writes_only_the_new_slot(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("combine,alone_tiles,prefetch", [("last", 2, False), ("kernel-pdl", 0, False),
-                                                          ("last", 0, True)])  # fmt: skip
-def test_the_step_equals_rope_and_store_then_decode_attention(splits, dtype, combine, alone_tiles, prefetch):
-    """With the entry's prefetch too (before the PDL wait, its splits' first keys asked of L2 on a GPU)."""
-    splits(4, combine, alone_tiles, prefetch)
+@pytest.mark.parametrize("combine,alone_tiles", [("last", 2), ("kernel-pdl", 0)])
+def test_the_step_equals_rope_and_store_then_decode_attention(splits, dtype, combine, alone_tiles):
+    splits(4, combine, alone_tiles)
     drawn = _inputs(3, 8, 2, 128, dtype, 90, seed=5, positions=[3, 89, 50])
     qkv, cos, sin, pos, cache_k, cache_v, gains = drawn
     norms = {"q_norm": (gains[0], 1e-6), "k_norm": (gains[1], 1e-6)}

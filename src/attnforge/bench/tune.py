@@ -52,7 +52,7 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile, and, where the
     query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`); where the
     splits' partial rows pass what the last program merges (MERGE_ROWS), each also merged by a second
-    kernel; unless `quick`, every split launch also with its prefetch before the PDL wait ("-pf")."""
+    kernel."""
     from attnforge.kernels import decode_params as decode
 
     rows = target.num_heads // target.num_kv_heads * target.q_len
@@ -104,8 +104,6 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
         candidates += [_merged(base, mode) for mode in decode.COMBINE_MODES]
     if not quick:
         candidates += [dict(base, num_warps=8), dict(base, num_warps=2)]
-        # each split launch also asking L2 for its first keys before the PDL wait (`split_kv.prefetch_split`)
-        candidates += [dict(c, prefetch=True) for c in candidates if c["num_splits"] > 1]
     return _unique(candidates)
 
 
@@ -169,8 +167,6 @@ def params_name(params: dict) -> str:
         parts.append(params["combine"])
     if "alone_tiles" in params:
         parts.append(f"alone{params['alone_tiles']}")
-    if params.get("prefetch"):
-        parts.append("pf")
     return "-".join(parts) + ("-tma" if params.get("tma") else "") + ("-ws" if params.get("ws") else "")
 
 

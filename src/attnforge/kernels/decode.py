@@ -40,10 +40,9 @@ from attnforge.kernels.decode_params import (
     complete_params,
     decode_bucket,  # noqa: F401 - the optimizer finds a kernel's buckets as `<kind>_bucket` in its module
     kv_bound,
-    prefetch_keys,
 )
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
-from attnforge.kernels.split_kv import attend, combine_kernel, finish_split, prefetch_split, split_range
+from attnforge.kernels.split_kv import attend, combine_kernel, finish_split, split_range
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,7 +61,6 @@ def _decode_kernel(
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
     MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
-    PREFETCH_KEYS: tl.constexpr, PREFETCH_THREADS: tl.constexpr,
 ):  # fmt: skip
     # Load q, share the valid keys between the splits, the online softmax over this split's keys, then the
     # output or the partial and, with MERGE_LAST, the last program's merge (helpers below, shared with
@@ -76,11 +74,6 @@ def _decode_kernel(
     k_head, v_head = K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
     if USE_PDL:  # the next kernel (the merge, or the caller's) may start launching; it waits for this grid
         gdc_launch_dependents()
-    if PREFETCH_KEYS > 0:  # lengths read before the wait may be stale: clamped, the hint stays in the cache
-        first, end = _valid_keys(KvLens, KvStarts, b, kv_len, HAS_KV_LENS, HAS_KV_STARTS)
-        _, start, stop = split_range(first, end, split, num_splits, BLOCK_N, ALONE_TILES)
-        prefetch_split(k_head, v_head, start, stop, HEAD_DIM, PREFETCH_KEYS, PREFETCH_THREADS)
-    if USE_PDL:
         gdc_wait()  # launched with PDL too: the previous kernel's writes (q, the cache) have landed
 
     # Row = head_in_group * Q_LEN + token: the G heads times the Lq new tokens share one read of K and V.
@@ -232,7 +225,7 @@ class DecodeLaunch:
     compile-time constants, workspace sizes): each line of Python costs host time per call."""
 
     __slots__ = ("params", "grid", "constants", "num_kv_heads", "splits", "slots", "floats", "ml_offset",
-                 "combine_grid", "combine_constants", "twin", "prefetch_constants")  # fmt: skip
+                 "combine_grid", "combine_constants", "twin")  # fmt: skip
 
     def __init__(self, p: dict, shape: tuple, num_kv_heads: int, dtype, device, has_kv_lens, has_kv_starts):
         batch, num_heads, q_len, head_dim = shape
@@ -266,14 +259,7 @@ class DecodeLaunch:
             # no launch of the grid spilled; GQA 5:1 took 4 steps for 16 splits where it now takes 1)
             "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 16384 // (part_rows * d_block))),
             "num_warps": p["num_warps"], "num_stages": p["num_stages"], **pdl_options(use_pdl),
-            "PREFETCH_KEYS": 0, "PREFETCH_THREADS": 32 * p["num_warps"],
         }  # fmt: skip
-        # "prefetch" entries: the launch for K/V whose rows lie back to back (`rows_back_to_back`), on sm_90
-        self.prefetch_constants = None
-        if p.get("prefetch") and use_pdl:
-            keys = prefetch_keys(p["BLOCK_N"], splits * self.slots, head_dim * dtype.itemsize,
-                                 tuning.l2_bytes(device))  # fmt: skip
-            self.prefetch_constants = {**self.constants, "PREFETCH_KEYS": keys}
         merged_apart = splits > 1 and combine != "last"
         self.combine_grid = (self.slots * part_rows,) if merged_apart else None
         self.combine_constants = {**shared, "S_CHUNK": min(splits_p2, MERGE_CHUNK), "num_warps": 4,
@@ -293,17 +279,11 @@ class DecodeLaunch:
         args = (q, k, v, out, lens, starts, partials, counters, *q.stride(), *k.stride(), *v.stride(),
                 *out.stride(), scale * LOG2E, k.shape[2], self.num_kv_heads, self.splits,
                 self.ml_offset)  # fmt: skip
-        _decode_kernel[self.grid](*args, **self.constants_for(k, v))
+        _decode_kernel[self.grid](*args, **self.constants)
         if self.combine_grid is not None:
             combine_kernel[self.combine_grid](*self._combine_args(out, partials), **self.combine_constants)
         if self.twin is not None:
             self._warm_twin(args, k.shape[2])
-
-    def constants_for(self, k, v) -> dict:
-        """The kernel's constants for these K/V: with the prefetch where the launch has one and it applies."""
-        if self.prefetch_constants is not None and rows_back_to_back(k, v):
-            return self.prefetch_constants
-        return self.constants
 
     def _combine_args(self, out, partials) -> tuple:
         return (out, partials, *out.stride(), self.num_kv_heads, self.splits, self.ml_offset)
@@ -315,21 +295,13 @@ class DecodeLaunch:
             return
         twin = make(kv_len)
         args = (*args[:-2], twin.splits, twin.ml_offset)  # its own (a split count of 1 compiles otherwise)
-        compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **twin.constants_for(args[1], args[2]))]
+        compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **twin.constants)]
         if twin.combine_grid is not None:
             combine_args = twin._combine_args(args[3], args[6])  # out, partials
             compiled.append(combine_kernel.warmup(*combine_args, grid=twin.combine_grid,
                                                   **twin.combine_constants))  # fmt: skip
         for kernel in compiled:
             _ = kernel.run  # the launcher property loads the module onto the GPU
-
-
-def rows_back_to_back(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Each head's keys and values `[Lkv, D]` one block of memory, 16-byte aligned (what a prefetch of a
-    split's keys asks L2 for; the rows of every supported head_dim are a multiple of 16 bytes)."""
-    return all(t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0
-               and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) * t.element_size() % 16 == 0
-               for t in (k, v))  # fmt: skip
 
 
 def decode_launch(shape: tuple, num_kv_heads: int, kv_len: int, has_kv_lens: bool, has_kv_starts: bool,

@@ -28,9 +28,6 @@ MERGE_CHUNK = 16
 # Valid keys of a sequence that fit in this many tiles are read by split 0 alone, which writes the output:
 # no partials and no merge for them (a static cache early in a generation: most splits would be empty).
 ALONE_TILES = 2
-# Share of the L2 cache that a launch's programs fill before their PDL wait ("prefetch" entries): each asks
-# for the first keys of its split, K and V, so that the first tiles come from L2 (`split_kv.prefetch_split`).
-PREFETCH_L2_SHARE = 0.5
 # How split partials are merged: by the program that arrives last ("last", one launch), or by a second kernel
 # with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
 # ("kernel-pdl"; without PDL support it runs as "kernel").
@@ -100,9 +97,8 @@ def default_block_m(rows: int) -> int:
 
 def complete_params(params: dict, rows: int, kv_len: int) -> dict:
     """Tunable parameters (BLOCK_M optional, BLOCK_N, num_splits, num_warps, num_stages, alone_tiles optional,
-    combine optional, prefetch optional: each program asks L2 for its first keys before its PDL wait) plus
-    what the launch derives: row blocks, splits within [1, tiles] (an entry may come from a longer cache
-    in its bucket), the partial rows per split."""
+    combine optional) plus what the launch derives: row blocks, splits within [1, tiles] (an entry may come
+    from a longer cache in its bucket), the partial rows per split."""
     block_m = int(params.get("BLOCK_M") or default_block_m(rows))
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"BLOCK_M={block_m} must be a power of two >= 16")
@@ -119,13 +115,6 @@ def complete_params(params: dict, rows: int, kv_len: int) -> dict:
         "part_rows": part_rows,
     }
     return {**params, **derived, "num_splits": splits}
-
-
-def prefetch_keys(block_n: int, programs: int, row_bytes: int, l2_bytes: int) -> int:
-    """Keys each of `programs` asks L2 for before its PDL wait: their K and V rows (`row_bytes` each) within
-    PREFETCH_L2_SHARE of the L2, in whole tiles, at least one."""
-    keys = int(l2_bytes * PREFETCH_L2_SHARE) // (max(programs, 1) * 2 * row_bytes)
-    return max(block_n, keys // block_n * block_n)
 
 
 def kv_bound(kv_len: int) -> int:

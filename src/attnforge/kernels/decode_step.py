@@ -23,7 +23,7 @@ from attnforge.config import SUPPORTED_HEAD_DIMS, resolve_scale
 from attnforge.kernels.decode import LOG2E, DecodeWorkspace, default_workspace, merged_in_kernel
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait
 from attnforge.kernels.rope_cache import check_new_token, rope_rows, store_new_kv
-from attnforge.kernels.split_kv import attend, finish_split, prefetch_split, split_range
+from attnforge.kernels.split_kv import attend, finish_split, split_range
 
 # Launch constants of decode's kernel that this one fixes (one new token, lengths from positions, one launch).
 _FIXED = ("Q_LEN", "HAS_KV_LENS", "HAS_KV_STARTS", "MERGE_LAST")
@@ -38,7 +38,6 @@ def _decode_step_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, Q_NORM: tl.constexpr,
     K_NORM: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
-    PREFETCH_KEYS: tl.constexpr, PREFETCH_THREADS: tl.constexpr,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): the steps below are split_kv's and
     # rope_cache's device functions; what is left is the new token's part, which needs their values.
@@ -50,13 +49,6 @@ def _decode_step_kernel(
     cache_head = b * stride_cb + h * stride_ch
     if USE_PDL:  # launched early (PDL): let the next kernel launch too, then wait for the q/k/v product
         gdc_launch_dependents()
-    if PREFETCH_KEYS > 0:  # the keys before the new one were written by earlier steps; the position read
-        # before the wait is clamped, so the hint stays in the cache
-        early = tl.minimum(tl.maximum(tl.load(Positions + b), 0), max_seq).to(tl.int32)
-        _, first_key, end_key = split_range(0, early, split, num_splits, BLOCK_N, ALONE_TILES)
-        prefetch_split(CacheK + cache_head, CacheV + cache_head, first_key, end_key, HEAD_DIM, PREFETCH_KEYS,
-                       PREFETCH_THREADS)  # fmt: skip
-    if USE_PDL:
         gdc_wait()
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP
@@ -112,7 +104,7 @@ def launch_decode_step(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gai
     workspace = workspace or default_workspace(qkv.device, launch.floats, launch.slots)
     partials, counters = workspace.buffers(launch.floats, launch.slots)
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-    constants = {k: v for k, v in launch.constants_for(cache_k, cache_v).items() if k not in _FIXED}
+    constants = {k: v for k, v in launch.constants.items() if k not in _FIXED}
     dummy = cos
     _decode_step_kernel[launch.grid](
         qkv, cos, sin, positions.reshape(batch).contiguous(), dummy if q_gain is None else q_gain,

@@ -3,8 +3,7 @@
 A program serves the G query heads of one KV head over one slice ("split") of the valid keys: `split_range`
 shares the keys between the splits in whole tiles, `attend` runs the online softmax over a split's keys, and
 `finish_split` writes the output (one split) or the split's partial (max, sum, unnormalized output), which the
-program that arrives last merges (`merge_if_last`) or a second kernel merges (`combine_kernel`). Before its
-PDL wait, a program may ask L2 for the first keys of its split (`prefetch_split`).
+program that arrives last merges (`merge_if_last`) or a second kernel merges (`combine_kernel`).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attnforge.kernels.pdl import gdc_wait, prefetch_l2
+from attnforge.kernels.pdl import gdc_wait
 
 
 @triton.jit
@@ -25,18 +24,6 @@ def split_range(first, end, split, num_splits, BLOCK_N: tl.constexpr, ALONE_TILE
     start = first + split * tiles_per_split * BLOCK_N
     stop = tl.minimum(start + tiles_per_split * BLOCK_N, end)
     return alone, start, stop
-
-
-@triton.jit
-def prefetch_split(K, V, start, stop, row_elems, KEYS: tl.constexpr, THREADS: tl.constexpr):
-    """Ask L2 for keys [start, min(stop, start + KEYS)) of one head's K and V (pointers at its first key, keys
-    `row_elems` elements apart with nothing between them; 16-byte aligned rows): the split's first keys in
-    flight from DRAM while the program still waits for the previous kernel (`prefetch_l2`)."""
-    elem: tl.constexpr = K.dtype.element_ty.primitive_bitwidth // 8
-    first = start.to(tl.int64) * row_elems * elem
-    nbytes = (tl.minimum(stop, start + KEYS) - start) * row_elems * elem
-    prefetch_l2(K.to(tl.pointer_type(tl.int8)) + first, nbytes, THREADS)
-    prefetch_l2(V.to(tl.pointer_type(tl.int8)) + first, nbytes, THREADS)
 
 
 @triton.jit

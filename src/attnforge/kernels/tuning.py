@@ -124,14 +124,6 @@ def sm_count(device: torch.device | str | None = None) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def l2_bytes(device: torch.device | str | None = None) -> int:
-    """L2 cache of the CUDA device in bytes (50 MiB on an H100 SXM); 50 MiB when there is none."""
-    device = _as_device(device)
-    if device is None:
-        return 50 * 2**20
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
 def lookup(
     kernel: str, device: torch.device | str | None, bucket: str, *, architecture: bool = True
 ) -> Entry | None:
