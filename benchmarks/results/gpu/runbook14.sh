@@ -15,7 +15,7 @@ for step in $steps; do
   case $step in
     0)  # does the "ws" launch finish, and right? (ws_bisect.py, which found the descriptor forms that work,
         # ran on 6b148aa: h100/prefill-ws/README.md)
-      for m in "ours 1 128 2" "ours 0 128 2" "ours 1 64 3" "ours 1 128 2 lens"; do
+      for m in "ours 1 128 2" "ours 0 128 2" "ours 1 128 2 lens"; do
         timeout 40 python3 benchmarks/results/gpu/prefill-ws/ws_probe.py $m 2>&1 | tail -2
         echo "[$m] rc=${PIPESTATUS[0]}"
       done | tee "$R/ws-probe.txt"
