@@ -92,7 +92,7 @@ def test_tma_load_path(monkeypatch):
 def test_tma_guard_rejects_unaligned_and_cpu_tensors():
     k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
     assert not prefill_mod.tma_supported(k, k)
-    assert not prefill_mod.warp_spec_supported(k, k, k, None)
+    assert not prefill_mod.warp_spec_supported(k, k, k, None, WS_PARAMS)
 
 
 WS_PARAMS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "ws": True}
@@ -104,7 +104,7 @@ def _lift_warp_spec_guard(monkeypatch, params=WS_PARAMS) -> list:
     recorded."""
     taken = []
 
-    def guard(q, k, v, attn_mask):
+    def guard(q, k, v, attn_mask, params):  # any tiles: the interpreter runs no partitions
         ok = attn_mask is None and q.shape[3] & (q.shape[3] - 1) == 0
         ok = ok and all(prefill_mod.rows_flatten(t) for t in (q, k, v))
         taken.append(ok)
@@ -154,20 +154,58 @@ WS_SIZES = [(2, 32, 8, 1000, 1000, 128), (1, 16, 8, 300, 1300, 128), (2, 8, 8, 7
 
 
 @pytest.mark.skipif(not SM90, reason="Triton partitions the warp-specialized launch on sm_90 GPUs only")
-@pytest.mark.parametrize("tiles", [(128, 128, 2)])  # what tune offers (64-key tiles gave NaN on the H100)
 @pytest.mark.parametrize("sizes", WS_SIZES)
-def test_warp_specialized_partitions_on_the_gpu(sizes, tiles, monkeypatch):
-    """The launches `attnforge tune` tries on sm_90 (128-row tiles in two consumer warpgroups and a TMA
+def test_warp_specialized_partitions_on_the_gpu(sizes, monkeypatch):
+    """The launch `attnforge tune` tries on sm_90 (128-row tiles in two consumer warpgroups and a TMA
     producer), through the real guard: causal and not, odd lengths, a chunk, GQA and MHA, poisoned padding."""
-    params = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "num_warps": 4, "num_stages": tiles[2], "ws": True}
+    params = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "ws": True}
     monkeypatch.setattr(prefill_mod, "launch_params", lambda q, k, **_: params)
     for causal in (True, False):
         shape = dataclasses.replace(config_of(*sizes), dtype=torch.bfloat16, causal=causal)
         for case in verify.protocol_cases(
             shape, device=DEVICE, kinds=("random", "needle", "large", "poisoned")
         ):
-            assert prefill_mod.warp_spec_supported(case.q, case.k, case.v, None)
+            assert prefill_mod.warp_spec_supported(case.q, case.k, case.v, None, params)
             _assert_passes(case)
+
+
+@pytest.mark.skipif(not SM90, reason="Triton partitions the warp-specialized launch on sm_90 GPUs only")
+@pytest.mark.parametrize("sizes", [(2, 32, 8, 4096, 4096, 128), (1, 32, 8, 512, 8192, 128)])
+def test_warp_specialized_launch_repeats_bit_for_bit(sizes):
+    """A producer that refills a shared-memory stage while a consumer still reads it would show as outputs
+    that change from call to call: 30 calls of the same long prompt (and of a chunk against a long cache)
+    give the same bits."""
+    case = verify.random_case(config_of(*sizes, dtype=torch.bfloat16, causal=True), device=DEVICE)
+    params = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "ws": True}
+    assert prefill_mod.warp_spec_supported(case.q, case.k, case.v, None, params)
+    first = torch.empty_like(case.q)
+    prefill_mod._prefill_into(case.q, case.k, case.v, first, 0.1, True, None, None, None, params)
+    out = torch.empty_like(first)
+    for _ in range(30):
+        out.fill_(math.nan)
+        prefill_mod._prefill_into(case.q, case.k, case.v, out, 0.1, True, None, None, None, params)
+        assert torch.equal(out, first)
+    assert torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("tiles, warps", [((128, 64, 2), 4), ((128, 128, 3), 4), ((64, 128, 2), 4),
+                                          ((128, 128, 2), 8)])  # fmt: skip
+def test_warp_specialized_tiles_outside_the_measured_ones_are_refused(tiles, warps, monkeypatch):
+    """Only the tiles measured right on the H100 (WS_TILES, 4 warps asked for) take the launch: a "ws" entry
+    with others runs the heuristic's launch, whatever the call (here one the launch takes otherwise)."""
+    monkeypatch.setattr(prefill_mod, "tma_supported", lambda *tensors: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    measured = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "ws": True}
+    assert prefill_mod.warp_spec_supported(q, q, q, None, measured)
+    params = {
+        "BLOCK_M": tiles[0],
+        "BLOCK_N": tiles[1],
+        "num_warps": warps,
+        "num_stages": tiles[2],
+        "ws": True,
+    }
+    assert not prefill_mod.warp_spec_supported(q, q, q, None, params)
 
 
 def test_rows_flatten_where_batch_and_head_strides_are_whole_rows():

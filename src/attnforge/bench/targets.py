@@ -193,8 +193,10 @@ def kernel_call(target: Target, case: verify.Case, params: dict, out: torch.Tens
     from attnforge.kernels.prefill import _prefill_into, warp_spec_supported
 
     lens = (case.kv_lens, case.q_lens)
-    if params.get("ws") and not warp_spec_supported(case.q, case.k, case.v, None):
-        raise ValueError("the warp-specialized launch cannot take this call (it would run the heuristic's)")
+    if params.get("ws") and not warp_spec_supported(case.q, case.k, case.v, None, params):
+        raise ValueError(
+            "the warp-specialized launch cannot take this call or these tiles (it would run the heuristic's)"
+        )
     return lambda: _prefill_into(case.q, case.k, case.v, out, scale, True, *lens, None, params)
 
 

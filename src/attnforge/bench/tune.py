@@ -123,10 +123,9 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
     if major >= 9:  # K/V through TMA too
         candidates += [dict(c, tma=True) for c in (candidates if not quick else candidates[:3])]
     if major == 9 and not quick and warp_spec_target(target):
-        # 128x128 tiles only: with 64-key tiles the partitioned loop returned NaN on the H100
-        # (h100/prefill-ws/README.md, fourteenth session)
-        ws = [(128, 128, 2)] + ([(128, 128, 3)] if target.head_dim <= 64 else [])  # 3 stages: 246 KB at d128
-        candidates += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=s, ws=True) for m, n, s in ws]
+        from attnforge.kernels.prefill import WS_TILES  # the tiles measured right (64-key ones gave NaN)
+
+        candidates += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=s, ws=True) for m, n, s in WS_TILES]
     return _unique(candidates)
 
 

@@ -374,10 +374,19 @@ def tma_supported(*tensors: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-def warp_spec_supported(q, k, v, attn_mask) -> bool:
-    """The warp-specialized launch (params "ws") takes this call: Q, K and V readable through TMA as rows of
-    one 2-d tensor (`rows_flatten`), a Hopper GPU (Triton 3.6 partitions for sm_90 only), a power-of-two
-    head_dim, no attn_mask."""
+# The warp-specialized tiles (BLOCK_M, BLOCK_N, num_stages) measured right on the H100 (4 warps asked for, 12
+# run): 64-key tiles and 3 stages returned NaN or wrong rows there (h100/prefill-ws/README.md).
+WS_TILES = ((128, 128, 2),)
+
+
+def warp_spec_supported(q, k, v, attn_mask, params: dict) -> bool:
+    """The warp-specialized launch takes this call with these launch parameters (`params["ws"]` asked for):
+    tiles in WS_TILES with 4 warps, Q, K and V readable through TMA as rows of one 2-d tensor
+    (`rows_flatten`), a Hopper GPU (Triton 3.6 partitions for sm_90 only), a power-of-two head_dim, no
+    attn_mask."""
+    tiles = (params["BLOCK_M"], params["BLOCK_N"], params["num_stages"])
+    if tiles not in WS_TILES or params["num_warps"] != 4:
+        return False
     if attn_mask is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
         return False
     if not all(rows_flatten(t) for t in (q, k, v)):
@@ -415,7 +424,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         return
     has_lengths = kv_lens is not None or q_lens is not None
     p = params or launch_params(q, k, has_lengths=has_lengths, has_mask=attn_mask is not None)
-    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask)
+    warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask, p)
     if p.get("ws") and not warp_spec:  # its 4-warp tiles would spill without the partitions
         p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
     if warp_spec:
