@@ -59,6 +59,31 @@ def test_the_warp_specialized_gene_only_where_the_calls_take_it(major, head_dim,
     assert tuner.gene_space(target, CPU)["ws"] == (False,)
 
 
+def test_a_warp_specialized_genome_takes_the_measured_tiles(monkeypatch):
+    """A "ws" genome from mutation or crossover gets the tiles the launch takes (prefill.WS_TILES): any other
+    would run the heuristic's launch under its name."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tuner.tuning, "sm_count", lambda device=None: 132)
+    target = Target("prefill", 4, 32, 8, 2048, 2048, 128)
+    space = tuner.gene_space(target, torch.device("cuda"))
+    genome = {
+        **tuner.heuristic_genome(target, torch.device("cuda")),
+        "BLOCK_N": 64,
+        "num_stages": 3,
+        "ws": True,
+    }
+    repaired = tuner._repair(genome, target, space)
+    assert repaired == {
+        **genome,
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "num_stages": 2,
+        "num_warps": 4,
+        "tma": False,
+    }
+    assert all(repaired[name] in values for name, values in space.items())
+
+
 def test_the_search_is_reproducible_and_elitism_keeps_the_best():
     settings = tuner.Settings(population=6, budget=30, seed=3)
     first = tuner.search(TARGET, peaked, settings, device=CPU)

@@ -105,6 +105,11 @@ def fits(genome: dict, target: Target) -> bool:
 
 
 def _repair(genome: dict, target: Target, space: dict) -> dict:
+    if genome.get("ws"):  # the warp-specialized launch takes the tiles measured right only (one launch)
+        from attnforge.kernels.prefill import WS_TILES
+
+        m, n, stages = WS_TILES[0]
+        genome = {**genome, "BLOCK_M": m, "BLOCK_N": n, "num_stages": stages, "num_warps": 4, "tma": False}
     while not fits(genome, target) and genome["num_stages"] > min(space["num_stages"]):
         genome = {**genome, "num_stages": genome["num_stages"] - 1}
     return genome

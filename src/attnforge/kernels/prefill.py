@@ -381,15 +381,15 @@ WS_TILES = ((128, 128, 2),)
 
 def warp_spec_supported(q, k, v, attn_mask, params: dict) -> bool:
     """The warp-specialized launch takes this call with these launch parameters (`params["ws"]` asked for):
-    tiles in WS_TILES with 4 warps, Q, K and V readable through TMA as rows of one 2-d tensor
-    (`rows_flatten`), a Hopper GPU (Triton 3.6 partitions for sm_90 only), a power-of-two head_dim, no
-    attn_mask."""
+    tiles in WS_TILES with 4 warps, Q, K and V readable through TMA, K and V as rows of one 2-d tensor each
+    (`rows_flatten`; a Q that is not, such as transformers' heads interleaved in a row, is copied), a Hopper
+    GPU (Triton 3.6 partitions for sm_90 only), a power-of-two head_dim, no attn_mask."""
     tiles = (params["BLOCK_M"], params["BLOCK_N"], params["num_stages"])
     if tiles not in WS_TILES or params["num_warps"] != 4:
         return False
     if attn_mask is not None or q.shape[3] != triton.next_power_of_2(q.shape[3]):
         return False
-    if not all(rows_flatten(t) for t in (q, k, v)):
+    if not (rows_flatten(k) and rows_flatten(v)):
         return False
     return tma_supported(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
 
@@ -429,6 +429,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
     if warp_spec:
         _ensure_allocator()
+        q = q if rows_flatten(q) else q.contiguous()  # a copy of Q: a few % of the call at >= 1k rows
     k_strides, v_strides = k.stride(), v.stride()
     d_block = triton.next_power_of_2(head_dim)
     use_tma = not warp_spec and bool(p.get("tma")) and tma_supported(k, v)
