@@ -62,8 +62,8 @@ def _attn_stage(
     WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     """Key blocks [lo, hi) of one program (k_src/v_src: pointers at key lo, or TMA descriptors; k_row0/v_row0:
-    the row of key 0 in WARP_SPEC's 2-d descriptors). DIAGONAL:
-    mask keys past `end` and, with CAUSAL, past each row's last visible key. Off-diagonal blocks without an
+    the row of key 0 in WARP_SPEC's 2-d descriptors). DIAGONAL: mask keys past `end` and, with CAUSAL, past
+    each row's last visible key. Off-diagonal blocks without an
     attn_mask take the lean path (every logit finite). WARP_SPEC (no attn_mask): every block of [0, diagonal)
     in one loop under Triton's warp specialization, k_src/v_src 2-d descriptors over the rows of K and V (this
     sequence and head's at k_row0/v_row0) that end at its valid keys (TMA zero-fills past them), each block
@@ -429,7 +429,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
     if warp_spec:
         _ensure_allocator()
-        q = q if rows_flatten(q) else q.contiguous()  # a copy of Q: a few % of the call at >= 1k rows
+        q = q if rows_flatten(q) else q.contiguous()  # a copy of Q (its cost not yet timed)
     k_strides, v_strides = k.stride(), v.stride()
     d_block = triton.next_power_of_2(head_dim)
     use_tma = not warp_spec and bool(p.get("tma")) and tma_supported(k, v)

@@ -55,6 +55,21 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_rea
 
 
 @gluon.jit
+def _softmax(i, s, m_i, l_i, rows_last, kv_len, qk_scale, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
+             s_layout: gl.constexpr):  # fmt: skip
+    """The online softmax of key block i in base 2 (MASKED: keys past a row's last visible one or past
+    kv_len out): P, the rescale of what came before, the new maximum and sum."""
+    if MASKED:
+        keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        visible = (keys[None, :] <= rows_last[:, None]) & (keys < kv_len)[None, :]
+        s = gl.where(visible, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
 def _block(i, acc, m_i, l_i, q2d, k_bufs, v_bufs, k_ready, v_ready, empty, rows_last, kv_len, qk_scale,
            MASKED: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
            STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):  # fmt: skip
@@ -68,14 +83,7 @@ def _block(i, acc, m_i, l_i, q2d, k_bufs, v_bufs, k_ready, v_ready, empty, rows_
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q2d, k_tile.permute((1, 0)), s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    if MASKED:
-        keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        visible = (keys[None, :] <= rows_last[:, None]) & (keys < kv_len)[None, :]
-        s = gl.where(visible, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
+    p, alpha, m_new, l_i = _softmax(i, s, m_i, l_i, rows_last, kv_len, qk_scale, MASKED, BLOCK_N, s_layout)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(
         p.to(v_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -109,14 +117,7 @@ def _block_pipelined(i, n_blocks, s, acc, m_i, l_i, q2d, k_bufs, v_bufs, k_ready
     left in flight for the next block's softmax."""
     s_next = _qk_issue(gl.minimum(i + 1, n_blocks - 1), q2d, k_bufs, k_ready, BLOCK_M, BLOCK_N, HEAD_DIM,
                        STAGES, s_layout)  # fmt: skip
-    if MASKED:
-        keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        visible = (keys[None, :] <= rows_last[:, None]) & (keys < kv_len)[None, :]
-        s = gl.where(visible, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
+    p, alpha, m_new, l_i = _softmax(i, s, m_i, l_i, rows_last, kv_len, qk_scale, MASKED, BLOCK_N, s_layout)
     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # PV_{i-1} (issued before S_{i+1}) is done
     prev = (i + STAGES - 1) % STAGES
     mbarrier.arrive(empty.index(prev), count=1, pred=i > 0)
