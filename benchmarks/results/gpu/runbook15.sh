@@ -5,14 +5,14 @@
 # each variant is checked in its own process under `timeout` (a wrong mbarrier protocol deadlocks), then the
 # variants that passed are timed against SDPA and the stored launch. One tarball under $OUT.
 # On the device, from the repository root, after the wheels prefix of the runbook:
-#     bash benchmarks/results/gpu/runbook15.sh   (about 3 minutes)
+#     bash benchmarks/results/gpu/runbook15.sh   (about 4 minutes)
 R=/tmp/runbook15
 mkdir -p "$R"
 save() { tar czf "$OUT/runbook15.tgz" -C /tmp runbook15; }
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$R/gpu.txt"
 cat "$R/gpu.txt"
 passed=""
-for v in n128-st2 n64-st3 n128-st3-pipe n64-st4-pipe; do
+for v in n128-st2 n64-st3 n128-st3-pipe n64-st4-pipe n128-st2-split n128-st3-pipe-split; do
   timeout 60 python3 benchmarks/results/gpu/prefill-gluon/fa_gluon.py check $v > "$R/check-$v.txt" 2>&1
   rc=$?
   echo "[$v] rc=$rc" | tee -a "$R/check.txt"

@@ -1,16 +1,18 @@
 """Issue 14 probe (scratch): a causal prefill kernel written in Gluon for Hopper, where Triton 3.6's automatic
 warp specialization stops (one loop, every block masked, no ping-pong: 0.65-0.86x cuDNN,
 docs/notes/prefill.md). Explicit partitions: one producer warp loads Q once and K/V blocks by TMA into a
-ring of shared-memory stages (mbarriers: K ready, V ready, stage empty); the default partition (8 warps, two
-warpgroups of 64 rows) runs QK^T and PV on wgmma, the online softmax in base 2, the blocks every row sees
-unmasked and only the diagonal ones masked (two loops: nothing here forbids it). P goes to the PV wgmma from
-registers. Plain prompts (no kv_lens, no q_lens, Lkv >= Lq, bottom-right causal), bf16/fp16, d 64/128, GQA.
+ring of shared-memory stages (mbarriers: K ready, V ready, stage empty); the consumers (8 warps, two
+warpgroups of 64 rows, in one partition or, "split", in two) run QK^T and PV on wgmma, the online softmax in
+base 2, the blocks every row sees unmasked and only the diagonal ones masked (two loops: nothing here forbids
+it). P goes to the PV wgmma from registers; "pipelined" issues S_{i+1} before the softmax of S_i. Plain
+prompts (no kv_lens, no q_lens, Lkv >= Lq, bottom-right causal), bf16/fp16, d 64/128, GQA.
 
-    python fa_gluon.py compile          (no GPU: compiles for sm_90 with Triton's ptxas, prints registers,
-                                          spills and what the SASS holds; Triton 3.6 on PYTHONPATH)
-    python fa_gluon.py check            (GPU: against SDPA in float32, odd sizes, GQA, a chunk, causal or not)
-    python fa_gluon.py time <out.json>  (GPU: interleaved against SDPA with enable_gqa and prefill's stored
-                                          launch, causal 32:8 / 16:8 d128 bf16)
+    python fa_gluon.py compile             (no GPU: compiles for sm_90 with Triton's ptxas, prints registers,
+                                             spills and what the SASS holds; Triton 3.6 on PYTHONPATH)
+    python fa_gluon.py check <variant>     (GPU: one of VARIANTS against SDPA in float32: odd sizes, GQA, a
+                                             chunk, causal or not; exit status 1 if wrong)
+    python fa_gluon.py time <out.json> <variant>...  (GPU: those variants interleaved with SDPA (enable_gqa)
+                                             and prefill's stored launch, causal 32:8 / 16:8 d128 bf16)
 Results: benchmarks/results/h100/prefill-gluon/."""
 
 import json
@@ -31,16 +33,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
-NUM_WARPS = 8  # the default partition: two warpgroups, 64 rows each of a 128-row block
+BLOCK_M = 128  # query rows a program: two warpgroups of 64 (in one partition of 8 warps, or split in two)
 
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
-                    bh, kv_bh, m0, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The producer (one warp): Q once, then each K/V block into stage i % STAGES once the consumers have
-    released it (a fresh barrier passes the first wait on parity 1)."""
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [bh, m0, 0], q_bar, q_smem)
+                    bh, kv_bh, m0, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    CONSUMERS: gl.constexpr):  # fmt: skip
+    """The producer (one warp): each consumer's rows of Q once, then each K/V block into stage i % STAGES once
+    every consumer has released it (a fresh barrier passes the first wait on parity 1)."""
+    rows: gl.constexpr = q_desc.block_type.shape[1]
+    for part in gl.static_range(CONSUMERS):
+        mbarrier.expect(q_bar.index(part), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            q_desc, [bh, m0 + part * rows, 0], q_bar.index(part), q_smem.index(part)
+        )
     for i in range(n_blocks):
         stage = i % STAGES
         mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
@@ -135,16 +142,22 @@ def _block_pipelined(i, n_blocks, s, acc, m_i, l_i, q2d, k_bufs, v_bufs, k_ready
 
 @gluon.jit
 def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, Out, stride_ob, stride_oh,
-                       stride_om, b, h, m0, q_len, kv_len, n_lean, n_blocks, qk_scale,
+                       stride_om, b, h, m0, q_len, kv_len, n_blocks, qk_scale,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPS: gl.constexpr,
                        PIPELINED: gl.constexpr):  # fmt: skip
-    """The consumers (the default partition, WARPS warps): the lean blocks, the masked ones, the store."""
+    """A consumer partition (WARPS warps, rows [m0, m0 + BLOCK_M)): the lean blocks, the masked ones (all the
+    producer loads: in the upper half of a split block some are masked whole, which costs work, not
+    correctness), the store."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    if CAUSAL:  # key blocks every row of this partition sees; the rest of the producer's blocks are masked
+        n_lean = gl.minimum((kv_len - q_len + m0 + 1) // BLOCK_N, kv_len // BLOCK_N)
+    else:
+        n_lean = kv_len // BLOCK_N
     # bottom-right causal: row i sees keys <= Lkv - Lq + i; not causal: every key
     rows_last = rows + (kv_len - q_len) if CAUSAL else rows + kv_len
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -190,48 +203,65 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, O
 @gluon.jit
 def _fwd(q_desc, k_desc, v_desc, Out, stride_ob, stride_oh, stride_om, num_heads, group, q_len, kv_len,
          qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPS: gl.constexpr,
-         PIPELINED: gl.constexpr):  # fmt: skip
+         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPS: gl.constexpr, PIPELINED: gl.constexpr,
+         SPLIT: gl.constexpr):  # fmt: skip
+    """SPLIT: two consumer partitions of one warpgroup each (64 rows each), which run apart (FA3 schedules
+    them in turn; here nothing holds them together), else one of two warpgroups in step."""
+    CONSUMERS: gl.constexpr = 2 if SPLIT else 1
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     bh = gl.program_id(0)
     m0 = (gl.num_programs(1) - 1 - gl.program_id(1)) * BLOCK_M  # the heaviest (last) query blocks first
     b = bh // num_heads
     h = bh % num_heads
     kv_bh = b * (num_heads // group) + h // group
-    if CAUSAL:
-        shift = kv_len - q_len
-        lean_hi = gl.minimum((shift + m0 + 1) // BLOCK_N, kv_len // BLOCK_N)  # blocks every row sees
-        hi = gl.minimum(kv_len, shift + gl.minimum(m0 + BLOCK_M, q_len))
-    else:
-        lean_hi = kv_len // BLOCK_N
-        hi = kv_len
+    hi = gl.minimum(kv_len, kv_len - q_len + gl.minimum(m0 + BLOCK_M, q_len)) if CAUSAL else kv_len
     n_blocks = gl.cdiv(hi, BLOCK_N)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
+    for part in gl.static_range(CONSUMERS):
+        mbarrier.init(q_bar.index(part), count=1)
     for stage in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(stage), count=1)
         mbarrier.init(v_ready.index(stage), count=1)
-        mbarrier.init(empty.index(stage), count=1)
+        mbarrier.init(empty.index(stage), count=CONSUMERS)  # each consumer releases each stage
     fence_async_shared()
 
-    gl.warp_specialize(
-        [
-            (_compute_partition, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, Out, stride_ob,
-                                  stride_oh, stride_om, b, h, m0, q_len, kv_len, lean_hi, n_blocks, qk_scale,
-                                  BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WARPS, PIPELINED)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
-                               bh, kv_bh, m0, n_blocks, BLOCK_N, STAGES)),
-        ],
-        [1],
-        [24],
-    )  # fmt: skip
-    mbarrier.invalidate(q_bar)
+    kb, vb, kr, vr = k_bufs, v_bufs, k_ready, v_ready
+    if SPLIT:
+        gl.warp_specialize(
+            [
+                (_compute_partition, (q_smem.index(0), kb, vb, q_bar.index(0), kr, vr, empty, Out, stride_ob,
+                                      stride_oh, stride_om, b, h, m0, q_len, kv_len, n_blocks, qk_scale, ROWS,
+                                      BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WARPS, PIPELINED)),
+                (_compute_partition, (q_smem.index(1), kb, vb, q_bar.index(1), kr, vr, empty, Out, stride_ob,
+                                      stride_oh, stride_om, b, h, m0 + ROWS, q_len, kv_len, n_blocks,
+                                      qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WARPS, PIPELINED)),
+                (_load_partition, (q_desc, k_desc, v_desc, q_smem, kb, vb, q_bar, kr, vr, empty, bh, kv_bh,
+                                   m0, n_blocks, BLOCK_N, STAGES, CONSUMERS)),
+            ],
+            [WARPS, 1],
+            [240, 24],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_compute_partition, (q_smem.index(0), kb, vb, q_bar.index(0), kr, vr, empty, Out, stride_ob,
+                                      stride_oh, stride_om, b, h, m0, q_len, kv_len, n_blocks, qk_scale, ROWS,
+                                      BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WARPS, PIPELINED)),
+                (_load_partition, (q_desc, k_desc, v_desc, q_smem, kb, vb, q_bar, kr, vr, empty, bh, kv_bh,
+                                   m0, n_blocks, BLOCK_N, STAGES, CONSUMERS)),
+            ],
+            [1],
+            [24],
+        )  # fmt: skip
+    for part in gl.static_range(CONSUMERS):
+        mbarrier.invalidate(q_bar.index(part))
     for stage in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(stage))
         mbarrier.invalidate(v_ready.index(stage))
@@ -259,39 +289,43 @@ def descriptors(q, k, v, block_m: int, block_n: int):
     return out
 
 
-def attention(q, k, v, causal=True, scale=None, block_n=128, stages=2, pipelined=False, out=None):
+def attention(
+    q, k, v, causal=True, scale=None, block_n=128, stages=2, pipelined=False, split=False, out=None
+):
     """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` (Lkv >= Lq, D 64 or 128, fp16/bf16) -> `[B, Hq, Lq, D]`."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     assert kv_len >= q_len and head_dim in (64, 128) and heads % kv_heads == 0
     out = torch.empty_like(q) if out is None else out
     scale = head_dim**-0.5 if scale is None else scale
-    q_desc, k_desc, v_desc = descriptors(q, k, v, 128, block_n)
-    grid = (batch * heads, triton.cdiv(q_len, 128))
+    warps = 4 if split else 8  # the default partition's: one consumer warpgroup, or both
+    q_desc, k_desc, v_desc = descriptors(q, k, v, BLOCK_M // 2 if split else BLOCK_M, block_n)
+    grid = (batch * heads, triton.cdiv(q_len, BLOCK_M))
     _fwd[grid](q_desc, k_desc, v_desc, out, out.stride(0), out.stride(1), out.stride(2), heads,
-               heads // kv_heads, q_len, kv_len, scale * LOG2E, BLOCK_M=128, BLOCK_N=block_n,
-               HEAD_DIM=head_dim, STAGES=stages, CAUSAL=causal, WARPS=NUM_WARPS, PIPELINED=pipelined,
-               num_warps=NUM_WARPS)  # fmt: skip
+               heads // kv_heads, q_len, kv_len, scale * LOG2E, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+               HEAD_DIM=head_dim, STAGES=stages, CAUSAL=causal, WARPS=warps, PIPELINED=pipelined, SPLIT=split,
+               num_warps=warps)  # fmt: skip
     return out
 
 
-def compile_offline(block_n=128, stages=2, head_dim=128, causal=True, pipelined=False):
+def compile_offline(block_n=128, stages=2, head_dim=128, causal=True, pipelined=False, split=False):
     """sm_90 compile without a GPU; returns the compiled kernel."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     q = torch.zeros(4, 256, head_dim, dtype=torch.bfloat16)
-    descs = descriptors(q[None], q[None], q[None], 128, block_n)
+    descs = descriptors(q[None], q[None], q[None], BLOCK_M // 2 if split else BLOCK_M, block_n)
     sig = {name: native_specialize_impl(BaseBackend, d, False, True, True)[0]
            for name, d in zip(("q_desc", "k_desc", "v_desc"), descs, strict=True)}  # fmt: skip
     sig.update(Out="*bf16", stride_ob="i32", stride_oh="i32", stride_om="i32", num_heads="i32", group="i32",
                q_len="i32", kv_len="i32", qk_scale="fp32")  # fmt: skip
-    constants = dict(BLOCK_M=128, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, CAUSAL=causal,
-                     WARPS=NUM_WARPS, PIPELINED=pipelined)  # fmt: skip
+    warps = 4 if split else 8
+    constants = dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, CAUSAL=causal,
+                     WARPS=warps, PIPELINED=pipelined, SPLIT=split)  # fmt: skip
     sig.update(dict.fromkeys(constants, "constexpr"))
     src = GluonASTSource(fn=_fwd, signature=sig, constexprs=constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 def _sass_summary(compiled) -> str:
@@ -339,6 +373,8 @@ VARIANTS = {
     "n64-st3": dict(block_n=64, stages=3),
     "n128-st3-pipe": dict(block_n=128, stages=3, pipelined=True),
     "n64-st4-pipe": dict(block_n=64, stages=4, pipelined=True),
+    "n128-st2-split": dict(block_n=128, stages=2, split=True),
+    "n128-st3-pipe-split": dict(block_n=128, stages=3, pipelined=True, split=True),
 }
 
 
@@ -408,17 +444,17 @@ def time_rows(path: str, names: list[str]) -> None:
 def main() -> None:
     mode = sys.argv[1]
     if mode == "compile":
-        for block_n, stages, head_dim, pipe in (
-            (128, 2, 128, False),
-            (64, 3, 128, False),
-            (128, 2, 64, False),
-            (128, 3, 128, True),
-            (64, 3, 128, True),
-            (64, 4, 128, True),
-            (128, 3, 64, True),
-        ):
-            summary = _sass_summary(compile_offline(block_n, stages, head_dim, pipelined=pipe))
-            print(f"n{block_n} st{stages} d{head_dim}{' pipelined' if pipe else ''}: {summary}")
+        for block_n, stages, head_dim, pipe, split in (
+            (128, 2, 128, False, False), (64, 3, 128, False, False), (128, 2, 64, False, False),
+            (128, 3, 128, True, False), (64, 3, 128, True, False), (64, 4, 128, True, False),
+            (128, 3, 64, True, False), (128, 2, 128, False, True), (128, 3, 128, True, True),
+            (64, 4, 128, True, True),
+        ):  # fmt: skip
+            summary = _sass_summary(compile_offline(block_n, stages, head_dim, pipelined=pipe, split=split))
+            name = (
+                f"n{block_n} st{stages} d{head_dim}{' pipelined' if pipe else ''}{' split' if split else ''}"
+            )
+            print(f"{name}: {summary}")
     elif mode == "check":
         sys.exit(0 if all(r["ok"] for r in check(sys.argv[2])) else 1)
     else:
