@@ -5,7 +5,7 @@
 # each variant is checked in its own process under `timeout` (a wrong mbarrier protocol deadlocks), then the
 # variants that passed are timed against SDPA and the stored launch. One tarball under $OUT.
 # On the device, from the repository root, after the wheels prefix of the runbook:
-#     bash benchmarks/results/gpu/runbook15.sh   (about 4 minutes)
+#     bash benchmarks/results/gpu/runbook15.sh   (about 5 minutes)
 R=/tmp/runbook15
 mkdir -p "$R"
 save() { tar czf "$OUT/runbook15.tgz" -C /tmp runbook15; }
@@ -20,6 +20,9 @@ for v in n128-st2 n64-st3 n128-st3-pipe n64-st4-pipe n128-st2-split n128-st3-pip
   if [ $rc -eq 0 ]; then passed="$passed $v"; fi
   save
 done
+# what the "ws" launch's copy of a Q in transformers' layout costs (ws_probe.py time: 2 rows)
+timeout 90 python3 benchmarks/results/gpu/prefill-ws/ws_probe.py time 2>&1 | tail -10 | tee "$R/ws-time.txt"
+save
 if [ -n "$passed" ]; then
   timeout 200 python3 benchmarks/results/gpu/prefill-gluon/fa_gluon.py time "$R/gluon-time.json" $passed 2>&1 \
     | tail -30 | tee "$R/gluon-time.txt"

@@ -4,8 +4,9 @@ mode in its own process under `timeout` (a partitioned kernel that deadlocks nev
 "ours": prefill's "ws" launch (`lens`: with kv_lens, all keys valid); "tutorial": a minimal non-causal
 warp-specialized attention loop with descriptors made on the device. Prints the seconds to the first
 finished call (compile included) and the error against SDPA. "time": a first speed reading, causal GQA 32:8
-d128 bf16 (B=2 L=8192, B=8 L=2048): the "ws" launches, the stored launch and SDPA with enable_gqa,
-interleaved after an L2 flush (the grid is the measurement that counts). Results: benchmarks/results/h100/
+d128 bf16 (B=2 L=8192, B=8 L=2048): the "ws" launch, the stored launch and SDPA with enable_gqa, and the
+"ws" and stored launches on a Q in transformers' layout (what the copy of Q costs), interleaved after an L2
+flush (the grid is the measurement that counts). Results: benchmarks/results/h100/
 prefill-ws/."""
 
 import sys
@@ -55,18 +56,23 @@ def _tutorial(
 
 
 def row_calls(q, k, v, out) -> dict:
-    """The calls timed for one row: the stored launch, SDPA with enable_gqa and two "ws" launches."""
+    """The calls timed for one row: the stored launch, SDPA with enable_gqa, the "ws" launch (128x128, 2
+    stages), and the "ws" and stored launches on the same Q in transformers' layout (heads interleaved in a
+    row: the "ws" launch copies it first)."""
     from attnforge.kernels.prefill import _prefill_into, prefill_attention
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    calls = {"stored": lambda: prefill_attention(q, k, v, causal=True, out=out),
-             "sdpa-gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)}  # fmt: skip
-    for n, st in ((128, 2), (64, 3)):
-        p = {"BLOCK_M": 128, "BLOCK_N": n, "num_warps": 4, "num_stages": st, "ws": True}
-        calls[f"ws-n{n}-st{st}"] = lambda p=p: _prefill_into(
-            q, k, v, out, 128**-0.5, True, None, None, None, p
-        )
-    return calls
+    q_hf = q.transpose(1, 2).contiguous().transpose(1, 2)
+    ws = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "ws": True}
+    return {
+        "stored": lambda: prefill_attention(q, k, v, causal=True, out=out),
+        "sdpa-gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
+        "ws-n128-st2": lambda: _prefill_into(q, k, v, out, 128**-0.5, True, None, None, None, ws),
+        "ws-n128-st2 q-interleaved": lambda: _prefill_into(
+            q_hf, k, v, out, 128**-0.5, True, None, None, None, ws
+        ),
+        "stored q-interleaved": lambda: prefill_attention(q_hf, k, v, causal=True, out=out),
+    }
 
 
 def time_rows() -> None:
