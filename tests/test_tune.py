@@ -81,14 +81,17 @@ def test_prefill_candidates_on_hopper_each_also_read_k_and_v_through_tma(monkeyp
     full = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=False)]
     ws = [n for n in full if n.endswith("-ws")]
     assert ws == ["m128-n128-w4-st2-ws"]  # prefill.WS_TILES
-    full = [n for n in full if n not in ws]
+    gluon = [n for n in full if "-gluon" in n]  # prefill_gluon.SCHEDULES
+    assert gluon == ["m128-n128-w4-st2-gluon", "m128-n128-w4-st3-gluon", "m128-n128-w4-st2-gluon-pp",
+                     "m128-n128-w4-st3-gluon-pp"]  # fmt: skip
+    full = [n for n in full if n not in ws + gluon]
     plain = [n for n in full if not n.endswith("-tma")]
     assert len(set(full)) == len(full) and sorted(full) == sorted(plain + [n + "-tma" for n in plain])
     assert "m128-n128-w8-st3" in plain
     quick = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=True)]
     # the heuristic's launch is also the grid's first: two distinct twins
     assert [n for n in quick if n.endswith("-tma")] == ["m128-n64-w8-st3-tma", "m128-n128-w8-st2-tma"]
-    assert not any(c.get("tma") or c.get("ws") for c in tune.candidates_for(target, CPU, quick=False))
+    assert not any(c.get("tma") or c.get("ws") or c.get("gluon") for c in tune.candidates_for(target, CPU))
 
 
 @pytest.mark.parametrize(
@@ -410,3 +413,25 @@ def test_a_warp_specialized_candidate_the_call_cannot_take_is_an_error_not_the_h
     row = tune.tune_target(target, [params], CPU)
     cell = row["candidates"]["m16-n16-w4-st2-ws"]
     assert cell["status"] == "error" and "warp-specialized launch cannot take this call" in cell["reason"]
+
+
+@pytest.mark.parametrize(
+    "target, device_major, expected",
+    [
+        (targets.Target("prefill", 1, 32, 32, 1024, 1024, 64), 9, 4),
+        (targets.Target("prefill", 8, 32, 8, 2048, 2048, 128, padded=True), 9, 4),  # kv_lens and q_lens
+        (targets.Target("prefill", 1, 32, 8, 512, 4608, 128), 9, 4),  # a chunk against a cache
+        (targets.Target("prefill", 1, 32, 8, 512, 4608, 128, "float32"), 9, 0),
+        (targets.Target("prefill", 1, 32, 8, 2048, 2048, 96), 9, 0),  # head_dim 64 and 128 only
+        (targets.Target("prefill", 1, 32, 8, 2048, 2048, 256), 9, 0),
+        (targets.Target("prefill", 1, 32, 8, 2048, 2048, 128), 10, 0),  # wgmma and its layouts: sm_90
+    ],
+)
+def test_gluon_candidates_only_where_the_calls_take_them(target, device_major, expected, monkeypatch):
+    """A full sweep on sm_90 tries each of the Gluon launch's schedules where its calls can take it; a quick
+    one none."""
+    monkeypatch.setattr(tuning, "sm_count", lambda device=None: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (device_major, 0))
+    full = tune.candidates_for(target, torch.device("cuda"), quick=False)
+    assert sum(bool(c.get("gluon")) for c in full) == expected
+    assert not any(c.get("gluon") for c in tune.candidates_for(target, torch.device("cuda"), quick=True))

@@ -190,12 +190,16 @@ def kernel_call(target: Target, case: verify.Case, params: dict, out: torch.Tens
 
         return lambda: launch_decode(case.q, case.k, case.v, out, scale=scale, kv_lens=case.kv_lens,
                                      params=params)  # fmt: skip
-    from attnforge.kernels.prefill import _prefill_into, warp_spec_supported
+    from attnforge.kernels.prefill import _prefill_into, gluon_supported, warp_spec_supported
 
     lens = (case.kv_lens, case.q_lens)
     if params.get("ws") and not warp_spec_supported(case.q, case.k, case.v, None, params):
         raise ValueError(
             "the warp-specialized launch cannot take this call or these tiles (it would run the heuristic's)"
+        )
+    if params.get("gluon") and not gluon_supported(case.q, case.k, case.v, None, params):
+        raise ValueError(
+            "the Gluon launch cannot take this call or this schedule (it would run the heuristic's)"
         )
     return lambda: _prefill_into(case.q, case.k, case.v, out, scale, True, *lens, None, params)
 

@@ -110,7 +110,7 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
 def prefill_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:
     """The heuristic's configuration and the usual tile / warp / stage alternatives, on Hopper each also with
     K/V through TMA (the first three only if `quick`); on sm_90, unless `quick`, the warp-specialized
-    launches ("ws") where the target's calls can take them."""
+    launches ("ws") and the Gluon ones ("gluon", each schedule) where the target's calls can take them."""
     from attnforge.kernels import prefill
 
     base = prefill.heuristic_params(target.batch, target.num_heads, target.q_len, target.head_dim,
@@ -126,7 +126,24 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
         from attnforge.kernels.prefill import WS_TILES  # the tiles measured right (64-key ones gave NaN)
 
         candidates += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=s, ws=True) for m, n, s in WS_TILES]
+    if major == 9 and not quick and gluon_target(target):
+        candidates += gluon_candidates()
     return _unique(candidates)
+
+
+def gluon_candidates() -> list[dict]:
+    """The Gluon launch's configurations: its one tile, each schedule it has (stages, ping-pong)."""
+    from attnforge.kernels import prefill_gluon
+
+    return [dict(BLOCK_M=prefill_gluon.BLOCK_M.value, BLOCK_N=prefill_gluon.BLOCK_N.value, num_warps=4,
+                 num_stages=stages, gluon=True, pingpong=pingpong)
+            for stages, pingpong in prefill_gluon.SCHEDULES]  # fmt: skip
+
+
+def gluon_target(target: Target) -> bool:
+    """The calls of `target` can take the Gluon launch (`prefill.gluon_supported`): half precision, head_dim
+    64 or 128 (targets have no attn_mask); the GPU is checked by the caller."""
+    return target.dtype != "float32" and target.head_dim in (64, 128)
 
 
 def warp_spec_target(target: Target) -> bool:
@@ -157,7 +174,8 @@ def candidates_for(target: Target, device: torch.device, quick: bool = False) ->
 
 
 def params_name(params: dict) -> str:
-    """'m16-n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' / 'm128-n128-w4-st2-ws' (prefill)."""
+    """'m16-n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' / 'm128-n128-w4-st2-ws' /
+    'm128-n128-w4-st3-gluon-pp' (prefill)."""
     parts = [f"m{params['BLOCK_M']}"] if "BLOCK_M" in params else []
     parts.append(f"n{params['BLOCK_N']}")
     if "num_splits" in params:
@@ -167,7 +185,9 @@ def params_name(params: dict) -> str:
         parts.append(params["combine"])
     if "alone_tiles" in params:
         parts.append(f"alone{params['alone_tiles']}")
-    return "-".join(parts) + ("-tma" if params.get("tma") else "") + ("-ws" if params.get("ws") else "")
+    flags = [name for name in ("tma", "ws", "gluon") if params.get(name)]
+    flags += ["pp"] if params.get("gluon") and params.get("pingpong") else []
+    return "-".join(parts + flags)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ On Hopper, K/V tiles can come through TMA descriptors instead of pointer loads (
 only when the strides allow it). On sm_90 a launch can also be warp-specialized ("ws"): one loop over every
 visible key block, each masked, Q/K/V through descriptors made on the device, which Triton 3.6 splits into
 a TMA producer warp and two consumer warpgroups (it splits no kernel with two loops or a pointer load of Q).
-Tile sizes, warps, pipeline depth, TMA and "ws" come from kernels/tuning.json per shape bucket (`attnforge
-tune --preset prefill-grid` measures them), else from a heuristic.
+Or it runs the Gluon kernel of kernels/prefill_gluon.py ("gluon": explicit producer and consumer partitions,
+lean blocks unmasked, optionally FA3's ping-pong). Tile sizes, warps, pipeline depth, TMA, "ws" and "gluon"
+come from kernels/tuning.json per shape bucket (`attnforge tune --preset prefill-grid` measures them), else
+from a heuristic.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton
     TensorDescriptor = None
+try:  # the Gluon launch (Gluon's Hopper API: triton >= 3.5)
+    from attnforge.kernels import prefill_gluon
+except ImportError:  # pragma: no cover - older triton
+    prefill_gluon = None
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -394,6 +400,13 @@ def warp_spec_supported(q, k, v, attn_mask, params: dict) -> bool:
     return tma_supported(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
+def gluon_supported(q, k, v, attn_mask, params: dict) -> bool:
+    """The Gluon launch (kernels/prefill_gluon.py) takes this call with these launch parameters: its import
+    worked and `prefill_gluon.supported` agrees (sm_90, fp16/bf16, head_dim 64/128, no attn_mask, TMA-readable
+    strides, a schedule it has)."""
+    return prefill_gluon is not None and prefill_gluon.supported(q, k, v, attn_mask, params)
+
+
 def rows_flatten(t: torch.Tensor) -> bool:
     """`t` `[B, H, L, D]` reads as rows of one `[rows, D]` tensor with row stride `t.stride(2)`: the batch and
     head strides are whole rows, and every row index (int32 in a TMA coordinate) stays below 2^31."""
@@ -424,6 +437,11 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
         return
     has_lengths = kv_lens is not None or q_lens is not None
     p = params or launch_params(q, k, has_lengths=has_lengths, has_mask=attn_mask is not None)
+    if p.get("gluon"):
+        if gluon_supported(q, k, v, attn_mask, p):
+            prefill_gluon.prefill_into(q, k, v, out, scale, causal, kv_lens, q_lens, p)
+            return
+        p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)  # its tiles need Gluon
     warp_spec = bool(p.get("ws")) and warp_spec_supported(q, k, v, attn_mask, p)
     if p.get("ws") and not warp_spec:  # its 4-warp tiles would spill without the partitions
         p = heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
