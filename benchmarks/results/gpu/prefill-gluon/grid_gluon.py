@@ -4,7 +4,7 @@ with a short list of launches per target: the heuristic's, the one the tuning ta
 bucket on this GPU, the "ws" tile and each schedule of the Gluon launch (kernels/prefill_gluon.py). Writes a
 tuning result (`attnforge tune --from-results <json>` stores its entries).
 
-    python grid_gluon.py <out dir> [<label text>]     (GPU)
+    python grid_gluon.py <out dir> [--unpadded]     (GPU; --unpadded: the targets without kv_lens/q_lens)
 """
 
 import sys
@@ -26,7 +26,7 @@ def short_candidates(target, device, quick=False) -> list[dict]:
 
 def main() -> None:
     out = sys.argv[1]
-    grid = [t for t in targets.prefill_grid() if len(sys.argv) < 3 or sys.argv[2] in t.label]
+    grid = [t for t in targets.prefill_grid() if "--unpadded" not in sys.argv or not t.padded]
     tune.candidates_for = short_candidates
     stem = f"tuning-prefill-grid-gluon-{torch.cuda.get_device_name().split()[1].lower()}"
     doc = tune.run(grid, checkpoint=lambda doc: tune.save(doc, out, stem))
