@@ -193,6 +193,7 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn_mine,
     n_lean = kv_end // BLOCK_N
     if CAUSAL:
         n_lean = gl.maximum(gl.minimum((shift + m0 + 1) // BLOCK_N, n_lean), 0)
+    n_lean = gl.minimum(n_lean, n_blocks)  # a program past q_lens loads none (waiting on one would hang)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)

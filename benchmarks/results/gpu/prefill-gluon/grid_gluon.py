@@ -4,7 +4,7 @@ with a short list of launches per target: the heuristic's, the one the tuning ta
 bucket on this GPU, the "ws" tile and each schedule of the Gluon launch (kernels/prefill_gluon.py). Writes a
 tuning result (`attnforge tune --from-results <json>` stores its entries).
 
-    python grid_gluon.py <out dir> [--unpadded]     (GPU; --unpadded: the targets without kv_lens/q_lens)
+    python grid_gluon.py <out dir> [--unpadded | --padded]   (GPU; the targets without / with kv_lens, q_lens)
 """
 
 import sys
@@ -26,9 +26,12 @@ def short_candidates(target, device, quick=False) -> list[dict]:
 
 def main() -> None:
     out = sys.argv[1]
-    grid = [t for t in targets.prefill_grid() if "--unpadded" not in sys.argv or not t.padded]
+    grid = targets.prefill_grid()
+    if "--unpadded" in sys.argv or "--padded" in sys.argv:
+        grid = [t for t in grid if t.padded == ("--padded" in sys.argv)]
     tune.candidates_for = short_candidates
-    stem = f"tuning-prefill-grid-gluon-{torch.cuda.get_device_name().split()[1].lower()}"
+    part = "-padded" if "--padded" in sys.argv else ""
+    stem = f"tuning-prefill-grid-gluon{part}-{torch.cuda.get_device_name().split()[1].lower()}"
     doc = tune.run(grid, checkpoint=lambda doc: tune.save(doc, out, stem))
     tune.save(doc, out, stem)
     for row in doc["rows"]:
