@@ -197,3 +197,33 @@ def test_a_finished_run_resumed_costs_nothing_and_a_cut_one_makes_no_entry(tmp_p
     assert len(calls) == spent and again["rows"][0]["speedup"] == first["rows"][0]["speedup"]
     cut = tuner.run([Target("decode", 1, 8, 8, 1, 2048, 128)], settings, fitness=counted, time_budget_s=0.0)
     assert cut["rows"] == [] and cut["not_run"] == ["decode B=1 8:8 Lq=1 Lkv=2048 d128 bfloat16"]
+
+
+@pytest.mark.parametrize("major, head_dim, expected", [(9, 128, (False, True)), (9, 64, (False, True)),
+                                                       (9, 96, (False,)), (10, 128, (False,))])  # fmt: skip
+def test_the_gluon_genes_only_where_the_calls_take_them(major, head_dim, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(tuner.tuning, "sm_count", lambda device=None: 132)
+    target = Target("prefill", 4, 32, 8, 2048, 2048, head_dim, padded=True)
+    space = tuner.gene_space(target, torch.device("cuda"))
+    assert space["gluon"] == space["pingpong"] == expected
+    assert tuner.gene_space(target, CPU)["gluon"] == (False,)
+
+
+@pytest.mark.parametrize("stages, pingpong, expected", [(2, True, 2), (4, True, 3), (4, False, 3)])
+def test_a_gluon_genome_takes_the_launchs_tile_and_a_schedule_it_has(stages, pingpong, expected, monkeypatch):
+    """A "gluon" genome gets the launch's one tile (128x128, 4 warps asked for), a number of stages it has
+    for its schedule, and neither "tma" nor "ws"; it fits (224 KiB at 3 stages ran). Ping-pong without Gluon
+    is dropped."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tuner.tuning, "sm_count", lambda device=None: 132)
+    target = Target("prefill", 4, 32, 8, 2048, 2048, 128)
+    space = tuner.gene_space(target, torch.device("cuda"))
+    base = tuner.heuristic_genome(target, torch.device("cuda"))
+    genome = {**base, "BLOCK_N": 64, "num_stages": stages, "tma": True, "ws": True, "gluon": True,
+              "pingpong": pingpong}  # fmt: skip
+    repaired = tuner._repair(genome, target, space)
+    assert (repaired["BLOCK_M"], repaired["BLOCK_N"], repaired["num_warps"]) == (128, 128, 4)
+    assert repaired["num_stages"] == expected and repaired["pingpong"] == pingpong
+    assert not repaired["tma"] and not repaired["ws"] and tuner.fits(repaired, target)
+    assert tuner._repair({**base, "pingpong": True}, target, space)["pingpong"] is False

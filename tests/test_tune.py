@@ -215,9 +215,10 @@ def test_tune_passes_graph_candidates_to_the_run(monkeypatch):
 
     def fake_run(targets, **options):
         seen.update(options, labels=[t.label for t in targets])
-        return {"rows": [], "not_run": []}
+        return {"rows": [], "not_run": [], "created": "2026-12-07T00:00:00+00:00"}
 
     monkeypatch.setattr(tune, "run", fake_run)
+    monkeypatch.setattr(tune, "store", lambda doc, source, table: "the table")  # on a GPU: nothing written
     monkeypatch.setattr(cli_module, "_tune_table", lambda doc: "")
     only = "32:1 ,B=1 16:8 Lq=1 Lkv=1024 "  # any of the parts
     args = ["--preset", "decode-grid", "--only", only, "--graph-layers", "4", "--graph-candidates", "9"]

@@ -9,9 +9,7 @@ tuning result (`attnforge tune --from-results <json>` stores its entries).
 
 import sys
 
-import torch
-
-from attnforge.bench import targets, tune
+from attnforge.bench import report, targets, tune
 from attnforge.kernels import tuning
 
 _full = tune.candidates_for
@@ -31,7 +29,7 @@ def main() -> None:
         grid = [t for t in grid if t.padded == ("--padded" in sys.argv)]
     tune.candidates_for = short_candidates
     part = "-padded" if "--padded" in sys.argv else ""
-    stem = f"tuning-prefill-grid-gluon{part}-{torch.cuda.get_device_name().split()[1].lower()}"
+    stem = report.default_stem("tuning", f"prefill-grid-gluon{part}")  # the device is in the file
     doc = tune.run(grid, checkpoint=lambda doc: tune.save(doc, out, stem))
     tune.save(doc, out, stem)
     for row in doc["rows"]:
