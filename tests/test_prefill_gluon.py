@@ -58,11 +58,19 @@ def test_what_the_launch_takes():
     assert not prefill_gluon.takes(q, q[..., 1:65], q, None, PARAMS)  # a base 2 bytes off
 
 
-def test_the_launch_needs_an_sm90_gpu(monkeypatch):
-    """Not on the CPU (nor in the interpreter), nor on another GPU generation."""
+def test_the_launch_needs_an_sm90_gpu_and_triton_3_6(monkeypatch):
+    """Not on the CPU (nor in the interpreter), nor on another GPU generation, nor with a Triton older than
+    the one it was written for (Gluon's API moves)."""
     q = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
     assert not prefill_gluon.supported(q, q, q, None, PARAMS)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(prefill_gluon.triton, "__version__", "3.6.0")
+    assert prefill_gluon.supported(q, q, q, None, PARAMS)
+    monkeypatch.setattr(prefill_gluon.triton, "__version__", "3.5.1")
+    assert not prefill_gluon.supported(q, q, q, None, PARAMS)
+    monkeypatch.setattr(prefill_gluon.triton, "__version__", "3.6.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert not prefill_gluon.supported(q, q, q, None, PARAMS)
 
