@@ -141,9 +141,11 @@ def gluon_candidates() -> list[dict]:
 
 
 def gluon_target(target: Target) -> bool:
-    """The calls of `target` can take the Gluon launch (`prefill.gluon_supported`): half precision, head_dim
-    64 or 128 (targets have no attn_mask); the GPU is checked by the caller."""
-    return target.dtype != "float32" and target.head_dim in (64, 128)
+    """The calls of `target` can take the Gluon launch (`prefill.gluon_supported`): half precision, a head_dim
+    it has (targets have no attn_mask); the GPU is checked by the caller."""
+    from attnforge.kernels.prefill_gluon import HEAD_DIMS
+
+    return target.dtype != "float32" and target.head_dim in HEAD_DIMS
 
 
 def warp_spec_target(target: Target) -> bool:
