@@ -142,10 +142,12 @@ def gluon_candidates() -> list[dict]:
 
 def gluon_target(target: Target) -> bool:
     """The calls of `target` can take the Gluon launch (`prefill.gluon_supported`): half precision, a head_dim
-    it has (targets have no attn_mask); the GPU is checked by the caller."""
-    from attnforge.kernels.prefill_gluon import HEAD_DIMS
+    it has (targets have no attn_mask), and a Triton with Gluon; the GPU is checked by the caller."""
+    from attnforge.kernels.prefill import prefill_gluon
 
-    return target.dtype != "float32" and target.head_dim in HEAD_DIMS
+    if prefill_gluon is None:
+        return False
+    return target.dtype != "float32" and target.head_dim in prefill_gluon.HEAD_DIMS
 
 
 def warp_spec_target(target: Target) -> bool:
