@@ -20,7 +20,7 @@ save
 echo "persistent check rc=$?" | tee -a "$R/persistent-check.txt"
 tail -6 "$R/persistent-check.txt"
 if grep -q "check rc=0" "$R/persistent-check.txt"; then
-  (cd benchmarks/results/gpu/prefill-gluon && timeout 90 python3 fa_gluon_persistent.py time "$R/persistent-time.json") \
+  (cd benchmarks/results/gpu/prefill-gluon && timeout 120 python3 fa_gluon_persistent.py time "$R/persistent-time.json") \
     2>&1 | tail -15 | tee "$R/persistent-time.txt"
 fi
 save

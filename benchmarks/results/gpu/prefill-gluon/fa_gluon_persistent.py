@@ -12,7 +12,8 @@ r0 + i (its stage, the barriers' parities, and whose turn it is).
 
     python fa_gluon_persistent.py compile          (no GPU: sm_90 with Triton 3.6's ptxas on PYTHONPATH)
     python fa_gluon_persistent.py check            (GPU: against SDPA in float32 and the library launch)
-    python fa_gluon_persistent.py time <out.json>  (GPU: against SDPA and the library's st3-pp, interleaved)
+    python fa_gluon_persistent.py time <out.json>  (GPU: against SDPA, the stored launch and the library's
+                                                     st3-pp, interleaved; padded batches too)
 Results: benchmarks/results/h100/prefill-gluon/."""
 
 import json
@@ -318,11 +319,23 @@ def check() -> bool:
     return ok
 
 
-def _calls(q, k, v, out) -> dict:
+def _calls(q, k, v, out, lens=None) -> dict:
+    """SDPA (without lengths), the launch the tuning table stores for the call, the library's st3-pp and the
+    persistent launch."""
+    from attnforge.kernels.prefill import prefill_attention
+
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    return {"sdpa-gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
-            "library-st3-pp": lambda: _library(q, k, v, out),
-            "persistent-st3-pp": lambda: attention(q, k, v, out=out)}  # fmt: skip
+    calls = {} if lens is not None else {"sdpa-gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)}
+    return {**calls, "stored": lambda: prefill_attention(q, k, v, kv_lens=lens, q_lens=lens, out=out),
+            "library-st3-pp": lambda: _library(q, k, v, out, True, lens, lens),
+            "persistent-st3-pp": lambda: attention(q, k, v, kv_lens=lens, q_lens=lens, out=out)}  # fmt: skip
+
+
+# (batch, length, valid lengths or None): causal 32:8 d128; the padded rows are the prefill grid's shapes
+TIME_ROWS = ((8, 2048, None), (4, 4096, None), (2, 8192, None), (1, 16384, None), (32, 512, None),
+             (8, 2048, (2048, 1900, 1500, 1024, 777, 512, 300, 2000)),
+             (16, 1024, (1024, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 1024, 999, 513,
+                         257)))  # fmt: skip
 
 
 def time_rows(path: str) -> None:
@@ -330,18 +343,18 @@ def time_rows(path: str) -> None:
 
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "rows": []}  # fmt: skip
-    for batch, heads, length in ((8, 32, 2048), (4, 32, 4096), (2, 32, 8192), (1, 32, 16384), (32, 32, 512)):
-        q = torch.randn(batch, heads, length, 128, device="cuda", dtype=torch.bfloat16)
+    for batch, length, valid in TIME_ROWS:
+        q = torch.randn(batch, 32, length, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, 8, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        calls = _calls(q, k, v, torch.empty_like(q))
-        flops = 4 * batch * heads * length * length / 2 * 128
+        lens = None if valid is None else torch.tensor(valid, dtype=torch.int32, device="cuda")
+        calls = _calls(q, k, v, torch.empty_like(q), lens)
+        flops = sum(4 * 32 * n * n / 2 * 128 for n in (valid or [length] * batch))
+        label = f"B={batch} 32:8 L={length}{' padded' if valid else ''}"
         for name, samples in time_interleaved(calls, reps=20).items():
             us = summarize(samples)["median_us"]
-            doc["rows"].append(dict(batch=batch, heads=heads, length=length, call=name, us=us,
+            doc["rows"].append(dict(batch=batch, length=length, valid=valid, call=name, us=us,
                                     tflops=flops / us / 1e6))  # fmt: skip
-            print(
-                f"B={batch} 32:8 L={length} {name}: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s", flush=True
-            )
+            print(f"{label} {name}: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s", flush=True)
             with open(path, "w") as fh:
                 json.dump(doc, fh, indent=1)
 
