@@ -246,9 +246,20 @@ def _kernel(q_desc, k_desc, v_desc, Out, KvLens, QLens, stride_ob, stride_oh, st
         mbarrier.invalidate(empty.index(stage))
 
 
+_FULL_LENS: dict = {}
+
+
 def attention(q, k, v, causal=True, kv_lens=None, q_lens=None, out=None, stages=3):
-    """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` -> `[B, Hq, Lq, D]` (what the library launch takes)."""
+    """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` -> `[B, Hq, Lq, D]` (what the library launch takes). Without
+    kv_lens the launch reads a cached tensor of full lengths: with the key length a constant of the tile loop,
+    ptxas spills 165 instructions a consumer (their live ranges across tiles), with it loaded per tile 18
+    (offline, cpu/prefill-gluon/compile-persistent-20261207.txt)."""
     batch, num_heads, q_len, head_dim = q.shape
+    if kv_lens is None:
+        key = (batch, k.shape[2], q.device)
+        if key not in _FULL_LENS:
+            _FULL_LENS[key] = torch.full((batch,), k.shape[2], dtype=torch.int32, device=q.device)
+        kv_lens = _FULL_LENS[key]
     out = torch.empty_like(q) if out is None else out
     n_bh = batch * num_heads
     tiles = n_bh * triton.cdiv(q_len, BLOCK_M.value)
@@ -264,7 +275,7 @@ def attention(q, k, v, causal=True, kv_lens=None, q_lens=None, out=None, stages=
     return out
 
 
-def compile_offline(head_dim=128, stages=3, lens=False):
+def compile_offline(head_dim=128, stages=3, lens=False, kv_lens=True):
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -276,7 +287,8 @@ def compile_offline(head_dim=128, stages=3, lens=False):
     ints = ("stride_ob", "stride_oh", "stride_om", "stride_od", "num_heads", "group", "n_bh", "q_len",
             "kv_len")  # fmt: skip
     sig.update(Out="*bf16", KvLens="*i32", QLens="*i32", qk_scale="fp32", **dict.fromkeys(ints, "i32"))
-    constants = dict(HEAD_DIM=head_dim, STAGES=stages, CAUSAL=True, HAS_KV_LENS=lens, HAS_Q_LENS=lens)
+    constants = dict(HEAD_DIM=head_dim, STAGES=stages, CAUSAL=True, HAS_KV_LENS=kv_lens or lens,
+                     HAS_Q_LENS=lens)  # fmt: skip
     sig.update(dict.fromkeys(constants, "constexpr"))
     src = GluonASTSource(fn=_kernel, signature=sig, constexprs=constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -363,8 +375,10 @@ def main() -> None:
     if sys.argv[1] == "compile":
         from fa_gluon import _sass_summary
 
-        for head_dim, lens in ((128, False), (128, True), (64, False)):
-            print(f"d{head_dim} lens={lens}: {_sass_summary(compile_offline(head_dim, lens=lens))}")
+        for head_dim, lens, kv_lens in ((128, False, False), (128, False, True), (128, True, True),
+                                        (64, False, True)):  # fmt: skip
+            summary = _sass_summary(compile_offline(head_dim, lens=lens, kv_lens=kv_lens))
+            print(f"d{head_dim} kv_lens={kv_lens} q_lens={lens}: {summary}")
     elif sys.argv[1] == "check":
         sys.exit(0 if check() else 1)
     else:
