@@ -41,6 +41,7 @@ BLOCK_N = gl.constexpr(128)  # keys a stage
 HEAD_DIMS = (64, 128)
 # Gluon is experimental and its API moves between Triton releases: the launch was written and measured on 3.6
 MIN_TRITON = (3, 6)
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # (stages, pingpong) the launch takes: shared memory holds Q (32 KiB at d128) and 2-3 K/V stages (64 KiB each)
 SCHEDULES = ((2, False), (3, False), (2, True), (3, True))
 
@@ -293,7 +294,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, para
     MIN_TRITON or later, an sm_90 GPU (not the interpreter) and a call it serves (`takes`)."""
     if triton_interpret() or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    if TRITON_VERSION < MIN_TRITON:
         return False
     return takes(q, k, v, attn_mask, params)
 

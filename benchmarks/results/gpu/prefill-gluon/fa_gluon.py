@@ -436,10 +436,16 @@ def _sass_summary(compiled) -> str:
     usage = subprocess.run([f"{bin_dir}/cuobjdump", "--dump-resource-usage", fh.name], capture_output=True,
                            text=True).stdout  # fmt: skip
     ops = collections.Counter()
+    regions = []  # [registers after a setmaxnreg, local loads + stores up to the next one]
     for line in sass.splitlines():
         m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
         if m:
-            ops[m.group(2).split(".")[0]] += 1
+            op = m.group(2).split(".")[0]
+            ops[op] += 1
+            if op == "USETMAXREG":
+                regions.append([int(re.search(r"0x([0-9a-f]+)\s*;", line).group(1), 16), 0])
+            elif op in ("LDL", "STL") and regions:
+                regions[-1][1] += 1
     keep = (
         "HGMMA",
         "WARPGROUP",
@@ -459,7 +465,9 @@ def _sass_summary(compiled) -> str:
     )
     counts = ", ".join(f"{k} {ops[k]}" for k in keep if ops[k])
     regs = re.findall(r"REG:(\d+)", usage)
-    return f"registers {regs}, SASS instructions {sum(ops.values())}: {counts}"
+    spills = ", ".join(f"{n} at {r}" for r, n in regions if n)
+    return (f"registers {regs}, SASS instructions {sum(ops.values())}: {counts}"
+            + (f"; local loads + stores by setmaxnreg region: {spills}" if spills else ""))  # fmt: skip
 
 
 VARIANTS = {

@@ -6,10 +6,9 @@ more, and a third warpgroup gives the turns one more product to hide it under.
 
 The consumers are the library's (`_consumer`, ping-pong schedule): the "turn" passes round a ring of three
 barriers (warpgroup w waits on turn w and passes to turn w + 1; only warpgroup 0's first turn needs no
-arrival), and each stage is released by all three. Registers: setmaxnreg counts the producer warp as a
-warpgroup, so 64K registers give the two worker consumers 160, the producer 24 and the default partition
-(consumer 0) 168; offline, the workers spill 52 instructions each and consumer 0 19 (168 for the workers
-leaves 152 to consumer 0, which then spills 127).
+arrival), and each stage is released by all three. Registers: the two worker consumers are given 160 and
+the producer 24; the default partition (consumer 0) then runs at 168 (offline,
+cpu/prefill-gluon/compile-d64-20261207.txt, with the spills per partition).
 
     python fa_gluon_d64.py compile           (no GPU: sm_90 with Triton 3.6's ptxas on PYTHONPATH)
     python fa_gluon_d64.py check             (GPU: against SDPA in float32 and 5 repeats bit for bit)

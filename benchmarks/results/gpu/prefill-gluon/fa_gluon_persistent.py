@@ -32,7 +32,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from attnforge.kernels.prefill_gluon import BLOCK_M, BLOCK_N, LOG2E, ROWS, _descriptor, _p_operand, _softmax
+from attnforge.kernels.prefill_gluon import (
+    BLOCK_M,
+    BLOCK_N,
+    LOG2E,
+    ROWS,
+    _descriptor,
+    _p_operand,
+    _qk,
+    _softmax,
+)
 
 
 @gluon.jit
@@ -87,15 +96,6 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_free, k_r
             )
         r += n_blocks
         j += 1  # noqa: SIM113 - a Gluon loop has no enumerate
-
-
-@gluon.jit
-def _qk(q_tile, k_bufs, k_ready, r, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr):
-    stage = r % STAGES
-    mbarrier.wait(k_ready.index(stage), (r // STAGES) & 1)
-    k_tile = k_bufs.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-    s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    return warpgroup_mma(q_tile, k_tile, s, use_acc=False, is_async=True)
 
 
 @gluon.jit
@@ -252,7 +252,7 @@ _FULL_LENS: dict = {}
 def attention(q, k, v, causal=True, kv_lens=None, q_lens=None, out=None, stages=3):
     """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lkv, D]` -> `[B, Hq, Lq, D]` (what the library launch takes). Without
     kv_lens the launch reads a cached tensor of full lengths: with the key length a constant of the tile loop,
-    ptxas spills 165 instructions a consumer (their live ranges across tiles), with it loaded per tile 18
+    a consumer has 155-176 local loads and stores (spills), with it loaded per tile 18
     (offline, cpu/prefill-gluon/compile-persistent-20261207.txt)."""
     batch, num_heads, q_len, head_dim = q.shape
     if kv_lens is None:
