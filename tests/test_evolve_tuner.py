@@ -9,6 +9,7 @@ import torch
 
 from attnforge.bench.targets import Target
 from attnforge.evolve import tuner
+from attnforge.kernels import prefill_gluon
 
 CPU = torch.device("cpu")
 TARGET = Target("decode", 1, 32, 8, 1, 4096, 128)  # heuristic on 132 SMs: n128-s16-w4-st2
@@ -206,24 +207,29 @@ def test_the_gluon_genes_only_where_the_calls_take_them(major, head_dim, expecte
     monkeypatch.setattr(tuner.tuning, "sm_count", lambda device=None: 132)
     target = Target("prefill", 4, 32, 8, 2048, 2048, head_dim, padded=True)
     space = tuner.gene_space(target, torch.device("cuda"))
-    assert space["gluon"] == space["pingpong"] == expected
+    assert space["gluon"] == space["pingpong"] == space["persistent"] == expected
     assert tuner.gene_space(target, CPU)["gluon"] == (False,)
 
 
-@pytest.mark.parametrize("stages, pingpong, expected", [(2, True, 2), (4, True, 3), (4, False, 3)])
-def test_a_gluon_genome_takes_the_launchs_tile_and_a_schedule_it_has(stages, pingpong, expected, monkeypatch):
-    """A "gluon" genome gets the launch's one tile (128x128, 4 warps asked for), a number of stages it has
-    for its schedule, and neither "tma" nor "ws"; it fits (224 KiB at 3 stages ran). Ping-pong without Gluon
-    is dropped."""
+@pytest.mark.parametrize("stages, pingpong, persistent, expected", [
+    (2, True, False, (2, True)), (4, True, False, (3, True)), (4, False, False, (3, False)),
+    (3, True, True, (3, True)), (2, False, True, (3, True)), (4, True, True, (3, True))])  # fmt: skip
+def test_a_gluon_genome_takes_the_launchs_tile_and_a_schedule_it_has(stages, pingpong, persistent, expected,
+                                                                   monkeypatch):  # fmt: skip
+    """A "gluon" genome gets the launch's one tile (128x128, 4 warps asked for), a schedule it has (the
+    stages, and ping-pong where the persistent schedule asks for it), and neither "tma" nor "ws"; it fits
+    (224 KiB at 3 stages ran). Ping-pong or persistent without Gluon is dropped."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(tuner.tuning, "sm_count", lambda device=None: 132)
     target = Target("prefill", 4, 32, 8, 2048, 2048, 128)
     space = tuner.gene_space(target, torch.device("cuda"))
     base = tuner.heuristic_genome(target, torch.device("cuda"))
     genome = {**base, "BLOCK_N": 64, "num_stages": stages, "tma": True, "ws": True, "gluon": True,
-              "pingpong": pingpong}  # fmt: skip
+              "pingpong": pingpong, "persistent": persistent}  # fmt: skip
     repaired = tuner._repair(genome, target, space)
     assert (repaired["BLOCK_M"], repaired["BLOCK_N"], repaired["num_warps"]) == (128, 128, 4)
-    assert repaired["num_stages"] == expected and repaired["pingpong"] == pingpong
+    assert (repaired["num_stages"], repaired["pingpong"]) == expected and repaired["persistent"] == persistent
+    assert prefill_gluon.schedule(repaired) in prefill_gluon.SCHEDULES
     assert not repaired["tma"] and not repaired["ws"] and tuner.fits(repaired, target)
-    assert tuner._repair({**base, "pingpong": True}, target, space)["pingpong"] is False
+    plain = tuner._repair({**base, "pingpong": True, "persistent": True}, target, space)
+    assert plain["pingpong"] is False and plain["persistent"] is False

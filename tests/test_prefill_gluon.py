@@ -16,9 +16,16 @@ from attnforge.verify import check
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SCHEDULES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=s, gluon=True, pingpong=pp)
-             for s, pp in prefill_gluon.SCHEDULES]  # fmt: skip
+SCHEDULES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=s, gluon=True, pingpong=pp, persistent=ps)
+             for s, pp, ps in prefill_gluon.SCHEDULES]  # fmt: skip
 PARAMS = SCHEDULES[0]
+PINGPONG = dict(PARAMS, num_stages=3, pingpong=True)
+PERSISTENT = dict(PINGPONG, persistent=True)
+
+
+def _schedule_id(params: dict) -> str:
+    flags = "".join(name for name, key in (("-pp", "pingpong"), ("-ps", "persistent")) if params[key])
+    return f"st{params['num_stages']}{flags}"
 
 
 def _config(*sizes, dtype=torch.bfloat16, causal=True) -> AttentionConfig:
@@ -51,6 +58,9 @@ def test_what_the_launch_takes():
     d96 = torch.zeros(2, 8, 64, 96, dtype=torch.bfloat16)
     assert not prefill_gluon.takes(d96, d96, d96, None, PARAMS)
     assert not prefill_gluon.takes(q, q, q, None, dict(PARAMS, num_stages=4))
+    assert prefill_gluon.takes(q, q, q, None, PERSISTENT)  # the persistent schedule: ping-pong, 3 stages
+    assert not prefill_gluon.takes(q, q, q, None, dict(PERSISTENT, num_stages=2))
+    assert not prefill_gluon.takes(q, q, q, None, dict(PERSISTENT, pingpong=False))
     odd_rows = torch.zeros(2, 8, 64, 136, dtype=torch.bfloat16)[..., :128]  # rows 272 bytes apart: aligned
     assert prefill_gluon.takes(odd_rows, q, q, None, PARAMS)
     unaligned = torch.zeros(2, 8, 64, 132, dtype=torch.bfloat16)[..., :128]  # rows 264 bytes apart
@@ -114,9 +124,7 @@ KINDS = ("random", "needle", "large", "poisoned")
 
 
 @gpu
-@pytest.mark.parametrize(
-    "params", SCHEDULES, ids=lambda p: f"st{p['num_stages']}{'-pp' if p['pingpong'] else ''}"
-)
+@pytest.mark.parametrize("params", SCHEDULES, ids=_schedule_id)
 @pytest.mark.parametrize(
     "sizes", [(2, 32, 8, 1000, 1000, 128), (1, 16, 8, 300, 1300, 128), (2, 8, 8, 777, 777, 64),
               (3, 4, 1, 1, 129, 128), (1, 2, 2, 5, 5, 64), (2, 4, 4, 129, 257, 64)],
@@ -131,9 +139,7 @@ def test_each_schedule_against_the_oracle(sizes, params):
 
 
 @gpu
-@pytest.mark.parametrize(
-    "params", SCHEDULES, ids=lambda p: f"st{p['num_stages']}{'-pp' if p['pingpong'] else ''}"
-)
+@pytest.mark.parametrize("params", SCHEDULES, ids=_schedule_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lengths(params, dtype):
     """kv_lens and q_lens: rows past q_lens[b] are 0, the others see keys <= kv_lens[b] - q_lens[b] + i; a
@@ -168,9 +174,7 @@ def test_transformers_layout_cache_slices_and_a_strided_out():
 
 
 @gpu
-@pytest.mark.parametrize(
-    "params", SCHEDULES, ids=lambda p: f"st{p['num_stages']}{'-pp' if p['pingpong'] else ''}"
-)
+@pytest.mark.parametrize("params", SCHEDULES, ids=_schedule_id)
 def test_repeats_bit_for_bit(params):
     """A stage refilled while a consumer still reads it, or turns passed out of order, would show as outputs
     that change from call to call: 20 calls of a long prompt and of a padded batch give the same bits."""
@@ -185,6 +189,23 @@ def test_repeats_bit_for_bit(params):
             prefill_mod._prefill_into(case.q, case.k, case.v, out, 0.1, True, kv_lens, kv_lens, None, params)
             assert torch.equal(out, first)
         assert torch.isfinite(first).all()
+
+
+@gpu
+@pytest.mark.parametrize("sizes, valid", [
+    ((16, 32, 8, 1024, 1024, 128), (1024, 0, 900, 1, 700, 129, 0, 1023)), ((3, 8, 2, 2000, 2000, 64), None),
+    ((1, 4, 4, 70, 300, 128), None)])  # fmt: skip
+def test_the_persistent_schedule_does_the_one_tile_launchs_work(sizes, valid):
+    """One program an SM walking more tiles than there are SMs (sequences of no rows among them), its ring
+    and turns running on across tiles, gives the bits of the one-tile ping-pong launch, which does the same
+    work per tile."""
+    case = verify.random_case(_config(*sizes), device=DEVICE)
+    lens = None if valid is None else torch.tensor(valid * 2, dtype=torch.int32, device=DEVICE)[: sizes[0]]
+    outs = []
+    for params in (PINGPONG, PERSISTENT):
+        outs.append(torch.full_like(case.q, math.nan))
+        prefill_mod._prefill_into(case.q, case.k, case.v, outs[-1], 0.1, True, lens, lens, None, params)
+    assert torch.equal(outs[0], outs[1]) and torch.isfinite(outs[1]).all()
 
 
 @gpu

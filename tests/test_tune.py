@@ -83,7 +83,7 @@ def test_prefill_candidates_on_hopper_each_also_read_k_and_v_through_tma(monkeyp
     assert ws == ["m128-n128-w4-st2-ws"]  # prefill.WS_TILES
     gluon = [n for n in full if "-gluon" in n]  # prefill_gluon.SCHEDULES
     assert gluon == ["m128-n128-w4-st2-gluon", "m128-n128-w4-st3-gluon", "m128-n128-w4-st2-gluon-pp",
-                     "m128-n128-w4-st3-gluon-pp"]  # fmt: skip
+                     "m128-n128-w4-st3-gluon-pp", "m128-n128-w4-st3-gluon-pp-ps"]  # fmt: skip
     full = [n for n in full if n not in ws + gluon]
     plain = [n for n in full if not n.endswith("-tma")]
     assert len(set(full)) == len(full) and sorted(full) == sorted(plain + [n + "-tma" for n in plain])
@@ -419,9 +419,9 @@ def test_a_warp_specialized_candidate_the_call_cannot_take_is_an_error_not_the_h
 @pytest.mark.parametrize(
     "target, device_major, expected",
     [
-        (targets.Target("prefill", 1, 32, 32, 1024, 1024, 64), 9, 4),
-        (targets.Target("prefill", 8, 32, 8, 2048, 2048, 128, padded=True), 9, 4),  # kv_lens and q_lens
-        (targets.Target("prefill", 1, 32, 8, 512, 4608, 128), 9, 4),  # a chunk against a cache
+        (targets.Target("prefill", 1, 32, 32, 1024, 1024, 64), 9, 5),
+        (targets.Target("prefill", 8, 32, 8, 2048, 2048, 128, padded=True), 9, 5),  # kv_lens and q_lens
+        (targets.Target("prefill", 1, 32, 8, 512, 4608, 128), 9, 5),  # a chunk against a cache
         (targets.Target("prefill", 1, 32, 8, 512, 4608, 128, "float32"), 9, 0),
         (targets.Target("prefill", 1, 32, 8, 2048, 2048, 96), 9, 0),  # head_dim 64 and 128 only
         (targets.Target("prefill", 1, 32, 8, 2048, 2048, 256), 9, 0),

@@ -132,12 +132,14 @@ def prefill_candidates(target: Target, device: torch.device, quick: bool = False
 
 
 def gluon_candidates() -> list[dict]:
-    """The Gluon launch's configurations: its one tile, each schedule it has (stages, ping-pong)."""
+    """The Gluon launch's configurations: its one tile, each schedule it has (stages, ping-pong,
+    persistent)."""
     from attnforge.kernels import prefill_gluon
 
-    return [dict(BLOCK_M=prefill_gluon.BLOCK_M.value, BLOCK_N=prefill_gluon.BLOCK_N.value, num_warps=4,
-                 num_stages=stages, gluon=True, pingpong=pingpong)
-            for stages, pingpong in prefill_gluon.SCHEDULES]  # fmt: skip
+    tile = dict(BLOCK_M=prefill_gluon.BLOCK_M.value, BLOCK_N=prefill_gluon.BLOCK_N.value, num_warps=4)
+    persistent = ({}, {"persistent": True})  # (a name only where it is on)
+    return [dict(tile, num_stages=stages, gluon=True, pingpong=pingpong, **persistent[ps])
+            for stages, pingpong, ps in prefill_gluon.SCHEDULES]  # fmt: skip
 
 
 def gluon_target(target: Target) -> bool:
@@ -179,7 +181,7 @@ def candidates_for(target: Target, device: torch.device, quick: bool = False) ->
 
 def params_name(params: dict) -> str:
     """'m16-n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' / 'm128-n128-w4-st2-ws' /
-    'm128-n128-w4-st3-gluon-pp' (prefill)."""
+    'm128-n128-w4-st3-gluon-pp' / 'm128-n128-w4-st3-gluon-pp-ps' (prefill)."""
     parts = [f"m{params['BLOCK_M']}"] if "BLOCK_M" in params else []
     parts.append(f"n{params['BLOCK_N']}")
     if "num_splits" in params:
@@ -190,7 +192,8 @@ def params_name(params: dict) -> str:
     if "alone_tiles" in params:
         parts.append(f"alone{params['alone_tiles']}")
     flags = [name for name in ("tma", "ws", "gluon") if params.get(name)]
-    flags += ["pp"] if params.get("gluon") and params.get("pingpong") else []
+    if params.get("gluon"):
+        flags += [name for name, key in (("pp", "pingpong"), ("ps", "persistent")) if params.get(key)]
     return "-".join(parts + flags)
 
 

@@ -38,9 +38,10 @@ DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
                 "num_stages": (1, 2, 3, 4, 5, 6), "combine": ("last", "kernel-pdl")}  # fmt: skip
 PREFILL_GENES = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8),
                  "num_stages": (2, 3, 4), "tma": (False, True), "ws": (False, True), "gluon": (False, True),
-                 "pingpong": (False, True)}  # fmt: skip
+                 "pingpong": (False, True), "persistent": (False, True)}  # fmt: skip
 # A gene a configuration leaves out takes the kernel's default.
-GENE_DEFAULTS = {"combine": "last", "tma": False, "ws": False, "gluon": False, "pingpong": False}
+GENE_DEFAULTS = {"combine": "last", "tma": False, "ws": False, "gluon": False, "pingpong": False,
+                 "persistent": False}  # fmt: skip
 # A tuned configuration replaces the heuristic only if, both re-measured, it was at least this much faster.
 MIN_GAIN = 1.02
 
@@ -80,7 +81,7 @@ def gene_space(target: Target, device: torch.device) -> dict[str, tuple]:
     if target.kind == "prefill" and not (major == 9 and bench_tune.warp_spec_target(target)):
         genes["ws"] = (False,)  # the warp-specialized launch: sm_90, and calls that can take it
     if target.kind == "prefill" and not (major == 9 and bench_tune.gluon_target(target)):
-        genes["gluon"] = genes["pingpong"] = (False,)  # the Gluon launch likewise
+        genes["gluon"] = genes["pingpong"] = genes["persistent"] = (False,)  # the Gluon launch likewise
     seeds = [as_genome(seed, genes) for seed in bench_tune.candidates_for(target, device, quick=True)]
     return {name: tuple(sorted(set(values) | {seed[name] for seed in seeds}))
             for name, values in genes.items()}  # fmt: skip
@@ -112,14 +113,18 @@ def fits(genome: dict, target: Target) -> bool:
 
 def _repair(genome: dict, target: Target, space: dict) -> dict:
     if genome.get("gluon"):  # the Gluon launch: its one tile, a schedule it has (prefill_gluon.SCHEDULES)
-        from attnforge.kernels.prefill_gluon import SCHEDULES
+        from attnforge.kernels.prefill_gluon import SCHEDULES, schedule
 
         tile = bench_tune.gluon_candidates()[0]
-        stages = genome["num_stages"] if (genome["num_stages"], genome["pingpong"]) in SCHEDULES else 3
-        return {**genome, **{k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps")}, "num_stages": stages,
-                "tma": False, "ws": False}  # fmt: skip
-    if "pingpong" in genome:  # the ping-pong schedule is the Gluon launch's
-        genome = {**genome, "pingpong": False}
+        genome = {**genome, **{k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps")}, "tma": False,
+                  "ws": False}  # fmt: skip
+        if schedule(genome) not in SCHEDULES:  # 3 stages (the persistent schedule runs ping-pong)
+            pingpong = bool(genome["pingpong"] or genome.get("persistent"))
+            genome = {**genome, "num_stages": 3, "pingpong": pingpong}
+        return genome
+    for gene in ("pingpong", "persistent"):  # the ping-pong and persistent schedules are the Gluon launch's
+        if gene in genome:
+            genome = {**genome, gene: False}
     if genome.get("ws"):  # the warp-specialized launch takes the tiles measured right only (one launch)
         from attnforge.kernels.prefill import WS_TILES
 

@@ -11,9 +11,9 @@ only when the strides allow it). On sm_90 a launch can also be warp-specialized 
 visible key block, each masked, Q/K/V through descriptors made on the device, which Triton 3.6 splits into
 a TMA producer warp and two consumer warpgroups (it splits no kernel with two loops or a pointer load of Q).
 Or it runs the Gluon kernel of kernels/prefill_gluon.py ("gluon": explicit producer and consumer partitions,
-lean blocks unmasked, optionally FA3's ping-pong). Tile sizes, warps, pipeline depth, TMA, "ws" and "gluon"
-come from kernels/tuning.json per shape bucket (`attnforge tune --preset prefill-grid` measures them), else
-from a heuristic.
+lean blocks unmasked, optionally FA3's ping-pong, and persistent: one program an SM). Tile sizes, warps,
+pipeline depth, TMA, "ws" and "gluon" come from kernels/tuning.json per shape bucket (`attnforge tune
+--preset prefill-grid` measures them), else from a heuristic.
 """
 
 from __future__ import annotations
