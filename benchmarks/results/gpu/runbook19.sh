@@ -10,14 +10,15 @@
 #     bash benchmarks/results/gpu/runbook19.sh 0 1   (about 4 minutes), then
 #     bash benchmarks/results/gpu/runbook19.sh 2     (about 5 minutes; on the same warm machine)
 R=/tmp/runbook19
+ROOT=$PWD  # the probes run from their directory: the package by an absolute path
 mkdir -p "$R"
 save() { tar czf "$OUT/runbook19.tgz" -C /tmp runbook19; }
 probe() {  # probe <script> <name>: check under timeout, then time if right
-  (cd benchmarks/results/gpu/prefill-gluon && timeout 60 python3 "$1" check) > "$R/$2-check.txt" 2>&1
+  (cd benchmarks/results/gpu/prefill-gluon && timeout 60 env PYTHONPATH="$ROOT/src:$PYTHONPATH" python3 "$1" check) > "$R/$2-check.txt" 2>&1
   echo "$2 check rc=$?" | tee -a "$R/$2-check.txt"
   tail -6 "$R/$2-check.txt"
   if grep -q "check rc=0" "$R/$2-check.txt"; then
-    (cd benchmarks/results/gpu/prefill-gluon && timeout 100 python3 "$1" time "$R/$2-time.json") 2>&1 \
+    (cd benchmarks/results/gpu/prefill-gluon && timeout 100 env PYTHONPATH="$ROOT/src:$PYTHONPATH" python3 "$1" time "$R/$2-time.json") 2>&1 \
       | tail -30 | tee "$R/$2-time.txt"
   fi
 }

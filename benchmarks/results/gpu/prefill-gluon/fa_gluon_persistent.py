@@ -1,4 +1,6 @@
-"""Issue 14 probe (scratch, never run on a GPU yet): the library's Gluon prefill launch
+"""Issue 14 probe (scratch; run once on an H100, h100/prefill-gluon/runbook20-*: 3.5-4.5% faster than the
+one-tile launch at 2k-8k, slower on padded batches; the library's persistent schedule since 4e044cd, same
+SASS instruction counts): the library's Gluon prefill launch
 (kernels/prefill_gluon.py, st3-pp: FA3's ping-pong) made persistent. One program per SM walks the tiles
 (query block, sequence and head), the last query blocks of every head first. The producer loads the next
 tile's Q as soon as both consumers have released the current one (after their last QK^T), and its K/V into
