@@ -355,10 +355,14 @@ def _prefill_gluon_kernel(q_desc, k_desc, v_desc, Out, KvLens, QLens, stride_ob,
 
 
 @gluon.jit
-def _tile_m0(t, n_bh, q_len):
-    """The first query row of tile t of the persistent walk: the last query blocks of every (sequence,
-    head) first, as the one-tile launch's grid runs them."""
-    return (gl.cdiv(q_len, BLOCK_M) - 1 - t // n_bh) * BLOCK_M
+def _walk_tile(t, n_bh, num_heads, q_len, kv_len, KvLens, QLens, CAUSAL: gl.constexpr,
+               HAS_KV_LENS: gl.constexpr, HAS_Q_LENS: gl.constexpr):  # fmt: skip
+    """Tile t of the persistent walk, the last query blocks of every (sequence, head) first as the one-tile
+    launch's grid runs them: `_tile`'s values with its first query row m0."""
+    m0 = (gl.cdiv(q_len, BLOCK_M) - 1 - t // n_bh) * BLOCK_M
+    b, h, q_end, kv_end, n_blocks = _tile(t % n_bh, m0, num_heads, q_len, kv_len, KvLens, QLens, CAUSAL,
+                                          HAS_KV_LENS, HAS_Q_LENS)  # fmt: skip
+    return b, h, m0, q_end, kv_end, n_blocks
 
 
 @gluon.jit
@@ -371,9 +375,8 @@ def _persistent_load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q
     r = 0
     j = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        m0 = _tile_m0(t, n_bh, q_len)
-        b, h, q_end, kv_end, n_blocks = _tile(t % n_bh, m0, num_heads, q_len, kv_len, KvLens, QLens, CAUSAL,
-                                              HAS_KV_LENS, HAS_Q_LENS)  # fmt: skip
+        b, h, m0, q_end, kv_end, n_blocks = _walk_tile(t, n_bh, num_heads, q_len, kv_len, KvLens, QLens,
+                                                       CAUSAL, HAS_KV_LENS, HAS_Q_LENS)  # fmt: skip
         _load_q(q_desc, q_smem, q_bar, q_free, j & 1, b, h, m0, True)
         _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, empty, b, h // group, kv_end, n_blocks, r,
                  STAGES)  # fmt: skip
@@ -397,9 +400,8 @@ def _persistent_consumer(q_smem, q_bar, q_free, k_bufs, v_bufs, k_ready, v_ready
     r = 0
     j = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        m0 = _tile_m0(t, n_bh, q_len)
-        b, h, q_end, kv_end, n_blocks = _tile(t % n_bh, m0, num_heads, q_len, kv_len, KvLens, QLens, CAUSAL,
-                                              HAS_KV_LENS, HAS_Q_LENS)  # fmt: skip
+        b, h, m0, q_end, kv_end, n_blocks = _walk_tile(t, n_bh, num_heads, q_len, kv_len, KvLens, QLens,
+                                                       CAUSAL, HAS_KV_LENS, HAS_Q_LENS)  # fmt: skip
         m0 = m0 + PART * ROWS
         rows_last, n_lean = _visible(m0, q_end, kv_end, n_blocks, CAUSAL, s_layout)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))

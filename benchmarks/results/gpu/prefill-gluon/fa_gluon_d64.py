@@ -1,6 +1,7 @@
-"""Issue 14 probe (scratch; run once on an H100, right and slower: h100/prefill-gluon/runbook20-*): head_dim 64 with three consumer warpgroups, 192 query
-rows a program (FA3's tile for d64 causal: 192 x 128). The library's Gluon launch (kernels/prefill_gluon.py,
-two warpgroups, 128 x 128) loses at d64 (294-340 TFLOP/s against the stored launch's 379 at 32:32 B=4 L=4k,
+"""Issue 14 probe (scratch; run once on an H100, right and slower than the stored launch:
+h100/prefill-gluon/runbook20-*): head_dim 64 with three consumer warpgroups, 192 query rows a program
+(FA3's tile for d64 causal: 192 x 128). The library's Gluon launch (kernels/prefill_gluon.py, two
+warpgroups, 128 x 128) loses at d64 (294-340 TFLOP/s against the stored launch's 379 at 32:32 B=4 L=4k,
 h100/prefill-gluon/runbook16-*): a d64 block does half the PV work of a d128 one, so the softmax weighs
 more, and a third warpgroup gives the turns one more product to hide it under.
 

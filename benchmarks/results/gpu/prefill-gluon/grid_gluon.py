@@ -32,6 +32,10 @@ def main() -> None:
     stem = report.default_stem("tuning", f"prefill-grid-gluon{part}")  # the device is in the file
     doc = tune.run(grid, checkpoint=lambda doc: tune.save(doc, out, stem))
     tune.save(doc, out, stem)
+    print_rows(doc)
+
+
+def print_rows(doc: dict) -> None:
     for row in doc["rows"]:
         print(
             f"{row['label']}: best {row.get('best')} {row.get('best_us', 0):.0f} us, torch "
