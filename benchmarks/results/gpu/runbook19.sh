@@ -1,14 +1,16 @@
 #!/bin/bash
 # The next session's runbook (docs/notes/gpu-runbook.md), issue 14, on whatever GPU comes (an H200 has no
 # Gluon entries yet). Steps:
-#   0  the Gluon launch's GPU tests (tests/test_prefill_gluon.py);
-#   1  two probes, never run before, each checked under `timeout` and timed if right: the persistent launch
-#      (prefill-gluon/fa_gluon_persistent.py) and three consumer warpgroups at d64 (fa_gluon_d64.py);
+#   0  the Gluon launch's GPU tests (tests/test_prefill_gluon.py: every schedule, the persistent one included);
+#   1  the probe of a persistent schedule that takes its tiles from a counter (prefill-gluon/fa_gluon_dynamic.py,
+#      never run before): checked under `timeout` (bit for bit against the library's persistent schedule),
+#      then timed if right (fa_gluon_persistent.py's rows, padded batches included). The sixteenth session ran
+#      the persistent and d64 probes through step 1 (h100/prefill-gluon/runbook20-*);
 #   2  the prefill grid with the Gluon schedules among the candidates (prefill-gluon/grid_gluon.py), if step
 #      0 passed (or was not run in this call).
 # One tarball under $OUT. On the device, from the repository root, after the wheels prefix of the runbook:
-#     bash benchmarks/results/gpu/runbook19.sh 0 1   (about 4 minutes), then
-#     bash benchmarks/results/gpu/runbook19.sh 2     (about 5 minutes; on the same warm machine)
+#     bash benchmarks/results/gpu/runbook19.sh 0 2   (about 6 minutes), or
+#     bash benchmarks/results/gpu/runbook19.sh 1     (about 2 minutes)
 R=/tmp/runbook19
 ROOT=$PWD  # the probes run from their directory: the package by an absolute path
 mkdir -p "$R"
@@ -33,9 +35,7 @@ for step in ${*:-0 1 2}; do
       grep -E "FAILED|ERROR|Timeout| passed| failed" "$R/pytest-prefill-gluon.txt" | cut -c1-150 | sort | uniq
       ;;
     1)
-      probe fa_gluon_persistent.py persistent
-      save
-      probe fa_gluon_d64.py d64
+      probe fa_gluon_dynamic.py dynamic
       ;;
     2)
       if [ -f "$R/pytest-prefill-gluon.txt" ] && ! grep -q "pytest rc=0" "$R/pytest-prefill-gluon.txt"; then

@@ -64,14 +64,16 @@ def check() -> bool:
     return ok
 
 
-def _calls(q, k, v, out, lens=None) -> dict:
+def _calls(q, k, v, out, lens=None, extra=None) -> dict:
     """SDPA (without lengths), the launch the tuning table stores for the call, the library's st3-pp and the
     persistent launch."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = {} if lens is not None else {"sdpa-gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)}
     return {**calls, "stored": lambda: prefill.prefill_attention(q, k, v, kv_lens=lens, q_lens=lens, out=out),
             "library-st3-pp": lambda: _library(q, k, v, out, True, lens, lens),
-            "persistent-st3-pp": lambda: attention(q, k, v, kv_lens=lens, q_lens=lens, out=out)}  # fmt: skip
+            "persistent-st3-pp": lambda: attention(q, k, v, kv_lens=lens, q_lens=lens, out=out),
+            **{name: (lambda f=f: f(q, k, v, kv_lens=lens, q_lens=lens, out=out))
+               for name, f in (extra or {}).items()}}  # fmt: skip
 
 
 # (batch, length, valid lengths or None): causal 32:8 d128; the padded rows are the prefill grid's shapes
@@ -81,7 +83,8 @@ TIME_ROWS = ((8, 2048, None), (4, 4096, None), (2, 8192, None), (1, 16384, None)
                          257)))  # fmt: skip
 
 
-def time_rows(path: str) -> None:
+def time_rows(path: str, extra: dict | None = None) -> None:
+    """Each TIME_ROWS row's calls (`_calls`, and `extra`: name -> attention-like function) interleaved."""
     from attnforge.bench.timing import summarize, time_interleaved
 
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -90,7 +93,7 @@ def time_rows(path: str) -> None:
         q = torch.randn(batch, 32, length, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, 8, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         lens = None if valid is None else torch.tensor(valid, dtype=torch.int32, device="cuda")
-        calls = _calls(q, k, v, torch.empty_like(q), lens)
+        calls = _calls(q, k, v, torch.empty_like(q), lens, extra)
         flops = sum(4 * 32 * n * n / 2 * 128 for n in (valid or [length] * batch))
         label = f"B={batch} 32:8 L={length}{' padded' if valid else ''}"
         for name, samples in time_interleaved(calls, reps=20).items():
