@@ -26,7 +26,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from attnforge.kernels.prefill_gluon import BLOCK_N, LOG2E, ROWS, _consumer, _descriptor
+from attnforge.kernels.prefill_gluon import BLOCK_N, LOG2E, ROWS, _consumer, _descriptor, _load_kv
 
 PARTS = gl.constexpr(3)
 BLOCK_M = gl.constexpr(192)
@@ -35,23 +35,12 @@ BLOCK_M = gl.constexpr(192)
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, b, h, kv_h, m0,
               kv_end, n_blocks, STAGES: gl.constexpr):  # fmt: skip
-    """The library's `_load_partition` with three consumers' rows of Q."""
+    """The library's `_load_partition` with three consumers' rows of Q, then the library's K/V loads."""
     for part in gl.static_range(PARTS):
         mbarrier.expect(q_bar.index(part), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, h, m0 + part * ROWS, 0], q_bar.index(part),
                                         q_smem.index(part))  # fmt: skip
-    for i in range(n_blocks):
-        stage = i % STAGES
-        start = gl.minimum(i * BLOCK_N, kv_end - BLOCK_N)
-        mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            k_desc, [b, kv_h, start, 0], k_ready.index(stage), k_bufs.index(stage)
-        )
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            v_desc, [b, kv_h, start, 0], v_ready.index(stage), v_bufs.index(stage)
-        )
+    _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, empty, b, kv_h, kv_end, n_blocks, 0, STAGES)
 
 
 @gluon.jit
