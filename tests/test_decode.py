@@ -127,6 +127,50 @@ def test_short_sequences_read_by_one_split_agree_with_the_oracle_call_after_call
         assert not workspace.counters.any()
 
 
+def _poisoned_half_case(batch, q_len, kv_len, kv_lens, dtype=torch.float16):
+    """A GQA 4:1 d64 case whose keys and values past each valid length are NaN and +Inf."""
+    case = verify.random_case(config_of(batch, 8, 2, q_len, kv_len, 64, dtype=dtype, causal=True),
+                              kv_lens=kv_lens, device=DEVICE)  # fmt: skip
+    for b, end in enumerate(kv_lens):
+        case.k[b, :, end:] = math.nan
+        case.v[b, :, end:] = math.inf
+    return case
+
+
+@pytest.mark.parametrize("num_splits, q_len", [(1, 1), (3, 1), (4, 3)])
+def test_the_tma_launch_never_reads_past_the_valid_keys(num_splits, q_len, monkeypatch):
+    """K/V through TMA descriptors (a tuning entry's "tma", Hopper; the interpreter runs the path when the
+    guard is lifted): a tile that would pass a sequence's valid length is read shifted back to end there
+    (below one tile, from coordinates under 0 that read as zeros), so the NaN/Inf past it never reach the
+    output; odd lengths, one split and several, 1 and 3 new tokens (causal among them)."""
+    monkeypatch.setattr(decode, "tma_capable", lambda device, dtype: True)
+    case = _poisoned_half_case(4, q_len, 100, [q_len, 17, 70, 100])
+    params = {"BLOCK_N": 32, "num_splits": num_splits, "num_warps": 4, "num_stages": 2, "tma": True}
+    launch = decode.decode_launch(tuple(case.q.shape), 2, 100, True, False, case.q.dtype, DEVICE, params)
+    assert launch.tma_block == [1, 1, 32, 64]
+    out = torch.full_like(case.q, math.nan)
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
+    assert torch.isfinite(out).all()
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float16)
+
+
+def test_the_tma_launch_takes_pointers_where_descriptors_cannot_read_the_call(monkeypatch):
+    """Where TMA cannot read the call (a head_dim not 64 / 128, kv_starts, a base not 16-byte aligned, no
+    Hopper GPU) the "tma" entry launches through pointers, with the same result."""
+    assert not decode.tma_launchable(128, torch.bfloat16, torch.device("cpu"), False)  # no Hopper GPU here
+    monkeypatch.setattr(decode, "tma_capable", lambda device, dtype: True)
+    assert decode.tma_launchable(128, torch.bfloat16, DEVICE, False)
+    assert not decode.tma_launchable(80, torch.bfloat16, DEVICE, False)
+    assert not decode.tma_launchable(64, torch.bfloat16, DEVICE, True)
+    case = _poisoned_half_case(2, 1, 64, [64, 40])
+    shifted = torch.empty(case.k.numel() + 1, dtype=case.k.dtype, device=DEVICE)[1:].view_as(case.k)
+    shifted.copy_(case.k)  # its base is 2 bytes past an aligned one
+    params = {"BLOCK_N": 16, "num_splits": 2, "num_warps": 4, "num_stages": 2, "tma": True}
+    out = torch.full_like(case.q, math.nan)
+    decode.launch_decode(case.q, shifted, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float16)
+
+
 def test_alone_tiles_must_not_be_negative():
     case = verify.random_case(config_of(1, 4, 1, 1, 64, 64, causal=True), device=DEVICE)
     params = {"BLOCK_N": 16, "num_splits": 2, "alone_tiles": -1}

@@ -95,6 +95,29 @@ def test_prefill_candidates_on_hopper_each_also_read_k_and_v_through_tma(monkeyp
 
 
 @pytest.mark.parametrize(
+    "target, tma",
+    [
+        (targets.Target("decode", 1, 32, 8, 1, 16384, 128), True),
+        (targets.Target("decode", 1, 32, 32, 1, 4096, 64), True),
+        (targets.Target("decode", 1, 32, 8, 1, 4096, 80), False),  # a head_dim TMA does not take here
+        (targets.Target("decode", 1, 32, 8, 1, 4096, 128, "float32"), False),
+    ],
+)
+def test_decode_candidates_on_hopper_also_read_k_and_v_through_tma(target, tma, monkeypatch):
+    """On sm_90, where the calls can take it, every decode launch of a full sweep has its TMA twin (a quick
+    sweep, the first three launches'); elsewhere, and on CPU, none."""
+    monkeypatch.setattr(tuning, "sm_count", lambda device=None: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    full = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=False)]
+    plain = [n for n in full if not n.endswith("-tma")]
+    assert len(set(full)) == len(full)
+    assert sorted(full) == sorted(plain + [n + "-tma" for n in plain] if tma else plain)
+    quick = [tune.params_name(c) for c in tune.candidates_for(target, torch.device("cuda"), quick=True)]
+    assert [n for n in quick if n.endswith("-tma")] == ([n + "-tma" for n in quick[:3]] if tma else [])
+    assert not any(c.get("tma") for c in tune.candidates_for(target, CPU))
+
+
+@pytest.mark.parametrize(
     "target, device_major, expected",
     [
         (targets.Target("prefill", 1, 32, 32, 1024, 1024, 64), 9, 1),

@@ -52,7 +52,8 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile, and, where the
     query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`); where the
     splits' partial rows pass what the last program merges (MERGE_ROWS), each also merged by a second
-    kernel."""
+    kernel; on Hopper, where the calls can take it (`decode_tma_target`), each also with K/V through TMA
+    (the first three only if `quick`)."""
     from attnforge.kernels import decode_params as decode
 
     rows = target.num_heads // target.num_kv_heads * target.q_len
@@ -104,7 +105,17 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
         candidates += [_merged(base, mode) for mode in decode.COMBINE_MODES]
     if not quick:
         candidates += [dict(base, num_warps=8), dict(base, num_warps=2)]
-    return _unique(candidates)
+    candidates = _unique(candidates)
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    if major >= 9 and decode_tma_target(target):
+        candidates += [dict(c, tma=True) for c in (candidates if not quick else candidates[:3])]
+    return candidates
+
+
+def decode_tma_target(target: Target) -> bool:
+    """The decode calls of `target` can read K/V through TMA (`decode.tma_launchable`; the GPU is checked by
+    the caller): half precision, head_dim 64 or 128 (targets have no kv_starts)."""
+    return target.dtype != "float32" and target.head_dim in (64, 128)
 
 
 def prefill_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:

@@ -35,7 +35,8 @@ from attnforge.kernels import tuning
 
 DECODE_GENES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128),
                 "num_splits": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
-                "num_stages": (1, 2, 3, 4, 5, 6), "combine": ("last", "kernel-pdl")}  # fmt: skip
+                "num_stages": (1, 2, 3, 4, 5, 6), "combine": ("last", "kernel-pdl"),
+                "tma": (False, True)}  # fmt: skip
 PREFILL_GENES = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8),
                  "num_stages": (2, 3, 4), "tma": (False, True), "ws": (False, True), "gluon": (False, True),
                  "pingpong": (False, True), "persistent": (False, True)}  # fmt: skip
@@ -76,7 +77,7 @@ def gene_space(target: Target, device: torch.device) -> dict[str, tuple]:
     always included)."""
     genes = dict(DECODE_GENES if target.kind == "decode" else PREFILL_GENES)
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    if target.kind == "prefill" and major < 9:
+    if major < 9 or (target.kind == "decode" and not bench_tune.decode_tma_target(target)):
         genes["tma"] = (False,)
     if target.kind == "prefill" and not (major == 9 and bench_tune.warp_spec_target(target)):
         genes["ws"] = (False,)  # the warp-specialized launch: sm_90, and calls that can take it

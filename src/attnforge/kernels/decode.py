@@ -43,6 +43,7 @@ from attnforge.kernels.decode_params import (
 )
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
 from attnforge.kernels.split_kv import attend, combine_kernel, finish_split, split_range
+from attnforge.kernels.tma import descriptor, tma_aligned, tma_capable
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,7 +61,7 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
-    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
+    MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # Load q, share the valid keys between the splits, the online softmax over this split's keys, then the
     # output or the partial and, with MERGE_LAST, the last program's merge (helpers below, shared with
@@ -71,7 +72,10 @@ def _decode_kernel(
     m_block = slot % NUM_M_BLOCKS
     b = (bh // num_kv_heads).to(tl.int64)
     h = (bh % num_kv_heads).to(tl.int64)
-    k_head, v_head = K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
+    if USE_TMA:  # K and V are 4-d descriptors of [B, Hkv, Lkv, D], read at (b, h)
+        k_head, v_head = K, V
+    else:
+        k_head, v_head = K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
     if USE_PDL:  # the next kernel (the merge, or the caller's) may start launching; it waits for this grid
         gdc_launch_dependents()
         gdc_wait()  # launched with PDL too: the previous kernel's writes (q, the cache) have landed
@@ -91,7 +95,8 @@ def _decode_kernel(
     alone, start, stop = split_range(first, end, split, num_splits, BLOCK_N, ALONE_TILES)
     last_visible = end - Q_LEN + token  # bottom-right causal among the new tokens; also hides n >= end
     m_i, l_i, acc = attend(q, k_head, v_head, start, stop, end, last_visible, scale_log2, d, d_ok, stride_kn,
-                           stride_kd, stride_vn, stride_vd, BLOCK_M, D_BLOCK, BLOCK_N, FP32_DOT)  # fmt: skip
+                           stride_kd, stride_vn, stride_vd, BLOCK_M, D_BLOCK, BLOCK_N, FP32_DOT,
+                           b.to(tl.int32), h.to(tl.int32), USE_TMA)  # fmt: skip
     o_ptrs = Out + b * stride_ob + head * stride_oh + token * stride_om  # [BLOCK_M]: each row's output
     finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot, b, h, m_block, d, d_ok,
                  row_ok, stride_ob, stride_oh, stride_om, stride_od, num_splits, ml_offset, GROUP, Q_LEN,
@@ -220,12 +225,19 @@ def default_workspace(device: torch.device, partial_floats: int, counters: int) 
     return workspace
 
 
+def tma_launchable(head_dim: int, dtype: torch.dtype, device, has_kv_starts: bool) -> bool:
+    """A launch may read K/V through TMA descriptors: a Hopper GPU, 16-bit, head_dim 64 or 128 (the tile's
+    rows are whole, at most 256 bytes), no `kv_starts` (a tile shifted back to end at the valid length could
+    read a left-padded sequence's padding)."""
+    return head_dim in (64, 128) and not has_kv_starts and tma_capable(device, dtype)
+
+
 class DecodeLaunch:
     """The kernel's launch for one call shape with everything but the tensors computed once (grid,
     compile-time constants, workspace sizes): each line of Python costs host time per call."""
 
     __slots__ = ("params", "grid", "constants", "num_kv_heads", "splits", "slots", "floats", "ml_offset",
-                 "combine_grid", "combine_constants", "twin")  # fmt: skip
+                 "combine_grid", "combine_constants", "twin", "tma_block", "tma_constants")  # fmt: skip
 
     def __init__(self, p: dict, shape: tuple, num_kv_heads: int, dtype, device, has_kv_lens, has_kv_starts):
         batch, num_heads, q_len, head_dim = shape
@@ -259,7 +271,12 @@ class DecodeLaunch:
             # no launch of the grid spilled; GQA 5:1 took 4 steps for 16 splits where it now takes 1)
             "S_CHUNK": max(1, min(splits_p2, MERGE_CHUNK, 16384 // (part_rows * d_block))),
             "num_warps": p["num_warps"], "num_stages": p["num_stages"], **pdl_options(use_pdl),
+            "USE_TMA": False,
         }  # fmt: skip
+        # K/V through TMA (the entry's "tma") for calls whose tensors allow it (`_args`), else pointers
+        tma = bool(p.get("tma")) and tma_launchable(head_dim, dtype, device, has_kv_starts)
+        self.tma_block = [1, 1, p["BLOCK_N"], d_block] if tma else None
+        self.tma_constants = {**self.constants, "USE_TMA": True}
         merged_apart = splits > 1 and combine != "last"
         self.combine_grid = (self.slots * part_rows,) if merged_apart else None
         self.combine_constants = {**shared, "S_CHUNK": min(splits_p2, MERGE_CHUNK), "num_warps": 4,
@@ -276,28 +293,39 @@ class DecodeLaunch:
         # The kernel reads lengths[b] at pointer + b: a view (a column of a [B, 2] tensor) is made contiguous.
         lens = kv_lens.contiguous() if kv_lens is not None else counters  # unread without HAS_KV_LENS
         starts = kv_starts.contiguous() if kv_starts is not None else counters  # unread without HAS_KV_STARTS
-        args = (q, k, v, out, lens, starts, partials, counters, *q.stride(), *k.stride(), *v.stride(),
-                *out.stride(), scale * LOG2E, k.shape[2], self.num_kv_heads, self.splits,
-                self.ml_offset)  # fmt: skip
-        _decode_kernel[self.grid](*args, **self.constants)
+        tensors = (q, k, v, out, lens, starts, partials, counters)
+        args, constants = self._args(*tensors, scale)
+        _decode_kernel[self.grid](*args, **constants)
         if self.combine_grid is not None:
             combine_kernel[self.combine_grid](*self._combine_args(out, partials), **self.combine_constants)
         if self.twin is not None:
-            self._warm_twin(args, k.shape[2])
+            self._warm_twin(tensors, scale)
+
+    def _args(self, q, k, v, out, lens, starts, partials, counters, scale: float) -> tuple[tuple, dict]:
+        """The kernel's arguments and constants: K and V as TMA descriptors where this launch reads them so
+        and their strides allow it, else as pointers."""
+        constants, k_src, v_src = self.constants, k, v
+        if self.tma_block is not None and tma_aligned(k, v):
+            constants = self.tma_constants
+            k_src, v_src = descriptor(k, self.tma_block), descriptor(v, self.tma_block)
+        args = (q, k_src, v_src, out, lens, starts, partials, counters, *q.stride(), *k.stride(), *v.stride(),
+                *out.stride(), scale * LOG2E, k.shape[2], self.num_kv_heads, self.splits,
+                self.ml_offset)  # fmt: skip
+        return args, constants
 
     def _combine_args(self, out, partials) -> tuple:
         return (out, partials, *out.stride(), self.num_kv_heads, self.splits, self.ml_offset)
 
-    def _warm_twin(self, args: tuple, kv_len: int) -> None:
+    def _warm_twin(self, tensors: tuple, scale: float) -> None:
         """Compile and load the twin's kernels for these arguments, without running them (once)."""
         make, self.twin = self.twin, None
         if triton_interpret():  # the interpreter compiles nothing
             return
-        twin = make(kv_len)
-        args = (*args[:-2], twin.splits, twin.ml_offset)  # its own (a split count of 1 compiles otherwise)
-        compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **twin.constants)]
+        twin = make(tensors[1].shape[2])
+        args, constants = twin._args(*tensors, scale)
+        compiled = [_decode_kernel.warmup(*args, grid=twin.grid, **constants)]
         if twin.combine_grid is not None:
-            combine_args = twin._combine_args(args[3], args[6])  # out, partials
+            combine_args = twin._combine_args(tensors[3], tensors[6])  # out, partials
             compiled.append(combine_kernel.warmup(*combine_args, grid=twin.combine_grid,
                                                   **twin.combine_constants))  # fmt: skip
         for kernel in compiled:

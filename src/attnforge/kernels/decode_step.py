@@ -67,7 +67,7 @@ def _decode_step_kernel(
     last_visible = tl.zeros([BLOCK_M], tl.int32) + cached - 1
     m_i, l_i, acc = attend(q, CacheK + cache_head, CacheV + cache_head, start, stop, cached, last_visible,
                            scale_log2, d, d_ok, stride_cn, 1, stride_cn, 1, BLOCK_M, D_BLOCK, BLOCK_N,
-                           FP32_DOT)  # fmt: skip
+                           FP32_DOT, 0, 0, False)  # fmt: skip
 
     if split == 0:  # the new token: its rotated key and its value go into the cache and into this result
         one = tl.arange(0, 1)

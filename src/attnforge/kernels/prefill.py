@@ -23,13 +23,10 @@ import triton
 import triton.language as tl
 
 from attnforge.config import SUPPORTED_HEAD_DIMS, check_lengths, check_qkv, resolve_scale
-from attnforge.environment import fp32_dot, triton_interpret
+from attnforge.environment import fp32_dot
 from attnforge.kernels import tuning
+from attnforge.kernels.tma import descriptor, tma_supported
 
-try:  # host-side TMA descriptors (triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton
-    TensorDescriptor = None
 try:  # the Gluon launch (Gluon's Hopper API: triton >= 3.5)
     from attnforge.kernels import prefill_gluon
 except ImportError:  # pragma: no cover - older triton
@@ -365,21 +362,6 @@ def launch_params(q, k, *, has_lengths: bool = False, has_mask: bool = False) ->
     return params or heuristic_params(batch, num_heads, q_len, head_dim, q.dtype, q.device)
 
 
-def tma_supported(*tensors: torch.Tensor) -> bool:
-    """The `[B, H, L, D]` tensors can be read through TMA descriptors: a Hopper GPU (not the interpreter),
-    fp16/bf16, the last dim contiguous, the other strides and the base 16-byte aligned."""
-    k = tensors[0]
-    if triton_interpret() or TensorDescriptor is None or not k.is_cuda or k.dtype == torch.float32:
-        return False
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
-    return all(
-        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0
-                                                            for s in t.stride()[:3])
-        for t in tensors
-    )  # fmt: skip
-
-
 # The warp-specialized tiles (BLOCK_M, BLOCK_N, num_stages) measured right on the H100 (4 warps asked for, 12
 # run): 64-key tiles and 3 stages returned NaN or wrong rows there (h100/prefill-ws/README.md).
 WS_TILES = ((128, 128, 2),)
@@ -453,8 +435,7 @@ def _prefill_into(q, k, v, out, scale: float, causal: bool, kv_lens, q_lens, att
     use_tma = not warp_spec and bool(p.get("tma")) and tma_supported(k, v)
     if use_tma:
         block = [1, 1, p["BLOCK_N"], d_block]
-        k = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
-        v = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
+        k, v = descriptor(k, block), descriptor(v, block)
     mask_kind, mask, mask_strides = MASK_NONE, q, (0, 0, 0, 0)  # q: any pointer, unread without a mask
     if attn_mask is not None:
         mask = attn_mask.expand(batch, num_heads, q_len, kv_len)

@@ -29,30 +29,41 @@ def split_range(first, end, split, num_splits, BLOCK_N: tl.constexpr, ALONE_TILE
 @triton.jit
 def attend(q, K, V, start, stop, end, last_visible, scale_log2, d, d_ok, stride_kn, stride_kd, stride_vn,
            stride_vd, BLOCK_M: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-           FP32_DOT: tl.constexpr):  # fmt: skip
+           FP32_DOT: tl.constexpr, kv_b, kv_h, USE_TMA: tl.constexpr):  # fmt: skip
     """Online softmax (base 2) of q `[BLOCK_M, D_BLOCK]` over the keys [start, stop) of one head's K and V
-    (pointers at its first key), keys at or beyond `end` masked and each row seeing keys up to its
-    `last_visible` `[BLOCK_M]`: the running max `m`, sum `l` `[BLOCK_M]` and unnormalized output `acc`."""
+    (pointers at its first key; with USE_TMA, 4-d descriptors of `[B, Hkv, Lkv, D]` read at batch `kv_b`,
+    head `kv_h`), keys at or beyond `end` masked and each row seeing keys up to its `last_visible`
+    `[BLOCK_M]`: the running max `m`, sum `l` and unnormalized output `acc`. Through TMA, a tile that would
+    pass `end` is read shifted back to end there (coordinates below 0 read as zeros) and its keys before the
+    tile's own first one are masked: no key at or past `end` is read."""
     n_off = tl.arange(0, BLOCK_N)
-    # K is read as [D, BLOCK_N] (transposed pointers) so the dot needs no transpose; V as [BLOCK_N, D].
-    n_first = start.to(tl.int64) + n_off
-    kt_ptrs = K + d[:, None] * stride_kd + n_first[None, :] * stride_kn
-    v_ptrs = V + n_first[:, None] * stride_vn + d[None, :] * stride_vd
+    if not USE_TMA:  # K is read as [D, BLOCK_N] (transposed pointers): the dot needs no transpose
+        n_first = start.to(tl.int64) + n_off
+        kt_ptrs = K + d[:, None] * stride_kd + n_first[None, :] * stride_kn
+        v_ptrs = V + n_first[:, None] * stride_vn + d[None, :] * stride_vd
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_BLOCK], tl.float32)
     for n0 in range(start, stop, BLOCK_N):
-        n = n0 + n_off
-        n_ok = n < end
-        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if USE_TMA:
+            at = tl.minimum(n0, end - BLOCK_N)
+            kt = K.load([kv_b, kv_h, at, 0]).reshape(BLOCK_N, D_BLOCK).trans()
+            v = V.load([kv_b, kv_h, at, 0]).reshape(BLOCK_N, D_BLOCK)
+            n = at + n_off
+            seen = (n >= n0)[None, :] & (n[None, :] <= last_visible[:, None])
+        else:
+            n = n0 + n_off
+            n_ok = n < end
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            kt_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+            seen = n[None, :] <= last_visible[:, None]
         if FP32_DOT:
             qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
             qk = tl.dot(q, kt)
-        qk = tl.where(n[None, :] <= last_visible[:, None], qk * scale_log2, float("-inf"))
+        qk = tl.where(seen, qk * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)

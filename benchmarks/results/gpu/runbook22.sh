@@ -1,0 +1,31 @@
+#!/bin/bash
+# Seventeenth session, issue 10: K/V through TMA in the decode kernel ("-tma" candidates). Steps:
+#   0  the decode GPU tests (the TMA launch's among them) and the GPU-safety ones;
+#   1  the B1 GQA buckets at 1k-16k keys and the static / ragged caches, every launch also through TMA, plain
+#      and in 28-call graphs (16 runners-up there), into $R/table.json (stored later with --from-results).
+# One tarball under $OUT. On the device, from the repository root, after the wheels prefix of the runbook:
+#     bash benchmarks/results/gpu/runbook22.sh 0 1   (about 7 minutes)
+R=/tmp/runbook22
+mkdir -p "$R"
+save() { tar czf "$OUT/runbook22.tgz" -C /tmp runbook22; }
+nvidia-smi --query-gpu=name,driver_version --format=csv > "$R/gpu.txt"
+cat "$R/gpu.txt"
+ONLY="B=1 16:8 Lq=1 Lkv=1024 ,B=1 16:8 Lq=1 Lkv=4096 ,B=1 16:8 Lq=1 Lkv=16384 ,B=1 32:8 Lq=1 Lkv=1024 ,B=1 32:8 Lq=1 Lkv=4096 d128,B=1 32:8 Lq=1 Lkv=16384 ,B=1 40:8 Lq=1 Lkv=1024 ,B=1 40:8 Lq=1 Lkv=4096 ,B=1 40:8 Lq=1 Lkv=16384 ,valid="
+for step in ${*:-0 1}; do
+  case $step in
+    0)
+      timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark -o faulthandler_timeout=100 \
+        tests/test_decode.py tests/test_gpu_safety.py > "$R/pytest-decode.txt" 2>&1
+      echo "pytest rc=$?" | tee -a "$R/pytest-decode.txt"
+      grep -E "FAILED|ERROR|Timeout| passed| failed" "$R/pytest-decode.txt" | cut -c1-160 | sort | uniq | head -20
+      ;;
+    1)
+      timeout 420 python3 -m attnforge.cli tune --preset decode-grid --only "$ONLY" --full --graph-layers 28 \
+        --graph-candidates 16 --time-budget 330 --out "$R" --table "$R/table.json" > "$R/tune.txt" 2>&1
+      echo "tune rc=$?" | tee -a "$R/tune.txt"
+      tail -25 "$R/tune.txt"
+      ;;
+  esac
+  save
+done
+ls -la "$R"
