@@ -19,9 +19,9 @@ def splits(monkeypatch):
     """Decode's tuning entry for every bucket: 16-key tiles in `n` splits, each merge mode's entry alike (the
     fused kernel merges in the kernel whatever the entry says)."""
 
-    def use(n, combine="kernel", alone_tiles=2):
+    def use(n, combine="kernel", alone_tiles=2, tma=False):
         entry = {"BLOCK_N": 16, "num_splits": n, "num_warps": 4, "num_stages": 2, "combine": combine,
-                 "alone_tiles": alone_tiles}  # fmt: skip
+                 "alone_tiles": alone_tiles, "tma": tma}  # fmt: skip
         monkeypatch.setattr(decode_params.tuning, "launch_params", lambda *args, **kwargs: entry)
         decode_params.bucket_params.cache_clear()
         decode.merged_in_kernel.cache_clear()
@@ -98,6 +98,26 @@ def test_the_step_equals_rope_and_store_then_decode_attention(splits, dtype, com
     assert torch.equal(cache_k, two_k) and torch.equal(cache_v, two_v)
     errors = verify.relative_l2_per_slice(out, want)
     assert errors.max() <= verify.tolerance_for(dtype), errors
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_the_step_through_tma_never_reads_the_slots_from_the_new_one_on(splits, num_splits, monkeypatch):
+    """The cache read through TMA descriptors (a "tma" entry, Hopper; the interpreter runs the path when the
+    guard is lifted): tiles end at each sequence's new position (below one tile, from coordinates under 0), so
+    NaN/Inf in its slot and past it never reach the output; the new key and value still land in the cache."""
+    monkeypatch.setattr(decode, "tma_capable", lambda device, dtype: True)
+    splits(num_splits, "last", 0, tma=True)
+    drawn = _inputs(3, 8, 2, 64, torch.float16, 90, seed=5, positions=[3, 89, 50])
+    qkv, cos, sin, pos, cache_k, cache_v, _ = drawn
+    for b in range(3):
+        cache_k[b, :, pos[b, 0] :], cache_v[b, :, pos[b, 0] :] = float("nan"), float("inf")
+    want, k, v = _oracle(qkv, cos, sin, pos, cache_k, cache_v, 8, None)
+    assert decode.merged_in_kernel((3, 8, 1, 64), 2, 90, torch.float16, DEVICE).tma_block == [1, 1, 16, 64]
+    out = decode_step_attention(qkv, cos, sin, pos, cache_k, cache_v, num_heads=8)
+    assert torch.isfinite(out).all()
+    assert verify.relative_l2_per_slice(out, want).max() <= verify.tolerance_for(torch.float16)
+    for b in range(3):
+        assert torch.equal(cache_v[b, :, pos[b, 0]], v[b, :, 0])
 
 
 def test_every_output_element_is_written_call_after_call(splits):

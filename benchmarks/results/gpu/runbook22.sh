@@ -2,9 +2,12 @@
 # Seventeenth session, issue 10: K/V through TMA in the decode kernel ("-tma" candidates). Steps:
 #   0  the decode GPU tests (the TMA launch's among them) and the GPU-safety ones;
 #   1  the B1 GQA buckets at 1k-16k keys and the static / ragged caches, every launch also through TMA, plain
-#      and in 28-call graphs (16 runners-up there), into $R/table.json (stored later with --from-results).
+#      and in 28-call graphs (16 runners-up there), into $R/tuning.json (stored later with --from-results);
+#   2  issue 11: Llama-3-8B's static-cache bucket at prompt 4096 (4096 valid of 8k) likewise, into the same
+#      table, then `bench accel` for Llama-3-8B with that table as the user's (88% of the roofline at 4096).
 # One tarball under $OUT. On the device, from the repository root, after the wheels prefix of the runbook:
-#     bash benchmarks/results/gpu/runbook22.sh 0 1   (about 7 minutes)
+#     bash benchmarks/results/gpu/runbook22.sh 0 1   (about 7 minutes), then
+#     bash benchmarks/results/gpu/runbook22.sh 2     (about 4 minutes; on the same warm machine after 1)
 R=/tmp/runbook22
 mkdir -p "$R"
 save() { tar czf "$OUT/runbook22.tgz" -C /tmp runbook22; }
@@ -21,9 +24,19 @@ for step in ${*:-0 1}; do
       ;;
     1)
       timeout 420 python3 -m attnforge.cli tune --preset decode-grid --only "$ONLY" --full --graph-layers 28 \
-        --graph-candidates 16 --time-budget 330 --out "$R" --table "$R/table.json" > "$R/tune.txt" 2>&1
+        --graph-candidates 16 --time-budget 330 --out "$R" --table "$R/tuning.json" > "$R/tune.txt" 2>&1
       echo "tune rc=$?" | tee -a "$R/tune.txt"
       tail -25 "$R/tune.txt"
+      ;;
+    2)
+      timeout 150 python3 -m attnforge.cli tune --model llama3-8b --kernels decode --only "valid=4096" --full \
+        --graph-layers 32 --graph-candidates 16 --out "$R" --table "$R/tuning.json" > "$R/tune-llama.txt" 2>&1
+      echo "tune rc=$?" | tee -a "$R/tune-llama.txt"
+      tail -6 "$R/tune-llama.txt"
+      ATTNFORGE_CACHE_DIR="$R" timeout 200 python3 -m attnforge.cli bench accel --model llama3-8b \
+        --rows attnforge --runs 3 --out "$R" > "$R/accel.txt" 2>&1
+      echo "accel rc=$?" | tee -a "$R/accel.txt"
+      tail -20 "$R/accel.txt"
       ;;
   esac
   save

@@ -302,16 +302,19 @@ class DecodeLaunch:
             self._warm_twin(tensors, scale)
 
     def _args(self, q, k, v, out, lens, starts, partials, counters, scale: float) -> tuple[tuple, dict]:
-        """The kernel's arguments and constants: K and V as TMA descriptors where this launch reads them so
-        and their strides allow it, else as pointers."""
-        constants, k_src, v_src = self.constants, k, v
-        if self.tma_block is not None and tma_aligned(k, v):
-            constants = self.tma_constants
-            k_src, v_src = descriptor(k, self.tma_block), descriptor(v, self.tma_block)
+        """The kernel's arguments and constants (K and V as `kv_sources` gives them)."""
+        k_src, v_src, constants = self.kv_sources(k, v)
         args = (q, k_src, v_src, out, lens, starts, partials, counters, *q.stride(), *k.stride(), *v.stride(),
                 *out.stride(), scale * LOG2E, k.shape[2], self.num_kv_heads, self.splits,
                 self.ml_offset)  # fmt: skip
         return args, constants
+
+    def kv_sources(self, k, v) -> tuple:
+        """(K, V, constants) for k/v `[B, Hkv, Lkv, D]`: 4-d TMA descriptors where this launch reads through
+        TMA and their strides allow it (USE_TMA set), else the tensors themselves (pointers)."""
+        if self.tma_block is None or not tma_aligned(k, v):
+            return k, v, self.constants
+        return descriptor(k, self.tma_block), descriptor(v, self.tma_block), self.tma_constants
 
     def _combine_args(self, out, partials) -> tuple:
         return (out, partials, *out.stride(), self.num_kv_heads, self.splits, self.ml_offset)

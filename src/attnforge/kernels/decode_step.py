@@ -31,13 +31,14 @@ _FIXED = ("Q_LEN", "HAS_KV_LENS", "HAS_KV_STARTS", "MERGE_LAST")
 
 @triton.jit
 def _decode_step_kernel(
-    QKV, Cos, Sin, Positions, QGain, KGain, CacheK, CacheV, Out, PartO, Counters,
+    QKV, Cos, Sin, Positions, QGain, KGain, CacheK, CacheV, KSrc, VSrc, Out, PartO, Counters,
     stride_qkv_b, stride_cos, stride_cb, stride_ch, stride_cn, stride_ob, stride_oh,
     max_seq, eps, scale_log2, num_kv_heads, num_splits, ml_offset,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, Q_NORM: tl.constexpr,
     K_NORM: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): the steps below are split_kv's and
     # rope_cache's device functions; what is left is the new token's part, which needs their values.
@@ -65,9 +66,13 @@ def _decode_step_kernel(
 
     alone, start, stop = split_range(0, cached, split, num_splits, BLOCK_N, ALONE_TILES)
     last_visible = tl.zeros([BLOCK_M], tl.int32) + cached - 1
-    m_i, l_i, acc = attend(q, CacheK + cache_head, CacheV + cache_head, start, stop, cached, last_visible,
-                           scale_log2, d, d_ok, stride_cn, 1, stride_cn, 1, BLOCK_M, D_BLOCK, BLOCK_N,
-                           FP32_DOT, 0, 0, False)  # fmt: skip
+    if USE_TMA:  # the caches read through 4-d descriptors (KSrc, VSrc); the new key is stored by pointer
+        k_src, v_src = KSrc, VSrc
+    else:
+        k_src, v_src = CacheK + cache_head, CacheV + cache_head
+    m_i, l_i, acc = attend(q, k_src, v_src, start, stop, cached, last_visible, scale_log2, d, d_ok, stride_cn,
+                           1, stride_cn, 1, BLOCK_M, D_BLOCK, BLOCK_N, FP32_DOT, b.to(tl.int32),
+                           h.to(tl.int32), USE_TMA)  # fmt: skip
 
     if split == 0:  # the new token: its rotated key and its value go into the cache and into this result
         one = tl.arange(0, 1)
@@ -104,11 +109,12 @@ def launch_decode_step(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gai
     workspace = workspace or default_workspace(qkv.device, launch.floats, launch.slots)
     partials, counters = workspace.buffers(launch.floats, launch.slots)
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-    constants = {k: v for k, v in launch.constants.items() if k not in _FIXED}
+    k_src, v_src, constants = launch.kv_sources(cache_k, cache_v)
+    constants = {k: v for k, v in constants.items() if k not in _FIXED}
     dummy = cos
     _decode_step_kernel[launch.grid](
         qkv, cos, sin, positions.reshape(batch).contiguous(), dummy if q_gain is None else q_gain,
-        dummy if k_gain is None else k_gain, cache_k, cache_v, out, partials, counters,
+        dummy if k_gain is None else k_gain, cache_k, cache_v, k_src, v_src, out, partials, counters,
         qkv.stride(0), cos.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), out.stride(0),
         out.stride(1), max_seq, eps, scale * LOG2E, num_kv_heads, launch.splits, launch.ml_offset,
         NUM_HEADS=num_heads, Q_NORM=q_gain is not None, K_NORM=k_gain is not None, **constants,
