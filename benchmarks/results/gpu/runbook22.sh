@@ -1,6 +1,6 @@
 #!/bin/bash
 # Seventeenth session, issue 10: K/V through TMA in the decode kernel ("-tma" candidates). Steps:
-#   0  the decode GPU tests (the TMA launch's among them) and the GPU-safety ones;
+#   0  the decode GPU tests (the TMA launch's among them) and the GPU-safety ones (t: the TMA tests alone);
 #   1  the B1 GQA buckets at 1k-16k keys and the static / ragged caches, every launch also through TMA, plain
 #      and in 28-call graphs (16 runners-up there), into $R/tuning.json (stored later with --from-results);
 #   2  issue 11: Llama-3-8B's static-cache bucket at prompt 4096 (4096 valid of 8k) likewise, into the same
@@ -22,9 +22,16 @@ for step in ${*:-0 1}; do
       echo "pytest rc=$?" | tee -a "$R/pytest-decode.txt"
       grep -E "FAILED|ERROR|Timeout| passed| failed" "$R/pytest-decode.txt" | cut -c1-160 | sort | uniq | head -20
       ;;
+    t)
+      timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -k tma tests/test_decode.py \
+        tests/test_decode_step.py > "$R/pytest-tma.txt" 2>&1
+      echo "pytest rc=$?" | tee -a "$R/pytest-tma.txt"
+      tail -3 "$R/pytest-tma.txt"
+      ;;
     1)
-      timeout 420 python3 -m attnforge.cli tune --preset decode-grid --only "$ONLY" --full --graph-layers 28 \
-        --graph-candidates 16 --time-budget 330 --out "$R" --table "$R/tuning.json" > "$R/tune.txt" 2>&1
+      timeout 400 python3 -m attnforge.cli tune --preset decode-grid --only "$ONLY" --full --graph-layers 28 \
+        --graph-candidates ${GRAPH_CANDIDATES:-16} --time-budget ${BUDGET:-300} --out "$R" --table "$R/tuning.json" \
+        > "$R/tune.txt" 2>&1
       echo "tune rc=$?" | tee -a "$R/tune.txt"
       tail -25 "$R/tune.txt"
       ;;
