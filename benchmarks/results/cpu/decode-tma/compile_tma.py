@@ -1,6 +1,7 @@
-"""Issue 10 (scratch, kept with its output): the split-KV decode kernel compiled for sm_90 on a machine without
-a GPU (Triton 3.6's ptxas), K/V read through pointers and through TMA descriptors (`USE_TMA`), at the H100's
-stored 32:8 launches: registers, shared memory and the loop's instruction mix. Run from the repository root:
+"""Issue 10 (scratch, kept with its output): the split-KV decode kernel compiled for sm_90 on a machine
+without a GPU (Triton 3.6's ptxas), K/V read through pointers and through TMA descriptors (`USE_TMA`), at
+the H100's stored 32:8 launches: registers, shared memory and the loop's instruction mix. Run from the
+repository root:
 
     PYTHONPATH=src:<triton 3.6 site> python benchmarks/results/cpu/decode-tma/compile_tma.py
 """
@@ -60,7 +61,8 @@ def main():
         for count, ops in loop_counts(compiled):
             print(f"  loop {count} instr.: {', '.join(f'{op} {n}' for op, n in ops.most_common(12))}")
         if len(sys.argv) > 1:
-            with open(os.path.join(sys.argv[1], label.replace(" ", "_").replace(",", "") + ".sass"), "w") as f:
+            name = label.replace(" ", "_").replace(",", "") + ".sass"
+            with open(os.path.join(sys.argv[1], name), "w") as f:
                 f.write(compiled.asm["sass"])
 
 
