@@ -10,12 +10,10 @@ import os
 import sys
 
 import torch
-import triton
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.compiler import ASTSource
+from triton.backends.compiler import BaseBackend
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gemv-packed"))
-from compile_packed import registers  # noqa: E402
+from compile_packed import compile_sm90, registers  # noqa: E402
 from sass_loop import loop_counts  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 
@@ -44,14 +42,7 @@ def compile_case(block_n, stages, warps, lens, tma):
         cache = torch.zeros(1, 8, 4096, 128, dtype=torch.bfloat16)
         desc = TensorDescriptor(cache, list(cache.shape), list(cache.stride()), [1, 1, block_n, 128])
         types["K"] = types["V"] = native_specialize_impl(BaseBackend, desc, False, True, True)[0]
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        signature[name] = "constexpr" if name in constants else types.get(name, "i32")
-        if signature[name].startswith("*") or (name.startswith("stride_") and name not in constants):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    options = {"num_warps": warps, "num_stages": stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_sm90(kernel, constants, types, {"num_warps": warps, "num_stages": stages})
 
 
 def main():
