@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -218,6 +219,57 @@ def test_several_graphs_are_replayed_in_turn_and_one_that_fails_to_capture_is_re
     assert replays == ["a", "b"] * 3
     assert samples["a"] == [1.0, 3.0, 5.0] and samples["b"] == [2.0, 4.0, 6.0]
     assert samples["broken"] == "RuntimeError: operation not permitted when stream is capturing"
+
+
+class _FakeGraph:
+    def replay(self):
+        pass
+
+
+def test_a_layer_graph_keeps_what_its_calls_own_alive(monkeypatch):
+    """The memory a captured call owns (its output, a baseline's copies of K/V) must outlive the calls list:
+    the graph holds the calls, so those tensors die with the graph, not before (freed, a later capture's
+    cache flush returned them to the driver and a replay faulted)."""
+    import contextlib
+    import gc
+    import weakref
+
+    class Owned:  # what a call's closure owns (a tensor on the GPU)
+        pass
+
+    owned = [Owned() for _ in range(3)]
+    alive = [weakref.ref(o) for o in owned]
+    makers = [lambda o=o: o for o in owned]
+    del owned
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    graph = timing._layer_graph(makers.__getitem__, 3)
+    del makers
+    gc.collect()
+    assert all(ref() is not None for ref in alive)
+    del graph
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphs_replay_after_later_captures_read_what_their_calls_own():
+    """Each call reads a 64 MiB tensor only its closure owns (as torch's static-cache path owns its copies
+    of K/V): capturing the second graph empties the allocator's cache, and the first graph's replays must
+    still find that memory (they faulted when the calls list died with the capture)."""
+
+    def maker(i):
+        owned = torch.full((1 << 24,), float(i), device="cuda")
+        return lambda: owned.sum()
+
+    samples = timing.time_graphs_per_call({"a": maker, "b": maker}, layers=2, reps=3)
+    torch.cuda.synchronize()
+    assert all(len(samples[name]) == 3 for name in ("a", "b"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -134,7 +134,12 @@ def time_graphs_per_call(
 
 def _layer_graph(make_layer_call: Callable[[int], Callable[[], object]], layers: int) -> torch.cuda.CUDAGraph:
     """A CUDA graph of the `layers` calls `make_layer_call(i)`, warmed up (run once eagerly before capture,
-    then replayed 3 times)."""
+    then replayed 3 times). The graph holds its calls (`graph.calls`): their closures own memory the graph
+    reads and writes (a call's output, a baseline's mask or its copies of K/V), which must live as long as
+    the graph. Freed with the calls, a large block goes back to the driver at the next capture (which
+    empties the allocator's cache) and a replay then touches unmapped memory: the illegal address of
+    `attnforge tune` on the static-cache target, whose torch path holds 2 x 67 MB of K/V copies a layer
+    (`benchmarks/results/h100/decode-tma/graph-crash-20261207-323c2ea/`)."""
     calls = [make_layer_call(i) for i in range(layers)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -147,6 +152,7 @@ def _layer_graph(make_layer_call: Callable[[int], Callable[[], object]], layers:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
+    graph.calls = calls
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
