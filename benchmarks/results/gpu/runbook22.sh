@@ -1,12 +1,13 @@
 #!/bin/bash
 # Seventeenth session, issue 10: K/V through TMA in the decode kernel ("-tma" candidates). Steps:
-#   0  the decode GPU tests (the TMA launch's among them) and the GPU-safety ones (t: the TMA tests alone);
+#   0  the decode GPU tests (the TMA launch's among them) and the GPU-safety ones (t: the TMA tests and the
+#      bench's graph tests alone);
 #   1  the B1 GQA buckets at 1k-16k keys and the static / ragged caches, every launch also through TMA, plain
 #      and in 28-call graphs (16 runners-up there), into $R/tuning.json (stored later with --from-results);
 #   2  issue 11: Llama-3-8B's static-cache bucket at prompt 4096 (4096 valid of 8k) likewise (plain launches
 #      only), into the same table, then `bench accel` for Llama-3-8B with that table as the user's (88% of the roofline at 4096).
 # One tarball under $OUT. On the device, from the repository root, after the wheels prefix of the runbook:
-#     bash benchmarks/results/gpu/runbook22.sh 0 1   (about 7 minutes), then
+#     bash benchmarks/results/gpu/runbook22.sh t 1   (about 7 minutes), then
 #     bash benchmarks/results/gpu/runbook22.sh 2     (about 4 minutes; on the same warm machine after 1)
 R=/tmp/runbook22
 mkdir -p "$R"
@@ -29,9 +30,9 @@ for step in ${*:-0 1}; do
       echo "pytest rc=$?" | tee -a "$R/pytest-decode.txt"
       grep -E "FAILED|ERROR|Timeout| passed| failed" "$R/pytest-decode.txt" | cut -c1-160 | sort | uniq | head -20
       ;;
-    t)
-      timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -k tma tests/test_decode.py \
-        tests/test_decode_step.py > "$R/pytest-tma.txt" 2>&1
+    t)  # the TMA tests, and the bench's graph tests (a graph replayed after a later capture)
+      timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -k "tma or graph" tests/test_decode.py \
+        tests/test_decode_step.py tests/test_bench.py > "$R/pytest-tma.txt" 2>&1
       echo "pytest rc=$?" | tee -a "$R/pytest-tma.txt"
       tail -3 "$R/pytest-tma.txt"
       ;;
