@@ -8,6 +8,10 @@ per-slot arrival counter; the program that arrives last merges the partials, wri
 counter. With one split the program writes the output directly, and so does split 0 for a sequence whose valid
 keys fit in `alone_tiles` tiles (the other splits of that slot do nothing).
 
+On Hopper a tuning entry may read K/V through TMA descriptors instead of pointers (`tma`, `tma_launchable`):
+a tile that would pass a valid length is then read shifted back to end there, so keys at or past it are not
+read either way.
+
 Valid lengths are clamped to [0, Lkv] on the device: no value of `kv_lens` can make the kernel read outside
 the cache, and there is no host sync. A left-padded batch passes `kv_starts` too (the first valid key per
 sequence, clamped to [0, its length]): the splits share keys [start, end), and padding is never read.
@@ -226,9 +230,9 @@ def default_workspace(device: torch.device, partial_floats: int, counters: int) 
 
 
 def tma_launchable(head_dim: int, dtype: torch.dtype, device, has_kv_starts: bool) -> bool:
-    """A launch may read K/V through TMA descriptors: a Hopper GPU, 16-bit, head_dim 64 or 128 (the tile's
-    rows are whole, at most 256 bytes), no `kv_starts` (a tile shifted back to end at the valid length could
-    read a left-padded sequence's padding)."""
+    """A launch may read K/V through TMA descriptors: a Hopper (or later) GPU, 16-bit, head_dim 64 or 128
+    (the tile's rows are whole, at most 256 bytes), no `kv_starts` (a tile shifted back to end at the valid
+    length could read a left-padded sequence's padding)."""
     return head_dim in (64, 128) and not has_kv_starts and tma_capable(device, dtype)
 
 
