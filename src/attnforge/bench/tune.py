@@ -114,8 +114,10 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
 
 def decode_tma_target(target: Target) -> bool:
     """The decode calls of `target` can read K/V through TMA (`decode.tma_launchable`; the GPU is checked by
-    the caller): half precision, head_dim 64 or 128 (targets have no kv_starts)."""
-    return target.dtype != "float32" and target.head_dim in (64, 128)
+    the caller): half precision, a head_dim in TMA_HEAD_DIMS (targets have no kv_starts)."""
+    from attnforge.kernels.decode_params import TMA_HEAD_DIMS
+
+    return target.dtype != "float32" and target.head_dim in TMA_HEAD_DIMS
 
 
 def prefill_candidates(target: Target, device: torch.device, quick: bool = False) -> list[dict]:

@@ -40,6 +40,7 @@ from attnforge.kernels.decode_params import (
     COMBINE_MODES,
     MERGE_CHUNK,
     MERGE_ROWS,
+    TMA_HEAD_DIMS,
     bucket_params,
     complete_params,
     decode_bucket,  # noqa: F401 - the optimizer finds a kernel's buckets as `<kind>_bucket` in its module
@@ -230,10 +231,10 @@ def default_workspace(device: torch.device, partial_floats: int, counters: int) 
 
 
 def tma_launchable(head_dim: int, dtype: torch.dtype, device, has_kv_starts: bool) -> bool:
-    """A launch may read K/V through TMA descriptors: a Hopper (or later) GPU, 16-bit, head_dim 64 or 128
-    (the tile's rows are whole, at most 256 bytes), no `kv_starts` (a tile shifted back to end at the valid
-    length could read a left-padded sequence's padding)."""
-    return head_dim in (64, 128) and not has_kv_starts and tma_capable(device, dtype)
+    """A launch may read K/V through TMA descriptors: a Hopper (or later) GPU, 16-bit, a head_dim in
+    TMA_HEAD_DIMS, no `kv_starts` (a tile shifted back to end at the valid length could read a left-padded
+    sequence's padding)."""
+    return head_dim in TMA_HEAD_DIMS and not has_kv_starts and tma_capable(device, dtype)
 
 
 class DecodeLaunch:

@@ -28,6 +28,8 @@ MERGE_CHUNK = 16
 # Valid keys of a sequence that fit in this many tiles are read by split 0 alone, which writes the output:
 # no partials and no merge for them (a static cache early in a generation: most splits would be empty).
 ALONE_TILES = 2
+# Head dims whose K/V rows a TMA tile reads whole (at most 256 bytes a row in 16 bits): the "tma" launch's.
+TMA_HEAD_DIMS = (64, 128)
 # How split partials are merged: by the program that arrives last ("last", one launch), or by a second kernel
 # with one program per (slot, row) ("kernel"), launched early with programmatic dependent launch on Hopper
 # ("kernel-pdl"; without PDL support it runs as "kernel").
