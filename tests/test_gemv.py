@@ -151,7 +151,7 @@ def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
         (1, 1024, 2048, 5, GemvParams(8, 1024, 4, ahead=True)),
         (1, 1024, 2048, 4, GemvParams(4, 1024, 4)),
         (2, 1024, 2048, 8, GemvParams(4, 1024, 4)),  # several rows of codes: their own registers
-        (16, 1024, 2048, 16, GemvParams(4, 512, 4)),  # more than FAST_ROWS rows
+        (16, 1024, 2048, 16, GemvParams(4, 512, 4)),  # more than DOT_ROWS rows
         (8, 1024, 2048, 16, GemvParams(16, 512, 4, dot=True, ahead=True)),  # 2-8 rows: the tensor cores
         (3, 4096, 1024, 16, GemvParams(16, 512, 4, dot=True, ahead=True)),
         (8, 6144, 4096, 16, GemvParams(32, 256, 4, dot=True, ahead=True)),  # more than 4096 outputs
@@ -164,14 +164,20 @@ def test_default_launch_parameters_by_shape(monkeypatch, rows, n, k, bits, expec
     assert gemv.default_params(rows, n, k, bits) == expected
 
 
-@pytest.mark.parametrize(("dtype", "fast", "rows"), [(torch.bfloat16, 8, 8), (torch.float16, 8, 2),
-                                                     (torch.float32, 1, 8)])  # fmt: skip
-def test_several_rows_take_the_tensor_cores_in_16_bit_dtypes_only(monkeypatch, dtype, fast, rows):
-    """fast_rows (what callers choosing a path ask) and default_params agree: float32's several rows keep the
-    plain loop (its full-precision dot is emulated), so callers keep them on cuBLAS."""
+@pytest.mark.parametrize(
+    ("dtype", "rows", "dot"),
+    [
+        (torch.bfloat16, 8, True),
+        (torch.float16, 2, True),
+        (torch.float32, 8, False),
+        (torch.bfloat16, 9, False),
+    ],
+)
+def test_several_rows_take_the_tensor_cores_in_16_bit_dtypes_only(monkeypatch, dtype, rows, dot):
+    """2 to DOT_ROWS rows of float16/bfloat16: the tensor-core product; float32 keeps the plain loop (its
+    full-precision dot is emulated), more rows their own registers."""
     monkeypatch.setattr(gemv, "triton_interpret", lambda: False)
-    assert gemv.fast_rows(dtype) == fast
-    assert gemv.default_params(rows, 1024, 2048, 16, dtype).dot == (fast > 1)
+    assert gemv.default_params(rows, 1024, 2048, 16, dtype).dot == dot
 
 
 @pytest.mark.parametrize("pdl", [True, False])

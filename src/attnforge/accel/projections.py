@@ -1,16 +1,15 @@
 """The products of the walk (forward.py): the model's own modules, or attnforge's skinny linear for decode.
 
 A decode step is a few rows of hidden state against every weight matrix. `KernelProjections` runs those calls
-(at most `gemv.fast_rows` rows: up to 8 sequences in 16-bit dtypes, one in float32, where the kernel was
-measured faster than cuBLAS with its neighbours fused) through `kernels.gemv.fused_linear`, which also takes
-each product's neighbours into the same launch: the RMSNorm before q/k/v, gate/up and the LM head, silu(gate)
-* up after gate/up, and the residual adds after o and down - four launches per layer instead of eight or
-more. A neighbour is fused only where the model's module provably computes what the kernel does: each norm
-and the activation are probed once (`torch.equal` against the kernel's formula on the model's device and
-dtype); a module that differs (Gemma's `(1 + w)` norm, GELU) runs as itself before the product. Quantized
-projections go through the kernel too where their backend runs attnforge's packed GEMV
-(`kernels.gemv.PackedWeight`: the codes dequantized as they are read); on another backend, of mixed bits,
-and calls with more rows (prefill, larger batches) use the model's modules
+(at most gemv.FAST_ROWS rows: batch 1, where the kernel was measured faster than cuBLAS) through
+`kernels.gemv.fused_linear`, which also takes each product's neighbours into the same launch: the RMSNorm
+before q/k/v, gate/up and the LM head, silu(gate) * up after gate/up, and the residual adds after o and down -
+four launches per layer instead of eight or more. A neighbour is fused only where the model's module provably
+computes what the kernel does: each norm and the activation are probed once (`torch.equal` against the
+kernel's formula on the model's device and dtype); a module that differs (Gemma's `(1 + w)` norm, GELU) runs
+as itself before the product. Quantized projections go through the kernel too where their backend runs
+attnforge's packed GEMV (`kernels.gemv.PackedWeight`: the codes dequantized as they are read); on another
+backend, of mixed bits, and calls with more rows (prefill, batches) use the model's modules
 (`TorchProjections`).
 """
 
@@ -89,8 +88,7 @@ class KernelProjections(TorchProjections):
     @property
     def name(self) -> str:
         rope = "the model's RoPE" if self.rope is None else "attention kernels (q/k norms, RoPE, cache write)"
-        return (f"attnforge fused_linear (norm, silu * up and residual fused) for decode steps of up to "
-                f"{self._gemv.FAST_ROWS} sequences, {rope} for "
+        return (f"attnforge fused_linear (norm, silu * up and residual fused) for batch-1 decode, {rope} for "
                 "decode steps' new tokens; torch matmuls otherwise")  # fmt: skip
 
     def __init__(self, plan: ModelPlan, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -104,7 +102,7 @@ class KernelProjections(TorchProjections):
         self.qk_norms = [_qk_norms(layer, plan.dtype, plan.device) for layer in plan.layers]
 
     def _small(self, x: torch.Tensor) -> bool:
-        return x.numel() // x.shape[-1] <= self._gemv.fast_rows(x.dtype)
+        return x.numel() // x.shape[-1] <= self._gemv.FAST_ROWS
 
     def attention_in(self, index, layer, hidden):
         fused = self.layers[index]

@@ -33,12 +33,13 @@ from attnforge.environment import fp32_dot, triton_interpret
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
 
 MAX_ROWS = 16
-# Where the kernel beats cuBLAS with its neighbours fused (H100, benchmarks/results/h100/gemv/): one row
-# (1.07-1.34x on the plain product, 1.1-3.1x fused), and up to FAST_ROWS rows of 16-bit activations through
-# the tensor-core product (`default_params`; at 8 rows 1.05-2.75x torch's ops on every product of Qwen3-0.6B
-# and Llama-3-8B but the downs, 0.86-0.93x as plain products, whose residual add torch launches apart).
-# Callers choosing a path ask `fast_rows`.
-FAST_ROWS = 8
+# Where the kernel beats cuBLAS (H100, benchmarks/results/h100/gemv/): one row 1.07-1.34x on the plain product
+# (1.1-3.1x with its neighbours fused). Callers choosing a path use it up to FAST_ROWS. At 8 rows the
+# tensor-core product (`default_params`) beats torch's eager ops on most products, but a batch-8 decode step
+# that fused its neighbours through it ran 0.94x the one with cuBLAS and inductor's fusions (Qwen3-0.6B, 672
+# against 719 tok/s a sequence, h100/accel-b8-dot-20261207-4f98fd8/).
+FAST_ROWS = 1
+DOT_ROWS = 8  # 2 to DOT_ROWS rows of 16-bit weights and activations: the tensor-core product by default
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 PACKED_BITS = (4, 5, 8)  # weight-only quantized codes the kernel reads (16: the weight as stored)
@@ -351,13 +352,6 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
 ONE_SLICE_MAX_N = 2048
 
 
-def fast_rows(dtype: torch.dtype) -> int:
-    """The most rows of `dtype` activations for which a caller choosing between this kernel and cuBLAS takes
-    the kernel: FAST_ROWS for float16/bfloat16, 1 for float32 (whose tensor-core product at full precision
-    is emulated: several rows of it run the plain loop, 0.41-0.81x cuBLAS at 8 rows)."""
-    return FAST_ROWS if dtype in HALF_DTYPES else 1
-
-
 def default_params(
     rows: int, n: int, k: int, bits: int = 16, dtype: torch.dtype = torch.bfloat16
 ) -> GemvParams:
@@ -382,7 +376,7 @@ def default_params(
     (14.6 / 11.2 / 58.6 / 34.9 us where 4 x 1024 took 17.1 / 11.9 / 74.5 / 36.1, `...-548b9c4.json`);
     `gemv-packed/packed-fused-sweep-20261206-*.json`, `...-3355df7.json` for the bf16 down. 4-bit codes (the
     triton backend's; "auto" gives them to core torch's kernel) keep 4 x 1024, not measured otherwise.
-    2 to FAST_ROWS rows of 16-bit weights and activations (`dtype`): the tensor-core product (rows padded to
+    2 to DOT_ROWS rows of 16-bit weights and activations (`dtype`): the tensor-core product (rows padded to
     16), each slice asked for one step ahead; at 8 rows (`gemv-sweep-20261206d`, neighbours fused, us against
     torch's ops) 16 columns x 512 for N <= 4096 (o 6.7 / 7.2 and 15.5 / 18.1; q/k/v with its norm 7.9 /
     21.7; the downs 9.2 / 7.9 and 48.6 / 45.0 plain, the residual add fused), 32 x 256 above (q/k/v 30.1 /
@@ -402,7 +396,7 @@ def default_params(
         return GemvParams(block_n=8 if k > 8192 and n >= 4096 else 4, block_k=2048, num_warps=8, ahead=True)
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
-    if 1 < rows <= FAST_ROWS and not packed and dtype in HALF_DTYPES:
+    if 1 < rows <= DOT_ROWS and not packed and dtype in HALF_DTYPES:
         if n <= 4096:
             return GemvParams(block_n=16, block_k=512, num_warps=4, dot=True, ahead=True)
         return GemvParams(block_n=32, block_k=256, num_warps=4, dot=True, ahead=n <= 16384 or k <= 1024)
