@@ -1,10 +1,12 @@
 """Issue 11 diagnosis (scratch, kept with its results): where a decode step of the accelerator spends its GPU
-time. Qwen3-0.6B (or another bundled architecture), random weights, bf16, batch 1, optionally quantized with
-a recipe on a quant backend ("triton" unless `backend=`; issue 15); run from the repository root with
-PYTHONPATH=src:
+time. Qwen3-0.6B (or another bundled architecture), random weights, bf16, batch 1 (or `batch=N`: prompts of
+PROMPT * (i + 1) / N tokens, as `bench accel --batch` spreads them), optionally quantized with a recipe on a
+quant backend ("triton" unless `backend=`; issue 15); run from the repository root with PYTHONPATH=src:
 
     python prof_accel.py OUT_DIR [PROMPT] [tune] [model=llama3-8b] [recipe=speed-4bit] [backend=tinygemm]
-    # tune: inductor's coordinate-descent tuning on
+        [batch=8] [fast_rows=8]
+    # tune: inductor's coordinate-descent tuning on; fast_rows: gemv.FAST_ROWS for this run (up to that many
+    # rows the decode step's products go through fused_linear, neighbours fused)
 
 One warm-up generation (compiles, captures), then torch.profiler around a generation of 64 new tokens: the
 GPU kernels by total time, their count per decode step, the step's GPU time against its wall time, and its
@@ -23,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from attnforge import models
 from attnforge.accel import accelerate
+from attnforge.kernels import gemv
 
 NEW = 64
 
@@ -78,14 +81,18 @@ def by_position(intervals: list[tuple[float, float, str]]) -> list[dict]:
             for i in range(common)]  # fmt: skip
 
 
-def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, backend="triton"):
+def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, backend="triton", batch=1,
+         fast_rows=None):  # fmt: skip
+    if fast_rows is not None:
+        gemv.FAST_ROWS = fast_rows
     model = models.load_model(model_name, dtype=torch.bfloat16, attn_implementation="sdpa")
     if recipe:
         import attnforge as af
 
         af.quantize(model, recipe, 64, backend=backend)
-    acc = accelerate(model, max_batch_size=1, max_seq_len=prompt_len + NEW + 8, tune=tune)
-    prompt = [[(7 * i + 3) % model.config.vocab_size for i in range(prompt_len)]]
+    acc = accelerate(model, max_batch_size=batch, max_seq_len=prompt_len + NEW + 8, tune=tune)
+    lengths = [max(1, prompt_len * (b + 1) // batch) for b in range(batch)]
+    prompt = [[(7 * i + 3 + b) % model.config.vocab_size for i in range(n)] for b, n in enumerate(lengths)]
     acc.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -111,13 +118,15 @@ def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, 
            "wall_s_unprofiled": wall, "gpu_kernel_us_total": total_us,
            "info": {k: str(v) for k, v in getattr(acc, "info", {}).items()},
            "kernels": [{"name": n[:160], "count": c, "total_us": t} for n, (c, t) in rows]}  # fmt: skip
-    doc.update(tune=tune, model=model_name, recipe=recipe, backend=backend if recipe else None,
+    doc.update(tune=tune, model=model_name, recipe=recipe, backend=backend if recipe else None, batch=batch,
+               fast_rows=gemv.FAST_ROWS,
                shares_us_per_step=shares(kernels, steps),
                shares_exclusive_us_per_step=shares({n: (0, t) for n, t in alone.items()}, steps),
                exclusive_us={n[:160]: t for n, t in sorted(alone.items(), key=lambda kv: -kv[1])},
                step_positions=by_position(intervals))  # fmt: skip
     quant = f"-{recipe}-{backend}" if recipe else ""
-    name = f"prof-accel-{model_name}{quant}-p{prompt_len}{'-tune' if tune else ''}.json"
+    shape = (f"-b{batch}" if batch > 1 else "") + (f"-fast{fast_rows}" if fast_rows is not None else "")
+    name = f"prof-accel-{model_name}{quant}-p{prompt_len}{shape}{'-tune' if tune else ''}.json"
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump(doc, f, indent=1)
     print(f"decode {result.metrics.decode_tok_s:.1f} tok/s")
@@ -160,4 +169,5 @@ if __name__ == "__main__":
     options = dict(arg.split("=", 1) for arg in sys.argv[3:] if "=" in arg)
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 128, "tune" in sys.argv[3:],
          options.get("model", "qwen3-0.6b"), options.get("recipe"),
-         options.get("backend", "triton"))  # fmt: skip
+         options.get("backend", "triton"), int(options.get("batch", 1)),
+         int(options["fast_rows"]) if "fast_rows" in options else None)  # fmt: skip
