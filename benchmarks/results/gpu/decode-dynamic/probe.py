@@ -6,7 +6,10 @@ One program an SM claims work items from a counter: item = (chunk, slot), a chun
 split of the same index reads (`split_kv.split_range` with C splits), so each chunk's partial is the same
 whoever computes it and the merge (by the program that finishes a slot's last chunk, in chunk order) is the
 library's: the output must equal, bit for bit, `launch_decode` with num_splits=C. The counter is reset by the
-last program to run out of work (graph replays start from zero). Each chunk restarts the pipeline of its key
+last program to run out of work (graph replays start from zero). `first-cC` (eighteenth session): program p
+takes item p without a claim, then claims from the counter (past the first SM-count items): at C = 16 the
+first run's `claimed` programs each took at most one item, the library grid's distribution, and still ran
+3.5 us slower, so a claim before the first load costs that much. Each chunk restarts the pipeline of its key
 loop (`split_kv.attend`): that is what this probe weighs against the balance.
 
     python3 probe.py check            # bit-for-bit against the library at C chunks, every shape below
@@ -32,7 +35,7 @@ def _claimed_kernel(
     stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_od,
     scale_log2, kv_len, num_kv_heads, num_chunks, ml_offset, n_slots, n_programs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
+    SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, STATIC_FIRST: tl.constexpr,
 ):  # fmt: skip
     # One new token (Q_LEN 1), contiguous K/V of one shape (V strides = K strides), no lengths.
     rows = tl.arange(0, BLOCK_M)
@@ -40,7 +43,8 @@ def _claimed_kernel(
     d = tl.arange(0, HEAD_DIM)
     d_ok = d < HEAD_DIM
     n_items = n_slots * num_chunks
-    item = tl.atomic_add(Claims, 1)
+    # STATIC_FIRST: program p's first item is p (no atomic round trip before its first load); then claims
+    item = tl.program_id(0) if STATIC_FIRST else tl.atomic_add(Claims, 1)
     while item < n_items:
         chunk, slot = item // n_slots, item % n_slots  # chunk-major: the first claims cover every slot
         b, h = (slot // num_kv_heads).to(tl.int64), (slot % num_kv_heads).to(tl.int64)
@@ -57,7 +61,7 @@ def _claimed_kernel(
         finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, chunk, alone, slot, b, h, 0, d, d_ok,
                      row_ok, stride_ob, stride_oh, 0, stride_od, num_chunks, ml_offset, GROUP, 1, HEAD_DIM,
                      BLOCK_M, True, SPLITS_P2, PART_ROWS, S_CHUNK, True)  # fmt: skip
-        item = tl.atomic_add(Claims, 1)
+        item = tl.atomic_add(Claims, 1) + (n_programs if STATIC_FIRST else 0)
     done = tl.atomic_add(Claims + 1, 1)
     if done == n_programs - 1:  # every program has run out of work: the next launch starts from zero
         tl.store(Claims, 0)
@@ -67,7 +71,8 @@ def _claimed_kernel(
 class Claimed:
     """The probe's launch for q [B, Hq, 1, D] against contiguous k/v [B, Hkv, L, D]: C chunks a KV head."""
 
-    def __init__(self, q, k, chunks: int, block_n: int = 64, stages: int = 4, programs: int | None = None):
+    def __init__(self, q, k, chunks: int, block_n: int = 64, stages: int = 4, programs: int | None = None,
+                 static_first: bool = False):  # fmt: skip
         batch, num_heads, _, head_dim = q.shape
         self.num_kv_heads, self.group = k.shape[1], num_heads // k.shape[1]
         chunks = min(chunks, triton.cdiv(k.shape[2], block_n))  # as the library caps its splits
@@ -80,6 +85,7 @@ class Claimed:
         self.counters = torch.zeros(self.slots, dtype=torch.int32, device=q.device)
         self.claims = torch.zeros(2, dtype=torch.int32, device=q.device)
         self.programs = min(programs or tuning.sm_count(q.device), self.slots * chunks)
+        self.static_first = static_first
 
     def __call__(self, q, k, v, out, scale):
         splits_p2 = triton.next_power_of_2(self.chunks)
@@ -90,7 +96,7 @@ class Claimed:
             out.stride(1), out.stride(3), scale * LOG2E, k.shape[2], self.num_kv_heads, self.chunks,
             self.ml_offset, self.slots, self.programs,
             GROUP=self.group, HEAD_DIM=q.shape[3], BLOCK_M=16, BLOCK_N=self.block_n, SPLITS_P2=splits_p2,
-            PART_ROWS=self.part_rows, S_CHUNK=s_chunk,
+            PART_ROWS=self.part_rows, S_CHUNK=s_chunk, STATIC_FIRST=self.static_first,
             num_warps=4, num_stages=self.stages,
         )  # fmt: skip
 
@@ -120,16 +126,17 @@ def check():
         for chunks in CHUNKS:
             want = torch.empty_like(q)
             decode.launch_decode(q, k, v, want, scale=0.088, params=library_params(chunks))
-            launch = Claimed(q, k, chunks)
-            for _ in range(3):  # the counters must come back to zero between launches
-                out = torch.full_like(q, float("nan"))
-                launch(q, k, v, out, 0.088)
-                torch.cuda.synchronize()
-                same = torch.equal(out, want)
-                ok &= same
-            print(f"{heads}:{kv_heads} L={kv_len} C={chunks}: same bits as the library {same}, "
-                  f"claims left {launch.claims.tolist()}", flush=True)  # fmt: skip
-            ok &= launch.claims.tolist() == [0, 0]
+            for static_first in (False, True):
+                launch = Claimed(q, k, chunks, static_first=static_first)
+                for _ in range(3):  # the counters must come back to zero between launches
+                    out = torch.full_like(q, float("nan"))
+                    launch(q, k, v, out, 0.088)
+                    torch.cuda.synchronize()
+                    same = torch.equal(out, want)
+                    ok &= same
+                print(f"{heads}:{kv_heads} L={kv_len} C={chunks} static first {static_first}: same bits as "
+                      f"the library {same}, claims left {launch.claims.tolist()}", flush=True)  # fmt: skip
+                ok &= launch.claims.tolist() == [0, 0]
     print("check", "ok" if ok else "FAILED")
     return ok
 
@@ -140,9 +147,11 @@ def calls_for(q, k, v, out) -> dict:
              "stored": lambda: decode.decode_attention(q, k, v, out=out)}  # fmt: skip
     for chunks in CHUNKS:
         params, launch = library_params(chunks), Claimed(q, k, chunks)
+        first = Claimed(q, k, chunks, static_first=True)
         calls[f"library-s{chunks}"] = lambda p=params: decode.launch_decode(q, k, v, out, scale=0.088,
                                                                             params=p)  # fmt: skip
         calls[f"claimed-c{chunks}"] = lambda f=launch: f(q, k, v, out, 0.088)
+        calls[f"first-c{chunks}"] = lambda f=first: f(q, k, v, out, 0.088)
     return calls
 
 
