@@ -9,8 +9,7 @@
 #     bash benchmarks/results/gpu/runbook24.sh   (about 4 minutes)
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 if grep -q H200 "$OUT/gpu.txt"; then
-  BUDGET=150 bash benchmarks/results/gpu/runbook22.sh t 1 2>&1 | tail -30
-  cp /tmp/runbook22.tgz "$OUT/" 2>/dev/null
+  BUDGET=150 bash benchmarks/results/gpu/runbook22.sh t 1 2>&1 | tail -30  # writes $OUT/runbook22.tgz
   exit 0
 fi
 (cd benchmarks/results/gpu/decode-dynamic && timeout 100 python3 probe.py check > "$OUT/probe-check.txt" 2>&1 \
