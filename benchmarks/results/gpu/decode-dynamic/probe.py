@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from attnforge.bench import timing
+from attnforge.environment import fp32_dot
 from attnforge.kernels import decode, tuning
 from attnforge.kernels.decode import LOG2E
 from attnforge.kernels.split_kv import attend, finish_split, split_range
@@ -36,6 +37,7 @@ def _claimed_kernel(
     scale_log2, kv_len, num_kv_heads, num_chunks, ml_offset, n_slots, n_programs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, STATIC_FIRST: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):  # fmt: skip
     # One new token (Q_LEN 1), contiguous K/V of one shape (V strides = K strides), no lengths.
     rows = tl.arange(0, BLOCK_M)
@@ -55,7 +57,7 @@ def _claimed_kernel(
         last_visible = tl.zeros([BLOCK_M], tl.int32) + kv_len - 1
         k_head, v_head = K + b * stride_kb + h * stride_kh, V + b * stride_kb + h * stride_kh
         m_i, l_i, acc = attend(q, k_head, v_head, start, stop, kv_len, last_visible, scale_log2, d, d_ok,
-                               stride_kn, 1, stride_kn, 1, BLOCK_M, HEAD_DIM, BLOCK_N, False, 0, 0,
+                               stride_kn, 1, stride_kn, 1, BLOCK_M, HEAD_DIM, BLOCK_N, FP32_DOT, 0, 0,
                                False)  # fmt: skip
         o_ptrs = Out + b * stride_ob + head * stride_oh
         finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, chunk, alone, slot, b, h, 0, d, d_ok,
@@ -97,7 +99,7 @@ class Claimed:
             self.ml_offset, self.slots, self.programs,
             GROUP=self.group, HEAD_DIM=q.shape[3], BLOCK_M=16, BLOCK_N=self.block_n, SPLITS_P2=splits_p2,
             PART_ROWS=self.part_rows, S_CHUNK=s_chunk, STATIC_FIRST=self.static_first,
-            num_warps=4, num_stages=self.stages,
+            FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=self.stages,
         )  # fmt: skip
 
 
