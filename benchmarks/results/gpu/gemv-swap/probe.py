@@ -1,0 +1,265 @@
+"""Issue 11 (scratch): a skinny linear for a few rows with the weight as the tensor cores' big operand.
+
+`fused_linear`'s tensor-core sets (`GemvParams.dot`) multiply the rows (padded to 16) by the weight's slice:
+M = 16 rows, which Hopper's wgmma cannot take (its M is 64), so Triton runs them through mma.sync with the
+slice moved to its operand layout. Here the product is turned around, `y^T = W x^T`: the weight tile
+`[BLOCK_N >= 64, BLOCK_K]` is wgmma's A operand straight from shared memory (through TMA, or pointers), the
+rows `x^T` `[BLOCK_K, 16]` its B, and the accumulator `[BLOCK_N, 16]` is small. Few outputs (Qwen3-0.6B's o
+and down, N = 1024: 16 tiles of 64) leave most SMs idle, so the K range is split (`split_k` programs a tile
+of outputs, each over K / split_k features): fp32 partials in a workspace, merged in split order by the
+program that arrives last (a counter a tile, reset by it), then the epilogue. The RMSNorm prologue (each
+program reads x's rows whole for their mean) and the residual epilogue are the library's, same rounding.
+
+    python probe.py check            # against float64, odd sizes and 1..8 rows, every launch set below
+    python probe.py time OUT.json    # per call in graphs of one call a layer on distinct weights (as the
+                                     # GEMV sweep): cuBLAS, torch's ops, fused_linear's default, each set
+
+Batch-8 decode through the dot sets ran 0.94x the cuBLAS step (h100/accel-b8-dot-20261207-4f98fd8/); the
+batch-8 target (5x transformers' best) needs eight-row products near one-row speed.
+"""
+
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from attnforge.bench import timing
+from attnforge.environment import environment_report, fp32_dot
+from attnforge.kernels.gemv import fused_linear
+from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
+from attnforge.kernels.tma import descriptor, tma_capable
+
+
+@triton.jit
+def _swap_kernel(
+    X, W, Gain, Res, Y, Part, Counters, M, N, K, k_per_split, stride_xm, stride_wn, stride_rm, stride_ym, eps,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    NORM: tl.constexpr, HAS_RES: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    dtype = Y.dtype.element_ty
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < M
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = X + rows[:, None] * stride_xm
+    inv = tl.zeros([ROWS], tl.float32)
+    if NORM:  # RMSNorm's scale per row: the mean of squares over the whole row
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+            squares += x.to(tl.float32) * x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
+    for k0 in tl.range(k_start, k_stop, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < k_stop
+        if USE_TMA:  # zero-filled past N and K; a split's last slice is masked through x past k_stop
+            w = W.load([n0, k0])
+        else:
+            w = tl.load(W + cols[:, None] * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # fmt: skip
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
+            gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) * inv[:, None]).to(dtype)
+            x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
+        if FP32_DOT:
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        _epilogue(tl.trans(acc), Res, Y, rows, cols, out_ok, stride_rm, stride_ym, HAS_RES)
+    else:
+        part = Part + (pid_n * SPLIT_K + pid_k) * (ROWS * BLOCK_N)
+        tile = part + rows[:, None] * BLOCK_N + (cols[None, :] - n0)
+        tl.store(tile, tl.trans(acc))
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last split: the partials summed in split order, then the epilogue
+            total = tl.zeros([ROWS, BLOCK_N], tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(tile + (s - pid_k) * (ROWS * BLOCK_N))
+            _epilogue(total, Res, Y, rows, cols, out_ok, stride_rm, stride_ym, HAS_RES)
+            tl.store(Counters + pid_n, 0)
+
+
+@triton.jit
+def _epilogue(acc, Res, Y, rows, cols, out_ok, stride_rm, stride_ym, HAS_RES: tl.constexpr):
+    """The product rounded, plus the residual (rounded as a separate add), stored: acc `[ROWS, BLOCK_N]`."""
+    dtype = Y.dtype.element_ty
+    y = acc.to(dtype)
+    if HAS_RES:
+        res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0)
+        y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y, mask=out_ok)
+
+
+class SwapLinear:
+    """`residual + linear(norm(x), w)` for x `[rows <= 16, K]`, w `[N, K]`, with one launch set: output
+    tile, slice, warps, stages, split of K, TMA or pointers, PDL."""
+
+    def __init__(self, n, k, block_n=64, block_k=128, warps=4, stages=3, split_k=1, tma=True, device="cuda"):
+        self.n, self.k = n, k
+        self.block_n, self.block_k, self.warps, self.stages = block_n, block_k, warps, stages
+        self.tiles = triton.cdiv(n, block_n)
+        slices = triton.cdiv(k, block_k)
+        self.split_k = max(1, min(split_k, slices))
+        self.k_per_split = triton.cdiv(slices, self.split_k) * block_k
+        self.split_k = triton.cdiv(k, self.k_per_split)  # no empty split
+        self.tma = tma and tma_capable(torch.device(device), torch.bfloat16)
+        self.part = torch.empty(self.tiles * self.split_k * 16 * block_n, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(self.tiles, dtype=torch.int32, device=device)
+
+    @property
+    def name(self) -> str:
+        return (f"{self.block_n}x{self.block_k}w{self.warps}st{self.stages}k{self.split_k}"
+                + ("-tma" if self.tma else ""))  # fmt: skip
+
+    def __call__(self, x, w, gain=None, eps=1e-6, residual=None):
+        rows = x.shape[0]
+        assert rows <= 16 and x.stride(-1) == 1 and w.stride(-1) == 1
+        y = torch.empty(rows, self.n, dtype=x.dtype, device=x.device)
+        weight = descriptor(w, [self.block_n, self.block_k]) if self.tma else w
+        pdl = pdl_supported(x.device)
+        _swap_kernel[(self.tiles, self.split_k)](
+            x, weight, y if gain is None else gain, y if residual is None else residual, y, self.part,
+            self.counters, rows, self.n, self.k, self.k_per_split, x.stride(0), w.stride(0),
+            0 if residual is None else residual.stride(0), y.stride(0), float(eps),
+            ROWS=16, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k, NORM=gain is not None,
+            HAS_RES=residual is not None, USE_TMA=self.tma, FP32_DOT=fp32_dot(x.dtype),
+            num_warps=self.warps, num_stages=self.stages, **pdl_options(pdl),
+        )  # fmt: skip
+        return y
+
+
+# name: (N, K, fused neighbour, layers in the graph), as the GEMV sweep
+SHAPES = {
+    "qwen3-0.6b qkv": (4096, 1024, "norm", 28),
+    "qwen3-0.6b o": (1024, 2048, "residual", 28),
+    "qwen3-0.6b gate_up": (6144, 1024, "norm", 28),
+    "qwen3-0.6b down": (1024, 3072, "residual", 28),
+    "llama3-8b qkv": (6144, 4096, "norm", 16),
+    "llama3-8b o": (4096, 4096, "residual", 16),
+    "llama3-8b gate_up": (28672, 4096, "norm", 8),
+    "llama3-8b down": (4096, 14336, "residual", 8),
+}
+# (block_n, block_k, warps, stages): 64/128 outputs (wgmma's M), 128/256-wide slices
+SETS = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4), (128, 256, 4, 3), (128, 128, 8, 4)]
+
+
+def launches(n, k, device="cuda"):
+    """The launch sets timed for one shape: each set with K split so the grid covers ~1-2 waves of SMs. The
+    weight through TMA where the GPU has it (through pointers its tile passes through registers: 247-255 a
+    thread, spills at 128 x 256; `cpu/gemv-swap/compile-swap-20261207.txt`), else pointers (interpreter)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 4
+    out = []
+    for block_n, block_k, warps, stages in SETS:
+        tiles = triton.cdiv(n, block_n)
+        for split in dict.fromkeys((1, max(1, sms // tiles), max(1, 2 * sms // tiles))):
+            out.append(SwapLinear(n, k, block_n, block_k, warps, stages, split, True, device))
+    return {launch.name: launch for launch in out}
+
+
+def rms(x, g, eps=1e-6):
+    xf = x.float()
+    return g * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def inputs(n, k, rows, layers, device="cuda", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    make = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    ws = [make(n, k) / k**0.5 for _ in range(layers)]
+    return make(rows, k), ws, torch.rand(k, device=device, generator=gen).add(0.5).bfloat16(), make(rows, n)
+
+
+def error(launch, n, k, rows, kind, device):
+    x, (w,), g, res = inputs(n, k, rows, 1, device, seed=n + k + rows)
+    norm, residual = (g if kind == "norm" else None), (res if kind == "residual" else None)
+    ref = F.linear((rms(x, g) if norm is not None else x).double(), w.double())
+    ref = ref + (res.double() if residual is not None else 0)
+    errors = []
+    for _ in range(2):  # twice: the counters come back to zero
+        y = launch(x, w, norm, 1e-6, residual)
+        errors.append(((y.double() - ref).norm() / ref.norm()).item() if torch.isfinite(y).all() else 1.0)
+    return max(errors), launch.counters.tolist() == [0] * launch.tiles
+
+
+def check(device="cuda") -> bool:
+    ok = True
+    cases = [(4096, 1024, "norm"), (1024, 3072, "residual"), (1000, 1000, "norm"), (37, 200, "residual"),
+             (4099, 72, "residual")]  # fmt: skip
+    for n, k, kind in cases:
+        for rows in (1, 3, 8):
+            for name, launch in launches(n, k, device).items():
+                err, reset = error(launch, n, k, rows, kind, device)
+                good = err < 2e-2 and reset
+                ok &= good
+                if not good:
+                    print(f"FAILED {n}x{k} {kind} rows {rows} {name}: rel L2 {err:.2e}, reset {reset}")
+        print(f"{n}x{k} {kind}: checked", flush=True)
+    print("check", "ok" if ok else "FAILED")
+    return ok
+
+
+def per_call(make, layers, reps=40):
+    return statistics.median(timing.time_graph_per_call(make, layers=layers, reps=reps))
+
+
+def time_shape(name, n, k, kind, layers, rows, read_gbps) -> dict:
+    """One shape at `rows` rows: cuBLAS alone, torch's ops for the fused work, fused_linear's default, each
+    swapped launch set (the fused work), per call in a graph of `layers` calls on distinct weights."""
+    x, ws, g, res = inputs(n, k, rows, layers)
+    norm, residual = (g if kind == "norm" else None), (res if kind == "residual" else None)
+
+    def torch_ops(w):
+        return F.linear(rms(x, g), w) if norm is not None else F.linear(x, w) + res
+
+    def library(w):
+        return fused_linear(x, w, norm=None if norm is None else (g, 1e-6), residual=residual)
+
+    row = {"shape": name, "N": n, "K": k, "rows": rows, "fused": kind,
+           "floor_us": n * k * 2 / (read_gbps * 1e3),
+           "cublas_us": per_call(lambda i: lambda: F.linear(x, ws[i]), layers),
+           "torch_fused_us": per_call(lambda i: lambda: torch_ops(ws[i]), layers),
+           "fused_linear_us": per_call(lambda i: lambda: library(ws[i]), layers), "swap_us": {}}  # fmt: skip
+    for label, launch in launches(n, k).items():
+        call = lambda i, f=launch: lambda: f(x, ws[i], norm, 1e-6, residual)  # noqa: E731
+        row["swap_us"][label] = per_call(call, layers)
+    row["best"] = min(row["swap_us"], key=row["swap_us"].get)
+    row["best_us"] = row["swap_us"][row["best"]]
+    return row
+
+
+def time(path):
+    read_gbps = timing.measure_read_bandwidth() / 1e9
+    doc = {"environment": environment_report(), "read_gbps": read_gbps, "rows": []}
+    for name, (n, k, kind, layers) in SHAPES.items():
+        for rows in (1, 8):
+            row = time_shape(name, n, k, kind, layers, rows, read_gbps)
+            doc["rows"].append(row)
+            with open(path, "w") as fh:
+                json.dump(doc, fh, indent=1)
+            print(f"{name:18s} r{rows} floor {row['floor_us']:6.2f} cuBLAS {row['cublas_us']:6.2f} torch ops "
+                  f"{row['torch_fused_us']:6.2f} fused_linear {row['fused_linear_us']:6.2f} swap "
+                  f"{row['best_us']:6.2f} ({row['best']})", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "check":
+        sys.exit(0 if check() else 1)
+    time(sys.argv[2])
