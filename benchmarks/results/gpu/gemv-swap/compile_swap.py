@@ -24,9 +24,9 @@ TYPES = {"X": "*bf16", "W": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf1
          "Counters": "*i32", "eps": "fp32"}  # fmt: skip
 
 
-def compile_case(block_n, block_k, warps, stages, split_k, norm, tma):
+def compile_case(block_n, block_k, warps, stages, split_k, norm, tma, glu=False):
     constants = dict(ROWS=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, NORM=norm, HAS_RES=not norm,
-                     USE_TMA=tma, USE_PDL=True, FP32_DOT=False)  # fmt: skip
+                     GLU=glu, USE_TMA=tma, USE_PDL=True, FP32_DOT=False)  # fmt: skip
     types = dict(TYPES)
     if tma:
         w = torch.zeros(4096, 1024, dtype=torch.bfloat16)
@@ -37,14 +37,21 @@ def compile_case(block_n, block_k, warps, stages, split_k, norm, tma):
 
 
 def main():
-    for block_n, block_k, warps, stages in ((64, 128, 4, 4), (128, 256, 4, 3), (128, 128, 8, 4)):
-        for split_k, norm, tma in ((1, True, True), (4, False, True), (1, True, False)):
-            compiled = compile_case(block_n, block_k, warps, stages, split_k, norm, tma)
-            label = (f"{block_n}x{block_k}w{warps}st{stages}k{split_k}{'-tma' if tma else ''} "
-                     f"{'norm' if norm else 'residual'}")  # fmt: skip
-            print(f"{label}: {registers(compiled)} shared {compiled.metadata.shared} B", flush=True)
-            for count, ops in loop_counts(compiled):
-                print(f"  loop {count} instr.: {', '.join(f'{op} {n}' for op, n in ops.most_common(10))}")
+    cases = [
+        (n, k, w, st, split, norm, tma, False)
+        for n, k, w, st in ((64, 128, 4, 4), (128, 256, 4, 3), (128, 128, 8, 4))
+        for split, norm, tma in ((1, True, True), (4, False, True), (1, True, False))
+    ]
+    # glu: the gate and up tiles a slice, the norm before
+    cases += [(64, 128, 4, 4, 1, True, True, True), (128, 128, 4, 3, 1, True, True, True),
+              (64, 128, 4, 4, 4, True, True, True)]  # fmt: skip
+    for block_n, block_k, warps, stages, split_k, norm, tma, glu in cases:
+        compiled = compile_case(block_n, block_k, warps, stages, split_k, norm, tma, glu)
+        label = (f"{block_n}x{block_k}w{warps}st{stages}k{split_k}{'-tma' if tma else ''} "
+                 f"{'norm' if norm else 'residual'}{' glu' if glu else ''}")  # fmt: skip
+        print(f"{label}: {registers(compiled)} shared {compiled.metadata.shared} B", flush=True)
+        for count, ops in loop_counts(compiled):
+            print(f"  loop {count} instr.: {', '.join(f'{op} {n}' for op, n in ops.most_common(10))}")
 
 
 if __name__ == "__main__":
