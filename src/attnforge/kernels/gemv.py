@@ -127,13 +127,8 @@ def _gemv_kernel(
     if USE_PDL:
         gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
-    if NORM:  # RMSNorm's scale per row: the mean of squares over the whole row
-        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
-            squares += x.to(tl.float32) * x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    if NORM:
+        inv = rms_scale(x_rows, row_ok, K, eps, ROWS, BLOCK_K)
     whole: tl.constexpr = DOT or (BITS == 16 and ROWS > 1)  # acc without a CHUNK axis (_slice_product)
     if whole:
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
@@ -179,6 +174,19 @@ def _gemv_kernel(
         res = tl.load(Res + rows[:, None] * stride_rm + out_cols[None, :], mask=out_ok, other=0.0)
         y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
     tl.store(Y + rows[:, None] * stride_ym + out_cols[None, :], y, mask=out_ok)
+
+
+@triton.jit
+def rms_scale(x_rows, row_ok, K, eps, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """RMSNorm's scale per row, `rsqrt(mean(x^2) + eps)` `[ROWS]` over each whole row of K features
+    (`x_rows` `[ROWS, 1]`: the rows' pointers; rows not `row_ok` read as zeros), in BLOCK_K-wide slices."""
+    squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+        squares += x.to(tl.float32) * x.to(tl.float32)
+    return tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
 
 
 @triton.jit

@@ -19,6 +19,7 @@ batch-8 target (5x transformers' best) needs eight-row products near one-row spe
 """
 
 import json
+import os
 import statistics
 import sys
 
@@ -29,9 +30,12 @@ import triton.language as tl
 
 from attnforge.bench import timing
 from attnforge.environment import environment_report, fp32_dot
-from attnforge.kernels.gemv import _silu_times, fused_linear
+from attnforge.kernels.gemv import _silu_times, fused_linear, rms_scale
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
 from attnforge.kernels.tma import descriptor, tma_capable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gemv"))
+import gemv_sweep  # noqa: E402  (its shapes)
 
 
 @triton.jit
@@ -55,13 +59,8 @@ def _swap_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_rows = X + rows[:, None] * stride_xm
     inv = tl.zeros([ROWS], tl.float32)
-    if NORM:  # RMSNorm's scale per row: the mean of squares over the whole row
-        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
-            squares += x.to(tl.float32) * x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    if NORM:
+        inv = rms_scale(x_rows, row_ok, K, eps, ROWS, BLOCK_K)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
@@ -181,17 +180,10 @@ class SwapLinear:
         return y
 
 
-# name: (weight rows N, K, fused neighbours, layers in the graph), as the GEMV sweep; "glu": [gate; up]
-SHAPES = {
-    "qwen3-0.6b qkv": (4096, 1024, "norm", 28),
-    "qwen3-0.6b o": (1024, 2048, "residual", 28),
-    "qwen3-0.6b gate_up": (6144, 1024, "norm+glu", 28),
-    "qwen3-0.6b down": (1024, 3072, "residual", 28),
-    "llama3-8b qkv": (6144, 4096, "norm", 16),
-    "llama3-8b o": (4096, 4096, "residual", 16),
-    "llama3-8b gate_up": (28672, 4096, "norm+glu", 8),
-    "llama3-8b down": (4096, 14336, "residual", 8),
-}
+# the GEMV sweep's shapes but the LM heads: name -> (weight rows N, K, fused neighbours, layers in the graph),
+# gate/up fused as the accelerator calls it ("glu": [gate; up], silu(gate) * up out)
+SHAPES = {name: (n, k, "norm+glu" if "gate_up" in name else kind, layers)
+          for name, (n, k, kind, layers) in gemv_sweep.SHAPES.items() if "lm_head" not in name}  # fmt: skip
 # (block_n, block_k, warps, stages): 64/128 outputs (wgmma's M), 128/256-wide slices
 SETS = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4), (128, 256, 4, 3), (128, 128, 8, 4)]
 
