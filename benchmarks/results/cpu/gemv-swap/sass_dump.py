@@ -22,19 +22,9 @@ CASES = {
     "r1-norm": dict(ROWS=1, BLOCK_N=4, BLOCK_K=1024, DOT=False, AHEAD=False, CHUNK=8),
     "r1-norm-glu-ahead": dict(ROWS=1, BLOCK_N=16, BLOCK_K=1024, DOT=False, GLU=True, AHEAD=True, CHUNK=8),
     "r16-dot-norm": dict(ROWS=16, BLOCK_N=32, BLOCK_K=256, DOT=True, AHEAD=True, CHUNK=256),
-    "r1-8bit-norm": dict(
-        ROWS=1,
-        BLOCK_N=8,
-        BLOCK_K=1024,
-        DOT=False,
-        AHEAD=True,
-        CHUNK=8,
-        HAS_RES=True,
-        BITS=8,
-        GROUP=64,
-        SPAN=64,
-    ),
-}
+    "r1-8bit-norm": dict(ROWS=1, BLOCK_N=8, BLOCK_K=1024, DOT=False, AHEAD=True, CHUNK=8, HAS_RES=True,
+                         BITS=8, GROUP=64, SPAN=64),
+}  # fmt: skip
 
 
 def main(out: str) -> None:
