@@ -163,10 +163,10 @@ class SwapLinear:
         return (f"{self.block_n}x{self.block_k}w{self.warps}st{self.stages}k{self.split_k}"
                 + ("-tma" if self.tma else "") + ("-glu" if self.glu else ""))  # fmt: skip
 
-    def __call__(self, x, w, gain=None, eps=1e-6, residual=None):
+    def __call__(self, x, w, gain=None, eps=1e-6, residual=None, out=None):
         rows = x.shape[0]
         assert rows <= 16 and x.stride(-1) == 1 and w.stride(-1) == 1
-        y = torch.empty(rows, self.n, dtype=x.dtype, device=x.device)
+        y = torch.empty(rows, self.n, dtype=x.dtype, device=x.device) if out is None else out
         weight = descriptor(w, [self.block_n, self.block_k]) if self.tma else w
         pdl = pdl_supported(x.device)
         _swap_kernel[(self.tiles, self.split_k)](
