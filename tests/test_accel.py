@@ -136,7 +136,7 @@ def test_torch_projections_give_the_same_tokens(qwen3):
     model, acc = qwen3
     torch_side = accelerate(model, projections="torch")
     assert torch_side.info["projections"].startswith("the model's modules")
-    for seed in (8,):  # one sequence: its decode steps' products go through fused_linear (FAST_ROWS = 1)
+    for seed in (8,):  # one sequence: its decode steps' products go through fused_linear (any GPU)
         kernels = acc.generate(prompt(9 + seed, seed=seed), max_new_tokens=NEW, ignore_eos=True).tokens
         assert (
             torch_side.generate(prompt(9 + seed, seed=seed), max_new_tokens=NEW, ignore_eos=True).tokens
@@ -489,21 +489,40 @@ def test_graph_replay_gives_the_eager_tokens_and_allocates_nothing_per_token():
         assert torch.cuda.memory_allocated() == before
 
 
+def test_several_rows_take_the_kernel_for_weights_as_stored_only(monkeypatch):
+    """Where the swapped product runs (faked: fast_rows 8), 8 rows of a plain weight go through the kernel,
+    9 do not, and packed codes keep one row (several rows of them would take its plain loop)."""
+    from types import SimpleNamespace
+
+    from attnforge.accel.projections import KernelProjections
+    from attnforge.kernels import gemv
+
+    monkeypatch.setattr(gemv, "fast_rows", lambda device, dtype: 8)
+    projections = SimpleNamespace(_gemv=gemv)
+    weight = torch.zeros(4, 16)
+    packed = gemv.PackedWeight(
+        torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 1), torch.zeros(4, 1), 4, 16
+    )
+    small = lambda rows, product: KernelProjections._small(projections, torch.zeros(rows, 1, 16), product)  # noqa: E731
+    assert small(8, (weight, None)) and not small(9, (weight, None))
+    assert small(1, (packed, None)) and not small(2, (packed, None))
+
+
 @CUDA
-def test_on_a_gpu_the_kernel_projections_give_torchs_logits():
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_on_a_gpu_the_kernel_projections_give_torchs_logits(batch):
+    """One decode call of `batch` rows (on a Hopper GPU up to 8 through the swapped product)."""
     model = tiny_model("qwen3").to(torch.bfloat16)
+    prompts = [prompt(30, seed=4 + b) for b in range(batch)]
     logits = {}
     for projections in ("kernels", "torch"):
-        acc = accelerate(model, projections=projections, cuda_graph=False, compile=False)
-        tokens = prompt(30, seed=4)
-        acc.generate(tokens, max_new_tokens=1, ignore_eos=True)  # prefill (torch products), cache filled
-        ids, positions = (
-            torch.tensor([[tokens[-1]]], device=DEVICE),
-            torch.tensor([[len(tokens)]], device=DEVICE),
-        )
-        lens = torch.tensor([len(tokens) + 1], device=DEVICE)
-        with torch.no_grad():  # one decode call: one row, through fused_linear where projections="kernels"
-            logits[projections] = acc.walk.logits(ids, positions, lens, None, len(tokens) + 1)[0]
+        options = dict(projections=projections, max_batch_size=batch, cuda_graph=False, compile=False)
+        acc = accelerate(model, **options)
+        acc.generate(prompts, max_new_tokens=1, ignore_eos=True)  # prefill (torch products), cache filled
+        ids = torch.tensor([[tokens[-1]] for tokens in prompts], device=DEVICE)
+        positions = torch.full((batch, 1), 30, device=DEVICE)
+        with torch.no_grad():  # through fused_linear where projections="kernels"
+            logits[projections] = acc.walk.logits(ids, positions, positions[:, 0] + 1, None, 31)
     error = (logits["kernels"] - logits["torch"]).norm() / logits["torch"].norm()
     assert error < 2e-2, error
 

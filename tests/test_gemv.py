@@ -125,6 +125,52 @@ def test_the_tensor_core_product_matches_float64(rows, n, k, dtype):
     assert _rel(y, ref) < TOL[dtype]
 
 
+def _swap_counters_are_zero():
+    return all(not counters.any() for _, counters in gemv._WORKSPACES.values())
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 40, 70), (3, 130, 100), (8, 64, 96), (16, 20, 200)])
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_the_swapped_product_matches_float64(rows, n, k, split_k, block_n):
+    """GemvParams(swap=True): `y^T = W x^T` in tiles of block_n weight rows, K split over split_k programs
+    (partials summed by the last), with every neighbour; odd sizes; twice, the counters back to zero."""
+    x, w, b, gain, res = _case(rows, n, k, torch.bfloat16, seed=rows + n + split_k)
+    params = GemvParams(block_n, 32, 4, swap=True, split_k=split_k)
+    ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double(), b.double())
+    for _ in range(2):
+        y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res, params=params)
+        assert y.shape == (rows, n) and _rel(y, ref) < TOL[torch.bfloat16]
+        assert _swap_counters_are_zero()
+
+
+@pytest.mark.parametrize(("rows", "n", "k", "split_k"), [(2, 74, 72, 1), (8, 130, 96, 3), (16, 18, 200, 2)])
+def test_the_swapped_product_with_glu(rows, n, k, split_k):
+    """glu with the swap: a gate tile and an up tile a slice (odd halves, the up rows past a tile's gate
+    rows), bias on both, silu(gate) * up plus the residual; twice bf16's tolerance as the glu test above."""
+    x, w, b, gain, res = _case(rows, n, k, torch.bfloat16, seed=n + k)
+    params = GemvParams(64, 32, 4, swap=True, split_k=split_k)
+    y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res[:, : n // 2], glu=True, params=params)
+    ref = res[:, : n // 2].double() + _glu_ref(x, w, b, lambda x: _rms(x, gain, 1e-6))
+    assert y.shape == (rows, n // 2) and _rel(y, ref) < 2 * TOL[torch.bfloat16]
+    assert _swap_counters_are_zero()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the defaults of a GPU (the interpreter's are one wide set)")
+@pytest.mark.parametrize(("n", "k", "glu"), [(4096, 1024, False), (1024, 3072, False), (6144, 1024, True),
+                                             (6144, 4096, False), (4096, 14336, False)])  # fmt: skip
+@pytest.mark.parametrize("rows", [2, 8, 16])
+def test_model_sized_products_of_several_rows_by_default(n, k, glu, rows):
+    """Qwen3-0.6B's and Llama-3-8B's products at several rows with the default launch (on a Hopper GPU
+    the swapped product through TMA, K split), neighbours fused, against float64."""
+    x, w, _, gain, res = _case(rows, n, k, torch.bfloat16, seed=n + rows)
+    out = n // 2 if glu else n
+    y = fused_linear(x, w, norm=(gain, 1e-6), residual=res[:, :out], glu=glu)
+    product = (lambda x: _glu_ref(x, w)) if glu else (lambda x: F.linear(x.double(), w.double()))
+    ref = res[:, :out].double() + product(_rms(x, gain, 1e-6))
+    assert _rel(y, ref) < TOL[torch.bfloat16] and _swap_counters_are_zero()
+
+
 @pytest.mark.parametrize(("rows", "k"), [(1, 1500), (1, 2048), (3, 1000)])
 def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
     """A slice of 4096 columns (the default for one row against few outputs): K under it is masked, with the
@@ -162,6 +208,31 @@ def test_one_slice_wider_than_k_reads_every_row_whole(rows, k):
 def test_default_launch_parameters_by_shape(monkeypatch, rows, n, k, bits, expected):
     monkeypatch.setattr(gemv, "triton_interpret", lambda: False)
     assert gemv.default_params(rows, n, k, bits) == expected
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "glu", "bits", "expected"),
+    [
+        (8, 4096, 1024, False, 16, GemvParams(128, 128, 8, swap=True, split_k=4, num_stages=4)),  # q/k/v
+        (8, 1024, 2048, False, 16, GemvParams(64, 256, 4, swap=True, split_k=8)),  # Qwen3-0.6B's o
+        (2, 6144, 1024, True, 16, GemvParams(64, 256, 4, swap=True)),  # its gate/up: K whole
+        (16, 28672, 4096, True, 16, GemvParams(128, 128, 8, swap=True)),  # Llama-3-8B's gate/up
+        (8, 6144, 4096, False, 16, GemvParams(128, 128, 8, swap=True, split_k=2, num_stages=4)),  # its q/k/v
+        (8, 4096, 14336, False, 16, GemvParams(64, 256, 4, swap=True, split_k=2)),  # its down
+        (8, 151936, 1024, False, 16, GemvParams(32, 256, 4, dot=True, ahead=True)),  # an LM head: no swap
+        (1, 4096, 1024, False, 16, GemvParams(4, 1024, 4)),  # one row: no swap
+        (8, 1024, 2048, False, 8, GemvParams(4, 1024, 4)),  # packed codes: no swap
+    ],
+)
+def test_weights_read_through_tma_take_the_swapped_product(monkeypatch, rows, n, k, glu, bits, expected):
+    monkeypatch.setattr(gemv, "triton_interpret", lambda: False)
+    assert gemv.default_params(rows, n, k, bits, glu=glu, tma=True, sms=132) == expected
+
+
+def test_fast_rows_are_the_swapped_products_where_it_runs(monkeypatch):
+    monkeypatch.setattr(gemv, "tma_capable", lambda device, dtype: dtype == torch.bfloat16)
+    assert gemv.fast_rows(torch.device("cpu"), torch.bfloat16) == gemv.SWAP_FAST_ROWS == 8
+    assert gemv.fast_rows(torch.device("cpu"), torch.float32) == gemv.FAST_ROWS == 1
 
 
 @pytest.mark.parametrize(
@@ -239,9 +310,17 @@ def test_bad_input_is_refused_with_the_reason(call, message):
                                                  ("block_k", 0, "block_k=0 must be a power of two"),
                                                  ("num_warps", 3, "num_warps=3 must be one of"),
                                                  ("dot", True, "dot=True needs block_n and block_k >= 16 "
-                                                  "(tensor-core tiles), got 8 and 64")])  # fmt: skip
+                                                  "(tensor-core tiles), got 8 and 64"),
+                                                 ("swap", True, "swap=True needs block_n 64 or 128 (wgmma's "
+                                                  "M) and block_k >= 16, got 8 and 64"),
+                                                 ("split_k", 0, "split_k=0 and num_stages=3 must be >= 1"),
+                                                 ("num_stages", 0, "split_k=1 and num_stages=0 must be >= 1"),
+                                                 ("swap_dot", True, "swap=True is a product of its own: dot "
+                                                  "and ahead do not apply")])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
     values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
+    if field == "swap_dot":
+        values = {"block_n": 64, "block_k": 64, "num_warps": 4, "swap": True, "dot": True}
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         GemvParams(**values)
 
@@ -324,6 +403,15 @@ def test_packed_weights_need_slices_of_whole_code_bytes():
         fused_linear(x, packed, params=GemvParams(4, 8, 1))
     with pytest.raises(ValueError, match="dot=True multiplies weights as stored; packed weights take the"):
         fused_linear(x, packed, params=GemvParams(16, 32, 4, dot=True))
+    with pytest.raises(ValueError, match="swap=True multiplies weights as stored; packed weights take the"):
+        fused_linear(x, packed, params=GemvParams(64, 32, 4, swap=True))
+
+
+def test_the_swapped_product_takes_16_bit_weights_only():
+    x, w, *_ = _case(2, 8, 64, torch.float32, seed=16)
+    with pytest.raises(ValueError, match=r"swap=True multiplies 16-bit weights \(float16, bfloat16\), got "
+                                         "torch.float32"):  # fmt: skip
+        fused_linear(x, w, params=GemvParams(64, 32, 4, swap=True))
 
 
 @pytest.mark.parametrize("bits", [4, 5, 8])

@@ -1,8 +1,9 @@
 """The products of the walk (forward.py): the model's own modules, or attnforge's skinny linear for decode.
 
 A decode step is a few rows of hidden state against every weight matrix. `KernelProjections` runs those calls
-(at most gemv.FAST_ROWS rows: batch 1, where the kernel was measured faster than cuBLAS) through
-`kernels.gemv.fused_linear`, which also takes each product's neighbours into the same launch: the RMSNorm
+(at most `gemv.fast_rows` rows, where the kernel was measured faster than cuBLAS: batch 1, up to batch 8
+where the swapped product runs, a Hopper GPU and 16-bit weights) through `kernels.gemv.fused_linear`, which
+also takes each product's neighbours into the same launch: the RMSNorm
 before q/k/v, gate/up and the LM head, silu(gate) * up after gate/up, and the residual adds after o and down -
 four launches per layer instead of eight or more. A neighbour is fused only where the model's module provably
 computes what the kernel does: each norm and the activation are probed once (`torch.equal` against the
@@ -88,7 +89,8 @@ class KernelProjections(TorchProjections):
     @property
     def name(self) -> str:
         rope = "the model's RoPE" if self.rope is None else "attention kernels (q/k norms, RoPE, cache write)"
-        return (f"attnforge fused_linear (norm, silu * up and residual fused) for batch-1 decode, {rope} for "
+        return (f"attnforge fused_linear (norm, silu * up and residual fused) for decode at batch "
+                f"{self._gemv.FAST_ROWS} (up to {self._gemv.SWAP_FAST_ROWS} through TMA), {rope} for "
                 "decode steps' new tokens; torch matmuls otherwise")  # fmt: skip
 
     def __init__(self, plan: ModelPlan, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -101,12 +103,17 @@ class KernelProjections(TorchProjections):
         self.num_heads, self.rope = plan.num_heads, rope if rope_is_rotate_half(plan, rope) else None
         self.qk_norms = [_qk_norms(layer, plan.dtype, plan.device) for layer in plan.layers]
 
-    def _small(self, x: torch.Tensor) -> bool:
-        return x.numel() // x.shape[-1] <= self._gemv.FAST_ROWS
+    def _small(self, x: torch.Tensor, product: tuple) -> bool:
+        """Whether `x`'s rows go through the kernel for `product` (weight, bias): up to `gemv.fast_rows`
+        for weights as stored, FAST_ROWS for packed codes (several rows of them take the plain loop)."""
+        rows = x.numel() // x.shape[-1]
+        if isinstance(product[0], torch.Tensor):
+            return rows <= self._gemv.fast_rows(x.device, x.dtype)
+        return rows <= self._gemv.FAST_ROWS
 
     def attention_in(self, index, layer, hidden):
         fused = self.layers[index]
-        if fused is None or not self._small(hidden):
+        if fused is None or not self._small(hidden, fused.qkv):
             return super().attention_in(index, layer, hidden)
         if fused.input_norm is None:
             return self._gemv.fused_linear(layer.input_norm(hidden), *fused.qkv)
@@ -114,13 +121,13 @@ class KernelProjections(TorchProjections):
 
     def attention_out(self, index, layer, out, hidden):
         fused = self.layers[index]
-        if fused is None or not self._small(hidden):
+        if fused is None or not self._small(hidden, fused.o):
             return super().attention_out(index, layer, out, hidden)
         return self._gemv.fused_linear(out, *fused.o, residual=hidden)
 
     def mlp(self, index, layer, hidden):
         fused = self.layers[index]
-        if fused is None or not self._small(hidden):
+        if fused is None or not self._small(hidden, fused.gate_up):
             return super().mlp(index, layer, hidden)
         x, norm = (layer.post_norm(hidden), None) if fused.post_norm is None else (hidden, fused.post_norm)
         if fused.silu:  # silu(gate) * up in the gate/up product's epilogue; down reads it as a plain row
@@ -136,7 +143,7 @@ class KernelProjections(TorchProjections):
         return NewTokenRope(*self.rope, self.num_heads, *norms)
 
     def head(self, plan, hidden):
-        if self.lm_head is None or not self._small(hidden):
+        if self.lm_head is None or not self._small(hidden, self.lm_head):
             return super().head(plan, hidden)
         if self.final_norm is None:
             return self._gemv.fused_linear(plan.final_norm(hidden), *self.lm_head)

@@ -18,6 +18,12 @@ weight byte is read once, contiguously, and the programs need no reduction acros
   - `bias`, and `residual` (`y = residual + (x @ W.T + bias)`, rounded after the product as an add would).
 Rows are padded to a power of two (at most MAX_ROWS; to 16 with `GemvParams.dot`, the tensor-core product for
 several rows); masked loads never read outside any buffer.
+
+Several rows of 16-bit weights on a GPU with TMA (Hopper) take the swapped product (`GemvParams.swap`,
+`_swap_kernel`): `y^T = W x^T`, a tile of 64 or 128 weight rows copied by TMA into shared memory as wgmma's
+big operand, the rows (padded to 16) its small one. `dot`'s tiles have the rows as M = 16, below wgmma's 64,
+so they run on mma.sync. Few outputs would leave SMs idle: K is then split over `split_k` programs a tile,
+whose float32 partials the last of them to finish sums in split order (same bits every run).
 """
 
 from __future__ import annotations
@@ -31,15 +37,21 @@ import triton.language as tl
 
 from attnforge.environment import fp32_dot, triton_interpret
 from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
+from attnforge.kernels.tma import descriptor, tma_aligned, tma_capable
+from attnforge.kernels.tuning import sm_count
 
 MAX_ROWS = 16
 # Where the kernel beats cuBLAS (H100, benchmarks/results/h100/gemv/): one row 1.07-1.34x on the plain product
-# (1.1-3.1x with its neighbours fused). Callers choosing a path use it up to FAST_ROWS. At 8 rows the
-# tensor-core product (`default_params`) beats torch's eager ops on most products, but a batch-8 decode step
-# that fused its neighbours through it ran 0.94x the one with cuBLAS and inductor's fusions (Qwen3-0.6B, 672
-# against 719 tok/s a sequence, h100/accel-b8-dot-20261207-4f98fd8/).
+# (1.1-3.1x with its neighbours fused). Callers choosing a path use it up to `fast_rows(device, dtype)`
+# rows: FAST_ROWS anywhere, SWAP_FAST_ROWS where the swapped product runs. At 8 rows the tensor-core product
+# (`dot`) beats torch's eager ops on most products, but a batch-8 decode step that fused its neighbours
+# through it ran 0.94x the one with cuBLAS and inductor's fusions (Qwen3-0.6B, 672 against 719 tok/s a
+# sequence, h100/accel-b8-dot-20261207-4f98fd8/); through the swapped product 1.22x (843.5 against 691.6,
+# h100/gemv-swap/, with each product's fastest set).
 FAST_ROWS = 1
+SWAP_FAST_ROWS = 8
 DOT_ROWS = 8  # 2 to DOT_ROWS rows of 16-bit weights and activations: the tensor-core product by default
+SWAP_MAX_N = 32768  # weight rows the swapped product takes by default (measured up to Llama-3-8B's gate/up)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 PACKED_BITS = (4, 5, 8)  # weight-only quantized codes the kernel reads (16: the weight as stored)
@@ -59,6 +71,11 @@ class GemvParams:
     pdl: bool = True
     dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
     ahead: bool = False  # each slice's read asked for one loop step before its product (two slices in flight)
+    # The swapped product (16-bit unpacked weights): block_n weight rows (64 or 128, wgmma's M) a tile,
+    # block_k features a slice, num_stages slices in flight, K split over split_k programs a tile
+    swap: bool = False
+    split_k: int = 1
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -69,6 +86,13 @@ class GemvParams:
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
         if self.dot and min(self.block_n, self.block_k) < 16:
             raise ValueError(f"dot=True needs block_n and block_k >= 16 (tensor-core tiles), got "
+                             f"{self.block_n} and {self.block_k}")  # fmt: skip
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError(f"split_k={self.split_k} and num_stages={self.num_stages} must be >= 1")
+        if self.swap and (self.dot or self.ahead):
+            raise ValueError("swap=True is a product of its own: dot and ahead do not apply")
+        if self.swap and (self.block_n not in (64, 128) or self.block_k < 16):
+            raise ValueError(f"swap=True needs block_n 64 or 128 (wgmma's M) and block_k >= 16, got "
                              f"{self.block_n} and {self.block_k}")  # fmt: skip
 
 
@@ -356,12 +380,129 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
     return product
 
 
+@triton.jit
+def _swap_kernel(
+    X, W, Bias, Gain, Res, Y, Part, Counters, M, N, K, k_per_split, stride_xm, stride_wn, stride_rm,
+    stride_ym, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
+    USE_TMA: tl.constexpr, USE_PDL: tl.constexpr, FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    """`y^T = W x^T` for a tile of BLOCK_N outputs over one split of K: acc `[BLOCK_N, ROWS]` in float32.
+    With GLU the weight is `[gate; up]` (2N rows): a gate tile and an up tile a slice, silu(gate) * up out.
+    With SPLIT_K > 1 each program stores its partial to `Part` and counts itself in `Counters[tile]`; the
+    last to arrive sums the tile's partials in split order, runs the epilogue and resets the counter."""
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    dtype = Y.dtype.element_ty
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < M
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = X + rows[:, None] * stride_xm
+    inv = tl.zeros([ROWS], tl.float32)
+    if NORM:
+        inv = rms_scale(x_rows, row_ok, K, eps, ROWS, BLOCK_K)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, ROWS], tl.float32)
+    for k0 in tl.range(k_start, k_stop, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < k_stop
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:  # normalized, rounded, times the gain, rounded (as `_gemv_kernel`)
+            gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) * inv[:, None]).to(dtype)
+            x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
+        w = _swap_tile(W, n0, k0, cols, kk, col_ok, k_ok, stride_wn, USE_TMA)
+        acc = _swap_mma(w, x, acc, FP32_DOT)
+        if GLU:
+            w_up = _swap_tile(W, N + n0, k0, N + cols, kk, col_ok, k_ok, stride_wn, USE_TMA)
+            acc_up = _swap_mma(w_up, x, acc_up, FP32_DOT)
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        _swap_epilogue(tl.trans(acc), tl.trans(acc_up), Bias, Res, Y, rows, cols, col_ok, out_ok, N,
+                       stride_rm, stride_ym, HAS_BIAS, HAS_RES, GLU)  # fmt: skip
+    else:
+        size: tl.constexpr = ROWS * BLOCK_N
+        tile = Part + (pid_n * SPLIT_K + pid_k) * (2 * size) + rows[:, None] * BLOCK_N + (cols[None, :] - n0)
+        tl.store(tile, tl.trans(acc))
+        if GLU:
+            tl.store(tile + size, tl.trans(acc_up))
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last split: the partials summed in split order, then the epilogue
+            total = tl.zeros([ROWS, BLOCK_N], tl.float32)
+            total_up = tl.zeros([ROWS, BLOCK_N], tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(tile + (s - pid_k) * (2 * size))
+                if GLU:
+                    total_up += tl.load(tile + (s - pid_k) * (2 * size) + size)
+            _swap_epilogue(total, total_up, Bias, Res, Y, rows, cols, col_ok, out_ok, N, stride_rm, stride_ym,
+                           HAS_BIAS, HAS_RES, GLU)  # fmt: skip
+            tl.store(Counters + pid_n, 0)
+
+
+@triton.jit
+def _swap_tile(W, n0, k0, cols, kk, col_ok, k_ok, stride_wn, USE_TMA: tl.constexpr):
+    """The weight's rows [n0, n0 + BLOCK_N) at features kk `[BLOCK_N, BLOCK_K]`: through TMA (zero-filled
+    past the tensor; past a split's end it multiplies x's zeros) or pointers (masked)."""
+    if USE_TMA:
+        w = W.load([n0, k0])
+    else:
+        w = tl.load(
+            W + cols[:, None] * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
+        )
+    return w
+
+
+@triton.jit
+def _swap_mma(w, x, acc, FP32_DOT: tl.constexpr):
+    """acc `[BLOCK_N, ROWS]` += w `[BLOCK_N, BLOCK_K]` @ x^T (x `[ROWS, BLOCK_K]`)."""
+    if FP32_DOT:
+        acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(w, tl.trans(x), acc)
+    return acc
+
+
+@triton.jit
+def _swap_epilogue(acc, acc_up, Bias, Res, Y, rows, cols, col_ok, out_ok, N, stride_rm, stride_ym,
+                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr):  # fmt: skip
+    """acc, acc_up `[ROWS, BLOCK_N]` plus the bias, rounded (with GLU, silu(gate) * up as torch's ops round
+    it), plus the residual (rounded as a separate add), stored: `_gemv_kernel`'s epilogue."""
+    dtype = Y.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc_up += tl.load(Bias + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if GLU:
+        y = _silu_times(y, acc_up.to(dtype))
+    if HAS_RES:
+        res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0)
+        y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y, mask=out_ok)
+
+
 # One row against few output columns (N <= this) reads a K of up to 4096 in one slice.
 ONE_SLICE_MAX_N = 2048
 
 
 def default_params(
-    rows: int, n: int, k: int, bits: int = 16, dtype: torch.dtype = torch.bfloat16
+    rows: int,
+    n: int,
+    k: int,
+    bits: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    glu: bool = False,
+    tma: bool = False,
+    sms: int = 132,
 ) -> GemvParams:
     """Launch parameters, from per-call times in 28-layer CUDA graphs on an H100 (GEMV sweeps under
     benchmarks/results/h100/gemv/; the products of Qwen3-0.6B and Llama-3-8B as the accelerator calls them,
@@ -389,7 +530,10 @@ def default_params(
     torch's ops) 16 columns x 512 for N <= 4096 (o 6.7 / 7.2 and 15.5 / 18.1; q/k/v with its norm 7.9 /
     21.7; the downs 9.2 / 7.9 and 48.6 / 45.0 plain, the residual add fused), 32 x 256 above (q/k/v 30.1 /
     41.1, gate/up 8.6 / 23.0, the LM head 115.7 / 134.0), and more than 16384 outputs of K > 1024
-    (Llama-3-8B's gate/up) not read ahead (99.0 / 104.2 where reading ahead took 106.7)."""
+    (Llama-3-8B's gate/up) not read ahead (99.0 / 104.2 where reading ahead took 106.7).
+    Where the weight goes through TMA (`tma`: a Hopper GPU, an aligned weight), 2 to MAX_ROWS rows of 16-bit
+    weights of at most SWAP_MAX_N rows take the swapped product instead (`_swap_params`, with `glu` and the
+    GPU's `sms`)."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
@@ -404,11 +548,40 @@ def default_params(
         return GemvParams(block_n=8 if k > 8192 and n >= 4096 else 4, block_k=2048, num_warps=8, ahead=True)
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
+    if 1 < rows <= MAX_ROWS and tma and not packed and dtype in HALF_DTYPES and n <= SWAP_MAX_N:
+        return _swap_params(n // 2 if glu else n, k, glu, sms)
     if 1 < rows <= DOT_ROWS and not packed and dtype in HALF_DTYPES:
         if n <= 4096:
             return GemvParams(block_n=16, block_k=512, num_warps=4, dot=True, ahead=True)
         return GemvParams(block_n=32, block_k=256, num_warps=4, dot=True, ahead=n <= 16384 or k <= 1024)
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
+
+
+def _swap_params(outputs: int, k: int, glu: bool, sms: int) -> GemvParams:
+    """The swapped product's set for `outputs` columns over K features, from per-call times at 8 rows in
+    28-layer CUDA graphs on an H100 (`h100/gemv-swap/gemv-swap.json`, neighbours fused; each shape's fastest
+    of 5 tiles and 2-3 splits, us against cuBLAS alone and cuBLAS + torch's ops): with glu two tiles a slice,
+    64 x 256 to 4096 outputs (Qwen3-0.6B's gate/up 9.04 / 7.15 / 28.8), 128 x 128 and 8 warps above
+    (Llama-3-8B's 88.0 / 79.3 / 108.1), K whole; else 128 x 128, 8 warps, 4 stages above 4096 outputs or
+    for K <= 1024 (q/k/v: Qwen3-0.6B 7.00 / 5.65 / 21.5, Llama-3-8B 26.4 / 21.1 / 42.2), 64 x 256 otherwise
+    (o and down: Qwen3-0.6B 5.04 / 6.09 / 7.47 and 5.78 / 7.90 / 9.29, Llama-3-8B 14.3 / 16.3 / 18.1 and
+    41.6 / 43.3 / 45.4), K split so the tiles fill about one wave of `sms`."""
+    if glu:
+        wide = outputs <= 4096
+        return GemvParams(64 if wide else 128, 256 if wide else 128, 4 if wide else 8, swap=True)
+    if outputs > 4096 or k <= 1024:
+        block_n, block_k, warps, stages = 128, 128, 8, 4
+    else:
+        block_n, block_k, warps, stages = 64, 256, 4, 3
+    split = max(1, sms // triton.cdiv(outputs, block_n))
+    return GemvParams(block_n, block_k, warps, swap=True, split_k=split, num_stages=stages)
+
+
+def fast_rows(device: torch.device, dtype: torch.dtype) -> int:
+    """Rows up to which a caller choosing between `fused_linear` and torch's matmuls takes the kernel for
+    weights as stored: SWAP_FAST_ROWS where the swapped product runs (TMA: a Hopper GPU, 16-bit), FAST_ROWS
+    elsewhere."""
+    return SWAP_FAST_ROWS if tma_capable(device, dtype) else FAST_ROWS
 
 
 def _check(x, weight, bias, gain, residual, glu=False) -> None:
@@ -505,7 +678,13 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
     if res2 is not None and res2.stride(-1) != 1:
         res2 = res2.contiguous()
     y2 = out.view(rows, n)
-    p = params or default_params(rows, n_weight, k, 16 if packed is None else packed.bits, x.dtype)
+    swapped = packed is None and (rows > 1 if params is None else params.swap)  # may take the swap
+    tma = swapped and tma_capable(x.device, x.dtype) and tma_aligned(w)
+    p = params or default_params(rows, n_weight, k, 16 if packed is None else packed.bits, x.dtype, glu=glu,
+                                 tma=tma, sms=sm_count(x.device) if tma else 132)  # fmt: skip
+    if p.swap:
+        _launch_swap(x2, weight, bias, gain, eps, res2, y2, p, glu, tma)
+        return
     if glu and p.block_n < 2:
         raise ValueError(f"glu=True needs block_n >= 2 (a gate and an up row a program), got {p.block_n}")
     if packed is not None and p.block_k < 16:
@@ -527,6 +706,47 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
         DOT=p.dot, FP32_DOT=fp32_dot(x.dtype), GLU=glu, AHEAD=p.ahead, ASM=not triton_interpret(),
         num_warps=p.num_warps, **pdl_options(pdl),
     )  # fmt: skip
+
+
+def _launch_swap(x2, weight, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma: bool) -> None:
+    """`_swap_kernel` into `y2` `[rows, N]` (x2 `[rows, K]`, res2 `[rows, N]` or None): through TMA where
+    `tma`, else pointers (the interpreter, a weight TMA cannot read)."""
+    if isinstance(weight, PackedWeight):
+        raise ValueError("swap=True multiplies weights as stored; packed weights take the dot=False path")
+    if x2.dtype not in HALF_DTYPES:
+        raise ValueError(f"swap=True multiplies 16-bit weights (float16, bfloat16), got {x2.dtype}")
+    rows, n = y2.shape
+    k = weight.shape[1]
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    tiles, slices = triton.cdiv(n, p.block_n), triton.cdiv(k, p.block_k)
+    k_per_split = triton.cdiv(slices, min(p.split_k, slices)) * p.block_k
+    split = triton.cdiv(k, k_per_split)  # no empty split
+    part, counters = _swap_workspace(y2.device, tiles, split, p.block_n) if split > 1 else (y2, y2)
+    pdl = p.pdl and pdl_supported(y2.device)
+    _swap_kernel[(tiles, split)](
+        x2, descriptor(w, [p.block_n, p.block_k]) if tma else w, y2 if bias is None else bias,
+        y2 if gain is None else gain, y2 if res2 is None else res2, y2, part, counters, rows, n, k,
+        k_per_split, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
+        float(eps), ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=gain is not None,
+        HAS_BIAS=bias is not None, HAS_RES=res2 is not None, GLU=glu, USE_TMA=tma,
+        FP32_DOT=fp32_dot(x2.dtype), num_warps=p.num_warps, num_stages=p.num_stages, **pdl_options(pdl),
+    )  # fmt: skip
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _swap_workspace(device, tiles: int, split: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split product's float32 partials (`[tiles, split, 2, 16, block_n]`, gate and up) and its counters
+    (`[tiles]`, zero between calls: the last program of a tile resets its own), one pair per stream and
+    shape: calls on one stream run one after another (a CUDA graph keeps the pair of the stream it was
+    captured on)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, tiles, split, block_n)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.empty(tiles * split * 2 * 16 * block_n, dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))  # fmt: skip
+    return _WORKSPACES[key]
 
 
 @torch.library.custom_op("attnforge::fused_linear", mutates_args=())

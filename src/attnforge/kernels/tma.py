@@ -28,18 +28,18 @@ def tma_capable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def tma_aligned(*tensors: torch.Tensor) -> bool:
-    """Each `[B, H, L, D]` tensor has its last dim contiguous, its other strides and its base 16-byte
-    aligned (checked on every call of a TMA launch: kept short)."""
+    """Each tensor (`[B, H, L, D]` K/V, `[N, K]` weights) has its last dim contiguous, its other strides
+    and its base 16-byte aligned (checked on every call of a TMA launch: kept short)."""
     for t in tensors:
-        s0, s1, s2, s3 = t.stride()
+        *outer, last = t.stride()
         unit = 16 // t.element_size()  # elements in 16 bytes: a power of two
-        if s3 != 1 or t.data_ptr() % 16 or min(s0, s1, s2) <= 0 or (s0 | s1 | s2) % unit:
+        if last != 1 or t.data_ptr() % 16 or min(outer, default=1) <= 0 or any(s % unit for s in outer):
             return False
     return True
 
 
 def tma_supported(*tensors: torch.Tensor) -> bool:
-    """The `[B, H, L, D]` tensors (one device and dtype) can be read through TMA descriptors."""
+    """The tensors (one device and dtype) can be read through TMA descriptors."""
     return tma_capable(tensors[0].device, tensors[0].dtype) and tma_aligned(*tensors)
 
 

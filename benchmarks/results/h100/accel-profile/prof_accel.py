@@ -5,7 +5,7 @@ quant backend ("triton" unless `backend=`; issue 15); run from the repository ro
 
     python prof_accel.py OUT_DIR [PROMPT] [tune] [model=llama3-8b] [recipe=speed-4bit] [backend=tinygemm]
         [batch=8] [fast_rows=8]
-    # tune: inductor's coordinate-descent tuning on; fast_rows: gemv.FAST_ROWS for this run (up to that many
+    # tune: inductor's coordinate-descent tuning on; fast_rows: gemv.fast_rows for this run (up to that many
     # rows the decode step's products go through fused_linear, neighbours fused)
 
 One warm-up generation (compiles, captures), then torch.profiler around a generation of 64 new tokens: the
@@ -84,7 +84,7 @@ def by_position(intervals: list[tuple[float, float, str]]) -> list[dict]:
 def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, backend="triton", batch=1,
          fast_rows=None):  # fmt: skip
     if fast_rows is not None:
-        gemv.FAST_ROWS = fast_rows
+        gemv.fast_rows = lambda device, dtype: fast_rows
     model = models.load_model(model_name, dtype=torch.bfloat16, attn_implementation="sdpa")
     if recipe:
         import attnforge as af
@@ -119,7 +119,7 @@ def main(out_dir, prompt_len, tune=False, model_name="qwen3-0.6b", recipe=None, 
            "info": {k: str(v) for k, v in getattr(acc, "info", {}).items()},
            "kernels": [{"name": n[:160], "count": c, "total_us": t} for n, (c, t) in rows]}  # fmt: skip
     doc.update(tune=tune, model=model_name, recipe=recipe, backend=backend if recipe else None, batch=batch,
-               fast_rows=gemv.FAST_ROWS,
+               fast_rows=gemv.fast_rows(torch.device("cuda"), torch.bfloat16),
                shares_us_per_step=shares(kernels, steps),
                shares_exclusive_us_per_step=shares({n: (0, t) for n, t in alone.items()}, steps),
                exclusive_us={n[:160]: t for n, t in sorted(alone.items(), key=lambda kv: -kv[1])},
