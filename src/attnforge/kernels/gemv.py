@@ -76,6 +76,7 @@ class GemvParams:
     swap: bool = False
     split_k: int = 1
     num_stages: int = 3
+    early: bool = False  # swap: each split's first slice read before the PDL wait
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -89,6 +90,8 @@ class GemvParams:
                              f"{self.block_n} and {self.block_k}")  # fmt: skip
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"split_k={self.split_k} and num_stages={self.num_stages} must be >= 1")
+        if self.early and not self.swap:
+            raise ValueError("early=True is the swapped product's (swap=True)")
         if self.swap and (self.dot or self.ahead):
             raise ValueError("swap=True is a product of its own: dot and ahead do not apply")
         if self.swap and (self.block_n not in (64, 128) or self.block_k < 16):
@@ -385,15 +388,18 @@ def _swap_kernel(
     X, W, Bias, Gain, Res, Y, Part, Counters, M, N, K, k_per_split, stride_xm, stride_wn, stride_rm,
     stride_ym, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
-    USE_TMA: tl.constexpr, USE_PDL: tl.constexpr, FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr, USE_PDL: tl.constexpr, FP32_DOT: tl.constexpr, EARLY: tl.constexpr,
 ):  # fmt: skip
     """`y^T = W x^T` for a tile of BLOCK_N outputs over one split of K: acc `[BLOCK_N, ROWS]` in float32.
     With GLU the weight is `[gate; up]` (2N rows): a gate tile and an up tile a slice, silu(gate) * up out.
     With SPLIT_K > 1 each program stores its partial to `Part` and counts itself in `Counters[tile]`; the
-    last to arrive sums the tile's partials in split order, runs the epilogue and resets the counter."""
+    last to arrive sums the tile's partials in split order, runs the epilogue and resets the counter.
+    EARLY: the split's first weight slice is read before the PDL wait (the weight does not depend on the
+    kernel before), the rest after it."""
     if USE_PDL:
         gdc_launch_dependents()
-        gdc_wait()
+        if not EARLY:
+            gdc_wait()
     dtype = Y.dtype.element_ty
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -403,6 +409,16 @@ def _swap_kernel(
     row_ok = rows < M
     ks = tl.arange(0, BLOCK_K)
     x_rows = X + rows[:, None] * stride_xm
+    if EARLY:
+        k_early = pid_k * k_per_split
+        first = k_early + ks
+        first_ok = first < tl.minimum(k_early + k_per_split, K)
+        w_first = _swap_tile(W, n0, k_early, cols, first, col_ok, first_ok, stride_wn, USE_TMA)
+        up_first = w_first
+        if GLU:
+            up_first = _swap_tile(W, N + n0, k_early, N + cols, first, col_ok, first_ok, stride_wn, USE_TMA)
+        if USE_PDL:
+            gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
     if NORM:
         inv = rms_scale(x_rows, row_ok, K, eps, ROWS, BLOCK_K)
@@ -410,14 +426,18 @@ def _swap_kernel(
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
     acc_up = tl.zeros([BLOCK_N, ROWS], tl.float32)
-    for k0 in tl.range(k_start, k_stop, BLOCK_K):
+    if EARLY:
+        x = _swap_rows(x_rows, row_ok, Gain, inv, first, first_ok, dtype, NORM)
+        acc = _swap_mma(w_first, x, acc, FP32_DOT)
+        if GLU:
+            acc_up = _swap_mma(up_first, x, acc_up, FP32_DOT)
+    k_first = k_start
+    if EARLY:
+        k_first += BLOCK_K
+    for k0 in tl.range(k_first, k_stop, BLOCK_K):
         kk = k0 + ks
         k_ok = kk < k_stop
-        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:  # normalized, rounded, times the gain, rounded (as `_gemv_kernel`)
-            gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
-            x = (x.to(tl.float32) * inv[:, None]).to(dtype)
-            x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
+        x = _swap_rows(x_rows, row_ok, Gain, inv, kk, k_ok, dtype, NORM)
         w = _swap_tile(W, n0, k0, cols, kk, col_ok, k_ok, stride_wn, USE_TMA)
         acc = _swap_mma(w, x, acc, FP32_DOT)
         if GLU:
@@ -445,6 +465,18 @@ def _swap_kernel(
             _swap_epilogue(total, total_up, Bias, Res, Y, rows, cols, col_ok, out_ok, N, stride_rm, stride_ym,
                            HAS_BIAS, HAS_RES, GLU)  # fmt: skip
             tl.store(Counters + pid_n, 0)
+
+
+@triton.jit
+def _swap_rows(x_rows, row_ok, Gain, inv, kk, k_ok, dtype: tl.constexpr, NORM: tl.constexpr):
+    """x's rows at features kk `[ROWS, BLOCK_K]` (zeros past them): with NORM normalized (`inv` `[ROWS]`),
+    rounded, times the gain, rounded (as `_gemv_kernel`)."""
+    x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    if NORM:
+        gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
+        x = (x.to(tl.float32) * inv[:, None]).to(dtype)
+        x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
+    return x
 
 
 @triton.jit
@@ -729,7 +761,8 @@ def _launch_swap(x2, weight, bias, gain, eps, res2, y2, p: GemvParams, glu: bool
         k_per_split, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
         float(eps), ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=gain is not None,
         HAS_BIAS=bias is not None, HAS_RES=res2 is not None, GLU=glu, USE_TMA=tma,
-        FP32_DOT=fp32_dot(x2.dtype), num_warps=p.num_warps, num_stages=p.num_stages, **pdl_options(pdl),
+        FP32_DOT=fp32_dot(x2.dtype), EARLY=p.early, num_warps=p.num_warps, num_stages=p.num_stages,
+        **pdl_options(pdl),
     )  # fmt: skip
 
 

@@ -1,0 +1,83 @@
+"""Issue 11 (A/B): the library's swapped product with each split's first weight slice read before the PDL
+wait (`GemvParams.early`), against the default launch, at 8 rows on the GEMV sweep's Qwen3-0.6B and
+Llama-3-8B products (neighbours fused as the accelerator calls them): first against float64 (both ways),
+then per call in graphs of one call a layer on distinct weights, all variants of a shape replayed in turn
+(`timing.time_graphs_per_call`), with cuBLAS alone and cuBLAS + torch's ops as baselines. Variants: the
+default, early, and early with twice the split (each program's share of K read sooner).
+
+    PYTHONPATH=src:<wheels> python early_ab.py OUT.json     # from this directory (about 2 minutes)
+
+The weights never depend on the kernel before, so the read may start under its tail (the one-row kernel
+does it with its first slice); the swapped kernel read nothing before the wait (h200/accel-b8-swap-*/:
+its four products 23.9 us a layer at batch 8, against 16 at one row on an H100).
+"""
+
+import dataclasses
+import json
+import statistics
+import sys
+
+import probe
+import torch
+import torch.nn.functional as F
+
+from attnforge.bench import timing
+from attnforge.environment import environment_report
+from attnforge.kernels import gemv
+from attnforge.kernels.tuning import sm_count
+
+ROWS = 8
+
+
+def variants(n: int, k: int, glu: bool) -> dict:
+    default = gemv.default_params(ROWS, n, k, glu=glu, tma=True, sms=sm_count("cuda"))
+    out = {"default": default, "early": dataclasses.replace(default, early=True)}
+    out["early-2x-split"] = dataclasses.replace(default, early=True, split_k=2 * default.split_k)
+    return out
+
+
+def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
+    x, ws, g, res = probe.inputs(n, k, ROWS, layers)
+    norm, residual = probe.neighbours(kind, g, res, n)
+    glu = "glu" in kind
+    ref = probe.reference(x, ws[0], g, res, kind, n)
+    row = {"shape": name, "N": n, "K": k, "rows": ROWS, "fused": kind,
+           "floor_us": n * k * 2 / (read_gbps * 1e3), "params": {}, "rel_l2": {}}  # fmt: skip
+    makers = {"cublas": lambda i: lambda: F.linear(x, ws[i])}
+
+    def torch_ops(w):
+        y = F.linear(probe.rms(x, g) if norm is not None else x, w)
+        if glu:
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        return y + residual if residual is not None else y
+
+    makers["torch_ops"] = lambda i: lambda: torch_ops(ws[i])
+    for label, p in variants(n, k, glu).items():
+        call = lambda w, p=p: gemv.fused_linear(x, w, norm=None if norm is None else (g, 1e-6),  # noqa: E731
+                                                residual=residual, glu=glu, params=p)  # fmt: skip
+        y = call(ws[0])
+        row["rel_l2"][label] = ((y.double() - ref).norm() / ref.norm()).item()
+        row["params"][label] = dataclasses.asdict(p)
+        makers[label] = lambda i, call=call: lambda: call(ws[i])
+    times = timing.time_graphs_per_call(makers, layers=layers, reps=30)
+    row["us"] = {label: statistics.median(t) if isinstance(t, list) else t for label, t in times.items()}
+    return row
+
+
+def main(path: str) -> None:
+    read_gbps = timing.measure_read_bandwidth() / 1e9
+    doc = {"environment": environment_report(), "read_gbps": read_gbps, "rows": []}
+    for name, (n, k, kind, layers) in probe.SHAPES.items():
+        row = shape_row(name, n, k, kind, layers, read_gbps)
+        doc["rows"].append(row)
+        with open(path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        ok = all(err < 2e-2 for err in row["rel_l2"].values())
+        us = " ".join(f"{label} {t:6.2f}" for label, t in row["us"].items() if isinstance(t, float))
+        print(f"{name:18s} {'ok' if ok else 'WRONG'} floor {row['floor_us']:6.2f} {us}", flush=True)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main(sys.argv[1])
