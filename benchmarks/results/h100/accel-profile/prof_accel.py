@@ -31,7 +31,8 @@ NEW = 64
 
 
 # kernel-name fragments per share of the step (the first that matches; the rest is "other")
-SHARES = (("products", ("gemv", "gemm", "cutlass", "int4pack", "cublas", "matmul", "xmma", "nvjet")),
+SHARES = (("products", ("gemv", "_swap_kernel", "gemm", "cutlass", "int4pack", "cublas", "matmul", "xmma",
+                         "nvjet")),
           ("attention", ("decode", "prefill", "flash", "attention", "rope")))  # fmt: skip
 
 

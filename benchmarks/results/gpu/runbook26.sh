@@ -1,0 +1,25 @@
+#!/bin/bash
+# Twentieth session, issue 11 (files under $OUT):
+#   e  the swapped product's early launch (gpu/gemv-swap/early_ab.py: each split's first weight slice read
+#      before the PDL wait, the default, early with twice the split; 8 rows, Qwen3-0.6B and Llama-3-8B
+#      products, checked against float64 first), about 2 minutes;
+#   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s.
+# If `early` wins on every Qwen3 product: set it in gemv._swap_params (and the test of its defaults), then
+# `bash benchmarks/results/gpu/runbook25.sh t q` measures the step against transformers (target 5x).
+# On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
+#     bash benchmarks/results/gpu/runbook26.sh e p
+nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
+for step in "$@"; do
+  case $step in
+    e)
+      (cd benchmarks/results/gpu/gemv-swap && timeout 200 python3 early_ab.py "$OUT/early-ab.json") \
+        > "$OUT/early-ab.txt" 2>&1
+      echo "early ab rc=$?"; tail -9 "$OUT/early-ab.txt"
+      ;;
+    p)
+      timeout 90 python3 benchmarks/results/h100/accel-profile/prof_accel.py "$OUT" 128 batch=8 \
+        > "$OUT/prof-b8.txt" 2>&1
+      echo "prof rc=$?"; grep -E "^decode|^us per step" "$OUT/prof-b8.txt"
+      ;;
+  esac
+done
