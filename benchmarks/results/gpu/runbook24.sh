@@ -2,9 +2,9 @@
 # Eighteenth session's last call, whichever GPU comes (files under $OUT):
 #   on an H200: issue 10's B1 grid with the -tma candidates and the static / ragged targets
 #     (runbook22.sh t 1 with a 150 s budget; the H200's 40:8 4k bucket is 1.18x, target 1.2x);
-#   on an H100: the swapped eight-row product (gpu/gemv-swap/probe.py check, time: README there), then
-#     Qwen3-0.6B's batch-8 step with each shape's fastest swapped set against the model's matmuls
-#     (accel_swap.py). (The balance probe it ran first has run twice since: it loses, h100/decode-dynamic/.)
+#   on an H100: the swapped eight-row product (gpu/gemv-swap/probe.py check, time: README there). At 16edd12
+#     it then ran Qwen3-0.6B's batch-8 step with each shape's fastest set patched in (accel_swap.py, removed
+#     since: the library takes those sets by default from 7569ceb on; runbook25.sh q measures the step).
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
 #     bash benchmarks/results/gpu/runbook24.sh   (about 6 minutes)
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -17,6 +17,3 @@ timeout 150 python3 probe.py check > "$OUT/swap-check.txt" 2>&1 \
   && timeout 200 python3 probe.py time "$OUT/gemv-swap.json" > "$OUT/swap-time.txt" 2>&1
 tail -2 "$OUT/swap-check.txt"
 cat "$OUT/swap-time.txt"
-# the batch-8 step with each shape's fastest swapped set (accel_swap.py), against the model's matmuls
-timeout 220 python3 accel_swap.py "$OUT/gemv-swap.json" "$OUT" accelerate-qwen3-0.6b-b8-swap > "$OUT/accel-swap.txt" 2>&1
-echo "accel swap rc=$?"; tail -12 "$OUT/accel-swap.txt"

@@ -1,6 +1,6 @@
-"""Issue 11 (no GPU): the swapped skinny linear (probe.py) compiled for sm_90 with Triton 3.6's ptxas:
-registers, spills, shared memory and the instruction mix of its product loop (wgmma or not). Run from this
-directory with the package and Triton 3.6 on PYTHONPATH:
+"""Issue 11 (no GPU): the swapped skinny linear (`gemv._swap_kernel`; probe.py's at 16edd12) compiled for
+sm_90 with Triton 3.6's ptxas: registers, spills, shared memory and the instruction mix of its product loop
+(wgmma or not). Run from this directory with the package and Triton 3.6 on PYTHONPATH:
 
     python compile_swap.py
 """
@@ -15,18 +15,19 @@ from triton.backends.compiler import BaseBackend
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "cpu", "gemv-packed"))
 from compile_packed import compile_sm90, registers  # noqa: E402
-from probe import _swap_kernel  # noqa: E402
 from sass_loop import loop_counts  # noqa: E402
 
+from attnforge.kernels.gemv import _swap_kernel  # noqa: E402
 from attnforge.kernels.tma import TensorDescriptor  # noqa: E402
 
-TYPES = {"X": "*bf16", "W": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16", "Part": "*fp32",
-         "Counters": "*i32", "eps": "fp32"}  # fmt: skip
+TYPES = {"X": "*bf16", "W": "*bf16", "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
+         "Part": "*fp32", "Counters": "*i32", "eps": "fp32"}  # fmt: skip
 
 
 def compile_case(block_n, block_k, warps, stages, split_k, norm, tma, glu=False):
     constants = dict(ROWS=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, NORM=norm, HAS_RES=not norm,
-                     GLU=glu, USE_TMA=tma, USE_PDL=True, FP32_DOT=False)  # fmt: skip
+                     GLU=glu, USE_TMA=tma, USE_PDL=True, FP32_DOT=False, HAS_BIAS=False,
+                     EARLY=False)  # fmt: skip
     types = dict(TYPES)
     if tma:
         w = torch.zeros(4096, 1024, dtype=torch.bfloat16)

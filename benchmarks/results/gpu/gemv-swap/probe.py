@@ -1,4 +1,6 @@
-"""Issue 11 (scratch): a skinny linear for a few rows with the weight as the tensor cores' big operand.
+"""Issue 11 (scratch): a skinny linear for a few rows with the weight as the tensor cores' big operand (the
+kernel this probe held at 16edd12, where it ran on an H100, is the library's `gemv._swap_kernel` since
+7569ceb; the probe now times the library's launch sets).
 
 `fused_linear`'s tensor-core sets (`GemvParams.dot`) multiply the rows (padded to 16) by the weight's slice:
 M = 16 rows, which Hopper's wgmma cannot take (its M is 64), so Triton runs them through mma.sync with the
@@ -26,158 +28,39 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from attnforge.bench import timing
-from attnforge.environment import environment_report, fp32_dot
-from attnforge.kernels.gemv import _silu_times, fused_linear, rms_scale
-from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
-from attnforge.kernels.tma import descriptor, tma_capable
+from attnforge.environment import environment_report
+from attnforge.kernels import gemv
+from attnforge.kernels.gemv import GemvParams, fused_linear
+from attnforge.kernels.tma import tma_capable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gemv"))
 import gemv_sweep  # noqa: E402  (its shapes)
 
 
-@triton.jit
-def _swap_kernel(
-    X, W, Gain, Res, Y, Part, Counters, M, N, K, k_per_split, stride_xm, stride_wn, stride_rm, stride_ym, eps,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    NORM: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr, USE_TMA: tl.constexpr,
-    USE_PDL: tl.constexpr, FP32_DOT: tl.constexpr,
-):  # fmt: skip
-    # GLU: the weight is [gate; up] (2N rows), the output silu(gate) * up (N columns): two tiles a slice
-    if USE_PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    dtype = Y.dtype.element_ty
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < M
-    ks = tl.arange(0, BLOCK_K)
-    x_rows = X + rows[:, None] * stride_xm
-    inv = tl.zeros([ROWS], tl.float32)
-    if NORM:
-        inv = rms_scale(x_rows, row_ok, K, eps, ROWS, BLOCK_K)
-    k_start = pid_k * k_per_split
-    k_stop = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, ROWS], tl.float32)
-    for k0 in tl.range(k_start, k_stop, BLOCK_K):
-        kk = k0 + ks
-        k_ok = kk < k_stop
-        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:  # normalized, rounded, times the gain, rounded (transformers' Llama/Qwen RMSNorm)
-            gain = tl.load(Gain + kk, mask=k_ok, other=0.0)
-            x = (x.to(tl.float32) * inv[:, None]).to(dtype)
-            x = (x.to(tl.float32) * gain.to(tl.float32)[None, :]).to(dtype)
-        w = _tile(W, n0, k0, cols, kk, col_ok, k_ok, stride_wn, USE_TMA)
-        acc = _mma(w, x, acc, FP32_DOT)
-        if GLU:
-            w_up = _tile(W, N + n0, k0, N + cols, kk, col_ok, k_ok, stride_wn, USE_TMA)
-            acc_up = _mma(w_up, x, acc_up, FP32_DOT)
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
-        _epilogue(tl.trans(acc), tl.trans(acc_up), Res, Y, rows, cols, out_ok, stride_rm, stride_ym, HAS_RES,
-                  GLU)  # fmt: skip
-    else:
-        size: tl.constexpr = ROWS * BLOCK_N
-        tile = Part + (pid_n * SPLIT_K + pid_k) * (2 * size) + rows[:, None] * BLOCK_N + (cols[None, :] - n0)
-        tl.store(tile, tl.trans(acc))
-        if GLU:
-            tl.store(tile + size, tl.trans(acc_up))
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # the last split: the partials summed in split order, then the epilogue
-            total = tl.zeros([ROWS, BLOCK_N], tl.float32)
-            total_up = tl.zeros([ROWS, BLOCK_N], tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(tile + (s - pid_k) * (2 * size))
-                if GLU:
-                    total_up += tl.load(tile + (s - pid_k) * (2 * size) + size)
-            _epilogue(total, total_up, Res, Y, rows, cols, out_ok, stride_rm, stride_ym, HAS_RES, GLU)
-            tl.store(Counters + pid_n, 0)
-
-
-@triton.jit
-def _tile(W, n0, k0, cols, kk, col_ok, k_ok, stride_wn, USE_TMA: tl.constexpr):
-    """The weight's rows [n0, n0 + BLOCK_N) at features kk: through TMA (zero-filled past the tensor; a
-    split's last slice past k_stop multiplies x's zeros) or pointers (masked)."""
-    if USE_TMA:
-        w = W.load([n0, k0])
-    else:
-        w = tl.load(
-            W + cols[:, None] * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
-        )
-    return w
-
-
-@triton.jit
-def _mma(w, x, acc, FP32_DOT: tl.constexpr):
-    """acc `[BLOCK_N, ROWS]` += w `[BLOCK_N, BLOCK_K]` @ x^T (x `[ROWS, BLOCK_K]`)."""
-    if FP32_DOT:
-        acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(w, tl.trans(x), acc)
-    return acc
-
-
-@triton.jit
-def _epilogue(acc, acc_up, Res, Y, rows, cols, out_ok, stride_rm, stride_ym, HAS_RES: tl.constexpr,
-              GLU: tl.constexpr):  # fmt: skip
-    """The product rounded (with GLU, silu(gate) * up as torch's ops round it), plus the residual (rounded
-    as a separate add), stored: acc, acc_up `[ROWS, BLOCK_N]`."""
-    dtype = Y.dtype.element_ty
-    y = acc.to(dtype)
-    if GLU:
-        y = _silu_times(y, acc_up.to(dtype))
-    if HAS_RES:
-        res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0)
-        y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y, mask=out_ok)
-
-
 class SwapLinear:
-    """`residual + linear(norm(x), w)` for x `[rows <= 16, K]`, w `[N, K]`, with one launch set: output
-    tile, slice, warps, stages, split of K, TMA or pointers, PDL."""
+    """`residual + linear(norm(x), w)` (glu: silu(gate) * up) for x `[rows <= 16, K]`, w `[N, K]`, through
+    the library's swapped product (`gemv._swap_kernel`, in the library since 7569ceb; at 16edd12 this probe
+    held the kernel) with one launch set: output tile, slice, warps, stages, split of K."""
 
-    def __init__(self, n, k, block_n=64, block_k=128, warps=4, stages=3, split_k=1, tma=True, device="cuda",
-                 glu=False):  # fmt: skip
+    def __init__(self, n, k, block_n=64, block_k=128, warps=4, stages=3, split_k=1, device="cuda", glu=False):
         self.n, self.k, self.glu = n, k, glu  # n: outputs (the weight has 2n rows with glu)
-        self.block_n, self.block_k, self.warps, self.stages = block_n, block_k, warps, stages
-        self.tiles = triton.cdiv(n, block_n)
         slices = triton.cdiv(k, block_k)
-        self.split_k = max(1, min(split_k, slices))
-        self.k_per_split = triton.cdiv(slices, self.split_k) * block_k
-        self.split_k = triton.cdiv(k, self.k_per_split)  # no empty split
-        self.tma = tma and tma_capable(torch.device(device), torch.bfloat16)
-        self.part = torch.empty(
-            self.tiles * self.split_k * 2 * 16 * block_n, dtype=torch.float32, device=device
-        )
-        self.counters = torch.zeros(self.tiles, dtype=torch.int32, device=device)
+        per_split = triton.cdiv(slices, max(1, min(split_k, slices))) * block_k
+        self.split_k = triton.cdiv(k, per_split)  # as the launch counts them: no empty split
+        self.tma = tma_capable(torch.device(device), torch.bfloat16)
+        self.params = GemvParams(block_n, block_k, warps, swap=True, split_k=split_k, num_stages=stages)
 
     @property
     def name(self) -> str:
-        return (f"{self.block_n}x{self.block_k}w{self.warps}st{self.stages}k{self.split_k}"
+        p = self.params
+        return (f"{p.block_n}x{p.block_k}w{p.num_warps}st{p.num_stages}k{self.split_k}"
                 + ("-tma" if self.tma else "") + ("-glu" if self.glu else ""))  # fmt: skip
 
-    def __call__(self, x, w, gain=None, eps=1e-6, residual=None, out=None):
-        rows = x.shape[0]
-        assert rows <= 16 and x.stride(-1) == 1 and w.stride(-1) == 1
-        y = torch.empty(rows, self.n, dtype=x.dtype, device=x.device) if out is None else out
-        weight = descriptor(w, [self.block_n, self.block_k]) if self.tma else w
-        pdl = pdl_supported(x.device)
-        _swap_kernel[(self.tiles, self.split_k)](
-            x, weight, y if gain is None else gain, y if residual is None else residual, y, self.part,
-            self.counters, rows, self.n, self.k, self.k_per_split, x.stride(0), w.stride(0),
-            0 if residual is None else residual.stride(0), y.stride(0), float(eps),
-            ROWS=16, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k, NORM=gain is not None,
-            HAS_RES=residual is not None, GLU=self.glu, USE_TMA=self.tma, FP32_DOT=fp32_dot(x.dtype),
-            num_warps=self.warps, num_stages=self.stages, **pdl_options(pdl),
-        )  # fmt: skip
-        return y
+    def __call__(self, x, w, gain=None, eps=1e-6, residual=None):
+        norm = None if gain is None else (gain, eps)
+        return fused_linear(x, w, norm=norm, residual=residual, glu=self.glu, params=self.params)
 
 
 # the GEMV sweep's shapes but the LM heads: name -> (weight rows N, K, fused neighbours, layers in the graph),
@@ -204,7 +87,7 @@ def launches(n, k, kind, device="cuda"):
                 continue
         tiles = triton.cdiv(outputs, block_n)
         for split in dict.fromkeys((1, max(1, sms // tiles), max(1, 2 * sms // tiles))):
-            out.append(SwapLinear(outputs, k, block_n, block_k, warps, stages, split, True, device, glu))
+            out.append(SwapLinear(outputs, k, block_n, block_k, warps, stages, split, device, glu))
     return {launch.name: launch for launch in out}
 
 
@@ -244,7 +127,7 @@ def error(launch, n, k, rows, kind, device):
     for _ in range(2):  # twice: the counters come back to zero
         y = launch(x, w, norm, 1e-6, residual)
         errors.append(((y.double() - ref).norm() / ref.norm()).item() if torch.isfinite(y).all() else 1.0)
-    return max(errors), launch.counters.tolist() == [0] * launch.tiles
+    return max(errors), all(not counters.any() for _, counters in gemv._WORKSPACES.values())
 
 
 def check(device="cuda") -> bool:
