@@ -46,6 +46,17 @@ def test_model_targets_are_the_buckets_its_generation_hits():
     assert [t.kind for t in targets.model_targets("llama3-8b", kinds=("prefill",))] == ["prefill"] * 3
 
 
+def test_a_batchs_static_cache_target_is_ragged_as_the_accelerators_batches():
+    """At batch 8 the sequences hold 1/8 to all of the half-full buffer (prompts spread as `bench accel
+    --batch` spreads them); its candidates also split short sequences (`alone_tiles=0`), the plain
+    cache's do not."""
+    plain, static = targets.model_targets("qwen3-0.6b", batch=8, contexts=(1024,), kinds=("decode",))
+    assert static.valid == (64, 128, 192, 256, 320, 384, 448, 512) and static.bucket == "d128-m2-b8-kv1k-lens"
+    alone = [tune.params_name(c) for c in tune.candidates_for(static, CPU, quick=True) if "alone_tiles" in c]
+    assert alone and all(name.endswith("-alone0") for name in alone)
+    assert not any("alone_tiles" in c for c in tune.candidates_for(plain, CPU, quick=False))
+
+
 def test_the_decode_grid_covers_the_issue():
     grid = targets.decode_grid()
     labels = {t.label for t in grid}

@@ -3,11 +3,14 @@
 #   e  the swapped product's early launch (gpu/gemv-swap/early_ab.py: each split's first weight slice read
 #      before the PDL wait, the default, early with twice the split; 8 rows, Qwen3-0.6B and Llama-3-8B
 #      products, checked against float64 first), about 2 minutes;
-#   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s.
+#   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s;
+#   a  the batch-8 attention step's bucket (d128-m2-b8-kv1k-lens: B8 16:8, a 1k cache, 64..512 valid keys
+#      ragged as the accelerator's batches; candidates with alone_tiles=0 split short sequences too), full
+#      sweep, plain and in 28-call graphs, about 3 minutes; store it with `attnforge tune --from-results`.
 # If `early` wins on every Qwen3 product: set it in gemv._swap_params (and the test of its defaults), then
 # `bash benchmarks/results/gpu/runbook25.sh t q` measures the step against transformers (target 5x).
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
-#     bash benchmarks/results/gpu/runbook26.sh e p
+#     bash benchmarks/results/gpu/runbook26.sh e p a   (about 6 minutes)
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
@@ -20,6 +23,12 @@ for step in "$@"; do
       timeout 90 python3 benchmarks/results/h100/accel-profile/prof_accel.py "$OUT" 128 batch=8 \
         > "$OUT/prof-b8.txt" 2>&1
       echo "prof rc=$?"; grep -E "^decode|^us per step" "$OUT/prof-b8.txt"
+      ;;
+    a)
+      timeout 280 python3 -m attnforge.cli tune --model qwen3-0.6b --batch 8 --kernels decode --full \
+        --graph-layers 28 --only "Lkv=1024 d128 bfloat16 valid" --table "$OUT/tuning.json" \
+        --out "$OUT/tune-b8" > "$OUT/tune-b8.txt" 2>&1
+      echo "tune b8 rc=$?"; tail -8 "$OUT/tune-b8.txt"
       ;;
   esac
 done

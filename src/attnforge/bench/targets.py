@@ -75,7 +75,9 @@ def _lens_text(lens: tuple[int, ...]) -> str:
 def model_targets(model: str, *, batch: int = 1, contexts=MODEL_CONTEXTS, prompts=MODEL_PROMPTS,
                   kinds=("decode", "prefill"), dtype: str = "bfloat16") -> list[Target]:  # fmt: skip
     """The buckets a model's generation hits: decode against a DynamicCache (every key valid) and against a
-    static cache (half of a buffer valid) at each context length, and prefill of each prompt length."""
+    static cache at each context length (half of the buffer valid; a batch's sequences ragged as the
+    accelerator's batches are, 1/B to all of that half: most fit in a few tiles), and prefill of each prompt
+    length."""
     from attnforge.models import load_config
 
     config = load_config(model)
@@ -88,7 +90,8 @@ def model_targets(model: str, *, batch: int = 1, contexts=MODEL_CONTEXTS, prompt
     if "decode" in kinds:
         for n in contexts:
             targets.append(Target("decode", *shape, 1, n, head_dim, dtype))
-            targets.append(Target("decode", *shape, 1, n, head_dim, dtype, valid=(n // 2,) * batch))
+            valid = tuple(max(1, n * (i + 1) // (2 * batch)) for i in range(batch))
+            targets.append(Target("decode", *shape, 1, n, head_dim, dtype, valid=valid))
     if "prefill" in kinds:
         targets += [Target("prefill", *shape, n, n, head_dim, dtype) for n in prompts]
     return targets

@@ -52,8 +52,10 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
     pipelining depth (as deep as shared memory allows) and warps for the heuristic's tile, and, where the
     query rows of a KV head exceed 16 (MQA, many new tokens), 16-row blocks (fewer if `quick`); where the
     splits' partial rows pass what the last program merges (MERGE_ROWS), each also merged by a second
-    kernel; on Hopper, where the calls can take it (`decode_tma_target`), each also with K/V through TMA
-    (the first three only if `quick`)."""
+    kernel; with valid lengths, the split launches (the first four's if `quick`) also with `alone_tiles=0`
+    (a sequence of few valid keys split like the others: few sequences a batch leave SMs idle otherwise);
+    on Hopper, where the calls can take it (`decode_tma_target`), each also with K/V through TMA (the first
+    three only if `quick`)."""
     from attnforge.kernels import decode_params as decode
 
     rows = target.num_heads // target.num_kv_heads * target.q_len
@@ -105,6 +107,9 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
         candidates += [_merged(base, mode) for mode in decode.COMBINE_MODES]
     if not quick:
         candidates += [dict(base, num_warps=8), dict(base, num_warps=2)]
+    if target.valid is not None:  # short sequences split too, not read by split 0 alone (`alone_tiles`)
+        candidates += [dict(c, alone_tiles=0) for c in (candidates[:4] if quick else candidates)
+                       if c["num_splits"] > 1 and c.get("combine", "last") == "last"]  # fmt: skip
     candidates = _unique(candidates)
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
     if major >= 9 and decode_tma_target(target):
