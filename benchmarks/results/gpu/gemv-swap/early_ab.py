@@ -3,7 +3,8 @@ wait (`GemvParams.early`), against the default launch, at 8 rows on the GEMV swe
 Llama-3-8B products (neighbours fused as the accelerator calls them): first against float64 (both ways),
 then per call in graphs of one call a layer on distinct weights, all variants of a shape replayed in turn
 (`timing.time_graphs_per_call`), with cuBLAS alone and cuBLAS + torch's ops as baselines. Variants: the
-default, early, and early with twice the split (each program's share of K read sooner).
+default, early, and early with twice the split (each program's share of K read sooner); Qwen3-0.6B's LM head
+too, whose default is the dot set: also through the swapped product.
 
     PYTHONPATH=src:<wheels> python early_ab.py OUT.json     # from this directory (about 2 minutes)
 
@@ -29,10 +30,20 @@ from attnforge.kernels.tuning import sm_count
 ROWS = 8
 
 
+# Qwen3-0.6B's LM head (more than SWAP_MAX_N rows: the dot set by default; 111 us a batch-8 step on the
+# H200 against a 72 us read floor): also timed through the swapped product's set for its shape
+LM_HEAD = {"qwen3-0.6b lm_head": probe.gemv_sweep.SHAPES["qwen3-0.6b lm_head"]}
+
+
 def variants(n: int, k: int, glu: bool) -> dict:
-    default = gemv.default_params(ROWS, n, k, glu=glu, tma=True, sms=sm_count("cuda"))
-    out = {"default": default, "early": dataclasses.replace(default, early=True)}
-    out["early-2x-split"] = dataclasses.replace(default, early=True, split_k=2 * default.split_k)
+    sms = sm_count("cuda")
+    default = gemv.default_params(ROWS, n, k, glu=glu, tma=True, sms=sms)
+    out = {"default": default}
+    swap = default if default.swap else gemv._swap_params(n // 2 if glu else n, k, glu, sms)
+    if not default.swap:
+        out["swap"] = swap
+    out["early"] = dataclasses.replace(swap, early=True)
+    out["early-2x-split"] = dataclasses.replace(swap, early=True, split_k=2 * swap.split_k)
     return out
 
 
@@ -68,7 +79,7 @@ def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
 def main(path: str) -> None:
     read_gbps = timing.measure_read_bandwidth() / 1e9
     doc = {"environment": environment_report(), "read_gbps": read_gbps, "rows": []}
-    for name, (n, k, kind, layers) in probe.SHAPES.items():
+    for name, (n, k, kind, layers) in (probe.SHAPES | LM_HEAD).items():
         row = shape_row(name, n, k, kind, layers, read_gbps)
         doc["rows"].append(row)
         with open(path, "w") as fh:
