@@ -317,10 +317,14 @@ def test_bad_input_is_refused_with_the_reason(call, message):
                                                   "M) and block_k >= 16, got 8 and 64"),
                                                  ("split_k", 0, "split_k=0 and num_stages=3 must be >= 1"),
                                                  ("num_stages", 0, "split_k=1 and num_stages=0 must be >= 1"),
+                                                 ("split_k", 2, "early, split_k and num_stages are the "
+                                                  "swapped product's (swap=True)"),
+                                                 ("num_stages", 4, "early, split_k and num_stages are the "
+                                                  "swapped product's (swap=True)"),
                                                  ("swap_dot", True, "swap=True is a product of its own: dot "
                                                   "and ahead do not apply"),
-                                                 ("early", True, "early=True is the swapped product's "
-                                                  "(swap=True)")])  # fmt: skip
+                                                 ("early", True, "early, split_k and num_stages are the "
+                                                  "swapped product's (swap=True)")])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
     values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
     if field == "swap_dot":

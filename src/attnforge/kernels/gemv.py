@@ -90,8 +90,8 @@ class GemvParams:
                              f"{self.block_n} and {self.block_k}")  # fmt: skip
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"split_k={self.split_k} and num_stages={self.num_stages} must be >= 1")
-        if self.early and not self.swap:
-            raise ValueError("early=True is the swapped product's (swap=True)")
+        if not self.swap and (self.early or self.split_k != 1 or self.num_stages != 3):
+            raise ValueError("early, split_k and num_stages are the swapped product's (swap=True)")
         if self.swap and (self.dot or self.ahead):
             raise ValueError("swap=True is a product of its own: dot and ahead do not apply")
         if self.swap and (self.block_n not in (64, 128) or self.block_k < 16):
@@ -714,15 +714,16 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
     tma = swapped and tma_capable(x.device, x.dtype) and tma_aligned(w)
     p = params or default_params(rows, n_weight, k, 16 if packed is None else packed.bits, x.dtype, glu=glu,
                                  tma=tma, sms=sm_count(x.device) if tma else 132)  # fmt: skip
-    if p.swap:
-        _launch_swap(x2, weight, bias, gain, eps, res2, y2, p, glu, tma)
-        return
     if glu and p.block_n < 2:
         raise ValueError(f"glu=True needs block_n >= 2 (a gate and an up row a program), got {p.block_n}")
     if packed is not None and p.block_k < 16:
         raise ValueError(f"packed weights need block_k >= 16 (whole bytes of codes), got {p.block_k}")
-    if packed is not None and p.dot:
-        raise ValueError("dot=True multiplies weights as stored; packed weights take the dot=False path")
+    if packed is not None and (p.dot or p.swap):
+        mode = "dot" if p.dot else "swap"
+        raise ValueError(f"{mode}=True multiplies weights as stored; packed weights take the dot=False path")
+    if p.swap:
+        _launch_swap(x2, w, bias, gain, eps, res2, y2, p, glu, tma)
+        return
     dummy, grid = y2, _grid(n, p.block_n // 2 if glu else p.block_n)
     pdl = p.pdl and pdl_supported(out.device)
     _gemv_kernel[grid](
@@ -740,16 +741,14 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
     )  # fmt: skip
 
 
-def _launch_swap(x2, weight, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma: bool) -> None:
-    """`_swap_kernel` into `y2` `[rows, N]` (x2 `[rows, K]`, res2 `[rows, N]` or None): through TMA where
-    `tma`, else pointers (the interpreter, a weight TMA cannot read)."""
-    if isinstance(weight, PackedWeight):
-        raise ValueError("swap=True multiplies weights as stored; packed weights take the dot=False path")
+def _launch_swap(x2, w, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma: bool) -> None:
+    """`_swap_kernel` into `y2` `[rows, N]` (x2 `[rows, K]`, w `[N or 2N, K]` last dim contiguous, res2
+    `[rows, N]` or None): through TMA where `tma`, else pointers (the interpreter, a weight TMA cannot
+    read)."""
     if x2.dtype not in HALF_DTYPES:
         raise ValueError(f"swap=True multiplies 16-bit weights (float16, bfloat16), got {x2.dtype}")
     rows, n = y2.shape
-    k = weight.shape[1]
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    k = w.shape[1]
     tiles, slices = triton.cdiv(n, p.block_n), triton.cdiv(k, p.block_k)
     k_per_split = triton.cdiv(slices, min(p.split_k, slices)) * p.block_k
     split = triton.cdiv(k, k_per_split)  # no empty split
