@@ -6,11 +6,13 @@
 #   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s;
 #   a  the batch-8 attention step's bucket (d128-m2-b8-kv1k-lens: B8 16:8, a 1k cache, 64..512 valid keys
 #      ragged as the accelerator's batches; candidates with alone_tiles=0 split short sequences too), full
-#      sweep, plain and in 28-call graphs, about 3 minutes; store it with `attnforge tune --from-results`.
+#      sweep, plain and in 28-call graphs, about 3 minutes; store it with `attnforge tune --from-results`;
+#   x  the batch-8 step with early patched in (gpu/gemv-swap/accel_early.py: the library, early, early with
+#      twice the split; Qwen3-0.6B, prompts 16-128), about 3 minutes.
 # If `early` wins on every Qwen3 product: set it in gemv._swap_params (and the test of its defaults), then
 # `bash benchmarks/results/gpu/runbook25.sh t q` measures the step against transformers (target 5x).
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
-#     bash benchmarks/results/gpu/runbook26.sh e p a   (about 6 minutes)
+#     bash benchmarks/results/gpu/runbook26.sh e x   (about 5 minutes), then   ... p a   (about 4)
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
@@ -29,6 +31,10 @@ for step in "$@"; do
         --graph-layers 28 --only "Lkv=1024 d128 bfloat16 valid" --table "$OUT/tuning.json" \
         --out "$OUT/tune-b8" > "$OUT/tune-b8.txt" 2>&1
       echo "tune b8 rc=$?"; tail -8 "$OUT/tune-b8.txt"
+      ;;
+    x)
+      (cd benchmarks/results/gpu/gemv-swap && timeout 280 python3 accel_early.py "$OUT") > "$OUT/accel-early.txt" 2>&1
+      echo "accel early rc=$?"; grep -E "^ attnforge|Read bandwidth" "$OUT/accel-early.txt"
       ;;
   esac
 done
