@@ -145,6 +145,15 @@ def test_the_swapped_product_matches_float64(rows, n, k, split_k, block_n, early
         assert _swap_counters_are_zero()
 
 
+@pytest.mark.parametrize(("rows", "n", "k", "split_k"), [(3, 70, 100, 1), (8, 130, 96, 3)])
+def test_the_early_swapped_product_without_neighbours(rows, n, k, split_k):
+    """`early` with no bias, norm or residual (the residual is read early only when there is one)."""
+    x, w, _, _, _ = _case(rows, n, k, torch.bfloat16, seed=rows + k)
+    y = fused_linear(x, w, params=GemvParams(64, 32, 4, swap=True, split_k=split_k, early=True))
+    assert y.shape == (rows, n) and _rel(y, F.linear(x.double(), w.double())) < TOL[torch.bfloat16]
+    assert _swap_counters_are_zero()
+
+
 @pytest.mark.parametrize(("rows", "n", "k", "split_k"), [(2, 74, 72, 1), (8, 130, 96, 3), (16, 18, 200, 2)])
 @pytest.mark.parametrize("early", [False, True])
 def test_the_swapped_product_with_glu(rows, n, k, split_k, early):

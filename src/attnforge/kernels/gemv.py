@@ -395,7 +395,7 @@ def _swap_kernel(
     With SPLIT_K > 1 each program stores its partial to `Part` and counts itself in `Counters[tile]`; the
     last to arrive sums the tile's partials in split order, runs the epilogue and resets the counter.
     EARLY: the split's first weight slice is read before the PDL wait (the weight does not depend on the
-    kernel before), the rest after it."""
+    kernel before), the rest after it, and the residual right after the wait (off the merge's path)."""
     if USE_PDL:
         gdc_launch_dependents()
         if not EARLY:
@@ -426,7 +426,9 @@ def _swap_kernel(
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
     acc_up = tl.zeros([BLOCK_N, ROWS], tl.float32)
+    res = tl.zeros([ROWS, BLOCK_N], dtype)
     if EARLY:
+        res = _swap_residual(Res, rows, cols, row_ok[:, None] & col_ok[None, :], stride_rm, res, HAS_RES)
         x = _swap_rows(x_rows, row_ok, Gain, inv, first, first_ok, dtype, NORM)
         acc = _swap_mma(w_first, x, acc, FP32_DOT)
         if GLU:
@@ -445,8 +447,10 @@ def _swap_kernel(
             acc_up = _swap_mma(w_up, x, acc_up, FP32_DOT)
     out_ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K == 1:
-        _swap_epilogue(tl.trans(acc), tl.trans(acc_up), Bias, Res, Y, rows, cols, col_ok, out_ok, N,
-                       stride_rm, stride_ym, HAS_BIAS, HAS_RES, GLU)  # fmt: skip
+        if not EARLY:
+            res = _swap_residual(Res, rows, cols, out_ok, stride_rm, res, HAS_RES)
+        _swap_epilogue(tl.trans(acc), tl.trans(acc_up), Bias, res, Y, rows, cols, col_ok, out_ok, N,
+                       stride_ym, HAS_BIAS, HAS_RES, GLU)  # fmt: skip
     else:
         size: tl.constexpr = ROWS * BLOCK_N
         tile = Part + (pid_n * SPLIT_K + pid_k) * (2 * size) + rows[:, None] * BLOCK_N + (cols[None, :] - n0)
@@ -462,8 +466,10 @@ def _swap_kernel(
                 total += tl.load(tile + (s - pid_k) * (2 * size))
                 if GLU:
                     total_up += tl.load(tile + (s - pid_k) * (2 * size) + size)
-            _swap_epilogue(total, total_up, Bias, Res, Y, rows, cols, col_ok, out_ok, N, stride_rm, stride_ym,
-                           HAS_BIAS, HAS_RES, GLU)  # fmt: skip
+            if not EARLY:
+                res = _swap_residual(Res, rows, cols, out_ok, stride_rm, res, HAS_RES)
+            _swap_epilogue(total, total_up, Bias, res, Y, rows, cols, col_ok, out_ok, N, stride_ym, HAS_BIAS,
+                           HAS_RES, GLU)  # fmt: skip
             tl.store(Counters + pid_n, 0)
 
 
@@ -503,10 +509,20 @@ def _swap_mma(w, x, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _swap_epilogue(acc, acc_up, Bias, Res, Y, rows, cols, col_ok, out_ok, N, stride_rm, stride_ym,
+def _swap_residual(Res, rows, cols, out_ok, stride_rm, none, HAS_RES: tl.constexpr):
+    """The residual's tile `[ROWS, BLOCK_N]` in the output's dtype (`none` without HAS_RES)."""
+    res = none
+    if HAS_RES:
+        res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0).to(none.dtype)
+    return res
+
+
+@triton.jit
+def _swap_epilogue(acc, acc_up, Bias, res, Y, rows, cols, col_ok, out_ok, N, stride_ym,
                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr):  # fmt: skip
     """acc, acc_up `[ROWS, BLOCK_N]` plus the bias, rounded (with GLU, silu(gate) * up as torch's ops round
-    it), plus the residual (rounded as a separate add), stored: `_gemv_kernel`'s epilogue."""
+    it), plus the residual `res` `[ROWS, BLOCK_N]` (rounded as a separate add), stored: `_gemv_kernel`'s
+    epilogue."""
     dtype = Y.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -516,7 +532,6 @@ def _swap_epilogue(acc, acc_up, Bias, Res, Y, rows, cols, col_ok, out_ok, N, str
     if GLU:
         y = _silu_times(y, acc_up.to(dtype))
     if HAS_RES:
-        res = tl.load(Res + rows[:, None] * stride_rm + cols[None, :], mask=out_ok, other=0.0)
         y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y, mask=out_ok)
 
