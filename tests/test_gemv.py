@@ -131,7 +131,8 @@ def _swap_counters_are_zero():
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 40, 70), (3, 130, 100), (8, 64, 96), (16, 20, 200)])
 @pytest.mark.parametrize("split_k", [1, 2, 3])
-@pytest.mark.parametrize(("block_n", "early"), [(64, False), (128, False), (64, True)])
+@pytest.mark.parametrize(("block_n", "early"), [(64, False), (128, False), (64, True), (16, False),
+                                              (32, True)])  # fmt: skip
 def test_the_swapped_product_matches_float64(rows, n, k, split_k, block_n, early):
     """GemvParams(swap=True): `y^T = W x^T` in tiles of block_n weight rows, K split over split_k programs
     (partials summed by the last; with `early` each split's first slice read apart, before the PDL wait),
@@ -155,12 +156,12 @@ def test_the_early_swapped_product_without_neighbours(rows, n, k, split_k):
 
 
 @pytest.mark.parametrize(("rows", "n", "k", "split_k"), [(2, 74, 72, 1), (8, 130, 96, 3), (16, 18, 200, 2)])
-@pytest.mark.parametrize("early", [False, True])
-def test_the_swapped_product_with_glu(rows, n, k, split_k, early):
+@pytest.mark.parametrize(("block_n", "early"), [(64, False), (64, True), (32, True)])
+def test_the_swapped_product_with_glu(rows, n, k, split_k, block_n, early):
     """glu with the swap: a gate tile and an up tile a slice (odd halves, the up rows past a tile's gate
     rows), bias on both, silu(gate) * up plus the residual; twice bf16's tolerance as the glu test above."""
     x, w, b, gain, res = _case(rows, n, k, torch.bfloat16, seed=n + k)
-    params = GemvParams(64, 32, 4, swap=True, split_k=split_k, early=early)
+    params = GemvParams(block_n, 32, 4, swap=True, split_k=split_k, early=early)
     y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res[:, : n // 2], glu=True, params=params)
     ref = res[:, : n // 2].double() + _glu_ref(x, w, b, lambda x: _rms(x, gain, 1e-6))
     assert y.shape == (rows, n // 2) and _rel(y, ref) < 2 * TOL[torch.bfloat16]
@@ -322,8 +323,8 @@ def test_bad_input_is_refused_with_the_reason(call, message):
                                                  ("num_warps", 3, "num_warps=3 must be one of"),
                                                  ("dot", True, "dot=True needs block_n and block_k >= 16 "
                                                   "(tensor-core tiles), got 8 and 64"),
-                                                 ("swap", True, "swap=True needs block_n 64 or 128 (wgmma's "
-                                                  "M) and block_k >= 16, got 8 and 64"),
+                                                 ("swap", True, "swap=True needs block_n 16, 32, 64 or 128 "
+                                                  "and block_k >= 16, got 8 and 64"),
                                                  ("split_k", 0, "split_k=0 and num_stages=3 must be >= 1"),
                                                  ("num_stages", 0, "split_k=1 and num_stages=0 must be >= 1"),
                                                  ("split_k", 2, "early, split_k and num_stages are the "

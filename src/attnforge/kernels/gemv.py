@@ -21,9 +21,10 @@ several rows); masked loads never read outside any buffer.
 
 Several rows of 16-bit weights on a GPU with TMA (Hopper) take the swapped product (`GemvParams.swap`,
 `_swap_kernel`): `y^T = W x^T`, a tile of 64 or 128 weight rows copied by TMA into shared memory as wgmma's
-big operand, the rows (padded to 16) its small one. `dot`'s tiles have the rows as M = 16, below wgmma's 64,
-so they run on mma.sync. Few outputs would leave SMs idle: K is then split over `split_k` programs a tile,
-whose float32 partials the last of them to finish sums in split order (same bits every run).
+big operand, the rows (padded to 16) its small one (a tile of 16 or 32 rows runs on mma.sync: more programs
+for few outputs). `dot`'s tiles have the rows as M = 16, below wgmma's 64, so they run on mma.sync. Few
+outputs would leave SMs idle: K is then split over `split_k` programs a tile, whose float32 partials the last
+of them to finish sums in split order (same bits every run).
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class GemvParams:
     pdl: bool = True
     dot: bool = False  # the rows (padded to 16) times the slice on the tensor cores; unpacked weights only
     ahead: bool = False  # each slice's read asked for one loop step before its product (two slices in flight)
-    # The swapped product (16-bit unpacked weights): block_n weight rows (64 or 128, wgmma's M) a tile,
-    # block_k features a slice, num_stages slices in flight, K split over split_k programs a tile
+    # The swapped product (16-bit unpacked weights): block_n weight rows a tile (64 or 128: wgmma's M on
+    # Hopper; 16 or 32: mma.sync, twice to four times the programs), block_k features a slice, num_stages
+    # slices in flight, K split over split_k programs a tile
     swap: bool = False
     split_k: int = 1
     num_stages: int = 3
@@ -94,8 +96,8 @@ class GemvParams:
             raise ValueError("early, split_k and num_stages are the swapped product's (swap=True)")
         if self.swap and (self.dot or self.ahead):
             raise ValueError("swap=True is a product of its own: dot and ahead do not apply")
-        if self.swap and (self.block_n not in (64, 128) or self.block_k < 16):
-            raise ValueError(f"swap=True needs block_n 64 or 128 (wgmma's M) and block_k >= 16, got "
+        if self.swap and (self.block_n not in (16, 32, 64, 128) or self.block_k < 16):
+            raise ValueError(f"swap=True needs block_n 16, 32, 64 or 128 and block_k >= 16, got "
                              f"{self.block_n} and {self.block_k}")  # fmt: skip
 
 

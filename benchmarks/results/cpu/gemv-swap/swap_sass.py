@@ -1,12 +1,16 @@
 """The library's swapped product (`gemv._swap_kernel`) compiled for sm_90 (Triton 3.6's ptxas, no GPU) at
 the four launches `default_params` gives Qwen3-0.6B's products at 8 rows (through TMA): each launch's SASS,
-registers and spills written to DIR, to compare two commits' files; `early=1` compiles EARLY=True too.
-Run from the repository root:
+registers and spills written to DIR, to compare two commits' files; `early=1` compiles EARLY=True too,
+`narrow=1` the narrow tiles of `gpu/gemv-swap/swap_ab.py` (early). N, K, the split's K and the strides are
+16-divisible, as the JIT specialises Qwen3's (from the twentieth session; the files of earlier sessions were
+compiled without it: x's loads then came out 2 bytes wide). Run from the repository root:
 
-    PYTHONPATH=<triton 3.6 site>:src python benchmarks/results/cpu/gemv-swap/swap_sass.py DIR [early=1]
+    PYTHONPATH=<triton 3.6>:src python benchmarks/results/cpu/gemv-swap/swap_sass.py DIR [early=1] [narrow=1]
 """
 
+import dataclasses
 import os
+import re
 import sys
 
 import torch
@@ -15,6 +19,9 @@ from triton.backends.compiler import BaseBackend
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gemv-packed"))
 from compile_packed import compile_sm90, registers  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "gpu", "gemv-swap"))
+import swap_ab  # noqa: E402  (its narrow tiles)
 
 from attnforge.kernels import gemv  # noqa: E402
 from attnforge.kernels.tma import TensorDescriptor  # noqa: E402
@@ -26,29 +33,41 @@ CASES = {"qkv": (4096, 1024, False, True), "o": (1024, 2048, False, False),
          "gate_up": (3072, 1024, True, True), "down": (1024, 3072, False, False)}  # fmt: skip
 
 
-def compile_case(outputs, k, glu, norm, early):
-    p = gemv.default_params(8, 2 * outputs if glu else outputs, k, glu=glu, tma=True, sms=132)
-    constants = dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=p.split_k, NORM=norm,
+def compile_case(outputs, k, glu, norm, p: gemv.GemvParams):
+    slices = -(-k // p.block_k)
+    per_split = -(-slices // min(p.split_k, slices)) * p.block_k
+    split = -(-k // per_split)  # as `gemv._launch_swap` counts them
+    constants = dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=norm,
                      HAS_BIAS=False, HAS_RES=not norm, GLU=glu, USE_TMA=True, USE_PDL=True,
-                     FP32_DOT=False)  # fmt: skip
-    if "EARLY" in gemv._swap_kernel.arg_names:
-        constants["EARLY"] = early
+                     FP32_DOT=False, EARLY=p.early)  # fmt: skip
     w = torch.zeros(2 * outputs if glu else outputs, k, dtype=torch.bfloat16)
     desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [p.block_n, p.block_k])
     types = TYPES | {"W": native_specialize_impl(BaseBackend, desc, False, True, True)[0]}
     options = {"num_warps": p.num_warps, "num_stages": p.num_stages, "launch_pdl": True}
-    return compile_sm90(gemv._swap_kernel, constants, types, options)
+    return compile_sm90(gemv._swap_kernel, constants, types, options, divisible=("N", "K", "k_per_split"))
 
 
-def main(out: str, early: bool) -> None:
-    for name, case in CASES.items():
-        for flag in (False, True) if early else (False,):
-            kernel = compile_case(*case, flag)
-            label = name + ("-early" if flag else "")
-            with open(os.path.join(out, label + ".sass"), "w") as fh:
+def launches(outputs, k, glu, early: bool, narrow: bool) -> dict:
+    """label -> GemvParams: the default (and early), the narrow tiles (early, split as swap_ab.py does)."""
+    p = gemv.default_params(8, 2 * outputs if glu else outputs, k, glu=glu, tma=True, sms=132)
+    out = {"": p} | ({"-early": dataclasses.replace(p, early=True)} if early else {})
+    for name, (block_n, block_k, warps, stages) in swap_ab.NARROW.items() if narrow else ():
+        split = max(1, 132 // -(-outputs // block_n))
+        out["-" + name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=split,
+                                          num_stages=stages, early=True)  # fmt: skip
+    return out
+
+
+def main(out: str, early: bool, narrow: bool) -> None:
+    for name, (outputs, k, glu, norm) in CASES.items():
+        for suffix, p in launches(outputs, k, glu, early, narrow).items():
+            kernel = compile_case(outputs, k, glu, norm, p)
+            with open(os.path.join(out, name + suffix + ".sass"), "w") as fh:
                 fh.write(kernel.asm["sass"])
-            print(label, registers(kernel), f"shared {kernel.metadata.shared}")
+            mma = {op: len(re.findall(rf"\b{op}\b", kernel.asm["sass"])) for op in ("HGMMA", "HMMA")}
+            print(name + suffix, registers(kernel), f"shared {kernel.metadata.shared}",
+                  " ".join(f"{op}:{n}" for op, n in mma.items()))  # fmt: skip
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "early=1" in sys.argv[2:])
+    main(sys.argv[1], "early=1" in sys.argv[2:], "narrow=1" in sys.argv[2:])

@@ -1,0 +1,59 @@
+"""Issue 11 (scratch): Qwen3-0.6B's batch-8 step with each product's fastest launch of `swap_ab.py`, against
+the library's default, in one process on one GPU.
+
+`bench accel` runs twice in this process on the same model: the library as committed (`attnforge`, and
+`attnforge-torch-projections`: the model's matmuls); then with `gemv.default_params` patched so that 2-16
+rows against each shape of the A/B take that shape's fastest checked variant there (early, twice the split,
+a narrow tile, or the LM head through the swapped product), every other call as before. The step's kernels
+are built after the patch, so the second run takes those sets. Only a probe: the library's sets change after
+it, with their tests.
+
+    python accel_sets.py SWAP_AB.json OUT_DIR   # from this directory, PYTHONPATH with src (about 3 minutes)
+"""
+
+import json
+import sys
+
+import torch
+
+from attnforge.cli import app
+from attnforge.kernels import gemv
+
+LIBRARY = gemv.default_params
+BASELINES = ("cublas", "torch_ops")
+
+
+def fastest(path: str) -> dict:
+    """(weight rows, K, glu) -> the fastest variant's GemvParams among those within bf16's error."""
+    with open(path) as fh:
+        rows = json.load(fh)["rows"]
+    out = {}
+    for row in rows:
+        timed = {label: t for label, t in row["us"].items() if label not in BASELINES}
+        good = [label for label in timed if row["rel_l2"][label] < 2e-2]
+        best = min(good, key=timed.get)
+        out[(row["N"], row["K"], "glu" in row["fused"])] = gemv.GemvParams(**row["params"][best])
+        print(f"{row['shape']}: {best} {timed[best]:.2f} us (default {timed['default']:.2f})", flush=True)
+    return out
+
+
+def patch(sets: dict) -> None:
+    def default_params(rows, n, k, bits=16, dtype=torch.bfloat16, *, glu=False, tma=False, sms=132):
+        found = sets.get((n, k, glu)) if 1 < rows <= 16 and bits == 16 and tma else None
+        return found or LIBRARY(rows, n, k, bits, dtype, glu=glu, tma=tma, sms=sms)
+
+    gemv.default_params = default_params
+
+
+def bench(out_dir: str, stem: str, rows: str) -> None:
+    app(["bench", "accel", "--model", "qwen3-0.6b", "--batch", "8", "--prompt-tokens", "128", "--new-tokens",
+         "256", "--runs", "3", "--time-budget", "120", "--out", out_dir, "--stem", stem, "--rows", rows],
+        standalone_mode=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    ab, out = sys.argv[1:3]
+    sets = fastest(ab)
+    bench(out, "b8-default", "attnforge,attnforge-torch-projections")
+    patch(sets)
+    bench(out, "b8-fastest", "attnforge")
