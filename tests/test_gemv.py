@@ -131,14 +131,17 @@ def _swap_counters_are_zero():
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 40, 70), (3, 130, 100), (8, 64, 96), (16, 20, 200)])
 @pytest.mark.parametrize("split_k", [1, 2, 3])
-@pytest.mark.parametrize(("block_n", "early"), [(64, False), (128, False), (64, True), (16, False),
-                                              (32, True)])  # fmt: skip
-def test_the_swapped_product_matches_float64(rows, n, k, split_k, block_n, early):
+@pytest.mark.parametrize(("block_n", "early", "prefetch"), [(64, False, False), (128, False, False),
+                                                          (64, True, False), (16, False, False),
+                                                          (32, True, False), (64, False, True),
+                                                          (128, True, True)])  # fmt: skip
+def test_the_swapped_product_matches_float64(rows, n, k, split_k, block_n, early, prefetch):
     """GemvParams(swap=True): `y^T = W x^T` in tiles of block_n weight rows, K split over split_k programs
-    (partials summed by the last; with `early` each split's first slice read apart, before the PDL wait),
-    with every neighbour; odd sizes; twice, the counters back to zero."""
+    (partials summed by the last; with `early` each split's first slice read apart, before the PDL wait;
+    `prefetch` asks the L2 for each program's share first, on a GPU where TMA reads the weight), with every
+    neighbour; odd sizes; twice, the counters back to zero."""
     x, w, b, gain, res = _case(rows, n, k, torch.bfloat16, seed=rows + n + split_k)
-    params = GemvParams(block_n, 32, 4, swap=True, split_k=split_k, early=early)
+    params = GemvParams(block_n, 32, 4, swap=True, split_k=split_k, early=early, prefetch=prefetch)
     ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double(), b.double())
     for _ in range(2):
         y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res, params=params)
@@ -156,12 +159,13 @@ def test_the_early_swapped_product_without_neighbours(rows, n, k, split_k):
 
 
 @pytest.mark.parametrize(("rows", "n", "k", "split_k"), [(2, 74, 72, 1), (8, 130, 96, 3), (16, 18, 200, 2)])
-@pytest.mark.parametrize(("block_n", "early"), [(64, False), (64, True), (32, True)])
-def test_the_swapped_product_with_glu(rows, n, k, split_k, block_n, early):
+@pytest.mark.parametrize(("block_n", "early", "prefetch"), [(64, False, False), (64, True, True),
+                                                          (32, True, False)])  # fmt: skip
+def test_the_swapped_product_with_glu(rows, n, k, split_k, block_n, early, prefetch):
     """glu with the swap: a gate tile and an up tile a slice (odd halves, the up rows past a tile's gate
     rows), bias on both, silu(gate) * up plus the residual; twice bf16's tolerance as the glu test above."""
     x, w, b, gain, res = _case(rows, n, k, torch.bfloat16, seed=n + k)
-    params = GemvParams(block_n, 32, 4, swap=True, split_k=split_k, early=early)
+    params = GemvParams(block_n, 32, 4, swap=True, split_k=split_k, early=early, prefetch=prefetch)
     y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res[:, : n // 2], glu=True, params=params)
     ref = res[:, : n // 2].double() + _glu_ref(x, w, b, lambda x: _rms(x, gain, 1e-6))
     assert y.shape == (rows, n // 2) and _rel(y, ref) < 2 * TOL[torch.bfloat16]
@@ -318,6 +322,9 @@ def test_bad_input_is_refused_with_the_reason(call, message):
     assert message in str(error.value)
 
 
+ONLY_SWAP = "early, prefetch, split_k and num_stages are the swapped product's (swap=True)"
+
+
 @pytest.mark.parametrize("field,value,message", [("block_n", 3, "block_n=3 must be a power of two"),
                                                  ("block_k", 0, "block_k=0 must be a power of two"),
                                                  ("num_warps", 3, "num_warps=3 must be one of"),
@@ -327,14 +334,12 @@ def test_bad_input_is_refused_with_the_reason(call, message):
                                                   "and block_k >= 16, got 8 and 64"),
                                                  ("split_k", 0, "split_k=0 and num_stages=3 must be >= 1"),
                                                  ("num_stages", 0, "split_k=1 and num_stages=0 must be >= 1"),
-                                                 ("split_k", 2, "early, split_k and num_stages are the "
-                                                  "swapped product's (swap=True)"),
-                                                 ("num_stages", 4, "early, split_k and num_stages are the "
-                                                  "swapped product's (swap=True)"),
+                                                 ("split_k", 2, ONLY_SWAP),
+                                                 ("num_stages", 4, ONLY_SWAP),
                                                  ("swap_dot", True, "swap=True is a product of its own: dot "
                                                   "and ahead do not apply"),
-                                                 ("early", True, "early, split_k and num_stages are the "
-                                                  "swapped product's (swap=True)")])  # fmt: skip
+                                                 ("early", True, ONLY_SWAP),
+                                                 ("prefetch", True, ONLY_SWAP)])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
     values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
     if field == "swap_dot":

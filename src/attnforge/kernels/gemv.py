@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from attnforge.environment import fp32_dot, triton_interpret
-from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported
+from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options, pdl_supported, warm_l2
 from attnforge.kernels.tma import descriptor, tma_aligned, tma_capable
 from attnforge.kernels.tuning import sm_count
 
@@ -79,6 +79,8 @@ class GemvParams:
     split_k: int = 1
     num_stages: int = 3
     early: bool = False  # swap: each split's first slice read before the PDL wait
+    # swap through TMA with PDL: each program's weight share asked of the L2 before the wait (`warm_l2`)
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -92,8 +94,8 @@ class GemvParams:
                              f"{self.block_n} and {self.block_k}")  # fmt: skip
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"split_k={self.split_k} and num_stages={self.num_stages} must be >= 1")
-        if not self.swap and (self.early or self.split_k != 1 or self.num_stages != 3):
-            raise ValueError("early, split_k and num_stages are the swapped product's (swap=True)")
+        if not self.swap and (self.early or self.prefetch or self.split_k != 1 or self.num_stages != 3):
+            raise ValueError("early, prefetch, split_k and num_stages are the swapped product's (swap=True)")
         if self.swap and (self.dot or self.ahead):
             raise ValueError("swap=True is a product of its own: dot and ahead do not apply")
         if self.swap and (self.block_n not in (16, 32, 64, 128) or self.block_k < 16):
@@ -387,19 +389,24 @@ def _slice_product(x, w, scale, BITS: tl.constexpr, CHUNK: tl.constexpr):
 
 @triton.jit
 def _swap_kernel(
-    X, W, Bias, Gain, Res, Y, Part, Counters, M, N, K, k_per_split, stride_xm, stride_wn, stride_rm,
+    X, W, WRaw, Bias, Gain, Res, Y, Part, Counters, M, N, K, k_per_split, stride_xm, stride_wn, stride_rm,
     stride_ym, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
     USE_TMA: tl.constexpr, USE_PDL: tl.constexpr, FP32_DOT: tl.constexpr, EARLY: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """`y^T = W x^T` for a tile of BLOCK_N outputs over one split of K: acc `[BLOCK_N, ROWS]` in float32.
     With GLU the weight is `[gate; up]` (2N rows): a gate tile and an up tile a slice, silu(gate) * up out.
     With SPLIT_K > 1 each program stores its partial to `Part` and counts itself in `Counters[tile]`; the
     last to arrive sums the tile's partials in split order, runs the epilogue and resets the counter.
     EARLY: the split's first weight slice is read before the PDL wait (the weight does not depend on the
-    kernel before), the rest after it, and the residual right after the wait (off the merge's path)."""
+    kernel before), the rest after it, and the residual right after the wait (off the merge's path).
+    PREFETCH (with USE_PDL and USE_TMA): the program's whole share of the weight (`WRaw`, the pointer behind
+    the descriptor W) asked of the L2 before the wait."""
     if USE_PDL:
         gdc_launch_dependents()
+        if PREFETCH:
+            _warm_share(WRaw, N, K, k_per_split, stride_wn, BLOCK_N, GLU)
         if not EARLY:
             gdc_wait()
     dtype = Y.dtype.element_ty
@@ -473,6 +480,19 @@ def _swap_kernel(
             _swap_epilogue(total, total_up, Bias, res, Y, rows, cols, col_ok, out_ok, N, stride_ym, HAS_BIAS,
                            HAS_RES, GLU)  # fmt: skip
             tl.store(Counters + pid_n, 0)
+
+
+@triton.jit
+def _warm_share(WRaw, N, K, k_per_split, stride_wn, BLOCK_N: tl.constexpr, GLU: tl.constexpr):
+    """This program's weight rows (its tile's, and their up rows with GLU) over its split of K, asked of the
+    L2 (`warm_l2`: one bulk prefetch a row; rows and split bounds are 16-byte aligned where TMA reads W)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * k_per_split
+    nbytes = (tl.minimum(k_lo + k_per_split, K) - k_lo) * (WRaw.dtype.element_ty.primitive_bitwidth // 8)
+    sizes = tl.zeros([BLOCK_N], tl.int32) + nbytes
+    warm_l2(WRaw + cols.to(tl.int64) * stride_wn + k_lo, sizes, cols < N)
+    if GLU:
+        warm_l2(WRaw + (N + cols).to(tl.int64) * stride_wn + k_lo, sizes, cols < N)
 
 
 @triton.jit
@@ -772,12 +792,13 @@ def _launch_swap(x2, w, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma
     part, counters = _swap_workspace(y2.device, tiles, split, p.block_n) if split > 1 else (y2, y2)
     pdl = p.pdl and pdl_supported(y2.device)
     _swap_kernel[(tiles, split)](
-        x2, descriptor(w, [p.block_n, p.block_k]) if tma else w, y2 if bias is None else bias,
+        x2, descriptor(w, [p.block_n, p.block_k]) if tma else w, w, y2 if bias is None else bias,
         y2 if gain is None else gain, y2 if res2 is None else res2, y2, part, counters, rows, n, k,
         k_per_split, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
         float(eps), ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=gain is not None,
         HAS_BIAS=bias is not None, HAS_RES=res2 is not None, GLU=glu, USE_TMA=tma,
-        FP32_DOT=fp32_dot(x2.dtype), EARLY=p.early, num_warps=p.num_warps, num_stages=p.num_stages,
+        FP32_DOT=fp32_dot(x2.dtype), EARLY=p.early, PREFETCH=p.prefetch and pdl and tma,
+        num_warps=p.num_warps, num_stages=p.num_stages,
         **pdl_options(pdl),
     )  # fmt: skip
 

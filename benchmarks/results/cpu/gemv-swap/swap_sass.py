@@ -1,11 +1,13 @@
 """The library's swapped product (`gemv._swap_kernel`) compiled for sm_90 (Triton 3.6's ptxas, no GPU) at
 the four launches `default_params` gives Qwen3-0.6B's products at 8 rows (through TMA): each launch's SASS,
 registers and spills written to DIR, to compare two commits' files; `early=1` compiles EARLY=True too,
-`narrow=1` the narrow tiles of `gpu/gemv-swap/swap_ab.py` (early). N, K, the split's K and the strides are
+`prefetch=1` PREFETCH=True (and with early), `narrow=1` the narrow tiles of `gpu/gemv-swap/swap_ab.py`
+(early). N, K, the split's K and the strides are
 16-divisible, as the JIT specialises Qwen3's (from the twentieth session; the files of earlier sessions were
 compiled without it: x's loads then came out 2 bytes wide). Run from the repository root:
 
-    PYTHONPATH=<triton 3.6>:src python benchmarks/results/cpu/gemv-swap/swap_sass.py DIR [early=1] [narrow=1]
+    PYTHONPATH=<triton 3.6>:src python benchmarks/results/cpu/gemv-swap/swap_sass.py DIR [early=1]
+        [prefetch=1] [narrow=1]
 """
 
 import dataclasses
@@ -26,8 +28,8 @@ import swap_ab  # noqa: E402  (its narrow tiles)
 from attnforge.kernels import gemv  # noqa: E402
 from attnforge.kernels.tma import TensorDescriptor  # noqa: E402
 
-TYPES = {"X": "*bf16", "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16", "Part": "*fp32",
-         "Counters": "*i32", "eps": "fp32"}  # fmt: skip
+TYPES = {"X": "*bf16", "WRaw": "*bf16", "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
+         "Part": "*fp32", "Counters": "*i32", "eps": "fp32"}  # fmt: skip
 # name: (outputs, K, glu, norm), as the accelerator's step calls them
 CASES = {"qkv": (4096, 1024, False, True), "o": (1024, 2048, False, False),
          "gate_up": (3072, 1024, True, True), "down": (1024, 3072, False, False)}  # fmt: skip
@@ -39,7 +41,7 @@ def compile_case(outputs, k, glu, norm, p: gemv.GemvParams):
     split = -(-k // per_split)  # as `gemv._launch_swap` counts them
     constants = dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=norm,
                      HAS_BIAS=False, HAS_RES=not norm, GLU=glu, USE_TMA=True, USE_PDL=True,
-                     FP32_DOT=False, EARLY=p.early)  # fmt: skip
+                     FP32_DOT=False, EARLY=p.early, PREFETCH=p.prefetch)  # fmt: skip
     w = torch.zeros(2 * outputs if glu else outputs, k, dtype=torch.bfloat16)
     desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [p.block_n, p.block_k])
     types = TYPES | {"W": native_specialize_impl(BaseBackend, desc, False, True, True)[0]}
@@ -47,10 +49,14 @@ def compile_case(outputs, k, glu, norm, p: gemv.GemvParams):
     return compile_sm90(gemv._swap_kernel, constants, types, options, divisible=("N", "K", "k_per_split"))
 
 
-def launches(outputs, k, glu, early: bool, narrow: bool) -> dict:
-    """label -> GemvParams: the default (and early), the narrow tiles (early, split as swap_ab.py does)."""
+def launches(outputs, k, glu, early: bool, prefetch: bool, narrow: bool) -> dict:
+    """label -> GemvParams: the default (and early, prefetch, both), the narrow tiles (early, split as
+    swap_ab.py does)."""
     p = gemv.default_params(8, 2 * outputs if glu else outputs, k, glu=glu, tma=True, sms=132)
     out = {"": p} | ({"-early": dataclasses.replace(p, early=True)} if early else {})
+    if prefetch:
+        out["-prefetch"] = dataclasses.replace(p, prefetch=True)
+        out["-early-prefetch"] = dataclasses.replace(p, early=True, prefetch=True)
     for name, (block_n, block_k, warps, stages) in swap_ab.NARROW.items() if narrow else ():
         split = max(1, 132 // -(-outputs // block_n))
         out["-" + name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=split,
@@ -58,16 +64,17 @@ def launches(outputs, k, glu, early: bool, narrow: bool) -> dict:
     return out
 
 
-def main(out: str, early: bool, narrow: bool) -> None:
+def main(out: str, early: bool, prefetch: bool, narrow: bool) -> None:
     for name, (outputs, k, glu, norm) in CASES.items():
-        for suffix, p in launches(outputs, k, glu, early, narrow).items():
+        for suffix, p in launches(outputs, k, glu, early, prefetch, narrow).items():
             kernel = compile_case(outputs, k, glu, norm, p)
             with open(os.path.join(out, name + suffix + ".sass"), "w") as fh:
                 fh.write(kernel.asm["sass"])
-            mma = {op: len(re.findall(rf"\b{op}\b", kernel.asm["sass"])) for op in ("HGMMA", "HMMA")}
+            ops = ("HGMMA", "HMMA", "UBLKPF")
+            mma = {op: len(re.findall(rf"\b{op}\b", kernel.asm["sass"])) for op in ops}
             print(name + suffix, registers(kernel), f"shared {kernel.metadata.shared}",
                   " ".join(f"{op}:{n}" for op, n in mma.items()))  # fmt: skip
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "early=1" in sys.argv[2:], "narrow=1" in sys.argv[2:])
+    main(sys.argv[1], *(f"{flag}=1" in sys.argv[2:] for flag in ("early", "prefetch", "narrow")))

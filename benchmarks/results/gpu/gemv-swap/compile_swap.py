@@ -20,14 +20,14 @@ from sass_loop import loop_counts  # noqa: E402
 from attnforge.kernels.gemv import _swap_kernel  # noqa: E402
 from attnforge.kernels.tma import TensorDescriptor  # noqa: E402
 
-TYPES = {"X": "*bf16", "W": "*bf16", "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
-         "Part": "*fp32", "Counters": "*i32", "eps": "fp32"}  # fmt: skip
+TYPES = {"X": "*bf16", "W": "*bf16", "WRaw": "*bf16", "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16",
+         "Y": "*bf16", "Part": "*fp32", "Counters": "*i32", "eps": "fp32"}  # fmt: skip
 
 
 def compile_case(block_n, block_k, warps, stages, split_k, norm, tma, glu=False):
     constants = dict(ROWS=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, NORM=norm, HAS_RES=not norm,
                      GLU=glu, USE_TMA=tma, USE_PDL=True, FP32_DOT=False, HAS_BIAS=False,
-                     EARLY=False)  # fmt: skip
+                     EARLY=False, PREFETCH=False)  # fmt: skip
     types = dict(TYPES)
     if tma:
         w = torch.zeros(4096, 1024, dtype=torch.bfloat16)

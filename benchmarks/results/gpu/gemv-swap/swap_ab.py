@@ -1,13 +1,15 @@
 """Issue 11 (A/B): the library's swapped product at 8 rows on the GEMV sweep's Qwen3-0.6B and Llama-3-8B
 products (neighbours fused as the accelerator calls them), launched as by default and as it might be: each
 split's first weight slice read before the PDL wait (`GemvParams.early`; the residual then read right after
-it), early with twice the split (each program's share of K read sooner), and narrow tiles of 32 or 16
-weight rows (mma.sync rather than wgmma: two to four times the programs, so less K split or none; early).
+it), each program's whole share asked of the L2 before the wait (`GemvParams.prefetch`: one bulk prefetch a
+weight row), both; on Qwen3-0.6B's layers also early with twice the split (each program's share of K read
+sooner), early with a stage fewer, and narrow tiles of 32 or 16 weight rows (mma.sync rather than wgmma: two
+to four times the programs, so less K split or none; early).
 First against float64 (every variant), then per call in graphs of one call a layer on distinct weights, all
 variants of a shape replayed in turn (`timing.time_graphs_per_call`), with cuBLAS alone and cuBLAS + torch's
 ops as baselines. Qwen3-0.6B's LM head too, whose default is the dot set: also through the swapped product.
 
-    PYTHONPATH=src:<wheels> python swap_ab.py OUT.json     # from this directory (about 3 minutes)
+    PYTHONPATH=src:<wheels> python swap_ab.py OUT.json     # from this directory (about 4 minutes)
 
 The weights never depend on the kernel before, so the read may start under its tail (the one-row kernel
 does it with its first slice); the swapped kernel read nothing before the wait (h200/accel-b8-swap-*/:
@@ -45,10 +47,10 @@ NARROW = {"n32x256": (32, 256, 4, 4), "n32x128": (32, 128, 4, 6), "n16x256": (16
 
 
 def variants(n: int, k: int, glu: bool, every: bool) -> dict:
-    """label -> GemvParams for a weight of n rows: the default, early, and with `every` (Qwen3-0.6B's
-    products) early with twice the split, early with a stage fewer (its first slice has a buffer of its own:
-    the o and down launches take 164 KB of shared memory early, 123 KB by default, offline), each narrow
-    tile; else the first narrow tile only."""
+    """label -> GemvParams for a weight of n rows: the default, early, prefetch (each program's share asked
+    of the L2 before the wait), both; with `every` (Qwen3-0.6B's layers) also early with twice the split,
+    early with a stage fewer (its first slice has a buffer of its own: o and down take 164 KB of shared
+    memory early, 123 KB by default, offline) and each narrow tile."""
     sms = sm_count("cuda")
     outputs = n // 2 if glu else n
     default = gemv.default_params(ROWS, n, k, glu=glu, tma=True, sms=sms)
@@ -57,10 +59,12 @@ def variants(n: int, k: int, glu: bool, every: bool) -> dict:
     if not default.swap:
         out["swap"] = swap
     out["early"] = dataclasses.replace(swap, early=True)
+    out["prefetch"] = dataclasses.replace(swap, prefetch=True)
+    out["early-prefetch"] = dataclasses.replace(swap, early=True, prefetch=True)
     if every:
         out["early-2x-split"] = dataclasses.replace(swap, early=True, split_k=2 * swap.split_k)
         out["early-st-1"] = dataclasses.replace(swap, early=True, num_stages=max(2, swap.num_stages - 1))
-    for name, (block_n, block_k, warps, stages) in list(NARROW.items())[: None if every else 1]:
+    for name, (block_n, block_k, warps, stages) in NARROW.items() if every else ():
         split = max(1, sms // -(-outputs // block_n))
         out[name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=split, num_stages=stages,
                                     early=True)  # fmt: skip
@@ -84,7 +88,7 @@ def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
         return y + residual if residual is not None else y
 
     makers["torch_ops"] = lambda i: lambda: torch_ops(ws[i])
-    for label, p in variants(n, k, glu, name.startswith("qwen3")).items():
+    for label, p in variants(n, k, glu, name.startswith("qwen3") and "lm_head" not in name).items():
         call = lambda w, p=p: gemv.fused_linear(x, w, norm=None if norm is None else (g, 1e-6),  # noqa: E731
                                                 residual=residual, glu=glu, params=p)  # fmt: skip
         y = call(ws[0])
