@@ -5,7 +5,8 @@
 #      rows on mma.sync, early; 8 rows, Qwen3-0.6B's and Llama-3-8B's products and Qwen3's LM head, checked
 #      against float64 first), about 3 minutes;
 #   x  the batch-8 step with each product's fastest variant of e patched in (gpu/gemv-swap/accel_sets.py:
-#      the library, then those sets; Qwen3-0.6B, prompts 16-128), about 3 minutes;
+#      the library, then those sets, then those with decode_step.WARM_TILES = 2; Qwen3-0.6B, prompts
+#      16-128), about 4 minutes;
 #   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s;
 #   a  the batch-8 attention step's bucket (d128-m2-b8-kv1k-lens: B8 16:8, a 1k cache, 64..512 valid keys
 #      ragged as the accelerator's batches; candidates with alone_tiles=0 split short sequences too), full
@@ -13,12 +14,13 @@
 # Then: the winning sets into gemv._swap_params / default_params (and the tests of the defaults), and
 # `bash benchmarks/results/gpu/runbook25.sh t q` measures the step against transformers (target 5x).
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
-#     bash benchmarks/results/gpu/runbook26.sh e x   (about 6 minutes), then   ... p a   (about 4)
+#     bash benchmarks/results/gpu/runbook26.sh e   (about 4 minutes), then   ... x   (about 4), then
+#     ... p a   (about 4)
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
     e)
-      (cd benchmarks/results/gpu/gemv-swap && timeout 280 python3 swap_ab.py "$OUT/swap-ab.json") \
+      (cd benchmarks/results/gpu/gemv-swap && timeout 330 python3 swap_ab.py "$OUT/swap-ab.json") \
         > "$OUT/swap-ab.txt" 2>&1
       echo "swap ab rc=$?"; tail -9 "$OUT/swap-ab.txt"
       ;;
@@ -34,7 +36,7 @@ for step in "$@"; do
       echo "tune b8 rc=$?"; tail -8 "$OUT/tune-b8.txt"
       ;;
     x)
-      (cd benchmarks/results/gpu/gemv-swap && timeout 280 python3 accel_sets.py "$OUT/swap-ab.json" "$OUT") \
+      (cd benchmarks/results/gpu/gemv-swap && timeout 330 python3 accel_sets.py "$OUT/swap-ab.json" "$OUT") \
         > "$OUT/accel-sets.txt" 2>&1
       echo "accel sets rc=$?"; grep -E "^ attnforge|Read bandwidth|us \(default" "$OUT/accel-sets.txt"
       ;;

@@ -1,14 +1,15 @@
 """Issue 11 (scratch): Qwen3-0.6B's batch-8 step with each product's fastest launch of `swap_ab.py`, against
 the library's default, in one process on one GPU.
 
-`bench accel` runs twice in this process on the same model: the library as committed (`attnforge`, and
-`attnforge-torch-projections`: the model's matmuls); then with `gemv.default_params` patched so that 2-16
-rows against each shape of the A/B take that shape's fastest checked variant there (early, twice the split,
-a narrow tile, or the LM head through the swapped product), every other call as before. The step's kernels
-are built after the patch, so the second run takes those sets. Only a probe: the library's sets change after
-it, with their tests.
+`bench accel` runs three times in this process on the same model: the library as committed (`attnforge`,
+and `attnforge-torch-projections`: the model's matmuls); then with `gemv.default_params` patched so that
+2-16 rows against each shape of the A/B take that shape's fastest checked variant there (early, prefetch,
+twice the split, a narrow tile, or the LM head through the swapped product), every other call as before;
+then also with `decode_step.WARM_TILES = 2` (each split's first two tiles of cached keys and values asked of
+the L2 before the PDL wait). The step's kernels are built after each patch, so each run takes its sets.
+Only a probe: the library's defaults change after it, with their tests.
 
-    python accel_sets.py SWAP_AB.json OUT_DIR   # from this directory, PYTHONPATH with src (about 3 minutes)
+    python accel_sets.py SWAP_AB.json OUT_DIR   # from this directory, PYTHONPATH with src (about 4 minutes)
 """
 
 import json
@@ -17,7 +18,7 @@ import sys
 import torch
 
 from attnforge.cli import app
-from attnforge.kernels import gemv
+from attnforge.kernels import decode_step, gemv
 
 LIBRARY = gemv.default_params
 BASELINES = ("cublas", "torch_ops")
@@ -57,3 +58,5 @@ if __name__ == "__main__":
     bench(out, "b8-default", "attnforge,attnforge-torch-projections")
     patch(sets)
     bench(out, "b8-fastest", "attnforge")
+    decode_step.WARM_TILES = 2
+    bench(out, "b8-fastest-warm", "attnforge")
