@@ -1,5 +1,7 @@
 #!/bin/bash
 # Twentieth session, issue 11 (files under $OUT):
+#   t  GPU tests of what the twentieth session added: the swapped product's tests (prefetch, narrow tiles,
+#      early with the residual) and the decode step's (WARM_TILES: the same bits), about 1.5 minutes;
 #   e  the swapped product's launch A/B (gpu/gemv-swap/swap_ab.py: the default; each split's first weight
 #      slice read before the PDL wait, `early`; early with twice the split; narrow tiles of 32 / 16 weight
 #      rows on mma.sync, early; 8 rows, Qwen3-0.6B's and Llama-3-8B's products and Qwen3's LM head, checked
@@ -14,11 +16,17 @@
 # Then: the winning sets into gemv._swap_params / default_params (and the tests of the defaults), and
 # `bash benchmarks/results/gpu/runbook25.sh t q` measures the step against transformers (target 5x).
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
-#     bash benchmarks/results/gpu/runbook26.sh e   (about 4 minutes), then   ... x   (about 4), then
+#     bash benchmarks/results/gpu/runbook26.sh t e   (about 6 minutes), then   ... x   (about 4), then
 #     ... p a   (about 4)
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
+    t)
+      timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_gemv.py \
+        tests/test_decode_step.py -k "swap or step or l2" > "$OUT/pytest-t26.txt" 2>&1
+      echo "pytest rc=$?" | tee -a "$OUT/pytest-t26.txt"; grep -E "FAILED|Error" "$OUT/pytest-t26.txt" | head -8
+      tail -1 "$OUT/pytest-t26.txt"
+      ;;
     e)
       (cd benchmarks/results/gpu/gemv-swap && timeout 330 python3 swap_ab.py "$OUT/swap-ab.json") \
         > "$OUT/swap-ab.txt" 2>&1
