@@ -9,6 +9,8 @@
 #   x  the batch-8 step with each product's fastest variant of e patched in (gpu/gemv-swap/accel_sets.py:
 #      the library, then those sets, then those with decode_step.WARM_TILES = 2; Qwen3-0.6B, prompts
 #      16-128), about 4 minutes;
+#   w  batch 1 (Qwen3-0.6B, prompts 128 and 4096), the library's step with WARM_TILES 0 then 2 (accel_sets.py
+#      warm-b1): the check before WARM_TILES goes on by default, about 3 minutes;
 #   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s;
 #   a  the batch-8 attention step's bucket (d128-m2-b8-kv1k-lens: B8 16:8, a 1k cache, 64..512 valid keys
 #      ragged as the accelerator's batches; candidates with alone_tiles=0 split short sequences too), full
@@ -31,6 +33,11 @@ for step in "$@"; do
       (cd benchmarks/results/gpu/gemv-swap && timeout 330 python3 swap_ab.py "$OUT/swap-ab.json") \
         > "$OUT/swap-ab.txt" 2>&1
       echo "swap ab rc=$?"; tail -9 "$OUT/swap-ab.txt"
+      ;;
+    w)
+      (cd benchmarks/results/gpu/gemv-swap && timeout 300 python3 accel_sets.py warm-b1 "$OUT") \
+        > "$OUT/accel-warm-b1.txt" 2>&1
+      echo "accel warm b1 rc=$?"; grep -E "^ attnforge|Read bandwidth|^batch" "$OUT/accel-warm-b1.txt"
       ;;
     p)
       timeout 90 python3 benchmarks/results/h100/accel-profile/prof_accel.py "$OUT" 128 batch=8 \

@@ -10,6 +10,10 @@ the L2 before the PDL wait). The step's kernels are built after each patch, so e
 Only a probe: the library's defaults change after it, with their tests.
 
     python accel_sets.py SWAP_AB.json OUT_DIR   # from this directory, PYTHONPATH with src (about 4 minutes)
+    python accel_sets.py warm-b1 OUT_DIR        # batch 1, prompts 128 and 4096: WARM_TILES 0, then 2
+
+The second form is the batch-1 check before `WARM_TILES` goes on by default: the library's step at batch 1
+(Qwen3-0.6B, the issue's prompts), then the same with the attention step's first key tiles warmed.
 """
 
 import json
@@ -46,14 +50,23 @@ def patch(sets: dict) -> None:
     gemv.default_params = default_params
 
 
-def bench(out_dir: str, stem: str, rows: str) -> None:
-    app(["bench", "accel", "--model", "qwen3-0.6b", "--batch", "8", "--prompt-tokens", "128", "--new-tokens",
-         "256", "--runs", "3", "--time-budget", "120", "--out", out_dir, "--stem", stem, "--rows", rows],
-        standalone_mode=False)  # fmt: skip
+def bench(out_dir: str, stem: str, rows: str, batch: int = 8, prompts: str = "128") -> None:
+    app(["bench", "accel", "--model", "qwen3-0.6b", "--batch", str(batch), "--prompt-tokens", prompts,
+         "--new-tokens", "256", "--runs", "3", "--time-budget", "120", "--out", out_dir, "--stem", stem,
+         "--rows", rows], standalone_mode=False)  # fmt: skip
+
+
+def warm_b1(out: str) -> None:
+    for tiles in (0, 2):
+        decode_step.WARM_TILES = tiles
+        bench(out, f"b1-warm{tiles}", "attnforge", batch=1, prompts="128,4096")
 
 
 if __name__ == "__main__":
     ab, out = sys.argv[1:3]
+    if ab == "warm-b1":
+        warm_b1(out)
+        sys.exit(0)
     sets = fastest(ab)
     bench(out, "b8-default", "attnforge,attnforge-torch-projections")
     patch(sets)
