@@ -9,7 +9,8 @@ First against float64 (every variant), then per call in graphs of one call a lay
 variants of a shape replayed in turn (`timing.time_graphs_per_call`), with cuBLAS alone and cuBLAS + torch's
 ops as baselines. Qwen3-0.6B's LM head too, whose default is the dot set: also through the swapped product.
 
-    PYTHONPATH=src:<wheels> python swap_ab.py OUT.json     # from this directory (about 4 minutes)
+    PYTHONPATH=src:<wheels> python swap_ab.py OUT.json [ONLY]  # from this directory (about 4 minutes; ONLY:
+                                                               # the shapes whose name has it, e.g. qwen3)
 
 The weights never depend on the kernel before, so the read may start under its tail (the one-row kernel
 does it with its first slice); the swapped kernel read nothing before the wait (h200/accel-b8-swap-*/:
@@ -100,10 +101,12 @@ def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
     return row
 
 
-def main(path: str) -> None:
+def main(path: str, only: str = "") -> None:
     read_gbps = timing.measure_read_bandwidth() / 1e9
     doc = {"environment": environment_report(), "read_gbps": read_gbps, "rows": []}
     for name, (n, k, kind, layers) in (probe.SHAPES | LM_HEAD).items():
+        if only not in name:
+            continue
         row = shape_row(name, n, k, kind, layers, read_gbps)
         doc["rows"].append(row)
         with open(path, "w") as fh:
@@ -115,4 +118,4 @@ def main(path: str) -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
