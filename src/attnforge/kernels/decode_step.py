@@ -149,10 +149,12 @@ def launch_decode_step(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gai
 def _warm_tiles(cache_k: torch.Tensor, cache_v: torch.Tensor, pdl: bool) -> int:
     """WARM_TILES where the launch waits for its predecessor (PDL) and both caches hold each head's keys as
     one run of 16-byte aligned rows (the bulk prefetch's bounds), else 0."""
+    if not (WARM_TILES and pdl):  # off: nothing checked on the launch path
+        return 0
     runs = all(
         t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0 for t in (cache_k, cache_v)
     )
-    return WARM_TILES if pdl and runs else 0
+    return WARM_TILES if runs else 0
 
 
 def workspace_size(batch: int, num_heads: int, cache_k: torch.Tensor) -> tuple[int, int]:

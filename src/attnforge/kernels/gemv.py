@@ -642,8 +642,21 @@ def _swap_params(outputs: int, k: int, glu: bool, sms: int) -> GemvParams:
         block_n, block_k, warps, stages = 128, 128, 8, 4
     else:
         block_n, block_k, warps, stages = 64, 256, 4, 3
-    split = max(1, sms // triton.cdiv(outputs, block_n))
-    return GemvParams(block_n, block_k, warps, swap=True, split_k=split, num_stages=stages)
+    return GemvParams(block_n, block_k, warps, swap=True, split_k=wave_split(outputs, block_n, sms),
+                      num_stages=stages)  # fmt: skip
+
+
+def wave_split(outputs: int, block_n: int, sms: int) -> int:
+    """The swapped product's split of K that makes its tiles of `block_n` outputs about one wave of `sms`."""
+    return max(1, sms // triton.cdiv(outputs, block_n))
+
+
+def swap_split(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K a split reads, splits) of a swapped launch asking for `split_k` splits: whole slices of block_k
+    shared evenly, no split empty (fewer than asked where K has fewer slices)."""
+    slices = triton.cdiv(k, block_k)
+    k_per_split = triton.cdiv(slices, min(split_k, slices)) * block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
 
 
 def fast_rows(device: torch.device, dtype: torch.dtype) -> int:
@@ -786,9 +799,8 @@ def _launch_swap(x2, w, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma
         raise ValueError(f"swap=True multiplies 16-bit weights (float16, bfloat16), got {x2.dtype}")
     rows, n = y2.shape
     k = w.shape[1]
-    tiles, slices = triton.cdiv(n, p.block_n), triton.cdiv(k, p.block_k)
-    k_per_split = triton.cdiv(slices, min(p.split_k, slices)) * p.block_k
-    split = triton.cdiv(k, k_per_split)  # no empty split
+    tiles = triton.cdiv(n, p.block_n)
+    k_per_split, split = swap_split(k, p.block_k, p.split_k)
     part, counters = _swap_workspace(y2.device, tiles, split, p.block_n) if split > 1 else (y2, y2)
     pdl = p.pdl and pdl_supported(y2.device)
     _swap_kernel[(tiles, split)](

@@ -1,16 +1,14 @@
 """The library's swapped product (`gemv._swap_kernel`) compiled for sm_90 (Triton 3.6's ptxas, no GPU) at
-the four launches `default_params` gives Qwen3-0.6B's products at 8 rows (through TMA): each launch's SASS,
-registers and spills written to DIR, to compare two commits' files; `early=1` compiles EARLY=True too,
-`prefetch=1` PREFETCH=True (and with early), `narrow=1` the narrow tiles of `gpu/gemv-swap/swap_ab.py`
-(early). N, K, the split's K and the strides are
-16-divisible, as the JIT specialises Qwen3's (from the twentieth session; the files of earlier sessions were
-compiled without it: x's loads then came out 2 bytes wide). Run from the repository root:
+the launches `default_params` gives Qwen3-0.6B's products at 8 rows (through TMA): each launch's SASS,
+registers, spills, shared memory and tensor-core / prefetch instruction counts, the SASS written to DIR to
+compare two commits' files; `all=1` compiles every variant `gpu/gemv-swap/swap_ab.py` times too (early,
+prefetch, narrow tiles, ...). N, K, the split's K and the strides are 16-divisible, as the JIT specialises
+Qwen3's (from the twentieth session; the files of earlier sessions were compiled without it: x's loads then
+came out 2 bytes wide). Run from the repository root:
 
-    PYTHONPATH=<triton 3.6>:src python benchmarks/results/cpu/gemv-swap/swap_sass.py DIR [early=1]
-        [prefetch=1] [narrow=1]
+    PYTHONPATH=<triton 3.6>:src python benchmarks/results/cpu/gemv-swap/swap_sass.py DIR [all=1]
 """
 
-import dataclasses
 import os
 import re
 import sys
@@ -36,9 +34,7 @@ CASES = {"qkv": (4096, 1024, False, True), "o": (1024, 2048, False, False),
 
 
 def compile_case(outputs, k, glu, norm, p: gemv.GemvParams):
-    slices = -(-k // p.block_k)
-    per_split = -(-slices // min(p.split_k, slices)) * p.block_k
-    split = -(-k // per_split)  # as `gemv._launch_swap` counts them
+    split = gemv.swap_split(k, p.block_k, p.split_k)[1]  # as the launch counts them
     constants = dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=norm,
                      HAS_BIAS=False, HAS_RES=not norm, GLU=glu, USE_TMA=True, USE_PDL=True,
                      FP32_DOT=False, EARLY=p.early, PREFETCH=p.prefetch)  # fmt: skip
@@ -49,32 +45,18 @@ def compile_case(outputs, k, glu, norm, p: gemv.GemvParams):
     return compile_sm90(gemv._swap_kernel, constants, types, options, divisible=("N", "K", "k_per_split"))
 
 
-def launches(outputs, k, glu, early: bool, prefetch: bool, narrow: bool) -> dict:
-    """label -> GemvParams: the default (and early, prefetch, both), the narrow tiles (early, split as
-    swap_ab.py does)."""
-    p = gemv.default_params(8, 2 * outputs if glu else outputs, k, glu=glu, tma=True, sms=132)
-    out = {"": p} | ({"-early": dataclasses.replace(p, early=True)} if early else {})
-    if prefetch:
-        out["-prefetch"] = dataclasses.replace(p, prefetch=True)
-        out["-early-prefetch"] = dataclasses.replace(p, early=True, prefetch=True)
-    for name, (block_n, block_k, warps, stages) in swap_ab.NARROW.items() if narrow else ():
-        split = max(1, 132 // -(-outputs // block_n))
-        out["-" + name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=split,
-                                          num_stages=stages, early=True)  # fmt: skip
-    return out
-
-
-def main(out: str, early: bool, prefetch: bool, narrow: bool) -> None:
+def main(out: str, every: bool) -> None:
     for name, (outputs, k, glu, norm) in CASES.items():
-        for suffix, p in launches(outputs, k, glu, early, prefetch, narrow).items():
+        launches = swap_ab.variants(2 * outputs if glu else outputs, k, glu, True, 132)
+        for label, p in launches.items() if every else [("default", launches["default"])]:
             kernel = compile_case(outputs, k, glu, norm, p)
+            suffix = "" if label == "default" else "-" + label
             with open(os.path.join(out, name + suffix + ".sass"), "w") as fh:
                 fh.write(kernel.asm["sass"])
-            ops = ("HGMMA", "HMMA", "UBLKPF")
-            mma = {op: len(re.findall(rf"\b{op}\b", kernel.asm["sass"])) for op in ops}
-            print(name + suffix, registers(kernel), f"shared {kernel.metadata.shared}",
-                  " ".join(f"{op}:{n}" for op, n in mma.items()))  # fmt: skip
+            ops = re.findall(r"\b(HGMMA|HMMA|UBLKPF)\b", kernel.asm["sass"])
+            counts = " ".join(f"{op}:{ops.count(op)}" for op in ("HGMMA", "HMMA", "UBLKPF"))
+            print(name + suffix, registers(kernel), f"shared {kernel.metadata.shared}", counts)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(f"{flag}=1" in sys.argv[2:] for flag in ("early", "prefetch", "narrow")))
+    main(sys.argv[1], "all=1" in sys.argv[2:])

@@ -46,9 +46,7 @@ class SwapLinear:
 
     def __init__(self, n, k, block_n=64, block_k=128, warps=4, stages=3, split_k=1, device="cuda", glu=False):
         self.n, self.k, self.glu = n, k, glu  # n: outputs (the weight has 2n rows with glu)
-        slices = triton.cdiv(k, block_k)
-        per_split = triton.cdiv(slices, max(1, min(split_k, slices))) * block_k
-        self.split_k = triton.cdiv(k, per_split)  # as the launch counts them: no empty split
+        self.split_k = gemv.swap_split(k, block_k, split_k)[1]  # as the launch counts them
         self.tma = tma_capable(torch.device(device), torch.bfloat16)
         self.params = GemvParams(block_n, block_k, warps, swap=True, split_k=split_k, num_stages=stages)
 

@@ -47,12 +47,11 @@ LM_HEAD = {"qwen3-0.6b lm_head": probe.gemv_sweep.SHAPES["qwen3-0.6b lm_head"]}
 NARROW = {"n32x256": (32, 256, 4, 4), "n32x128": (32, 128, 4, 6), "n16x256": (16, 256, 4, 4)}
 
 
-def variants(n: int, k: int, glu: bool, every: bool) -> dict:
+def variants(n: int, k: int, glu: bool, every: bool, sms: int) -> dict:
     """label -> GemvParams for a weight of n rows: the default, early, prefetch (each program's share asked
     of the L2 before the wait), both; with `every` (Qwen3-0.6B's layers) also early with twice the split,
     early with a stage fewer (its first slice has a buffer of its own: o and down take 164 KB of shared
     memory early, 123 KB by default, offline) and each narrow tile."""
-    sms = sm_count("cuda")
     outputs = n // 2 if glu else n
     default = gemv.default_params(ROWS, n, k, glu=glu, tma=True, sms=sms)
     out = {"default": default}
@@ -66,9 +65,8 @@ def variants(n: int, k: int, glu: bool, every: bool) -> dict:
         out["early-2x-split"] = dataclasses.replace(swap, early=True, split_k=2 * swap.split_k)
         out["early-st-1"] = dataclasses.replace(swap, early=True, num_stages=max(2, swap.num_stages - 1))
     for name, (block_n, block_k, warps, stages) in NARROW.items() if every else ():
-        split = max(1, sms // -(-outputs // block_n))
-        out[name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=split, num_stages=stages,
-                                    early=True)  # fmt: skip
+        out[name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=gemv.wave_split(outputs,
+                                    block_n, sms), num_stages=stages, early=True)  # fmt: skip
     return out
 
 
@@ -89,7 +87,8 @@ def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
         return y + residual if residual is not None else y
 
     makers["torch_ops"] = lambda i: lambda: torch_ops(ws[i])
-    for label, p in variants(n, k, glu, name.startswith("qwen3") and "lm_head" not in name).items():
+    every = name.startswith("qwen3") and "lm_head" not in name
+    for label, p in variants(n, k, glu, every, sm_count("cuda")).items():
         call = lambda w, p=p: gemv.fused_linear(x, w, norm=None if norm is None else (g, 1e-6),  # noqa: E731
                                                 residual=residual, glu=glu, params=p)  # fmt: skip
         y = call(ws[0])
