@@ -230,12 +230,15 @@ def test_default_launch_parameters_by_shape(monkeypatch, rows, n, k, bits, expec
     ("rows", "n", "k", "glu", "bits", "expected"),
     [
         (8, 4096, 1024, False, 16, GemvParams(128, 128, 8, swap=True, split_k=4, num_stages=4)),  # q/k/v
-        (8, 1024, 2048, False, 16, GemvParams(64, 256, 4, swap=True, split_k=8)),  # Qwen3-0.6B's o
-        (2, 6144, 1024, True, 16, GemvParams(64, 256, 4, swap=True)),  # its gate/up: K whole
-        (16, 28672, 4096, True, 16, GemvParams(128, 128, 8, swap=True)),  # Llama-3-8B's gate/up
+        # Qwen3-0.6B's o: 4 MiB of weight, also asked of the L2 early; Llama-3-8B's (32 MiB) not
+        (8, 1024, 2048, False, 16, GemvParams(64, 256, 4, swap=True, split_k=8, early=True, prefetch=True)),
+        (8, 4096, 4096, False, 16, GemvParams(64, 256, 4, swap=True, split_k=2, early=True)),
+        (2, 6144, 1024, True, 16, GemvParams(64, 256, 4, swap=True, early=True)),  # its gate/up: K whole
+        (16, 28672, 4096, True, 16, GemvParams(128, 128, 8, swap=True, early=True)),  # Llama-3-8B's gate/up
         (8, 6144, 4096, False, 16, GemvParams(128, 128, 8, swap=True, split_k=2, num_stages=4)),  # its q/k/v
-        (8, 4096, 14336, False, 16, GemvParams(64, 256, 4, swap=True, split_k=2)),  # its down
-        (8, 151936, 1024, False, 16, GemvParams(32, 256, 4, dot=True, ahead=True)),  # an LM head: no swap
+        (8, 4096, 14336, False, 16, GemvParams(64, 256, 4, swap=True, split_k=2, early=True)),  # its down
+        (8, 151936, 1024, False, 16, GemvParams(128, 128, 8, swap=True, num_stages=4)),  # an LM head
+        (8, 151937, 1024, False, 16, GemvParams(32, 256, 4, dot=True, ahead=True)),  # more rows: no swap
         (1, 4096, 1024, False, 16, GemvParams(4, 1024, 4)),  # one row: no swap
         (8, 1024, 2048, False, 8, GemvParams(4, 1024, 4)),  # packed codes: no swap
     ],

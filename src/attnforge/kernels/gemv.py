@@ -52,7 +52,12 @@ MAX_ROWS = 16
 FAST_ROWS = 1
 SWAP_FAST_ROWS = 8
 DOT_ROWS = 8  # 2 to DOT_ROWS rows of 16-bit weights and activations: the tensor-core product by default
-SWAP_MAX_N = 32768  # weight rows the swapped product takes by default (measured up to Llama-3-8B's gate/up)
+# weight rows the swapped product takes by default: measured up to Qwen3-0.6B's LM head (8 rows on an H100,
+# 112.4 us where the dot set took 115.2: h100/swap-ab-20261207)
+SWAP_MAX_N = 151936
+# 16-bit weights up to this size (Qwen3-0.6B's o and down) are asked of the L2 before the swapped product's
+# PDL wait; larger ones (Llama-3-8B's) ran slower so: the prefetch competes with the kernel before
+PREFETCH_MAX_BYTES = 8 << 20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 PACKED_BITS = (4, 5, 8)  # weight-only quantized codes the kernel reads (16: the weight as stored)
@@ -634,16 +639,19 @@ def _swap_params(outputs: int, k: int, glu: bool, sms: int) -> GemvParams:
     (Llama-3-8B's 88.0 / 79.3 / 108.1), K whole; else 128 x 128, 8 warps, 4 stages above 4096 outputs or
     for K <= 1024 (q/k/v: Qwen3-0.6B 7.00 / 5.65 / 21.5, Llama-3-8B 26.4 / 21.1 / 42.2), 64 x 256 otherwise
     (o and down: Qwen3-0.6B 5.04 / 6.09 / 7.47 and 5.78 / 7.90 / 9.29, Llama-3-8B 14.3 / 16.3 / 18.1 and
-    41.6 / 43.3 / 45.4), K split so the tiles fill about one wave of `sms`."""
+    41.6 / 43.3 / 45.4), K split so the tiles fill about one wave of `sms`.
+    The glu and 64 x 256 sets read each split's first slice before the PDL wait (`early`; the A/B of
+    `h100/swap-ab-20261207`, us default -> early: gate/up 8.89 -> 7.90 and 88.2 -> 84.7, o 4.94 -> 4.55 and
+    14.3 -> 13.9, down 5.65 -> 5.46 and 41.7 -> 41.4; the 128 x 128 sets equal or slower, 26.5 -> 28.2), and
+    where the whole weight is at most PREFETCH_MAX_BYTES also ask each program's share of the L2 before it
+    (`prefetch`: Qwen3-0.6B's o 4.41, down 5.09; Llama-3-8B's o 13.9 -> 17.5, gate/up slower too)."""
     if glu:
         wide = outputs <= 4096
-        return GemvParams(64 if wide else 128, 256 if wide else 128, 4 if wide else 8, swap=True)
+        return GemvParams(64 if wide else 128, 256 if wide else 128, 4 if wide else 8, swap=True, early=True)
     if outputs > 4096 or k <= 1024:
-        block_n, block_k, warps, stages = 128, 128, 8, 4
-    else:
-        block_n, block_k, warps, stages = 64, 256, 4, 3
-    return GemvParams(block_n, block_k, warps, swap=True, split_k=wave_split(outputs, block_n, sms),
-                      num_stages=stages)  # fmt: skip
+        return GemvParams(128, 128, 8, swap=True, split_k=wave_split(outputs, 128, sms), num_stages=4)
+    return GemvParams(64, 256, 4, swap=True, split_k=wave_split(outputs, 64, sms), early=True,
+                      prefetch=outputs * k * 2 <= PREFETCH_MAX_BYTES)  # fmt: skip
 
 
 def wave_split(outputs: int, block_n: int, sms: int) -> int:
