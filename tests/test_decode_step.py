@@ -9,7 +9,6 @@ from attnforge import verify
 from attnforge.kernels import decode, decode_params, decode_step
 from attnforge.kernels.decode import decode_attention
 from attnforge.kernels.decode_step import decode_step_attention
-from attnforge.kernels.pdl import pdl_supported
 from attnforge.kernels.rope_cache import rope_and_store
 
 DEVICE = ref.DEVICE
@@ -131,36 +130,6 @@ def test_every_output_element_is_written_call_after_call(splits):
         out = torch.full((2, 4, 1, 64), float("nan"), device=DEVICE)
         decode_step.launch_decode_step(qkv, cos, sin, pos, cache_k, cache_v, None, None, 0.0, 4, 0.125, out)
         assert verify.relative_l2_per_slice(out, want).max() <= verify.tolerance_for(torch.float32)
-
-
-@pytest.mark.skipif(DEVICE != "cuda" or not pdl_supported(torch.device(DEVICE)), reason="PDL (Hopper)")
-@pytest.mark.parametrize("num_splits,alone_tiles", [(1, 0), (4, 0), (4, 2)])
-def test_keys_asked_of_the_l2_before_the_wait_change_no_bit(splits, num_splits, alone_tiles, monkeypatch):
-    """WARM_TILES: each split's first tiles prefetched into the L2 before the PDL wait (positions read before
-    it, those outside the cache too): the outputs and the caches are the same bits as without."""
-    splits(num_splits, "last", alone_tiles)
-    drawn = _inputs(4, 8, 2, 128, torch.bfloat16, 90, seed=7, positions=[3, 89, -1, 10**6])
-    qkv, cos, sin, pos, cache_k, cache_v, _ = drawn
-    results = []
-    for tiles in (0, 2):
-        monkeypatch.setattr(decode_step, "WARM_TILES", tiles)
-        keys, values = cache_k.clone(), cache_v.clone()
-        out = decode_step_attention(qkv, cos, sin, pos, keys, values, num_heads=8)
-        results.append((out, keys, values))
-    assert decode_step._warm_tiles(cache_k, cache_v, True) == 2
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
-
-
-def test_keys_are_asked_of_the_l2_only_with_pdl_and_contiguous_caches(monkeypatch):
-    """`_warm_tiles`: the bulk prefetch covers whole runs of 16-byte aligned rows, and precedes a PDL wait."""
-    monkeypatch.setattr(decode_step, "WARM_TILES", 2)
-    cache = torch.zeros(2, 2, 32, 64)
-    assert decode_step._warm_tiles(cache, cache, True) == 2
-    assert decode_step._warm_tiles(cache, cache, False) == 0
-    strided = torch.zeros(2, 2, 32, 128)[..., :64]  # rows of 64 of 128: the runs have gaps
-    assert decode_step._warm_tiles(strided, cache, True) == 0
-    misaligned = torch.zeros(cache.numel() + 1)[1:].view(cache.shape)  # 4 bytes past 16-byte alignment
-    assert decode_step._warm_tiles(cache, misaligned, True) == 0
 
 
 @pytest.mark.parametrize("position", [-1, 24, 10**6])

@@ -1,22 +1,21 @@
 #!/bin/bash
 # Twentieth session, issue 11 (files under $OUT):
 #   t  GPU tests of what the twentieth session added: the swapped product's tests (prefetch, narrow tiles,
-#      early with the residual) and the decode step's (WARM_TILES: the same bits), about 1.5 minutes;
+#      early with the residual) and the decode step's, about 1.5 minutes;
 #   e  the swapped product's launch A/B (gpu/gemv-swap/swap_ab.py: the default; each split's first weight
 #      slice read before the PDL wait, `early`; early with twice the split; narrow tiles of 32 / 16 weight
 #      rows on mma.sync, early; 8 rows, Qwen3-0.6B's and Llama-3-8B's products and Qwen3's LM head, checked
 #      against float64 first), about 3 minutes;
 #   x  the batch-8 step with each product's fastest variant of e patched in (gpu/gemv-swap/accel_sets.py:
-#      the library, then those sets, then those with decode_step.WARM_TILES = 2; Qwen3-0.6B, prompts
-#      16-128), about 4 minutes;
-#   w  batch 1 (Qwen3-0.6B, prompts 128 and 4096), the library's step with WARM_TILES 0 then 2 (accel_sets.py
-#      warm-b1): the check before WARM_TILES goes on by default, about 3 minutes;
+#      the library, then those sets; Qwen3-0.6B, prompts 16-128), about 3 minutes;
 #   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s;
 #   a  the batch-8 attention step's bucket (d128-m2-b8-kv1k-lens: B8 16:8, a 1k cache, 64..512 valid keys
 #      ragged as the accelerator's batches; candidates with alone_tiles=0 split short sequences too), full
 #      sweep, plain and in 28-call graphs, about 3 minutes; store it with `attnforge tune --from-results`.
-# Then: the winning sets into gemv._swap_params / default_params (and the tests of the defaults), and
-# `bash benchmarks/results/gpu/runbook25.sh t q` measures the step against transformers (target 5x).
+# Run at 5468eca on an H100 (h100/swap-ab-20261207), with a step w since removed (decode_step.WARM_TILES:
+# slower at batch 1 and 8, taken out with its code). Then: the winning sets into gemv._swap_params /
+# default_params (and the tests of the defaults), and `bash benchmarks/results/gpu/runbook25.sh t q`
+# measures the step against transformers (target 5x).
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
 #     bash benchmarks/results/gpu/runbook26.sh t e   (about 6 minutes), then   ... x   (about 4), then
 #     ... p a   (about 4)
@@ -33,11 +32,6 @@ for step in "$@"; do
       (cd benchmarks/results/gpu/gemv-swap && timeout 330 python3 swap_ab.py "$OUT/swap-ab.json") \
         > "$OUT/swap-ab.txt" 2>&1
       echo "swap ab rc=$?"; tail -9 "$OUT/swap-ab.txt"
-      ;;
-    w)
-      (cd benchmarks/results/gpu/gemv-swap && timeout 300 python3 accel_sets.py warm-b1 "$OUT") \
-        > "$OUT/accel-warm-b1.txt" 2>&1
-      echo "accel warm b1 rc=$?"; grep -E "^ attnforge|Read bandwidth|^batch" "$OUT/accel-warm-b1.txt"
       ;;
     p)
       timeout 90 python3 benchmarks/results/h100/accel-profile/prof_accel.py "$OUT" 128 batch=8 \

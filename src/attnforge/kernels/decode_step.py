@@ -21,16 +21,12 @@ import triton.language as tl
 
 from attnforge.config import SUPPORTED_HEAD_DIMS, resolve_scale
 from attnforge.kernels.decode import LOG2E, DecodeWorkspace, default_workspace, merged_in_kernel
-from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait, warm_l2
+from attnforge.kernels.pdl import gdc_launch_dependents, gdc_wait
 from attnforge.kernels.rope_cache import check_new_token, rope_rows, store_new_kv
 from attnforge.kernels.split_kv import attend, finish_split, split_range
 
 # Launch constants of decode's kernel that this one fixes (one new token, lengths from positions, one launch).
 _FIXED = ("Q_LEN", "HAS_KV_LENS", "HAS_KV_STARTS", "MERGE_LAST")
-# Tiles of each split's cached keys and values asked of the L2 before the PDL wait (`_warm_keys`), where the
-# launch uses PDL and the cache rows are contiguous: 0 (off) until measured against the plain launch
-# (`benchmarks/results/gpu/gemv-swap/accel_sets.py` patches it).
-WARM_TILES = 0
 
 
 @triton.jit
@@ -42,7 +38,7 @@ def _decode_step_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, Q_NORM: tl.constexpr,
     K_NORM: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
-    USE_TMA: tl.constexpr, WARM_TILES: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): the steps below are split_kv's and
     # rope_cache's device functions; what is left is the new token's part, which needs their values.
@@ -54,9 +50,6 @@ def _decode_step_kernel(
     cache_head = b * stride_cb + h * stride_ch
     if USE_PDL:  # launched early (PDL): let the next kernel launch too, then wait for the q/k/v product
         gdc_launch_dependents()
-        if WARM_TILES > 0:
-            _warm_keys(Positions, CacheK, CacheV, b, cache_head, max_seq, split, num_splits, stride_cn,
-                       BLOCK_N, ALONE_TILES, WARM_TILES)  # fmt: skip
         gdc_wait()
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP
@@ -104,23 +97,6 @@ def _decode_step_kernel(
                  SPLITS_P2, PART_ROWS, S_CHUNK, True)  # fmt: skip
 
 
-@triton.jit
-def _warm_keys(Positions, CacheK, CacheV, b, cache_head, max_seq, split, num_splits, stride_cn,
-               BLOCK_N: tl.constexpr, ALONE_TILES: tl.constexpr, WARM_TILES: tl.constexpr):  # fmt: skip
-    """Before the PDL wait: the first WARM_TILES tiles of this split's cached keys and values asked of the L2
-    (`warm_l2`; rows contiguous, `stride_cn` elements a key). The position is read before the wait only to
-    place the request: a prefetch changes no value read after it, and the range stays inside the cache."""
-    pos = tl.load(Positions + b)
-    cached = tl.minimum(tl.maximum(pos, 0), max_seq).to(tl.int32)
-    _, start, stop = split_range(0, cached, split, num_splits, BLOCK_N, ALONE_TILES)
-    keys = tl.maximum(tl.minimum(stop, start + WARM_TILES * BLOCK_N) - start, 0)
-    one = tl.arange(0, 1)
-    nbytes = one * 0 + keys * stride_cn * (CacheK.dtype.element_ty.primitive_bitwidth // 8)
-    offset = cache_head + start.to(tl.int64) * stride_cn + one
-    warm_l2(CacheK + offset, nbytes, nbytes > 0)
-    warm_l2(CacheV + offset, nbytes, nbytes > 0)
-
-
 def launch_decode_step(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gain, eps, num_heads, scale,
                        out, workspace: DecodeWorkspace | None = None) -> None:  # fmt: skip
     """Run the kernel on checked inputs (as `decode_step_attention`'s), writing `out` `[b, Hq, 1, D]` and the
@@ -141,20 +117,8 @@ def launch_decode_step(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gai
         dummy if k_gain is None else k_gain, cache_k, cache_v, k_src, v_src, out, partials, counters,
         qkv.stride(0), cos.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), out.stride(0),
         out.stride(1), max_seq, eps, scale * LOG2E, num_kv_heads, launch.splits, launch.ml_offset,
-        NUM_HEADS=num_heads, Q_NORM=q_gain is not None, K_NORM=k_gain is not None,
-        WARM_TILES=_warm_tiles(cache_k, cache_v, constants["USE_PDL"]), **constants,
+        NUM_HEADS=num_heads, Q_NORM=q_gain is not None, K_NORM=k_gain is not None, **constants,
     )  # fmt: skip
-
-
-def _warm_tiles(cache_k: torch.Tensor, cache_v: torch.Tensor, pdl: bool) -> int:
-    """WARM_TILES where the launch waits for its predecessor (PDL) and both caches hold each head's keys as
-    one run of 16-byte aligned rows (the bulk prefetch's bounds), else 0."""
-    if not (WARM_TILES and pdl):  # off: nothing checked on the launch path
-        return 0
-    runs = all(
-        t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0 for t in (cache_k, cache_v)
-    )
-    return WARM_TILES if runs else 0
 
 
 def workspace_size(batch: int, num_heads: int, cache_k: torch.Tensor) -> tuple[int, int]:

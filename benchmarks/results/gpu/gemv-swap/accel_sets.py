@@ -5,15 +5,14 @@ the library's default, in one process on one GPU.
 and `attnforge-torch-projections`: the model's matmuls); then with `gemv.default_params` patched so that
 2-16 rows against each shape of the A/B take that shape's fastest checked variant there (early, prefetch,
 twice the split, a narrow tile, or the LM head through the swapped product), every other call as before;
-then also with `decode_step.WARM_TILES = 2` (each split's first two tiles of cached keys and values asked of
-the L2 before the PDL wait). The step's kernels are built after each patch, so each run takes its sets.
-Only a probe: the library's defaults change after it, with their tests.
+The step's kernels are built after each patch, so each run takes its sets. Only a probe: the library's
+defaults change after it, with their tests.
 
-    python accel_sets.py SWAP_AB.json OUT_DIR   # from this directory, PYTHONPATH with src (about 4 minutes)
-    python accel_sets.py warm-b1 OUT_DIR        # batch 1, prompts 128 and 4096: WARM_TILES 0, then 2
+    python accel_sets.py SWAP_AB.json OUT_DIR   # from this directory, PYTHONPATH with src (about 3 minutes)
 
-The second form is the batch-1 check before `WARM_TILES` goes on by default: the library's step at batch 1
-(Qwen3-0.6B, the issue's prompts), then the same with the attention step's first key tiles warmed.
+Its run at 5468eca (h100/swap-ab-20261207) also took a third row, the attention step's first key and value
+tiles asked of the L2 before its PDL wait (`decode_step.WARM_TILES = 2`), and a batch-1 form with it off
+and on: slower at both batches, so that code was removed.
 """
 
 import json
@@ -22,7 +21,7 @@ import sys
 import torch
 
 from attnforge.cli import app
-from attnforge.kernels import decode_step, gemv
+from attnforge.kernels import gemv
 
 LIBRARY = gemv.default_params
 BASELINES = ("cublas", "torch_ops")
@@ -50,26 +49,15 @@ def patch(sets: dict) -> None:
     gemv.default_params = default_params
 
 
-def bench(out_dir: str, stem: str, rows: str, batch: int = 8, prompts: str = "128") -> None:
-    app(["bench", "accel", "--model", "qwen3-0.6b", "--batch", str(batch), "--prompt-tokens", prompts,
+def bench(out_dir: str, stem: str, rows: str) -> None:
+    app(["bench", "accel", "--model", "qwen3-0.6b", "--batch", "8", "--prompt-tokens", "128",
          "--new-tokens", "256", "--runs", "3", "--time-budget", "120", "--out", out_dir, "--stem", stem,
          "--rows", rows], standalone_mode=False)  # fmt: skip
 
 
-def warm_b1(out: str) -> None:
-    for tiles in (0, 2):
-        decode_step.WARM_TILES = tiles
-        bench(out, f"b1-warm{tiles}", "attnforge", batch=1, prompts="128,4096")
-
-
 if __name__ == "__main__":
     ab, out = sys.argv[1:3]
-    if ab == "warm-b1":
-        warm_b1(out)
-        sys.exit(0)
     sets = fastest(ab)
     bench(out, "b8-default", "attnforge,attnforge-torch-projections")
     patch(sets)
     bench(out, "b8-fastest", "attnforge")
-    decode_step.WARM_TILES = 2
-    bench(out, "b8-fastest-warm", "attnforge")
