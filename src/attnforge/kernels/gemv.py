@@ -52,9 +52,10 @@ MAX_ROWS = 16
 FAST_ROWS = 1
 SWAP_FAST_ROWS = 8
 DOT_ROWS = 8  # 2 to DOT_ROWS rows of 16-bit weights and activations: the tensor-core product by default
-# weight rows the swapped product takes by default: measured up to Qwen3-0.6B's LM head (8 rows on an H100,
-# 112.4 us where the dot set took 115.2: h100/swap-ab-20261207)
-SWAP_MAX_N = 151936
+# weight rows the swapped product takes by default: measured up to Llama-3-8B's gate/up; LM heads keep the dot
+# set (8 rows on an H100: Qwen3-0.6B's 114.7 us swapped, 115.6 dot; Llama-3-8B's 420.8 and 385.6:
+# h100/swap-ab-20261207/swap-ab-heads.json)
+SWAP_MAX_N = 32768
 # 16-bit weights up to this size (Qwen3-0.6B's o and down) are asked of the L2 before the swapped product's
 # PDL wait; larger ones (Llama-3-8B's) ran slower so: the prefetch competes with the kernel before
 PREFETCH_MAX_BYTES = 8 << 20
@@ -575,6 +576,7 @@ def default_params(
     dtype: torch.dtype = torch.bfloat16,
     *,
     glu: bool = False,
+    norm: bool = False,
     tma: bool = False,
     sms: int = 132,
 ) -> GemvParams:
@@ -606,8 +608,8 @@ def default_params(
     41.1, gate/up 8.6 / 23.0, the LM head 115.7 / 134.0), and more than 16384 outputs of K > 1024
     (Llama-3-8B's gate/up) not read ahead (99.0 / 104.2 where reading ahead took 106.7).
     Where the weight goes through TMA (`tma`: a Hopper GPU, an aligned weight), 2 to MAX_ROWS rows of 16-bit
-    weights of at most SWAP_MAX_N rows take the swapped product instead (`_swap_params`, with `glu` and the
-    GPU's `sms`)."""
+    weights of at most SWAP_MAX_N rows take the swapped product instead (`_swap_params`, with `glu`, `norm`
+    (the RMSNorm fused before the product) and the GPU's `sms`)."""
     if triton_interpret():  # the interpreter's cost is per program: few, wide ones
         return GemvParams(block_n=256, block_k=256, num_warps=4)
     packed = bits != 16
@@ -623,7 +625,7 @@ def default_params(
     if rows == 1 and not packed and 4096 < n <= 16384:
         return GemvParams(block_n=16, block_k=1024, num_warps=4)
     if 1 < rows <= MAX_ROWS and tma and not packed and dtype in HALF_DTYPES and n <= SWAP_MAX_N:
-        return _swap_params(n // 2 if glu else n, k, glu, sms)
+        return _swap_params(n // 2 if glu else n, k, glu, norm, sms)
     if 1 < rows <= DOT_ROWS and not packed and dtype in HALF_DTYPES:
         if n <= 4096:
             return GemvParams(block_n=16, block_k=512, num_warps=4, dot=True, ahead=True)
@@ -631,7 +633,7 @@ def default_params(
     return GemvParams(block_n=4, block_k=1024 if rows <= 8 else 512, num_warps=4)
 
 
-def _swap_params(outputs: int, k: int, glu: bool, sms: int) -> GemvParams:
+def _swap_params(outputs: int, k: int, glu: bool, norm: bool, sms: int) -> GemvParams:
     """The swapped product's set for `outputs` columns over K features, from per-call times at 8 rows in
     28-layer CUDA graphs on an H100 (`h100/gemv-swap/gemv-swap.json`, neighbours fused; each shape's fastest
     of 5 tiles and 2-3 splits, us against cuBLAS alone and cuBLAS + torch's ops): with glu two tiles a slice,
@@ -640,14 +642,16 @@ def _swap_params(outputs: int, k: int, glu: bool, sms: int) -> GemvParams:
     for K <= 1024 (q/k/v: Qwen3-0.6B 7.00 / 5.65 / 21.5, Llama-3-8B 26.4 / 21.1 / 42.2), 64 x 256 otherwise
     (o and down: Qwen3-0.6B 5.04 / 6.09 / 7.47 and 5.78 / 7.90 / 9.29, Llama-3-8B 14.3 / 16.3 / 18.1 and
     41.6 / 43.3 / 45.4), K split so the tiles fill about one wave of `sms`.
-    The glu and 64 x 256 sets read each split's first slice before the PDL wait (`early`; the A/B of
+    The 64 x 256 sets, and the glu sets beside a `norm`, read each split's first slice before the PDL wait
+    (`early`; without the norm the rows are staged in shared memory too, and the glu sets' early slice takes
+    it past the GPU's 227 KB: 295 / 279 KB offline on sm_90; the A/B of
     `h100/swap-ab-20261207`, us default -> early: gate/up 8.89 -> 7.90 and 88.2 -> 84.7, o 4.94 -> 4.55 and
     14.3 -> 13.9, down 5.65 -> 5.46 and 41.7 -> 41.4; the 128 x 128 sets equal or slower, 26.5 -> 28.2), and
     where the whole weight is at most PREFETCH_MAX_BYTES also ask each program's share of the L2 before it
     (`prefetch`: Qwen3-0.6B's o 4.41, down 5.09; Llama-3-8B's o 13.9 -> 17.5, gate/up slower too)."""
     if glu:
         wide = outputs <= 4096
-        return GemvParams(64 if wide else 128, 256 if wide else 128, 4 if wide else 8, swap=True, early=True)
+        return GemvParams(64 if wide else 128, 256 if wide else 128, 4 if wide else 8, swap=True, early=norm)
     if outputs > 4096 or k <= 1024:
         return GemvParams(128, 128, 8, swap=True, split_k=wave_split(outputs, 128, sms), num_stages=4)
     return GemvParams(64, 256, 4, swap=True, split_k=wave_split(outputs, 64, sms), early=True,
@@ -770,8 +774,9 @@ def launch_linear(x, weight, bias, gain, eps, residual, out, params: GemvParams 
     y2 = out.view(rows, n)
     swapped = packed is None and (rows > 1 if params is None else params.swap)  # may take the swap
     tma = swapped and tma_capable(x.device, x.dtype) and tma_aligned(w)
-    p = params or default_params(rows, n_weight, k, 16 if packed is None else packed.bits, x.dtype, glu=glu,
-                                 tma=tma, sms=sm_count(x.device) if tma else 132)  # fmt: skip
+    bits = 16 if packed is None else packed.bits
+    p = params or default_params(rows, n_weight, k, bits, x.dtype, glu=glu, norm=gain is not None, tma=tma,
+                                 sms=sm_count(x.device) if tma else 132)  # fmt: skip
     if glu and p.block_n < 2:
         raise ValueError(f"glu=True needs block_n >= 2 (a gate and an up row a program), got {p.block_n}")
     if packed is not None and p.block_k < 16:

@@ -42,9 +42,10 @@ def fastest(path: str) -> dict:
 
 
 def patch(sets: dict) -> None:
-    def default_params(rows, n, k, bits=16, dtype=torch.bfloat16, *, glu=False, tma=False, sms=132):
-        found = sets.get((n, k, glu)) if 1 < rows <= 16 and bits == 16 and tma else None
-        return found or LIBRARY(rows, n, k, bits, dtype, glu=glu, tma=tma, sms=sms)
+    def default_params(rows, n, k, bits=16, dtype=torch.bfloat16, **kw):
+        ours = 1 < rows <= 16 and bits == 16 and kw.get("tma")
+        found = sets.get((n, k, kw.get("glu", False))) if ours else None
+        return found or LIBRARY(rows, n, k, bits, dtype, **kw)
 
     gemv.default_params = default_params
 

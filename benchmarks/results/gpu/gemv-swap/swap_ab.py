@@ -48,19 +48,19 @@ LM_HEAD = {"qwen3-0.6b lm_head": probe.gemv_sweep.SHAPES["qwen3-0.6b lm_head"],
 NARROW = {"n32x256": (32, 256, 4, 4), "n32x128": (32, 128, 4, 6), "n16x256": (16, 256, 4, 4)}
 
 
-def variants(n: int, k: int, glu: bool, every: bool, head: bool, sms: int) -> dict:
+def variants(n: int, k: int, glu: bool, norm: bool, every: bool, head: bool, sms: int) -> dict:
     """label -> GemvParams for a weight of n rows: the default, early, prefetch (each program's share asked
     of the L2 before the wait), both; for an LM `head` also the dot set; with `every` (Qwen3-0.6B's layers)
     also early with twice the split, early with a stage fewer (its first slice has a buffer of its own: o
     and down take 164 KB of shared memory early, 123 KB by default, offline) and each narrow tile."""
     outputs = n // 2 if glu else n
-    default = gemv.default_params(ROWS, n, k, glu=glu, tma=True, sms=sms)
+    default = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=True, sms=sms)
     out = {"default": default}
-    swap = default if default.swap else gemv._swap_params(outputs, k, glu, sms)
+    swap = default if default.swap else gemv._swap_params(outputs, k, glu, norm, sms)
     if not default.swap:
         out["swap"] = swap
     elif head:  # also the set it took before it had the swapped product
-        out["dot"] = gemv.default_params(ROWS, n, k, glu=glu, tma=False, sms=sms)
+        out["dot"] = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=False, sms=sms)
     out["early"] = dataclasses.replace(swap, early=True)
     out["prefetch"] = dataclasses.replace(swap, prefetch=True)
     out["early-prefetch"] = dataclasses.replace(swap, early=True, prefetch=True)
@@ -91,7 +91,7 @@ def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
 
     makers["torch_ops"] = lambda i: lambda: torch_ops(ws[i])
     every = name.startswith("qwen3") and "lm_head" not in name
-    for label, p in variants(n, k, glu, every, "lm_head" in name, sm_count("cuda")).items():
+    for label, p in variants(n, k, glu, norm is not None, every, "lm_head" in name, sm_count("cuda")).items():
         call = lambda w, p=p: gemv.fused_linear(x, w, norm=None if norm is None else (g, 1e-6),  # noqa: E731
                                                 residual=residual, glu=glu, params=p)  # fmt: skip
         y = call(ws[0])
