@@ -54,10 +54,10 @@ SWAP_FAST_ROWS = 8
 DOT_ROWS = 8  # 2 to DOT_ROWS rows of 16-bit weights and activations: the tensor-core product by default
 # weight rows the swapped product takes by default: measured up to Llama-3-8B's gate/up; LM heads keep the dot
 # set (8 rows on an H100: Qwen3-0.6B's 114.7 us swapped, 115.6 dot; Llama-3-8B's 420.8 and 385.6:
-# h100/swap-ab-20261207/swap-ab-heads.json)
+# h100/swap-ab-20261207/swap-ab-heads-1c41938.json)
 SWAP_MAX_N = 32768
 # 16-bit weights up to this size (Qwen3-0.6B's o and down) are asked of the L2 before the swapped product's
-# PDL wait; larger ones (Llama-3-8B's) ran slower so: the prefetch competes with the kernel before
+# PDL wait; larger ones (Llama-3-8B's) ran slower with it: the prefetch competes with the kernel before
 PREFETCH_MAX_BYTES = 8 << 20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -644,7 +644,7 @@ def _swap_params(outputs: int, k: int, glu: bool, norm: bool, sms: int) -> GemvP
     41.6 / 43.3 / 45.4), K split so the tiles fill about one wave of `sms`.
     The 64 x 256 sets, and the glu sets beside a `norm`, read each split's first slice before the PDL wait
     (`early`; without the norm the rows are staged in shared memory too, and the glu sets' early slice takes
-    it past the GPU's 227 KB: 295 / 279 KB offline on sm_90; the A/B of
+    it past the GPU's 227 KB: 295 / 279 KB, `cpu/gemv-swap/glu-shared-20261207.txt`; the A/B of
     `h100/swap-ab-20261207`, us default -> early: gate/up 8.89 -> 7.90 and 88.2 -> 84.7, o 4.94 -> 4.55 and
     14.3 -> 13.9, down 5.65 -> 5.46 and 41.7 -> 41.4; the 128 x 128 sets equal or slower, 26.5 -> 28.2), and
     where the whole weight is at most PREFETCH_MAX_BYTES also ask each program's share of the L2 before it
