@@ -52,7 +52,8 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, head: bool, sms
     """label -> GemvParams for a weight of n rows: the default, early, prefetch (each program's share asked
     of the L2 before the wait), both; for an LM `head` also the dot set; with `every` (Qwen3-0.6B's layers)
     also early with twice the split, early with a stage fewer (its first slice has a buffer of its own: o
-    and down take 164 KB of shared memory early, 123 KB by default, offline) and each narrow tile."""
+    and down take 164 KB of shared memory early, 123 KB by default, offline) and each narrow tile; and,
+    where it differs, the default with no more stages than its loop has slices (`st-fit`)."""
     outputs = n // 2 if glu else n
     default = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=True, sms=sms)
     out = {"default": default}
@@ -70,7 +71,19 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, head: bool, sms
     for name, (block_n, block_k, warps, stages) in NARROW.items() if every else ():
         out[name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=gemv.wave_split(outputs,
                                     block_n, sms), num_stages=stages, early=True)  # fmt: skip
+    fit = fitted_stages(default, k)
+    if default.swap and fit != default.num_stages:
+        out["st-fit"] = dataclasses.replace(default, num_stages=fit)
     return out
+
+
+def fitted_stages(p, k: int) -> int:
+    """The swapped launch `p`'s stages cut to the slices its loop reads (a split's slices, less early's
+    first): buffers no slice fills still take shared memory, which keeps the next kernel's programs off the
+    SM (Qwen3-0.6B's o and down at 8 rows read one slice after early's, or none: 164 KB with 3 stages, 41 KB
+    with 1, offline on sm_90)."""
+    slices = gemv.swap_split(k, p.block_k, p.split_k)[0] // p.block_k - (1 if p.early else 0)
+    return max(1, min(p.num_stages, slices))
 
 
 def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
