@@ -3,9 +3,9 @@ the library's default, in one process on one GPU.
 
 `bench accel` runs twice in this process on the same model: the library as committed (`attnforge`, and
 `attnforge-torch-projections`: the model's matmuls); then with `gemv.default_params` patched so that 2-16
-rows against each shape of the A/B take that shape's fastest checked variant there (or the one named), every
-other call as before. The step's kernels are built after each patch, so each run takes its sets. Only a probe: the library's
-defaults change after it, with their tests.
+rows against each shape of the A/B take that shape's fastest checked variant there (or the one named),
+every other call as before. The step's kernels are built after each patch, so each run takes its sets. Only
+a probe: the library's defaults change after it, with their tests.
 
     python accel_sets.py SWAP_AB.json OUT_DIR [LABEL]  # from this directory, PYTHONPATH with src (about 3
                                                        # minutes; LABEL: that variant wherever it ran, e.g.
