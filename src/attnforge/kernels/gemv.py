@@ -644,7 +644,7 @@ def _swap_params(outputs: int, k: int, glu: bool, norm: bool, sms: int) -> GemvP
     41.6 / 43.3 / 45.4), K split so the tiles fill about one wave of `sms`.
     The 64 x 256 sets, and the glu sets beside a `norm`, read each split's first slice before the PDL wait
     (`early`; without the norm the rows are staged in shared memory too, and the glu sets' early slice takes
-    it past the GPU's 227 KB: 295 / 279 KB, `cpu/gemv-swap/glu-shared-20261207.txt`; the A/B of
+    it past the GPU's 227 KB: 295 / 279 KB, `cpu/gemv-swap/step-shared-20261207.txt`; the A/B of
     `h100/swap-ab-20261207`, us default -> early: gate/up 8.89 -> 7.90 and 88.2 -> 84.7, o 4.94 -> 4.55 and
     14.3 -> 13.9, down 5.65 -> 5.46 and 41.7 -> 41.4; the 128 x 128 sets equal or slower, 26.5 -> 28.2), and
     where the whole weight is at most PREFETCH_MAX_BYTES also ask each program's share of the L2 before it

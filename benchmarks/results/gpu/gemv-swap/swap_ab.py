@@ -81,7 +81,8 @@ def fitted_stages(p, k: int) -> int:
     """The swapped launch `p`'s stages cut to the slices its loop reads (a split's slices, less early's
     first): buffers no slice fills still take shared memory, which keeps the next kernel's programs off the
     SM (Qwen3-0.6B's o and down at 8 rows read one slice after early's, or none: 164 KB with 3 stages, 41 KB
-    with 1, offline on sm_90)."""
+    with 1, offline on sm_90:
+    `cpu/gemv-swap/step-shared-20261207.txt`)."""
     slices = gemv.swap_split(k, p.block_k, p.split_k)[0] // p.block_k - (1 if p.early else 0)
     return max(1, min(p.num_stages, slices))
 
