@@ -47,7 +47,7 @@ def compile_case(outputs, k, glu, norm, p: gemv.GemvParams):
 
 def main(out: str, every: bool) -> None:
     for name, (outputs, k, glu, norm) in CASES.items():
-        launches = swap_ab.variants(2 * outputs if glu else outputs, k, glu, norm, True, False, 132)
+        launches = swap_ab.variants(2 * outputs if glu else outputs, k, glu, norm, True, 132)
         for label, p in launches.items() if every else [("default", launches["default"])]:
             kernel = compile_case(outputs, k, glu, norm, p)
             suffix = "" if label == "default" else "-" + label

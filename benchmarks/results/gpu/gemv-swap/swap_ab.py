@@ -7,7 +7,7 @@ sooner), early with a stage fewer, and narrow tiles of 32 or 16 weight rows (mma
 to four times the programs, so less K split or none; early).
 First against float64 (every variant), then per call in graphs of one call a layer on distinct weights, all
 variants of a shape replayed in turn (`timing.time_graphs_per_call`), with cuBLAS alone and cuBLAS + torch's
-ops as baselines. Qwen3-0.6B's LM head too, whose default is the dot set: also through the swapped product.
+ops as baselines. The LM heads too (Qwen3-0.6B's, Llama-3-8B's), whose default is the dot set: also swapped.
 
     PYTHONPATH=src:<wheels> python swap_ab.py OUT.json [ONLY]  # from this directory (about 4 minutes; ONLY:
                                                                # the shapes whose name has it, e.g. qwen3)
@@ -37,8 +37,8 @@ from attnforge.kernels.tuning import sm_count
 ROWS = 8
 
 
-# The LM heads, also timed through the dot set (their default before h100/swap-ab-20261207; Qwen3-0.6B's took
-# 111 us a batch-8 step on the H200 against a 72 us read floor): Qwen3-0.6B's and Llama-3-8B's
+# The LM heads (more than SWAP_MAX_N rows: the dot set by default; Qwen3-0.6B's took 111 us a batch-8 step on
+# the H200 against a 72 us read floor), also timed through the swapped product's set for their shape
 LM_HEAD = {"qwen3-0.6b lm_head": probe.gemv_sweep.SHAPES["qwen3-0.6b lm_head"],
            "llama3-8b lm_head": (128256, 4096, "norm", 2)}  # fmt: skip
 
@@ -48,20 +48,18 @@ LM_HEAD = {"qwen3-0.6b lm_head": probe.gemv_sweep.SHAPES["qwen3-0.6b lm_head"],
 NARROW = {"n32x256": (32, 256, 4, 4), "n32x128": (32, 128, 4, 6), "n16x256": (16, 256, 4, 4)}
 
 
-def variants(n: int, k: int, glu: bool, norm: bool, every: bool, head: bool, sms: int) -> dict:
+def variants(n: int, k: int, glu: bool, norm: bool, every: bool, sms: int) -> dict:
     """label -> GemvParams for a weight of n rows: the default, early, prefetch (each program's share asked
-    of the L2 before the wait), both; for an LM `head` also the dot set; with `every` (Qwen3-0.6B's layers)
-    also early with twice the split, early with a stage fewer (its first slice has a buffer of its own: o
-    and down take 164 KB of shared memory early, 123 KB by default, offline) and each narrow tile; and,
-    where it differs, the default with no more stages than its loop has slices (`st-fit`)."""
+    of the L2 before the wait), both; with `every` (Qwen3-0.6B's layers) also early with twice the split,
+    early with a stage fewer (early's first slice has a buffer of its own: o and down take 164 KB of shared
+    memory early, 123 KB without, offline) and each narrow tile; and, where it differs, the default with no
+    more stages than its loop has slices (`st-fit`)."""
     outputs = n // 2 if glu else n
     default = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=True, sms=sms)
     out = {"default": default}
     swap = default if default.swap else gemv._swap_params(outputs, k, glu, norm, sms)
     if not default.swap:
         out["swap"] = swap
-    elif head:  # also the set it took before it had the swapped product
-        out["dot"] = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=False, sms=sms)
     out["early"] = dataclasses.replace(swap, early=True)
     out["prefetch"] = dataclasses.replace(swap, prefetch=True)
     out["early-prefetch"] = dataclasses.replace(swap, early=True, prefetch=True)
@@ -105,7 +103,7 @@ def shape_row(name, n, k, kind, layers, read_gbps) -> dict:
 
     makers["torch_ops"] = lambda i: lambda: torch_ops(ws[i])
     every = name.startswith("qwen3") and "lm_head" not in name
-    for label, p in variants(n, k, glu, norm is not None, every, "lm_head" in name, sm_count("cuda")).items():
+    for label, p in variants(n, k, glu, norm is not None, every, sm_count("cuda")).items():
         call = lambda w, p=p: gemv.fused_linear(x, w, norm=None if norm is None else (g, 1e-6),  # noqa: E731
                                                 residual=residual, glu=glu, params=p)  # fmt: skip
         y = call(ws[0])
