@@ -4,6 +4,11 @@ On a GPU the kernel rounds as torch does (round to nearest even), so most output
 bit; the Triton interpreter truncates when it narrows to 16 bits, so on CPU the checks are relative errors.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,6 +266,53 @@ def test_the_swapped_glu_sets_read_their_first_slice_early_beside_the_norm(monke
     assert gemv.default_params(8, n, 1024, glu=True, norm=True, tma=True, sms=132) == expected
     assert gemv.default_params(8, n, 1024, 16, glu=True, norm=False, tma=True, sms=132).early is False
     assert gemv.default_params(8, 1024, 2048, norm=True, tma=True, sms=132).early  # the others either way
+
+
+# A child process compiles the swapped kernel for sm_90 (no GPU; Triton's ahead-of-time path cannot take the
+# interpreter's functions): each case's launch `default_params` gives at 8 rows, `early` forced where given
+_SM90_CHILD = """
+import dataclasses, json, sys
+from attnforge.kernels import gemv, offline
+shared = []
+for n, k, glu, norm, early in json.loads(sys.argv[1]):
+    p = gemv.default_params(8, n, k, glu=glu, norm=norm, tma=True, sms=132)
+    p = p if early is None else dataclasses.replace(p, early=early)
+    shared.append(offline.swap_kernel_sm90(n, k, p, glu, norm, residual=not (norm or glu)).metadata.shared)
+print(json.dumps(shared))
+"""
+_SM90_CASES = [  # (weight rows, K, glu, norm, early): each family of default sets, as the steps call it
+    (4096, 1024, False, True, None),  # Qwen3-0.6B's q/k/v: 128 x 128, 4 stages
+    (6144, 4096, False, True, None),  # Llama-3-8B's q/k/v: 128 x 128 above 4096 outputs
+    (1024, 2048, False, False, None),  # Qwen3-0.6B's o: 64 x 256, early, prefetch
+    (4096, 14336, False, False, None),  # Llama-3-8B's down: 64 x 256, early
+    (6144, 1024, True, True, None),  # Qwen3-0.6B's gate/up beside its norm: early
+    (6144, 1024, True, False, None),  # the same set without a norm: not early
+    (28672, 4096, True, True, None),  # Llama-3-8B's gate/up, 128 x 128
+    (28672, 4096, True, False, None),
+    (6144, 1024, True, False, True),  # early forced without the norm: too much (the check can fail)
+]
+
+
+@pytest.fixture(scope="module")
+def sm90_shared() -> list[int]:
+    """Shared memory a program of each `_SM90_CASES` launch takes, compiled for sm_90 in a child process."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _SM90_CHILD, json.dumps(_SM90_CASES)], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_swapped_default_launches_fit_hoppers_shared_memory(sm90_shared):
+    """Each default set of the swapped product, compiled for sm_90 here, within the 227 KB a program may take
+    (the glu sets reading early without a norm took 295 KB and failed on the H100 first)."""
+    from attnforge.kernels.offline import HOPPER_SHARED_BYTES
+
+    for case, shared in zip(_SM90_CASES, sm90_shared, strict=True):
+        assert (shared <= HOPPER_SHARED_BYTES) == (case[-1] is None), (case, shared)
 
 
 def test_fast_rows_are_the_swapped_products_where_it_runs(monkeypatch):

@@ -816,16 +816,25 @@ def _launch_swap(x2, w, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma
     k_per_split, split = swap_split(k, p.block_k, p.split_k)
     part, counters = _swap_workspace(y2.device, tiles, split, p.block_n) if split > 1 else (y2, y2)
     pdl = p.pdl and pdl_supported(y2.device)
+    constants = swap_constants(p, split, gain is not None, bias is not None, res2 is not None, glu, tma, pdl,
+                               fp32_dot(x2.dtype))  # fmt: skip
     _swap_kernel[(tiles, split)](
         x2, descriptor(w, [p.block_n, p.block_k]) if tma else w, w, y2 if bias is None else bias,
         y2 if gain is None else gain, y2 if res2 is None else res2, y2, part, counters, rows, n, k,
         k_per_split, x2.stride(0), w.stride(0), 0 if res2 is None else res2.stride(0), y2.stride(0),
-        float(eps), ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=gain is not None,
-        HAS_BIAS=bias is not None, HAS_RES=res2 is not None, GLU=glu, USE_TMA=tma,
-        FP32_DOT=fp32_dot(x2.dtype), EARLY=p.early, PREFETCH=p.prefetch and pdl and tma,
-        num_warps=p.num_warps, num_stages=p.num_stages,
-        **pdl_options(pdl),
+        float(eps), **constants, num_warps=p.num_warps, num_stages=p.num_stages, **pdl_options(pdl),
     )  # fmt: skip
+
+
+def swap_constants(p: GemvParams, split: int, norm: bool, bias: bool, residual: bool, glu: bool, tma: bool,
+                   pdl: bool, fp32: bool) -> dict:  # fmt: skip
+    """`_swap_kernel`'s constexprs but USE_PDL (`pdl_options`) for launch `p` in `split` splits (as
+    `swap_split` counts them), the neighbours fused as the flags say, the weight through TMA where `tma`,
+    launched with PDL where `pdl` (the prefetch needs both), float32 products where `fp32`; the rows padded to
+    16."""
+    return dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=norm, HAS_BIAS=bias,
+                HAS_RES=residual, GLU=glu, USE_TMA=tma, FP32_DOT=fp32, EARLY=p.early,
+                PREFETCH=p.prefetch and pdl and tma)  # fmt: skip
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

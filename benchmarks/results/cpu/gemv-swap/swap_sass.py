@@ -13,36 +13,22 @@ import os
 import re
 import sys
 
-import torch
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gemv-packed"))
-from compile_packed import compile_sm90, registers  # noqa: E402
+from compile_packed import registers  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "gpu", "gemv-swap"))
 import swap_ab  # noqa: E402  (its narrow tiles)
 
-from attnforge.kernels import gemv  # noqa: E402
-from attnforge.kernels.tma import TensorDescriptor  # noqa: E402
+from attnforge.kernels import gemv, offline  # noqa: E402
 
-TYPES = {"X": "*bf16", "WRaw": "*bf16", "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
-         "Part": "*fp32", "Counters": "*i32", "eps": "fp32"}  # fmt: skip
 # name: (outputs, K, glu, norm), as the accelerator's step calls them
 CASES = {"qkv": (4096, 1024, False, True), "o": (1024, 2048, False, False),
          "gate_up": (3072, 1024, True, True), "down": (1024, 3072, False, False)}  # fmt: skip
 
 
 def compile_case(outputs, k, glu, norm, p: gemv.GemvParams):
-    split = gemv.swap_split(k, p.block_k, p.split_k)[1]  # as the launch counts them
-    constants = dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=norm,
-                     HAS_BIAS=False, HAS_RES=not norm, GLU=glu, USE_TMA=True, USE_PDL=True,
-                     FP32_DOT=False, EARLY=p.early, PREFETCH=p.prefetch)  # fmt: skip
-    w = torch.zeros(2 * outputs if glu else outputs, k, dtype=torch.bfloat16)
-    desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [p.block_n, p.block_k])
-    types = TYPES | {"W": native_specialize_impl(BaseBackend, desc, False, True, True)[0]}
-    options = {"num_warps": p.num_warps, "num_stages": p.num_stages, "launch_pdl": True}
-    return compile_sm90(gemv._swap_kernel, constants, types, options, divisible=("N", "K", "k_per_split"))
+    """The launch as the step makes it: the norm fused, or the residual where there is none."""
+    return offline.swap_kernel_sm90(2 * outputs if glu else outputs, k, p, glu, norm, residual=not norm)
 
 
 def main(out: str, every: bool) -> None:
