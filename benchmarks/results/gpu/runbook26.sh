@@ -8,9 +8,10 @@
 #      against float64 first), about 3 minutes;
 #   x  the batch-8 step with each product's fastest variant of e patched in (gpu/gemv-swap/accel_sets.py:
 #      the library, then those sets; Qwen3-0.6B, prompts 16-128), about 3 minutes;
-#   f  (after e, same call) the batch-8 step with `st-fit` wherever e ran it (accel_sets.py ... st-fit: no
-#      more stages than a split's loop has slices, so Qwen3's o and down take 41 KB of shared memory instead
-#      of 164 and the next kernel's programs can share the SM), about 3 minutes;
+#   f  (after e, same call) the batch-8 step with `st-fit` wherever e ran it (no more stages than a split's
+#      loop has slices: Qwen3's o and down take 41 KB of shared memory instead of 164, so the next kernel's
+#      programs can share the SM), then with gate/up also at twice the split and one stage (74 KB instead
+#      of 222: every kernel of the step then fits beside its neighbours), about 4 minutes;
 #   p  Qwen3-0.6B's batch-8 step under the profiler (h100/accel-profile/prof_accel.py batch=8), 40 s;
 #   a  the batch-8 attention step's bucket (d128-m2-b8-kv1k-lens: B8 16:8, a 1k cache, 64..512 valid keys
 #      ragged as the accelerator's batches; candidates with alone_tiles=0 split short sequences too), full
@@ -48,8 +49,8 @@ for step in "$@"; do
       echo "tune b8 rc=$?"; tail -8 "$OUT/tune-b8.txt"
       ;;
     f)
-      (cd benchmarks/results/gpu/gemv-swap && timeout 330 python3 accel_sets.py "$OUT/swap-ab.json" "$OUT" st-fit) \
-        > "$OUT/accel-st-fit.txt" 2>&1
+      (cd benchmarks/results/gpu/gemv-swap && timeout 400 python3 accel_sets.py "$OUT/swap-ab.json" "$OUT" st-fit \
+        2x-split-st-fit,st-fit) > "$OUT/accel-st-fit.txt" 2>&1
       echo "accel st-fit rc=$?"; grep -E "^ attnforge|Read bandwidth|us \(default" "$OUT/accel-st-fit.txt"
       ;;
     x)

@@ -2,8 +2,8 @@
 (Triton 3.6, no GPU), against the 232448 bytes (227 KB) an H100 block may take and the 228 KB of an SM: two
 neighbours whose programs fit one SM together can overlap under PDL (the next kernel's programs start, and
 read their weights early, while the last programs of the one before run). Rows:
-  - the four swapped products at their default sets and, where it differs, `st-fit` (`swap_ab.fitted_stages`:
-    no more stages than a split's loop reads);
+  - the four swapped products at their default sets and, where `swap_ab.variants` has them, `st-fit` (no
+    more stages than a split's loop reads) and gate/up's `2x-split-st-fit`;
   - the glu sets (Qwen3-0.6B's and Llama-3-8B's gate/up) with and without the fused norm and `early`:
     beside the norm the rows are not staged in shared memory, which is why `_swap_params` reads them early
     only there;
@@ -44,11 +44,12 @@ def show(name: str, shared: int) -> None:
 
 def main() -> None:
     for name, (outputs, k, glu, norm) in CASES.items():
-        p = gemv._swap_params(outputs, k, glu, norm, 132)
-        fit = dataclasses.replace(p, num_stages=swap_ab.fitted_stages(p, k))
-        for label, q in [("default", p)] + ([("st-fit", fit)] if fit != p else []):
-            shared = compile_case(outputs, k, glu, norm, q).metadata.shared
-            show(f"qwen3-0.6b {name} {label} (stages {q.num_stages})", shared)
+        launches = swap_ab.variants(2 * outputs if glu else outputs, k, glu, norm, True, 132)
+        for label in ("default", "st-fit", "2x-split-st-fit"):
+            if label in launches:
+                q = launches[label]
+                shared = compile_case(outputs, k, glu, norm, q).metadata.shared
+                show(f"qwen3-0.6b {name} {label} (stages {q.num_stages})", shared)
     for name, (outputs, k) in GLU.items():
         for norm in (True, False):
             for early in (False, True):

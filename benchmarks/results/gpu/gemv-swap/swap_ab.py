@@ -53,7 +53,8 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, sms: int) -> di
     of the L2 before the wait), both; with `every` (Qwen3-0.6B's layers) also early with twice the split,
     early with a stage fewer (early's first slice has a buffer of its own: o and down take 164 KB of shared
     memory early, 123 KB without, offline) and each narrow tile; and, where it differs, the default with no
-    more stages than its loop has slices (`st-fit`)."""
+    more stages than its loop has slices (`st-fit`), and for Qwen3-0.6B's gate/up the same with twice the
+    split (`2x-split-st-fit`: 74 KB of shared memory a program instead of 222)."""
     outputs = n // 2 if glu else n
     default = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=True, sms=sms)
     out = {"default": default}
@@ -72,6 +73,9 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, sms: int) -> di
     fit = fitted_stages(default, k)
     if default.swap and fit != default.num_stages:
         out["st-fit"] = dataclasses.replace(default, num_stages=fit)
+    if every and glu and default.swap:  # its glu set: 222 KB a program, 74 like this
+        wide = dataclasses.replace(default, split_k=2 * default.split_k)
+        out["2x-split-st-fit"] = dataclasses.replace(wide, num_stages=fitted_stages(wide, k))
     return out
 
 
