@@ -23,6 +23,13 @@
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
 #     bash benchmarks/results/gpu/runbook26.sh t e   (about 6 minutes), then   ... x   (about 4), then
 #     ... p a   (about 4)
+# Files go to /tmp/runbook26 and come back as one tarball, $OUT/runbook26.tgz, after each step (at most 8
+# files come back a call); a swap-ab.json copied into $OUT before the run is taken in for x and f.
+FINAL=$OUT
+OUT=/tmp/runbook26
+mkdir -p "$OUT"
+[ -f "$FINAL/swap-ab.json" ] && cp "$FINAL/swap-ab.json" "$OUT/"
+save() { tar czf "$FINAL/runbook26.tgz" -C /tmp runbook26; }
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
@@ -59,4 +66,5 @@ for step in "$@"; do
       echo "accel sets rc=$?"; grep -E "^ attnforge|Read bandwidth|us \(default" "$OUT/accel-sets.txt"
       ;;
   esac
+  save
 done
