@@ -13,8 +13,6 @@ import subprocess
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from attnforge.kernels import gemv, offline
 
@@ -32,18 +30,9 @@ def compile_kernel(bits: int, norm: bool):
                      GROUP=64 if bits != 16 else 1, SPAN=64 if bits != 16 else 1)  # fmt: skip
     weight = "*bf16" if bits == 16 else "*u8"
     types = {"X": "*bf16", "W": weight, "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
-             "Scales": "*bf16", "Zeros": "*u8" if bits != 16 else "*bf16"}  # fmt: skip
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constants:
-            signature[name] = "constexpr"
-        else:
-            signature[name] = types.get(name, "fp32" if name == "eps" else "i32")
-        if signature[name].startswith("*") or name.startswith("stride_") or name in ("N", "K"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    options = {"num_warps": 4, "launch_pdl": True}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+             "Scales": "*bf16", "Zeros": "*u8" if bits != 16 else "*bf16", "eps": "fp32"}  # fmt: skip
+    return offline.compile_sm90(kernel, constants, types, {"num_warps": 4, "launch_pdl": True},
+                                divisible=("N", "K"))  # fmt: skip
 
 
 def registers(compiled) -> str:
