@@ -20,6 +20,8 @@
 # slower at batch 1 and 8, taken out with its code). Then: the winning sets into gemv._swap_params /
 # default_params (and the tests of the defaults), and `bash benchmarks/results/gpu/runbook25.sh t q`
 # measures the step against transformers (target 5x).
+# e and f ran at 4102c3c on an H100 (h100/st-fit-20261207): the fitted sets were slower alone and the step
+# with them slower still (863.7 -> 815.1 -> 771.6 tok/s a sequence); the stages stay.
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
 #     bash benchmarks/results/gpu/runbook26.sh t e   (about 6 minutes), then   ... x   (about 4), then
 #     ... p a   (about 4)
