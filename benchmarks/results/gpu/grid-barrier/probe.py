@@ -26,6 +26,7 @@ on distinct buffers (`timing.time_graphs_per_call`), the read floor measured in 
 import json
 import statistics
 import sys
+from functools import partial
 
 import torch
 import triton
@@ -160,7 +161,7 @@ def launcher(bufs: list[torch.Tensor], part: torch.Tensor, sync: torch.Tensor, p
         return lambda: _persistent_kernel[(programs,)](*args, part, sync, programs, NPH=len(bufs), **consts)
 
     def call():
-        for ph, (b, n, s) in enumerate(zip(bufs, sizes, share)):
+        for ph, (b, n, s) in enumerate(zip(bufs, sizes, share, strict=True)):
             _phase_kernel[(programs,)](b, n, s, part, programs, ph, HAS_PREV=ph > 0, USE_PDL=True,
                                        launch_pdl=True, **consts)  # fmt: skip
 
@@ -226,12 +227,22 @@ def mlp_makers(layers: int) -> dict:
     return {"library mlp": lambda i: lambda: mlp(i)}
 
 
+def layer_call(sets, parts, syncs, persistent: bool, warm: bool, programs: int, i: int):
+    """Layer i's call of one variant (for `timing.time_graphs_per_call`)."""
+    return launcher(sets[i], parts[i], syncs[i], persistent, warm, programs)
+
+
+def save(path: str, result: dict) -> None:
+    with open(path, "w") as file:
+        json.dump(result, file, indent=1)
+
+
 def time_all(path: str, programs: int) -> None:
     result = {"environment": environment_report(), "programs": programs, "layers": LAYERS,
               "check": check(programs), "rows": {}}  # fmt: skip
     if not all(c["ok"] for c in result["check"].values()):
         print("a variant is wrong: not timed")
-        json.dump(result, open(path, "w"), indent=1)
+        save(path, result)
         return
     read = timing.measure_read_bandwidth()
     result["read_gbps"] = read / 1e9
@@ -239,20 +250,20 @@ def time_all(path: str, programs: int) -> None:
         sets = make_bufs(mib, LAYERS)
         parts = [torch.zeros(len(mib), PB, device="cuda") for _ in range(LAYERS)]
         syncs = [torch.zeros(2, device="cuda", dtype=torch.int32) for _ in range(LAYERS)]
-        makers = {label: (lambda i, p=p, w=w: launcher(sets[i], parts[i], syncs[i], p, w, programs))
+        makers = {label: partial(layer_call, sets, parts, syncs, p, w, programs)
                   for label, (p, w) in variants(programs).items()}  # fmt: skip
         if name == "mlp":
             makers.update(mlp_makers(LAYERS))
         times = timing.time_graphs_per_call(makers, layers=LAYERS, reps=30)
         floor = sum(mib) * 2**20 / read * 1e6
-        row = {"mib": mib, "floor_us": floor,
-               "us": {k: statistics.median(t) if isinstance(t, list) else t for k, t in times.items()}}  # fmt: skip
-        result["rows"][name] = row
-        json.dump(result, open(path, "w"), indent=1)
-        del sets
+        us = {k: statistics.median(t) if isinstance(t, list) else t for k, t in times.items()}
+        result["rows"][name] = {"mib": mib, "floor_us": floor, "us": us}
+        save(path, result)
     print(f"read {read / 1e9:.0f} GB/s, {programs} programs; us a call (28 calls a graph):")
     for name, row in result["rows"].items():
-        cells = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row["us"].items())
+        cells = "  ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row["us"].items()
+        )
         print(f"{name:6s} floor {row['floor_us']:.2f}  {cells}")
 
 
