@@ -94,20 +94,28 @@ def _scale(Part, ph, P, PB: tl.constexpr):
 
 
 @triton.jit
-def _grid_barrier(Sync, target):
-    """Wait until `target` arrivals are counted in Sync[0], this program's included (release / acquire)."""
+def _grid_barrier(Sync, target, ATOM_SPIN: tl.constexpr):
+    """Wait until `target` arrivals are counted in Sync[0], this program's included (release / acquire).
+    The wait polls with every thread's volatile load, or with ATOM_SPIN one atomic a program a poll (a
+    scalar atomic is issued by one thread: 132 pollers instead of 132 x 256)."""
     tl.debug_barrier()  # every thread's stores are issued before the arrival
     tl.atomic_add(Sync, 1, sem="release", scope="gpu")
-    seen = tl.load(Sync, volatile=True)
-    while seen < target:
+    if ATOM_SPIN:
+        seen = tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+    else:
         seen = tl.load(Sync, volatile=True)
-    tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.load(Sync, volatile=True)
+        tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
 @triton.jit
 def _persistent_kernel(B0, B1, B2, B3, B4, N0, N1, N2, N3, N4, S0, S1, S2, S3, S4, Part, Sync, P,
-                       NPH: tl.constexpr, WARM: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                       NPH: tl.constexpr, WARM: tl.constexpr, ATOM_SPIN: tl.constexpr, BLOCK: tl.constexpr,
+                       UNROLL: tl.constexpr,
                        CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PB: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     if WARM:
@@ -119,7 +127,7 @@ def _persistent_kernel(B0, B1, B2, B3, B4, N0, N1, N2, N3, N4, S0, S1, S2, S3, S
         buf, n, share = _share(ph, B0, B1, B2, B3, B4, N0, N1, N2, N3, N4, S0, S1, S2, S3, S4)
         tl.store(Part + ph * PB + pid, _share_sum(buf, n, share, pid, BLOCK, UNROLL) * scale)
         if ph + 1 < NPH:
-            _grid_barrier(Sync, (ph + 1) * P)
+            _grid_barrier(Sync, (ph + 1) * P, ATOM_SPIN)
             scale = _scale(Part, ph, P, PB)
     done = tl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu")
     if done == P - 1:  # every program is past every barrier: the counters back to 0 for the next launch
@@ -148,17 +156,19 @@ def shares(sizes: list[int], programs: int) -> list[int]:
     return [triton.cdiv(triton.cdiv(n, programs), BLOCK) * BLOCK for n in sizes]
 
 
-def launcher(bufs: list[torch.Tensor], part: torch.Tensor, sync: torch.Tensor, persistent: bool, warm: bool,
+def launcher(bufs: list[torch.Tensor], part: torch.Tensor, sync: torch.Tensor, way: str, warm: bool,
              programs: int):  # fmt: skip
-    """A call running every phase over `bufs` (the partials into `part`), one way."""
+    """A call running every phase over `bufs` (the partials into `part`), one way: "chain", or persistent
+    with the barrier polled by "volatile" loads or by one "atom" a program."""
     sizes = [b.numel() for b in bufs]
     share = shares(sizes, programs)
     consts = dict(WARM=warm, BLOCK=BLOCK, UNROLL=UNROLL, CHUNK=CHUNK, MAX_CHUNKS=MAX_CHUNKS, PB=PB,
                   num_warps=WARPS)  # fmt: skip
-    if persistent:
+    if way != "chain":
         pad = 5 - len(bufs)
         args = [*bufs, *bufs[:1] * pad, *sizes, *sizes[:1] * pad, *share, *share[:1] * pad]
-        return lambda: _persistent_kernel[(programs,)](*args, part, sync, programs, NPH=len(bufs), **consts)
+        return lambda: _persistent_kernel[(programs,)](*args, part, sync, programs, NPH=len(bufs),
+                                                       ATOM_SPIN=way == "atom", **consts)  # fmt: skip
 
     def call():
         for ph, (b, n, s) in enumerate(zip(bufs, sizes, share, strict=True)):
@@ -182,8 +192,9 @@ def make_bufs(mib: tuple, layers: int) -> list[list[torch.Tensor]]:
 
 
 def variants(programs: int) -> dict:
-    return {"chain": (False, False), "chain-warm": (False, True), "persistent": (True, False),
-            "persistent-warm": (True, True)}  # fmt: skip
+    return {"chain": ("chain", False), "chain-warm": ("chain", True), "persistent": ("volatile", False),
+            "persistent-warm": ("volatile", True), "persistent-atom": ("atom", False),
+            "persistent-atom-warm": ("atom", True)}  # fmt: skip
 
 
 def check(programs: int) -> dict:
@@ -192,10 +203,10 @@ def check(programs: int) -> dict:
     for name, mib in PHASES.items():
         bufs = make_bufs(mib, 1)[0]
         want = expected(bufs, programs)
-        for label, (persistent, warm) in variants(programs).items():
+        for label, (way, warm) in variants(programs).items():
             part = torch.full((len(mib), PB), float("nan"), device="cuda")
             sync = torch.zeros(2, device="cuda", dtype=torch.int32)
-            call = launcher(bufs, part, sync, persistent, warm, programs)
+            call = launcher(bufs, part, sync, way, warm, programs)
             got = []
             for _ in range(2):
                 call()
@@ -227,9 +238,9 @@ def mlp_makers(layers: int) -> dict:
     return {"library mlp": lambda i: lambda: mlp(i)}
 
 
-def layer_call(sets, parts, syncs, persistent: bool, warm: bool, programs: int, i: int):
+def layer_call(sets, parts, syncs, way: str, warm: bool, programs: int, i: int):
     """Layer i's call of one variant (for `timing.time_graphs_per_call`)."""
-    return launcher(sets[i], parts[i], syncs[i], persistent, warm, programs)
+    return launcher(sets[i], parts[i], syncs[i], way, warm, programs)
 
 
 def save(path: str, result: dict) -> None:
@@ -279,7 +290,7 @@ def compile_offline() -> None:
     consts = dict(WARM=True, BLOCK=BLOCK, UNROLL=UNROLL, CHUNK=CHUNK, MAX_CHUNKS=MAX_CHUNKS, PB=PB)
     ptrs = {f"B{i}": "*bf16" for i in range(5)} | {"Buf": "*bf16", "Part": "*fp32", "Sync": "*i32"}
     opts = {"num_warps": WARPS, "num_stages": 1}
-    for name, kernel, extra in (("persistent", _persistent_kernel, {"NPH": 5}),
+    for name, kernel, extra in (("persistent", _persistent_kernel, {"NPH": 5, "ATOM_SPIN": True}),
                                 ("phase", _phase_kernel, {"HAS_PREV": True, "USE_PDL": True})):  # fmt: skip
         k = compile_sm90(kernel, consts | extra, ptrs, opts | {"launch_pdl": name == "phase"})
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
