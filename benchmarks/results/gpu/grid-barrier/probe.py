@@ -178,7 +178,7 @@ def launcher(bufs: list[torch.Tensor], part: torch.Tensor, sync: torch.Tensor, w
     return call
 
 
-def expected(bufs: list[torch.Tensor], programs: int) -> float:
+def expected(bufs: list[torch.Tensor]) -> float:
     """The last phase's total in float64 (each partial scaled by 1 + 1e-9 x the previous total)."""
     total = 0.0
     for ph, b in enumerate(bufs):
@@ -191,8 +191,8 @@ def make_bufs(mib: tuple, layers: int) -> list[list[torch.Tensor]]:
     return [[torch.rand(m << 19, device="cuda", dtype=torch.bfloat16) for m in mib] for _ in range(layers)]
 
 
-def variants(programs: int) -> dict:
-    return {"chain": ("chain", False), "chain-warm": ("chain", True), "persistent": ("volatile", False),
+# label -> (way, warm): how `launcher` runs the phases, and whether shares are asked of the L2 first
+VARIANTS = {"chain": ("chain", False), "chain-warm": ("chain", True), "persistent": ("volatile", False),
             "persistent-warm": ("volatile", True), "persistent-atom": ("atom", False),
             "persistent-atom-warm": ("atom", True)}  # fmt: skip
 
@@ -202,8 +202,8 @@ def check(programs: int) -> dict:
     out = {}
     for name, mib in PHASES.items():
         bufs = make_bufs(mib, 1)[0]
-        want = expected(bufs, programs)
-        for label, (way, warm) in variants(programs).items():
+        want = expected(bufs)
+        for label, (way, warm) in VARIANTS.items():
             part = torch.full((len(mib), PB), float("nan"), device="cuda")
             sync = torch.zeros(2, device="cuda", dtype=torch.int32)
             call = launcher(bufs, part, sync, way, warm, programs)
@@ -262,7 +262,7 @@ def time_all(path: str, programs: int) -> None:
         parts = [torch.zeros(len(mib), PB, device="cuda") for _ in range(LAYERS)]
         syncs = [torch.zeros(2, device="cuda", dtype=torch.int32) for _ in range(LAYERS)]
         makers = {label: partial(layer_call, sets, parts, syncs, p, w, programs)
-                  for label, (p, w) in variants(programs).items()}  # fmt: skip
+                  for label, (p, w) in VARIANTS.items()}  # fmt: skip
         if name == "mlp":
             makers.update(mlp_makers(LAYERS))
         times = timing.time_graphs_per_call(makers, layers=LAYERS, reps=30)
