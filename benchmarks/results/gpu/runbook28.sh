@@ -1,0 +1,27 @@
+#!/bin/bash
+# Twenty-third session (files under $OUT, one tarball after each step):
+#   f  issue 10: the decode read-floor probe (gpu/decode-floor/probe.py: torch SDPA and the library against
+#      a split kernel with the library's grid and no softmax or merge, flat reads with 132-1056 programs, and
+#      torch's sum over the same K/V; plain and in 28-call graphs, B1 32:8 d128 at 1k-64k), about 2 minutes;
+#   p  issue 14 on an H200: the Gluon tests and the prefill grid (runbook19.sh 0 2), about 6 minutes.
+# On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
+#     bash benchmarks/results/gpu/runbook28.sh f
+FINAL=$OUT
+R=/tmp/runbook28
+mkdir -p "$R"
+save() { tar czf "$FINAL/runbook28.tgz" -C /tmp runbook28; }
+nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$R/gpu.txt"
+for step in "$@"; do
+  case $step in
+    f)
+      (cd benchmarks/results/gpu/decode-floor && timeout 300 python3 probe.py time "$R/decode-floor.json") \
+        > "$R/decode-floor.txt" 2>&1
+      echo "decode floor rc=$?"; tail -60 "$R/decode-floor.txt"
+      ;;
+    p)
+      OUT=$R timeout 540 bash benchmarks/results/gpu/runbook19.sh 0 2 > "$R/runbook19-02.txt" 2>&1
+      echo "runbook19 0 2 rc=$?"; tail -30 "$R/runbook19-02.txt"
+      ;;
+  esac
+  save
+done
