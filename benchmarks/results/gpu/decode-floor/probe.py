@@ -38,8 +38,8 @@ DEVICE = "cuda"  # "cpu" for a check of the two kernels under TRITON_INTERPRET=1
 
 
 @triton.jit
-def _split_kernel(Q, K, V, Part, stride_h, stride_n, keys_per_split, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+def _split_kernel(Q, K, V, Part, stride_h, stride_n, keys_per_split, ROWS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """Program (split, kv head): Q's ROWS rows against its keys, S = Q K^T and O += S V (no softmax)."""
     split, h = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
@@ -103,7 +103,7 @@ def _inputs(length: int, seed: int):
 def _calls(q, kv) -> dict:
     """Every provider on one set of buffers (outputs and partials allocated here, once)."""
     k, v = kv[0], kv[1]
-    q16 = torch.zeros(16, D, device=DEVICE, dtype=torch.bfloat16)
+    q16 = torch.zeros(16, D, device=DEVICE, dtype=kv.dtype)
     q16[:4] = q[0, :4, 0]
     out = torch.empty_like(q)
     calls = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
@@ -131,9 +131,9 @@ def _check(q, kv) -> dict:
         if k.shape[2] % (splits * block_n):
             continue
         part = torch.empty(splits * HKV * 16 * D, device=DEVICE, dtype=torch.float32)
-        _split_call(q16.bfloat16(), kv[0], kv[1], part, splits, block_n, stages)()
+        _split_call(q16.to(kv.dtype), kv[0], kv[1], part, splits, block_n, stages)()
         ks, vs = k[0].unflatten(1, (splits, -1)), v[0].unflatten(1, (splits, -1))  # [Hkv, S, L/S, D]
-        s = torch.einsum("rd,hsnd->shrn", q16, ks).bfloat16().double()
+        s = torch.einsum("rd,hsnd->shrn", q16, ks).to(kv.dtype).double()
         ref = torch.einsum("shrn,hsnd->shrd", s, vs)
         got = part.view(splits, HKV, 16, D).double()
         errors[f"split-s{splits}-n{block_n}-st{stages}"] = ((got - ref).norm() / ref.norm()).item()
