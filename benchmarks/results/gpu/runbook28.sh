@@ -3,9 +3,12 @@
 #   f  issue 10: the decode read-floor probe (gpu/decode-floor/probe.py: torch SDPA and the library against
 #      a split kernel with the library's grid and no softmax or merge, flat reads with 132-1056 programs, and
 #      torch's sum over the same K/V; plain and in 28-call graphs, B1 32:8 d128 at 1k-64k), about 2 minutes;
+#   s  issue 11: the grid-barrier probe's chained phases at 132-1056 programs (gpu/grid-barrier/probe.py
+#      sweep: do reads of the batch-8 step's sizes, 4-12 MiB a kernel, go faster with more programs than
+#      SMs?), beside the library's three MLP products, about 1.5 minutes;
 #   p  issue 14 on an H200: the Gluon tests and the prefill grid (runbook19.sh 0 2), about 6 minutes.
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
-#     bash benchmarks/results/gpu/runbook28.sh f
+#     bash benchmarks/results/gpu/runbook28.sh f s   (any GPU), or   ... p   (an H200)
 FINAL=$OUT
 R=/tmp/runbook28
 mkdir -p "$R"
@@ -17,6 +20,11 @@ for step in "$@"; do
       (cd benchmarks/results/gpu/decode-floor && timeout 300 python3 probe.py time "$R/decode-floor.json") \
         > "$R/decode-floor.txt" 2>&1
       echo "decode floor rc=$?"; tail -60 "$R/decode-floor.txt"
+      ;;
+    s)
+      (cd benchmarks/results/gpu/grid-barrier && timeout 240 python3 probe.py sweep "$R/chain-sweep.json") \
+        > "$R/chain-sweep.txt" 2>&1
+      echo "chain sweep rc=$?"; tail -8 "$R/chain-sweep.txt"
       ;;
     p)
       OUT=$R timeout 540 bash benchmarks/results/gpu/runbook19.sh 0 2 > "$R/runbook19-02.txt" 2>&1

@@ -20,6 +20,7 @@ on distinct buffers (`timing.time_graphs_per_call`), the read floor measured in 
 
     PYTHONPATH=src:<wheels> python probe.py check            (GPU: every variant against float64)
     PYTHONPATH=src:<wheels> python probe.py time OUT.json    (GPU: check, then time; about 1 minute)
+    PYTHONPATH=src:<wheels> python probe.py sweep OUT.json   (GPU: the chained phases at 132-1056 programs)
     PYTHONPATH=<triton 3.6>:src python probe.py compile      (no GPU: both kernels for sm_90, registers)
 """
 
@@ -157,12 +158,12 @@ def shares(sizes: list[int], programs: int) -> list[int]:
 
 
 def launcher(bufs: list[torch.Tensor], part: torch.Tensor, sync: torch.Tensor, way: str, warm: bool,
-             programs: int):  # fmt: skip
-    """A call running every phase over `bufs` (the partials into `part`), one way: "chain", or persistent
-    with the barrier polled by "volatile" loads or by one "atom" a program."""
+             programs: int, pb: int = PB):  # fmt: skip
+    """A call running every phase over `bufs` (the partials into `part`, `pb` a phase), one way: "chain",
+    or persistent with the barrier polled by "volatile" loads or by one "atom" a program."""
     sizes = [b.numel() for b in bufs]
     share = shares(sizes, programs)
-    consts = dict(WARM=warm, BLOCK=BLOCK, UNROLL=UNROLL, CHUNK=CHUNK, MAX_CHUNKS=MAX_CHUNKS, PB=PB,
+    consts = dict(WARM=warm, BLOCK=BLOCK, UNROLL=UNROLL, CHUNK=CHUNK, MAX_CHUNKS=MAX_CHUNKS, PB=pb,
                   num_warps=WARPS)  # fmt: skip
     if way != "chain":
         pad = 5 - len(bufs)
@@ -270,12 +271,70 @@ def time_all(path: str, programs: int) -> None:
         us = {k: statistics.median(t) if isinstance(t, list) else t for k, t in times.items()}
         result["rows"][name] = {"mib": mib, "floor_us": floor, "us": us}
         save(path, result)
-    print(f"read {read / 1e9:.0f} GB/s, {programs} programs; us a call (28 calls a graph):")
+    print_rows(result, f"read {read / 1e9:.0f} GB/s, {programs} programs; us a call (28 calls a graph):")
+
+
+def print_rows(result: dict, header: str) -> None:
+    print(header)
     for name, row in result["rows"].items():
         cells = "  ".join(
             f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row["us"].items()
         )
         print(f"{name:6s} floor {row['floor_us']:.2f}  {cells}")
+
+
+# `sweep` (twenty-third session): the chained phases at more programs than SMs (a program's share shrinks;
+# several programs an SM keep more reads in flight), all with room for 2048 partials a phase
+SWEEP_PROGRAMS = (132, 264, 528, 1056)
+SWEEP_PB = 2048
+
+
+def sweep_call(sets, parts, warm: bool, programs: int, i: int):
+    """Layer i's chained phases at `programs` programs (for `timing.time_graphs_per_call`)."""
+    return launcher(sets[i], parts[i], None, "chain", warm, programs, SWEEP_PB)
+
+
+def sweep_check() -> dict:
+    """The chained phases' last total against float64 at every program count."""
+    out = {}
+    for name, mib in PHASES.items():
+        bufs = make_bufs(mib, 1)[0]
+        want = expected(bufs)
+        for programs in SWEEP_PROGRAMS:
+            for warm in (False, True):
+                part = torch.full((len(mib), SWEEP_PB), float("nan"), device="cuda")
+                launcher(bufs, part, None, "chain", warm, programs, SWEEP_PB)()
+                torch.cuda.synchronize()
+                rel = abs(part[len(mib) - 1, :programs].double().sum().item() - want) / abs(want)
+                out[f"{name} chain{'-warm' if warm else ''}-p{programs}"] = {"rel": rel, "ok": rel < 1e-5}
+    return out
+
+
+def sweep(path: str) -> None:
+    """Chained phases (with and without warming the L2) at each of SWEEP_PROGRAMS, beside the library's
+    three MLP products, per call in 28-call graphs, interleaved."""
+    result = {"environment": environment_report(), "layers": LAYERS, "check": sweep_check(), "rows": {}}
+    if not all(c["ok"] for c in result["check"].values()):
+        print("a variant is wrong: not timed", result["check"])
+        save(path, result)
+        return
+    read = timing.measure_read_bandwidth()
+    result["read_gbps"] = read / 1e9
+    for name, mib in PHASES.items():
+        sets = make_bufs(mib, LAYERS)
+        makers = {}
+        for programs in SWEEP_PROGRAMS:
+            parts = [torch.zeros(len(mib), SWEEP_PB, device="cuda") for _ in range(LAYERS)]
+            for warm in (False, True):
+                label = f"chain{'-warm' if warm else ''}-p{programs}"
+                makers[label] = partial(sweep_call, sets, parts, warm, programs)
+        if name == "mlp":
+            makers.update(mlp_makers(LAYERS))
+        times = timing.time_graphs_per_call(makers, layers=LAYERS, reps=30)
+        us = {k: statistics.median(t) if isinstance(t, list) else t for k, t in times.items()}
+        result["rows"][name] = {"mib": mib, "floor_us": sum(mib) * 2**20 / read * 1e6, "us": us}
+        save(path, result)
+    print_rows(result, f"read {read / 1e9:.0f} GB/s; us a call (28 calls a graph):")
 
 
 def compile_offline() -> None:
@@ -307,6 +366,9 @@ def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "check"
     if mode == "compile":
         compile_offline()
+        return
+    if mode == "sweep":
+        sweep(sys.argv[2])
         return
     from attnforge.kernels.tuning import sm_count
 
