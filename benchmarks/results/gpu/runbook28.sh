@@ -6,9 +6,11 @@
 #   s  issue 11: the grid-barrier probe's chained phases at 132-1056 programs (gpu/grid-barrier/probe.py
 #      sweep: do reads of the batch-8 step's sizes, 4-12 MiB a kernel, go faster with more programs than
 #      SMs?), beside the library's three MLP products, about 1.5 minutes;
+#   a  issue 14: the Gluon launch causal and not at 512-8k tokens (gpu/prefill-gluon/ablate.py: is the 2k
+#      loss the tile's fixed cost or the causal blocks?), about 1 minute;
 #   p  issue 14 on an H200: the Gluon tests and the prefill grid (runbook19.sh 0 2), about 6 minutes.
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
-#     bash benchmarks/results/gpu/runbook28.sh f s   (any GPU), or   ... p   (an H200)
+#     bash benchmarks/results/gpu/runbook28.sh f s a   (any GPU), or   ... p   (an H200)
 FINAL=$OUT
 R=/tmp/runbook28
 mkdir -p "$R"
@@ -25,6 +27,11 @@ for step in "$@"; do
       (cd benchmarks/results/gpu/grid-barrier && timeout 240 python3 probe.py sweep "$R/chain-sweep.json") \
         > "$R/chain-sweep.txt" 2>&1
       echo "chain sweep rc=$?"; tail -8 "$R/chain-sweep.txt"
+      ;;
+    a)
+      (cd benchmarks/results/gpu/prefill-gluon && timeout 200 python3 ablate.py "$R/prefill-ablate.json") \
+        > "$R/prefill-ablate.txt" 2>&1
+      echo "prefill ablate rc=$?"; tail -42 "$R/prefill-ablate.txt"
       ;;
     p)
       OUT=$R timeout 540 bash benchmarks/results/gpu/runbook19.sh 0 2 > "$R/runbook19-02.txt" 2>&1
