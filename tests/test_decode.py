@@ -5,6 +5,7 @@ import functools
 import math
 
 import pytest
+import sm90_child
 import torch
 
 from attnforge import verify
@@ -80,6 +81,92 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens,
     params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "combine": combine}
     decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
     assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
+
+
+@pytest.mark.parametrize("merge_parts", [False, True])
+@pytest.mark.parametrize("heads, q_len", [((10, 2), 1), ((12, 2), 1), ((14, 2), 1), ((9, 1), 1), ((5, 1), 2)],
+                         ids=["5:1", "6:1", "7:1", "9:1", "5:1-Lq2"])  # fmt: skip
+def test_the_last_program_merges_rows_that_are_no_power_of_two_either_way(merge_parts, heads, q_len):
+    """5, 6, 7, 9 and 10 real rows of 8- and 16-row partials, merged by the last program in one part or with
+    "merge_parts" (5 as 4 + 1 and 9-10 as 8 + 1 / 8 + 2 rows: `split_kv.merge_two_parts`; 6 and 7 in one
+    part with fewer splits a step), one sequence read by split 0 alone."""
+    shape = config_of(3, *heads, q_len, 300, 64, causal=True)
+    case = verify.needle_case(shape, kv_lens=[300, 5, 77], device=DEVICE)
+    out = torch.full_like(case.q, math.nan)
+    params = {"BLOCK_N": 32, "num_splits": 4, "num_warps": 4, "num_stages": 2, "merge_parts": merge_parts}
+    decode.launch_decode(case.q, case.k, case.v, out, scale=0.125, kv_lens=case.kv_lens, params=params)
+    assert verify.relative_l2_per_slice(out, case.reference()).max() <= verify.tolerance_for(torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("rows", "part_rows", "lo"),
+    [(5, 8, 1), (6, 8, 0), (7, 8, 0), (8, 8, 0), (3, 4, 0), (9, 16, 1), (10, 16, 2), (11, 16, 0),
+     (40, 16, 0)],
+)  # fmt: skip
+def test_two_part_merges_where_the_second_part_is_a_quarter_of_the_first_or_less(rows, part_rows, lo):
+    assert decode_params.merge_lo_rows(rows, part_rows) == lo
+
+
+@pytest.mark.parametrize(
+    ("splits", "part_rows", "lo", "d_block", "parts", "chunk"),
+    [
+        (16, 8, 0, 128, False, 16),  # 128 floats a thread: the default
+        (16, 8, 1, 128, True, 16),  # 4 + 1 rows: 80
+        (16, 8, 0, 128, True, 8),  # 8 rows: 64 a step, two steps
+        (16, 16, 0, 128, True, 4),
+        (16, 4, 0, 256, False, 16),
+        (16, 4, 0, 256, True, 8),
+        (5, 8, 0, 128, True, 8),  # no more than the splits (to a power of two)
+        (3, 2, 0, 128, True, 4),
+        (16, 64, 0, 256, False, 1),  # one split a step at the least
+    ],
+)
+def test_a_merge_step_loads_what_stays_in_flight(splits, part_rows, lo, d_block, parts, chunk):
+    assert decode_params.merge_chunk(splits, part_rows, lo, d_block, parts) == chunk
+
+
+def test_merge_parts_sets_the_launchs_merge_and_leaves_the_default_as_it_was():
+    """GQA 5:1 at d128 with 16 splits: two parts of 4 + 1 rows, 16 splits a step, with "merge_parts"; one part
+    of 8 rows and 16 a step without (the launch every stored entry makes); a second-kernel merge takes no
+    parts; 8:1 steps of 8 splits with it."""
+
+    def launch(heads: int, **extra):
+        p = decode_params.complete_params({"BLOCK_N": 128, "num_splits": 16, "num_warps": 4, "num_stages": 3,
+                                           **extra}, heads, 4096)  # fmt: skip
+        shape = (1, 8 * heads, 1, 128)
+        return decode.DecodeLaunch(p, shape, 8, torch.bfloat16, "cpu", False, False).constants
+
+    assert (launch(5)["MERGE_LO"], launch(5)["S_CHUNK"]) == (0, 16)
+    assert (launch(5, merge_parts=True)["MERGE_LO"], launch(5, merge_parts=True)["S_CHUNK"]) == (1, 16)
+    assert launch(5, merge_parts=True, combine="kernel")["MERGE_LO"] == 0
+    assert (launch(8)["S_CHUNK"], launch(8, merge_parts=True)["S_CHUNK"]) == (16, 8)
+
+
+_SM90_MERGE = """
+import json, sys
+from attnforge.kernels import decode, decode_step, offline
+types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "KvLens": "*i32", "KvStarts": "*i32",
+         "PartO": "*fp32", "Counters": "*i32", "scale_log2": "fp32", "QKV": "*bf16", "Cos": "*bf16",
+         "Sin": "*bf16", "Positions": "*i64", "QGain": "*bf16", "KGain": "*bf16", "CacheK": "*bf16",
+         "CacheV": "*bf16", "KSrc": "*bf16", "VSrc": "*bf16", "eps": "fp32"}
+common = dict(GROUP=5, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=16, NUM_M_BLOCKS=1, BLOCK_N=128, SPLIT=True,
+              SPLITS_P2=16, PART_ROWS=8, S_CHUNK=16, FP32_DOT=False, USE_PDL=True, ALONE_TILES=2,
+              USE_TMA=False)
+options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
+local = []
+for lo in json.loads(sys.argv[1]):
+    plain = dict(common, Q_LEN=1, HAS_KV_LENS=True, HAS_KV_STARTS=False, MERGE_LAST=True, MERGE_LO=lo)
+    step = dict(common, NUM_HEADS=40, Q_NORM=True, K_NORM=True, MERGE_LO=lo)
+    for kernel, constants in ((decode._decode_kernel, plain), (decode_step._decode_step_kernel, step)):
+        local.append(offline.compile_sm90(kernel, constants, types, options).metadata.shared >= 0)
+print(json.dumps(local))
+"""
+
+
+def test_the_two_part_merge_compiles_for_hopper():
+    """The decode kernel and the decode step with the two-part merge (GQA 5:1, MERGE_LO 1) and without it,
+    compiled for sm_90 (a part's rows must be compile-time constants there; the interpreter takes any)."""
+    assert sm90_child.run(_SM90_MERGE, [0, 1]) == [True] * 4
 
 
 def test_mqa_splits_merged_by_a_second_kernel_agree_with_the_oracle():

@@ -4,12 +4,8 @@ On a GPU the kernel rounds as torch does (round to nearest even), so most output
 bit; the Triton interpreter truncates when it narrows to 16 bits, so on CPU the checks are relative errors.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+import sm90_child
 import torch
 import torch.nn.functional as F
 
@@ -296,14 +292,7 @@ _SM90_CASES = [  # (weight rows, K, glu, norm, early): each family of default se
 @pytest.fixture(scope="module")
 def sm90_shared() -> list[int]:
     """Shared memory a program of each `_SM90_CASES` launch takes, compiled for sm_90 in a child process."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _SM90_CHILD, json.dumps(_SM90_CASES)], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return sm90_child.run(_SM90_CHILD, _SM90_CASES)
 
 
 def test_the_swapped_default_launches_fit_hoppers_shared_memory(sm90_shared):

@@ -129,6 +129,27 @@ def test_decode_candidates_on_hopper_also_read_k_and_v_through_tma(target, tma, 
 
 
 @pytest.mark.parametrize(
+    "target, twins",
+    [
+        (targets.Target("decode", 1, 40, 8, 1, 4096, 128), True),  # 5 rows of 8: two parts
+        (targets.Target("decode", 1, 64, 8, 1, 16384, 128), True),  # 8 rows: 8 splits a step, not 16
+        (targets.Target("decode", 1, 32, 8, 1, 4096, 128), False),  # 4 rows: the same merge either way
+        (targets.Target("decode", 1, 16, 8, 1, 16384, 128), False),
+    ],
+)
+def test_decode_candidates_merging_otherwise_with_merge_parts_have_their_twin(target, twins):
+    """A full sweep times "merge_parts" (`-mp`) beside each launch whose last-program merge it changes, and
+    only those; a quick sweep none."""
+    candidates = tune.candidates_for(target, CPU, quick=False)
+    names = [tune.params_name(c) for c in candidates]
+    merged = [n[: -len("-mp")] for n in names if n.endswith("-mp")]
+    assert len(set(names)) == len(names) and bool(merged) == twins and set(merged) <= set(names)
+    parts = [c for c in candidates if c.get("merge_parts")]
+    assert all(c["num_splits"] > 1 and c.get("combine", "last") == "last" for c in parts)
+    assert not any(c.get("merge_parts") for c in tune.candidates_for(target, CPU, quick=True))
+
+
+@pytest.mark.parametrize(
     "target, device_major, expected",
     [
         (targets.Target("prefill", 1, 32, 32, 1024, 1024, 64), 9, 1),

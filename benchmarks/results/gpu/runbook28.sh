@@ -8,9 +8,13 @@
 #      SMs?), beside the library's three MLP products, about 1.5 minutes;
 #   a  issue 14: the Gluon launch causal and not at 512-8k tokens (gpu/prefill-gluon/ablate.py: is the 2k
 #      loss the tile's fixed cost or the causal blocks?), about 1 minute;
+#   m  issue 10: the two-part merge ("merge_parts", `-mp` candidates): the decode GPU tests of the merge, then
+#      the B1 40:8 buckets (1k / 4k / 16k; GQA 5:1, whose 5 rows sit in 8-row partials) tuned with every
+#      launch also as `-mp`, plain and in 28-call graphs, into $R/tuning.json (each `-mp` launch timed beside
+#      its twin in the same run), about 7 minutes; store with `attnforge tune --from-results`;
 #   p  issue 14 on an H200: the Gluon tests and the prefill grid (runbook19.sh 0 2), about 6 minutes.
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
-#     bash benchmarks/results/gpu/runbook28.sh f s a   (any GPU), or   ... p   (an H200)
+#     bash benchmarks/results/gpu/runbook28.sh m   (any GPU), then   ... f s a   (a second call), or   ... p   (an H200)
 FINAL=$OUT
 R=/tmp/runbook28
 mkdir -p "$R"
@@ -32,6 +36,16 @@ for step in "$@"; do
       (cd benchmarks/results/gpu/prefill-gluon && timeout 200 python3 ablate.py "$R/prefill-ablate.json") \
         > "$R/prefill-ablate.txt" 2>&1
       echo "prefill ablate rc=$?"; tail -42 "$R/prefill-ablate.txt"
+      ;;
+    m)
+      timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_decode.py \
+        tests/test_decode_step.py -k "merg or two_part or no_power_of_two or compiles" > "$R/pytest-merge.txt" 2>&1
+      echo "pytest merge rc=$?" | tee -a "$R/pytest-merge.txt"; tail -3 "$R/pytest-merge.txt"
+      ONLY="B=1 40:8 Lq=1 Lkv=1024 ,B=1 40:8 Lq=1 Lkv=4096 ,B=1 40:8 Lq=1 Lkv=16384 "
+      timeout 400 python3 -m attnforge.cli tune --preset decode-grid --only "$ONLY" --full --graph-layers 28 \
+        --graph-candidates 16 --time-budget 250 --out "$R/tune-40-8" --table "$R/tuning.json" \
+        > "$R/tune-40-8.txt" 2>&1
+      echo "tune 40:8 rc=$?" | tee -a "$R/tune-40-8.txt"; grep -v "^│\|^╭\|^╰" "$R/tune-40-8.txt" | tail -14
       ;;
     p)
       OUT=$R timeout 540 bash benchmarks/results/gpu/runbook19.sh 0 2 > "$R/runbook19-02.txt" 2>&1

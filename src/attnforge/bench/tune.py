@@ -111,10 +111,27 @@ def decode_candidates(target: Target, device: torch.device, quick: bool = False)
         candidates += [dict(c, alone_tiles=0) for c in (candidates[:4] if quick else candidates)
                        if c["num_splits"] > 1 and c.get("combine", "last") == "last"]  # fmt: skip
     candidates = _unique(candidates)
+    if not quick:  # the last program's merge in two parts / steps that stay in flight, where that changes it
+        d_block = 1 << (target.head_dim - 1).bit_length()
+        candidates += [dict(c, merge_parts=True) for c in candidates if _merge_parts_differ(c, rows, d_block)]
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
     if major >= 9 and decode_tma_target(target):
         candidates += [dict(c, tma=True) for c in (candidates if not quick else candidates[:3])]
     return candidates
+
+
+def _merge_parts_differ(params: dict, rows: int, d_block: int) -> bool:
+    """A decode launch that the last program merges runs another merge with "merge_parts" (`DecodeLaunch`):
+    two parts (`merge_lo_rows`) or other steps (`merge_chunk`)."""
+    from attnforge.kernels import decode_params as decode
+
+    if params["num_splits"] < 2 or params.get("combine", "last") != "last":
+        return False
+    part_rows = decode.partial_rows(params.get("BLOCK_M") or decode.default_block_m(rows), rows)
+    lo = decode.merge_lo_rows(rows, part_rows)
+    splits = params["num_splits"]
+    plain = decode.merge_chunk(splits, part_rows, 0, d_block, False)
+    return lo > 0 or decode.merge_chunk(splits, part_rows, lo, d_block, True) != plain
 
 
 def decode_tma_target(target: Target) -> bool:
@@ -198,8 +215,8 @@ def candidates_for(target: Target, device: torch.device, quick: bool = False) ->
 
 
 def params_name(params: dict) -> str:
-    """'m16-n128-s16-w4-st3' (decode) or 'm128-n64-w8-st3-tma' / 'm128-n128-w4-st2-ws' /
-    'm128-n128-w4-st3-gluon-pp' / 'm128-n128-w4-st3-gluon-pp-ps' (prefill)."""
+    """'m16-n128-s16-w4-st3' / 'm16-n128-s16-w4-st3-mp-tma' (decode) or 'm128-n64-w8-st3-tma' /
+    'm128-n128-w4-st2-ws' / 'm128-n128-w4-st3-gluon-pp' / 'm128-n128-w4-st3-gluon-pp-ps' (prefill)."""
     parts = [f"m{params['BLOCK_M']}"] if "BLOCK_M" in params else []
     parts.append(f"n{params['BLOCK_N']}")
     if "num_splits" in params:
@@ -209,7 +226,8 @@ def params_name(params: dict) -> str:
         parts.append(params["combine"])
     if "alone_tiles" in params:
         parts.append(f"alone{params['alone_tiles']}")
-    flags = [name for name in ("tma", "ws", "gluon") if params.get(name)]
+    flags = ["mp"] if params.get("merge_parts") else []
+    flags += [name for name in ("tma", "ws", "gluon") if params.get(name)]
     if params.get("gluon"):
         flags += [name for name, key in (("pp", "pingpong"), ("ps", "persistent")) if params.get(key)]
     return "-".join(parts + flags)

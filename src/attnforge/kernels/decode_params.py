@@ -25,6 +25,11 @@ MERGE_ROWS = 256
 ROW_SPLIT_SMS_PER_HEAD = 32
 # Splits a merge step unrolls (their loads in flight together); more would only grow the code.
 MERGE_CHUNK = 16
+# Floats of partial output rows a thread (of 4 warps) loads in one step of the last program's merge: by
+# default 128 (16 splits of 8 rows at d128); a "merge_parts" launch keeps it to 80, what ptxas kept in
+# flight as one run of loads (sm_90; 96 and 128 were cut into 7-9 runs, each waiting on the L2:
+# `benchmarks/results/cpu/decode-sass/merge-parts-20261208.txt`).
+MERGE_FLOATS, MERGE_FLOATS_PARTS = 128, 80
 # Valid keys of a sequence that fit in this many tiles are read by split 0 alone, which writes the output:
 # no partials and no merge for them (a static cache early in a generation: most splits would be empty).
 ALONE_TILES = 2
@@ -84,6 +89,28 @@ def heuristic_params(
 def partial_rows(block_m: int, rows: int) -> int:
     """Rows a split's partial holds: its block's, at most the next power of two of the real `rows`."""
     return min(block_m, triton.next_power_of_2(rows))
+
+
+def merge_lo_rows(rows: int, part_rows: int) -> int:
+    """With "merge_parts", the last program merges a row block of `rows` real rows in `part_rows` partial
+    rows in two parts where the rows no split wrote would take many registers: half the partial rows (all
+    real), then the next power of two of the rest, at most a quarter of the first (GQA 5:1: 4 + 1 of 8; 9-10
+    rows of 16). Returns the second part's rows, or 0 (one part)."""
+    if rows >= part_rows:
+        return 0
+    hi = part_rows // 2
+    lo = triton.next_power_of_2(rows - hi)
+    return lo if 4 * lo <= hi else 0
+
+
+def merge_chunk(splits: int, part_rows: int, merge_lo: int, d_block: int, parts: bool) -> int:
+    """Splits a step of the last program's merge loads together (S_CHUNK): at most MERGE_CHUNK, the splits
+    (to a power of two), and as many as keep MERGE_FLOATS (MERGE_FLOATS_PARTS with `parts`) floats of the
+    rows it merges (`merge_lo` > 0: half the partial rows and `merge_lo`) a thread of 4 warps."""
+    held = part_rows // 2 + merge_lo if merge_lo else part_rows
+    floats = MERGE_FLOATS_PARTS if parts else MERGE_FLOATS
+    fit = max(1, floats * 128 // (held * d_block))
+    return max(1, min(triton.next_power_of_2(splits), MERGE_CHUNK, 1 << (fit.bit_length() - 1)))
 
 
 def merge_for(splits: int, part_rows: int) -> str:

@@ -19,12 +19,16 @@ HOPPER_SHARED_BYTES = 232448
 
 
 def compile_sm90(kernel, constants: dict, types: dict, options: dict, divisible: tuple = ()):
-    """`kernel` (a `triton.jit` function) compiled for sm_90 with `constants` (its constexprs) and `options`
-    (num_warps, num_stages, launch_pdl, ...); the other arguments typed from `types` (name -> "*bf16", "fp32",
-    a descriptor's type from `descriptor_type`...; else "i32"). Pointers, the strides that are not constants
-    and the integers named in `divisible` are taken as 16-divisible, as Triton's JIT specialises them where
-    their values are. Returns Triton's compiled kernel (`.metadata.shared`, `.asm["sass"]`, ...)."""
+    """`kernel` (a `triton.jit` function) compiled for sm_90 with `constants` (its constexprs; defaults where
+    left out) and `options` (num_warps, num_stages, launch_pdl, ...); the other arguments typed from `types`
+    (name -> "*bf16", "fp32", a descriptor's type from `descriptor_type`...; else "i32"). Pointers, the
+    strides that are not constants and the integers named in `divisible` are taken as 16-divisible, as
+    Triton's JIT specialises them where their values are. Returns Triton's compiled kernel
+    (`.metadata.shared`, `.asm["sass"]`, ...)."""
     signature, attrs = {}, {}
+    # constexprs the caller leaves out take their defaults, as a launch binds them
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    constants = {**{k: v for k, v in defaults.items() if k not in constants}, **constants}
     for i, name in enumerate(kernel.arg_names):
         signature[name] = "constexpr" if name in constants else types.get(name, "i32")
         stride = name.startswith("stride_") and name not in constants

@@ -83,9 +83,10 @@ def finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot
                  GROUP: tl.constexpr, Q_LEN: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                  SPLIT: tl.constexpr,
                  SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
-                 MERGE_LAST: tl.constexpr):  # fmt: skip
+                 MERGE_LAST: tl.constexpr, MERGE_LO: tl.constexpr):  # fmt: skip
     """A split's result: the output rows at `o_ptrs` (one split, or split 0 of an `alone` slot), else its
-    partial and, with MERGE_LAST, the merge by the program that arrives last."""
+    partial and, with MERGE_LAST, the merge by the program that arrives last (in two parts where MERGE_LO,
+    the second part's rows, is not 0: `merge_if_last`)."""
     if not SPLIT:
         store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
     elif alone:  # the other splits read nothing and write nothing; the slot's counter stays at zero
@@ -105,7 +106,7 @@ def finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot
         if MERGE_LAST:
             merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                           stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
-                          PART_ROWS, S_CHUNK)  # fmt: skip
+                          PART_ROWS, S_CHUNK, MERGE_LO)  # fmt: skip
 
 
 @triton.jit
@@ -120,25 +121,46 @@ def store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od):
 def merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                    stride_om, stride_od, num_splits, GROUP: tl.constexpr, Q_LEN: tl.constexpr,
                    D_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS_P2: tl.constexpr,
-                   PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
+                   PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, MERGE_LO: tl.constexpr):  # fmt: skip
     """Count this split's arrival; the program that arrives last merges the slot's partials into the output
-    and resets the counter (for the next launch and the next graph replay)."""
+    and resets the counter (for the next launch and the next graph replay). MERGE_LO > 0: a slot of one row
+    block whose real rows are no power of two (`decode_params.merge_lo_rows`: GQA 5:1, 5 rows of 8) is
+    merged in two parts, half the partial rows and the next MERGE_LO, so that rows no split wrote take no
+    registers and every load of a step stays in flight together (sm_90, 16 splits: two round trips to L2
+    as for GQA 4:1, where all 8 rows took seven; `benchmarks/results/cpu/decode-sass/merge-parts-*.txt`)."""
     tl.debug_barrier()  # every thread's partial is written before the counter says so
     arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:
-        real = GROUP * Q_LEN - m_block * BLOCK_M  # this block's real rows (more than PART_ROWS: all)
-        out = merge_rows(PartO, PartML, slot.to(tl.int64) * num_splits, num_splits, tl.arange(0, PART_ROWS),
-                         real, PART_ROWS, SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
-        part_rows = m_block * BLOCK_M + tl.arange(0, PART_ROWS)
-        part_head = h * GROUP + part_rows // Q_LEN
-        part_token = part_rows % Q_LEN
-        o_ptrs = (
-            Out + b * stride_ob + part_head[:, None] * stride_oh + part_token[:, None] * stride_om
-            + d[None, :] * stride_od
-        )  # fmt: skip
-        o_mask = (part_rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+        base = slot.to(tl.int64) * num_splits
+        strides = (stride_ob, stride_oh, stride_om, stride_od)
+        if MERGE_LO > 0:
+            HI: tl.constexpr = PART_ROWS // 2  # all real
+            r_hi, r_lo = tl.arange(0, HI), HI + tl.arange(0, MERGE_LO)
+            out_hi, out_lo = merge_two_parts(PartO, PartML, base, num_splits, r_hi, r_lo, GROUP * Q_LEN,
+                                             SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
+            store_merged(Out, out_hi, r_hi, b, h, d, d_ok, strides, GROUP, Q_LEN)
+            store_merged(Out, out_lo, r_lo, b, h, d, d_ok, strides, GROUP, Q_LEN)
+        else:
+            real = GROUP * Q_LEN - m_block * BLOCK_M  # this block's real rows (more than PART_ROWS: all)
+            r = tl.arange(0, PART_ROWS)
+            out = merge_rows(PartO, PartML, base, num_splits, r, real, PART_ROWS, SPLITS_P2, PART_ROWS,
+                             D_BLOCK, S_CHUNK)  # fmt: skip
+            store_merged(Out, out, m_block * BLOCK_M + r, b, h, d, d_ok, strides, GROUP, Q_LEN)
         tl.store(Counters + slot, 0)
+
+
+@triton.jit
+def store_merged(Out, out, rows, b, h, d, d_ok, strides, GROUP: tl.constexpr, Q_LEN: tl.constexpr):
+    """Write merged output `[R, D_BLOCK]` of the slot's `rows` `[R]` (row = head_in_group * Q_LEN + token;
+    rows past G x Lq are not written); `strides`: Out's (batch, head, token, dim)."""
+    stride_ob, stride_oh, stride_om, stride_od = strides
+    head = h * GROUP + rows // Q_LEN
+    token = rows % Q_LEN
+    o_ptrs = (
+        Out + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_om + d[None, :] * stride_od
+    )  # fmt: skip
+    o_mask = (rows < GROUP * Q_LEN)[:, None] & d_ok[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -179,23 +201,68 @@ def merge_rows(PartO, PartML, base, num_splits, r, real, ROWS: tl.constexpr, SPL
     elements split after split, with S_CHUNK splits' loads in flight (each a round trip to L2), reading each
     split's max per row beside its output rows (a reduction over a tile's split axis compiled to thousands
     of shared-memory steps)."""
+    m_all, l_all = _row_stats(PartML, base, num_splits, r, real, SPLITS_P2, PART_ROWS)
+    m_safe, l_total = _totals(m_all, l_all)
+    acc = tl.zeros([ROWS, D_BLOCK], tl.float32)
+    for s0 in range(0, num_splits, S_CHUNK):
+        for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
+            o_s, m_s = _split_rows(PartO, PartML, base, s0, i, num_splits, r, real, PART_ROWS, D_BLOCK)
+            acc += tl.exp2(m_s - m_safe[:, None]) * o_s
+    return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
+
+
+@triton.jit
+def merge_two_parts(PartO, PartML, base, num_splits, r_hi, r_lo, real, SPLITS_P2: tl.constexpr,
+                    PART_ROWS: tl.constexpr, D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
+    """`merge_rows` of two row sets at once (`r_hi` all real, `r_lo` real below `real`), their loads in the
+    same steps: `([len(r_hi), D_BLOCK], [len(r_lo), D_BLOCK])`, each row as `merge_rows` gives it."""
+    stats_hi = _row_stats(PartML, base, num_splits, r_hi, real, SPLITS_P2, PART_ROWS)
+    stats_lo = _row_stats(PartML, base, num_splits, r_lo, real, SPLITS_P2, PART_ROWS)  # in flight together
+    m_hi, l_hi = _totals(stats_hi[0], stats_hi[1])
+    m_lo, l_lo = _totals(stats_lo[0], stats_lo[1])
+    acc_hi = tl.zeros([r_hi.shape[0], D_BLOCK], tl.float32)
+    acc_lo = tl.zeros([r_lo.shape[0], D_BLOCK], tl.float32)
+    for s0 in range(0, num_splits, S_CHUNK):
+        for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
+            o_hi, mx_hi = _split_rows(PartO, PartML, base, s0, i, num_splits, r_hi, real, PART_ROWS, D_BLOCK)
+            o_lo, mx_lo = _split_rows(PartO, PartML, base, s0, i, num_splits, r_lo, real, PART_ROWS, D_BLOCK)
+            acc_hi += tl.exp2(mx_hi - m_hi[:, None]) * o_hi
+            acc_lo += tl.exp2(mx_lo - m_lo[:, None]) * o_lo
+    out_hi = acc_hi / tl.where(l_hi == 0.0, 1.0, l_hi)[:, None]
+    return out_hi, acc_lo / tl.where(l_lo == 0.0, 1.0, l_lo)[:, None]
+
+
+@triton.jit
+def _row_stats(PartML, base, num_splits, r, real, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr):
+    """Every split's max and sum of rows `r`: `([SPLITS_P2, R], [SPLITS_P2, R])` (-inf and 0 where absent)."""
     s_all = tl.arange(0, SPLITS_P2)
     ml_all = (base + s_all[:, None]) * 2 * PART_ROWS + r[None, :]
     s_ok = (s_all < num_splits)[:, None] & (r < real)[None, :]
     m_all = tl.load(PartML + ml_all, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
     l_all = tl.load(PartML + ml_all + PART_ROWS, mask=s_ok, other=0.0, cache_modifier=".cg")
+    return m_all, l_all
+
+
+@triton.jit
+def _totals(m_all, l_all):
+    """Rows' max over the splits (0 where no split saw a key) and their sums scaled to it: `([R], [R])`
+    from the splits' maxima and sums `[SPLITS_P2, R]`."""
     m = tl.max(m_all, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_total = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
+    return m_safe, l_total
+
+
+@triton.jit
+def _split_rows(PartO, PartML, base, s0, i, num_splits, r, real, PART_ROWS: tl.constexpr,
+                D_BLOCK: tl.constexpr):  # fmt: skip
+    """Split s0 + i's unnormalized output rows `r` and their max: `([R, D_BLOCK], [R, 1])` (0 and -inf for
+    rows at or past `real` or a split past num_splits)."""
+    # per row, not a scalar: the interpreter takes block masks only
+    ok = (r < PART_ROWS) & (r < real) & (r * 0 + s0 + i < num_splits)
     row = r[:, None] * D_BLOCK + tl.arange(0, D_BLOCK)[None, :]
-    acc = tl.zeros([ROWS, D_BLOCK], tl.float32)
-    for s0 in range(0, num_splits, S_CHUNK):
-        for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
-            # per row, not a scalar: the interpreter takes block masks only
-            ok = (r < PART_ROWS) & (r < real) & (r * 0 + s0 + i < num_splits)
-            o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * D_BLOCK) + row
-            o_s = tl.load(o_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-            m_s = tl.load(PartML + (base + s0 + i) * 2 * PART_ROWS + r[:, None], mask=ok[:, None],
-                          other=float("-inf"), cache_modifier=".cg")  # fmt: skip
-            acc += tl.exp2(m_s - m_safe[:, None]) * o_s
-    return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
+    o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * D_BLOCK) + row
+    o_s = tl.load(o_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+    m_s = tl.load(PartML + (base + s0 + i) * 2 * PART_ROWS + r[:, None], mask=ok[:, None],
+                  other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+    return o_s, m_s
