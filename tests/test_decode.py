@@ -90,10 +90,9 @@ def test_each_way_of_merging_the_splits_agrees_with_the_oracle(combine, kv_lens,
     ids=["4:1", "5:1", "6:1", "7:1", "9:1", "5:1-Lq2", "8:1-Lq3"],
 )
 def test_the_last_program_merges_the_splits_either_way(merge_parts, heads, q_len):
-    """4 .. 24 real rows of 4- to 32-row partials, merged by the last program: the maxima first, then the
-    rows; or with "merge_parts" in one pass, 5 rows as 4 + 1 and 9-10 as 8 + 1 / 8 + 2
-    (`split_kv.merge_two_parts`), the others in one part with fewer splits a step where they hold many rows;
-    one sequence read by split 0 alone."""
+    """4 .. 24 real rows of 4- to 32-row partials, merged by the last program in one part, or with
+    "merge_parts" 5 rows as 4 + 1 and 9-10 as 8 + 1 / 8 + 2 (`split_kv.merge_two_parts`), the others in one
+    part with fewer splits a step where they hold many rows; one sequence read by split 0 alone."""
     shape = config_of(3, *heads, q_len, 300, 64, causal=True)
     case = verify.needle_case(shape, kv_lens=[300, 5, 77], device=DEVICE)
     out = torch.full_like(case.q, math.nan)
@@ -130,9 +129,9 @@ def test_a_merge_step_loads_what_stays_in_flight(splits, part_rows, lo, d_block,
 
 
 def test_merge_parts_sets_the_launchs_merge_and_leaves_the_default_as_it_was():
-    """GQA 5:1 at d128 with 16 splits: one pass in two parts of 4 + 1 rows, 16 splits a step, with
-    "merge_parts"; the maxima first, 8 rows and 16 a step without (the launch every stored entry makes); a
-    second-kernel merge takes none of it; 8:1 steps of 8 splits with it."""
+    """GQA 5:1 at d128 with 16 splits: two parts of 4 + 1 rows, 16 splits a step, with "merge_parts"; one part
+    of 8 rows and 16 a step without (the launch every stored entry makes); a second-kernel merge takes no
+    parts; 8:1 steps of 8 splits with it."""
 
     def launch(heads: int, **extra):
         p = decode_params.complete_params({"BLOCK_N": 128, "num_splits": 16, "num_warps": 4, "num_stages": 3,
@@ -141,10 +140,9 @@ def test_merge_parts_sets_the_launchs_merge_and_leaves_the_default_as_it_was():
         return decode.DecodeLaunch(p, shape, 8, torch.bfloat16, "cpu", False, False).constants
 
     default, parts = launch(5), launch(5, merge_parts=True)
-    assert (default["MERGE_PARTS"], default["MERGE_LO"], default["S_CHUNK"]) == (False, 0, 16)
-    assert (parts["MERGE_PARTS"], parts["MERGE_LO"], parts["S_CHUNK"]) == (True, 1, 16)
-    apart = launch(5, merge_parts=True, combine="kernel")
-    assert (apart["MERGE_PARTS"], apart["MERGE_LO"]) == (False, 0)
+    assert (default["MERGE_LO"], default["S_CHUNK"]) == (0, 16)
+    assert (parts["MERGE_LO"], parts["S_CHUNK"]) == (1, 16)
+    assert launch(5, merge_parts=True, combine="kernel")["MERGE_LO"] == 0
     assert (launch(8)["S_CHUNK"], launch(8, merge_parts=True)["S_CHUNK"]) == (16, 8)
 
 
@@ -160,21 +158,19 @@ common = dict(GROUP=5, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=16, NUM_M_BLOCKS=1, BL
               USE_TMA=False)
 options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
 local = []
-for parts, lo in json.loads(sys.argv[1]):
-    merge = dict(MERGE_PARTS=parts, MERGE_LO=lo)
-    plain = dict(common, Q_LEN=1, HAS_KV_LENS=True, HAS_KV_STARTS=False, MERGE_LAST=True, **merge)
-    step = dict(common, NUM_HEADS=40, Q_NORM=True, K_NORM=True, **merge)
+for lo in json.loads(sys.argv[1]):
+    plain = dict(common, Q_LEN=1, HAS_KV_LENS=True, HAS_KV_STARTS=False, MERGE_LAST=True, MERGE_LO=lo)
+    step = dict(common, NUM_HEADS=40, Q_NORM=True, K_NORM=True, MERGE_LO=lo)
     for kernel, constants in ((decode._decode_kernel, plain), (decode_step._decode_step_kernel, step)):
         local.append(offline.compile_sm90(kernel, constants, types, options).metadata.shared >= 0)
 print(json.dumps(local))
 """
 
 
-def test_every_merge_compiles_for_hopper():
-    """The decode kernel and the decode step with each merge of GQA 5:1 (maxima first; one pass; one pass in
-    4 + 1 rows) compiled for sm_90 (a part's rows must be compile-time constants there; the interpreter takes
-    any)."""
-    assert sm90_child.run(_SM90_MERGE, [[False, 0], [True, 0], [True, 1]]) == [True] * 6
+def test_the_two_part_merge_compiles_for_hopper():
+    """The decode kernel and the decode step with the two-part merge of GQA 5:1 (MERGE_LO 1) and without it,
+    compiled for sm_90 (a part's rows must be compile-time constants there; the interpreter takes any)."""
+    assert sm90_child.run(_SM90_MERGE, [0, 1]) == [True] * 4
 
 
 def test_mqa_splits_merged_by_a_second_kernel_agree_with_the_oracle():

@@ -69,7 +69,7 @@ def _decode_kernel(
     SPLIT: tl.constexpr, SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_KV_STARTS: tl.constexpr, FP32_DOT: tl.constexpr,
     MERGE_LAST: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr, USE_TMA: tl.constexpr,
-    MERGE_PARTS: tl.constexpr = False, MERGE_LO: tl.constexpr = 0,
+    MERGE_LO: tl.constexpr = 0,
 ):  # fmt: skip
     # Load q, share the valid keys between the splits, the online softmax over this split's keys, then the
     # output or the partial and, with MERGE_LAST, the last program's merge (helpers below, shared with
@@ -108,8 +108,7 @@ def _decode_kernel(
     o_ptrs = Out + b * stride_ob + head * stride_oh + token * stride_om  # [BLOCK_M]: each row's output
     finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot, b, h, m_block, d, d_ok,
                  row_ok, stride_ob, stride_oh, stride_om, stride_od, num_splits, ml_offset, GROUP, Q_LEN,
-                 D_BLOCK, BLOCK_M, SPLIT, SPLITS_P2, PART_ROWS, S_CHUNK, MERGE_LAST, MERGE_PARTS,
-                 MERGE_LO)  # fmt: skip
+                 D_BLOCK, BLOCK_M, SPLIT, SPLITS_P2, PART_ROWS, S_CHUNK, MERGE_LAST, MERGE_LO)  # fmt: skip
 
 
 @triton.jit
@@ -254,9 +253,9 @@ class DecodeLaunch:
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine={combine!r} is not one of {COMBINE_MODES}")
         splits, part_rows = p["num_splits"], p["part_rows"]
-        # "merge_parts": the last program's merge in one pass, in two parts where rows are missing, its steps
-        # sized to what stays in flight (opt-in until measured on a GPU: docs/notes/decode.md, twenty-third
-        # session; `split_kv.merge_if_last`)
+        # "merge_parts": the last program's merge in two parts where rows are missing, its steps sized to
+        # what stays in flight (opt-in until measured on a GPU: docs/notes/decode.md, twenty-third session;
+        # `split_kv.merge_if_last`)
         parts = bool(p.get("merge_parts")) and combine == "last"
         merge_lo = merge_lo_rows(p["rows"], part_rows) if parts else 0
         d_block, splits_p2 = triton.next_power_of_2(head_dim), triton.next_power_of_2(splits)
@@ -282,8 +281,7 @@ class DecodeLaunch:
             "ALONE_TILES": p["alone_tiles"] if combine == "last" else -1,
             # splits whose partials one merge step loads at once (each step one round trip to L2, where
             # ptxas keeps its loads together: `decode_params.merge_chunk`), and the two-part merge's rows
-            "S_CHUNK": merge_chunk(splits, part_rows, merge_lo, d_block, parts), "MERGE_PARTS": parts,
-            "MERGE_LO": merge_lo,
+            "S_CHUNK": merge_chunk(splits, part_rows, merge_lo, d_block, parts), "MERGE_LO": merge_lo,
             "num_warps": p["num_warps"], "num_stages": p["num_stages"], **pdl_options(use_pdl),
             "USE_TMA": False,
         }  # fmt: skip

@@ -38,7 +38,7 @@ def _decode_step_kernel(
     BLOCK_M: tl.constexpr, NUM_M_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, Q_NORM: tl.constexpr,
     K_NORM: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr, ALONE_TILES: tl.constexpr,
-    USE_TMA: tl.constexpr, MERGE_PARTS: tl.constexpr = False, MERGE_LO: tl.constexpr = 0,
+    USE_TMA: tl.constexpr, MERGE_LO: tl.constexpr = 0,
 ):  # fmt: skip
     # One function on purpose (kernels are exempt from the 60-line rule): the steps below are split_kv's and
     # rope_cache's device functions; what is left is the new token's part, which needs their values.
@@ -94,7 +94,7 @@ def _decode_step_kernel(
     o_ptrs = Out + b * stride_ob + head * stride_oh
     finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot, b, h, m_block, d, d_ok,
                  row_ok, stride_ob, stride_oh, 0, 1, num_splits, ml_offset, GROUP, 1, D_BLOCK, BLOCK_M, SPLIT,
-                 SPLITS_P2, PART_ROWS, S_CHUNK, True, MERGE_PARTS, MERGE_LO)  # fmt: skip
+                 SPLITS_P2, PART_ROWS, S_CHUNK, True, MERGE_LO)  # fmt: skip
 
 
 def launch_decode_step(qkv, cos, sin, positions, cache_k, cache_v, q_gain, k_gain, eps, num_heads, scale,

@@ -83,9 +83,10 @@ def finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot
                  GROUP: tl.constexpr, Q_LEN: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                  SPLIT: tl.constexpr,
                  SPLITS_P2: tl.constexpr, PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr,
-                 MERGE_LAST: tl.constexpr, MERGE_PARTS: tl.constexpr, MERGE_LO: tl.constexpr):  # fmt: skip
+                 MERGE_LAST: tl.constexpr, MERGE_LO: tl.constexpr):  # fmt: skip
     """A split's result: the output rows at `o_ptrs` (one split, or split 0 of an `alone` slot), else its
-    partial and, with MERGE_LAST, the merge by the program that arrives last (`merge_if_last`)."""
+    partial and, with MERGE_LAST, the merge by the program that arrives last (in two parts where MERGE_LO,
+    the second part's rows, is not 0: `merge_if_last`)."""
     if not SPLIT:
         store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od)
     elif alone:  # the other splits read nothing and write nothing; the slot's counter stays at zero
@@ -105,7 +106,7 @@ def finish_split(o_ptrs, acc, l_i, m_i, Out, PartO, Counters, split, alone, slot
         if MERGE_LAST:
             merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                           stride_om, stride_od, num_splits, GROUP, Q_LEN, D_BLOCK, BLOCK_M, SPLITS_P2,
-                          PART_ROWS, S_CHUNK, MERGE_PARTS, MERGE_LO)  # fmt: skip
+                          PART_ROWS, S_CHUNK, MERGE_LO)  # fmt: skip
 
 
 @triton.jit
@@ -120,36 +121,30 @@ def store_rows(o_ptrs, acc, l_i, d, row_ok, d_ok, stride_od):
 def merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, stride_ob, stride_oh,
                    stride_om, stride_od, num_splits, GROUP: tl.constexpr, Q_LEN: tl.constexpr,
                    D_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS_P2: tl.constexpr,
-                   PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, MERGE_PARTS: tl.constexpr,
-                   MERGE_LO: tl.constexpr):  # fmt: skip
+                   PART_ROWS: tl.constexpr, S_CHUNK: tl.constexpr, MERGE_LO: tl.constexpr):  # fmt: skip
     """Count this split's arrival; the program that arrives last merges the slot's partials into the output
-    and resets the counter (for the next launch and the next graph replay): the maxima first, then the rows
-    (`merge_rows`), or with MERGE_PARTS (a launch's "merge_parts") in one pass (`merge_one_pass`: one round
-    trip to L2 fewer), and where MERGE_LO > 0 in two parts of rows, half the partial rows and the next
-    MERGE_LO (`decode_params.merge_lo_rows`: GQA 5:1, 4 + 1 of 8), so that rows no split wrote take no
-    registers and every load of a step stays in flight together (sm_90, 16 splits: one run of loads, where
-    all 8 rows took seven; `benchmarks/results/cpu/decode-sass/merge-parts-*.txt`)."""
+    and resets the counter (for the next launch and the next graph replay). MERGE_LO > 0: a slot of one row
+    block whose real rows are no power of two (`decode_params.merge_lo_rows`: GQA 5:1, 5 rows of 8) is
+    merged in two parts, half the partial rows and the next MERGE_LO, so that rows no split wrote take no
+    registers and every load of a step stays in flight together (sm_90, 16 splits: two round trips to L2
+    as for GQA 4:1, where all 8 rows took seven; `benchmarks/results/cpu/decode-sass/merge-parts-*.txt`)."""
     tl.debug_barrier()  # every thread's partial is written before the counter says so
     arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:
         base = slot.to(tl.int64) * num_splits
         strides = (stride_ob, stride_oh, stride_om, stride_od)
-        real = GROUP * Q_LEN - m_block * BLOCK_M  # this block's real rows (more than PART_ROWS: all)
-        if MERGE_PARTS and MERGE_LO > 0:  # one row block (m_block 0)
+        if MERGE_LO > 0:
             HI: tl.constexpr = PART_ROWS // 2  # all real
             r_hi, r_lo = tl.arange(0, HI), HI + tl.arange(0, MERGE_LO)
-            out_hi, out_lo = merge_two_parts(PartO, PartML, base, num_splits, r_hi, r_lo, real, PART_ROWS,
-                                             D_BLOCK, S_CHUNK)  # fmt: skip
+            out_hi, out_lo = merge_two_parts(PartO, PartML, base, num_splits, r_hi, r_lo, GROUP * Q_LEN,
+                                             SPLITS_P2, PART_ROWS, D_BLOCK, S_CHUNK)  # fmt: skip
             store_merged(Out, out_hi, r_hi, b, h, d, d_ok, strides, GROUP, Q_LEN)
             store_merged(Out, out_lo, r_lo, b, h, d, d_ok, strides, GROUP, Q_LEN)
         else:
+            real = GROUP * Q_LEN - m_block * BLOCK_M  # this block's real rows (more than PART_ROWS: all)
             r = tl.arange(0, PART_ROWS)
-            if MERGE_PARTS:
-                out = merge_one_pass(PartO, PartML, base, num_splits, r, real, PART_ROWS, PART_ROWS, D_BLOCK,
-                                     S_CHUNK)  # fmt: skip
-            else:
-                out = merge_rows(PartO, PartML, base, num_splits, r, real, PART_ROWS, SPLITS_P2, PART_ROWS,
-                                 D_BLOCK, S_CHUNK)  # fmt: skip
+            out = merge_rows(PartO, PartML, base, num_splits, r, real, PART_ROWS, SPLITS_P2, PART_ROWS,
+                             D_BLOCK, S_CHUNK)  # fmt: skip
             store_merged(Out, out, m_block * BLOCK_M + r, b, h, d, d_ok, strides, GROUP, Q_LEN)
         tl.store(Counters + slot, 0)
 
@@ -211,56 +206,30 @@ def merge_rows(PartO, PartML, base, num_splits, r, real, ROWS: tl.constexpr, SPL
     acc = tl.zeros([ROWS, D_BLOCK], tl.float32)
     for s0 in range(0, num_splits, S_CHUNK):
         for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
-            o_s, m_s, _ = _split_partial(PartO, PartML, base, s0, i, num_splits, r, real, PART_ROWS, D_BLOCK)
+            o_s, m_s = _split_rows(PartO, PartML, base, s0, i, num_splits, r, real, PART_ROWS, D_BLOCK)
             acc += tl.exp2(m_s - m_safe[:, None]) * o_s
     return acc / tl.where(l_total == 0.0, 1.0, l_total)[:, None]
 
 
 @triton.jit
-def merge_one_pass(PartO, PartML, base, num_splits, r, real, ROWS: tl.constexpr, PART_ROWS: tl.constexpr,
-                   D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
-    """`merge_rows`' result in one pass over the splits: each split's rows, max and sum loaded together and
-    folded in under a running max (`_fold`), so no round trip to L2 for the maxima comes before the rows'.
-    Sums in another order than `merge_rows`' (rounding differs, not the result)."""
-    acc = tl.zeros([ROWS, D_BLOCK], tl.float32)
-    m = tl.full([ROWS, 1], float("-inf"), tl.float32)
-    l_sum = tl.zeros([ROWS, 1], tl.float32)
-    for s0 in range(0, num_splits, S_CHUNK):
-        for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
-            part = _split_partial(PartO, PartML, base, s0, i, num_splits, r, real, PART_ROWS, D_BLOCK)
-            acc, m, l_sum = _fold(acc, m, l_sum, part)
-    return acc / tl.where(l_sum == 0.0, 1.0, l_sum)
-
-
-@triton.jit
-def merge_two_parts(PartO, PartML, base, num_splits, r_hi, r_lo, real, PART_ROWS: tl.constexpr,
-                    D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
-    """`merge_one_pass` of two row sets at once (`r_hi` all real, `r_lo` real below `real`), their loads in
-    the same steps: `([len(r_hi), D_BLOCK], [len(r_lo), D_BLOCK])`."""
+def merge_two_parts(PartO, PartML, base, num_splits, r_hi, r_lo, real, SPLITS_P2: tl.constexpr,
+                    PART_ROWS: tl.constexpr, D_BLOCK: tl.constexpr, S_CHUNK: tl.constexpr):  # fmt: skip
+    """`merge_rows` of two row sets at once (`r_hi` all real, `r_lo` real below `real`), their loads in the
+    same steps: `([len(r_hi), D_BLOCK], [len(r_lo), D_BLOCK])`, each row as `merge_rows` gives it."""
+    stats_hi = _row_stats(PartML, base, num_splits, r_hi, real, SPLITS_P2, PART_ROWS)
+    stats_lo = _row_stats(PartML, base, num_splits, r_lo, real, SPLITS_P2, PART_ROWS)  # in flight together
+    m_hi, l_hi = _totals(stats_hi[0], stats_hi[1])
+    m_lo, l_lo = _totals(stats_lo[0], stats_lo[1])
     acc_hi = tl.zeros([r_hi.shape[0], D_BLOCK], tl.float32)
     acc_lo = tl.zeros([r_lo.shape[0], D_BLOCK], tl.float32)
-    m_hi = tl.full([r_hi.shape[0], 1], float("-inf"), tl.float32)
-    m_lo = tl.full([r_lo.shape[0], 1], float("-inf"), tl.float32)
-    l_hi = tl.zeros([r_hi.shape[0], 1], tl.float32)
-    l_lo = tl.zeros([r_lo.shape[0], 1], tl.float32)
     for s0 in range(0, num_splits, S_CHUNK):
         for i in tl.static_range(S_CHUNK):  # independent loads: in flight together
-            hi = _split_partial(PartO, PartML, base, s0, i, num_splits, r_hi, real, PART_ROWS, D_BLOCK)
-            lo = _split_partial(PartO, PartML, base, s0, i, num_splits, r_lo, real, PART_ROWS, D_BLOCK)
-            acc_hi, m_hi, l_hi = _fold(acc_hi, m_hi, l_hi, hi)
-            acc_lo, m_lo, l_lo = _fold(acc_lo, m_lo, l_lo, lo)
-    return acc_hi / tl.where(l_hi == 0.0, 1.0, l_hi), acc_lo / tl.where(l_lo == 0.0, 1.0, l_lo)
-
-
-@triton.jit
-def _fold(acc, m, l_sum, part):
-    """Rows `acc` `[R, D]` (unnormalized, under max `m` and sum `l_sum`, `[R, 1]`) with one split's
-    `part` = (rows, max, sum) folded in: both rescaled to the larger max (0 where neither saw a key)."""
-    o_s, m_s, l_s = part
-    m_new = tl.maximum(m, m_s)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha, beta = tl.exp2(m - m_safe), tl.exp2(m_s - m_safe)
-    return acc * alpha + o_s * beta, m_new, l_sum * alpha + l_s * beta
+            o_hi, mx_hi = _split_rows(PartO, PartML, base, s0, i, num_splits, r_hi, real, PART_ROWS, D_BLOCK)
+            o_lo, mx_lo = _split_rows(PartO, PartML, base, s0, i, num_splits, r_lo, real, PART_ROWS, D_BLOCK)
+            acc_hi += tl.exp2(mx_hi - m_hi[:, None]) * o_hi
+            acc_lo += tl.exp2(mx_lo - m_lo[:, None]) * o_lo
+    out_hi = acc_hi / tl.where(l_hi == 0.0, 1.0, l_hi)[:, None]
+    return out_hi, acc_lo / tl.where(l_lo == 0.0, 1.0, l_lo)[:, None]
 
 
 @triton.jit
@@ -285,16 +254,15 @@ def _totals(m_all, l_all):
 
 
 @triton.jit
-def _split_partial(PartO, PartML, base, s0, i, num_splits, r, real, PART_ROWS: tl.constexpr,
-                   D_BLOCK: tl.constexpr):  # fmt: skip
-    """Split s0 + i's unnormalized output rows `r`, their max and their sum: `([R, D_BLOCK], [R, 1], [R, 1])`
-    (0, -inf and 0 for rows at or past `real` or a split past num_splits)."""
+def _split_rows(PartO, PartML, base, s0, i, num_splits, r, real, PART_ROWS: tl.constexpr,
+                D_BLOCK: tl.constexpr):  # fmt: skip
+    """Split s0 + i's unnormalized output rows `r` and their max: `([R, D_BLOCK], [R, 1])` (0 and -inf for
+    rows at or past `real` or a split past num_splits)."""
     # per row, not a scalar: the interpreter takes block masks only
     ok = (r < PART_ROWS) & (r < real) & (r * 0 + s0 + i < num_splits)
     row = r[:, None] * D_BLOCK + tl.arange(0, D_BLOCK)[None, :]
     o_ptrs = PartO + (base + s0 + i) * (PART_ROWS * D_BLOCK) + row
     o_s = tl.load(o_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-    ml = PartML + (base + s0 + i) * 2 * PART_ROWS + r[:, None]
-    m_s = tl.load(ml, mask=ok[:, None], other=float("-inf"), cache_modifier=".cg")
-    l_s = tl.load(ml + PART_ROWS, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-    return o_s, m_s, l_s
+    m_s = tl.load(PartML + (base + s0 + i) * 2 * PART_ROWS + r[:, None], mask=ok[:, None],
+                  other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+    return o_s, m_s

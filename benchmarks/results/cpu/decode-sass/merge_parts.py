@@ -1,8 +1,8 @@
 """Issue 10 (scratch, kept with its output): the last program's merge as sm_90 SASS, compiled on a machine
 without a GPU (Triton's bundled ptxas), for GQA 2:1 .. 16:1 d128 with 16 splits and the launch the 4k / 16k
-tuning entries store (m16-n128-s16-w4-st3, lengths on, PDL), as stored (the maxima first, then the rows in
-steps of MERGE_FLOATS) and with "merge_parts" (one pass; `decode_params.merge_lo_rows` / `merge_chunk`). After the arrival counter's atomic: the
-registers, the global loads, and the loads in runs, a run ending where float work that may wait on it
+tuning entries store (m16-n128-s16-w4-st3, lengths on, PDL), as stored (one part, steps of MERGE_FLOATS)
+and with "merge_parts" (`decode_params.merge_lo_rows` / `merge_chunk`). After the arrival counter's atomic:
+the registers, the global loads, and the loads in runs, a run ending where float work that may wait on it
 starts (each run one round trip to L2 at least; a step of a loop over the splits shows once). GQA 5:1 was
 0.5-0.8 us slower than 4:1 at the same launch in every tuning run (H100 and H200), with the same keys read:
 its 5 rows sit in 8-row partials. Run from the repository root:
@@ -31,8 +31,8 @@ def merge_runs(group: int, parts: bool) -> tuple[str, int, int, list[int]]:
     lo = merge_lo_rows(group, part_rows) if parts else 0
     s_chunk = merge_chunk(16, part_rows, lo, 128, parts)
     constants = dict(GROUP=group, Q_LEN=1, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=16, NUM_M_BLOCKS=1, BLOCK_N=128,
-                     SPLIT=True, SPLITS_P2=16, PART_ROWS=part_rows, S_CHUNK=s_chunk, MERGE_PARTS=parts,
-                     MERGE_LO=lo, HAS_KV_LENS=True, HAS_KV_STARTS=False, FP32_DOT=False, MERGE_LAST=True, USE_PDL=True,
+                     SPLIT=True, SPLITS_P2=16, PART_ROWS=part_rows, S_CHUNK=s_chunk, MERGE_LO=lo,
+                     HAS_KV_LENS=True, HAS_KV_STARTS=False, FP32_DOT=False, MERGE_LAST=True, USE_PDL=True,
                      ALONE_TILES=2, USE_TMA=False, stride_qd=1, stride_kd=1, stride_vd=1,
                      stride_od=1)  # fmt: skip
     compiled = compile_sm90(decode._decode_kernel, constants, TYPES,
@@ -56,7 +56,7 @@ def merge_runs(group: int, parts: bool) -> tuple[str, int, int, list[int]]:
 
 def main():
     for parts in (False, True):
-        print("with merge_parts (one pass)" if parts else "as stored (the maxima, then the rows)")
+        print("with merge_parts" if parts else "as stored")
         for group in (2, 3, 4, 5, 6, 7, 8, 16):
             regs, lo, s_chunk, runs = merge_runs(group, parts)
             steps = -(-16 // s_chunk)
