@@ -173,6 +173,33 @@ def test_the_swapped_product_with_glu(rows, n, k, split_k, block_n, early, prefe
     assert _swap_counters_are_zero()
 
 
+@pytest.mark.parametrize(("rows", "n", "k", "split_k"), [(1, 40, 70, 2), (5, 130, 100, 3), (8, 64, 256, 8),
+                                                    (12, 70, 96, 3)])  # fmt: skip
+@pytest.mark.parametrize(("glu", "early"), [(False, False), (False, True), (True, False), (True, True)])
+def test_the_swapped_product_with_a_narrow_merge_matches_float64(rows, n, k, split_k, glu, early):
+    """`narrow_merge`: partials, residual and the last program's sum (a tree) of the 8 real rows where there
+    are at most 8 (12 rows keep the 16-row merge), with every neighbour; twice, the counters back to zero."""
+    x, w, b, gain, res = _case(rows, n, k, torch.bfloat16, seed=rows + n + split_k)
+    params = GemvParams(64, 32, 4, swap=True, split_k=split_k, early=early, narrow_merge=True)
+    out = n // 2 if glu else n
+    if glu:
+        ref = res[:, :out].double() + _glu_ref(x, w, b, lambda x: _rms(x, gain, 1e-6))
+    else:
+        ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double(), b.double())
+    for _ in range(2):
+        y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res[:, :out], glu=glu, params=params)
+        assert y.shape == (rows, out) and _rel(y, ref) < (2 if glu else 1) * TOL[torch.bfloat16]
+        assert _swap_counters_are_zero()
+
+
+def test_a_narrow_merge_holds_eight_rows_where_there_are_split_partials_of_at_most_eight():
+    p = GemvParams(64, 256, 4, swap=True, split_k=8, narrow_merge=True)
+    constants = [gemv.swap_constants(q, split, False, False, True, False, True, True, False, rows)["OUT_ROWS"]
+                 for q, split, rows in ((p, 8, 8), (p, 8, 1), (p, 1, 8), (p, 8, 9),
+                                        (GemvParams(64, 256, 4, swap=True, split_k=8), 8, 8))]  # fmt: skip
+    assert constants == [8, 8, 16, 16, 16]
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the defaults of a GPU (the interpreter's are one wide set)")
 @pytest.mark.parametrize(("n", "k", "glu"), [(4096, 1024, False), (1024, 3072, False), (6144, 1024, True),
                                              (6144, 4096, False), (4096, 14336, False)])  # fmt: skip
@@ -272,11 +299,14 @@ from attnforge.kernels import gemv, offline
 shared = []
 for n, k, glu, norm, early in json.loads(sys.argv[1]):
     p = gemv.default_params(8, n, k, glu=glu, norm=norm, tma=True, sms=132)
-    p = p if early is None else dataclasses.replace(p, early=early)
+    if early == "narrow":
+        p = dataclasses.replace(p, narrow_merge=True)
+    elif early is not None:
+        p = dataclasses.replace(p, early=early)
     shared.append(offline.swap_kernel_sm90(n, k, p, glu, norm, residual=not (norm or glu)).metadata.shared)
 print(json.dumps(shared))
 """
-_SM90_CASES = [  # (weight rows, K, glu, norm, early): each family of default sets, as the steps call it
+_SM90_CASES = [  # (weight rows, K, glu, norm, early or "narrow": narrow_merge): each family of default sets
     (4096, 1024, False, True, None),  # Qwen3-0.6B's q/k/v: 128 x 128, 4 stages
     (6144, 4096, False, True, None),  # Llama-3-8B's q/k/v: 128 x 128 above 4096 outputs
     (1024, 2048, False, False, None),  # Qwen3-0.6B's o: 64 x 256, early, prefetch
@@ -286,6 +316,8 @@ _SM90_CASES = [  # (weight rows, K, glu, norm, early): each family of default se
     (28672, 4096, True, True, None),  # Llama-3-8B's gate/up, 128 x 128
     (28672, 4096, True, False, None),
     (6144, 1024, True, False, True),  # early forced without the norm: too much (the check can fail)
+    (1024, 2048, False, False, "narrow"),  # Qwen3-0.6B's o with the narrow merge (8 splits)
+    (4096, 1024, False, True, "narrow"),  # its q/k/v so (4 splits)
 ]
 
 
@@ -301,7 +333,7 @@ def test_the_swapped_default_launches_fit_hoppers_shared_memory(sm90_shared):
     from attnforge.kernels.offline import HOPPER_SHARED_BYTES
 
     for case, shared in zip(_SM90_CASES, sm90_shared, strict=True):
-        assert (shared <= HOPPER_SHARED_BYTES) == (case[-1] is None), (case, shared)
+        assert (shared <= HOPPER_SHARED_BYTES) == (case[-1] in (None, "narrow")), (case, shared)
 
 
 def test_fast_rows_are_the_swapped_products_where_it_runs(monkeypatch):
@@ -381,7 +413,7 @@ def test_bad_input_is_refused_with_the_reason(call, message):
     assert message in str(error.value)
 
 
-ONLY_SWAP = "early, prefetch, split_k and num_stages are the swapped product's (swap=True)"
+ONLY_SWAP = "early, prefetch, narrow_merge, split_k and num_stages are the swapped product's (swap=True)"
 
 
 @pytest.mark.parametrize("field,value,message", [("block_n", 3, "block_n=3 must be a power of two"),
@@ -398,7 +430,8 @@ ONLY_SWAP = "early, prefetch, split_k and num_stages are the swapped product's (
                                                  ("swap_dot", True, "swap=True is a product of its own: dot "
                                                   "and ahead do not apply"),
                                                  ("early", True, ONLY_SWAP),
-                                                 ("prefetch", True, ONLY_SWAP)])  # fmt: skip
+                                                 ("prefetch", True, ONLY_SWAP),
+                                                 ("narrow_merge", True, ONLY_SWAP)])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
     values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
     if field == "swap_dot":

@@ -87,6 +87,10 @@ class GemvParams:
     early: bool = False  # swap: each split's first slice read before the PDL wait
     # swap through TMA with PDL: each program's weight share asked of the L2 before the wait (`warm_l2`)
     prefetch: bool = False
+    # swap with K split, at most 8 rows: the partials, the residual and the last program's sum hold the 8 real
+    # rows only, summed as a tree (the sum's loads in 1-2 round trips to L2 where 16 rows took up to 8:
+    # `benchmarks/results/cpu/gemv-swap/merge-tail-20261208.txt`); opt-in until measured on a GPU
+    narrow_merge: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -100,8 +104,11 @@ class GemvParams:
                              f"{self.block_n} and {self.block_k}")  # fmt: skip
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"split_k={self.split_k} and num_stages={self.num_stages} must be >= 1")
-        if not self.swap and (self.early or self.prefetch or self.split_k != 1 or self.num_stages != 3):
-            raise ValueError("early, prefetch, split_k and num_stages are the swapped product's (swap=True)")
+        swapped = (self.early, self.prefetch, self.narrow_merge, self.split_k != 1, self.num_stages != 3)
+        if not self.swap and any(swapped):
+            raise ValueError(
+                "early, prefetch, narrow_merge, split_k and num_stages are the swapped product's (swap=True)"
+            )
         if self.swap and (self.dot or self.ahead):
             raise ValueError("swap=True is a product of its own: dot and ahead do not apply")
         if self.swap and (self.block_n not in (16, 32, 64, 128) or self.block_k < 16):
@@ -399,7 +406,7 @@ def _swap_kernel(
     stride_ym, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
     USE_TMA: tl.constexpr, USE_PDL: tl.constexpr, FP32_DOT: tl.constexpr, EARLY: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, OUT_ROWS: tl.constexpr = 16,
 ):  # fmt: skip
     """`y^T = W x^T` for a tile of BLOCK_N outputs over one split of K: acc `[BLOCK_N, ROWS]` in float32.
     With GLU the weight is `[gate; up]` (2N rows): a gate tile and an up tile a slice, silu(gate) * up out.
@@ -441,9 +448,11 @@ def _swap_kernel(
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
     acc_up = tl.zeros([BLOCK_N, ROWS], tl.float32)
-    res = tl.zeros([ROWS, BLOCK_N], dtype)
+    o_rows = rows if OUT_ROWS == ROWS else tl.arange(0, OUT_ROWS)  # the rows the output is written from
+    o_ok = (o_rows < M)[:, None] & col_ok[None, :]
+    res = tl.zeros([OUT_ROWS, BLOCK_N], dtype)
     if EARLY:
-        res = _swap_residual(Res, rows, cols, row_ok[:, None] & col_ok[None, :], stride_rm, res, HAS_RES)
+        res = _swap_residual(Res, o_rows, cols, o_ok, stride_rm, res, HAS_RES)
         x = _swap_rows(x_rows, row_ok, Gain, inv, first, first_ok, dtype, NORM)
         acc = _swap_mma(w_first, x, acc, FP32_DOT)
         if GLU:
@@ -469,23 +478,42 @@ def _swap_kernel(
     else:
         size: tl.constexpr = ROWS * BLOCK_N
         tile = Part + (pid_n * SPLIT_K + pid_k) * (2 * size) + rows[:, None] * BLOCK_N + (cols[None, :] - n0)
-        tl.store(tile, tl.trans(acc))
+        keep = (rows < OUT_ROWS)[:, None]  # all rows unless OUT_ROWS < ROWS
+        tl.store(tile, tl.trans(acc), mask=keep if OUT_ROWS < ROWS else None)
         if GLU:
-            tl.store(tile + size, tl.trans(acc_up))
+            tl.store(tile + size, tl.trans(acc_up), mask=keep if OUT_ROWS < ROWS else None)
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:  # the last split: the partials summed in split order, then the epilogue
-            total = tl.zeros([ROWS, BLOCK_N], tl.float32)
-            total_up = tl.zeros([ROWS, BLOCK_N], tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(tile + (s - pid_k) * (2 * size))
+            total = tl.zeros([OUT_ROWS, BLOCK_N], tl.float32)
+            total_up = tl.zeros([OUT_ROWS, BLOCK_N], tl.float32)
+            if OUT_ROWS == ROWS:  # (the same mask: as the launches measured so far compiled it)
+                o_ok = out_ok
+            if OUT_ROWS < ROWS:  # the first OUT_ROWS rows of each split's partial, summed as a tree
+                part0 = Part + pid_n * SPLIT_K * (2 * size) + o_rows[:, None] * BLOCK_N + (cols[None, :] - n0)
+                total = _tree_sum(part0, 2 * size, 0, SPLIT_K)
                 if GLU:
-                    total_up += tl.load(tile + (s - pid_k) * (2 * size) + size)
+                    total_up = _tree_sum(part0 + size, 2 * size, 0, SPLIT_K)
+            else:
+                for s in range(SPLIT_K):
+                    total += tl.load(tile + (s - pid_k) * (2 * size))
+                    if GLU:
+                        total_up += tl.load(tile + (s - pid_k) * (2 * size) + size)
             if not EARLY:
-                res = _swap_residual(Res, rows, cols, out_ok, stride_rm, res, HAS_RES)
-            _swap_epilogue(total, total_up, Bias, res, Y, rows, cols, col_ok, out_ok, N, stride_ym, HAS_BIAS,
+                res = _swap_residual(Res, o_rows, cols, o_ok, stride_rm, res, HAS_RES)
+            _swap_epilogue(total, total_up, Bias, res, Y, o_rows, cols, col_ok, o_ok, N, stride_ym, HAS_BIAS,
                            HAS_RES, GLU)  # fmt: skip
             tl.store(Counters + pid_n, 0)
+
+
+@triton.jit
+def _tree_sum(ptrs, stride, lo: tl.constexpr, hi: tl.constexpr):
+    """Sum of the tiles at ptrs + s * stride for s in [lo, hi), in halves (a tree)."""
+    if hi - lo == 1:
+        return tl.load(ptrs + lo * stride)
+    else:
+        mid: tl.constexpr = (lo + hi) // 2
+        return _tree_sum(ptrs, stride, lo, mid) + _tree_sum(ptrs, stride, mid, hi)
 
 
 @triton.jit
@@ -817,7 +845,7 @@ def _launch_swap(x2, w, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma
     part, counters = _swap_workspace(y2.device, tiles, split, p.block_n) if split > 1 else (y2, y2)
     pdl = p.pdl and pdl_supported(y2.device)
     constants = swap_constants(p, split, gain is not None, bias is not None, res2 is not None, glu, tma, pdl,
-                               fp32_dot(x2.dtype))  # fmt: skip
+                               fp32_dot(x2.dtype), rows)  # fmt: skip
     _swap_kernel[(tiles, split)](
         x2, descriptor(w, [p.block_n, p.block_k]) if tma else w, w, y2 if bias is None else bias,
         y2 if gain is None else gain, y2 if res2 is None else res2, y2, part, counters, rows, n, k,
@@ -827,14 +855,15 @@ def _launch_swap(x2, w, bias, gain, eps, res2, y2, p: GemvParams, glu: bool, tma
 
 
 def swap_constants(p: GemvParams, split: int, norm: bool, bias: bool, residual: bool, glu: bool, tma: bool,
-                   pdl: bool, fp32: bool) -> dict:  # fmt: skip
+                   pdl: bool, fp32: bool, rows: int = 16) -> dict:  # fmt: skip
     """`_swap_kernel`'s constexprs but USE_PDL (`pdl_options`) for launch `p` in `split` splits (as
-    `swap_split` counts them), the neighbours fused as the flags say, the weight through TMA where `tma`,
-    launched with PDL where `pdl` (the prefetch needs both), float32 products where `fp32`; the rows padded to
-    16."""
+    `swap_split` counts them) on `rows` rows, the neighbours fused as the flags say, the weight through TMA
+    where `tma`, launched with PDL where `pdl` (the prefetch needs both), float32 products where `fp32`; the
+    rows padded to 16 (the output's 8 with `narrow_merge`, a split and at most 8 rows)."""
+    out_rows = 8 if p.narrow_merge and split > 1 and rows <= 8 else 16
     return dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=norm, HAS_BIAS=bias,
                 HAS_RES=residual, GLU=glu, USE_TMA=tma, FP32_DOT=fp32, EARLY=p.early,
-                PREFETCH=p.prefetch and pdl and tma)  # fmt: skip
+                PREFETCH=p.prefetch and pdl and tma, OUT_ROWS=out_rows)  # fmt: skip
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

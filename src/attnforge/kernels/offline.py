@@ -49,14 +49,15 @@ def descriptor_type(shape: tuple[int, ...], block: list[int], dtype: torch.dtype
     return native_specialize_impl(BaseBackend, desc, False, True, True)[0]
 
 
-def swap_kernel_sm90(n_weight: int, k: int, p, glu: bool = False, norm: bool = False, residual: bool = False):
+def swap_kernel_sm90(n_weight: int, k: int, p, glu: bool = False, norm: bool = False, residual: bool = False,
+                     rows: int = 8):  # fmt: skip
     """`gemv._swap_kernel` compiled as `fused_linear` launches it on Hopper for launch `p` (a `GemvParams`
-    with swap=True) against a bf16 weight `[n_weight, k]` (`[gate; up]` with `glu`): through TMA, with PDL,
-    the fused RMSNorm where `norm`, the residual add where `residual`."""
+    with swap=True) on `rows` rows against a bf16 weight `[n_weight, k]` (`[gate; up]` with `glu`): through
+    TMA, with PDL, the fused RMSNorm where `norm`, the residual add where `residual`."""
     from attnforge.kernels import gemv  # the kernels' module sits above this one
 
     split = gemv.swap_split(k, p.block_k, p.split_k)[1]
-    constants = gemv.swap_constants(p, split, norm, False, residual, glu, True, True, False)
+    constants = gemv.swap_constants(p, split, norm, False, residual, glu, True, True, False, rows)
     constants["USE_PDL"] = True
     types = {"X": "*bf16", "WRaw": "*bf16", "Bias": "*bf16", "Gain": "*bf16", "Res": "*bf16", "Y": "*bf16",
              "Part": "*fp32", "Counters": "*i32", "eps": "fp32",

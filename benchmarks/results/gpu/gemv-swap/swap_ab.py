@@ -54,7 +54,9 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, sms: int) -> di
     early with a stage fewer (early's first slice has a buffer of its own: o and down take 164 KB of shared
     memory early, 123 KB without, offline) and each narrow tile; and, where it differs, the default with no
     more stages than its loop has slices (`st-fit`), and for Qwen3-0.6B's gate/up the same with twice the
-    split (`2x-split-st-fit`: 74 KB of shared memory a program instead of 222)."""
+    split (`2x-split-st-fit`: 74 KB of shared memory a program instead of 222); and where the default splits
+    K, `narrow-merge` (`GemvParams.narrow_merge`: the last program sums the 8 real rows of the partials only,
+    as a tree; twenty-third session, offline `cpu/gemv-swap/merge-tail-20261208.txt`)."""
     outputs = n // 2 if glu else n
     default = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=True, sms=sms)
     out = {"default": default}
@@ -70,6 +72,8 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, sms: int) -> di
     for name, (block_n, block_k, warps, stages) in NARROW.items() if every else ():
         out[name] = gemv.GemvParams(block_n, block_k, warps, swap=True, split_k=gemv.wave_split(outputs,
                                     block_n, sms), num_stages=stages, early=True)  # fmt: skip
+    if default.swap and gemv.swap_split(k, default.block_k, default.split_k)[1] > 1:
+        out["narrow-merge"] = dataclasses.replace(default, narrow_merge=True)  # the 8 real rows' sum, a tree
     fit = fitted_stages(default, k)
     if default.swap and fit != default.num_stages:
         out["st-fit"] = dataclasses.replace(default, num_stages=fit)
