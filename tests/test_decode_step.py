@@ -19,9 +19,9 @@ def splits(monkeypatch):
     """Decode's tuning entry for every bucket: 16-key tiles in `n` splits, each merge mode's entry alike (the
     fused kernel merges in the kernel whatever the entry says)."""
 
-    def use(n, combine="kernel", alone_tiles=2, tma=False):
+    def use(n, combine="kernel", alone_tiles=2, tma=False, merge_parts=False):
         entry = {"BLOCK_N": 16, "num_splits": n, "num_warps": 4, "num_stages": 2, "combine": combine,
-                 "alone_tiles": alone_tiles, "tma": tma}  # fmt: skip
+                 "alone_tiles": alone_tiles, "tma": tma, "merge_parts": merge_parts}  # fmt: skip
         monkeypatch.setattr(decode_params.tuning, "launch_params", lambda *args, **kwargs: entry)
         decode_params.bucket_params.cache_clear()
         decode.merged_in_kernel.cache_clear()
@@ -60,10 +60,11 @@ def _oracle(qkv, cos, sin, positions, cache_k, cache_v, heads, gains, eps=1e-6):
 )
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("merge_parts", [False, True])  # 5 rows of 8 merged as 4 + 1 with it
 def test_the_step_agrees_with_the_oracle_and_writes_only_the_new_slot(
-    splits, batch, heads, kv_heads, dim, max_seq, positions, num_splits, norm
+    splits, batch, heads, kv_heads, dim, max_seq, positions, num_splits, norm, merge_parts
 ):
-    splits(num_splits, alone_tiles=0)
+    splits(num_splits, alone_tiles=0, merge_parts=merge_parts)
     qkv, cos, sin, pos, cache_k, cache_v, gains = _inputs(
         batch, heads, kv_heads, dim, torch.float32, max_seq, seed=dim + num_splits, positions=positions
     )
