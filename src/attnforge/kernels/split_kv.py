@@ -126,8 +126,8 @@ def merge_if_last(Out, PartO, PartML, Counters, slot, b, h, m_block, d, d_ok, st
     and resets the counter (for the next launch and the next graph replay). MERGE_LO > 0: a slot of one row
     block whose real rows are no power of two (`decode_params.merge_lo_rows`: GQA 5:1, 5 rows of 8) is
     merged in two parts, half the partial rows and the next MERGE_LO, so that rows no split wrote take no
-    registers and every load of a step stays in flight together (sm_90, 16 splits: two round trips to L2
-    as for GQA 4:1, where all 8 rows took seven; `benchmarks/results/cpu/decode-sass/merge-parts-*.txt`)."""
+    registers and the loads of a step stay together (sm_90, 16 splits: in two runs, the maxima's and the
+    rows', as for GQA 4:1, where all 8 rows took seven: `cpu/decode-sass/merge-parts-*` of the results)."""
     tl.debug_barrier()  # every thread's partial is written before the counter says so
     arrived = tl.atomic_add(Counters + slot, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:

@@ -11,13 +11,10 @@ its 5 rows sit in 8-row partials. Run from the repository root:
 """
 
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gemv-packed"))
-from compile_packed import BIN, compile_sm90, registers  # noqa: E402
+from compile_packed import compile_sm90, load_runs_after_atomic, registers  # noqa: E402
 
 from attnforge.kernels import decode  # noqa: E402
 from attnforge.kernels.decode_params import merge_chunk, merge_lo_rows, partial_rows  # noqa: E402
@@ -37,20 +34,7 @@ def merge_runs(group: int, parts: bool) -> tuple[str, int, int, list[int]]:
                      stride_od=1)  # fmt: skip
     compiled = compile_sm90(decode._decode_kernel, constants, TYPES,
                             {"num_warps": 4, "num_stages": 3, "launch_pdl": True})  # fmt: skip
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
-        file.write(compiled.asm["cubin"])
-    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", file.name], capture_output=True,
-                          text=True).stdout  # fmt: skip
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
-    tail = ops[next(i for i, op in enumerate(ops) if op.startswith("ATOMG")) :]
-    runs, loads = [], 0
-    for op in tail:
-        if op.startswith("LDG"):
-            loads += 1
-        elif op[:4] in ("FFMA", "FMUL", "FADD", "MUFU", "FMNM") and loads:
-            runs.append(loads)
-            loads = 0
-    runs += [loads] if loads else []
+    runs = load_runs_after_atomic(compiled)
     return registers(compiled), lo, s_chunk, runs
 
 

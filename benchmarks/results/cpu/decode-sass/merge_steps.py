@@ -8,13 +8,10 @@ one round trip to L2; `S_CHUNK` splits load per run. Run from the repository roo
 """
 
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gemv-packed"))
-from compile_packed import BIN, compile_sm90, registers  # noqa: E402
+from compile_packed import compile_sm90, registers, sass_ops  # noqa: E402
 
 from attnforge.kernels import decode  # noqa: E402
 from attnforge.kernels.decode_params import MERGE_CHUNK  # noqa: E402
@@ -28,14 +25,10 @@ def merge_letters(group: int, part_rows: int, s_chunk: int) -> tuple[str, str]:
     constants = dict(GROUP=group, Q_LEN=1, HEAD_DIM=128, D_BLOCK=128, BLOCK_M=16, NUM_M_BLOCKS=1, BLOCK_N=64,
                      SPLIT=True, SPLITS_P2=16, PART_ROWS=part_rows, S_CHUNK=s_chunk, HAS_KV_LENS=False,
                      HAS_KV_STARTS=False, FP32_DOT=False, MERGE_LAST=True, USE_PDL=True, ALONE_TILES=2,
-                     stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)  # fmt: skip
+                     USE_TMA=False, stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)  # fmt: skip
     compiled = compile_sm90(decode._decode_kernel, constants, TYPES,
                             {"num_warps": 4, "num_stages": 4, "launch_pdl": True})  # fmt: skip
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
-        file.write(compiled.asm["cubin"])
-    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", file.name], capture_output=True,
-                          text=True).stdout  # fmt: skip
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    ops = sass_ops(compiled)
     tail = ops[next(i for i, op in enumerate(ops) if op.startswith("ATOMG")) :]
     letters = "".join(next((c for prefix, c in LETTERS if op.startswith(prefix)), ".") for op in tail)
     return registers(compiled), letters

@@ -63,5 +63,28 @@ def main():
             print(f"{'':15s} SASS {sass_counts(compiled)}")
 
 
+def sass_ops(compiled) -> list[str]:
+    """The opcodes of a compiled kernel's SASS in order (predicates dropped)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
+        file.write(compiled.asm["cubin"])
+    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", file.name], capture_output=True,
+                          text=True).stdout  # fmt: skip
+    return re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+
+
+def load_runs_after_atomic(compiled) -> list[int]:
+    """After the kernel's first ATOMG (a split merge's arrival), its global loads in runs: a run ends where
+    float work that may wait on it starts (each run one round trip to L2 at least)."""
+    ops = sass_ops(compiled)
+    runs, loads = [], 0
+    for op in ops[next(i for i, op in enumerate(ops) if op.startswith("ATOMG")) :]:
+        if op.startswith("LDG"):
+            loads += 1
+        elif op[:4] in ("FFMA", "FMUL", "FADD", "MUFU", "FMNM") and loads:
+            runs.append(loads)
+            loads = 0
+    return runs + ([loads] if loads else [])
+
+
 if __name__ == "__main__":
     main()

@@ -10,13 +10,10 @@ Run from the repository root:
 
 import dataclasses
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gemv-packed"))
-from compile_packed import BIN, registers  # noqa: E402
+from compile_packed import load_runs_after_atomic, registers  # noqa: E402
 
 from attnforge.kernels import gemv, offline  # noqa: E402
 
@@ -30,20 +27,7 @@ def tail_runs(n: int, k: int, norm: bool, residual: bool, narrow: bool) -> tuple
     p = gemv.default_params(8, n, k, norm=norm, tma=True, sms=132)
     p = dataclasses.replace(p, narrow_merge=narrow)
     compiled = offline.swap_kernel_sm90(n, k, p, False, norm, residual=residual)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
-        file.write(compiled.asm["cubin"])
-    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", file.name], capture_output=True,
-                          text=True).stdout  # fmt: skip
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
-    tail = ops[next(i for i, op in enumerate(ops) if op.startswith("ATOMG")) :]
-    runs, loads = [], 0
-    for op in tail:
-        if op.startswith("LDG"):
-            loads += 1
-        elif op[:4] in ("FFMA", "FMUL", "FADD", "MUFU", "FMNM") and loads:
-            runs.append(loads)
-            loads = 0
-    runs += [loads] if loads else []
+    runs = load_runs_after_atomic(compiled)
     return gemv.swap_split(k, p.block_k, p.split_k)[1], registers(compiled), runs
 
 

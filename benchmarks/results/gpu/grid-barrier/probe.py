@@ -252,26 +252,35 @@ def save(path: str, result: dict) -> None:
 def time_all(path: str, programs: int) -> None:
     result = {"environment": environment_report(), "programs": programs, "layers": LAYERS,
               "check": check(programs), "rows": {}}  # fmt: skip
+
+    def makers_for(mib: tuple, sets: list) -> dict:
+        parts = [torch.zeros(len(mib), PB, device="cuda") for _ in range(LAYERS)]
+        syncs = [torch.zeros(2, device="cuda", dtype=torch.int32) for _ in range(LAYERS)]
+        return {label: partial(layer_call, sets, parts, syncs, p, w, programs)
+                for label, (p, w) in VARIANTS.items()}  # fmt: skip
+
+    time_phases(path, result, makers_for, f"{programs} programs")
+
+
+def time_phases(path: str, result: dict, makers_for, what: str) -> None:
+    """If every variant of `result["check"]` is right: each phase set's makers (`makers_for(mib, sets)`, and
+    the library's MLP products beside the MLP), per call in 28-call graphs, into `result["rows"]` and `path`
+    after each; the table last."""
     if not all(c["ok"] for c in result["check"].values()):
-        print("a variant is wrong: not timed")
+        print("a variant is wrong: not timed", result["check"])
         save(path, result)
         return
     read = timing.measure_read_bandwidth()
     result["read_gbps"] = read / 1e9
     for name, mib in PHASES.items():
-        sets = make_bufs(mib, LAYERS)
-        parts = [torch.zeros(len(mib), PB, device="cuda") for _ in range(LAYERS)]
-        syncs = [torch.zeros(2, device="cuda", dtype=torch.int32) for _ in range(LAYERS)]
-        makers = {label: partial(layer_call, sets, parts, syncs, p, w, programs)
-                  for label, (p, w) in VARIANTS.items()}  # fmt: skip
+        makers = makers_for(mib, make_bufs(mib, LAYERS))
         if name == "mlp":
             makers.update(mlp_makers(LAYERS))
         times = timing.time_graphs_per_call(makers, layers=LAYERS, reps=30)
-        floor = sum(mib) * 2**20 / read * 1e6
         us = {k: statistics.median(t) if isinstance(t, list) else t for k, t in times.items()}
-        result["rows"][name] = {"mib": mib, "floor_us": floor, "us": us}
+        result["rows"][name] = {"mib": mib, "floor_us": sum(mib) * 2**20 / read * 1e6, "us": us}
         save(path, result)
-    print_rows(result, f"read {read / 1e9:.0f} GB/s, {programs} programs; us a call (28 calls a graph):")
+    print_rows(result, f"read {read / 1e9:.0f} GB/s, {what}; us a call (28 calls a graph):")
 
 
 def print_rows(result: dict, header: str) -> None:
@@ -314,27 +323,17 @@ def sweep(path: str) -> None:
     """Chained phases (with and without warming the L2) at each of SWEEP_PROGRAMS, beside the library's
     three MLP products, per call in 28-call graphs, interleaved."""
     result = {"environment": environment_report(), "layers": LAYERS, "check": sweep_check(), "rows": {}}
-    if not all(c["ok"] for c in result["check"].values()):
-        print("a variant is wrong: not timed", result["check"])
-        save(path, result)
-        return
-    read = timing.measure_read_bandwidth()
-    result["read_gbps"] = read / 1e9
-    for name, mib in PHASES.items():
-        sets = make_bufs(mib, LAYERS)
+
+    def makers_for(mib: tuple, sets: list) -> dict:
         makers = {}
         for programs in SWEEP_PROGRAMS:
             parts = [torch.zeros(len(mib), SWEEP_PB, device="cuda") for _ in range(LAYERS)]
             for warm in (False, True):
                 label = f"chain{'-warm' if warm else ''}-p{programs}"
                 makers[label] = partial(sweep_call, sets, parts, warm, programs)
-        if name == "mlp":
-            makers.update(mlp_makers(LAYERS))
-        times = timing.time_graphs_per_call(makers, layers=LAYERS, reps=30)
-        us = {k: statistics.median(t) if isinstance(t, list) else t for k, t in times.items()}
-        result["rows"][name] = {"mib": mib, "floor_us": sum(mib) * 2**20 / read * 1e6, "us": us}
-        save(path, result)
-    print_rows(result, f"read {read / 1e9:.0f} GB/s; us a call (28 calls a graph):")
+        return makers
+
+    time_phases(path, result, makers_for, "chained at 132-1056 programs")
 
 
 def compile_offline() -> None:
