@@ -192,6 +192,23 @@ def test_the_swapped_product_with_a_narrow_merge_matches_float64(rows, n, k, spl
         assert _swap_counters_are_zero()
 
 
+@pytest.mark.parametrize(("rows", "n", "k", "rms_block"), [(3, 70, 300, 128), (8, 64, 1024, 1024),
+                                                      (16, 40, 200, 256), (5, 96, 96, 512)])  # fmt: skip
+@pytest.mark.parametrize("glu", [False, True])
+def test_the_swapped_products_norm_in_wider_slices_matches_float64(rows, n, k, rms_block, glu):
+    """`rms_block`: the fused RMSNorm's pass over the rows in slices of its own (wider than the product's 32,
+    odd K, K below one slice), with every neighbour."""
+    x, w, b, gain, res = _case(rows, n, k, torch.bfloat16, seed=rows + k)
+    params = GemvParams(64, 32, 4, swap=True, split_k=2, rms_block=rms_block)
+    out = n // 2 if glu else n
+    if glu:
+        ref = res[:, :out].double() + _glu_ref(x, w, b, lambda x: _rms(x, gain, 1e-6))
+    else:
+        ref = res.double() + F.linear(_rms(x, gain, 1e-6).double(), w.double(), b.double())
+    y = fused_linear(x, w, b, norm=(gain, 1e-6), residual=res[:, :out], glu=glu, params=params)
+    assert y.shape == (rows, out) and _rel(y, ref) < (2 if glu else 1) * TOL[torch.bfloat16]
+
+
 def test_a_narrow_merge_holds_eight_rows_where_there_are_split_partials_of_at_most_eight():
     p = GemvParams(64, 256, 4, swap=True, split_k=8, narrow_merge=True)
     constants = [gemv.swap_constants(q, split, False, False, True, False, True, True, False, rows)["OUT_ROWS"]
@@ -301,12 +318,14 @@ for n, k, glu, norm, early in json.loads(sys.argv[1]):
     p = gemv.default_params(8, n, k, glu=glu, norm=norm, tma=True, sms=132)
     if early == "narrow":
         p = dataclasses.replace(p, narrow_merge=True)
+    elif early == "rms-1024":
+        p = dataclasses.replace(p, rms_block=1024)
     elif early is not None:
         p = dataclasses.replace(p, early=early)
     shared.append(offline.swap_kernel_sm90(n, k, p, glu, norm, residual=not (norm or glu)).metadata.shared)
 print(json.dumps(shared))
 """
-_SM90_CASES = [  # (weight rows, K, glu, norm, early or "narrow": narrow_merge): each family of default sets
+_SM90_CASES = [  # (weight rows, K, glu, norm, early, or "narrow" / "rms-1024"): each family of default sets
     (4096, 1024, False, True, None),  # Qwen3-0.6B's q/k/v: 128 x 128, 4 stages
     (6144, 4096, False, True, None),  # Llama-3-8B's q/k/v: 128 x 128 above 4096 outputs
     (1024, 2048, False, False, None),  # Qwen3-0.6B's o: 64 x 256, early, prefetch
@@ -318,6 +337,7 @@ _SM90_CASES = [  # (weight rows, K, glu, norm, early or "narrow": narrow_merge):
     (6144, 1024, True, False, True),  # early forced without the norm: too much (the check can fail)
     (1024, 2048, False, False, "narrow"),  # Qwen3-0.6B's o with the narrow merge (8 splits)
     (4096, 1024, False, True, "narrow"),  # its q/k/v so (4 splits)
+    (6144, 1024, True, True, "rms-1024"),  # its gate/up, the norm's pass in one 1024-wide slice
 ]
 
 
@@ -333,7 +353,7 @@ def test_the_swapped_default_launches_fit_hoppers_shared_memory(sm90_shared):
     from attnforge.kernels.offline import HOPPER_SHARED_BYTES
 
     for case, shared in zip(_SM90_CASES, sm90_shared, strict=True):
-        assert (shared <= HOPPER_SHARED_BYTES) == (case[-1] in (None, "narrow")), (case, shared)
+        assert (shared <= HOPPER_SHARED_BYTES) == (case[-1] in (None, "narrow", "rms-1024")), (case, shared)
 
 
 def test_fast_rows_are_the_swapped_products_where_it_runs(monkeypatch):
@@ -413,7 +433,9 @@ def test_bad_input_is_refused_with_the_reason(call, message):
     assert message in str(error.value)
 
 
-ONLY_SWAP = "early, prefetch, narrow_merge, split_k and num_stages are the swapped product's (swap=True)"
+ONLY_SWAP = (
+    "early, prefetch, narrow_merge, rms_block, split_k and num_stages are the swapped product's (swap=True)"
+)
 
 
 @pytest.mark.parametrize("field,value,message", [("block_n", 3, "block_n=3 must be a power of two"),
@@ -431,11 +453,16 @@ ONLY_SWAP = "early, prefetch, narrow_merge, split_k and num_stages are the swapp
                                                   "and ahead do not apply"),
                                                  ("early", True, ONLY_SWAP),
                                                  ("prefetch", True, ONLY_SWAP),
-                                                 ("narrow_merge", True, ONLY_SWAP)])  # fmt: skip
+                                                 ("narrow_merge", True, ONLY_SWAP),
+                                                 ("rms_block", 512, ONLY_SWAP),
+                                                 ("swap_rms", 384, "rms_block=384 must be 0 (block_k) or a "
+                                                  "power of two")])  # fmt: skip
 def test_bad_launch_parameters_are_refused(field, value, message):
     values = {"block_n": 8, "block_k": 64, "num_warps": 4, field: value}
     if field == "swap_dot":
         values = {"block_n": 64, "block_k": 64, "num_warps": 4, "swap": True, "dot": True}
+    if field == "swap_rms":
+        values = {"block_n": 64, "block_k": 64, "num_warps": 4, "swap": True, "rms_block": value}
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         GemvParams(**values)
 

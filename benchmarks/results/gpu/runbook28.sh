@@ -14,8 +14,10 @@
 #      its twin in the same run), about 7 minutes; store with `attnforge tune --from-results`;
 #   n  issue 11: the swapped product's narrow merge (`GemvParams.narrow_merge`: the last program sums only
 #      the 8 real rows of the partials, as a tree; offline its loads in 1-2 round trips where 16 rows took
-#      up to 8): swap_ab.py on Qwen3-0.6B's products (each variant against float64, then per call in graphs,
-#      `narrow-merge` among them), then Qwen3-0.6B's batch-8 step with it (accel_sets.py), about 7 minutes;
+#      up to 8) and its norm's pass in 1024-wide slices (`GemvParams.rms_block`: 1 round trip for Qwen3-0.6B
+#      where it took 2-4): the GEMV GPU tests of both, swap_ab.py on Qwen3-0.6B's products (each variant
+#      against float64, then per call in graphs, `narrow-merge`, `rms-1024` and both among them), then
+#      Qwen3-0.6B's batch-8 step with each (accel_sets.py), about 9 minutes;
 #   p  issue 14 on an H200: the Gluon tests and the prefill grid (runbook19.sh 0 2), about 6 minutes.
 # On the device, from the repository root, after the wheels prefix (PYTHONPATH with $PWD/src):
 #     bash benchmarks/results/gpu/runbook28.sh m   (any GPU), then   ... n   and   ... f s a   (calls of their own), or   ... p   (an H200)
@@ -52,14 +54,14 @@ for step in "$@"; do
       echo "tune 40:8 rc=$?" | tee -a "$R/tune-40-8.txt"; grep -v "^│\|^╭\|^╰" "$R/tune-40-8.txt" | tail -14
       ;;
     n)
-      timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_gemv.py \
-        -k "narrow_merge or fit_hoppers" > "$R/pytest-narrow.txt" 2>&1
+      timeout 100 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_gemv.py \
+        -k "narrow_merge or wider_slices or fit_hoppers" > "$R/pytest-narrow.txt" 2>&1
       echo "pytest narrow rc=$?" | tee -a "$R/pytest-narrow.txt"; tail -2 "$R/pytest-narrow.txt"
-      (cd benchmarks/results/gpu/gemv-swap && timeout 220 python3 swap_ab.py "$R/swap-ab.json" qwen3) \
+      (cd benchmarks/results/gpu/gemv-swap && timeout 200 python3 swap_ab.py "$R/swap-ab.json" qwen3) \
         > "$R/swap-ab.txt" 2>&1
       echo "swap ab rc=$?"; tail -9 "$R/swap-ab.txt"
-      (cd benchmarks/results/gpu/gemv-swap && timeout 240 python3 accel_sets.py "$R/swap-ab.json" "$R" \
-        narrow-merge) > "$R/accel-narrow.txt" 2>&1
+      (cd benchmarks/results/gpu/gemv-swap && timeout 260 python3 accel_sets.py "$R/swap-ab.json" "$R" \
+        narrow-merge narrow-merge-rms-1024,narrow-merge,rms-1024) > "$R/accel-narrow.txt" 2>&1
       echo "accel narrow rc=$?"; grep -E "^ attnforge|Read bandwidth|us \(default" "$R/accel-narrow.txt"
       ;;
     p)

@@ -91,6 +91,10 @@ class GemvParams:
     # rows only, summed as a tree (the sum's loads in 1-2 round trips to L2 where 16 rows took up to 8:
     # `benchmarks/results/cpu/gemv-swap/merge-tail-20261208.txt`); opt-in until measured on a GPU
     narrow_merge: bool = False
+    # swap with a fused norm: features a step of the norm's pass over the rows before the first product (0:
+    # block_k); each step waits on the L2 (Qwen3-0.6B's gate/up took 4, Llama-3-8B's q/k/v 8:
+    # `benchmarks/results/cpu/gemv-swap/rms-prologue-20261208.txt`); opt-in until measured on a GPU
+    rms_block: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -104,11 +108,13 @@ class GemvParams:
                              f"{self.block_n} and {self.block_k}")  # fmt: skip
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"split_k={self.split_k} and num_stages={self.num_stages} must be >= 1")
-        swapped = (self.early, self.prefetch, self.narrow_merge, self.split_k != 1, self.num_stages != 3)
+        swapped = (self.early, self.prefetch, self.narrow_merge, self.rms_block, self.split_k != 1,
+                   self.num_stages != 3)  # fmt: skip
         if not self.swap and any(swapped):
-            raise ValueError(
-                "early, prefetch, narrow_merge, split_k and num_stages are the swapped product's (swap=True)"
-            )
+            raise ValueError("early, prefetch, narrow_merge, rms_block, split_k and num_stages are the "
+                             "swapped product's (swap=True)")  # fmt: skip
+        if self.rms_block < 0 or self.rms_block & (self.rms_block - 1):
+            raise ValueError(f"rms_block={self.rms_block} must be 0 (block_k) or a power of two")
         if self.swap and (self.dot or self.ahead):
             raise ValueError("swap=True is a product of its own: dot and ahead do not apply")
         if self.swap and (self.block_n not in (16, 32, 64, 128) or self.block_k < 16):
@@ -406,7 +412,7 @@ def _swap_kernel(
     stride_ym, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
     USE_TMA: tl.constexpr, USE_PDL: tl.constexpr, FP32_DOT: tl.constexpr, EARLY: tl.constexpr,
-    PREFETCH: tl.constexpr, OUT_ROWS: tl.constexpr = 16,
+    PREFETCH: tl.constexpr, OUT_ROWS: tl.constexpr = 16, RMS_K: tl.constexpr = 0,
 ):  # fmt: skip
     """`y^T = W x^T` for a tile of BLOCK_N outputs over one split of K: acc `[BLOCK_N, ROWS]` in float32.
     With GLU the weight is `[gate; up]` (2N rows): a gate tile and an up tile a slice, silu(gate) * up out.
@@ -443,7 +449,7 @@ def _swap_kernel(
             gdc_wait()
     inv = tl.zeros([ROWS], tl.float32)
     if NORM:
-        inv = rms_scale(x_rows, row_ok, K, eps, ROWS, BLOCK_K)
+        inv = rms_scale(x_rows, row_ok, K, eps, ROWS, RMS_K if RMS_K else BLOCK_K)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
@@ -863,7 +869,8 @@ def swap_constants(p: GemvParams, split: int, norm: bool, bias: bool, residual: 
     out_rows = 8 if p.narrow_merge and split > 1 and rows <= 8 else 16
     return dict(ROWS=16, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLIT_K=split, NORM=norm, HAS_BIAS=bias,
                 HAS_RES=residual, GLU=glu, USE_TMA=tma, FP32_DOT=fp32, EARLY=p.early,
-                PREFETCH=p.prefetch and pdl and tma, OUT_ROWS=out_rows)  # fmt: skip
+                PREFETCH=p.prefetch and pdl and tma, OUT_ROWS=out_rows,
+                RMS_K=p.rms_block if p.rms_block != p.block_k else 0)  # fmt: skip
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -56,7 +56,9 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, sms: int) -> di
     more stages than its loop has slices (`st-fit`), and for Qwen3-0.6B's gate/up the same with twice the
     split (`2x-split-st-fit`: 74 KB of shared memory a program instead of 222); and where the default splits
     K, `narrow-merge` (`GemvParams.narrow_merge`: the last program sums the 8 real rows of the partials only,
-    as a tree; twenty-third session, offline `cpu/gemv-swap/merge-tail-20261208.txt`)."""
+    as a tree; twenty-third session, offline `cpu/gemv-swap/merge-tail-20261208.txt`); where it fuses the
+    norm, `rms-1024` (`GemvParams.rms_block`: the norm's pass over the rows in 1024-wide slices,
+    `cpu/gemv-swap/rms-prologue-20261208.txt`)."""
     outputs = n // 2 if glu else n
     default = gemv.default_params(ROWS, n, k, glu=glu, norm=norm, tma=True, sms=sms)
     out = {"default": default}
@@ -74,6 +76,10 @@ def variants(n: int, k: int, glu: bool, norm: bool, every: bool, sms: int) -> di
                                     block_n, sms), num_stages=stages, early=True)  # fmt: skip
     if default.swap and gemv.swap_split(k, default.block_k, default.split_k)[1] > 1:
         out["narrow-merge"] = dataclasses.replace(default, narrow_merge=True)  # the 8 real rows' sum, a tree
+    if default.swap and norm and k >= 1024:  # the norm's pass in 1024-wide slices (1-4 round trips, not 2-8)
+        out["rms-1024"] = dataclasses.replace(default, rms_block=1024)
+        if "narrow-merge" in out:
+            out["narrow-merge-rms-1024"] = dataclasses.replace(default, narrow_merge=True, rms_block=1024)
     fit = fitted_stages(default, k)
     if default.swap and fit != default.num_stages:
         out["st-fit"] = dataclasses.replace(default, num_stages=fit)
