@@ -493,8 +493,6 @@ def _swap_kernel(
         if arrived == SPLIT_K - 1:  # the last split: the partials summed in split order, then the epilogue
             total = tl.zeros([OUT_ROWS, BLOCK_N], tl.float32)
             total_up = tl.zeros([OUT_ROWS, BLOCK_N], tl.float32)
-            if OUT_ROWS == ROWS:  # (the same mask: as the launches measured so far compiled it)
-                o_ok = out_ok
             if OUT_ROWS < ROWS:  # the first OUT_ROWS rows of each split's partial, summed as a tree
                 part0 = Part + pid_n * SPLIT_K * (2 * size) + o_rows[:, None] * BLOCK_N + (cols[None, :] - n0)
                 total = _tree_sum(part0, 2 * size, 0, SPLIT_K)

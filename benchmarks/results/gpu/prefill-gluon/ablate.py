@@ -1,5 +1,5 @@
 """Issue 14 probe (scratch): where the Gluon prefill launch loses at 2k tokens. Causal 32:8 d128 reaches
-632 TFLOP/s at 16k but 465 at B8 2k (cuDNN: 623 and 553; h100/prefill-gluon/runbook27-20261208-e2f60cd/):
+632 TFLOP/s at 16k but 465 at B8 2k (cuDNN: 623 and 554; h100/prefill-gluon/runbook27-20261208-e2f60cd/):
 with 8.5 key blocks a tile on average at 2k against 64.5 at 16k, that is about 3.7 blocks' time of fixed
 cost a tile, against about 1.3 for cuDNN. Timed here, interleaved (CUDA events, L2 flushed), for the same
 shapes causal and not: if the non-causal 2k row runs near the 16k rate, the tile's own cost (Q load, the
